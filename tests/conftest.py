@@ -35,9 +35,43 @@ def tiny_llama():
     return build_tiny_llama()
 
 
+def synthetic_text(words=3000, seed=0):
+    """Deterministic pseudo-text over a small alphabet (a stand-in corpus for tiny models)."""
+    generator = torch.Generator().manual_seed(seed)
+    letters = "abcdefghijklmnop"
+    vocabulary = ["".join(letters[i] for i in torch.randint(16, (int(n),), generator=generator))
+                  for n in torch.randint(1, 7, (200,), generator=generator)]
+    picks = torch.randint(len(vocabulary), (words,), generator=generator)
+    lines = [" ".join(vocabulary[i] for i in picks[start:start + 12]) for start in range(0, words, 12)]
+    return "\n".join(lines) + "\n"
+
+
+def build_tiny_tokenizer():
+    """A 128-token BPE tokenizer trained on synthetic_text (fits the tiny models' vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([synthetic_text(seed=1)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama(folder, seed=0, **overrides):
+    """A local Hugging Face folder (config.json, model.safetensors, tokenizer) holding a tiny random LLaMA."""
+    build_tiny_llama(seed, **overrides).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
-    """A local Hugging Face folder (config.json + model.safetensors) holding a tiny random LLaMA."""
-    folder = tmp_path / "tiny-llama"
-    build_tiny_llama().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(synthetic_text())
+    return path

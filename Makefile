@@ -1,0 +1,29 @@
+# The two set-up commands of the README are `make demo` and `make test`; both install what they need.
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow bench
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+install: $(STAMP)
+
+# Main job: convert the embedded SmolLM2-135M-Instruct at T=8 and print SNN vs ANN perplexity.
+demo: install
+	mkdir -p out
+	$(BIN)/spikecompile convert -o out/smollm2-t8.pt --timesteps 8
+	$(BIN)/spikecompile eval out/smollm2-t8.pt --max-windows 8
+
+# Default test suite: self-contained, tiny random LLaMA models, a few minutes.
+test: install
+	$(BIN)/python -m pytest
+
+# Slow tests: the real SmolLM2 end to end (and ../shared data where present).
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+bench: install
+	$(BIN)/python bench/convert_smollm2.py

@@ -1,0 +1,143 @@
+"""Command line: `spikecompile convert`, `spikecompile eval`.
+
+Every user error is one line on stderr naming the file, site or option at fault (exit status 2); heavy imports
+(torch, transformers) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import asdict
+
+import click
+
+from .errors import SpikecompileError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SpikecompileError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spikecompile")
+def cli():
+    """spikecompile: convert LLaMA-family models to phase-coded spiking models and compile them."""
+
+
+def _write_json(path: str, payload: dict) -> None:
+    from .modelfile import atomic_write
+
+    def write(temp):
+        with open(temp, "w") as stream:
+            json.dump(payload, stream, indent=2, default=float)
+            stream.write("\n")
+
+    atomic_write(path, write)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the spiking model.")
+@click.option("-T", "--timesteps", default=8, show_default=True, help="Timesteps per neuron (4..16).")
+@click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
+@click.option("--coding", default="phase", show_default=True, help="phase (fitted, multi-granularity) or las (base 2).")
+@click.option("--rotate", default="hadamard", show_default=True, help="hadamard (QuaRot-style) or none.")
+@click.option("--calib", default="builtin", show_default=True, help="Calibration text file, or 'builtin'.")
+@click.option("--calib-windows", default=4, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--samples-per-site", default=8192, show_default=True, help="Stored activation samples per site.")
+@click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
+@click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def convert(model, output, timesteps, grains, coding, rotate, calib, calib_windows, calib_seqlen,
+            samples_per_site, seed, json_path, progress):
+    """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
+    from .conversion.convert import ConvertOptions, convert as run_convert
+
+    options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, calib=calib,
+                             calib_windows=calib_windows, calib_seqlen=calib_seqlen,
+                             samples_per_site=samples_per_site, seed=seed)
+    report = run_convert(model, output, options, progress=progress)
+    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
+    click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "
+               f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")
+    if json_path:
+        _write_json(json_path, asdict(report))
+
+
+def site_error_rows(record: dict) -> list[dict]:
+    """Per site: fitted MSE, base-2 MSE at the same τ rule, the Lloyd-Max bound, and their ratios."""
+    rows = []
+    for name, entry in record["sites"].items():
+        calib = entry["calibration"]
+        bound = max(calib["lloyd_max_mse"], 1e-30)
+        rows.append({
+            "site": name, "kind": entry["kind"], "tau": float(entry["tau"]), "genotype": entry["genotype"].tolist(),
+            "fitted_mse": calib["mse"], "base2_mse": calib["base2_mse"], "lloyd_max_mse": calib["lloyd_max_mse"],
+            "fitted_over_bound": calib["mse"] / bound, "base2_over_bound": calib["base2_mse"] / bound,
+        })
+    return rows
+
+
+def _print_site_table(rows: list[dict]) -> None:
+    click.echo(f"{'site':<24}{'tau':>10}{'fitted MSE':>12}{'base-2 MSE':>12}{'Lloyd-Max':>12}"
+               f"{'fit/LM':>8}{'b2/LM':>8}")
+    for row in rows:
+        click.echo(f"{row['site']:<24}{row['tau']:>10.4g}{row['fitted_mse']:>12.4g}{row['base2_mse']:>12.4g}"
+                   f"{row['lloyd_max_mse']:>12.4g}{row['fitted_over_bound']:>8.2f}{row['base2_over_bound']:>8.2f}")
+    kinds = dict.fromkeys(row["kind"] for row in rows)
+    click.echo("median by site kind:")
+    for kind in kinds:
+        of_kind = [row for row in rows if row["kind"] == kind]
+        fitted = statistics.median(row["fitted_over_bound"] for row in of_kind)
+        base2 = statistics.median(row["base2_over_bound"] for row in of_kind)
+        click.echo(f"  {kind:<14} fitted/Lloyd-Max {fitted:6.2f}   base-2/Lloyd-Max {base2:6.2f}")
+
+
+@cli.command(name="eval")
+@click.argument("model_file")
+@click.option("--ppl", "ppl_text", default="builtin", show_default=True,
+              help="Text file for perplexity (e.g. wikitext-2-raw.wiki.test.raw), or 'builtin'.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per window.")
+@click.option("--max-windows", default=None, type=int, help="Use only the first N windows.")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
+@click.option("--json", "json_path", default=None, help="Also write everything as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress):
+    """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt)."""
+    from .conversion.convert import load_spiking_model
+    from .data import load_text, token_windows
+    from .evaluation import perplexity
+
+    if max_windows is not None and max_windows < 1:
+        raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
+    text = load_text(ppl_text, split="eval")
+    spiking = load_spiking_model(model_file, source_path=source)
+    windows = token_windows(spiking.tokenizer, text, seqlen, max_windows, "evaluation")
+    rows = site_error_rows(spiking.record)
+    _print_site_table(rows)
+
+    spiking.sites.set_mode("off")
+    ann = perplexity(spiking.model, windows, desc="ANN perplexity", progress=progress)
+    spiking.sites.set_mode("decoded")
+    snn = perplexity(spiking.model, windows, desc="SNN perplexity", progress=progress)
+    coding = spiking.record["coding"]
+    click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
+               f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
+    click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
+    if json_path:
+        _write_json(json_path, {
+            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
+            "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
+        })
+
+
+def main():
+    cli(prog_name="spikecompile")

@@ -1,0 +1,111 @@
+"""model.pt: the converted spiking model, format version 1.
+
+A torch.save'd dict of plain data (str/int/float/bool/None, lists, dicts, tensors) — read back with
+torch.load(weights_only=True) only, so loading never executes code from the file. It holds a reference to the
+source model (not its weights: kind, path, sha256), the rotation record (re-applied deterministically from its
+seed), and the spike-site table.
+
+    format           "spikecompile.model"
+    format_version   1
+    source           {kind: hf_folder|gguf|embedded, path, sha256}
+    rotation         None, or rotation.rotate_llama's record {method, seed, residual, head, online, ...}
+    coding           {name: phase|las, timesteps, grains}
+    sites            {site name: {layer: int|None, kind, timesteps, genotype: int64[T],
+                      tau: float32[], d/h/theta: float32[n], v0: float32[],
+                      calibration: {mse, base2_tau, base2_mse, lloyd_max_mse, lloyd_max_levels, max_abs},
+                      samples: float32[N] (the stored calibration samples, for later re-fitting)}}
+    calibration      {source, sha256, windows, seqlen, samples_per_site}
+    conversion       {spikecompile, torch, transformers, seed, fit: {...}, created_utc}
+
+`created_utc` follows the reproducible-builds convention: it is SOURCE_DATE_EPOCH when that is set, so the
+same inputs, seed and SOURCE_DATE_EPOCH give a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import SpikecompileError
+
+FORMAT = "spikecompile.model"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("source", "rotation", "coding", "sites", "calibration", "conversion")
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before any long computation) if `path` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise SpikecompileError(f"{path}: is a directory; give a file name such as {path / 'model.pt'}")
+    if not parent.is_dir():
+        raise SpikecompileError(f"{path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SpikecompileError(f"{path}: the directory {parent} is not writable")
+    return path
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(temp_path) next to `path`, then rename: a failure never leaves a half-written file."""
+    path = check_writable(path)
+    try:
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise SpikecompileError(f"{path}: cannot write there ({error.strerror})") from None
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except OSError as error:
+        Path(temp).unlink(missing_ok=True)
+        raise SpikecompileError(f"{path}: writing failed ({error.strerror or error}); nothing was written") from None
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def save(record: dict, path: str | Path) -> None:
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **record}
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise ValueError(f"model record lacks {missing}")
+    atomic_write(path, lambda temp: torch.save(payload, temp))
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a model.pt; every failure is a one-line SpikecompileError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpikecompileError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise SpikecompileError(
+            f"{path}: refused — the file contains pickled code or objects that are not plain data "
+            f"(model.pt files are loaded with weights_only=True); only load files you converted"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise SpikecompileError(f"{path}: not a readable model.pt (truncated or corrupt: {_first_line(error)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SpikecompileError(f"{path}: not a spikecompile model file")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SpikecompileError(
+            f"{path}: model format version {version}, this spikecompile reads version {FORMAT_VERSION}; "
+            f"re-convert the model with this version"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise SpikecompileError(f"{path}: model file lacks {', '.join(missing)}; re-convert the model")
+    return payload
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

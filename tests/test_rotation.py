@@ -1,0 +1,168 @@
+"""Hadamard construction, the online transform, and rotate_llama's computational invariance."""
+
+import json
+
+import pytest
+import torch
+
+from spikecompile.conversion.rotation import OnlineHadamard, apply_hadamard, hadamard_matrix, rotate_llama
+from spikecompile.errors import SpikecompileError
+from conftest import build_tiny_llama
+
+WIDTHS = (4, 8, 12, 16, 20, 24, 28, 36, 64, 96, 576, 1536)
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+def test_hadamard_is_orthonormal_and_flat(n):
+    h, desc = hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full_like(h, n ** -0.5), atol=1e-12)
+    assert desc["n"] == n == desc["pow2"] * desc["k"]
+    assert "random" not in desc["k_construction"]
+
+
+def test_smollm2_widths_use_largest_power_of_two():
+    assert hadamard_matrix(576)[1] == {"n": 576, "pow2": 16, "k": 36, "k_construction": "paley2(q=17)"}
+    assert hadamard_matrix(1536)[1] == {"n": 1536, "pow2": 128, "k": 12, "k_construction": "paley1(q=11)"}
+
+
+@pytest.mark.parametrize("n", (14, 52))
+def test_fallback_block_is_orthonormal_and_labelled_random(n):
+    h, desc = hadamard_matrix(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert desc["k_construction"].startswith("random_orthogonal")
+    assert torch.equal(h, hadamard_matrix(n)[0])
+
+
+@pytest.mark.parametrize("n", (*WIDTHS, 14, 52))
+def test_apply_hadamard_equals_dense_product(n):
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(apply_hadamard(x, n), x @ hadamard_matrix(n)[0], atol=1e-12)
+    x32 = x.float()
+    assert torch.allclose(apply_hadamard(x32), x32 @ hadamard_matrix(n)[0].float(), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_hadamard_on_cuda_matches_cpu():
+    x = torch.randn(4, 576)
+    assert torch.allclose(apply_hadamard(x.cuda()).cpu(), apply_hadamard(x), atol=1e-5)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _randomise_biases(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+
+
+CONFIGS = {
+    "tied_gqa": {},
+    "untied": {"tie_word_embeddings": False},
+    "mha": {"num_key_value_heads": 4},
+    "paley_widths_gqa_6_2": {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
+                             "head_dim": 12, "intermediate_size": 80},
+    "biases": {"attention_bias": True, "mlp_bias": True},
+}
+
+
+@pytest.mark.parametrize("attn", ("eager", "sdpa"))
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rotation_keeps_logits(config, attn):
+    model = build_tiny_llama(seed=0, attn_implementation=attn, **CONFIGS[config])
+    _randomise_biases(model)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    record = rotate_llama(model, seed=3)
+    after = _logits(model, ids)
+    assert (after - before).abs().max() / before.abs().max() < 1e-4
+    json.dumps(record)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(param, torch.ones_like(param)), name
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert record["untied_lm_head"] == (config != "untied")
+
+
+def test_record_names_every_rotation(tiny_llama):
+    record = rotate_llama(tiny_llama, seed=0)
+    assert record["method"] == "hadamard" and record["seed"] == 0
+    assert record["residual"]["n"] == 64 and len(record["residual"]["signs"]) == 64
+    assert record["head"]["n"] == 16
+    assert record["head"]["v_out"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    assert record["online"][0] == {"module": "model.layers.0.mlp.down_proj", "where": "input", "n": 96, "pow2": 8,
+                                   "k": 12, "k_construction": "paley1(q=11)", "folded": "weight ← weight · H_n",
+                                   "hook": "OnlineHadamard"}
+    assert [f["norm"] for f in record["folded_norms"]][-1] == "model.norm"
+    assert record["folded_norms"][-1]["into"] == ["lm_head"]
+    assert "model.embed_tokens" in record["residual"]["weight_right_Q"]
+    assert "model.layers.1.mlp.down_proj" in record["residual"]["weight_left_QT"]
+
+
+def test_untied_head_survives_tie_weights(tiny_llama):
+    ids = torch.arange(10)[None]
+    rotate_llama(tiny_llama, seed=0)
+    expected = _logits(tiny_llama, ids)
+    tiny_llama.tie_weights()
+    assert not tiny_llama.config.tie_word_embeddings
+    assert tiny_llama.lm_head.weight.data_ptr() != tiny_llama.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(_logits(tiny_llama, ids), expected)
+
+
+def test_rotation_is_deterministic_and_seeded():
+    a, b, c = build_tiny_llama(seed=0), build_tiny_llama(seed=0), build_tiny_llama(seed=0)
+    rotate_llama(a, seed=5)
+    rotate_llama(b, seed=5)
+    rotate_llama(c, seed=6)
+    state_a, state_b, state_c = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert not torch.equal(state_a["model.embed_tokens.weight"], state_c["model.embed_tokens.weight"])
+
+
+def test_later_pre_hook_sees_rotated_input(tiny_llama):
+    down, ids = tiny_llama.model.layers[0].mlp.down_proj, torch.arange(6)[None]
+    plain = []
+    handle = down.register_forward_pre_hook(lambda module, args: plain.append(args[0]))
+    _logits(tiny_llama, ids)
+    handle.remove()
+    rotate_llama(tiny_llama, seed=0)
+    seen = []
+    down.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    _logits(tiny_llama, ids)
+    assert isinstance(next(iter(down._forward_pre_hooks.values())), OnlineHadamard)
+    assert torch.allclose(seen[0], plain[0] @ hadamard_matrix(96)[0].float(), atol=1e-5)
+
+
+def test_rotating_twice_is_refused(tiny_llama):
+    rotate_llama(tiny_llama, seed=0)
+    with pytest.raises(SpikecompileError, match="already rotated"):
+        rotate_llama(tiny_llama, seed=0)
+
+
+def _max_over_rms_at_q_proj(model, ids):
+    captured = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0]))
+    _logits(model, ids)
+    handle.remove()
+    x = captured[0]
+    return (x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()).mean().item()
+
+
+@pytest.mark.parametrize("where", ("residual", "norm_weight"))
+def test_rotation_removes_planted_outlier_channel(where):
+    model = build_tiny_llama(seed=0)
+    with torch.no_grad():
+        if where == "residual":
+            model.model.embed_tokens.weight[:, 7] *= 200.0
+        else:
+            model.model.layers[1].input_layernorm.weight[7] = 40.0
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    before = _max_over_rms_at_q_proj(model, ids)
+    rotate_llama(model, seed=0)
+    after = _max_over_rms_at_q_proj(model, ids)
+    assert before > 6.0 and after < before / 2
