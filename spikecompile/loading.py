@@ -118,7 +118,9 @@ def load_model(source: ModelSource):
     """Return (model, tokenizer): an fp32 LlamaForCausalLM-style model in eval mode, eager attention."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # ours report the stages that take time
     if source.kind == "hf_folder":
         folder, extra = Path(source.path), {}
     else:

@@ -1,0 +1,104 @@
+"""Conversion benchmark on SmolLM2-135M-Instruct (issue: foundation).
+
+Calibration on ../shared/data/wikitext-2.wiki.valid.tokens; evaluation on the first 64 windows of 512 tokens of
+../shared/data/wikitext-2-raw.wiki.test.raw. For T in (6, 8, 10): fitted phase coding (grains 2, Hadamard
+rotation) beside `las` (base 2) at the same T and rotation. Each conversion runs in its own process (the CLI),
+so its wall time and peak RSS are its own. Prints a table and writes bench/results/convert_smollm2.json.
+
+    python bench/convert_smollm2.py [--timesteps 6 8 10] [--windows 64] [--codings phase las]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+CALIB = SHARED / "wikitext-2.wiki.valid.tokens"
+TEST = SHARED / "wikitext-2-raw.wiki.test.raw"
+RESULTS = ROOT / "bench" / "results" / "convert_smollm2.json"
+
+
+def convert(workdir: Path, timesteps: int, coding: str, grains: int) -> tuple[Path, dict]:
+    output = workdir / f"{coding}-t{timesteps}.pt"
+    report = workdir / f"{coding}-t{timesteps}.json"
+    command = [sys.executable, "-m", "spikecompile", "convert", "-o", str(output), "--timesteps", str(timesteps),
+               "--grains", str(grains), "--coding", coding, "--rotate", "hadamard", "--calib", str(CALIB),
+               "--json", str(report), "--no-progress"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - start
+    figures = json.loads(report.read_text())
+    figures["process_wall_s"] = wall
+    return output, figures
+
+
+def site_ratios(record: dict) -> dict:
+    fitted, base2 = [], []
+    for entry in record["sites"].values():
+        calib = entry["calibration"]
+        fitted.append(calib["mse"] / calib["lloyd_max_mse"])
+        base2.append(calib["base2_mse"] / calib["lloyd_max_mse"])
+    return {"median_fitted_over_lloyd_max": statistics.median(fitted),
+            "median_base2_over_lloyd_max": statistics.median(base2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[6, 8, 10])
+    parser.add_argument("--codings", nargs="+", default=["phase", "las"])
+    parser.add_argument("--grains", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    args = parser.parse_args()
+    for path in (CALIB, TEST):
+        if not path.is_file():
+            sys.exit(f"error: {path} is missing; the benchmark reads ../shared/data")
+
+    from spikecompile.conversion.convert import load_spiking_model
+    from spikecompile.data import load_text, token_windows
+    from spikecompile.evaluation import perplexity
+    from spikecompile.modelfile import atomic_write
+
+    text = load_text(str(TEST), split="eval")
+    results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "calibration": CALIB.name, "evaluation": TEST.name,
+               "windows": args.windows, "seqlen": args.seqlen, "grains": args.grains, "runs": []}
+    with tempfile.TemporaryDirectory() as workdir:
+        for timesteps in args.timesteps:
+            for coding in args.codings:
+                path, conversion = convert(Path(workdir), timesteps, coding, args.grains)
+                spiking = load_spiking_model(str(path))
+                windows = token_windows(spiking.tokenizer, text, args.seqlen, args.windows, "evaluation")
+                if "ann_ppl" not in results:
+                    spiking.sites.set_mode("off")
+                    results["ann_ppl"] = perplexity(spiking.model, windows, desc="ANN")
+                    spiking.sites.set_mode("decoded")
+                snn = perplexity(spiking.model, windows, desc=f"{coding} T={timesteps}")
+                run = {"coding": coding, "timesteps": timesteps, "snn_ppl": snn,
+                       "ppl_ratio": snn / results["ann_ppl"],
+                       "convert_s": conversion["timings_s"]["calibration"] + conversion["timings_s"]["fitting"],
+                       "timings_s": conversion["timings_s"], "peak_rss_mb": conversion["peak_rss_mb"],
+                       **site_ratios(spiking.record)}
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(RESULTS, lambda temp: Path(temp).write_text(json.dumps(results, indent=2) + "\n"))
+
+    print(f"\nANN perplexity {results['ann_ppl']:.3f} ({args.windows} windows x {args.seqlen})")
+    print(f"{'coding':<8}{'T':>4}{'SNN ppl':>10}{'ratio':>8}{'convert s':>11}{'RSS MB':>8}{'fit/LM':>8}{'b2/LM':>8}")
+    for run in results["runs"]:
+        print(f"{run['coding']:<8}{run['timesteps']:>4}{run['snn_ppl']:>10.3f}{run['ppl_ratio']:>8.4f}"
+              f"{run['convert_s']:>11.1f}{run['peak_rss_mb']:>8.0f}{run['median_fitted_over_lloyd_max']:>8.2f}"
+              f"{run['median_base2_over_lloyd_max']:>8.2f}")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
