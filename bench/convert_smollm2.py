@@ -77,10 +77,8 @@ def main() -> None:
                 spiking = load_spiking_model(str(path))
                 windows = token_windows(spiking.tokenizer, text, args.seqlen, args.windows, "evaluation")
                 if "ann_ppl" not in results:
-                    spiking.sites.set_mode("off")
-                    results["ann_ppl"] = perplexity(spiking.model, windows, desc="ANN")
-                    spiking.sites.set_mode("decoded")
-                snn = perplexity(spiking.model, windows, desc=f"{coding} T={timesteps}")
+                    results["ann_ppl"] = perplexity(spiking.ann_logits, windows, desc="ANN")
+                snn = perplexity(spiking.logits, windows, desc=f"{coding} T={timesteps}")
                 run = {"coding": coding, "timesteps": timesteps, "snn_ppl": snn,
                        "ppl_ratio": snn / results["ann_ppl"],
                        "convert_s": conversion["timings_s"]["calibration"] + conversion["timings_s"]["fitting"],

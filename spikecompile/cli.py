@@ -49,6 +49,8 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
 @click.option("--coding", default="phase", show_default=True, help="phase (fitted, multi-granularity) or las (base 2).")
 @click.option("--rotate", default="hadamard", show_default=True, help="hadamard (QuaRot-style) or none.")
+@click.option("--prefix", default="auto", show_default=True,
+              help="auto: prefixed outlier tokens with a full-precision KV cache (PrefixQuant); none.")
 @click.option("--calib", default="builtin", show_default=True, help="Calibration text file, or 'builtin'.")
 @click.option("--calib-windows", default=4, show_default=True, help="Calibration windows.")
 @click.option("--calib-seqlen", default=512, show_default=True, help="Tokens per calibration window.")
@@ -56,12 +58,12 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
-def convert(model, output, timesteps, grains, coding, rotate, calib, calib_windows, calib_seqlen,
+def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
             samples_per_site, seed, json_path, progress):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .conversion.convert import ConvertOptions, convert as run_convert
 
-    options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, calib=calib,
+    options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, seed=seed)
     report = run_convert(model, output, options, progress=progress)
@@ -124,10 +126,8 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     rows = site_error_rows(spiking.record)
     _print_site_table(rows)
 
-    spiking.sites.set_mode("off")
-    ann = perplexity(spiking.model, windows, desc="ANN perplexity", progress=progress)
-    spiking.sites.set_mode("decoded")
-    snn = perplexity(spiking.model, windows, desc="SNN perplexity", progress=progress)
+    ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
+    snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
     coding = spiking.record["coding"]
     click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")

@@ -9,6 +9,7 @@ seed), and the spike-site table.
     format_version   1
     source           {kind: hf_folder|gguf|embedded, path, sha256}
     rotation         None, or rotation.rotate_llama's record {method, seed, residual, head, online, ...}
+    prefix           None, or the KV prefix (prefix.select_prefix): {token_ids, tokens, eta, outlier_counts}
     coding           {name: phase|las, timesteps, grains}
     sites            {site name: {layer: int|None, kind, timesteps, genotype: int64[T],
                       tau: float32[], d/h/theta: float32[n], v0: float32[],
@@ -35,7 +36,7 @@ from .errors import SpikecompileError
 
 FORMAT = "spikecompile.model"
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("source", "rotation", "coding", "sites", "calibration", "conversion")
+REQUIRED_KEYS = ("source", "rotation", "prefix", "coding", "sites", "calibration", "conversion")
 
 
 def check_writable(path: str | Path) -> Path:
@@ -75,7 +76,15 @@ def save(record: dict, path: str | Path) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise ValueError(f"model record lacks {missing}")
-    atomic_write(path, lambda temp: torch.save(payload, temp))
+    _check_plain(payload, "record")
+    atomic_write(path, lambda temp: _torch_save(payload, temp))
+
+
+def _torch_save(payload: dict, temp: str) -> None:
+    # Through a file object: torch.save names the zip records after a *path*'s stem, which would put the
+    # random temp-file name into the bytes; a stream gets the fixed name "archive".
+    with open(temp, "wb") as stream:
+        torch.save(payload, stream)
 
 
 def load(path: str | Path) -> dict:
@@ -104,6 +113,23 @@ def load(path: str | Path) -> dict:
     if missing:
         raise SpikecompileError(f"{path}: model file lacks {', '.join(missing)}; re-convert the model")
     return payload
+
+
+PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(value, where: str) -> None:
+    """Only plain data may go in (exact types: a str subclass such as TorchVersion would not load back)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueError(f"{where}: key {key!r} is not a str")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif type(value) not in PLAIN_TYPES:
+        raise ValueError(f"{where}: {type(value).__name__} is not plain data (torch.load(weights_only=True) refuses it)")
 
 
 def _first_line(error: Exception) -> str:

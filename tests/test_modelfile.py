@@ -70,12 +70,19 @@ def test_unwritable_destination(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save(obj, path):
-        with open(path, "wb") as stream:
-            stream.write(b"partial")
+    def broken_save(obj, stream):
+        stream.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(modelfile.torch, "save", broken_save)
     with pytest.raises(SpikecompileError, match="writing failed .*nothing was written"):
         modelfile.save(_record(), tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_objects_that_would_not_load_back(tmp_path):
+    record = _record()
+    record["conversion"]["torch"] = torch.__version__  # a str subclass: weights_only loading refuses it
+    with pytest.raises(ValueError, match="record.conversion.torch: TorchVersion is not plain data"):
+        modelfile.save(record, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()

@@ -27,7 +27,7 @@ def test_all_sites_off_equals_the_ann_exactly():
 def test_every_site_sees_its_activation():
     model = build_tiny_llama()
     sites = install_sites(model)
-    samples, max_abs = collect_samples(model, sites, [_ids(), _ids(seed=1)], samples_per_site=256, seed=0,
+    samples, max_abs = collect_samples(lambda ids: model(ids).logits, sites, [_ids(), _ids(seed=1)], samples_per_site=256, seed=0,
                                        progress=False)
     assert samples.shape == (len(sites), 256)
     shapes = {}
@@ -72,7 +72,7 @@ def test_calibration_names_the_site_with_nan():
         model.model.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
     sites = install_sites(model)
     with pytest.raises(SpikecompileError, match="site layers.1.silu: NaN/inf activations"):
-        collect_samples(model, sites, [_ids()], samples_per_site=64, seed=0, progress=False)
+        collect_samples(lambda ids: model(ids).logits, sites, [_ids()], samples_per_site=64, seed=0, progress=False)
 
 
 def test_calibration_samples_are_deterministic():
@@ -80,7 +80,7 @@ def test_calibration_samples_are_deterministic():
     for _ in range(2):
         model = build_tiny_llama()
         sites = install_sites(model)
-        results.append(collect_samples(model, sites, [_ids(), _ids(seed=3)], 128, seed=5, progress=False)[0])
+        results.append(collect_samples(lambda ids: model(ids).logits, sites, [_ids(), _ids(seed=3)], 128, seed=5, progress=False)[0])
     assert torch.equal(*results)
 
 

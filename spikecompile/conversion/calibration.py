@@ -11,12 +11,13 @@ from .sites import SampleRecorder, SiteTable
 
 
 @torch.inference_mode()
-def collect_samples(model, sites: SiteTable, windows: list[torch.Tensor], samples_per_site: int, seed: int,
+def collect_samples(forward, sites: SiteTable, windows: list[torch.Tensor], samples_per_site: int, seed: int,
                     progress: bool = True) -> tuple[torch.Tensor, list[float]]:
     """Return ([S, N] samples in site-table order, [S] max |x|) with N = samples_per_site.
 
     Each site draws ceil(N / calls) values per forward call with its own seeded generator, where calls is the
     number of windows (the attention sites are called once per layer per window like every other site).
+    forward runs one [1, L] window through the model (with the KV prefix, if any).
     """
     per_call = math.ceil(samples_per_site / len(windows))
     for index, site in enumerate(sites.values()):
@@ -24,7 +25,7 @@ def collect_samples(model, sites: SiteTable, windows: list[torch.Tensor], sample
     sites.set_mode("calibrate")
     try:
         for ids in tqdm(windows, desc="calibrate", unit="window", disable=not progress):
-            model(ids)
+            forward(ids)
     finally:
         sites.set_mode("off")
     samples = torch.stack([site.recorder.samples()[:samples_per_site] for site in sites.values()])

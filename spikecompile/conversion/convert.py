@@ -16,11 +16,13 @@ from ..loading import ModelSource, load_model, resolve_source, verify_source
 from .calibration import collect_samples
 from .fit import FitConfig, fit_sites, lloyd_max_mse
 from .neuron import PhaseNeuronParams, initial_potential
+from .prefix import KVPrefix, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites
 
 CODINGS = ("phase", "las")
 ROTATIONS = ("hadamard", "none")
+PREFIXES = ("auto", "none")
 TIMESTEP_RANGE = (4, 16)
 
 
@@ -30,6 +32,7 @@ class ConvertOptions:
     grains: int = 2
     coding: str = "phase"
     rotate: str = "hadamard"
+    prefix: str = "auto"
     calib: str = "builtin"
     calib_windows: int = 4
     calib_seqlen: int = 512
@@ -48,6 +51,8 @@ class ConvertOptions:
             raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of {', '.join(CODINGS)}")
         if self.rotate not in ROTATIONS:
             raise SpikecompileError(f"--rotate {self.rotate!r}: choose one of {', '.join(ROTATIONS)}")
+        if self.prefix not in PREFIXES:
+            raise SpikecompileError(f"--prefix {self.prefix!r}: choose one of {', '.join(PREFIXES)}")
         if self.calib_windows < 1:
             raise SpikecompileError(f"--calib-windows {self.calib_windows}: must be at least 1")
         if self.samples_per_site < 64:
@@ -72,6 +77,21 @@ class SpikingModel:
     tokenizer: object
     sites: SiteTable
     record: dict
+    prefix: KVPrefix | None = None
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The spiking model's logits for [1, L] ids (after the KV prefix, if the model has one)."""
+        return self.prefix.forward(self.model, ids) if self.prefix else self.model(ids).logits
+
+    def ann_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float model's logits: every site off, no prefix (the baseline the SNN is measured against)."""
+        modes = {name: site.mode for name, site in self.sites.items()}
+        self.sites.set_mode("off")
+        try:
+            return self.model(ids).logits
+        finally:
+            for name, mode in modes.items():
+                self.sites[name].mode = mode
 
 
 def _created_utc() -> str:
@@ -102,7 +122,9 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
 
     start = time.perf_counter()
     windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
-    samples, max_abs = collect_samples(model, sites, windows, options.samples_per_site, options.seed, progress)
+    prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
+    spiking = SpikingModel(model, tokenizer, sites, {}, KVPrefix(model, sites, prefix["token_ids"]) if prefix else None)
+    samples, max_abs = collect_samples(spiking.logits, sites, windows, options.samples_per_site, options.seed, progress)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -115,6 +137,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     record = {
         "source": source.to_dict(),
         "rotation": rotation,
+        "prefix": prefix,
         "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
         "sites": _site_table(sites, fit, bound, levels, max_abs, samples),
         "calibration": {
@@ -122,7 +145,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
             "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
         },
         "conversion": {
-            "spikecompile": __version__, "torch": torch.__version__, "transformers": _transformers_version(),
+            "spikecompile": __version__, "torch": str(torch.__version__), "transformers": _transformers_version(),
             "seed": options.seed, "fit": asdict(fit_config), "options": asdict(options),
             "created_utc": _created_utc(),
         },
@@ -192,5 +215,6 @@ def load_spiking_model(path: str, source_path: str | None = None) -> SpikingMode
             site.neuron = site_neuron(record["sites"][name])
         except (KeyError, ValueError, TypeError) as error:
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    prefix = KVPrefix(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
-    return SpikingModel(model, tokenizer, sites, record)
+    return SpikingModel(model, tokenizer, sites, record, prefix)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# fire(r, θ(t) − v0, t) -> s_t as 0./1. in r's dtype.
 Fire = Callable[[Tensor, Tensor, int], Tensor]
 
 
@@ -151,6 +152,9 @@ def phase_encode(x: Tensor, params: PhaseNeuronParams) -> tuple[Tensor, Tensor]:
 
 def phase_decode(sign: Tensor, spikes: Tensor, params: PhaseNeuronParams) -> Tensor:
     """x̂ = σ·Σ_t d(t)·s_t from the spike mode's (sign, spikes), float32."""
+    if tuple(spikes.shape) != (params.T, *sign.shape):
+        raise ValueError(f"phase_decode: spikes must be [T, *sign.shape] = {(params.T, *sign.shape)}, "
+                         f"got {tuple(spikes.shape)}")
     like = sign.to(torch.float32)
     return like * weighted_spike_sum(params, (plane.to(like.dtype) for plane in spikes), like)
 
