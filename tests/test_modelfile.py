@@ -8,7 +8,7 @@ from spikecompile.errors import SpikecompileError
 
 
 def _record():
-    return {"source": {"kind": "hf_folder", "path": "/x", "sha256": "0" * 64}, "rotation": None,
+    return {"source": {"kind": "hf_folder", "path": "/x", "sha256": "0" * 64}, "rotation": None, "prefix": None,
             "coding": {"name": "phase", "timesteps": 8, "grains": 2},
             "sites": {"final_norm": {"tau": torch.tensor(1.5), "genotype": torch.zeros(8, dtype=torch.long)}},
             "calibration": {}, "conversion": {"seed": 0}}

@@ -30,7 +30,7 @@ def _anchor_candidates(tokenizer) -> list[int]:
     for text in ("\n", "."):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         candidates.append(ids[0] if len(ids) == 1 else None)
-    return list(dict.fromkeys(token for token in candidates if token is not None))
+    return list(dict.fromkeys(token for token in candidates if token not in (None, tokenizer.unk_token_id)))
 
 
 @torch.inference_mode()
