@@ -85,13 +85,8 @@ class SpikingModel:
 
     def ann_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The float model's logits: every site off, no prefix (the baseline the SNN is measured against)."""
-        modes = {name: site.mode for name, site in self.sites.items()}
-        self.sites.set_mode("off")
-        try:
+        with self.sites.all_off():
             return self.model(ids).logits
-        finally:
-            for name, mode in modes.items():
-                self.sites[name].mode = mode
 
 
 def _created_utc() -> str:

@@ -81,14 +81,8 @@ class KVPrefix:
     """The prefix's full-precision KV cache; `forward(model, ids)` runs ids after it and returns their logits."""
 
     def __init__(self, model, sites, token_ids: list[int]):
-        previous = {name: site.mode for name, site in sites.items()}
-        sites.set_mode("off")
-        try:
-            with torch.inference_mode():
-                self.cache = model(torch.tensor([token_ids]), use_cache=True).past_key_values
-        finally:
-            for name, mode in previous.items():
-                sites[name].mode = mode
+        with sites.all_off(), torch.inference_mode():
+            self.cache = model(torch.tensor([token_ids]), use_cache=True).past_key_values
         self.length = len(token_ids)
 
     def forward(self, model, ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ With every site `off` the model computes exactly what transformers' eager attent
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -94,6 +96,17 @@ class SiteTable(dict):
             if mode == "decoded" and site.neuron is None:
                 raise SpikecompileError(f"site {site.name}: no fitted neuron; convert the model first")
             site.mode = mode
+
+    @contextlib.contextmanager
+    def all_off(self):
+        """Run the float model inside the block; every site gets its mode back afterwards."""
+        modes = {name: site.mode for name, site in self.items()}
+        self.set_mode("off")
+        try:
+            yield
+        finally:
+            for name, mode in modes.items():
+                self[name].mode = mode
 
 
 def site_name(layer: int | None, kind: str) -> str:
