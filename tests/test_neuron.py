@@ -11,6 +11,15 @@ from spikecompile.conversion.neuron import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Mid-sized ops: torch's thread pool adds only barrier waits, 10x slower when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_params(batch=(), T=8, n=2, seed=0):
     """A neuron with bases scattered around 2 (decoupled d, h, θ), the kind the fit produces."""
     gen = torch.Generator().manual_seed(seed)

