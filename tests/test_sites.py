@@ -88,3 +88,11 @@ def test_decoded_mode_needs_fitted_neurons():
     sites = install_sites(build_tiny_llama())
     with pytest.raises(SpikecompileError, match="no fitted neuron"):
         sites.set_mode("decoded")
+
+
+def test_calibration_samples_keep_each_windows_extreme():
+    model = build_tiny_llama()
+    sites = install_sites(model)
+    samples, max_abs = collect_samples(lambda ids: model(ids).logits, sites, [_ids(), _ids(seed=1)], 64, seed=0,
+                                       progress=False)
+    assert torch.equal(samples.abs().amax(-1), torch.tensor(max_abs))

@@ -61,8 +61,10 @@ class SpikeSite(nn.Module):
 class SampleRecorder:
     """Deterministic down-sampling of one site's activations during calibration.
 
-    Each forward call contributes `per_call` values drawn uniformly (with a site-specific seeded generator),
-    so the stored sample does not depend on anything but the seed, the site and the calibration tokens.
+    Each forward call contributes its largest-|x| value plus `per_call − 1` values drawn uniformly with a
+    site-specific seeded generator, so the sample depends only on the seed, the site and the calibration
+    tokens. The largest values are kept on purpose: τ is chosen by the error on these samples, and an
+    extreme that a uniform draw misses would be clipped at inference without the fit ever seeing it.
     """
 
     def __init__(self, per_call: int, seed: int):
@@ -78,9 +80,10 @@ class SampleRecorder:
                 f"site {site_name}: NaN/inf activations during calibration; check the model weights "
                 f"or the calibration text"
             )
-        index = torch.randint(flat.numel(), (self.per_call,), generator=self.generator)
-        self.chunks.append(flat[index.to(flat.device)].cpu())
-        self.max_abs = max(self.max_abs, float(flat.abs().max()))
+        peak = flat.abs().argmax()
+        index = torch.randint(flat.numel(), (self.per_call - 1,), generator=self.generator).to(flat.device)
+        self.chunks.append(torch.cat([flat[peak].reshape(1), flat[index]]).cpu())
+        self.max_abs = max(self.max_abs, float(flat[peak].abs()))
 
     def samples(self) -> torch.Tensor:
         return torch.cat(self.chunks)
