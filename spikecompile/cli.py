@@ -14,6 +14,7 @@ from dataclasses import asdict
 import click
 
 from .errors import SpikecompileError
+from .modelfile import atomic_write, check_writable
 
 
 class _Group(click.Group):
@@ -32,8 +33,6 @@ def cli():
 
 
 def _write_json(path: str, payload: dict) -> None:
-    from .modelfile import atomic_write
-
     def write(temp):
         with open(temp, "w") as stream:
             json.dump(payload, stream, indent=2, default=float)
@@ -63,6 +62,8 @@ def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, cal
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .conversion.convert import ConvertOptions, convert as run_convert
 
+    if json_path:
+        check_writable(json_path)
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, seed=seed)
@@ -118,6 +119,8 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     from .data import load_text, token_windows
     from .evaluation import perplexity
 
+    if json_path:
+        check_writable(json_path)
     if max_windows is not None and max_windows < 1:
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")

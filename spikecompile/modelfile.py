@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -99,8 +98,10 @@ def load(path: str | Path) -> dict:
             f"{path}: refused — the file contains pickled code or objects that are not plain data "
             f"(model.pt files are loaded with weights_only=True); only load files you converted"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise SpikecompileError(f"{path}: not a readable model.pt (truncated or corrupt: {_first_line(error)})") from None
+    except Exception as error:  # torch.load raises anything from RuntimeError to IndexError on foreign bytes
+        raise SpikecompileError(
+            f"{path}: not a readable model.pt (truncated, corrupt or not a torch file: {_first_line(error)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SpikecompileError(f"{path}: not a spikecompile model file")
     version = payload.get("format_version")

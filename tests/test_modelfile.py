@@ -26,7 +26,14 @@ def test_truncated_file(tmp_path):
     modelfile.save(_record(), tmp_path / "m.pt")
     data = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SpikecompileError, match="truncated or corrupt"):
+    with pytest.raises(SpikecompileError, match="truncated, corrupt"):
+        modelfile.load(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", b"", b"PK\x03\x04 not a zip"])
+def test_foreign_bytes(tmp_path, content):
+    (tmp_path / "m.pt").write_bytes(content)
+    with pytest.raises(SpikecompileError, match="not a readable model.pt"):
         modelfile.load(tmp_path / "m.pt")
 
 
