@@ -135,4 +135,4 @@ def _check_plain(value, where: str) -> None:
 
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__

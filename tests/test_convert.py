@@ -141,7 +141,7 @@ def test_eval_refuses_bad_model_files(converted, tmp_path):
     root, folder, text = converted
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((root / "model.pt").read_bytes()[:1000])
-    _assert_one_line_error(run("eval", truncated, "--ppl", text), "truncated or corrupt")
+    _assert_one_line_error(run("eval", truncated, "--ppl", text), "truncated, corrupt or not a torch file")
     _assert_one_line_error(run("eval", tmp_path / "none.pt", "--ppl", text), "no such model file")
 
 
