@@ -169,3 +169,18 @@ def test_rotation_is_reapplied_identically():
     assert rotate_llama(first, seed=3) == rotate_llama(second, seed=3)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_mistral_style_model_converts_and_runs(tmp_path, text_file):
+    from transformers import MistralConfig, MistralForCausalLM
+    from conftest import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "mistral")
+    result = run("convert", tmp_path / "mistral", "-o", tmp_path / "m.pt", "-T", 6, "--calib", text_file, *FAST)
+    assert result.exit_code == 0, result.output
+    result = run("eval", tmp_path / "m.pt", "--ppl", text_file, "--seqlen", 64, "--max-windows", 1, "--no-progress")
+    assert result.exit_code == 0 and "ratio SNN/ANN" in result.output, result.output
