@@ -167,7 +167,7 @@ def test_eval_notices_a_changed_source(converted, tmp_path):
 def test_rotation_is_reapplied_identically():
     first, second = build_tiny_llama(), build_tiny_llama()
     assert rotate_llama(first, seed=3) == rotate_llama(second, seed=3)
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

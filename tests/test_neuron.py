@@ -95,7 +95,7 @@ def test_dynamics_match_a_literal_scalar_reference():
             spikes.append(v > theta[t])
             v -= h[t] * spikes[-1]
         expected_spikes.append(spikes)
-        expected.append(math.copysign(1.0, value) * sum(w * s for w, s in zip(d, spikes)))
+        expected.append(math.copysign(1.0, value) * sum(w * s for w, s in zip(d, spikes, strict=True)))
     sign, spikes = phase_encode(x, neuron)
     assert spikes.T.tolist() == expected_spikes
     torch.testing.assert_close(phase_quantize(x, neuron), torch.tensor(expected, dtype=torch.float64))

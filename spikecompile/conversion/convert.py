@@ -118,8 +118,9 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     start = time.perf_counter()
     windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
     prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
-    spiking = SpikingModel(model, tokenizer, sites, {}, KVPrefix(model, sites, prefix["token_ids"]) if prefix else None)
-    samples, max_abs = collect_samples(spiking.logits, sites, windows, options.samples_per_site, options.seed, progress)
+    kv_prefix = KVPrefix(model, sites, prefix["token_ids"]) if prefix else None
+    forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
+    samples, max_abs = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()

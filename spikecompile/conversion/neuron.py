@@ -129,10 +129,10 @@ def magnitude_spikes(magnitude: Tensor, params: PhaseNeuronParams, fire: Fire = 
     reset, threshold = (_per_step(values, magnitude) for values in (reset, threshold))
     residual = magnitude
     for t in range(params.T):
-        if t:
-            residual = torch.addcmul(residual, reset[t - 1], spike, value=-1)
         spike = fire(residual, threshold[t], t)
         yield spike
+        if t + 1 < params.T:  # the last step's reset is never read
+            residual = torch.addcmul(residual, reset[t], spike, value=-1)
 
 
 def weighted_spike_sum(params: PhaseNeuronParams, spikes: Iterable[Tensor], like: Tensor) -> Tensor:

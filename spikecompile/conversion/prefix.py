@@ -60,7 +60,7 @@ def select_prefix(model, tokenizer, windows: list[torch.Tensor], max_tokens: int
     """Return the prefix record {token_ids, tokens, eta, outlier_counts, anchor_scores}; every site must be off."""
     probe = windows[:2]
     counts: Counter = Counter()
-    for ids, mask in zip(probe, _scan(model, probe, eta, None)[0]):
+    for ids, mask in zip(probe, _scan(model, probe, eta, None)[0], strict=True):
         counts.update(int(token) for token in ids[0][1:][mask[1:]])
     scores = {}
     for anchor in _anchor_candidates(tokenizer):
