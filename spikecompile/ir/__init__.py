@@ -1,0 +1,26 @@
+"""The intermediate representation: typed nodes (one module per family, each node's docstring its equation),
+weights by reference, a networkx graph with a validator, and an on-disk format (graph.json +
+tensors.safetensors). The frontend traces a model into it, passes rewrite it, backends lower it.
+
+    base       TensorType, TensorRef, TensorStore, IRNode and the NODE_TYPES registry
+    linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
+    nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
+    neurons    PhaseNeuron
+    graph      Graph, validate
+    serialize  write, read
+"""
+
+from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
+from .graph import Graph, validate
+from .linear import (
+    Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads,
+)
+from .neurons import PhaseNeuron
+from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
+from .serialize import read, write
+
+__all__ = [
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "write",
+    "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
+    "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
+]
