@@ -1,0 +1,180 @@
+"""A decoded-mode interpreter of IR graphs: every node computes its decoded equation (its docstring) on whole
+tensors, and every PhaseNeuron returns x̂ (conversion.neuron.phase_quantize). One function per node type, looked
+up in RUNNERS; nothing here knows about any particular model.
+
+Operations follow transformers' LLaMA order (RMSNorm in float32, RoPE with cos/sin built in float32, GQA by
+repeating key/value heads), so a traced model gives its SpikingModel's logits to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..conversion.neuron import phase_quantize
+from ..conversion.rotation import apply_hadamard
+from ..errors import SpikecompileError
+from ..ir import (
+    ActivationMatmul,
+    ElementwiseProduct,
+    Embedding,
+    Graph,
+    Input,
+    IRNode,
+    KVPrefix,
+    Linear,
+    MergeHeads,
+    Nonlinear,
+    Output,
+    PhaseNeuron,
+    ResidualAdd,
+    RoPE,
+    Rotation,
+    SplitHeads,
+    TensorStore,
+)
+
+Runner = Callable[[IRNode, dict[str, Tensor], TensorStore], Tensor]
+
+
+@torch.no_grad()
+def interpret(graph: Graph, store: TensorStore, ids: Tensor,
+              overrides: dict[type[IRNode], Runner] | None = None) -> Tensor:
+    """Run `graph` on token ids [batch, seq] (its one Input) and return its one Output (the logits).
+
+    overrides replace the rule of some node types (e.g. PhaseNeuron by the identity: every site off).
+    """
+    runners = {**RUNNERS, **(overrides or {})}
+    (input_name,) = [name for name in graph if isinstance(graph[name], Input)]
+    values = {input_name: ids}
+    outputs = []
+    for name in graph.topological_order():
+        node = graph[name]
+        if name == input_name:
+            continue
+        runner = runners.get(type(node))
+        if runner is None:
+            raise SpikecompileError(f"node {name}: the interpreter has no rule for {type(node).__name__}")
+        inputs = {port: values[source] for port, source in graph.inputs(name).items()}
+        try:
+            values[name] = runner(node, inputs, store)
+        except (RuntimeError, ValueError) as error:
+            raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
+        if isinstance(node, Output):
+            outputs.append(values[name])
+    (logits,) = outputs
+    return logits
+
+
+def _linear(node: Linear, inputs, store) -> Tensor:
+    bias = node.bias.resolve(store) if node.bias is not None else None
+    return F.linear(inputs["x"], node.weight.resolve(store), bias)
+
+
+def _embedding(node: Embedding, inputs, store) -> Tensor:
+    return F.embedding(inputs["ids"], node.weight.resolve(store))
+
+
+def _rotation(node: Rotation, inputs, store) -> Tensor:
+    x = inputs["x"]
+    if node.where == "offline":
+        return x
+    rotated = apply_hadamard(x.reshape(*x.shape[:-1], -1, node.n), node.n)  # x·H_n on every block
+    if node.signs is not None:
+        rotated = rotated * node.signs.to(rotated.dtype)
+    return rotated.reshape(x.shape)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(node: RoPE, inputs, store) -> Tensor:
+    x = inputs["x"]
+    positions = torch.arange(node.position_offset, node.position_offset + x.shape[-2], device=x.device)
+    freqs = positions[:, None].float() * node.inv_freq.to(device=x.device, dtype=torch.float)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos = (angles.cos() * node.attention_scaling).to(x.dtype)
+    sin = (angles.sin() * node.attention_scaling).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _split_heads(node: SplitHeads, inputs, store) -> Tensor:
+    x = inputs["x"]
+    return x.reshape(*x.shape[:-1], node.heads, node.head_dim).transpose(-3, -2)
+
+
+def _merge_heads(node: MergeHeads, inputs, store) -> Tensor:
+    x = inputs["x"].transpose(-3, -2).contiguous()
+    return x.reshape(*x.shape[:-2], node.heads * node.head_dim)
+
+
+def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
+    x = inputs["x"]
+    cache = node.cache.resolve(store).to(x.device)
+    return torch.cat([cache.expand(*x.shape[:-3], *cache.shape), x], dim=-2)
+
+
+def _residual_add(node: ResidualAdd, inputs, store) -> Tensor:
+    return inputs["residual"] + inputs["branch"]
+
+
+def _rmsnorm(node: Nonlinear, x: Tensor, store) -> Tensor:
+    hidden = x.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + node.eps)
+    hidden = hidden.to(x.dtype)
+    return node.weight.resolve(store) * hidden if node.weight is not None else hidden
+
+
+def _softmax(node: Nonlinear, x: Tensor, store) -> Tensor:
+    if node.causal:
+        queries, keys = x.shape[-2:]
+        rows = torch.arange(queries, device=x.device)[:, None]
+        future = torch.arange(keys, device=x.device)[None, :] > rows + (keys - queries)
+        x = x.masked_fill(future, float("-inf"))
+    return F.softmax(x, dim=-1, dtype=torch.float32).to(x.dtype)
+
+
+NONLINEAR_FUNCTIONS = {
+    "rmsnorm": _rmsnorm,
+    "softmax": _softmax,
+    "silu": lambda node, x, store: F.silu(x),
+}
+
+
+def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
+    return NONLINEAR_FUNCTIONS[node.function](node, inputs["x"], store)
+
+
+def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:
+    b = inputs["b"].repeat_interleave(node.groups, dim=-3) if node.groups > 1 else inputs["b"]
+    return torch.matmul(inputs["a"], b.transpose(-2, -1) if node.transpose_b else b) * node.scaling
+
+
+def _elementwise_product(node: ElementwiseProduct, inputs, store) -> Tensor:
+    return inputs["a"] * inputs["b"]
+
+
+def _phase_neuron(node: PhaseNeuron, inputs, store) -> Tensor:
+    return phase_quantize(inputs["x"], node.params())
+
+
+RUNNERS: dict[type[IRNode], Runner] = {
+    Output: lambda node, inputs, store: inputs["x"],
+    Embedding: _embedding,
+    Linear: _linear,
+    Rotation: _rotation,
+    RoPE: _rope,
+    SplitHeads: _split_heads,
+    MergeHeads: _merge_heads,
+    KVPrefix: _kv_prefix,
+    ResidualAdd: _residual_add,
+    Nonlinear: _nonlinear,
+    ActivationMatmul: _activation_matmul,
+    ElementwiseProduct: _elementwise_product,
+    PhaseNeuron: _phase_neuron,
+}

@@ -1,0 +1,216 @@
+"""Trace a converted spiking LLaMA into the IR: a structured walk of the transformers modules (not torch.fx).
+
+The walk follows what transformers' LLaMA forward computes with spikecompile's sites installed (sites.py),
+in the same order, so interpret(trace(m)) reproduces m.logits to float rounding:
+
+    input_ids → embed_tokens → per layer:
+        input_layernorm → attn_norm site → q/k/v_proj → split heads → RoPE (q, k) → [KV prefix (k, v)]
+        → q, k, v sites → scores (qk, GQA groups) → causal softmax → attn_probs site → pv → merge heads
+        → o_proj_in site → o_proj → residual
+        post_attention_layernorm → mlp_norm site → gate_proj → act_fn (SiLU) → silu site ─┐
+                                                 → up_proj ─────────────────────────────→ product
+        → [online Hadamard] → down_proj_in site → down_proj → residual
+    → norm → final_norm site → lm_head → logits
+
+Node names are module paths without the leading "model." ("layers.3.self_attn.q_proj"); a spike site's node
+is its site name ("layers.3.attn_norm", "final_norm"); the few nodes without a module get a name under the
+module they belong to ("layers.3.self_attn.scores"). Weights are TensorRefs to the model's state_dict keys;
+the returned store is the state_dict itself plus the prefix caches ("prefix.layers.{i}.key" / ".value").
+
+Folded rotations (residual-stream and per-head Hadamards, folded norms) live in the weights and are not
+represented as nodes; the online Hadamard before down_proj is an explicit Rotation(where="online").
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..conversion.convert import SpikingModel, site_neuron
+from ..conversion.rotation import OnlineHadamard, describe_hadamard
+from ..conversion.sites import site_name
+from ..errors import SpikecompileError
+from ..ir import (
+    ActivationMatmul,
+    ElementwiseProduct,
+    Embedding,
+    Graph,
+    Input,
+    IRNode,
+    KVPrefix,
+    Linear,
+    MergeHeads,
+    Nonlinear,
+    Output,
+    PhaseNeuron,
+    ResidualAdd,
+    RoPE,
+    Rotation,
+    SplitHeads,
+    TensorRef,
+    validate,
+)
+
+# rope types whose inv_freq is fixed at load time (the dynamic ones rescale it with the sequence length)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SILU_NAMES = ("silu", "swish")
+LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "spike_sites"}
+MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+
+def trace(spiking: SpikingModel) -> tuple[Graph, dict[str, Tensor]]:
+    """The IR graph of a converted model and its tensor store; SpikecompileError naming the module and op that
+    the IR cannot represent."""
+    tracer = _Tracer(spiking)
+    tracer.run()
+    validate(tracer.graph)
+    return tracer.graph, tracer.store
+
+
+def _unsupported(path: str, what: str) -> SpikecompileError:
+    return SpikecompileError(f"trace: {path}: {what}; spikecompile traces LLaMA-style decoders only "
+                             f"(RMSNorm, SiLU MLP, rotary attention without sliding window)")
+
+
+def _dtype_name(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _check_children(module: nn.Module, path: str, expected: set[str]) -> None:
+    for name, child in module.named_children():
+        if name not in expected:
+            raise _unsupported(f"{path}.{name}", f"unexpected module {type(child).__name__}")
+
+
+class _Tracer:
+    def __init__(self, spiking: SpikingModel):
+        self.spiking = spiking
+        self.model = spiking.model
+        self.config = self.model.config
+        self.paths = {module: name for name, module in self.model.named_modules()}
+        self.store: dict[str, Tensor] = dict(self.model.state_dict())
+        self.graph = Graph()
+        self.timesteps = spiking.record["coding"]["timesteps"]
+        self.prefix_length = spiking.prefix.length if spiking.prefix else 0
+
+    def add(self, name: str, node: IRNode, *sources: str, **ports: str) -> str:
+        """Add node `name` fed by `sources` (its only input) or by `ports` (port → producer); return the name."""
+        self.graph.add_node(name, node)
+        for source in sources:
+            self.graph.add_edge(source, name)
+        for port, source in ports.items():
+            self.graph.add_edge(source, name, port)
+        return name
+
+    def ref(self, key: str) -> TensorRef:
+        tensor = self.store[key]
+        return TensorRef(key, tuple(tensor.shape), _dtype_name(tensor))
+
+    def node_name(self, module: nn.Module) -> str:
+        return self.paths[module].removeprefix("model.")
+
+    def site(self, layer: int | None, kind: str, source: str) -> str:
+        name = site_name(layer, kind)
+        neuron = PhaseNeuron.from_params(name, site_neuron(self.spiking.record["sites"][name]))
+        return self.add(name, neuron, source)
+
+    def linear(self, module: nn.Module, source: str) -> str:
+        path = self.paths[module]
+        if type(module) is not nn.Linear:
+            raise _unsupported(path, f"{type(module).__name__} is not a torch.nn.Linear")
+        bias = self.ref(f"{path}.bias") if module.bias is not None else None
+        return self.add(self.node_name(module), Linear(weight=self.ref(f"{path}.weight"), bias=bias), source)
+
+    def rmsnorm(self, module: nn.Module, source: str) -> str:
+        path = self.paths[module]
+        eps = getattr(module, "variance_epsilon", None)
+        weight = getattr(module, "weight", None)
+        if not type(module).__name__.endswith("RMSNorm") or eps is None or weight is None or weight.dim() != 1 \
+                or getattr(module, "bias", None) is not None:
+            raise _unsupported(path, f"{type(module).__name__} is not an RMSNorm x / √(mean(x²) + eps) · γ")
+        return self.add(self.node_name(module), Nonlinear(function="rmsnorm", eps=float(eps),
+                                                          weight=self.ref(f"{path}.weight")), source)
+
+    def run(self) -> None:
+        base = self.model.model
+        _check_children(base, "model", {"embed_tokens", "layers", "norm", "rotary_emb"})
+        if type(base.embed_tokens) is not nn.Embedding:
+            raise _unsupported("model.embed_tokens", f"{type(base.embed_tokens).__name__} is not a torch.nn.Embedding")
+        hidden = self.add("embed_tokens", Embedding(weight=self.ref("model.embed_tokens.weight")),
+                          self.add("input_ids", Input(shape=("batch", "seq"), dtype="int64")))
+        rope = self.rope(base.rotary_emb)
+        for index, layer in enumerate(base.layers):
+            hidden = self.decoder_layer(index, layer, hidden, rope)
+        normed = self.site(None, "final_norm", self.rmsnorm(base.norm, hidden))
+        self.add("logits", Output(), self.linear(self.model.lm_head, normed))
+
+    def rope(self, rotary: nn.Module) -> dict:
+        """The fields every RoPE node shares; the window's positions start after the prefix."""
+        rope_type = getattr(rotary, "rope_type", None)
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise _unsupported("model.rotary_emb", f"rope type {rope_type!r} (supported: {', '.join(STATIC_ROPE_TYPES)})")
+        return {"inv_freq": rotary.inv_freq.detach().float().clone(), "parameters": dict(self.config.rope_parameters),
+                "attention_scaling": float(rotary.attention_scaling), "position_offset": self.prefix_length}
+
+    def decoder_layer(self, index: int, layer: nn.Module, hidden: str, rope: dict) -> str:
+        path = self.paths[layer]
+        _check_children(layer, path, LAYER_CHILDREN)
+        normed = self.site(index, "attn_norm", self.rmsnorm(layer.input_layernorm, hidden))
+        attended = self.add(f"layers.{index}.attn_residual", ResidualAdd(), residual=hidden,
+                            branch=self.attention(index, layer.self_attn, normed, rope))
+        normed = self.site(index, "mlp_norm", self.rmsnorm(layer.post_attention_layernorm, attended))
+        return self.add(f"layers.{index}.mlp_residual", ResidualAdd(), residual=attended,
+                        branch=self.mlp(index, layer.mlp, normed))
+
+    def attention(self, index: int, attention: nn.Module, normed: str, rope: dict) -> str:
+        path, name = self.paths[attention], self.node_name(attention)
+        _check_children(attention, path, ATTENTION_CHILDREN)
+        window = getattr(self.config, "sliding_window", None)
+        if window is not None:
+            raise _unsupported(path, f"sliding-window attention (sliding_window={window})")
+        head_dim, groups = attention.head_dim, attention.num_key_value_groups
+        heads = attention.q_proj.out_features // head_dim
+        kv_heads = heads // groups
+
+        def heads_of(module: nn.Module, count: int) -> str:
+            projected = self.linear(module, normed)
+            return self.add(f"{projected}.heads", SplitHeads(heads=count, head_dim=head_dim), projected)
+
+        query = self.add(f"{name}.q_rope", RoPE(head_dim=head_dim, **rope), heads_of(attention.q_proj, heads))
+        key = self.add(f"{name}.k_rope", RoPE(head_dim=head_dim, **rope), heads_of(attention.k_proj, kv_heads))
+        value = heads_of(attention.v_proj, kv_heads)
+        if self.spiking.prefix:
+            key = self.kv_prefix(index, "key", key)
+            value = self.kv_prefix(index, "value", value)
+        scores = self.add(f"{name}.scores", ActivationMatmul(which="qk", scaling=float(attention.scaling), groups=groups),
+                          a=self.site(index, "q", query), b=self.site(index, "k", key))
+        probs = self.site(index, "attn_probs", self.add(f"{name}.softmax", Nonlinear(function="softmax", causal=True),
+                                                        scores))
+        context = self.add(f"{name}.context", ActivationMatmul(which="pv", groups=groups),
+                           a=probs, b=self.site(index, "v", value))
+        merged = self.add(f"{name}.merge_heads", MergeHeads(heads=heads, head_dim=head_dim), context)
+        return self.linear(attention.o_proj, self.site(index, "o_proj_in", merged))
+
+    def kv_prefix(self, index: int, which: str, source: str) -> str:
+        layer = self.spiking.prefix.cache.layers[index]
+        cache = (layer.keys if which == "key" else layer.values)[0]
+        key = f"prefix.layers.{index}.{which}"
+        self.store[key] = cache
+        token_ids = tuple(int(token) for token in self.spiking.record["prefix"]["token_ids"])
+        return self.add(f"layers.{index}.self_attn.{which}_prefix",
+                        KVPrefix(which=which, token_ids=token_ids, cache=self.ref(key)), source)
+
+    def mlp(self, index: int, mlp: nn.Module, normed: str) -> str:
+        path, name = self.paths[mlp], self.node_name(mlp)
+        _check_children(mlp, path, MLP_CHILDREN)
+        activation = getattr(self.config, "hidden_act", None)
+        if activation not in SILU_NAMES:
+            raise _unsupported(f"{path}.act_fn", f"activation {activation!r} ({type(mlp.act_fn).__name__}) is not SiLU")
+        gate = self.add(f"{name}.act_fn", Nonlinear(function="silu"), self.linear(mlp.gate_proj, normed))
+        product = self.add(f"{name}.product", ElementwiseProduct(), a=self.site(index, "silu", gate),
+                           b=self.linear(mlp.up_proj, normed))
+        if any(isinstance(hook, OnlineHadamard) for hook in mlp.down_proj._forward_pre_hooks.values()):
+            width = mlp.down_proj.in_features
+            product = self.add(f"{name}.online_hadamard", Rotation(n=width, where="online",
+                                                                   construction=describe_hadamard(width)), product)
+        return self.linear(mlp.down_proj, self.site(index, "down_proj_in", product))
