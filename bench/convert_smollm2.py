@@ -78,6 +78,9 @@ def main() -> None:
                 windows = token_windows(spiking.tokenizer, text, args.seqlen, args.windows, "evaluation")
                 if "ann_ppl" not in results:
                     results["ann_ppl"] = perplexity(spiking.ann_logits, windows, desc="ANN")
+                    if spiking.prefix is not None:  # what the prefix alone does to the float model
+                        with spiking.sites.all_off():
+                            results["ann_with_prefix_ppl"] = perplexity(spiking.logits, windows, desc="ANN+prefix")
                 snn = perplexity(spiking.logits, windows, desc=f"{coding} T={timesteps}")
                 run = {"coding": coding, "timesteps": timesteps, "snn_ppl": snn,
                        "ppl_ratio": snn / results["ann_ppl"],
@@ -89,7 +92,8 @@ def main() -> None:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(RESULTS, lambda temp: Path(temp).write_text(json.dumps(results, indent=2) + "\n"))
 
-    print(f"\nANN perplexity {results['ann_ppl']:.3f} ({args.windows} windows x {args.seqlen})")
+    print(f"\nANN perplexity {results['ann_ppl']:.3f} ({args.windows} windows x {args.seqlen}); "
+          f"float model after the KV prefix: {results.get('ann_with_prefix_ppl', float('nan')):.3f}")
     print(f"{'coding':<8}{'T':>4}{'SNN ppl':>10}{'ratio':>8}{'convert s':>11}{'RSS MB':>8}{'fit/LM':>8}{'b2/LM':>8}")
     for run in results["runs"]:
         print(f"{run['coding']:<8}{run['timesteps']:>4}{run['snn_ppl']:>10.3f}{run['ppl_ratio']:>8.4f}"
