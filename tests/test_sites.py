@@ -27,7 +27,7 @@ def test_all_sites_off_equals_the_ann_exactly():
 def test_every_site_sees_its_activation():
     model = build_tiny_llama()
     sites = install_sites(model)
-    samples, max_abs = collect_samples(lambda ids: model(ids).logits, sites, [_ids(), _ids(seed=1)], samples_per_site=256, seed=0,
+    samples = collect_samples(lambda ids: model(ids).logits, sites, [_ids(), _ids(seed=1)], samples_per_site=256, seed=0,
                                        progress=False)
     assert samples.shape == (len(sites), 256)
     shapes = {}
@@ -46,7 +46,7 @@ def test_every_site_sees_its_activation():
             assert shapes[f"layers.{layer}.{kind}"] == shape, kind
     assert shapes["final_norm"] == (1, 24, hidden)
     probs = samples[list(sites).index("layers.0.attn_probs")]
-    assert probs.min() >= 0 and probs.max() <= 1 and max_abs[list(sites).index("layers.0.attn_probs")] <= 1
+    assert probs.min() >= 0 and probs.max() <= 1
     silu = samples[list(sites).index("layers.1.silu")]
     assert silu.min() >= -0.2785
 
@@ -82,7 +82,7 @@ def test_calibration_samples_are_deterministic():
         sites = install_sites(model)
         forward = model.forward
         results.append(collect_samples(lambda ids, forward=forward: forward(ids).logits, sites,
-                                       [_ids(), _ids(seed=3)], 128, seed=5, progress=False)[0])
+                                       [_ids(), _ids(seed=3)], 128, seed=5, progress=False))
     assert torch.equal(*results)
 
 
@@ -95,6 +95,13 @@ def test_decoded_mode_needs_fitted_neurons():
 def test_calibration_samples_keep_each_windows_extreme():
     model = build_tiny_llama()
     sites = install_sites(model)
-    samples, max_abs = collect_samples(lambda ids: model(ids).logits, sites, [_ids(), _ids(seed=1)], 64, seed=0,
-                                       progress=False)
-    assert torch.equal(samples.abs().amax(-1), torch.tensor(max_abs))
+    windows = [_ids(), _ids(seed=1)]
+    samples = collect_samples(lambda ids: model(ids).logits, sites, windows, 64, seed=0, progress=False)
+    true_max = {}
+    for site in sites.values():  # every value each site sees, measured independently of the recorder
+        site.forward = (lambda name: lambda x: true_max.update({name: max(true_max.get(name, 0.0),
+                                                                          float(x.abs().max()))}) or x)(site.name)
+    with torch.no_grad():
+        for ids in windows:
+            model(ids)
+    assert torch.equal(samples.abs().amax(-1), torch.tensor([true_max[name] for name in sites]))

@@ -12,8 +12,8 @@ from .sites import SampleRecorder, SiteTable
 
 @torch.inference_mode()
 def collect_samples(forward, sites: SiteTable, windows: list[torch.Tensor], samples_per_site: int, seed: int,
-                    progress: bool = True) -> tuple[torch.Tensor, list[float]]:
-    """Return ([S, N] samples in site-table order, [S] max |x|) with N = samples_per_site.
+                    progress: bool = True) -> torch.Tensor:
+    """Return [S, N] samples in site-table order, N = samples_per_site; each holds its site's largest |x|.
 
     Each site draws ceil(N / calls) values per forward call with its own seeded generator, where calls is the
     number of windows (the attention sites are called once per layer per window like every other site).
@@ -29,7 +29,6 @@ def collect_samples(forward, sites: SiteTable, windows: list[torch.Tensor], samp
     finally:
         sites.set_mode("off")
     samples = torch.stack([site.recorder.samples()[:samples_per_site] for site in sites.values()])
-    max_abs = [site.recorder.max_abs for site in sites.values()]
     for site in sites.values():
         site.recorder = None
-    return samples, max_abs
+    return samples

@@ -14,13 +14,12 @@ from ..data import load_text, token_windows
 from ..errors import SpikecompileError
 from ..loading import ModelSource, load_model, resolve_source, verify_source
 from .calibration import collect_samples
-from .fit import FitConfig, fit_sites, lloyd_max_mse
+from .fit import CODINGS, FitConfig, fit_sites, lloyd_max_mse
 from .neuron import PhaseNeuronParams, initial_potential
 from .prefix import KVPrefix, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites
 
-CODINGS = ("phase", "las")
 ROTATIONS = ("hadamard", "none")
 PREFIXES = ("auto", "none")
 TIMESTEP_RANGE = (4, 16)
@@ -120,7 +119,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
     kv_prefix = KVPrefix(model, sites, prefix["token_ids"]) if prefix else None
     forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
-    samples, max_abs = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
+    samples = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -135,7 +134,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
         "rotation": rotation,
         "prefix": prefix,
         "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
-        "sites": _site_table(sites, fit, bound, levels, max_abs, samples),
+        "sites": _site_table(sites, fit, bound, levels, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
             "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
@@ -156,7 +155,7 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _site_table(sites: SiteTable, fit, bound, levels, max_abs, samples) -> dict:
+def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
     table = {}
     params = fit.params
     for index, name in enumerate(sites):
@@ -170,7 +169,7 @@ def _site_table(sites: SiteTable, fit, bound, levels, max_abs, samples) -> dict:
             "calibration": {
                 "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
                 "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
-                "lloyd_max_levels": levels, "max_abs": max_abs[index],
+                "lloyd_max_levels": levels, "max_abs": float(fit.max_abs[index]),
             },
             "samples": samples[index].clone(),
         }

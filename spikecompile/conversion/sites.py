@@ -71,7 +71,6 @@ class SampleRecorder:
         self.per_call = per_call
         self.generator = torch.Generator().manual_seed(seed)
         self.chunks: list[torch.Tensor] = []
-        self.max_abs = 0.0
 
     def record(self, site_name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
@@ -83,7 +82,6 @@ class SampleRecorder:
         peak = flat.abs().argmax()
         index = torch.randint(flat.numel(), (self.per_call - 1,), generator=self.generator).to(flat.device)
         self.chunks.append(torch.cat([flat[peak].reshape(1), flat[index]]).cpu())
-        self.max_abs = max(self.max_abs, float(flat[peak].abs()))
 
     def samples(self) -> torch.Tensor:
         return torch.cat(self.chunks)
