@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spikecompile.cli import site_error_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 CALIB = SHARED / "wikitext-2.wiki.valid.tokens"
@@ -41,13 +43,9 @@ def convert(workdir: Path, timesteps: int, coding: str, grains: int) -> tuple[Pa
 
 
 def site_ratios(record: dict) -> dict:
-    fitted, base2 = [], []
-    for entry in record["sites"].values():
-        calib = entry["calibration"]
-        fitted.append(calib["mse"] / calib["lloyd_max_mse"])
-        base2.append(calib["base2_mse"] / calib["lloyd_max_mse"])
-    return {"median_fitted_over_lloyd_max": statistics.median(fitted),
-            "median_base2_over_lloyd_max": statistics.median(base2)}
+    rows = site_error_rows(record)
+    return {"median_fitted_over_lloyd_max": statistics.median(row["fitted_over_bound"] for row in rows),
+            "median_base2_over_lloyd_max": statistics.median(row["base2_over_bound"] for row in rows)}
 
 
 def main() -> None:
