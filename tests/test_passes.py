@@ -24,7 +24,7 @@ from spikecompile.ir import (
     validate,
 )
 from spikecompile.passes import PassContext, PassManager
-from spikecompile.passes.cleanup import Cleanup, dead_nodes
+from spikecompile.passes.cleanup import Cleanup, dead_nodes, is_identity, is_inverse_pair
 from spikecompile.passes.timesteps import AssignTimesteps
 
 FITTED_T = 6
@@ -164,12 +164,18 @@ def _plant_dead_branch_and_identity(graph: Graph) -> Graph:
     planted.add_edge("layers.1.attn_residual", "dead.silu")
     planted.add_node("dead.proj", Linear(weight=graph["layers.1.mlp.up_proj"].weight))
     planted.add_edge("dead.silu", "dead.proj")
-    planted.add_node("layers.0.basis", Rotation(n=64, where="offline", construction=describe_hadamard(64)))
+    signs = torch.tensor([1, -1] * 32, dtype=torch.int8)
+    planted.add_node("layers.0.basis", Rotation(n=64, where="offline", construction=describe_hadamard(64), signs=signs))
+    planted.add_node("layers.0.basis_back", Rotation(n=64, where="online", construction=describe_hadamard(64),
+                                                     signs=signs, transpose=True))
+    planted.add_node("layers.0.unit", Rotation(n=1, where="online", construction=describe_hadamard(1)))
     consumers = list(planted.nx.out_edges("layers.0.attn_residual", data="port"))
     for _, consumer, port in consumers:
         planted.nx.remove_edge("layers.0.attn_residual", consumer)
-        planted.add_edge("layers.0.basis", consumer, port)
-    planted.add_edge("layers.0.attn_residual", "layers.0.basis")
+        planted.add_edge("layers.0.unit", consumer, port)
+    for source, target in [("layers.0.attn_residual", "layers.0.basis"), ("layers.0.basis", "layers.0.basis_back"),
+                           ("layers.0.basis_back", "layers.0.unit")]:
+        planted.add_edge(source, target)
     validate(planted)
     return planted
 
@@ -180,11 +186,21 @@ def test_cleanup_removes_dead_branch_and_identity_bitwise(traced):
     assert dead_nodes(planted) == {"dead.silu", "dead.proj"}
     result = _run(Cleanup(), planted)
     Cleanup().ensures(result.graph)
-    assert result.modified and result.notes == {"dead_removed": 2, "identity_removed": 1, "identity_kept": []}
+    assert result.modified and result.notes == {"dead_removed": 2, "identity_removed": 3, "identity_kept": []}
     assert set(result.graph) == set(graph) and sorted(result.graph.edges()) == sorted(graph.edges())
     ids = _ids()
-    assert torch.equal(interpret(result.graph, store, ids), interpret(planted, store, ids))
+    torch.testing.assert_close(interpret(planted, store, ids), interpret(graph, store, ids))  # x·Q·Qᵀ = x
     assert torch.equal(interpret(result.graph, store, ids), interpret(graph, store, ids))
+
+
+def test_a_rotation_and_a_different_one_are_not_a_pair():
+    construction = describe_hadamard(4)
+    plain = Rotation(n=4, where="offline", construction=construction)
+    signed = Rotation(n=4, where="offline", construction=construction, signs=torch.tensor([1, -1, 1, 1], dtype=torch.int8),
+                      transpose=True)
+    assert not is_inverse_pair(plain, signed) and not is_inverse_pair(plain, plain)
+    assert is_inverse_pair(plain, Rotation(n=4, where="online", construction=construction, transpose=True))
+    assert not is_identity(plain) and is_identity(Rotation(n=1, where="offline", construction=describe_hadamard(1)))
 
 
 def test_cleanup_on_a_clean_graph_changes_nothing(traced):
@@ -197,10 +213,12 @@ def test_identity_kept_when_its_producer_already_feeds_the_consumer():
     graph = Graph()
     graph.add_node("x", Input(shape=("seq", 4), dtype="float32"))
     graph.add_node("basis", Rotation(n=4, where="offline", construction=describe_hadamard(4)))
+    graph.add_node("basis_back", Rotation(n=4, where="offline", construction=describe_hadamard(4), transpose=True))
     graph.add_node("add", ResidualAdd())
     graph.add_node("out", Output())
     graph.add_edge("x", "basis")
-    graph.add_edge("basis", "add", "branch")
+    graph.add_edge("basis", "basis_back")
+    graph.add_edge("basis_back", "add", "branch")
     graph.add_edge("x", "add", "residual")
     graph.add_edge("add", "out")
     result = _run(Cleanup(), graph)

@@ -77,9 +77,15 @@ class SpikingModel:
     sites: SiteTable
     record: dict
     prefix: KVPrefix | None = None
+    rotations: str = "applied"
+    """"applied": the offline rotations are in the weights; "explicit": left out of them (rotate_llama with
+    apply=False) for frontend.trace to emit as Rotation nodes, so the model itself cannot run."""
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The spiking model's logits for [1, L] ids (after the KV prefix, if the model has one)."""
+        if self.rotations != "applied":
+            raise SpikecompileError("this model was loaded with its rotations left out of the weights, for tracing; "
+                                    "run its traced graph (frontend.interpret) or load it with rotations='applied'")
         return self.prefix.forward(self.model, ids) if self.prefix else self.model(ids).logits
 
     def ann_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -188,11 +194,14 @@ def site_neuron(entry: dict) -> PhaseNeuronParams:
                              theta=entry["theta"])
 
 
-def load_spiking_model(path: str, source_path: str | None = None) -> SpikingModel:
+def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied") -> SpikingModel:
     """Rebuild the spiking model from model.pt: source weights, the same rotation, the fitted sites.
 
     `source_path` overrides the recorded source location (its bytes must still match the recorded sha256).
+    rotations "explicit" leaves the offline rotations out of the weights (SpikingModel.rotations).
     """
+    if rotations not in ("applied", "explicit"):
+        raise ValueError(f"rotations must be 'applied' or 'explicit', got {rotations!r}")
     record = modelfile.load(path)
     source = ModelSource(**record["source"])
     if source_path is not None:
@@ -200,7 +209,7 @@ def load_spiking_model(path: str, source_path: str | None = None) -> SpikingMode
     verify_source(source, where=str(path))
     model, tokenizer = load_model(source)
     rotation = record["rotation"]
-    if rotation is not None and rotate_llama(model, seed=rotation["seed"]) != rotation:
+    if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
         raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
     sites = install_sites(model)
     if list(sites) != list(record["sites"]):
@@ -212,4 +221,4 @@ def load_spiking_model(path: str, source_path: str | None = None) -> SpikingMode
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
     prefix = KVPrefix(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
-    return SpikingModel(model, tokenizer, sites, record, prefix)
+    return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")

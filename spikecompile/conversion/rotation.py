@@ -191,9 +191,12 @@ def _check_rmsnorm(norm: torch.nn.Module, name: str) -> None:
 
 
 @torch.no_grad()
-def _rewrite(linear: torch.nn.Linear, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> None:
-    """W ← left·W·right and b ← left·b, in float64, cast back to the weight's dtype once."""
+def _rewrite(linear: torch.nn.Linear, left: torch.Tensor | None = None, right: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> None:
+    """W ← left·W·right (or W·diag(scale)) and b ← left·b, in float64, cast back to the weight's dtype once."""
     weight = linear.weight.double()
+    if scale is not None:
+        weight = weight * scale
     if left is not None:
         weight = left @ weight
         if linear.bias is not None:
@@ -222,7 +225,7 @@ def _per_head(matrix: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_llama(model, seed: int) -> dict:
+def rotate_llama(model, seed: int, apply: bool = True) -> dict:
     """Fold RMSNorm weights and Hadamard-rotate a LLaMA/Mistral-style causal LM in place; logits are unchanged.
 
     With Q = H_d·diag(s) (d = hidden size, s ∈ {±1}^d from torch.Generator().manual_seed(seed)), H_h the
@@ -244,6 +247,10 @@ def rotate_llama(model, seed: int) -> dict:
 
     Returns a JSON-serialisable record of every rotation: which were folded offline into which weights
     ("residual", "head", "folded_norms") and which run online ("online").
+
+    With apply=False only the norms are folded (W ← W·diag(γ), γ ← 1, lm_head untied) and the online hooks
+    registered; the offline rotations are left for the compiler (frontend.trace makes them Rotation nodes,
+    passes.fold_hadamard folds them), so the model's own forward is NOT the rotated model's. Same record.
     """
     layers = _get(model, "model.layers")
     names = {module: name for name, module in model.named_modules()}
@@ -272,24 +279,30 @@ def rotate_llama(model, seed: int) -> dict:
 
     def read_residual(norm, linears, left=None):
         """Fold γ and Q into the linears reading this norm's output; left maps a linear to its output rotation."""
-        gamma_q = norm.weight.double()[:, None] * q
+        gamma = norm.weight.double()
         for linear in linears:
-            _rewrite(linear, left=(left or {}).get(linear), right=gamma_q)
+            if apply:
+                _rewrite(linear, left=(left or {}).get(linear), right=gamma[:, None] * q)
+            else:
+                _rewrite(linear, scale=gamma)
         record["residual"]["weight_right_Q"] += [names[m] for m in linears]
         record["folded_norms"].append({"norm": names[norm], "into": [names[m] for m in linears]})
         norm.weight.fill_(1.0)
 
     embed = model.model.embed_tokens
-    embed.weight.copy_(embed.weight.double() @ q)
+    if apply:
+        embed.weight.copy_(embed.weight.double() @ q)
     record["residual"]["weight_right_Q"].append(names[embed])
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         read_residual(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
                       left={attn.v_proj: _per_head(h_head.T, attn.v_proj.out_features)})
-        _rewrite(attn.o_proj, left=q.T, right=_per_head(h_head, attn.o_proj.in_features))
+        if apply:
+            _rewrite(attn.o_proj, left=q.T, right=_per_head(h_head, attn.o_proj.in_features))
         read_residual(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
         h_inter, inter_desc = hadamard_matrix(mlp.down_proj.in_features)
-        _rewrite(mlp.down_proj, left=q.T, right=h_inter)
+        if apply:
+            _rewrite(mlp.down_proj, left=q.T, right=h_inter)
         mlp.down_proj.register_forward_pre_hook(OnlineHadamard(mlp.down_proj.in_features))
         record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
         record["head"]["v_out"].append(names[attn.v_proj])

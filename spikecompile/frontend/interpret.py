@@ -47,10 +47,18 @@ def interpret(graph: Graph, store: TensorStore, ids: Tensor,
 
     overrides replace the rule of some node types (e.g. PhaseNeuron by the identity: every site off).
     """
+    values = evaluate(graph, store, ids, overrides)
+    (logits,) = [values[name] for name in graph if isinstance(graph[name], Output)]
+    return logits
+
+
+@torch.no_grad()
+def evaluate(graph: Graph, store: TensorStore, ids: Tensor,
+             overrides: dict[type[IRNode], Runner] | None = None) -> dict[str, Tensor]:
+    """Every node's value when `graph` runs on token ids [batch, seq] (its one Input); see interpret."""
     runners = {**RUNNERS, **(overrides or {})}
     (input_name,) = [name for name in graph if isinstance(graph[name], Input)]
     values = {input_name: ids}
-    outputs = []
     for name in graph.topological_order():
         node = graph[name]
         if name == input_name:
@@ -63,10 +71,12 @@ def interpret(graph: Graph, store: TensorStore, ids: Tensor,
             values[name] = runner(node, inputs, store)
         except (RuntimeError, ValueError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
-        if isinstance(node, Output):
-            outputs.append(values[name])
-    (logits,) = outputs
-    return logits
+    return values
+
+
+def sites_off(node: PhaseNeuron, inputs, store) -> Tensor:
+    """The override that turns every spike site off (the float model): x̂ = x."""
+    return inputs["x"]
 
 
 def _linear(node: Linear, inputs, store) -> Tensor:
@@ -80,11 +90,13 @@ def _embedding(node: Embedding, inputs, store) -> Tensor:
 
 def _rotation(node: Rotation, inputs, store) -> Tensor:
     x = inputs["x"]
-    if node.where == "offline":
-        return x
-    rotated = apply_hadamard(x.reshape(*x.shape[:-1], -1, node.n), node.n)  # x·H_n on every block
-    if node.signs is not None:
-        rotated = rotated * node.signs.to(rotated.dtype)
+    blocks = x.reshape(*x.shape[:-1], -1, node.n)
+    if node.transpose:
+        rotated = blocks @ node.matrix().to(x.dtype)
+    else:  # the fast transform, as conversion.rotation.OnlineHadamard runs it in the model
+        rotated = apply_hadamard(blocks, node.n)
+        if node.signs is not None:
+            rotated = rotated * node.signs.to(rotated.dtype)
     return rotated.reshape(x.shape)
 
 

@@ -17,12 +17,23 @@ is its site name ("layers.3.attn_norm", "final_norm"); the few nodes without a m
 module they belong to ("layers.3.self_attn.scores"). Weights are TensorRefs to the model's state_dict keys;
 the returned store is the state_dict itself plus the prefix caches ("prefix.layers.{i}.key" / ".value").
 
-Folded rotations (residual-stream and per-head Hadamards, folded norms) live in the weights and are not
-represented as nodes; the online Hadamard before down_proj is an explicit Rotation(where="online").
+Rotations (conversion.rotation.rotate_llama): the online Hadamard before down_proj is always an explicit
+Rotation(where="online"). The offline ones (residual stream Q, per-head H_h, the down_proj input side of H_i)
+depend on how the model was loaded (SpikingModel.rotations): "applied", they live in the weights and are not
+nodes; "explicit", the weights are the source's (norms folded) and each offline rotation is a Rotation(where=
+"offline") beside the synapse it belongs to, for passes.fold_hadamard to fold:
+
+    embed_tokens → Q                 attn_norm site → Qᵀ → q/k/v_proj     v_proj → H_h (per head)
+    o_proj_in site → H_hᵀ → o_proj → Q    mlp_norm site → Qᵀ → gate/up_proj
+    down_proj_in site → H_iᵀ → down_proj → Q                             final_norm site → Qᵀ → lm_head
+
+The prefix's KV cache is the float model's keys and values on the prefix tokens: taken from the model's own
+cache when its rotations are applied, else computed by interpreting the graph without the prefix, sites off.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..conversion.convert import SpikingModel, site_neuron
@@ -61,10 +72,24 @@ MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 def trace(spiking: SpikingModel) -> tuple[Graph, dict[str, Tensor]]:
     """The IR graph of a converted model and its tensor store; SpikecompileError naming the module and op that
     the IR cannot represent."""
-    tracer = _Tracer(spiking)
-    tracer.run()
-    validate(tracer.graph)
-    return tracer.graph, tracer.store
+    prefix = spiking.record.get("prefix")
+    if not prefix:
+        return _Tracer(spiking, None).run()
+    if spiking.rotations == "applied":
+        caches = [(layer.keys[0], layer.values[0]) for layer in spiking.prefix.cache.layers]
+    else:
+        caches = _prefix_caches(spiking, prefix["token_ids"])
+    return _Tracer(spiking, caches).run()
+
+
+def _prefix_caches(spiking: SpikingModel, token_ids: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's float keys (after RoPE) and values on the prefix tokens, from the graph without a prefix."""
+    from .interpret import evaluate, sites_off
+
+    tracer = _Tracer(spiking, None)
+    graph, store = tracer.run()
+    values = evaluate(graph, store, torch.tensor([token_ids]), {PhaseNeuron: sites_off})
+    return [(values[key][0], values[value][0]) for key, value in tracer.kv_nodes]
 
 
 def _unsupported(path: str, what: str) -> SpikecompileError:
@@ -83,15 +108,21 @@ def _check_children(module: nn.Module, path: str, expected: set[str]) -> None:
 
 
 class _Tracer:
-    def __init__(self, spiking: SpikingModel):
+    """One walk; prefix_caches: each layer's (key, value) prefix cache [kv_heads, P, head_dim], or None to
+    trace without the prefix (positions from 0, no KVPrefix nodes)."""
+
+    def __init__(self, spiking: SpikingModel, prefix_caches: list[tuple[Tensor, Tensor]] | None):
         self.spiking = spiking
         self.model = spiking.model
         self.config = self.model.config
         self.paths = {module: name for name, module in self.model.named_modules()}
         self.store: dict[str, Tensor] = dict(self.model.state_dict())
         self.graph = Graph()
-        self.timesteps = spiking.record["coding"]["timesteps"]
-        self.prefix_length = spiking.prefix.length if spiking.prefix else 0
+        self.prefix_caches = prefix_caches
+        self.prefix_length = len(spiking.record["prefix"]["token_ids"]) if prefix_caches is not None else 0
+        rotation = spiking.record.get("rotation")
+        self.offline_rotation = rotation if spiking.rotations == "explicit" else None
+        self.kv_nodes: list[tuple[str, str]] = []  # per layer: the nodes giving the keys and values to cache
 
     def add(self, name: str, node: IRNode, *sources: str, **ports: str) -> str:
         """Add node `name` fed by `sources` (its only input) or by `ports` (port → producer); return the name."""
@@ -131,18 +162,36 @@ class _Tracer:
         return self.add(self.node_name(module), Nonlinear(function="rmsnorm", eps=float(eps),
                                                           weight=self.ref(f"{path}.weight")), source)
 
-    def run(self) -> None:
+    def offline(self, name: str, source: str, basis: str, transpose: bool, width: int | None = None) -> str:
+        """An offline Rotation(name) of `source` when the rotations are explicit, else `source` itself.
+        basis: "residual" (Q = H_d·diag(signs)), "head" (H_h per head) or "intermediate" (H_i, width given)."""
+        if self.offline_rotation is None:
+            return source
+        signs = None
+        if basis == "residual":
+            signs = torch.tensor(self.offline_rotation["residual"]["signs"], dtype=torch.int8)
+            width = signs.numel()
+        elif basis == "head":
+            width = self.offline_rotation["head"]["n"]
+        return self.add(name, Rotation(n=width, where="offline", construction=describe_hadamard(width), signs=signs,
+                                       transpose=transpose), source)
+
+    def run(self) -> tuple[Graph, dict[str, Tensor]]:
         base = self.model.model
         _check_children(base, "model", {"embed_tokens", "layers", "norm", "rotary_emb"})
         if type(base.embed_tokens) is not nn.Embedding:
             raise _unsupported("model.embed_tokens", f"{type(base.embed_tokens).__name__} is not a torch.nn.Embedding")
         hidden = self.add("embed_tokens", Embedding(weight=self.ref("model.embed_tokens.weight")),
                           self.add("input_ids", Input(shape=("batch", "seq"), dtype="int64")))
+        hidden = self.offline("embed_tokens.output_rotation", hidden, "residual", transpose=False)
         rope = self.rope(base.rotary_emb)
         for index, layer in enumerate(base.layers):
             hidden = self.decoder_layer(index, layer, hidden, rope)
         normed = self.site(None, "final_norm", self.rmsnorm(base.norm, hidden))
+        normed = self.offline("lm_head.input_rotation", normed, "residual", transpose=True)
         self.add("logits", Output(), self.linear(self.model.lm_head, normed))
+        validate(self.graph)
+        return self.graph, self.store
 
     def rope(self, rotary: nn.Module) -> dict:
         """The fields every RoPE node shares; the window's positions start after the prefix."""
@@ -172,14 +221,20 @@ class _Tracer:
         heads = attention.q_proj.out_features // head_dim
         kv_heads = heads // groups
 
-        def heads_of(module: nn.Module, count: int) -> str:
+        normed = self.offline(f"{name}.input_rotation", normed, "residual", transpose=True)
+
+        def heads_of(module: nn.Module, count: int, rotated: bool = False) -> str:
             projected = self.linear(module, normed)
-            return self.add(f"{projected}.heads", SplitHeads(heads=count, head_dim=head_dim), projected)
+            heads_name = f"{projected}.heads"
+            if rotated:
+                projected = self.offline(f"{projected}.output_rotation", projected, "head", transpose=False)
+            return self.add(heads_name, SplitHeads(heads=count, head_dim=head_dim), projected)
 
         query = self.add(f"{name}.q_rope", RoPE(head_dim=head_dim, **rope), heads_of(attention.q_proj, heads))
         key = self.add(f"{name}.k_rope", RoPE(head_dim=head_dim, **rope), heads_of(attention.k_proj, kv_heads))
-        value = heads_of(attention.v_proj, kv_heads)
-        if self.spiking.prefix:
+        value = heads_of(attention.v_proj, kv_heads, rotated=True)
+        self.kv_nodes.append((key, value))
+        if self.prefix_caches is not None:
             key = self.kv_prefix(index, "key", key)
             value = self.kv_prefix(index, "value", value)
         scores = self.add(f"{name}.scores", ActivationMatmul(which="qk", scaling=float(attention.scaling), groups=groups),
@@ -189,11 +244,13 @@ class _Tracer:
         context = self.add(f"{name}.context", ActivationMatmul(which="pv", groups=groups),
                            a=probs, b=self.site(index, "v", value))
         merged = self.add(f"{name}.merge_heads", MergeHeads(heads=heads, head_dim=head_dim), context)
-        return self.linear(attention.o_proj, self.site(index, "o_proj_in", merged))
+        spikes = self.offline(f"{name}.o_proj.input_rotation", self.site(index, "o_proj_in", merged), "head",
+                              transpose=True)
+        return self.offline(f"{name}.o_proj.output_rotation", self.linear(attention.o_proj, spikes), "residual",
+                            transpose=False)
 
     def kv_prefix(self, index: int, which: str, source: str) -> str:
-        layer = self.spiking.prefix.cache.layers[index]
-        cache = (layer.keys if which == "key" else layer.values)[0]
+        cache = self.prefix_caches[index][0 if which == "key" else 1]
         key = f"prefix.layers.{index}.{which}"
         self.store[key] = cache
         token_ids = tuple(int(token) for token in self.spiking.record["prefix"]["token_ids"])
@@ -206,6 +263,7 @@ class _Tracer:
         activation = getattr(self.config, "hidden_act", None)
         if activation not in SILU_NAMES:
             raise _unsupported(f"{path}.act_fn", f"activation {activation!r} ({type(mlp.act_fn).__name__}) is not SiLU")
+        normed = self.offline(f"{name}.input_rotation", normed, "residual", transpose=True)
         gate = self.add(f"{name}.act_fn", Nonlinear(function="silu"), self.linear(mlp.gate_proj, normed))
         product = self.add(f"{name}.product", ElementwiseProduct(), a=self.site(index, "silu", gate),
                            b=self.linear(mlp.up_proj, normed))
@@ -213,4 +271,7 @@ class _Tracer:
             width = mlp.down_proj.in_features
             product = self.add(f"{name}.online_hadamard", Rotation(n=width, where="online",
                                                                    construction=describe_hadamard(width)), product)
-        return self.linear(mlp.down_proj, self.site(index, "down_proj_in", product))
+        spikes = self.offline(f"{name}.down_proj.input_rotation", self.site(index, "down_proj_in", product),
+                              "intermediate", transpose=True, width=mlp.down_proj.in_features)
+        return self.offline(f"{name}.down_proj.output_rotation", self.linear(mlp.down_proj, spikes), "residual",
+                            transpose=False)

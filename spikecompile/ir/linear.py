@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..conversion.rotation import describe_hadamard
+from ..conversion.rotation import describe_hadamard, hadamard_matrix
 from .base import (
     Dim, IRNode, TensorRef, TensorType, is_count, is_number, node_type, require, require_tensor, same_type,
 )
@@ -118,15 +118,15 @@ class Linear(IRNode):
 
 @node_type
 class Rotation(IRNode):
-    """An orthogonal rotation of the last dim: y = x·Q on every block of n channels (block-diagonal when the
-    width is a multiple of n, e.g. one block per attention head).
+    """An orthogonal rotation of the last dim: y = x·Q (y = x·Qᵀ with transpose) on every block of n channels
+    (block-diagonal when the width is a multiple of n, e.g. one block per attention head).
 
     kind "hadamard": Q = H_n·diag(signs) (Q = H_n without signs), H_n = (H_{2^a}/√2^a) ⊗ H_K exactly as
     conversion.rotation.hadamard_matrix(n) builds it; `construction` is its describe_hadamard(n) and must
     still be what this spikecompile builds. signs: int8 [n] of ±1, or none.
-    where "online": a backend computes x·Q (a fast Walsh–Hadamard transform and a K×K matmul);
-    where "offline": Q is folded into the neighbouring weights, the node is the identity and records the
-    basis the values on this edge are in.
+    where "online": a backend computes it at run time (a fast Walsh–Hadamard transform and a K×K matmul);
+    where "offline": foldable, not yet folded: it computes the same until passes.fold_hadamard multiplies it
+    into the neighbouring synapse weights and drops the node.
     Events: y_t = x_t·Q.
     """
 
@@ -135,11 +135,20 @@ class Rotation(IRNode):
     where: str
     construction: dict
     signs: Tensor | None = None
+    transpose: bool = False
+
+    def matrix(self) -> Tensor:
+        """The float64 [n, n] matrix M with y = x·M on each block: Q, or Qᵀ with transpose."""
+        q, _ = hadamard_matrix(self.n)
+        if self.signs is not None:
+            q = q * self.signs.double()
+        return q.T if self.transpose else q
 
     def check(self):
         require(self.kind == "hadamard", f"kind must be 'hadamard', got {self.kind!r}")
         require(is_count(self.n), f"n must be an int ≥ 1, got {self.n!r}")
         require(self.where in ("online", "offline"), f"where must be 'online' or 'offline', got {self.where!r}")
+        require(isinstance(self.transpose, bool), f"transpose must be a bool, got {self.transpose!r}")
         expected = describe_hadamard(self.n)
         require(self.construction == expected, f"construction {self.construction} is not what this spikecompile "
                 f"builds for n = {self.n} ({expected}); rebuild the graph")
@@ -156,7 +165,7 @@ class Rotation(IRNode):
     @classmethod
     def example(cls):
         signs = torch.tensor([1, -1, -1, 1], dtype=torch.int8)
-        node = cls(n=4, where="online", construction=describe_hadamard(4), signs=signs)
+        node = cls(n=4, where="offline", construction=describe_hadamard(4), signs=signs, transpose=True)
         return node, {"x": TensorType(("seq", 8), "float32")}
 
 

@@ -1,6 +1,7 @@
 """Passes over the IR: each pass declared once and registered by name; PassManager orders, runs and checks them."""
 
+from .context import CompileInputs
 from .manager import REGISTRY, Pass, PassContext, PassManager, PassResult, register_pass
-from . import cleanup, timesteps  # noqa: F401,E402  (importing a pass module registers its passes)
+from . import cleanup, fold_hadamard, timesteps  # noqa: F401,E402  (importing a pass module registers its passes)
 
-__all__ = ["REGISTRY", "Pass", "PassContext", "PassManager", "PassResult", "register_pass"]
+__all__ = ["CompileInputs", "REGISTRY", "Pass", "PassContext", "PassManager", "PassResult", "register_pass"]

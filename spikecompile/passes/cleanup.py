@@ -1,8 +1,8 @@
-"""cleanup: remove dead nodes (no path to an Output) and identity nodes, reconnecting edges with their ports.
+"""cleanup: remove dead nodes (no path to an Output) and identities, reconnecting edges with their ports.
 
-An identity node is one whose run-time output is its input: today an offline Rotation (its Q is folded into the
-neighbouring weights; the node only records the basis of the values on its edge, which this pass drops). Its
-producer takes over its out-edges, each keeping the consumer's port. An identity node is kept (and counted in
+Identities are a Rotation that is the identity matrix (n = 1, no sign flip) and a Rotation followed only by its
+inverse (same kind, n and signs, the other `transpose`: x·Q·Qᵀ = x), which is removed with it. The producer
+takes over the removed node's out-edges, each keeping the consumer's port. An identity is kept (and listed in
 the notes) when its producer already feeds one of its consumers on another port: a DiGraph holds one edge per
 (producer, consumer) pair, so that consumer could not take both.
 """
@@ -18,7 +18,15 @@ from .manager import Pass, PassContext, PassResult, register_pass
 
 def is_identity(node: IRNode) -> bool:
     """Whether the node computes y = x at run time."""
-    return isinstance(node, Rotation) and node.where == "offline"
+    return isinstance(node, Rotation) and node.n == 1 and (node.signs is None or bool((node.signs == 1).all()))
+
+
+def is_inverse_pair(first: IRNode, second: IRNode) -> bool:
+    """Whether `second` undoes `first`: the same rotation, one of them transposed."""
+    return (isinstance(first, Rotation) and isinstance(second, Rotation) and first.transpose != second.transpose
+            and (first.kind, first.n) == (second.kind, second.n)
+            and (first.signs is None) == (second.signs is None)
+            and (first.signs is None or bool((first.signs == second.signs).all())))
 
 
 def dead_nodes(graph: Graph) -> set[str]:
@@ -50,23 +58,32 @@ class Cleanup(Pass):
         dead = dead_nodes(result)
         result.nx.remove_nodes_from(dead)
         removed, kept = 0, []
-        for name in [name for name in result.topological_order() if is_identity(result[name])]:
-            if _bypass(result, name):
-                removed += 1
+        for name in result.topological_order():
+            if name not in result or not isinstance(result[name], Rotation):
+                continue
+            consumers = list(result.nx.successors(name))
+            if len(consumers) == 1 and is_inverse_pair(result[name], result[consumers[0]]):
+                pair = [name, consumers[0]]
+            elif is_identity(result[name]):
+                pair = [name]
             else:
+                continue
+            (producer,) = result.inputs(name).values()
+            if any(result.nx.has_edge(producer, consumer) for consumer in result.nx.successors(pair[-1])):
                 kept.append(name)
+                continue
+            for member in pair:
+                _bypass(result, member)
+            removed += len(pair)
         notes = {"dead_removed": len(dead), "identity_removed": removed, "identity_kept": kept}
         return PassResult(result, bool(dead or removed), notes)
 
 
-def _bypass(graph: Graph, name: str) -> bool:
-    """Remove identity node `name`, feeding its consumers from its producer on the same ports; False (graph
-    unchanged) if the producer already feeds one of them."""
+def _bypass(graph: Graph, name: str) -> None:
+    """Remove single-input node `name`, feeding its consumers from its producer on the same ports (the caller
+    checked that the producer feeds none of them yet)."""
     (producer,) = graph.inputs(name).values()
     consumers = list(graph.nx.out_edges(name, data="port"))
-    if any(graph.nx.has_edge(producer, consumer) for _, consumer, _ in consumers):
-        return False
     graph.nx.remove_node(name)
     for _, consumer, port in consumers:
         graph.add_edge(producer, consumer, port)
-    return True

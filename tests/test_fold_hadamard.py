@@ -1,0 +1,142 @@
+"""fold_hadamard: a model traced with its rotations explicit, folded, computes what the converted model computes."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import save_tiny_llama, synthetic_text
+
+from spikecompile.cli import cli
+from spikecompile.conversion.convert import load_spiking_model
+from spikecompile.errors import SpikecompileError
+from spikecompile.frontend import interpret, sites_off, trace
+from spikecompile.ir import Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef
+from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.passes import CompileInputs, PassContext, PassManager
+from spikecompile.passes.fold_hadamard import FoldHadamard
+
+SITES_OFF = {PhaseNeuron: sites_off}
+
+
+def _ids(length=24, seed=0):
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _relative_error(got, expected):
+    return float((got - expected).detach().abs().max() / expected.detach().abs().max())
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fold")
+    text = root / "calib.txt"
+    text.write_text(synthetic_text())
+    output = root / "tiny.pt"
+    result = CliRunner().invoke(cli, ["convert", str(save_tiny_llama(root / "tiny")), "-o", str(output), "-T", "6",
+                                      "-n", "2", "--calib", str(text), "--calib-seqlen", "64", "--calib-windows", "2",
+                                      "--samples-per-site", "512", "--no-progress", "--rotate", "hadamard",
+                                      "--prefix", "auto"])
+    assert result.exit_code == 0, result.output
+    return output
+
+
+@pytest.fixture(scope="module")
+def explicit(model_file):
+    spiking = load_spiking_model(str(model_file), rotations="explicit")
+    return spiking, *trace(spiking)
+
+
+def test_explicit_trace_has_every_offline_rotation_and_runs_like_the_model(model_file, explicit):
+    spiking, graph, store = explicit
+    layers = spiking.model.config.num_hidden_layers
+    offline = [name for name in graph if isinstance(graph[name], Rotation) and graph[name].where == "offline"]
+    assert len(offline) == 2 + 7 * layers  # embed, lm_head; per layer q/k/v in, v out, o in/out, mlp in, down in/out
+    assert graph["layers.0.self_attn.v_proj.output_rotation"].n == spiking.model.config.head_dim
+    with pytest.raises(SpikecompileError, match="rotations left out"):
+        spiking.logits(_ids())
+    applied = load_spiking_model(str(model_file))
+    ids = _ids()
+    # sites off: the explicit graph is the converted model's float function (prefix cache included)
+    assert _relative_error(interpret(graph, store, ids, SITES_OFF), interpret(*trace(applied), ids, SITES_OFF)) < 1e-4
+
+
+def test_folding_removes_offline_rotations_and_keeps_the_logits(model_file, explicit):
+    spiking, graph, store = explicit
+    folded, report = PassManager(["fold_hadamard"]).run(graph, CompileInputs(store))
+    assert not [name for name in folded if isinstance(folded[name], Rotation) and folded[name].where == "offline"]
+    assert [name for name in folded if isinstance(folded[name], Rotation)] == \
+        [f"layers.{i}.mlp.online_hadamard" for i in range(spiking.model.config.num_hidden_layers)]
+    notes = report[0]["notes"]
+    assert notes["made_online"] == [] and notes["folded_into_producer"] + notes["folded_into_consumers"] == \
+        len(graph) - len(folded)
+    assert folded["layers.0.mlp.down_proj"].weight.name == "folded.layers.0.mlp.down_proj.weight"
+    ids = _ids()
+    for overrides in (SITES_OFF, None):
+        assert _relative_error(interpret(folded, store, ids, overrides), interpret(graph, store, ids, overrides)) < 1e-4
+    # and the folded graph is the converted model itself
+    applied = load_spiking_model(str(model_file))
+    assert _relative_error(interpret(folded, store, ids), applied.logits(ids)) < 1e-4
+    assert torch.allclose(store["folded.layers.1.mlp.down_proj.weight"],
+                          applied.model.model.layers[1].mlp.down_proj.weight, atol=1e-6)
+
+
+def test_folding_leaves_the_input_graph_and_its_tensors_alone(explicit):
+    _, graph, store = explicit
+    before = {key: tensor.clone() for key, tensor in store.items() if not key.startswith("folded.")}
+    nodes = len(graph)
+    PassManager(["fold_hadamard"]).run(graph, CompileInputs(store))
+    assert len(graph) == nodes
+    assert all(torch.equal(store[key], tensor) for key, tensor in before.items())
+
+
+def _chain(rotation_after: str):
+    """embed → (rotation) → silu → (rotation) → proj → logits, with its store."""
+    graph = Graph()
+    rotation = Rotation(n=4, where="offline", construction=describe_hadamard(4),
+                        signs=torch.tensor([1, -1, 1, -1], dtype=torch.int8))
+    graph.add_node("ids", Input(shape=(1, "seq"), dtype="int64"))
+    graph.add_node("embed", Embedding(weight=TensorRef("embed", (16, 8))))
+    graph.add_node("silu", Nonlinear(function="silu"))
+    graph.add_node("rotation", rotation)
+    graph.add_node("proj", Linear(weight=TensorRef("proj", (16, 8)), bias=TensorRef("bias", (16,))))
+    graph.add_node("logits", Output())
+    order = {"embed": ["ids", "embed", "rotation", "silu", "proj", "logits"],
+             "silu": ["ids", "embed", "silu", "rotation", "proj", "logits"]}[rotation_after]
+    for source, target in zip(order, order[1:]):
+        graph.add_edge(source, target)
+    generator = torch.Generator().manual_seed(0)
+    store = {name: torch.randn(*shape, generator=generator) for name, shape in
+             [("embed", (16, 8)), ("proj", (16, 8)), ("bias", (16,))]}
+    return graph, store
+
+
+@pytest.mark.parametrize("where", ["embed", "silu"])
+def test_hand_built_folds_into_producer_or_consumer(where):
+    graph, store = _chain(where)
+    result = FoldHadamard().run(graph, PassContext({}, CompileInputs(store)))
+    assert "rotation" not in result.graph
+    folded = "embed" if where == "embed" else "proj"
+    assert result.graph[folded].weight.name == f"folded.{folded}.weight"
+    ids = torch.tensor([[1, 5, 7, 2]])
+    torch.testing.assert_close(interpret(result.graph, store, ids), interpret(graph, store, ids))
+
+
+def test_a_rotation_between_nonlinear_nodes_becomes_online():
+    graph, store = _chain("silu")
+    graph.add_node("silu2", Nonlinear(function="silu"))
+    graph.nx.remove_edge("rotation", "proj")
+    graph.add_edge("rotation", "silu2")
+    graph.add_edge("silu2", "proj")
+    graph.nx.remove_edge("embed", "silu")
+    graph.add_node("silu0", Nonlinear(function="silu"))
+    graph.add_edge("embed", "silu0")
+    graph.add_edge("silu0", "silu")
+    result = FoldHadamard().run(graph, PassContext({}, CompileInputs(store)))
+    assert result.notes["made_online"] == ["rotation"] and result.graph["rotation"].where == "online"
+    ids = torch.tensor([[1, 5, 7, 2]])
+    torch.testing.assert_close(interpret(result.graph, store, ids), interpret(graph, store, ids))
+
+
+def test_needs_the_store():
+    graph, _ = _chain("embed")
+    with pytest.raises(SpikecompileError, match="error in pass fold_hadamard .*needs the tensor store"):
+        PassManager(["fold_hadamard"]).run(graph)
