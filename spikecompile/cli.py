@@ -1,4 +1,4 @@
-"""Command line: `spikecompile convert`, `spikecompile eval`.
+"""Command line: `spikecompile convert`, `eval`, `build`, `inspect`.
 
 Every user error is one line on stderr naming the file, site or option at fault (exit status 2); heavy imports
 (torch, transformers) happen inside the commands so `--help` is instant.
@@ -140,6 +140,103 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
             "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
             "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
         })
+
+
+@cli.command()
+@click.argument("model_file")
+@click.option("--target", default="ir", show_default=True, type=click.Choice(["ir"]),
+              help="What to build: ir (the compiled graph folder: graph.json, tensors and weights).")
+@click.option("-o", "--output", required=True, help="Output folder.")
+@click.option("-T", "--timesteps", default=None, type=int, help="One T for every site (default: each site's fitted T).")
+@click.option("--site-timesteps", "site_timesteps", multiple=True, metavar="SITE=T",
+              help="T of one site, e.g. layers.3.silu=10 (repeatable; wins over --overrides).")
+@click.option("--overrides", "overrides_file", default=None, help="TOML file whose [sites] table maps sites to T.")
+@click.option("--grain-search", default=None, type=click.Choice(["darts", "even"]),
+              help="Re-allocate each site's grains: darts (Algorithm 2) or even split, then refit.")
+@click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
+def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source):
+    """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
+    from .build import BuildOptions, build as run_build, pass_manager, write_ir
+    from .passes.timesteps import check_timesteps, parse_site_overrides
+
+    if timesteps is not None:
+        check_timesteps(timesteps, "--timesteps")
+    sites = {**(parse_site_overrides(overrides_file) if overrides_file else {}),
+             **parse_site_overrides(list(site_timesteps))}
+    options = BuildOptions(timesteps=timesteps, site_timesteps=sites, grain_search=grain_search,
+                           disabled=tuple(disabled), source=source)
+    pass_manager(options)  # every pass name and option checked before the model is loaded
+    _check_output_folder(output)
+    result = run_build(model_file, options)
+    report = write_ir(result, model_file, options, output)
+    for entry in report["passes"]:
+        state = "skipped" if entry["skipped"] else f"{entry['seconds']:.2f} s"
+        click.echo(f"  pass {entry['name']:<18} {state:>9}  {_brief(entry['notes'])}")
+    total = sum(report["bytes"].values())
+    click.echo(f"wrote {output}: {report['nodes']} nodes, {total / 2**20:.1f} MiB "
+               f"(load {report['seconds']['load']:.1f} s, trace {report['seconds']['trace']:.2f} s, "
+               f"passes {report['seconds']['passes']:.2f} s, write {report['seconds']['write']:.1f} s)")
+
+
+def _check_output_folder(output: str) -> None:
+    """Fail before any work if OUTPUT cannot become (or be written as) a folder."""
+    from pathlib import Path
+
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise SpikecompileError(f"-o {output}: exists and is not a folder; give a folder name")
+    check_writable(folder / "graph.json" if folder.is_dir() else folder)
+
+
+def _brief(notes: dict) -> str:
+    """A pass's notes on one line, long lists shortened to their length."""
+    parts = []
+    for key, value in notes.items():
+        if isinstance(value, list | dict) and len(value) > 4:
+            value = f"<{len(value)}>"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--seq-len", default=512, show_default=True, help="Sequence length for per-token counts.")
+@click.option("--draw", "draw_path", default=None, help="Also draw one decoder layer to this .svg or .png file.")
+@click.option("--layer", default=0, show_default=True, help="The decoder layer --draw renders.")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion (model.pt).")
+@click.option("--json", "json_path", default=None, help="Also write the summary as JSON.")
+def inspect(path, seq_len, draw_path, layer, source, json_path):
+    """Summarise PATH, a model.pt (traced on the fly) or a folder written by `build`: layers, sites with their T
+    and genotype, node and synapse counts, parameter memory."""
+    from pathlib import Path
+
+    from .inspect import draw_layer, format_summary, summarize
+
+    for target in (draw_path, json_path):
+        if target:
+            check_writable(target)
+    graph = _graph_of(Path(path), source)
+    summary = summarize(graph, seq_len=seq_len)
+    click.echo(format_summary(summary))
+    if draw_path:
+        draw_layer(graph, layer, draw_path)
+        click.echo(f"drew layer {layer} to {draw_path}")
+    if json_path:
+        _write_json(json_path, summary)
+
+
+def _graph_of(path, source):
+    from .ir import read
+
+    if path.is_dir():
+        return read(path)
+    if not path.is_file():
+        raise SpikecompileError(f"{path}: no such model.pt file or IR folder")
+    from .conversion.convert import load_spiking_model
+    from .frontend import trace
+
+    return trace(load_spiking_model(str(path), source_path=source))[0]
 
 
 def main():

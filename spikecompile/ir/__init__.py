@@ -1,13 +1,13 @@
 """The intermediate representation: typed nodes (one module per family, each node's docstring its equation),
 weights by reference, a networkx graph with a validator, and an on-disk format (graph.json +
-tensors.safetensors). The frontend traces a model into it, passes rewrite it, backends lower it.
+tensors.safetensors, and weights.safetensors when written with the store). The frontend traces a model into it, passes rewrite it, backends lower it.
 
     base       TensorType, TensorRef, TensorStore, IRNode and the NODE_TYPES registry
     linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
     nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
     neurons    PhaseNeuron
     graph      Graph, validate
-    serialize  write, read
+    serialize  write, read, read_weights, tensor_refs
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
@@ -17,10 +17,10 @@ from .linear import (
 )
 from .neurons import PhaseNeuron
 from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
-from .serialize import read, write
+from .serialize import read, read_weights, tensor_refs, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "write",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "read_weights", "tensor_refs", "write",
     "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
     "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
 ]

@@ -10,7 +10,9 @@ Nodes are listed in graph order, edges as [producer, consumer, port]. "type" is 
 (NODE_TYPES) and "fields" holds all of its dataclass fields, written by declared type: numbers, strings,
 booleans, null and dicts as themselves, tuples as arrays, a TensorRef or TensorType as an object of its
 fields, and a node-owned tensor (neuron bases, rotation signs, ...) as {"tensor": "<node name>.<field>"}, its
-key in tensors.safetensors. Tensors a TensorRef names (the model's weights) are never written.
+key in tensors.safetensors. Tensors a TensorRef names (the model's weights) go to weights.safetensors, under
+their store keys, only when write() is given the store; the header then holds "weights_sha256", and
+read_weights() gives them back (checked against the graph's refs).
 
 Reading parses JSON and safetensors only (never pickle, never code), finds node classes in NODE_TYPES only, and
 validates the graph; any failure is one SpikecompileError line naming the folder and the node at fault. Writing
@@ -35,17 +37,19 @@ from torch import Tensor
 
 from ..errors import SpikecompileError
 from ..modelfile import atomic_write
-from .base import NODE_TYPES, IRNode
+from .base import NODE_TYPES, IRNode, TensorRef, TensorStore
 from .graph import Graph, validate
 
 FORMAT = "spikecompile.ir"
 FORMAT_VERSION = 1
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
 
 
-def write(graph: Graph, folder: str | Path) -> None:
-    """Validate `graph` and write it to `folder` (created if absent; its two files replaced)."""
+def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) -> None:
+    """Validate `graph` and write it to `folder` (created if absent; its files replaced), with the weights its
+    TensorRefs name when `store` is given."""
     validate(graph)
     tensors: dict[str, Tensor] = {}
     nodes = [{"name": name, "type": type(graph[name]).__name__, "fields": _encode(graph[name], name, tensors)}
@@ -53,6 +57,10 @@ def write(graph: Graph, folder: str | Path) -> None:
     tensor_bytes = safetensors.torch.save(tensors)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest()}
+    weight_bytes = None
+    if store is not None:
+        weight_bytes = safetensors.torch.save(_weights(graph, store))
+        header["weights_sha256"] = hashlib.sha256(weight_bytes).hexdigest()
     text = _json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     folder = Path(folder)
     try:
@@ -60,7 +68,57 @@ def write(graph: Graph, folder: str | Path) -> None:
     except OSError as error:
         raise SpikecompileError(f"{folder}: cannot create the graph folder ({error.strerror})") from None
     atomic_write(folder / TENSORS_FILE, lambda temp: Path(temp).write_bytes(tensor_bytes))
+    if weight_bytes is not None:
+        atomic_write(folder / WEIGHTS_FILE, lambda temp: Path(temp).write_bytes(weight_bytes))
     atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
+def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
+    """Every TensorRef the graph's nodes hold, by tensor name."""
+    refs = {}
+    for name in graph:
+        node = graph[name]
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if isinstance(value, TensorRef):
+                refs[value.name] = value
+    return refs
+
+
+def _weights(graph: Graph, store: TensorStore) -> dict[str, Tensor]:
+    """The referenced tensors, resolved (shape and dtype checked); a tensor aliased under two names (tied
+    weights) is copied for the second, since a safetensors file holds no aliases."""
+    weights, seen = {}, set()
+    for key, ref in sorted(tensor_refs(graph).items()):
+        tensor = ref.resolve(store).detach().cpu().contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        weights[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return weights
+
+
+def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
+    """The weights written beside `graph` (read from `folder`), every TensorRef of the graph checked."""
+    folder = Path(folder)
+    try:
+        document = json.loads((folder / GRAPH_FILE).read_text(encoding="utf-8"))
+        data = (folder / WEIGHTS_FILE).read_bytes()
+    except OSError as error:
+        raise SpikecompileError(f"{folder}: cannot read {error.filename and Path(error.filename).name} "
+                                f"({error.strerror}); build with the weights (spikecompile build -o)") from None
+    if hashlib.sha256(data).hexdigest() != document.get("weights_sha256"):
+        raise SpikecompileError(f"{folder}: {WEIGHTS_FILE} does not belong to this {GRAPH_FILE} (sha256 differs); "
+                                f"build again")
+    try:
+        weights = safetensors.torch.load(data)
+    except SafetensorError as error:
+        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({error})") from None
+    try:
+        for ref in tensor_refs(graph).values():
+            ref.resolve(weights)
+    except SpikecompileError as error:
+        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: {error}") from None
+    return weights
 
 
 def read(folder: str | Path) -> Graph:
