@@ -6,9 +6,11 @@ Mistral-style. The architecture is checked from the config (or the GGUF header) 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,16 +129,31 @@ def load_model(source: ModelSource):
         gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
         folder, extra = gguf_path.parent, {"gguf_file": gguf_path.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="eager", **extra
-        )
+        with _tqdm_disabled():  # transformers' GGUF de-quantisation bar ignores disable_progress_bar
+            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="eager", **extra
+            )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SpikecompileError(f"{source.path}: could not load the model ({first_line})") from None
     if type(model).__name__ not in SUPPORTED_MODEL_TYPES.values():
         raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-architecture model")
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _tqdm_disabled():
+    """TQDM_DISABLE=1 for the block (tqdm reads it when a bar is created), restored after."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def verify_source(source: ModelSource, where: str) -> None:

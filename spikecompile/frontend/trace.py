@@ -101,6 +101,11 @@ def _dtype_name(tensor: Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def _identity(tensor: Tensor) -> tuple:
+    """Tensors with equal identities are one tensor (the same memory, shape and strides)."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
+
+
 def _check_children(module: nn.Module, path: str, expected: set[str]) -> None:
     for name, child in module.named_children():
         if name not in expected:
@@ -117,6 +122,9 @@ class _Tracer:
         self.config = self.model.config
         self.paths = {module: name for name, module in self.model.named_modules()}
         self.store: dict[str, Tensor] = dict(self.model.state_dict())
+        self.canonical_keys = {}
+        for key, tensor in self.store.items():
+            self.canonical_keys.setdefault(_identity(tensor), key)
         self.graph = Graph()
         self.prefix_caches = prefix_caches
         self.prefix_length = len(spiking.record["prefix"]["token_ids"]) if prefix_caches is not None else 0
@@ -134,7 +142,9 @@ class _Tracer:
         return name
 
     def ref(self, key: str) -> TensorRef:
+        """A reference to store[key], by the first key holding the same tensor (tied weights: one name)."""
         tensor = self.store[key]
+        key = self.canonical_keys.setdefault(_identity(tensor), key)
         return TensorRef(key, tuple(tensor.shape), _dtype_name(tensor))
 
     def node_name(self, module: nn.Module) -> str:
