@@ -124,7 +124,7 @@ def _check_site(site: str, neurons: dict[str, str]) -> None:
     raise SpikecompileError(f"timestep override for site {site}: no such spike site in the graph; {hint}")
 
 
-def _is_base2(neuron: PhaseNeuron) -> bool:
+def is_base2(neuron: PhaseNeuron) -> bool:
     return all(bool((getattr(neuron, base) == 2).all()) for base in ("d", "h", "theta"))
 
 
@@ -132,7 +132,7 @@ def _at_timesteps(neuron: PhaseNeuron, steps: int) -> PhaseNeuron:
     """The neuron running `steps` steps: itself, or an all-base-2 neuron re-derived from its τ (module docstring)."""
     if steps == neuron.timesteps:
         return neuron
-    if not _is_base2(neuron):
+    if not is_base2(neuron):
         raise SpikecompileError(f"site {neuron.site}: its phase neuron was fitted at T={neuron.timesteps} and cannot "
                                 f"run at T={steps}; only all-base-2 (LAS) sites are re-derived at another T. "
                                 f"Convert again with -T {steps}, or drop the override")
