@@ -174,3 +174,22 @@ def test_smollm2_graph_gives_the_spiking_logits(tmp_path):
     with torch.no_grad():
         expected = spiking.logits(ids)
     _assert_close(interpret(graph, store, ids), expected)
+
+
+def test_a_decoder_block_runs_on_its_own(traced):
+    from spikecompile.frontend import evaluate
+    from spikecompile.ir import decoder_block
+
+    _, spiking, graph, store = traced
+    ids = _ids()
+    values = evaluate(graph, store, ids)
+    for which, norm, branch in [("attn", "layers.1.input_layernorm", "layers.1.attn_residual"),
+                                ("mlp", "layers.1.post_attention_layernorm", "layers.1.mlp_residual")]:
+        block = decoder_block(graph, 1, which)
+        assert "layers.1.mlp.down_proj" in block if which == "mlp" else "layers.1.self_attn.o_proj" in block
+        assert not [name for name in block if name.endswith("residual")]
+        entering = values[graph.inputs(norm)["x"]]
+        expected = values[graph.inputs(branch)["branch"]]
+        assert torch.equal(interpret(block, store, {"block_input": entering}), expected)
+    with pytest.raises(SpikecompileError, match="block mlp of layer 7: not in the graph"):
+        decoder_block(graph, 7, "mlp")

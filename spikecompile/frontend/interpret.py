@@ -41,9 +41,10 @@ Runner = Callable[[IRNode, dict[str, Tensor], TensorStore], Tensor]
 
 
 @torch.no_grad()
-def interpret(graph: Graph, store: TensorStore, ids: Tensor,
+def interpret(graph: Graph, store: TensorStore, ids: Tensor | dict[str, Tensor],
               overrides: dict[type[IRNode], Runner] | None = None) -> Tensor:
-    """Run `graph` on token ids [batch, seq] (its one Input) and return its one Output (the logits).
+    """Run `graph` on token ids [batch, seq] (its one Input; or a dict of values by Input name) and return its
+    one Output (the logits).
 
     overrides replace the rule of some node types (e.g. PhaseNeuron by the identity: every site off).
     """
@@ -53,15 +54,14 @@ def interpret(graph: Graph, store: TensorStore, ids: Tensor,
 
 
 @torch.no_grad()
-def evaluate(graph: Graph, store: TensorStore, ids: Tensor,
+def evaluate(graph: Graph, store: TensorStore, ids: Tensor | dict[str, Tensor],
              overrides: dict[type[IRNode], Runner] | None = None) -> dict[str, Tensor]:
-    """Every node's value when `graph` runs on token ids [batch, seq] (its one Input); see interpret."""
+    """Every node's value when `graph` runs on `ids` (see interpret)."""
     runners = {**RUNNERS, **(overrides or {})}
-    (input_name,) = [name for name in graph if isinstance(graph[name], Input)]
-    values = {input_name: ids}
+    values = graph_inputs(graph, ids)
     for name in graph.topological_order():
         node = graph[name]
-        if name == input_name:
+        if name in values:
             continue
         runner = runners.get(type(node))
         if runner is None:
@@ -72,6 +72,18 @@ def evaluate(graph: Graph, store: TensorStore, ids: Tensor,
         except (RuntimeError, ValueError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
     return values
+
+
+def graph_inputs(graph: Graph, given: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+    """The value of every Input node: `given` by name, or the one tensor for a graph with one Input."""
+    names = [name for name in graph if isinstance(graph[name], Input)]
+    if not isinstance(given, dict):
+        if len(names) != 1:
+            raise SpikecompileError(f"the graph has inputs {names}: pass a dict of values by name")
+        given = {names[0]: given}
+    if sorted(given) != sorted(names):
+        raise SpikecompileError(f"the graph's inputs are {sorted(names)}, got values for {sorted(given)}")
+    return dict(given)
 
 
 def sites_off(node: PhaseNeuron, inputs, store) -> Tensor:

@@ -6,12 +6,12 @@ tensors.safetensors, and weights.safetensors when written with the store). The f
     linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
     nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
     neurons    PhaseNeuron
-    graph      Graph, validate
+    graph      Graph, validate, decoder_block (one attention or MLP block as a graph)
     serialize  write, read, read_weights, tensor_refs
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
-from .graph import Graph, validate
+from .graph import Graph, decoder_block, validate
 from .linear import (
     Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads,
 )
@@ -20,7 +20,7 @@ from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 from .serialize import read, read_weights, tensor_refs, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "read_weights", "tensor_refs", "write",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "decoder_block", "validate", "read", "read_weights", "tensor_refs", "write",
     "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
     "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
 ]

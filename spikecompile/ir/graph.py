@@ -67,6 +67,49 @@ class Graph:
         return Graph(self.nx.subgraph([name for name in self.nx if name.startswith(prefix)]).copy())
 
 
+BLOCKS = {"attn": ("input_layernorm", "attn_residual"), "mlp": ("post_attention_layernorm", "mlp_residual")}
+
+
+def decoder_block(graph: Graph, layer: int, which: str) -> Graph:
+    """The attention or MLP block of decoder layer `layer` as a graph of its own (nodes copied, not cloned):
+    an Input "block_input" (the residual stream entering the block's norm, arriving whole at t = 0) feeds the
+    norm; every node on a path from the norm to the block's branch into the residual add is kept; an Output
+    "block_output" takes that branch. SpikecompileError naming what is missing."""
+    if which not in BLOCKS:
+        raise SpikecompileError(f"block {which!r}: choose one of {', '.join(BLOCKS)}")
+    norm_name, residual_name = (f"layers.{layer}.{part}" for part in BLOCKS[which])
+    if norm_name not in graph.nx or residual_name not in graph.nx:
+        layers = sorted({int(name.split(".")[1]) for name in graph if name.startswith("layers.")})
+        raise SpikecompileError(f"block {which} of layer {layer}: not in the graph (layers: "
+                                f"{f'{layers[0]}..{layers[-1]}' if layers else 'none'})")
+    branch_end = graph.inputs(residual_name)["branch"]
+    keep = (nx.descendants(graph.nx, norm_name) & nx.ancestors(graph.nx, branch_end)) | {norm_name, branch_end}
+    outside = {source for name in keep for source in graph.nx.predecessors(name) if source not in keep}
+    unexpected = outside - {graph.inputs(norm_name)["x"]}
+    if unexpected:
+        raise SpikecompileError(f"block {which} of layer {layer}: fed from outside by {', '.join(sorted(unexpected))}")
+    types = validate(graph)
+    block = Graph(graph.nx.subgraph(keep).copy())
+    block.add_node("block_input", _input_node(types[graph.inputs(norm_name)["x"]], graph[norm_name].timesteps))
+    block.add_edge("block_input", norm_name)
+    block.add_node("block_output", _output_node(graph[residual_name].timesteps))
+    block.add_edge(branch_end, "block_output")
+    validate(block)
+    return block
+
+
+def _input_node(of: TensorType, timesteps: int | None) -> IRNode:
+    from .linear import Input
+
+    return Input(shape=of.shape, dtype=of.dtype, timesteps=timesteps)
+
+
+def _output_node(timesteps: int | None) -> IRNode:
+    from .linear import Output
+
+    return Output(timesteps=timesteps)
+
+
 def validate(graph: Graph) -> dict[str, TensorType]:
     """Check every node, edge, port, timestep count and shape; return each node's output type.
 
