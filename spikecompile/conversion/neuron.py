@@ -150,12 +150,12 @@ def phase_encode(x: Tensor, params: PhaseNeuronParams) -> tuple[Tensor, Tensor]:
     return torch.sign(x).to(torch.int8), spikes
 
 
-def phase_decode(sign: Tensor, spikes: Tensor, params: PhaseNeuronParams) -> Tensor:
-    """x̂ = σ·Σ_t d(t)·s_t from the spike mode's (sign, spikes), float32."""
+def phase_decode(sign: Tensor, spikes: Tensor, params: PhaseNeuronParams, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x̂ = σ·Σ_t d(t)·s_t from the spike mode's (sign, spikes), in `dtype`."""
     if tuple(spikes.shape) != (params.T, *sign.shape):
         raise ValueError(f"phase_decode: spikes must be [T, *sign.shape] = {(params.T, *sign.shape)}, "
                          f"got {tuple(spikes.shape)}")
-    like = sign.to(torch.float32)
+    like = sign.to(dtype)
     return like * weighted_spike_sum(params, (plane.to(like.dtype) for plane in spikes), like)
 
 

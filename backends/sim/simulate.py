@@ -1,0 +1,201 @@
+"""Run an IR graph in decoded or event mode, keeping every spike site's spike trains for the counters.
+
+decoded  each node computes its decoded equation on whole tensors (frontend.interpret's rules); a phase
+         neuron encodes its input into spikes s_t and returns x̂ = σ·Σ_t d(t)·s_t.
+event    every value is a stack of T per-step tensors [T, ...] whose sum is the decoded value, under the exact
+         rules of method.md §3 (each node's docstring): linear nodes map each step (a constant — bias,
+         embedding row, prefix cache — enters at t = 0); nonlinear nodes emit f(X_t) − f(X_{t−1}) on running
+         sums X_t; products of two activations use out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t; a phase neuron
+         integrates its whole input window, then fires y_t = σ·d(t)·s_t for t = 0..T−1.
+
+The two modes agree to float rounding: the neuron input is Σ_t x_t in event mode and x in decoded mode, so
+a value within rounding of a threshold can fire differently — run in float64 to make that vanishingly rare.
+Late-spike masking (mask_steps = m): a neuron keeps only its spikes at steps < t0 + m, t0 its first spike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from spikecompile.conversion.neuron import phase_decode, phase_encode, step_schedule
+from spikecompile.errors import SpikecompileError
+from spikecompile.frontend.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs
+from spikecompile.ir import (
+    ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
+    PhaseNeuron, TensorRef,
+)
+
+MODES = ("decoded", "event")
+
+
+@dataclasses.dataclass
+class Trace:
+    """One run: every node's value (event mode: [T, ...] per node) and each neuron's spikes [T, ...] (bool)."""
+
+    values: dict[str, Tensor]
+    spikes: dict[str, Tensor]
+    mode: str
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each node's decoded output shape (event values carry a leading step dim; ids and the summed
+        Output do not)."""
+        return {name: tuple(value.shape[1:]) if self.mode == "event" and name in self.stepped else tuple(value.shape)
+                for name, value in self.values.items()}
+
+    stepped: frozenset = frozenset()
+
+
+def retyped(graph: Graph, store, dtype: torch.dtype) -> tuple[Graph, dict[str, Tensor]]:
+    """The graph with every float TensorRef in `dtype` and a store holding those tensors cast (a copy)."""
+    name = str(dtype).removeprefix("torch.")
+    result, tensors = Graph(graph.nx.copy()), {}
+    for node_name in graph:
+        node = graph[node_name]
+        changes = {}
+        for field in dataclasses.fields(node):
+            ref = getattr(node, field.name)
+            if isinstance(ref, TensorRef) and ref.resolve(store).is_floating_point():
+                tensors[ref.name] = ref.resolve(store).to(dtype)
+                changes[field.name] = dataclasses.replace(ref, dtype=name)
+            elif isinstance(ref, TensorRef):
+                tensors[ref.name] = ref.resolve(store)
+        if changes:
+            result.nx.nodes[node_name]["node"] = dataclasses.replace(node, **changes)
+    return result, tensors
+
+
+def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
+    """Drop every spike at a step ≥ t0 + keep_steps, t0 the neuron's first spike (spikes [T, ...] bool)."""
+    if keep_steps is None:
+        return spikes
+    fired_before = spikes.int().cumsum(0)
+    first = torch.where(fired_before > 0, 0, 1).sum(0)  # steps before the first spike = t0
+    steps = torch.arange(spikes.shape[0], device=spikes.device).view(-1, *[1] * (spikes.dim() - 1))
+    return spikes & (steps < first + keep_steps)
+
+
+@torch.no_grad()
+def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
+        mask_steps: int | None = None) -> Trace:
+    """Run `graph` (every node's timesteps assigned) on `inputs` (token ids, or values by Input name)."""
+    if mode not in MODES:
+        raise SpikecompileError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    missing = [name for name in graph if graph[name].timesteps is None]
+    if mode == "event" and missing:
+        raise SpikecompileError(f"node {missing[0]}: no timesteps; run the assign_timesteps pass first")
+    values = graph_inputs(graph, inputs)
+    if mode == "event":
+        values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
+    spikes: dict[str, Tensor] = {}
+    rules = EVENT_RULES if mode == "event" else {}
+    for name in graph.topological_order():
+        if name in values:
+            continue
+        node = graph[name]
+        node_inputs = {port: values[source] for port, source in graph.inputs(name).items()}
+        try:
+            if isinstance(node, PhaseNeuron):
+                values[name], spikes[name] = _fire(node, node_inputs["x"], mode, mask_steps)
+            else:
+                rule = rules.get(type(node)) or RUNNERS[type(node)]
+                values[name] = rule(node, node_inputs, store)
+        except (RuntimeError, ValueError) as error:
+            raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
+    stepped = frozenset(name for name, value in values.items()
+                        if value.is_floating_point() and not isinstance(graph[name], Output))
+    return Trace(values, spikes, mode, stepped)
+
+
+def output_of(graph: Graph, trace: Trace) -> Tensor:
+    """The value of the graph's one Output: decoded, whatever the mode (event mode sums its steps)."""
+    (name,) = [name for name in graph if isinstance(graph[name], Output)]
+    return trace.values[name]
+
+
+def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
+    """An input in event form: whole at t = 0 (token ids are not stepped: the embedding places its rows)."""
+    if not value.is_floating_point():
+        return value
+    stepped = value.new_zeros(steps or 1, *value.shape)
+    stepped[0] = value
+    return stepped
+
+
+def _fire(node: PhaseNeuron, x: Tensor, mode: str, mask_steps: int | None) -> tuple[Tensor, Tensor]:
+    params = node.params()
+    window = x.sum(0) if mode == "event" else x  # integrate-then-fire: the whole input window
+    sign, spikes = phase_encode(window, params)
+    spikes = mask_late_spikes(spikes, mask_steps)
+    if mode == "decoded":
+        return phase_decode(sign, spikes, params, dtype=x.dtype), spikes
+    weights = step_schedule(params)[0].to(x.dtype).view(-1, *[1] * window.dim())
+    return sign.to(x.dtype) * weights * spikes.to(x.dtype), spikes
+
+
+# event rules for the nodes whose decoded rule does not apply to every step as is
+
+def _at_t0(constant: Tensor, steps: int) -> Tensor:
+    stepped = constant.new_zeros(steps, *constant.shape)
+    stepped[0] = constant
+    return stepped
+
+
+def _embedding(node: Embedding, inputs, store) -> Tensor:
+    return _at_t0(RUNNERS[Embedding](node, inputs, store), node.timesteps)
+
+
+def _linear(node: Linear, inputs, store) -> Tensor:
+    out = torch.nn.functional.linear(inputs["x"], node.weight.resolve(store))
+    if node.bias is not None:
+        out[0] += node.bias.resolve(store)
+    return out
+
+
+def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
+    x = inputs["x"]
+    cache = node.cache.resolve(store).to(x.device, x.dtype)
+    stepped = _at_t0(cache.expand(*x.shape[1:-3], *cache.shape), x.shape[0])
+    return torch.cat([stepped, x], dim=-2)
+
+
+def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
+    """out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
+    evaluated = NONLINEAR_FUNCTIONS[node.function](node, inputs["x"].cumsum(0), store)
+    return torch.cat([evaluated[:1], evaluated.diff(dim=0)])
+
+
+def _running_product(product: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t for a bilinear `product` (Σ_t out_t = product(ΣA, ΣB))."""
+    return product(a.cumsum(0), b) + product(a, b.cumsum(0)) - product(a, b)
+
+
+def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:
+    def product(a, b):
+        return RUNNERS[ActivationMatmul](node, {"a": a, "b": b}, store)
+    return _running_product(product, inputs["a"], inputs["b"])
+
+
+def _elementwise_product(node: ElementwiseProduct, inputs, store) -> Tensor:
+    return _running_product(torch.mul, inputs["a"], inputs["b"])
+
+
+def _output(node: Output, inputs, store) -> Tensor:
+    return inputs["x"].sum(0)
+
+
+EVENT_RULES: dict[type[IRNode], Callable] = {
+    Embedding: _embedding,
+    Linear: _linear,
+    KVPrefix: _kv_prefix,
+    Nonlinear: _nonlinear,
+    ActivationMatmul: _activation_matmul,
+    ElementwiseProduct: _elementwise_product,
+    Output: _output,
+}
+"""Event rules differing from the decoded ones; every other node type (Rotation, RoPE, SplitHeads, MergeHeads,
+ResidualAdd) is linear without a constant and maps each step with its decoded rule. Input: _arrive_at_t0."""

@@ -1,0 +1,167 @@
+"""The reference simulator: event mode equals decoded mode, spike counts equal the decoded codes' popcounts,
+and the counters follow counts.CONVENTION (checked against brute-force enumeration)."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import save_tiny_llama, synthetic_text
+
+from spikecompile.backends.sim import simulate
+from spikecompile.backends.sim.counting import count
+from spikecompile.backends.sim.counts import Counts
+from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
+from spikecompile.build import BuildOptions, build
+from spikecompile.cli import cli
+from spikecompile.conversion.neuron import phase_encode
+from spikecompile.errors import SpikecompileError
+from spikecompile.frontend import interpret
+from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron
+from spikecompile.conversion.neuron import base2_params
+
+
+def _ids(length=20, seed=0):
+    return torch.randint(3, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The tiny model converted (T=6, 2 grains, rotation, prefix) and built (folded IR)."""
+    root = tmp_path_factory.mktemp("sim")
+    text = root / "calib.txt"
+    text.write_text(synthetic_text())
+    model = root / "tiny.pt"
+    result = CliRunner().invoke(cli, ["convert", str(save_tiny_llama(root / "tiny")), "-o", str(model), "-T", "6",
+                                      "-n", "2", "--calib", str(text), "--calib-seqlen", "64", "--calib-windows", "2",
+                                      "--samples-per-site", "512", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return build(model, BuildOptions())
+
+
+@pytest.fixture(scope="module")
+def float64_traces(built):
+    graph, store = retyped(built.graph, built.store, torch.float64)
+    return graph, store, run(graph, store, _ids(), "decoded"), run(graph, store, _ids(), "event")
+
+
+def test_decoded_mode_is_the_interpreter(built):
+    ids = _ids()
+    trace = run(built.graph, built.store, ids, "decoded")
+    (output,) = [name for name in built.graph if isinstance(built.graph[name], Output)]
+    assert torch.equal(trace.values[output], interpret(built.graph, built.store, ids))
+
+
+def test_event_and_decoded_agree_node_by_node(float64_traces):
+    graph, _, decoded, event = float64_traces
+    for name, value in decoded.values.items():
+        summed = event.values[name].sum(0) if name in event.stepped else event.values[name]
+        scale = value.abs().max().clamp(min=1e-12) if value.is_floating_point() else 1
+        assert ((summed - value).abs().max() / scale) < 1e-9, name
+
+
+def test_spike_counts_equal_the_decoded_popcounts(float64_traces):
+    graph, _, decoded, event = float64_traces
+    assert set(event.spikes) == {name for name in graph if isinstance(graph[name], PhaseNeuron)}
+    for name, spikes in event.spikes.items():
+        assert torch.equal(spikes, decoded.spikes[name]), name
+        # and the popcount of the code the decoded value implies
+        (source,) = graph.inputs(name).values()
+        _, code = phase_encode(decoded.values[source], graph[name].params())
+        assert int(spikes.sum()) == int(code.sum())
+
+
+def test_event_values_are_per_step(float64_traces):
+    graph, _, _, event = float64_traces
+    neuron = "layers.0.silu"
+    steps = graph[neuron].timesteps
+    assert event.values[neuron].shape[0] == steps
+    embed = event.values["embed_tokens"]
+    assert embed[1:].abs().sum() == 0 and embed[0].abs().sum() > 0  # a constant enters at t = 0
+
+
+def test_counts_are_the_same_in_both_modes(built):
+    ids = _ids()
+    decoded = simulate(built.graph, built.store, ids, "decoded", dtype=torch.float64)
+    event = simulate(built.graph, built.store, ids, "event", dtype=torch.float64)
+    assert decoded.snn == event.snn and decoded.ann == event.ann and decoded.sites == event.sites
+    assert event.tokens == ids.shape[1]
+    site = event.sites["layers.1.silu"]
+    assert site["firing_rate"] == pytest.approx(sum(site["spikes_per_step"]) / (site["elements"] * 6))
+
+
+def test_linear_counts_one_ac_per_spike_and_fan_out(built):
+    ids = _ids()
+    result = simulate(built.graph, built.store, ids, "decoded")
+    spikes = sum(result.sites["layers.0.mlp_norm"]["spikes_per_step"])
+    gate = result.snn["layers.0.mlp.gate_proj"]
+    out_features = built.graph["layers.0.mlp.gate_proj"].weight.shape[0]
+    rows = ids.shape[1]
+    assert gate.ac == spikes * out_features
+    assert gate.mac == rows * out_features * 6  # the step gain d(t): one per output per step
+    ann = result.ann["layers.0.mlp.gate_proj"]
+    assert ann.mac == rows * out_features * built.graph["layers.0.mlp.gate_proj"].weight.shape[1]
+
+
+def _matmul_graph(which, shape_a, shape_b, groups=1):
+    graph = Graph()
+    graph.add_node("a", Input(shape=shape_a, dtype="float32", timesteps=4))
+    graph.add_node("b", Input(shape=shape_b, dtype="float32", timesteps=4))
+    for name in ("a", "b"):
+        graph.add_node(f"layers.0.{'q' if name == 'a' else 'k'}",
+                       PhaseNeuron.from_params(f"layers.0.{'q' if name == 'a' else 'k'}", base2_params(1.0, 4)))
+        graph.add_edge(name, f"layers.0.{'q' if name == 'a' else 'k'}")
+    graph.add_node("mm", ActivationMatmul(which=which, groups=groups, timesteps=4))
+    graph.add_edge("layers.0.q", "mm", "a")
+    graph.add_edge("layers.0.k", "mm", "b")
+    graph.add_node("out", Output(timesteps=4))
+    graph.add_edge("mm", "out")
+    return graph
+
+
+@pytest.mark.parametrize("attention", ["causal", "full"])
+def test_qk_counts_match_brute_force(attention):
+    heads, kv_heads, queries, keys, depth, steps = 4, 2, 5, 7, 3, 4  # 2 prefix keys
+    graph = _matmul_graph("qk", (heads, queries, depth), (kv_heads, keys, depth), groups=2)
+    generator = torch.Generator().manual_seed(1)
+    a = torch.rand(steps, heads, queries, depth, generator=generator) < 0.4
+    b = torch.rand(steps, kv_heads, keys, depth, generator=generator) < 0.4
+    shapes = {"a": a.shape[1:], "b": b.shape[1:], "layers.0.q": a.shape[1:], "layers.0.k": b.shape[1:],
+              "mm": (heads, queries, keys), "out": (heads, queries, keys)}
+    snn, ann = count(graph, shapes, {"layers.0.q": a, "layers.0.k": b}, attention)
+    visible = [[j for j in range(keys) if attention == "full" or j <= i + keys - queries] for i in range(queries)]
+    expected = 0  # every (spike, output it reaches) pair, enumerated
+    for t in range(steps):
+        for h in range(heads):
+            for i in range(queries):
+                for k in range(depth):
+                    expected += int(a[t, h, i, k]) * len(visible[i])
+                    expected += sum(int(b[t, h // 2, j, k]) for j in visible[i])
+    running_sums = int(a.sum() + b.sum())
+    assert snn["mm"].ac == expected + running_sums
+    assert ann["mm"].mac == heads * sum(len(v) for v in visible) * depth
+
+
+def test_masking_drops_late_spikes_and_is_the_same_in_both_modes(built):
+    spikes = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    assert mask_late_spikes(spikes, 2).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert torch.equal(mask_late_spikes(spikes, 4), spikes)
+    ids = _ids()
+    full = simulate(built.graph, built.store, ids, "event", dtype=torch.float64)
+    masked = simulate(built.graph, built.store, ids, "event", mask_steps=2, dtype=torch.float64)
+    masked_decoded = simulate(built.graph, built.store, ids, "decoded", mask_steps=2, dtype=torch.float64)
+    total = lambda result: sum(sum(site["spikes_per_step"]) for site in result.sites.values())  # noqa: E731
+    assert total(masked) < total(full)
+    assert torch.allclose(masked.logits, masked_decoded.logits, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_options(built):
+    with pytest.raises(SpikecompileError, match="attention counting 'sparse'"):
+        simulate(built.graph, built.store, _ids(), attention="sparse")
+    with pytest.raises(SpikecompileError, match="mode 'spiking'"):
+        run(built.graph, built.store, _ids(), "spiking")
+    unassigned = Graph(built.graph.nx.copy())
+    import dataclasses
+    unassigned.nx.nodes["logits"]["node"] = dataclasses.replace(unassigned["logits"], timesteps=None)
+    with pytest.raises(SpikecompileError, match="node logits: no timesteps; run the assign_timesteps pass"):
+        run(unassigned, built.store, _ids(), "event")
