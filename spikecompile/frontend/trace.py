@@ -102,7 +102,10 @@ def _dtype_name(tensor: Tensor) -> str:
 
 
 def _identity(tensor: Tensor) -> tuple:
-    """Tensors with equal identities are one tensor (the same memory, shape and strides)."""
+    """Tensors with equal identities are one tensor (the same memory, shape and strides); a tensor without
+    memory (meta device: the analytic mode's weightless models) is only itself."""
+    if tensor.is_meta:
+        return ("meta", id(tensor))
     return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
 
 
