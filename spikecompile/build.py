@@ -22,7 +22,6 @@ from .modelfile import atomic_write
 
 PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
 """The passes of a build, in order; assign_grains only runs when a grain search is asked for."""
-TARGETS = ("ir",)
 GRAIN_SEARCHES = ("darts", "even")
 REPORT_FILE = "build.json"
 
@@ -47,6 +46,7 @@ class BuildResult:
     passes: list[dict]
     seconds: dict[str, float]
     record: dict
+    tokenizer: object = None
 
 
 def pass_manager(options: BuildOptions):
@@ -85,7 +85,7 @@ def build(model_path: str | Path, options: BuildOptions) -> BuildResult:
     start = time.perf_counter()
     graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"]))
     seconds["passes"] = time.perf_counter() - start
-    return BuildResult(graph, store, report, seconds, record)
+    return BuildResult(graph, store, report, seconds, record, spiking.tokenizer)
 
 
 def write_ir(result: BuildResult, model_path: str | Path, options: BuildOptions, folder: str | Path) -> dict:

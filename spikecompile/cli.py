@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import click
 
@@ -142,10 +142,14 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         })
 
 
+TARGETS = ("ir", "sim")
+
+
 @cli.command()
 @click.argument("model_file")
-@click.option("--target", default="ir", show_default=True, type=click.Choice(["ir"]),
-              help="What to build: ir (the compiled graph folder: graph.json, tensors and weights).")
+@click.option("--target", default="ir", show_default=True, type=click.Choice(TARGETS),
+              help="ir: the compiled graph folder (graph.json, tensors, weights); sim: run the reference simulator "
+                   "on token windows and write sim.json with the energy report.")
 @click.option("-o", "--output", required=True, help="Output folder.")
 @click.option("-T", "--timesteps", default=None, type=int, help="One T for every site (default: each site's fitted T).")
 @click.option("--site-timesteps", "site_timesteps", multiple=True, metavar="SITE=T",
@@ -155,7 +159,20 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
               help="Re-allocate each site's grains: darts (Algorithm 2) or even split, then refit.")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
-def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source):
+@click.option("--text", default="builtin", show_default=True, help="sim: text for the token windows, or 'builtin'.")
+@click.option("--windows", default=2, show_default=True, help="sim: token windows to simulate.")
+@click.option("--seqlen", default=512, show_default=True, help="sim: tokens per window.")
+@click.option("--mode", default="event", show_default=True, type=click.Choice(["event", "decoded"]),
+              help="sim: per-timestep events, or decoded values (same counts, faster).")
+@click.option("--attention", default="causal", show_default=True,
+              help="sim: count attention as causal (masked pairs skipped) or full.")
+@click.option("--mask-steps", default=None, type=int,
+              help="sim: late-spike masking, keep each neuron's spikes within this many steps of its first.")
+@click.option("--float64", is_flag=True, help="sim: run in float64 (event and decoded then agree to rounding).")
+@click.option("--energy-target", default="cmos45nm", show_default=True, help="sim: energy target name or file.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source,
+          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, progress):
     """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
     from .build import BuildOptions, build as run_build, pass_manager, write_ir
     from .passes.timesteps import check_timesteps, parse_site_overrides
@@ -168,7 +185,13 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
                            disabled=tuple(disabled), source=source)
     pass_manager(options)  # every pass name and option checked before the model is loaded
     _check_output_folder(output)
+    if target == "sim":
+        simulation = _SimOptions(text, windows, seqlen, mode, attention, mask_steps, float64, energy_target)
+        simulation.check()
     result = run_build(model_file, options)
+    if target == "sim":
+        _build_sim(result, model_file, output, simulation, progress)
+        return
     report = write_ir(result, model_file, options, output)
     for entry in report["passes"]:
         state = "skipped" if entry["skipped"] else f"{entry['seconds']:.2f} s"
@@ -177,6 +200,68 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     click.echo(f"wrote {output}: {report['nodes']} nodes, {total / 2**20:.1f} MiB "
                f"(load {report['seconds']['load']:.1f} s, trace {report['seconds']['trace']:.2f} s, "
                f"passes {report['seconds']['passes']:.2f} s, write {report['seconds']['write']:.1f} s)")
+
+
+@dataclass(frozen=True)
+class _SimOptions:
+    text: str
+    windows: int
+    seqlen: int
+    mode: str
+    attention: str
+    mask_steps: int | None
+    float64: bool
+    energy_target: str
+
+    def check(self):
+        """Everything checked before the model is loaded."""
+        from .backends.sim.counting import check_attention
+        from .data import load_text
+        from .target import load_target
+
+        check_attention(self.attention)
+        load_target(self.energy_target)
+        load_text(self.text, split="eval")
+        for name, value in (("--windows", self.windows), ("--seqlen", self.seqlen), ("--mask-steps", self.mask_steps)):
+            if value is not None and value < 1:
+                raise SpikecompileError(f"{name} {value}: must be at least 1")
+
+
+def _build_sim(result, model_file: str, output: str, options: _SimOptions, progress: bool) -> None:
+    """Simulate the built graph on token windows; write sim.json and the energy report into `output`."""
+    from pathlib import Path
+
+    import torch
+
+    from .backends.sim.ledger import ledger
+    from .backends.sim.measure import measure, save_run
+    from .backends.sim.report import write_report
+    from .build import _sha256
+    from .data import load_text, token_windows
+    from .target import load_target
+
+    text = load_text(options.text, split="eval")
+    windows = token_windows(result.tokenizer, text, options.seqlen, options.windows, "simulation")
+    dtype = torch.float64 if options.float64 else None
+    run, ppl = measure(result.graph, result.store, windows, options.mode, options.attention, options.mask_steps,
+                       dtype, progress)
+    folder = Path(output)
+    folder.mkdir(exist_ok=True)
+    config = result.record["conversion"]
+    meta = {"model": {"path": str(model_file), "sha256": _sha256(model_file)}, "source": result.record["source"],
+            "coding": result.record["coding"], "text": text.name, "windows": len(windows), "seqlen": options.seqlen,
+            "mode": options.mode, "attention": options.attention, "mask_steps": options.mask_steps,
+            "dtype": "float64" if options.float64 else "float32", "ppl": ppl, "seed": config["seed"]}
+    save_run(run, folder / "sim.json", meta)
+    energy = ledger(run, load_target(options.energy_target), options.attention)
+    write_report(run, energy, folder)
+    total = energy["total"]
+    click.echo(f"simulated {len(windows)} windows x {options.seqlen} tokens ({options.mode} mode): "
+               f"perplexity {ppl:.4f}")
+    for tier in ("compute", "neuron", "memory"):
+        snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
+        click.echo(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
+    click.echo(f"wrote {folder / 'sim.json'} and the report ({folder / 'report.md'})")
 
 
 def _check_output_folder(output: str) -> None:
@@ -237,6 +322,92 @@ def _graph_of(path, source):
     from .frontend import trace
 
     return trace(load_spiking_model(str(path), source_path=source))[0]
+
+
+@cli.command()
+@click.argument("run_file", required=False)
+@click.option("-o", "--output", required=True, help="Folder for report.json, report.md and the plots.")
+@click.option("--energy-target", default="cmos45nm", show_default=True, help="Energy target name or file.")
+@click.option("--site", default=None, help="Also plot this site's activation histogram with its neuron's levels.")
+@click.option("--model", "model_file", default=None, help="The model.pt RUN_FILE was measured on (for --site).")
+@click.option("--config", "config_file", default=None,
+              help="Analytic mode: a model config.json (e.g. targets/models/llama-3-8b.json) instead of RUN_FILE.")
+@click.option("--rates", "rates_file", default=None, help="Analytic mode: take each site kind's rate from this sim.json.")
+@click.option("--rate", "rate_items", multiple=True, metavar="KIND=RATE", help="Analytic mode: one site kind's rate.")
+@click.option("--seq-len", default=512, show_default=True, help="Analytic mode: tokens per sequence.")
+@click.option("-T", "--timesteps", default=6, show_default=True, help="Analytic mode: timesteps per neuron.")
+@click.option("--grains", default=2, show_default=True, help="Analytic mode: grains per neuron.")
+@click.option("--attention", default="causal", show_default=True, help="Analytic mode: causal or full.")
+def report(run_file, output, energy_target, site, model_file, config_file, rates_file, rate_items, seq_len,
+           timesteps, grains, attention):
+    """Energy and firing-rate report of RUN_FILE (a sim.json from `build --target sim`), or analytic (--config with
+    --rates/--rate): JSON, Markdown and plots in OUTPUT."""
+    from .backends.sim.ledger import ledger
+    from .backends.sim.report import write_report
+    from .target import load_target
+
+    target = load_target(energy_target)
+    if config_file:
+        run, attention = _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention), attention
+    elif run_file:
+        run, meta = _measured_run(run_file)
+        attention = meta["attention"]
+    else:
+        raise SpikecompileError("report: give a sim.json (from spikecompile build --target sim) or --config")
+    samples = neuron = None
+    if site:
+        samples, neuron = _site_data(site, model_file, run_file and meta)
+    write_report(run, ledger(run, target, attention), output, site, samples, neuron)
+    click.echo(f"wrote the report to {output}")
+
+
+def _measured_run(run_file: str):
+    from .backends.sim.measure import load_run
+
+    if run_file.endswith(".pt"):
+        raise SpikecompileError(f"{run_file}: a model.pt holds no simulation run; make one with "
+                                f"spikecompile build {run_file} --target sim -o DIR, then report DIR/sim.json")
+    return load_run(run_file)
+
+
+def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention):
+    from .backends.sim.analytic import analytic_run, config_graph, load_config, rates_by_kind
+    from .backends.sim.counting import check_attention
+    from .passes.timesteps import check_timesteps
+
+    check_attention(attention)
+    check_timesteps(timesteps, "-T")
+    rates = {}
+    if rates_file:
+        rates = rates_by_kind(_measured_run(rates_file)[0])
+    for item in rate_items:
+        kind, _, value = item.partition("=")
+        try:
+            rates[kind] = float(value)
+        except ValueError:
+            raise SpikecompileError(f"--rate {item}: give KIND=RATE, e.g. silu=0.12") from None
+    if not rates:
+        raise SpikecompileError("report --config: give the firing rates (--rates sim.json or --rate KIND=RATE)")
+    graph = config_graph(load_config(config_file), timesteps, grains)
+    return analytic_run(graph, seq_len, rates, attention)
+
+
+def _site_data(site: str, model_file: str | None, meta: dict | None):
+    """The site's calibration samples and neuron from the model.pt the run was measured on."""
+    from .build import _sha256
+    from .conversion.convert import site_neuron
+    from .modelfile import load
+
+    if not model_file:
+        raise SpikecompileError(f"--site {site}: give --model, the model.pt holding its calibration samples")
+    if meta and meta["model"]["sha256"] != _sha256(model_file):
+        raise SpikecompileError(f"--model {model_file}: the run was measured on another model "
+                                f"({meta['model']['path']}); give that one")
+    record = load(model_file)
+    entry = record["sites"].get(site)
+    if entry is None or "samples" not in entry:
+        raise SpikecompileError(f"--site {site}: {model_file} has no such site with calibration samples")
+    return entry["samples"], site_neuron(entry)
 
 
 def main():

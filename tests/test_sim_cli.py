@@ -1,0 +1,95 @@
+"""`spikecompile build --target sim` and `spikecompile report` (measured and analytic), end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import save_tiny_llama, synthetic_text, tiny_llama_config
+
+import spikecompile.targets
+from spikecompile.cli import cli
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simcli")
+    text = root / "text.txt"
+    text.write_text(synthetic_text())
+    model = root / "tiny.pt"
+    result = _invoke("convert", save_tiny_llama(root / "tiny"), "-o", model, "-T", "6", "--calib", text,
+                     "--calib-seqlen", "64", "--calib-windows", "2", "--samples-per-site", "512", "--no-progress")
+    assert result.exit_code == 0, result.output
+    out = root / "sim"
+    result = _invoke("build", model, "--target", "sim", "-o", out, "--text", text, "--windows", "2", "--seqlen", "32",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    return root, model, out, result.output
+
+
+def test_build_sim_writes_the_run_and_the_report(simulated):
+    _, _, out, output = simulated
+    assert {"sim.json", "report.json", "report.md", "energy.png", "firing_rate.png"} <= {p.name for p in out.iterdir()}
+    run = json.loads((out / "sim.json").read_text())
+    assert run["meta"]["windows"] == 2 and run["tokens"] == 32 and run["meta"]["mode"] == "event"
+    assert "perplexity" in output and "SNN/ANN" in output
+    report = json.loads((out / "report.json").read_text())
+    tiers = report["ledger"]["total"]["snn"]["per_token"]
+    assert 0 < tiers["compute"] <= tiers["neuron"] <= tiers["memory"]
+    assert report["ledger"]["attention"] == "causal" and report["tokens"] == 32
+
+
+def test_report_with_a_site_histogram(simulated, tmp_path):
+    root, model, out, _ = simulated
+    result = _invoke("report", out / "sim.json", "-o", tmp_path / "r", "--site", "layers.1.silu", "--model", model)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analytic_report_from_a_config_and_measured_rates(simulated, tmp_path):
+    _, _, out, _ = simulated
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**tiny_llama_config().to_dict(), "num_hidden_layers": 3}))
+    result = _invoke("report", "--config", config, "--rates", out / "sim.json", "--seq-len", "48", "-T", "6",
+                     "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert [entry["layer"] for entry in report["ledger"]["layers"]] == [0, 1, 2, None]  # the config's 3 layers
+    assert report["tokens"] == 48
+    measured = json.loads((out / "sim.json").read_text())["sites"]
+    silu = [site["firing_rate"] for name, site in report["sites"].items() if name.endswith(".silu")]
+    spikes = sum(sum(site["spikes_per_step"]) for name, site in measured.items() if name.endswith(".silu"))
+    steps = sum(site["elements"] * site["timesteps"] for name, site in measured.items() if name.endswith(".silu"))
+    assert silu == pytest.approx([spikes / steps] * 3)  # the measured rate of the kind, at every layer
+
+
+BAD = [
+    (["report", "{model}", "-o", "{tmp}/x"], "a model.pt holds no simulation run"),
+    (["report", "{out}/sim.json", "-o", "{tmp}/x", "--site", "layers.0.q", "--model", "{other}"],
+     "the run was measured on another model"),
+    (["report", "{out}/sim.json", "-o", "{tmp}/x", "--energy-target", "{bad_target}"], "constants.mac.unit missing"),
+    (["report", "--config", "{config}", "--rate", "q=0.1", "-o", "{tmp}/x"], "no rate for site kind"),
+    (["build", "{model}", "--target", "sim", "-o", "{tmp}/x", "--attention", "sparse"], "attention counting 'sparse'"),
+    (["report", "{out}/report.json", "-o", "{tmp}/x"], "not a simulation run"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_report_input_is_one_line(simulated, tmp_path, args, message):
+    root, model, out, _ = simulated
+    other = tmp_path / "other.pt"
+    other.write_bytes(model.read_bytes() + b"\0")
+    bad_target = tmp_path / "bad.toml"
+    shipped = (Path(spikecompile.targets.__file__).parent / "cmos45nm.toml").read_text()
+    bad_target.write_text(shipped.replace('unit = "pJ"\n', "", 1))  # the first constant, mac, loses its unit
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_llama_config().to_dict()))
+    fill = {"model": model, "out": out, "tmp": tmp_path, "other": other, "bad_target": bad_target, "config": config}
+    result = _invoke(*[arg.format(**fill) for arg in args])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert message in line
