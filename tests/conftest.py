@@ -84,3 +84,28 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(synthetic_text())
     return path
+
+
+FAST_CONVERT = ("--calib-seqlen", "64", "--calib-windows", "2", "--samples-per-site", "512", "--no-progress")
+"""Convert options that keep a tiny conversion under a second."""
+
+
+def convert_tiny(root, name="tiny", *options):
+    """Convert a tiny random LLaMA (saved under root/"tiny", calibrated on synthetic text) with the CLI into
+    root/"{name}.pt" (default T=6, 2 grains; `options` are more CLI options, later ones win); return its path."""
+    from click.testing import CliRunner
+
+    from spikecompile.cli import cli
+
+    folder = root / "tiny"
+    if not (folder / "config.json").exists():
+        save_tiny_llama(folder)
+    text = root / "calib.txt"
+    if not text.exists():
+        text.write_text(synthetic_text())
+    output = root / f"{name}.pt"
+    arguments = ["convert", str(folder), "-o", str(output), "-T", "6", "-n", "2", "--calib", str(text),
+                 *FAST_CONVERT, *map(str, options)]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    return output

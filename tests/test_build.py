@@ -5,15 +5,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny_llama, synthetic_text
+from conftest import convert_tiny
 
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.frontend import interpret
 from spikecompile.ir import PhaseNeuron, Rotation, read, read_weights
-
-FAST = ["--calib-seqlen", "64", "--calib-windows", "2", "--samples-per-site", "512", "--no-progress"]
-
 
 def _invoke(*args):
     return CliRunner().invoke(cli, [str(arg) for arg in args])
@@ -27,16 +24,7 @@ def _ids(length=24, seed=0):
 def models(tmp_path_factory):
     """The tiny model converted twice: phase coding (fitted) and las (base 2), both rotated with a prefix."""
     root = tmp_path_factory.mktemp("build")
-    folder = save_tiny_llama(root / "tiny")
-    text = root / "calib.txt"
-    text.write_text(synthetic_text())
-    paths = {}
-    for coding in ("phase", "las"):
-        paths[coding] = root / f"{coding}.pt"
-        result = _invoke("convert", folder, "-o", paths[coding], "-T", "6", "-n", "2", "--coding", coding,
-                         "--calib", text, *FAST)
-        assert result.exit_code == 0, result.output
-    return paths
+    return {coding: convert_tiny(root, coding, "--coding", coding) for coding in ("phase", "las")}
 
 
 def _read(folder):

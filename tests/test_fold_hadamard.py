@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import save_tiny_llama, synthetic_text
+from conftest import convert_tiny
 
-from spikecompile.cli import cli
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import interpret, sites_off, trace
@@ -27,16 +25,7 @@ def _relative_error(got, expected):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fold")
-    text = root / "calib.txt"
-    text.write_text(synthetic_text())
-    output = root / "tiny.pt"
-    result = CliRunner().invoke(cli, ["convert", str(save_tiny_llama(root / "tiny")), "-o", str(output), "-T", "6",
-                                      "-n", "2", "--calib", str(text), "--calib-seqlen", "64", "--calib-windows", "2",
-                                      "--samples-per-site", "512", "--no-progress", "--rotate", "hadamard",
-                                      "--prefix", "auto"])
-    assert result.exit_code == 0, result.output
-    return output
+    return convert_tiny(tmp_path_factory.mktemp("fold"), "tiny", "--rotate", "hadamard", "--prefix", "auto")
 
 
 @pytest.fixture(scope="module")

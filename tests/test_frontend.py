@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_tiny_llama, requires_smollm2
+from conftest import build_tiny_llama, convert_tiny, requires_smollm2
 
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import SpikingModel, load_spiking_model
@@ -15,7 +15,6 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import interpret, trace
 from spikecompile.ir import PhaseNeuron, read, validate, write
 
-FAST = ["--calib-seqlen", "64", "--calib-windows", "2", "--samples-per-site", "512", "--no-progress"]
 VARIANTS = {"plain": ["--rotate", "none", "--prefix", "none"],
             "rotated": ["--rotate", "hadamard", "--prefix", "none"],
             "rotated+prefix": ["--rotate", "hadamard", "--prefix", "auto"]}
@@ -34,19 +33,8 @@ def _assert_close(got, expected):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The tiny model converted through the CLI once per variant (T=6, 2 grains)."""
-    from conftest import save_tiny_llama, synthetic_text
-
     root = tmp_path_factory.mktemp("frontend")
-    folder = save_tiny_llama(root / "tiny")
-    text = root / "calib.txt"
-    text.write_text(synthetic_text())
-    paths = {}
-    for name, options in VARIANTS.items():
-        paths[name] = root / f"{name}.pt"
-        result = CliRunner().invoke(cli, ["convert", str(folder), "-o", str(paths[name]), "-T", "6", "-n", "2",
-                                          "--calib", str(text), *FAST, *options])
-        assert result.exit_code == 0, result.output
-    return paths
+    return {name: convert_tiny(root, name, *options) for name, options in VARIANTS.items()}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

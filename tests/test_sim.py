@@ -5,15 +5,13 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import save_tiny_llama, synthetic_text
+from conftest import convert_tiny
 
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
 from spikecompile.backends.sim.counts import Counts
 from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
 from spikecompile.build import BuildOptions, build
-from spikecompile.cli import cli
 from spikecompile.conversion.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import interpret
@@ -28,15 +26,7 @@ def _ids(length=20, seed=0):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The tiny model converted (T=6, 2 grains, rotation, prefix) and built (folded IR)."""
-    root = tmp_path_factory.mktemp("sim")
-    text = root / "calib.txt"
-    text.write_text(synthetic_text())
-    model = root / "tiny.pt"
-    result = CliRunner().invoke(cli, ["convert", str(save_tiny_llama(root / "tiny")), "-o", str(model), "-T", "6",
-                                      "-n", "2", "--calib", str(text), "--calib-seqlen", "64", "--calib-windows", "2",
-                                      "--samples-per-site", "512", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return build(model, BuildOptions())
+    return build(convert_tiny(tmp_path_factory.mktemp("sim")), BuildOptions())
 
 
 @pytest.fixture(scope="module")

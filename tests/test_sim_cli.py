@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import save_tiny_llama, synthetic_text, tiny_llama_config
+from conftest import convert_tiny, tiny_llama_config
 
 import spikecompile.targets
 from spikecompile.cli import cli
@@ -18,12 +18,8 @@ def _invoke(*args):
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     root = tmp_path_factory.mktemp("simcli")
-    text = root / "text.txt"
-    text.write_text(synthetic_text())
-    model = root / "tiny.pt"
-    result = _invoke("convert", save_tiny_llama(root / "tiny"), "-o", model, "-T", "6", "--calib", text,
-                     "--calib-seqlen", "64", "--calib-windows", "2", "--samples-per-site", "512", "--no-progress")
-    assert result.exit_code == 0, result.output
+    model = convert_tiny(root)
+    text = root / "calib.txt"
     out = root / "sim"
     result = _invoke("build", model, "--target", "sim", "-o", out, "--text", text, "--windows", "2", "--seqlen", "32",
                      "--no-progress")

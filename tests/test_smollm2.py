@@ -15,11 +15,49 @@ pytestmark = [pytest.mark.slow, pytest.mark.smollm2, requires_smollm2]
 
 
 @pytest.fixture(scope="module")
-def smollm2_t8(tmp_path_factory):
+def smollm2_t8_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2") / "model.pt"
     result = CliRunner().invoke(cli, ["convert", "-o", str(path), "-T", "8", "--calib-windows", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
-    return load_spiking_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_t8(smollm2_t8_path):
+    return load_spiking_model(str(smollm2_t8_path))
+
+
+@pytest.fixture(scope="module")
+def smollm2_built(smollm2_t8_path):
+    from spikecompile.build import BuildOptions, build
+
+    return build(smollm2_t8_path, BuildOptions())
+
+
+def _window(tokenizer, length):
+    return token_windows(tokenizer, load_text("builtin", "eval"), length, 1, "evaluation")[0]
+
+
+def test_smollm2_folded_ir_computes_the_converted_model(smollm2_t8, smollm2_built):
+    from spikecompile.frontend import interpret
+
+    ids = _window(smollm2_t8.tokenizer, 128)
+    with torch.no_grad():
+        expected = smollm2_t8.logits(ids)
+    got = interpret(smollm2_built.graph, smollm2_built.store, ids)
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()  # float32: a few sites may round differently
+
+
+def test_smollm2_event_mode_equals_decoded_mode(smollm2_built):
+    from spikecompile.backends.sim.simulate import output_of, retyped, run
+
+    graph, store = retyped(smollm2_built.graph, smollm2_built.store, torch.float64)
+    ids = _window(smollm2_built.tokenizer, 64)
+    decoded, event = run(graph, store, ids, "decoded"), run(graph, store, ids, "event")
+    expected = output_of(graph, decoded)
+    assert (output_of(graph, event) - expected).abs().max() <= 1e-9 * expected.abs().max()
+    for name, spikes in event.spikes.items():
+        assert torch.equal(spikes, decoded.spikes[name]), name
 
 
 def test_smollm2_t8_stays_close_to_the_ann(smollm2_t8):
