@@ -24,6 +24,7 @@ same inputs, seed and SOURCE_DATE_EPOCH give a byte-identical file.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -136,3 +137,20 @@ def _check_plain(value, where: str) -> None:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
+def read_document(path: str | Path, kind: str, format_name: str, version: int, remedy: str) -> dict:
+    """A JSON file {"format": format_name, "format_version": version, ...} (a `kind`, e.g. "IR graph");
+    one-line SpikecompileError naming the file otherwise, ending in `remedy` for another version."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
+    except ValueError as error:
+        raise SpikecompileError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        raise SpikecompileError(f"{path}: not a spikecompile {kind}")
+    if document.get("format_version") != version:
+        raise SpikecompileError(f"{path}: {kind} format version {document.get('format_version')}, this spikecompile "
+                                f"reads version {version}; {remedy}")
+    return document

@@ -198,7 +198,7 @@ def _construction_changed(document):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set_version, r"graph\.json: IR format version 2, this spikecompile reads version 1"),
+    (_set_version, r"graph\.json: IR graph format version 2, this spikecompile reads version 1"),
     (_unknown_type, r"node layers\.0\.mlp\.act_fn: unknown node type 'Gelu'"),
     (_dangling_edge, r"edge layers\.0\.mlp\.down_proj → layers\.0\.mlp\.ghost: no node named layers\.0\.mlp\.ghost"),
     (_missing_input, r"node layers\.0\.mlp\.product: ElementwiseProduct lacks input b"),

@@ -10,7 +10,7 @@ import torch
 
 from spikecompile.errors import SpikecompileError
 from spikecompile.evaluation import perplexity
-from spikecompile.modelfile import atomic_write
+from spikecompile.modelfile import atomic_write, read_document
 
 from . import simulate
 from .counts import Counts
@@ -69,17 +69,8 @@ def save_run(run: SimRun, path: str | Path, meta: dict) -> None:
 
 def load_run(path: str | Path) -> tuple[SimRun, dict]:
     """(the run, its meta) from a file save_run wrote; SpikecompileError naming the file and what is wrong."""
-    try:
-        payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
-    except ValueError as error:
-        raise SpikecompileError(f"{path}: not JSON ({error})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise SpikecompileError(f"{path}: not a simulation run (write one with spikecompile build --target sim)")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise SpikecompileError(f"{path}: simulation format version {payload.get('format_version')}, this "
-                                f"spikecompile reads {FORMAT_VERSION}; simulate again")
+    payload = read_document(path, "simulation run (spikecompile build --target sim writes one)", FORMAT,
+                            FORMAT_VERSION, "simulate again")
     try:
         run = SimRun(tokens=payload["tokens"], layers=payload["layers"], sites=payload["sites"],
                      snn={name: Counts(**counts) for name, counts in payload["snn"].items()},

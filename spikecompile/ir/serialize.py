@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from ..errors import SpikecompileError
-from ..modelfile import atomic_write
+from ..modelfile import atomic_write, read_document
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore
 from .graph import Graph, validate
 
@@ -124,17 +124,8 @@ def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
 def read(folder: str | Path) -> Graph:
     """Read and validate the graph in `folder`."""
     folder = Path(folder)
-    try:
-        document = json.loads((folder / GRAPH_FILE).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise SpikecompileError(f"{folder}: cannot read {GRAPH_FILE} ({error.strerror})") from None
-    except ValueError as error:
-        raise SpikecompileError(f"{folder / GRAPH_FILE}: not valid JSON ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise SpikecompileError(f"{folder / GRAPH_FILE}: not a spikecompile IR graph")
-    if document.get("format_version") != FORMAT_VERSION:
-        raise SpikecompileError(f"{folder / GRAPH_FILE}: IR format version {document.get('format_version')}, this "
-                                f"spikecompile reads version {FORMAT_VERSION}; build the graph again with this version")
+    document = read_document(folder / GRAPH_FILE, "IR graph", FORMAT, FORMAT_VERSION,
+                              "build the graph again with this version")
     try:
         tensors = _read_tensors(folder / TENSORS_FILE, document["tensors_sha256"])
         graph = Graph()
