@@ -70,7 +70,7 @@ BAD = [
     (["report", "{out}/sim.json", "-o", "{tmp}/x", "--energy-target", "{bad_target}"], "constants.mac.unit missing"),
     (["report", "--config", "{config}", "--rate", "q=0.1", "-o", "{tmp}/x"], "no rate for site kind"),
     (["build", "{model}", "--target", "sim", "-o", "{tmp}/x", "--attention", "sparse"], "attention counting 'sparse'"),
-    (["report", "{out}/report.json", "-o", "{tmp}/x"], "not a simulation run"),
+    (["report", "{out}/report.json", "-o", "{tmp}/x"], "not a spikecompile simulation run"),
 ]
 
 
