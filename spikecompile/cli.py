@@ -142,14 +142,15 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         })
 
 
-TARGETS = ("ir", "sim")
+TARGETS = ("ir", "sim", "nir")
 
 
 @cli.command()
 @click.argument("model_file")
 @click.option("--target", default="ir", show_default=True, type=click.Choice(TARGETS),
               help="ir: the compiled graph folder (graph.json, tensors, weights); sim: run the reference simulator "
-                   "on token windows and write sim.json with the energy report.")
+                   "on token windows and write sim.json with the energy report; nir: standard NIR segments, a "
+                   "manifest for the ops NIR cannot express, and a fidelity report.")
 @click.option("-o", "--output", required=True, help="Output folder.")
 @click.option("-T", "--timesteps", default=None, type=int, help="One T for every site (default: each site's fitted T).")
 @click.option("--site-timesteps", "site_timesteps", multiple=True, metavar="SITE=T",
@@ -170,9 +171,11 @@ TARGETS = ("ir", "sim")
               help="sim: late-spike masking, keep each neuron's spikes within this many steps of its first.")
 @click.option("--float64", is_flag=True, help="sim: run in float64 (event and decoded then agree to rounding).")
 @click.option("--energy-target", default="cmos45nm", show_default=True, help="sim: energy target name or file.")
+@click.option("--strict", is_flag=True, help="nir: fail on an IR node with no NIR lowering and no manifest rule.")
+@click.option("--approximate", is_flag=True, help="nir: plain IF/Linear nodes for consumers without Threshold/Scale.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source,
-          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, progress):
+          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, strict, approximate, progress):
     """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
     from .build import BuildOptions, build as run_build, pass_manager, write_ir
     from .passes.timesteps import check_timesteps, parse_site_overrides
@@ -188,9 +191,18 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     if target == "sim":
         simulation = _SimOptions(text, windows, seqlen, mode, attention, mask_steps, float64, energy_target)
         simulation.check()
+    if target == "nir":
+        from .backends.nir import build_nir  # one-line error here if nir is missing, before the model loads
     result = run_build(model_file, options)
     if target == "sim":
         _build_sim(result, model_file, output, simulation, progress)
+        return
+    if target == "nir":
+        fidelity = build_nir(result, output, strict=strict, approximate=approximate)
+        counts = ", ".join(f"{count} {kind}" for kind, count in fidelity["counts"].items())
+        click.echo(f"wrote NIR to {output}: {counts}" +
+                   (f"; no rule for {len(fidelity['unsupported'])} nodes (fidelity.json)" if fidelity["unsupported"]
+                    else ""))
         return
     report = write_ir(result, model_file, options, output)
     for entry in report["passes"]:

@@ -7,10 +7,10 @@ Mistral-style. The architecture is checked from the config (or the GGUF header) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,16 +144,22 @@ def load_model(source: ModelSource):
 
 @contextlib.contextmanager
 def _tqdm_disabled():
-    """TQDM_DISABLE=1 for the block (tqdm reads it when a bar is created), restored after."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """transformers' GGUF loader draws its own tqdm bar (disable_progress_bar does not reach it, and tqdm reads
+    TQDM_DISABLE only at import): give that module a disabled tqdm for the block, restored after."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = before
+        gguf_utils.tqdm = original
 
 
 def verify_source(source: ModelSource, where: str) -> None:

@@ -52,7 +52,7 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) ->
     TensorRefs name when `store` is given."""
     validate(graph)
     tensors: dict[str, Tensor] = {}
-    nodes = [{"name": name, "type": type(graph[name]).__name__, "fields": _encode(graph[name], name, tensors)}
+    nodes = [{"name": name, "type": type(graph[name]).__name__, "fields": encode_fields(graph[name], name, tensors)}
              for name in graph]
     tensor_bytes = safetensors.torch.save(tensors)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -61,7 +61,7 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) ->
     if store is not None:
         weight_bytes = safetensors.torch.save(_weights(graph, store))
         header["weights_sha256"] = hashlib.sha256(weight_bytes).hexdigest()
-    text = _json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
+    text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     folder = Path(folder)
     try:
         folder.mkdir(exist_ok=True)
@@ -130,7 +130,7 @@ def read(folder: str | Path) -> Graph:
         tensors = _read_tensors(folder / TENSORS_FILE, document["tensors_sha256"])
         graph = Graph()
         for entry in document["nodes"]:
-            graph.add_node(entry["name"], _decode_node(entry, tensors))
+            graph.add_node(entry["name"], decode_node(entry, tensors))
         for source, target, port in document["edges"]:
             graph.add_edge(source, target, port)
         validate(graph)
@@ -141,18 +141,18 @@ def read(folder: str | Path) -> Graph:
     return graph
 
 
-def _encode(value, key: str, tensors: dict[str, Tensor]):
+def encode_fields(value, key: str, tensors: dict[str, Tensor]):
     """JSON for one field value; a tensor goes to `tensors` under `key` and is written as a reference to it."""
     if isinstance(value, Tensor):
         tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         return {"tensor": key}
     if dataclasses.is_dataclass(value):
-        return {field.name: _encode(getattr(value, field.name), f"{key}.{field.name}", tensors)
+        return {field.name: encode_fields(getattr(value, field.name), f"{key}.{field.name}", tensors)
                 for field in dataclasses.fields(value)}
     return list(value) if isinstance(value, tuple) else value
 
 
-def _decode_node(entry: dict, tensors: dict[str, Tensor]) -> IRNode:
+def decode_node(entry: dict, tensors: dict[str, Tensor]) -> IRNode:
     name, type_name = entry["name"], entry["type"]
     cls = NODE_TYPES.get(type_name)
     if cls is None:
@@ -174,7 +174,7 @@ def _decode_fields(cls: type, fields: dict, tensors: dict[str, Tensor]):
 
 
 def _decode(hint, value, tensors: dict[str, Tensor]):
-    """A field value from its JSON, by the field's declared type (the inverse of _encode)."""
+    """A field value from its JSON, by the field's declared type (the inverse of encode_fields)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -213,7 +213,7 @@ def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
         raise SpikecompileError(f"{TENSORS_FILE}: not a readable safetensors file ({error})") from None
 
 
-def _json_text(header: dict, listings: dict[str, list]) -> str:
+def json_text(header: dict, listings: dict[str, list]) -> str:
     """The header keys one per line, then each listing with one item per line."""
     dump = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False)
     lines = [f" {dump(key)}: {dump(value)}," for key, value in header.items()]
