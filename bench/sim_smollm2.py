@@ -86,7 +86,8 @@ def main() -> None:
         if not path.is_file():
             sys.exit(f"error: {path} is missing")
 
-    from spikecompile.backends.sim.analytic import analytic_run, config_graph, load_config, rates_by_kind
+    from spikecompile.backends.sim.analytic import analytic_run, rates_by_kind
+    from spikecompile.frontend.config import config_graph, load_config
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import load_run
     from spikecompile.modelfile import atomic_write

@@ -142,7 +142,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         })
 
 
-TARGETS = ("ir", "sim", "nir")
+TARGETS = ("ir", "sim", "nir", "lava")
 
 
 @cli.command()
@@ -150,7 +150,8 @@ TARGETS = ("ir", "sim", "nir")
 @click.option("--target", default="ir", show_default=True, type=click.Choice(TARGETS),
               help="ir: the compiled graph folder (graph.json, tensors, weights); sim: run the reference simulator "
                    "on token windows and write sim.json with the energy report; nir: standard NIR segments, a "
-                   "manifest for the ops NIR cannot express, and a fidelity report.")
+                   "manifest for the ops NIR cannot express, and a fidelity report; lava: a self-contained Lava "
+                   "program (numpy + lava-nc only) for the model, --layers or one --block.")
 @click.option("-o", "--output", required=True, help="Output folder.")
 @click.option("-T", "--timesteps", default=None, type=int, help="One T for every site (default: each site's fitted T).")
 @click.option("--site-timesteps", "site_timesteps", multiple=True, metavar="SITE=T",
@@ -173,9 +174,13 @@ TARGETS = ("ir", "sim", "nir")
 @click.option("--energy-target", default="cmos45nm", show_default=True, help="sim: energy target name or file.")
 @click.option("--strict", is_flag=True, help="nir: fail on an IR node with no NIR lowering and no manifest rule.")
 @click.option("--approximate", is_flag=True, help="nir: plain IF/Linear nodes for consumers without Threshold/Scale.")
+@click.option("--layers", default=None, metavar="N|A-B", help="lava: one decoder layer or a range (default: all).")
+@click.option("--block", default=None, type=click.Choice(["attn", "mlp"]), help="lava: one block of the layer.")
+@click.option("--tokens", default=4, show_default=True, help="lava: tokens per run of the emitted program.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source,
-          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, strict, approximate, progress):
+          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, strict, approximate, layers,
+          block, tokens, progress):
     """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
     from .build import BuildOptions, build as run_build, pass_manager, write_ir
     from .passes.timesteps import check_timesteps, parse_site_overrides
@@ -193,6 +198,7 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
         simulation.check()
     if target == "nir":
         from .backends.nir import build_nir  # one-line error here if nir is missing, before the model loads
+    layer_range = _layer_range(layers) if target == "lava" else None
     result = run_build(model_file, options)
     if target == "sim":
         _build_sim(result, model_file, output, simulation, progress)
@@ -203,6 +209,13 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
         click.echo(f"wrote NIR to {output}: {counts}" +
                    (f"; no rule for {len(fidelity['unsupported'])} nodes (fidelity.json)" if fidelity["unsupported"]
                     else ""))
+        return
+    if target == "lava":
+        from .backends.lava import build_lava
+
+        emitted = build_lava(result, output, layers=layer_range, block=block, tokens=tokens)
+        click.echo(f"wrote the Lava program of the {emitted['part']} to {output} "
+                   f"({emitted['bytes'] / 2**20:.1f} MiB); run it with: python {output}/run.py [--tag fixed_pt]")
         return
     report = write_ir(result, model_file, options, output)
     for entry in report["passes"]:
@@ -274,6 +287,16 @@ def _build_sim(result, model_file: str, output: str, options: _SimOptions, progr
         snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
         click.echo(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
     click.echo(f"wrote {folder / 'sim.json'} and the report ({folder / 'report.md'})")
+
+
+def _layer_range(layers: str | None) -> list[int] | None:
+    """--layers "3" → [3], "2-5" → [2, 3, 4, 5]."""
+    if layers is None:
+        return None
+    first, _, last = layers.partition("-")
+    if not first.isdigit() or not (last or first).isdigit() or int(last or first) < int(first):
+        raise SpikecompileError(f"--layers {layers}: give a layer (3) or a range of layers (2-5)")
+    return list(range(int(first), int(last or first) + 1))
 
 
 def _check_output_folder(output: str) -> None:
@@ -383,7 +406,8 @@ def _measured_run(run_file: str):
 
 
 def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention):
-    from .backends.sim.analytic import analytic_run, config_graph, load_config, rates_by_kind
+    from .backends.sim.analytic import analytic_run, rates_by_kind
+    from .frontend.config import config_graph, load_config
     from .backends.sim.counting import check_attention
     from .passes.timesteps import check_timesteps
 

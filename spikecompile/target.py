@@ -106,9 +106,11 @@ def load_target(name_or_path: str | Path) -> Target:
 
 
 def packaged_targets() -> list[str]:
-    """Names of the target files shipped in spikecompile.targets."""
+    """Names of the energy target files shipped in spikecompile.targets (those with a [constants] table; the
+    hardware-limit files such as loihi2.toml are read by their own passes)."""
     folder = resources.files("spikecompile.targets")
-    return sorted(entry.name.rsplit(".", 1)[0] for entry in folder.iterdir() if entry.name.endswith(SUFFIXES))
+    return sorted(entry.name.rsplit(".", 1)[0] for entry in folder.iterdir()
+                  if entry.name.endswith(SUFFIXES) and "constants" in _parse(entry.name, entry.read_text("utf-8")))
 
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_llama_config
 
 from spikecompile.backends.sim import simulate
-from spikecompile.backends.sim.analytic import analytic_run, config_graph, load_config, rates_by_kind
+from spikecompile.backends.sim.analytic import analytic_run, rates_by_kind
+from spikecompile.frontend.config import config_graph, load_config
 from spikecompile.backends.sim.counts import Counts
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Input, Linear

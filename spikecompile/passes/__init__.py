@@ -2,6 +2,6 @@
 
 from .context import CompileInputs
 from .manager import REGISTRY, Pass, PassContext, PassManager, PassResult, register_pass
-from . import cleanup, fold_hadamard, grains, timesteps  # noqa: F401,E402  (importing a pass module registers its passes)
+from . import cleanup, fold_hadamard, grains, loihi_mapping, timesteps  # noqa: F401,E402  (importing a pass module registers its passes)
 
 __all__ = ["CompileInputs", "REGISTRY", "Pass", "PassContext", "PassManager", "PassResult", "register_pass"]
