@@ -25,5 +25,8 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
+# Benchmarks on SmolLM2 with ../shared/data (each writes bench/results/<name>.json); long: run on a quiet machine.
+BENCHES := convert_smollm2 ir_smollm2 sim_smollm2 nir_smollm2 lava_loihi onnx_smollm2
+
 bench: install
-	$(BIN)/python bench/convert_smollm2.py
+	for name in $(BENCHES); do $(BIN)/python bench/$$name.py || exit 1; done

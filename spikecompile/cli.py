@@ -142,7 +142,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         })
 
 
-TARGETS = ("ir", "sim", "nir", "lava")
+TARGETS = ("ir", "sim", "nir", "lava", "onnx")
 
 
 @cli.command()
@@ -151,7 +151,8 @@ TARGETS = ("ir", "sim", "nir", "lava")
               help="ir: the compiled graph folder (graph.json, tensors, weights); sim: run the reference simulator "
                    "on token windows and write sim.json with the energy report; nir: standard NIR segments, a "
                    "manifest for the ops NIR cannot express, and a fidelity report; lava: a self-contained Lava "
-                   "program (numpy + lava-nc only) for the model, --layers or one --block.")
+                   "program (numpy + lava-nc only) for the model, --layers or one --block; onnx: decoded and/or "
+                   "event ONNX models checked in onnxruntime.")
 @click.option("-o", "--output", required=True, help="Output folder.")
 @click.option("-T", "--timesteps", default=None, type=int, help="One T for every site (default: each site's fitted T).")
 @click.option("--site-timesteps", "site_timesteps", multiple=True, metavar="SITE=T",
@@ -177,10 +178,13 @@ TARGETS = ("ir", "sim", "nir", "lava")
 @click.option("--layers", default=None, metavar="N|A-B", help="lava: one decoder layer or a range (default: all).")
 @click.option("--block", default=None, type=click.Choice(["attn", "mlp"]), help="lava: one block of the layer.")
 @click.option("--tokens", default=4, show_default=True, help="lava: tokens per run of the emitted program.")
+@click.option("--onnx-form", default="both", show_default=True, type=click.Choice(["decoded", "event", "both"]),
+              help="onnx: decoded (each neuron an elementwise quantizer), event (the T phases explicit) or both.")
+@click.option("--spike-outputs", is_flag=True, help="onnx: the event form also outputs every neuron's spike planes.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source,
           text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, strict, approximate, layers,
-          block, tokens, progress):
+          block, tokens, onnx_form, spike_outputs, progress):
     """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
     from .build import BuildOptions, build as run_build, pass_manager, write_ir
     from .passes.timesteps import check_timesteps, parse_site_overrides
@@ -198,6 +202,9 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
         simulation.check()
     if target == "nir":
         from .backends.nir import build_nir  # one-line error here if nir is missing, before the model loads
+    if target == "onnx":
+        from .backends.onnx import check_form  # one-line error here if onnx is missing, before the model loads
+        check_form(onnx_form)
     layer_range = _layer_range(layers) if target == "lava" else None
     result = run_build(model_file, options)
     if target == "sim":
@@ -216,6 +223,15 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
         emitted = build_lava(result, output, layers=layer_range, block=block, tokens=tokens)
         click.echo(f"wrote the Lava program of the {emitted['part']} to {output} "
                    f"({emitted['bytes'] / 2**20:.1f} MiB); run it with: python {output}/run.py [--tag fixed_pt]")
+        return
+    if target == "onnx":
+        from .backends.onnx import build_onnx
+
+        exported = build_onnx(result, output, onnx_form, spike_outputs)
+        for entry in exported["forms"].values():
+            extra = f", weights in {entry['data']}" if entry["data"] else ""
+            click.echo(f"  {entry['file']}: {entry['nodes']} ONNX nodes, {entry['bytes'] / 2**20:.1f} MiB{extra}")
+        click.echo(f"wrote {output}: ONNX opset {exported['opset']}, {', '.join(exported['forms'])} form(s), onnx.json")
         return
     report = write_ir(result, model_file, options, output)
     for entry in report["passes"]:

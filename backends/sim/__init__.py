@@ -34,7 +34,7 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
     check_attention(attention)
     if dtype is not None:
         graph, store = retyped(graph, store, dtype)
-    trace = run(graph, store, ids, mode, mask_steps)
+    trace = run(graph, store, ids, mode, mask_steps, keep_values=False)
     shapes = trace.shapes
     snn, ann = count(graph, shapes, trace.spikes, attention)
     sites = {}

@@ -34,20 +34,15 @@ MODES = ("decoded", "event")
 
 @dataclasses.dataclass
 class Trace:
-    """One run: every node's value (event mode: [T, ...] per node) and each neuron's spikes [T, ...] (bool)."""
+    """One run: node values (event mode: [T, ...] per node; all of them, or with keep_values=False only the
+    Outputs), each neuron's spikes [T, ...] (bool), and every node's decoded output shape."""
 
     values: dict[str, Tensor]
     spikes: dict[str, Tensor]
     mode: str
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each node's decoded output shape (event values carry a leading step dim; ids and the summed
-        Output do not)."""
-        return {name: tuple(value.shape[1:]) if self.mode == "event" and name in self.stepped else tuple(value.shape)
-                for name, value in self.values.items()}
-
-    stepped: frozenset = frozenset()
+    shapes: dict[str, tuple[int, ...]]
+    stepped: frozenset
+    """the nodes whose event values carry a leading step dim (all float values but the summed Outputs)"""
 
 
 def retyped(graph: Graph, store, dtype: torch.dtype) -> tuple[Graph, dict[str, Tensor]]:
@@ -81,8 +76,10 @@ def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
 
 @torch.no_grad()
 def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
-        mask_steps: int | None = None) -> Trace:
-    """Run `graph` (every node's timesteps assigned) on `inputs` (token ids, or values by Input name)."""
+        mask_steps: int | None = None, keep_values: bool = True) -> Trace:
+    """Run `graph` (every node's timesteps assigned) on `inputs` (token ids, or values by Input name).
+    keep_values=False drops each value once its last consumer has run (event mode on a 512-token window of a
+    real model would otherwise hold every node's T steps at once)."""
     if mode not in MODES:
         raise SpikecompileError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     missing = [name for name in graph if graph[name].timesteps is None]
@@ -92,12 +89,16 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
     if mode == "event":
         values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
     spikes: dict[str, Tensor] = {}
+    stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
+    shapes = {name: tuple(value.shape[1:] if name in stepped else value.shape) for name, value in values.items()}
+    waiting = {name: graph.nx.out_degree(name) for name in graph}
     rules = EVENT_RULES if mode == "event" else {}
     for name in graph.topological_order():
-        if name in values:
+        if name in shapes:
             continue
         node = graph[name]
-        node_inputs = {port: values[source] for port, source in graph.inputs(name).items()}
+        sources = graph.inputs(name)
+        node_inputs = {port: values[source] for port, source in sources.items()}
         try:
             if isinstance(node, PhaseNeuron):
                 values[name], spikes[name] = _fire(node, node_inputs["x"], mode, mask_steps)
@@ -106,9 +107,14 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
                 values[name] = rule(node, node_inputs, store)
         except (RuntimeError, ValueError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
-    stepped = frozenset(name for name, value in values.items()
-                        if value.is_floating_point() and not isinstance(graph[name], Output))
-    return Trace(values, spikes, mode, stepped)
+        is_stepped = mode == "event" and values[name].is_floating_point() and not isinstance(node, Output)
+        stepped.update([name] if is_stepped else [])
+        shapes[name] = tuple(values[name].shape[1:] if is_stepped else values[name].shape)
+        for source in sources.values():
+            waiting[source] -= 1
+            if not keep_values and waiting[source] == 0:
+                del values[source]
+    return Trace(values, spikes, mode, shapes, frozenset(stepped))
 
 
 def output_of(graph: Graph, trace: Trace) -> Tensor:

@@ -1,0 +1,362 @@
+"""The ONNX backend: valid models (onnx.checker), run by onnxruntime, equal to the reference simulator — within float
+tolerance on the tiny model, bit for bit (spike planes included) with dyadic weights — with dynamic batch and
+sequence axes, the KV prefix as an input, every IR node type lowered, and clear errors."""
+
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import convert_tiny, requires_smollm2
+
+EXTRA = "needs the onnx extra: pip install 'spikecompile[onnx]'"
+onnx = pytest.importorskip("onnx", reason=EXTRA)
+pytest.importorskip("onnxruntime", reason=EXTRA)
+
+from spikecompile.backends.onnx import (
+    LOWERINGS, OPSET, agreement, build_onnx, check_form, export, run, session, teacher_forced, to_onnx,
+)
+from spikecompile.backends.sim import simulate
+from spikecompile.backends.sim.simulate import output_of, run as simulate_run
+from spikecompile.build import BuildOptions, build
+from spikecompile.conversion.neuron import PhaseNeuronParams, base2_params
+from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.errors import SpikecompileError
+from spikecompile.ir import (
+    NODE_TYPES, ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, KVPrefix, Linear, MergeHeads, Output,
+    PhaseNeuron, ResidualAdd, Rotation, SplitHeads, TensorRef, tensor_refs, validate,
+)
+
+export_module = importlib.import_module("spikecompile.backends.onnx.export")  # the package's `export` is the function
+TOLERANCE = 1e-5
+"""ORT logits vs the simulator's, relative to the largest logit (measured: 0 on the tiny model, float32)."""
+
+
+def _ids(batch=1, length=20, seed=0):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _relative_error(got, expected):
+    got = torch.as_tensor(got)
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The tiny model converted (T=6, 2 grains, Hadamard rotation, KV prefix) and built."""
+    return build(convert_tiny(tmp_path_factory.mktemp("onnx")), BuildOptions())
+
+
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx-export") / "out"
+    return folder, build_onnx(built, folder, spike_outputs=True)
+
+
+@pytest.fixture(scope="module")
+def sessions(exported):
+    folder, _ = exported
+    return {form: session(folder / f"{form}.onnx", threads=1) for form in ("decoded", "event")}
+
+
+def test_both_forms_are_valid_onnx_and_described(built, exported):
+    folder, report = exported
+    assert json.loads((folder / "onnx.json").read_text()) == report
+    assert report["opset"] == OPSET == 17
+    neurons = [name for name in built.graph if isinstance(built.graph[name], PhaseNeuron)]
+    for form in ("decoded", "event"):
+        path = folder / f"{form}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path))
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+        entry = report["forms"][form]
+        assert entry["bytes"] == path.stat().st_size and entry["data"] is None
+        assert entry["nodes"] == len(model.graph.node)
+        inputs = {given["name"]: given for given in entry["inputs"]}
+        assert inputs["input_ids"] == {"name": "input_ids", "shape": ["batch", "seq"], "default": False}
+        assert inputs["prefix.layers.0.key"]["default"] and inputs["prefix.layers.0.key"]["shape"] == [2, 1, 16]
+        spikes = {f"{name}.spikes" for name in neurons} if form == "event" else set()
+        assert {output["name"] for output in entry["outputs"]} == {"logits", *spikes}
+
+
+@pytest.mark.parametrize("form", ["decoded", "event"])
+def test_logits_match_the_simulator(built, sessions, form):
+    ids = _ids()
+    got = run(sessions[form], {"input_ids": ids}, ["logits"])["logits"]
+    expected = simulate(built.graph, built.store, ids, form).logits
+    assert _relative_error(got, expected) <= TOLERANCE
+
+
+def test_event_spike_planes_are_the_simulators(built, sessions):
+    ids = _ids()
+    outputs = run(sessions["event"], {"input_ids": ids})
+    trace = simulate_run(built.graph, built.store, ids, "event")
+    for name, spikes in trace.spikes.items():
+        assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
+
+
+@pytest.mark.parametrize("form", ["decoded", "event"])
+def test_teacher_forced_check_node_by_node(built, exported, form):
+    folder, _ = exported
+    ids = _ids()
+    trace = simulate_run(built.graph, built.store, ids, form)
+    model = onnx.load(str(folder / f"{form}.onnx"))
+    cut = teacher_forced(model, built.graph)
+    neurons = [name for name in built.graph if isinstance(built.graph[name], PhaseNeuron)]
+    assert {given.name for given in cut.graph.input} >= set(neurons)
+    figures = agreement(model, built.graph, {"input_ids": ids}, trace.values)
+    assert figures["input_difference"] <= TOLERANCE and figures["output_difference"] <= TOLERANCE
+    assert figures["flipped"] == 0 and figures["elements"] == sum(trace.values[name].numel() for name in neurons)
+
+
+@pytest.mark.parametrize("form", ["decoded", "event"])
+def test_batch_and_sequence_length_are_dynamic(built, sessions, form):
+    for batch, length in ((1, 7), (1, 13), (2, 9)):
+        ids = _ids(batch, length, seed=length)
+        got = run(sessions[form], {"input_ids": ids}, ["logits"])["logits"]
+        assert got.shape == (batch, length, 128)
+        for row in range(batch):
+            expected = simulate(built.graph, built.store, ids[row:row + 1], form).logits
+            assert _relative_error(got[row:row + 1], expected) <= TOLERANCE
+
+
+def test_the_kv_prefix_is_an_input_defaulting_to_the_stored_cache(built, sessions):
+    ids = _ids()
+    stored = {name: built.store[name] for name in tensor_refs(built.graph) if name.startswith("prefix.")}
+    assert len(stored) == 4  # key and value of two layers
+    default = run(sessions["decoded"], {"input_ids": ids}, ["logits"])["logits"]
+    given = run(sessions["decoded"], {"input_ids": ids, **stored}, ["logits"])["logits"]
+    assert np.array_equal(default, given)
+    zeroed = {name: torch.zeros_like(cache) for name, cache in stored.items()}
+    other = run(sessions["decoded"], {"input_ids": ids, **zeroed}, ["logits"])["logits"]
+    assert not np.allclose(other, default)
+
+
+def test_every_node_type_has_a_lowering():
+    assert set(LOWERINGS) == set(NODE_TYPES.values())
+
+
+SIZES = {"seq": 3, "seq+2": 5, "batch": 2}
+FRAME = (Input, Output)
+"""Every single-node graph has an Input and an Output: they are checked in all of them."""
+
+
+def _single_node_graph(node_type):
+    """node_type.example() between Inputs and an Output, 4 timesteps; its weights and inputs drawn at random."""
+    node, input_types = node_type.example()
+    node = node if node.timesteps else dataclasses.replace(node, timesteps=4)
+    graph = Graph()
+    graph.add_node("node", node)
+    for port, of in input_types.items():
+        graph.add_node(f"input.{port}", Input(shape=of.shape, dtype=of.dtype, timesteps=4))
+        graph.add_edge(f"input.{port}", "node", port)
+    graph.add_node("output", Output(timesteps=node.timesteps))
+    graph.add_edge("node", "output")
+    generator = torch.Generator().manual_seed(0)
+    store = {name: torch.randn(ref.shape, generator=generator) for name, ref in tensor_refs(graph).items()}
+    inputs = {}
+    for port, of in input_types.items():
+        shape = [SIZES.get(dim, dim) for dim in of.shape]
+        inputs[f"input.{port}"] = (torch.randint(0, 16, shape, generator=generator) if of.dtype == "int64"
+                                   else torch.randn(shape, generator=generator))
+    return graph, store, inputs
+
+
+@pytest.mark.parametrize("node_type", [t for t in NODE_TYPES.values() if t not in FRAME], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("form", ["decoded", "event"])
+def test_every_node_type_runs_as_the_simulator_does(node_type, form, tmp_path):
+    graph, store, inputs = _single_node_graph(node_type)
+    export(graph, store, tmp_path, form)
+    got = run(tmp_path / f"{form}.onnx", inputs, threads=1)["output"]
+    expected = output_of(graph, simulate_run(graph, store, inputs, form))
+    assert got.shape == tuple(expected.shape)
+    assert torch.allclose(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-5)
+
+
+# dyadic weights: every sum exact in float32, so ORT and the simulator agree bit for bit
+
+def _dyadic(shape, generator, scale=8):
+    """Multiples of 1/scale in [−1, 1]."""
+    return torch.randint(-scale, scale + 1, shape, generator=generator).float() / scale
+
+
+def _dyadic_graph():
+    """One decoder layer over 8 channels (2 query heads, 1 KV head of 4, a 2-token prefix, an online 4×4 Hadamard:
+    entries ±½) with dyadic weights and base-2 neurons of power-of-two τ; the final neuron has fitted bases."""
+    generator = torch.Generator().manual_seed(0)
+    store, graph = {}, Graph()
+    steps = 4
+
+    def add(name, node, *sources):
+        graph.add_node(name, node)
+        for source in sources:
+            graph.add_edge(*source) if isinstance(source, tuple) else graph.add_edge(source, name)
+
+    def weight(name, shape):
+        store[name] = _dyadic(shape, generator)
+        return TensorRef(name, shape)
+
+    def neuron(site, source, tau=2.0):
+        add(site, PhaseNeuron.from_params(site, base2_params(tau, steps, 2)), source)
+
+    add("ids", Input(shape=("batch", "seq"), dtype="int64", timesteps=steps))
+    add("embed", Embedding(weight=weight("embed.weight", (16, 8)), timesteps=steps), ("ids", "embed", "ids"))
+    neuron("layers.0.attn_norm", "embed")
+    for proj, width in (("q", 8), ("k", 4), ("v", 4)):
+        bias = weight(f"{proj}.bias", (width,)) if proj == "q" else None
+        add(f"{proj}_proj", Linear(weight=weight(f"{proj}.weight", (width, 8)), bias=bias, timesteps=steps),
+            "layers.0.attn_norm")
+        add(f"{proj}_heads", SplitHeads(heads=width // 4, head_dim=4, timesteps=steps), f"{proj}_proj")
+    for proj, which in (("k", "key"), ("v", "value")):
+        cache = weight(f"prefix.{which}", (1, 2, 4))
+        add(f"{proj}_prefix", KVPrefix(which=which, token_ids=(1, 5), cache=cache, timesteps=steps), f"{proj}_heads")
+    neuron("layers.0.q", "q_heads", tau=4.0)
+    neuron("layers.0.k", "k_prefix", tau=4.0)
+    neuron("layers.0.v", "v_prefix", tau=4.0)
+    add("scores", ActivationMatmul(which="qk", scaling=0.5, groups=2, timesteps=steps),
+        ("layers.0.q", "scores", "a"), ("layers.0.k", "scores", "b"))
+    neuron("layers.0.attn_probs", "scores", tau=8.0)
+    add("context", ActivationMatmul(which="pv", groups=2, timesteps=steps),
+        ("layers.0.attn_probs", "context", "a"), ("layers.0.v", "context", "b"))
+    add("merge", MergeHeads(heads=2, head_dim=4, timesteps=steps), "context")
+    neuron("layers.0.o_proj_in", "merge", tau=32.0)
+    add("o_proj", Linear(weight=weight("o.weight", (8, 8)), timesteps=steps), "layers.0.o_proj_in")
+    add("attn_residual", ResidualAdd(timesteps=steps), ("embed", "attn_residual", "residual"),
+        ("o_proj", "attn_residual", "branch"))
+    neuron("layers.0.mlp_norm", "attn_residual", tau=64.0)
+    for proj in ("gate", "up"):
+        add(f"{proj}_proj", Linear(weight=weight(f"{proj}.weight", (8, 8)), timesteps=steps), "layers.0.mlp_norm")
+    neuron("layers.0.silu", "gate_proj", tau=128.0)
+    add("product", ElementwiseProduct(timesteps=steps), ("layers.0.silu", "product", "a"), ("up_proj", "product", "b"))
+    signs = torch.tensor([1, -1, 1, 1], dtype=torch.int8)
+    add("hadamard", Rotation(n=4, where="online", construction=describe_hadamard(4), signs=signs, timesteps=steps),
+        "product")
+    neuron("layers.0.down_proj_in", "hadamard", tau=4096.0)
+    add("down_proj", Linear(weight=weight("down.weight", (8, 8)), timesteps=steps), "layers.0.down_proj_in")
+    add("mlp_residual", ResidualAdd(timesteps=steps), ("attn_residual", "mlp_residual", "residual"),
+        ("down_proj", "mlp_residual", "branch"))
+    fitted = PhaseNeuronParams(tau=torch.tensor(4096.0), genotype=torch.tensor([0, 0, 1, 1]),
+                               d=torch.tensor([2.0, 1.9]), h=torch.tensor([2.1, 2.0]), theta=torch.tensor([1.95, 2.05]))
+    add("final_norm", PhaseNeuron.from_params("final_norm", fitted), "mlp_residual")
+    add("lm_head", Linear(weight=weight("lm_head.weight", (16, 8)), timesteps=steps), "final_norm")
+    add("logits", Output(timesteps=steps), "lm_head")
+    validate(graph)
+    return graph, store
+
+
+def test_dyadic_weights_give_the_simulators_spike_planes_exactly(tmp_path):
+    graph, store = _dyadic_graph()
+    export(graph, store, tmp_path, "both", spike_outputs=True)
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(3))
+    trace = simulate_run(graph, store, ids, "event")
+    outputs = run(tmp_path / "event.onnx", {"ids": ids})
+    fired = 0
+    for name, spikes in trace.spikes.items():
+        assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
+        fired += int(spikes.any(0).float().mean() > 0.05)
+    assert fired == len(trace.spikes)  # every neuron is in use
+    for form, values in (("event", outputs), ("decoded", run(tmp_path / "decoded.onnx", {"ids": ids}))):
+        expected = output_of(graph, simulate_run(graph, store, ids, form))
+        assert torch.allclose(torch.from_numpy(values["logits"]), expected, rtol=1e-6, atol=1e-6), form
+
+
+def test_writing_is_deterministic(built, exported, tmp_path):
+    folder, _ = exported
+    build_onnx(built, tmp_path, "decoded")
+    assert (tmp_path / "decoded.onnx").read_bytes() == (folder / "decoded.onnx").read_bytes()
+
+
+def test_external_data_past_the_protobuf_limit(built, exported, monkeypatch, tmp_path):
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 2**16)
+    monkeypatch.setattr(export_module, "HEADROOM", 0)
+    report = build_onnx(built, tmp_path, "decoded")
+    entry = report["forms"]["decoded"]
+    assert entry["data"] == "decoded.onnx.data" and (tmp_path / "decoded.onnx.data").is_file()
+    folder, _ = exported
+    assert (tmp_path / "decoded.onnx").stat().st_size < (folder / "decoded.onnx").stat().st_size / 3  # weights left
+    ids = _ids()
+    got = run(tmp_path / "decoded.onnx", {"input_ids": ids}, ["logits"], threads=1)["logits"]
+    expected = run(folder / "decoded.onnx", {"input_ids": ids}, ["logits"], threads=1)["logits"]
+    assert np.array_equal(got, expected)
+
+
+def test_a_node_without_lowering_is_named_with_its_type(built, monkeypatch, tmp_path):
+    monkeypatch.delitem(LOWERINGS, Rotation)
+    with pytest.raises(SpikecompileError, match="node layers.0.mlp.online_hadamard: the onnx backend has no lowering "
+                                                "for Rotation"):
+        build_onnx(built, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.onnx"))
+
+
+def test_bad_options_and_unwritable_output(built, tmp_path):
+    with pytest.raises(SpikecompileError, match="onnx form 'spiking': choose one of decoded, event, both"):
+        check_form("spiking")
+    with pytest.raises(SpikecompileError, match="onnx form 'both': a model holds one form"):
+        to_onnx(built.graph, built.store, "both")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SpikecompileError, match="cannot create the ONNX output folder"):
+        build_onnx(built, blocker / "out")
+    unassigned = Graph(built.graph.nx.copy())
+    unassigned.nx.nodes["logits"]["node"] = dataclasses.replace(unassigned["logits"], timesteps=None)
+    with pytest.raises(SpikecompileError, match="node logits: no timesteps; run the assign_timesteps pass"):
+        to_onnx(unassigned, built.store, "event")
+
+
+def test_missing_extra_is_one_line_naming_it(monkeypatch):
+    for name in [name for name in sys.modules if name.startswith("spikecompile.backends.onnx")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime → ImportError
+    with pytest.raises(SpikecompileError, match=r"^the onnx backend needs the onnx extra: pip install "
+                                                r"'spikecompile\[onnx\]'$"):
+        importlib.import_module("spikecompile.backends.onnx")
+
+
+def test_importing_spikecompile_imports_no_onnx():
+    code = "import sys, spikecompile, spikecompile.backends, spikecompile.build; print('onnx' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@requires_smollm2
+def test_smollm2_window_matches_the_simulator(tmp_path):
+    from click.testing import CliRunner
+
+    from spikecompile.cli import cli
+    from spikecompile.data import load_text, token_windows
+
+    model = tmp_path / "model.pt"
+    result = CliRunner().invoke(cli, ["convert", "-o", str(model), "-T", "8", "--calib-windows", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    built = build(model, BuildOptions())
+    build_onnx(built, tmp_path / "onnx")
+    ids = token_windows(built.tokenizer, load_text("builtin", "eval"), 128, 1, "evaluation")[0]
+    for form in ("decoded", "event"):
+        # free running, one 1-ulp difference flips a spike and the flip grows layer by layer: compare node by node
+        model = onnx.load(str(tmp_path / "onnx" / f"{form}.onnx"))
+        reference = simulate_run(built.graph, built.store, ids, form).values
+        figures = agreement(model, built.graph, {"input_ids": ids}, reference)
+        assert figures["input_difference"] <= 1e-5 and figures["output_difference"] <= 1e-5, (form, figures)
+        assert figures["flipped_on_equal"] == 0 and figures["flipped"] <= 1e-4 * figures["elements"], (form, figures)
+
+
+def test_cli_build_target_onnx(tmp_path):
+    from click.testing import CliRunner
+    from conftest import convert_tiny
+
+    from spikecompile.cli import cli
+
+    model = convert_tiny(tmp_path)
+    result = CliRunner().invoke(cli, ["build", str(model), "--target", "onnx", "-o", str(tmp_path / "onnx"),
+                                      "--onnx-form", "event", "--spike-outputs"])
+    assert result.exit_code == 0, result.output
+    checked = onnx.load(str(tmp_path / "onnx" / "event.onnx"))
+    onnx.checker.check_model(checked, full_check=True)
+    assert any(output.name.endswith(".spikes") for output in checked.graph.output)
+    assert not (tmp_path / "onnx" / "decoded.onnx").exists()
