@@ -109,3 +109,16 @@ def convert_tiny(root, name="tiny", *options):
     result = CliRunner().invoke(cli, arguments)
     assert result.exit_code == 0, result.output
     return output
+
+
+@pytest.fixture(scope="session")
+def smollm2_t8_path(tmp_path_factory):
+    """The embedded SmolLM2-135M converted once per test session (T=8, 2 calibration windows): slow tests only."""
+    from click.testing import CliRunner
+
+    from spikecompile.cli import cli
+
+    path = tmp_path_factory.mktemp("smollm2") / "model.pt"
+    result = CliRunner().invoke(cli, ["convert", "-o", str(path), "-T", "8", "--calib-windows", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return path

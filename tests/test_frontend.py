@@ -4,10 +4,8 @@ import collections
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import build_tiny_llama, convert_tiny, requires_smollm2
 
-from spikecompile.cli import cli
 from spikecompile.conversion.convert import SpikingModel, load_spiking_model
 from spikecompile.conversion.neuron import base2_params
 from spikecompile.conversion.sites import install_sites
@@ -148,14 +146,10 @@ def test_unsupported_modules_give_a_one_line_error(build, message):
 
 @pytest.mark.slow
 @requires_smollm2
-def test_smollm2_graph_gives_the_spiking_logits(tmp_path):
+def test_smollm2_graph_gives_the_spiking_logits(smollm2_t8_path):
     from spikecompile.data import load_text, token_windows
 
-    path = tmp_path / "model.pt"
-    result = CliRunner().invoke(cli, ["convert", "-o", str(path), "-T", "8", "--calib-windows", "1",
-                                      "--samples-per-site", "1024", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    spiking = load_spiking_model(str(path))
+    spiking = load_spiking_model(str(smollm2_t8_path))
     graph, store = trace(spiking)
     assert sum(isinstance(graph[node], PhaseNeuron) for node in graph) == 30 * 9 + 1
     (ids,) = token_windows(spiking.tokenizer, load_text("builtin", "eval"), 512, 1, "evaluation")

@@ -260,11 +260,8 @@ def test_fixed_pt_stays_within_the_stated_bound(built, programs, name):
 @pytest.mark.smollm2
 @requires_smollm2
 @requires_lava
-def test_smollm2_mlp_block_full_width_equals_the_decoded_reference(tmp_path):
-    model = tmp_path / "model.pt"
-    result = CliRunner().invoke(cli, ["convert", "-o", str(model), "-T", "8", "--calib-windows", "2", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    smollm2 = build(model, BuildOptions())
+def test_smollm2_mlp_block_full_width_equals_the_decoded_reference(smollm2_t8_path, tmp_path):
+    smollm2 = build(smollm2_t8_path, BuildOptions())
     folder = tmp_path / "mlp"
     report = build_lava(smollm2, folder, layers=[0], block="mlp", tokens=4)
     assert report["synapses"] == 3 * 576 * 1536

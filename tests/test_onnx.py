@@ -325,16 +325,10 @@ def test_importing_spikecompile_imports_no_onnx():
 @pytest.mark.slow
 @pytest.mark.smollm2
 @requires_smollm2
-def test_smollm2_window_matches_the_simulator(tmp_path):
-    from click.testing import CliRunner
-
-    from spikecompile.cli import cli
+def test_smollm2_window_matches_the_simulator(smollm2_t8_path, tmp_path):
     from spikecompile.data import load_text, token_windows
 
-    model = tmp_path / "model.pt"
-    result = CliRunner().invoke(cli, ["convert", "-o", str(model), "-T", "8", "--calib-windows", "1", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    built = build(model, BuildOptions())
+    built = build(smollm2_t8_path, BuildOptions())
     build_onnx(built, tmp_path / "onnx")
     ids = token_windows(built.tokenizer, load_text("builtin", "eval"), 128, 1, "evaluation")[0]
     for form in ("decoded", "event"):

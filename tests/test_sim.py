@@ -1,15 +1,12 @@
 """The reference simulator: event mode equals decoded mode, spike counts equal the decoded codes' popcounts,
 and the counters follow counts.CONVENTION (checked against brute-force enumeration)."""
 
-import math
-
 import pytest
 import torch
 from conftest import convert_tiny
 
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
-from spikecompile.backends.sim.counts import Counts
 from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.conversion.neuron import phase_encode

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from spikecompile.cli import cli
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.data import load_text, token_windows
 from spikecompile.evaluation import perplexity
@@ -12,14 +10,6 @@ from spikecompile.evaluation import perplexity
 from conftest import requires_smollm2
 
 pytestmark = [pytest.mark.slow, pytest.mark.smollm2, requires_smollm2]
-
-
-@pytest.fixture(scope="module")
-def smollm2_t8_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("smollm2") / "model.pt"
-    result = CliRunner().invoke(cli, ["convert", "-o", str(path), "-T", "8", "--calib-windows", "2", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return path
 
 
 @pytest.fixture(scope="module")
