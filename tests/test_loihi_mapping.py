@@ -5,11 +5,9 @@ import dataclasses
 import math
 
 import pytest
-from click.testing import CliRunner
-from conftest import save_tiny_llama, synthetic_text, tiny_llama_config
+from conftest import convert_tiny, tiny_llama_config
 
 from spikecompile.build import BuildOptions, build
-from spikecompile.cli import cli
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Linear, PhaseNeuron
 from spikecompile.passes import CompileInputs, PassManager
@@ -22,22 +20,13 @@ from spikecompile.passes.loihi_mapping import (
     model_config,
 )
 
-FAST = ["--calib-seqlen", "64", "--calib-windows", "2", "--samples-per-site", "512", "--no-progress"]
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "vocab_size")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mapping")
-    folder = save_tiny_llama(root / "tiny")
-    text = root / "calib.txt"
-    text.write_text(synthetic_text())
-    model = root / "phase.pt"
-    result = CliRunner().invoke(cli, ["convert", str(folder), "-o", str(model), "-T", "6", "-n", "2", "--calib",
-                                      str(text), *FAST])
-    assert result.exit_code == 0, result.output
-    return build(model, BuildOptions())
+    return build(convert_tiny(tmp_path_factory.mktemp("mapping")), BuildOptions())
 
 
 @pytest.fixture(scope="module")

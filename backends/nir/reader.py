@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ...errors import SpikecompileError
 from ...ir import Graph, IRNode, TensorRef, TensorType, validate
+from ...modelfile import read_document
 from .export import FORMAT, FORMAT_VERSION, MANIFEST_FILE, OPS_FILE, file_sha256
 from .lower import VARIANTS, Variant, lower
 from .records import rebuild
@@ -49,22 +50,13 @@ def open_export(folder: str | Path) -> Export:
     folder = Path(folder)
     if folder.is_file():
         raise SpikecompileError(_not_an_export(folder))
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (folder / MANIFEST_FILE).exists():
         raise SpikecompileError(f"{folder}: no {MANIFEST_FILE}, so not a spikecompile NIR export (spikecompile "
-                                f"reads back only its own exports; a NIR file from another tool loads with nir.read)"
-                                ) from None
-    except OSError as error:
-        raise SpikecompileError(f"{folder}: cannot read {MANIFEST_FILE} ({error.strerror})") from None
-    except ValueError as error:
-        raise SpikecompileError(f"{folder / MANIFEST_FILE}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SpikecompileError(f"{folder / MANIFEST_FILE}: not a spikecompile NIR manifest")
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("variant") not in VARIANTS:
-        raise SpikecompileError(f"{folder / MANIFEST_FILE}: format version {manifest.get('format_version')}, variant "
-                                f"{manifest.get('variant')!r}; this spikecompile reads version {FORMAT_VERSION}, "
-                                f"variants {', '.join(VARIANTS)}: export again")
+                                f"reads back only its own exports; a NIR file from another tool loads with nir.read)")
+    manifest = read_document(folder / MANIFEST_FILE, "NIR manifest", FORMAT, FORMAT_VERSION, "export again")
+    if manifest.get("variant") not in VARIANTS:
+        raise SpikecompileError(f"{folder / MANIFEST_FILE}: variant {manifest.get('variant')!r}; this spikecompile "
+                                f"reads variants {', '.join(VARIANTS)}: export again")
     for path, sha256 in manifest["files"].items():
         if not (folder / path).is_file() or file_sha256(folder / path) != sha256:
             raise SpikecompileError(f"{folder / path}: missing, or not the file this {MANIFEST_FILE} was written with "
