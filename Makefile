@@ -11,11 +11,13 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 install: $(STAMP)
 
-# Main job: convert the embedded SmolLM2-135M-Instruct at T=8 and print SNN vs ANN perplexity.
+# Main job: convert the embedded SmolLM2-135M-Instruct at T=8, print SNN vs ANN perplexity, then simulate it
+# and print its energy per token beside the ANN's (report in out/smollm2-t8-sim/report.md).
 demo: install
 	mkdir -p out
 	$(BIN)/spikecompile convert -o out/smollm2-t8.pt --timesteps 8
 	$(BIN)/spikecompile eval out/smollm2-t8.pt --max-windows 8
+	$(BIN)/spikecompile build out/smollm2-t8.pt --target sim -o out/smollm2-t8-sim --windows 1 --mode decoded
 
 # Default test suite: self-contained, tiny random LLaMA models, a few minutes.
 test: install

@@ -297,7 +297,8 @@ def _build_sim(result, model_file: str, output: str, options: _SimOptions, progr
     energy = ledger(run, load_target(options.energy_target), options.attention)
     write_report(run, energy, folder)
     total = energy["total"]
-    click.echo(f"simulated {len(windows)} windows x {options.seqlen} tokens ({options.mode} mode): "
+    plural = "s" * (len(windows) != 1)
+    click.echo(f"simulated {len(windows)} window{plural} x {options.seqlen} tokens ({options.mode} mode): "
                f"perplexity {ppl:.4f}")
     for tier in ("compute", "neuron", "memory"):
         snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
@@ -383,7 +384,8 @@ def _graph_of(path, source):
 @click.option("--model", "model_file", default=None, help="The model.pt RUN_FILE was measured on (for --site).")
 @click.option("--config", "config_file", default=None,
               help="Analytic mode: a model config.json (e.g. targets/models/llama-3-8b.json) instead of RUN_FILE.")
-@click.option("--rates", "rates_file", default=None, help="Analytic mode: take each site kind's rate from this sim.json.")
+@click.option("--rates", "rates_file", default=None,
+              help="Analytic mode: take each site kind's rate from this sim.json.")
 @click.option("--rate", "rate_items", multiple=True, metavar="KIND=RATE", help="Analytic mode: one site kind's rate.")
 @click.option("--seq-len", default=512, show_default=True, help="Analytic mode: tokens per sequence.")
 @click.option("-T", "--timesteps", default=6, show_default=True, help="Analytic mode: timesteps per neuron.")
@@ -399,7 +401,7 @@ def report(run_file, output, energy_target, site, model_file, config_file, rates
 
     target = load_target(energy_target)
     if config_file:
-        run, attention = _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention), attention
+        run = _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention)
     elif run_file:
         run, meta = _measured_run(run_file)
         attention = meta["attention"]
