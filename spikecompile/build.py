@@ -7,7 +7,6 @@ The pass manager is built, and so every pass name and option checked, before the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from .errors import SpikecompileError
 from .ir import Graph, validate, write
-from .modelfile import atomic_write
+from .modelfile import atomic_write, file_sha256
 
 PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
 """The passes of a build, in order; assign_grains only runs when a grain search is asked for."""
@@ -94,7 +93,7 @@ def write_ir(result: BuildResult, model_path: str | Path, options: BuildOptions,
     write(result.graph, folder, result.store)
     seconds = {**result.seconds, "write": time.perf_counter() - start}
     report = {
-        "model": {"path": str(model_path), "sha256": _sha256(model_path)},
+        "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
         "source": result.record["source"],
         "options": {**asdict(options), "site_timesteps": dict(options.site_timesteps)},
         "passes": result.passes,
@@ -105,11 +104,3 @@ def write_ir(result: BuildResult, model_path: str | Path, options: BuildOptions,
     text = json.dumps(report, indent=2, default=str) + "\n"
     atomic_write(Path(folder) / REPORT_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
     return report
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -199,7 +199,7 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     _check_output_folder(output)
     if target == "sim":
         simulation = _SimOptions(text, windows, seqlen, mode, attention, mask_steps, float64, energy_target)
-        simulation.check()
+        text_and_target = simulation.load()
     if target == "nir":
         from .backends.nir import build_nir  # one-line error here if nir is missing, before the model loads
     if target == "onnx":
@@ -208,7 +208,7 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     layer_range = _layer_range(layers) if target == "lava" else None
     result = run_build(model_file, options)
     if target == "sim":
-        _build_sim(result, model_file, output, simulation, progress)
+        _build_sim(result, model_file, output, simulation, *text_and_target, progress)
         return
     if target == "nir":
         fidelity = build_nir(result, output, strict=strict, approximate=approximate)
@@ -254,21 +254,21 @@ class _SimOptions:
     float64: bool
     energy_target: str
 
-    def check(self):
-        """Everything checked before the model is loaded."""
+    def load(self):
+        """(the text, the energy target): everything checked before the model is loaded."""
         from .backends.sim.counting import check_attention
         from .data import load_text
         from .target import load_target
 
         check_attention(self.attention)
-        load_target(self.energy_target)
-        load_text(self.text, split="eval")
         for name, value in (("--windows", self.windows), ("--seqlen", self.seqlen), ("--mask-steps", self.mask_steps)):
             if value is not None and value < 1:
                 raise SpikecompileError(f"{name} {value}: must be at least 1")
+        return load_text(self.text, split="eval"), load_target(self.energy_target)
 
 
-def _build_sim(result, model_file: str, output: str, options: _SimOptions, progress: bool) -> None:
+def _build_sim(result, model_file: str, output: str, options: _SimOptions, text, energy_target,
+               progress: bool) -> None:
     """Simulate the built graph on token windows; write sim.json and the energy report into `output`."""
     from pathlib import Path
 
@@ -277,11 +277,9 @@ def _build_sim(result, model_file: str, output: str, options: _SimOptions, progr
     from .backends.sim.ledger import ledger
     from .backends.sim.measure import measure, save_run
     from .backends.sim.report import write_report
-    from .build import _sha256
-    from .data import load_text, token_windows
-    from .target import load_target
+    from .data import token_windows
+    from .modelfile import file_sha256
 
-    text = load_text(options.text, split="eval")
     windows = token_windows(result.tokenizer, text, options.seqlen, options.windows, "simulation")
     dtype = torch.float64 if options.float64 else None
     run, ppl = measure(result.graph, result.store, windows, options.mode, options.attention, options.mask_steps,
@@ -289,12 +287,12 @@ def _build_sim(result, model_file: str, output: str, options: _SimOptions, progr
     folder = Path(output)
     folder.mkdir(exist_ok=True)
     config = result.record["conversion"]
-    meta = {"model": {"path": str(model_file), "sha256": _sha256(model_file)}, "source": result.record["source"],
+    meta = {"model": {"path": str(model_file), "sha256": file_sha256(model_file)}, "source": result.record["source"],
             "coding": result.record["coding"], "text": text.name, "windows": len(windows), "seqlen": options.seqlen,
             "mode": options.mode, "attention": options.attention, "mask_steps": options.mask_steps,
             "dtype": "float64" if options.float64 else "float32", "ppl": ppl, "seed": config["seed"]}
     save_run(run, folder / "sim.json", meta)
-    energy = ledger(run, load_target(options.energy_target), options.attention)
+    energy = ledger(run, energy_target, options.attention)
     write_report(run, energy, folder)
     total = energy["total"]
     plural = "s" * (len(windows) != 1)
@@ -448,13 +446,13 @@ def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grain
 
 def _site_data(site: str, model_file: str | None, meta: dict | None):
     """The site's calibration samples and neuron from the model.pt the run was measured on."""
-    from .build import _sha256
+    from .modelfile import file_sha256
     from .conversion.convert import site_neuron
     from .modelfile import load
 
     if not model_file:
         raise SpikecompileError(f"--site {site}: give --model, the model.pt holding its calibration samples")
-    if meta and meta["model"]["sha256"] != _sha256(model_file):
+    if meta and meta["model"]["sha256"] != file_sha256(model_file):
         raise SpikecompileError(f"--model {model_file}: the run was measured on another model "
                                 f"({meta['model']['path']}); give that one")
     record = load(model_file)

@@ -24,6 +24,7 @@ same inputs, seed and SOURCE_DATE_EPOCH give a byte-identical file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -137,6 +138,15 @@ def _check_plain(value, where: str) -> None:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_document(path: str | Path, kind: str, format_name: str, version: int, remedy: str) -> dict:

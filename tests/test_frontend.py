@@ -10,13 +10,13 @@ from spikecompile.conversion.convert import SpikingModel, load_spiking_model
 from spikecompile.conversion.neuron import base2_params
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import interpret, trace
+from spikecompile.frontend import interpret, sites_off, trace
 from spikecompile.ir import PhaseNeuron, read, validate, write
 
 VARIANTS = {"plain": ["--rotate", "none", "--prefix", "none"],
             "rotated": ["--rotate", "hadamard", "--prefix", "none"],
             "rotated+prefix": ["--rotate", "hadamard", "--prefix", "auto"]}
-SITES_OFF = {PhaseNeuron: lambda node, inputs, store: inputs["x"]}
+SITES_OFF = {PhaseNeuron: sites_off}
 
 
 def _ids(length=32, seed=0):

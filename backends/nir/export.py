@@ -28,7 +28,6 @@ run by our interpreter (run.py); its TensorRefs name tensors in ops.safetensors.
 from __future__ import annotations
 
 import collections
-import hashlib
 import inspect
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from ...build import BuildResult
 from ...errors import SpikecompileError
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
 from ...ir.serialize import json_text
-from ...modelfile import atomic_write, check_writable
+from ...modelfile import atomic_write, check_writable, file_sha256
 from .lower import LOWERINGS, NOT_EXPRESSIBLE, VARIANTS, Lowered, NotExpressible, Variant, lower, vector_width
 from .records import describe
 
@@ -215,14 +214,6 @@ def _write(path: Path, write) -> str:
     """Write atomically with write(temp_path); the file's sha256."""
     atomic_write(path, write)
     return file_sha256(path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dump(document: dict, listings: tuple[str, ...], path) -> None:

@@ -60,9 +60,9 @@ def count(graph: Graph, shapes: Mapping[str, tuple[int, ...]], events: Mapping[s
     for name in graph.topological_order():
         node = graph[name]
         sources = graph.inputs(name)
-        operands = {port: _Operand(source, shapes[source], events.get(source), active[source])
+        operands = {port: _Operand(shapes[source], events.get(source), active[source])
                     for port, source in sources.items()}
-        out = _Operand(name, shapes[name], events.get(name), active[name])
+        out = _Operand(shapes[name], events.get(name), active[name])
         snn[name], ann[name] = COUNTERS[type(node)](node, operands, out, active[name], attention)
     return snn, ann
 
@@ -70,8 +70,8 @@ def count(graph: Graph, shapes: Mapping[str, tuple[int, ...]], events: Mapping[s
 class _Operand:
     """One input of a node: its shape, and its spike events when a neuron produces it (else real-valued)."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], events: Tensor | None, steps: int):
-        self.name, self.shape, self.events, self.steps = name, shape, events, steps
+    def __init__(self, shape: tuple[int, ...], events: Tensor | None, steps: int):
+        self.shape, self.events, self.steps = shape, events, steps
 
     @property
     def spiking(self) -> bool:

@@ -125,11 +125,7 @@ def output_of(graph: Graph, trace: Trace) -> Tensor:
 
 def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
     """An input in event form: whole at t = 0 (token ids are not stepped: the embedding places its rows)."""
-    if not value.is_floating_point():
-        return value
-    stepped = value.new_zeros(steps or 1, *value.shape)
-    stepped[0] = value
-    return stepped
+    return _at_t0(value, steps or 1) if value.is_floating_point() else value
 
 
 def _fire(node: PhaseNeuron, x: Tensor, mode: str, mask_steps: int | None) -> tuple[Tensor, Tensor]:

@@ -73,13 +73,13 @@ class Cleanup(Pass):
                 kept.append(name)
                 continue
             for member in pair:
-                _bypass(result, member)
+                bypass(result, member)
             removed += len(pair)
         notes = {"dead_removed": len(dead), "identity_removed": removed, "identity_kept": kept}
         return PassResult(result, bool(dead or removed), notes)
 
 
-def _bypass(graph: Graph, name: str) -> None:
+def bypass(graph: Graph, name: str) -> None:
     """Remove single-input node `name`, feeding its consumers from its producer on the same ports (the caller
     checked that the producer feeds none of them yet)."""
     (producer,) = graph.inputs(name).values()

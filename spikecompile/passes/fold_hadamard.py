@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import SpikecompileError
 from ..ir import Embedding, Graph, Linear, Rotation, TensorRef, validate
 from ..ir.base import torch_dtype
-from .cleanup import _bypass
+from .cleanup import bypass
 from .context import CompileInputs
 from .manager import Pass, PassContext, PassResult, register_pass
 
@@ -74,7 +74,7 @@ class FoldHadamard(Pass):
                 result.nx.nodes[name]["node"] = dataclasses.replace(rotation, where="online")
                 made_online.append(name)
                 continue
-            _bypass(result, name)
+            bypass(result, name)
         weights.commit()
         notes = {"folded_into_producer": into_producer, "folded_into_consumers": into_consumers,
                  "weights_rewritten": len(weights.working), "made_online": made_online}
