@@ -1,4 +1,4 @@
-"""model.pt: the converted spiking model, format version 1.
+"""model.pt: the converted spiking model, format version 2.
 
 A torch.save'd dict of plain data (str/int/float/bool/None, lists, dicts, tensors) — read back with
 torch.load(weights_only=True) only, so loading never executes code from the file. It holds a reference to the
@@ -6,13 +6,13 @@ source model (not its weights: kind, path, sha256), the rotation record (re-appl
 seed), and the spike-site table.
 
     format           "spikecompile.model"
-    format_version   1
+    format_version   2 (1: before per-site v0 and max_spikes were read back)
     source           {kind: hf_folder|gguf|embedded, path, sha256}
     rotation         None, or rotation.rotate_llama's record {method, seed, residual, head, online, ...}
     prefix           None, or the KV prefix (prefix.select_prefix): {token_ids, tokens, eta, outlier_counts}
     coding           {name: phase|las, timesteps, grains}
     sites            {site name: {layer: int|None, kind, timesteps, genotype: int64[T],
-                      tau: float32[], d/h/theta: float32[n], v0: float32[],
+                      tau: float32[], d/h/theta: float32[n], v0: float32[], max_spikes: int,
                       calibration: {mse, base2_tau, base2_mse, lloyd_max_mse, lloyd_max_levels, max_abs},
                       samples: float32[N] (the stored calibration samples, for later re-fitting)}}
     calibration      {source, sha256, windows, seqlen, samples_per_site}
@@ -36,7 +36,7 @@ import torch
 from .errors import SpikecompileError
 
 FORMAT = "spikecompile.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("source", "rotation", "prefix", "coding", "sites", "calibration", "conversion")
 
 

@@ -123,7 +123,7 @@ def test_parameter_memory_counts_the_weights_and_the_node_tensors(tiny, summary)
     config = model.config
     distinct = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}  # tied lm_head: once
     weight_bytes = sum(t.numel() * t.element_size() for t in distinct.values())
-    neuron_bytes = len(site_names) * (8 * T + 4 + 3 * 4 * GRAINS)  # genotype int64 [T]; τ, d, h, θ float32
+    neuron_bytes = len(site_names) * (8 * T + 4 + 3 * 4 * GRAINS + 4)  # genotype int64 [T]; τ, d, h, θ, v0 float32
     rope_bytes = 2 * config.num_hidden_layers * 4 * config.head_dim // 2  # inv_freq float32 [head_dim/2] per node
     memory = summary["memory"]
     assert memory["weight_bytes"] == weight_bytes
@@ -140,7 +140,7 @@ def test_weight_referenced_twice_counts_once_and_rotations_are_counted():
     summary = summarize(_shared_weight_graph(), seq_len=10)
     neuron_bytes = 8 * 4 + 4 + 3 * 4  # genotype int64 [4]; τ, d, h, θ float32 (1 grain)
     assert summary["memory"]["weight_bytes"] == 128 * 8 * 4
-    assert summary["memory"]["by_dtype"] == {"float32": 128 * 8 * 4 + 4 + 3 * 4, "int64": 8 * 4, "int8": 8}
+    assert summary["memory"]["by_dtype"] == {"float32": 128 * 8 * 4 + 4 + 3 * 4 + 4, "int64": 8 * 4, "int8": 8}
     assert summary["memory"]["node_tensor_bytes"] == neuron_bytes + 8
     assert summary["synapses"]["linear_weights"] == 128 * 8
     assert summary["rotations"] == {"online": 1, "offline": 1}

@@ -117,7 +117,7 @@ def test_mlp_block_round_trips(tmp_path):
     assert sorted(path.name for path in (tmp_path / "mlp").iterdir()) == ["graph.json", "tensors.safetensors"]
     owned = safetensors.torch.load_file(tmp_path / "mlp" / "tensors.safetensors")  # the neurons' own, no weights
     assert sorted(owned) == sorted(f"layers.0.{site}.{field}" for site in ("mlp_norm", "silu", "down_proj_in")
-                                   for field in ("genotype", "tau", "d", "h", "theta"))
+                                   for field in ("genotype", "tau", "d", "h", "theta", "v0"))
     read = ir.read(tmp_path / "mlp")
     assert_same_graph(graph, read)
     assert read.inputs("layers.0.mlp.product") == {"a": "layers.0.silu", "b": "layers.0.mlp.up_proj"}

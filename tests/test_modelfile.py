@@ -39,7 +39,7 @@ def test_foreign_bytes(tmp_path, content):
 
 def test_other_format_version(tmp_path):
     torch.save({**_record(), "format": modelfile.FORMAT, "format_version": 99}, tmp_path / "m.pt")
-    with pytest.raises(SpikecompileError, match="format version 99, this spikecompile reads version 1"):
+    with pytest.raises(SpikecompileError, match="format version 99, this spikecompile reads version 2"):
         modelfile.load(tmp_path / "m.pt")
 
 

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import nir
 import numpy as np
 
-from ...conversion.neuron import initial_potential, step_schedule
+from ...conversion.neuron import step_schedule
 from ...ir import (
     ActivationMatmul,
     ElementwiseProduct,
@@ -134,7 +134,7 @@ def lower_phase_neuron(name: str, node: PhaseNeuron, width: int, variant: Varian
     """The phase neuron unrolled over its T steps into two sign channels (the module docstring): 10T + 2 nodes."""
     params = node.params()
     d, h, theta = step_schedule(params)
-    v0 = initial_potential(params.tau, params.T)
+    v0 = params.v0
     thresholds, output_weights, resets = (theta - v0).tolist(), d.tolist(), h.tolist()
     lowered = Lowered(name)
     negated = lowered.add("neg.x", variant.scale(-1.0, width), X)

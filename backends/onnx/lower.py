@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from onnx import TensorProto
 
-from ...conversion.neuron import initial_potential, step_schedule
+from ...conversion.neuron import step_schedule
 from ...errors import SpikecompileError
 from ...ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,
@@ -315,7 +315,7 @@ def _spikes(ctx: Context, name: str, node: PhaseNeuron, magnitude: str, dtype: t
     b = ctx.builder
     params = node.params()
     _, resets, thetas = step_schedule(params)
-    thresholds = (thetas - initial_potential(params.tau, params.T).unsqueeze(-1)).to(dtype)
+    thresholds = (thetas - params.v0.unsqueeze(-1)).to(dtype)
     spikes, residual = [], magnitude
     for t in range(node.timesteps):
         fired = b.op("Greater", residual, b.tensor(f"{name}.threshold.{t}", thresholds[t]))

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spikecompile.conversion.neuron import (
-    PhaseNeuronParams, initial_potential, step_schedule, weighted_spike_sum,
+    PhaseNeuronParams, step_schedule, weighted_spike_sum,
 )
 from spikecompile.errors import SpikecompileError
 from spikecompile.modelfile import atomic_write
@@ -102,7 +102,7 @@ def reachable_levels(neuron: PhaseNeuronParams, low: float, high: float) -> Tens
 def _magnitude_levels(neuron: PhaseNeuronParams, bottom: float, top: float) -> Tensor:
     """The values Σ_t d(t)·s_t of the spike patterns that magnitudes m in [bottom, top], m > 0, produce."""
     _, reset, theta = step_schedule(neuron)
-    cut_base = (theta - initial_potential(neuron.tau, neuron.T)).double()
+    cut_base = (theta - neuron.v0.unsqueeze(-1)).double()
     reset = reset.double()
     below = math.nextafter(bottom, -math.inf) if bottom > 0 else 0.0  # intervals are (low, high]
     low, high = torch.full((1,), below, dtype=torch.float64), torch.full((1,), float(top), dtype=torch.float64)

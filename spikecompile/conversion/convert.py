@@ -15,7 +15,7 @@ from ..errors import SpikecompileError
 from ..loading import ModelSource, load_model, resolve_source, verify_source
 from .calibration import collect_samples
 from .fit import CODINGS, FitConfig, fit_sites, lloyd_max_mse
-from .neuron import PhaseNeuronParams, initial_potential
+from .neuron import PhaseNeuronParams
 from .prefix import KVPrefix, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites
@@ -171,7 +171,7 @@ def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
             "genotype": params.genotype[index].clone(),
             "tau": params.tau[index].clone(), "d": params.d[index].clone(),
             "h": params.h[index].clone(), "theta": params.theta[index].clone(),
-            "v0": initial_potential(params.tau[index], params.T).clone(),
+            "v0": params.v0[index].clone(), "max_spikes": int(params.max_spikes[index]),
             "calibration": {
                 "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
                 "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
@@ -190,8 +190,11 @@ def _parse_site_name(name: str) -> tuple[int | None, str]:
 
 
 def site_neuron(entry: dict) -> PhaseNeuronParams:
+    """A site's neuron from its model.pt entry (v0 and max_spikes default to the phase neuron's)."""
+    budget = entry.get("max_spikes")
     return PhaseNeuronParams(tau=entry["tau"], genotype=entry["genotype"], d=entry["d"], h=entry["h"],
-                             theta=entry["theta"])
+                             theta=entry["theta"], v0=entry.get("v0"),
+                             max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64))
 
 
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied") -> SpikingModel:

@@ -234,7 +234,7 @@ def _coupled_neuron(point: Tensor, reach2: Tensor, genotypes: Tensor) -> PhaseNe
     bases = 1 + torch.exp(point[..., 1:])
     genotypes = genotypes.expand(*point.shape[:-1], -1)
     unit = PhaseNeuronParams(tau=torch.ones_like(point[..., 0]), genotype=genotypes, d=bases, h=bases, theta=bases)
-    return replace(unit, tau=reach2 * torch.exp2(point[..., 0]) / step_schedule(unit)[0].sum(-1))
+    return replace(unit, tau=reach2 * torch.exp2(point[..., 0]) / step_schedule(unit)[0].sum(-1), v0=None)
 
 
 class _SurrogateSpike(torch.autograd.Function):

@@ -5,12 +5,14 @@ and uses that grain's output, reset and threshold bases, with the GLOBAL step in
 
     d(t) = τ·d[g(t)]^-(t+1)     h(t) = τ·h[g(t)]^-(t+1)     θ(t) = τ·θ[g(t)]^-(t+1)
 
-    σ = sign(x);   v = |x| + v0,  v0 = ½·τ·2^-T
-    for t = 0..T-1:   s_t = [v > θ(t)]   (strict);   v ← v − h(t)·s_t
+    σ = sign(x);   v = |x| + v0,  v0 = ½·τ·2^-T by default
+    for t = 0..T-1:   s_t = [v > θ(t)] ∧ [Σ_{u<t} s_u < K]   (strict);   v ← v − h(t)·s_t
     x̂ = σ·Σ_t d(t)·s_t
 
-With every base 2 this is exactly a (T+1)-bit sign-magnitude round-to-nearest quantizer with step
-Δ = τ·2^-T saturating at (2^T − 1)·Δ (``golden_base2``).
+K = max_spikes is the spike budget (K = 0: none, the phase neuron). With every base 2 and no budget this is
+exactly a (T+1)-bit sign-magnitude round-to-nearest quantizer with step Δ = τ·2^-T saturating at
+(2^T − 1)·Δ (``golden_base2``). The other codings (conversion.codings) are this neuron with other
+parameters: a budget (spikedattn K = 2, ttfs K = 1), bases 1 with v0 = ½τ (rate: T + 1 uniform levels).
 
 Parameters broadcast over x by batch prefix: a neuron with batch shape B applies to x of shape (*B, *rest),
 one site per index of B; B = () is one site for every element.
@@ -34,6 +36,9 @@ class PhaseNeuronParams:
     genotype: [*B, T]  int64 grain index g(t): starts at 0, steps up by 0 or 1, ends at n − 1
                        (each grain owns one contiguous block of steps)
     d, h, theta: [*B, n]  output, reset and threshold bases (> 0; 2 is plain binary coding)
+    v0:       [*B]     initial potential like tau (None: ½·τ·2^-T, half an LSB of the base-2 code; may be
+                       negative: a lower start widens the zero bin, SDLLM's membrane clipping)
+    max_spikes: [*B]   int64 spike budget K ≥ 0 (None: zeros, no budget)
     """
 
     tau: Tensor
@@ -41,11 +46,24 @@ class PhaseNeuronParams:
     d: Tensor
     h: Tensor
     theta: Tensor
+    v0: Tensor | None = None
+    max_spikes: Tensor | None = None
 
     def __post_init__(self):
         batch = tuple(self.tau.shape)
         if not self.tau.is_floating_point():
             raise ValueError(f"PhaseNeuronParams: tau must be a float tensor, got {self.tau.dtype}")
+        if self.v0 is None:  # dataclasses.replace(params, tau=...) must pass v0=None to re-derive it
+            object.__setattr__(self, "v0", initial_potential(self.tau, self.genotype.shape[-1]))
+        if self.max_spikes is None:
+            object.__setattr__(self, "max_spikes", torch.zeros(batch, dtype=torch.int64, device=self.tau.device))
+        if self.v0.shape != self.tau.shape or self.v0.dtype != self.tau.dtype or not bool(torch.isfinite(self.v0).all()):
+            raise ValueError(f"PhaseNeuronParams: v0 must be finite {self.tau.dtype} of shape {batch} like tau, "
+                             f"got {self.v0.dtype} {tuple(self.v0.shape)}")
+        if (self.max_spikes.shape != self.tau.shape or self.max_spikes.dtype != torch.int64
+                or not bool((self.max_spikes >= 0).all())):
+            raise ValueError(f"PhaseNeuronParams: max_spikes must be int64 ≥ 0 of shape {batch} like tau, "
+                             f"got {self.max_spikes.dtype} {tuple(self.max_spikes.shape)}")
         if self.genotype.dtype != torch.int64 or self.genotype.ndim != len(batch) + 1:
             raise ValueError(f"PhaseNeuronParams: genotype must be int64 of shape [*B, T] with B = tau.shape = "
                              f"{batch}, got {self.genotype.dtype} {tuple(self.genotype.shape)}")
@@ -79,6 +97,14 @@ class PhaseNeuronParams:
     @property
     def batch_shape(self) -> torch.Size:
         return self.tau.shape
+
+    @property
+    def has_budget(self) -> bool:
+        return bool((self.max_spikes > 0).any())
+
+    def thresholds(self) -> Tensor:
+        """[*B, T] θ(t) − v0: the thresholds against the residual r = v − v0 (see magnitude_spikes)."""
+        return step_schedule(self)[2] - self.v0.unsqueeze(-1)
 
 
 def even_genotype(T: int, n: int) -> Tensor:
@@ -123,13 +149,18 @@ def magnitude_spikes(magnitude: Tensor, params: PhaseNeuronParams, fire: Fire = 
     never rounded by the float addition |x| + v0, which could otherwise push a value across a threshold
     (this keeps base 2 bit-exact with ``golden_base2``). ``fire(r, θ(t) − v0, t)`` returns s_t; the fit
     passes one with a surrogate gradient and the same forward value.
+    A budget K > 0 stops firing after K spikes: s_t is masked by [spikes so far < K] (0 for such elements).
     """
-    _, reset, theta = step_schedule(params)
-    threshold = theta - initial_potential(params.tau, params.T).unsqueeze(-1)
-    reset, threshold = (_per_step(values, magnitude) for values in (reset, threshold))
+    reset = _per_step(step_schedule(params)[1], magnitude)
+    threshold = _per_step(params.thresholds(), magnitude)
+    budget = _per_element(params.max_spikes, magnitude) if params.has_budget else None
+    fired = torch.zeros_like(magnitude) if budget is not None else None
     residual = magnitude
     for t in range(params.T):
         spike = fire(residual, threshold[t], t)
+        if budget is not None:
+            spike = spike * ((budget == 0) | (fired < budget)).to(spike.dtype)
+            fired = fired + spike.detach()
         yield spike
         if t + 1 < params.T:  # the last step's reset is never read
             residual = torch.addcmul(residual, reset[t], spike, value=-1)

@@ -55,7 +55,7 @@ def config_graph(config: Mapping, timesteps: int, grains: int = 2, rotated: bool
     neuron = base2_params(torch.tensor(1.0), timesteps, grains)
     record = {"coding": {"timesteps": timesteps}, "rotation": None, "prefix": None,
               "sites": {name: {"tau": neuron.tau, "genotype": neuron.genotype, "d": neuron.d, "h": neuron.h,
-                               "theta": neuron.theta} for name in sites}}
+                               "theta": neuron.theta, "v0": neuron.v0, "max_spikes": 0} for name in sites}}
     graph, _ = trace(SpikingModel(model, None, sites, record))
     graph, _ = PassManager(["assign_timesteps"]).run(graph)
     return graph

@@ -126,10 +126,10 @@ def accumulator_peak(mantissa: np.ndarray) -> int:
 
 def residual_schedule(node: PhaseNeuron) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(d(t), h(t), θ(t), θ'(t) = θ(t) − v0) as float32 arrays, in conversion.neuron.magnitude_spikes' arithmetic."""
-    from ..conversion.neuron import initial_potential, step_schedule
+    from ..conversion.neuron import step_schedule
 
     d, reset, theta = (values.numpy() for values in step_schedule(node.params()))
-    return d, reset, theta, theta - initial_potential(node.tau, node.timesteps).numpy()
+    return d, reset, theta, theta - node.v0.numpy()
 
 
 def potential_exponent(node: PhaseNeuron, state_bits: int, guard_bits: int) -> int:
