@@ -7,7 +7,7 @@ python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0
-pip install -e '.[test,nir,onnx]'
+pip install -e '.[test,nir,onnx,eval]'
 # Independent NIR consumers for the NIR backend's cross-check; --no-deps: norse would otherwise pull
 # torchvision and with it a CUDA torch.
 pip install --no-deps norse==1.1.0 'nirtorch>=2.6,<3'

@@ -138,7 +138,7 @@ def test_summary_is_plain_json(summary):
 
 def test_weight_referenced_twice_counts_once_and_rotations_are_counted():
     summary = summarize(_shared_weight_graph(), seq_len=10)
-    neuron_bytes = 8 * 4 + 4 + 3 * 4  # genotype int64 [4]; τ, d, h, θ float32 (1 grain)
+    neuron_bytes = 8 * 4 + 4 + 3 * 4 + 4  # genotype int64 [4]; τ, d, h, θ, v0 float32 (1 grain)
     assert summary["memory"]["weight_bytes"] == 128 * 8 * 4
     assert summary["memory"]["by_dtype"] == {"float32": 128 * 8 * 4 + 4 + 3 * 4 + 4, "int64": 8 * 4, "int8": 8}
     assert summary["memory"]["node_tensor_bytes"] == neuron_bytes + 8
