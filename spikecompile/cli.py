@@ -46,7 +46,9 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the spiking model.")
 @click.option("-T", "--timesteps", default=8, show_default=True, help="Timesteps per neuron (4..16).")
 @click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
-@click.option("--coding", default="phase", show_default=True, help="phase (fitted, multi-granularity) or las (base 2).")
+@click.option("--coding", default="phase", show_default=True,
+              help="phase (fitted, multi-granularity), las (base 2), spikedattn (base 2, ≤ 2 spikes), rate (T+1 "
+                   "levels), ttfs (one spike) or sdllm (ternary counts; -T 4|8|16 for 3|4|5-bit counts).")
 @click.option("--rotate", default="hadamard", show_default=True, help="hadamard (QuaRot-style) or none.")
 @click.option("--prefix", default="auto", show_default=True,
               help="auto: prefixed outlier tokens with a full-precision KV cache (PrefixQuant); none.")
@@ -54,11 +56,14 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--calib-windows", default=4, show_default=True, help="Calibration windows.")
 @click.option("--calib-seqlen", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--samples-per-site", default=8192, show_default=True, help="Stored activation samples per site.")
+@click.option("--weight-bits", type=int, default=None, help="RTN-quantize the decoder weights to 4, 6 or 8 bits.")
+@click.option("--membrane-clip", default=0.0, show_default=True,
+              help="sdllm: membrane clipping, the share of calibration values sent to a zero count (0: off).")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
-            samples_per_site, seed, json_path, progress):
+            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .conversion.convert import ConvertOptions, convert as run_convert
 
@@ -66,7 +71,8 @@ def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, cal
         check_writable(json_path)
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
-                             samples_per_site=samples_per_site, seed=seed)
+                             samples_per_site=samples_per_site, weight_bits=weight_bits,
+                             membrane_clip=membrane_clip, seed=seed)
     report = run_convert(model, output, options, progress=progress)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "

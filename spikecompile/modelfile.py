@@ -9,8 +9,9 @@ seed), and the spike-site table.
     format_version   2 (1: before per-site v0 and max_spikes were read back)
     source           {kind: hf_folder|gguf|embedded, path, sha256}
     rotation         None, or rotation.rotate_llama's record {method, seed, residual, head, online, ...}
+    weights          None, or conversion.weights' RTN record {method, bits, grid, linears} (re-applied on load)
     prefix           None, or the KV prefix (prefix.select_prefix): {token_ids, tokens, eta, outlier_counts}
-    coding           {name: phase|las, timesteps, grains}
+    coding           {name: one of conversion.codings.CODINGS, timesteps, grains}
     sites            {site name: {layer: int|None, kind, timesteps, genotype: int64[T],
                       tau: float32[], d/h/theta: float32[n], v0: float32[], max_spikes: int,
                       calibration: {mse, base2_tau, base2_mse, lloyd_max_mse, lloyd_max_levels, max_abs},

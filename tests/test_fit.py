@@ -100,7 +100,7 @@ def test_progress_is_reported_after_every_step():
 
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="coding"):
-        FitConfig(T=4, coding="rate")
+        FitConfig(T=4, coding="pulse")
     with pytest.raises(ValueError, match="n_grains"):
         FitConfig(T=4, n_grains=5)
     with pytest.raises(ValueError, match=r"\[S, N\]"):

@@ -7,24 +7,40 @@ NIR maps one real vector per step; here a vector is the last dim (width n) of an
 not depend on the consumer's order and the encoding is exact in float32, bit for bit.
 
 Phase neuron (method.md §1), the IR node `N` of width n, T steps, t = 0..T−1, unrolled into depth: one consumer
-step computes all T phases. With c_t = θ(t) − v0 (thresholds on r = v − v0, as conversion.neuron computes them):
+step computes all T phases. With c_t = θ(t) − v0 (thresholds on r = v − v0, as conversion.neuron computes them)
+and the spike budget K (N.max_spikes; 0: none):
 
     N.neg.x     = Scale(−1)(x)                                   −x
     N.pos.is    = Threshold(0)(x),  N.neg.is = Threshold(0)(N.neg.x)   [x > 0], [x < 0]
     N.pos.gate  = Scale(−v0)(N.neg.is),  N.neg.gate = Scale(−v0)(N.pos.is)
     per channel ch ∈ {pos, neg} with input ±x and sign ±1:
       N.ch.r0       = Scale(1)(±x + N.ch.gate)                  r_0 = |x| when the sign is ch's
-      N.ch.spike{t} = Threshold(c_t)(N.ch.r{t})                 s_t = [r_t > c_t]
+      N.ch.spike{t} = Threshold(c_t)(N.ch.r{t})                 s_t = [r_t > c_t]          (t < K, or K = 0)
       N.ch.reset{t} = Scale(−h(t))(N.ch.spike{t})               (t < T−1)
       N.ch.r{t+1}   = Scale(1)(N.ch.r{t} + N.ch.reset{t})       r_{t+1} = r_t − h(t)·s_t
       N.ch.out{t}   = Scale(±d(t))(N.ch.spike{t})
       N.ch.sum{t}   = Scale(1)(N.ch.sum{t−1} + N.ch.out{t})     (N.ch.sum0 is N.ch.out0: Σ in step order)
     N           = Scale(1)(N.pos.sum{T−1} + N.neg.sum{T−1})      x̂ = σ·Σ_t d(t)·s_t
 
-The gate keeps the other sign's channel silent: a negative x enters the pos channel as x − v0 ≤ −v0, and every
-c_t ≥ −v0 (θ(t) > 0), so it never fires; at x = 0 both channels fire alike and cancel (σ = 0). The signed spike
-train is σ·s_t = N.pos.spike{t} − N.neg.spike{t}. That is 10T + 2 nodes of width n per neuron. The scalars are
-the same for every element: each NIR array holds n copies.
+The gate keeps the other sign's channel silent, for v0 of either sign and any size: a negative x enters the pos
+channel as r_0 = fl(x − v0) ≤ −v0 (rounding is monotone and −v0 is a float), and every c_t = fl(θ(t) − v0) ≥
+fl(0 − v0) = −v0 (θ(t) > 0), so [r_0 > c_t] is 0 at every step, no reset moves r, and the channel never fires
+(nor spends budget). At x = 0 both channels see r_0 = 0 and fire alike (some c_t < 0 when v0 > θ(t)), and
+their outputs cancel (σ = 0). The signed spike train is σ·s_t = N.pos.spike{t} − N.neg.spike{t}. Without a
+budget that is 10T + 2 nodes of width n per neuron. The scalars are the same for every element: each NIR array
+holds n copies.
+
+Spike budget, 1 ≤ K < T (K ≥ T never binds: k_t = Σ_{u<t} s_u ≤ t < K): the steps t ≥ K, where the count of
+earlier spikes k_t can reach K, fire only while k_t < K; in small integers, all exact:
+
+      N.ch.count{t}  = Scale(1)(N.ch.count{t−1} + N.ch.spike{t−1})     k_t  (t ≥ 2; k_1 is N.ch.spike0)
+      N.ch.fire{t}   = Threshold(c_t)(N.ch.r{t})                       [r_t > c_t]
+      N.ch.scaled{t} = Scale(K)(N.ch.fire{t})                          K·[r_t > c_t]
+      N.ch.spent{t}  = Scale(−1)(N.ch.count{t})                        −k_t
+      N.ch.spike{t}  = Threshold(½)(N.ch.scaled{t} + N.ch.spent{t})    s_t = [K·[r_t > c_t] − k_t > ½]
+
+K − k_t > ½ ⟺ k_t ≤ K − 1, and −k_t > ½ never, so s_t = [r_t > c_t] ∧ [k_t < K], conversion.neuron's budget
+(k_t ≤ K always: spikes stop at K). That adds 2·((T − 2) + 3·(T − K)) nodes: 18T − 6K − 2 in all.
 
 Synapse: IR Linear → Affine(W, b), or Linear(W) without bias. Residual add: Scale(1) fed by both inputs.
 The d(t) weights stay in the Scale nodes: folding them into the next synapse would store its weights T times.
@@ -131,11 +147,12 @@ X = Port("x")
 
 
 def lower_phase_neuron(name: str, node: PhaseNeuron, width: int, variant: Variant, store: TensorStore) -> Lowered:
-    """The phase neuron unrolled over its T steps into two sign channels (the module docstring): 10T + 2 nodes."""
+    """The phase neuron unrolled over its T steps into two sign channels (the module docstring): 10T + 2 nodes,
+    18T − 6K − 2 with a spike budget 1 ≤ K < T."""
     params = node.params()
-    d, h, theta = step_schedule(params)
-    v0 = params.v0
-    thresholds, output_weights, resets = (theta - v0).tolist(), d.tolist(), h.tolist()
+    d, h, _ = step_schedule(params)
+    thresholds, output_weights, resets = params.thresholds().tolist(), d.tolist(), h.tolist()
+    budget = node.max_spikes if 0 < node.max_spikes < params.T else 0  # K ≥ T never binds
     lowered = Lowered(name)
     negated = lowered.add("neg.x", variant.scale(-1.0, width), X)
     sources = {"pos": X, "neg": negated}
@@ -143,11 +160,20 @@ def lower_phase_neuron(name: str, node: PhaseNeuron, width: int, variant: Varian
         lowered.add(f"{channel}.is", variant.threshold(0.0, width), source)
     totals = []
     for channel, other, sign in (("pos", "neg", 1.0), ("neg", "pos", -1.0)):
-        gate = lowered.add(f"{channel}.gate", variant.scale(-v0.item(), width), f"{name}.{other}.is")
+        gate = lowered.add(f"{channel}.gate", variant.scale(-params.v0.item(), width), f"{name}.{other}.is")
         potential = lowered.add(f"{channel}.r0", variant.scale(1.0, width), sources[channel], gate)
-        total = None
+        total = count = None
         for t in range(params.T):
-            spike = lowered.add(f"{channel}.spike{t}", variant.threshold(thresholds[t], width), potential)
+            if budget and t >= budget:  # s_t = [K·[r_t > c_t] − c_t > ½]
+                fire = lowered.add(f"{channel}.fire{t}", variant.threshold(thresholds[t], width), potential)
+                scaled = lowered.add(f"{channel}.scaled{t}", variant.scale(float(budget), width), fire)
+                spent = lowered.add(f"{channel}.spent{t}", variant.scale(-1.0, width), count)
+                spike = lowered.add(f"{channel}.spike{t}", variant.threshold(0.5, width), scaled, spent)
+            else:
+                spike = lowered.add(f"{channel}.spike{t}", variant.threshold(thresholds[t], width), potential)
+            if budget and t + 1 < params.T:  # c_{t+1} = c_t + s_t
+                count = spike if count is None else lowered.add(f"{channel}.count{t + 1}",
+                                                               variant.scale(1.0, width), count, spike)
             out = lowered.add(f"{channel}.out{t}", variant.scale(sign * output_weights[t], width), spike)
             total = out if total is None else lowered.add(f"{channel}.sum{t}", variant.scale(1.0, width), total, out)
             if t + 1 < params.T:

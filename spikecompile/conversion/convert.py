@@ -14,15 +14,18 @@ from ..data import load_text, token_windows
 from ..errors import SpikecompileError
 from ..loading import ModelSource, load_model, resolve_source, verify_source
 from .calibration import collect_samples
-from .fit import CODINGS, FitConfig, fit_sites, lloyd_max_mse
+from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
+from .fit import FitConfig, fit_sites, lloyd_max_mse
 from .neuron import PhaseNeuronParams
 from .prefix import KVPrefix, select_prefix
 from .rotation import rotate_llama
+from .weights import rtn_quantize_weights
 from .sites import SiteTable, install_sites
 
 ROTATIONS = ("hadamard", "none")
 PREFIXES = ("auto", "none")
 TIMESTEP_RANGE = (4, 16)
+WEIGHT_BITS = (4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -36,18 +39,32 @@ class ConvertOptions:
     calib_windows: int = 4
     calib_seqlen: int = 512
     samples_per_site: int = 8192
+    weight_bits: int | None = None
+    membrane_clip: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
         low, high = TIMESTEP_RANGE
+        if self.coding not in CODINGS:
+            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of {', '.join(CODINGS)}")
+        if self.coding == "sdllm" and self.timesteps not in [sdllm_steps(bits) for bits in SDLLM_COUNT_BITS]:
+            raise SpikecompileError(
+                f"--coding sdllm -T {self.timesteps}: sdllm unfolds b-bit counts over T = 2^(b-1) steps; supported "
+                + ", ".join(f"-T {sdllm_steps(bits)} ({bits}-bit counts)" for bits in SDLLM_COUNT_BITS))
+        if self.weight_bits is not None and self.weight_bits not in WEIGHT_BITS:
+            raise SpikecompileError(f"--weight-bits {self.weight_bits}: supported RTN weight widths are "
+                                    f"{', '.join(map(str, WEIGHT_BITS))} (or leave the weights in float)")
+        if self.membrane_clip and self.coding != "sdllm":
+            raise SpikecompileError(f"--membrane-clip is SDLLM's membrane clipping; use it with --coding sdllm, "
+                                    f"not {self.coding}")
+        if not 0 <= self.membrane_clip < 1:
+            raise SpikecompileError(f"--membrane-clip {self.membrane_clip}: the share of zero counts to reach, in [0, 1)")
         if not low <= self.timesteps <= high:
             raise SpikecompileError(f"--timesteps {self.timesteps}: must be in {low}..{high}")
         if not 1 <= self.grains <= self.timesteps // 2:
             raise SpikecompileError(
                 f"--grains {self.grains}: must be in 1..T/2 = 1..{self.timesteps // 2} (each grain spans ≥ 2 steps)"
             )
-        if self.coding not in CODINGS:
-            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of {', '.join(CODINGS)}")
         if self.rotate not in ROTATIONS:
             raise SpikecompileError(f"--rotate {self.rotate!r}: choose one of {', '.join(ROTATIONS)}")
         if self.prefix not in PREFIXES:
@@ -117,6 +134,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     start = time.perf_counter()
     model, tokenizer = load_model(source)
     rotation = rotate_llama(model, seed=options.seed) if options.rotate == "hadamard" else None
+    weights = rtn_quantize_weights(model, options.weight_bits) if options.weight_bits else None
     sites = install_sites(model)
     timings["load"] = time.perf_counter() - start
 
@@ -129,7 +147,8 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding, seed=options.seed)
+    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
+                           membrane_clip=options.membrane_clip, seed=options.seed)
     fit = fit_sites(samples, fit_config, progress=progress)
     levels = 2 ** (options.timesteps + 1) - 1
     bound = lloyd_max_mse(samples, levels)
@@ -138,6 +157,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     record = {
         "source": source.to_dict(),
         "rotation": rotation,
+        "weights": weights,
         "prefix": prefix,
         "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
         "sites": _site_table(sites, fit, bound, levels, samples),
@@ -201,11 +221,14 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
     """Rebuild the spiking model from model.pt: source weights, the same rotation, the fitted sites.
 
     `source_path` overrides the recorded source location (its bytes must still match the recorded sha256).
-    rotations "explicit" leaves the offline rotations out of the weights (SpikingModel.rotations).
+    rotations "explicit" leaves the offline rotations out of the weights (SpikingModel.rotations) — except
+    for RTN-quantized weights, which were rounded in the rotated basis and so keep their rotations applied.
     """
     if rotations not in ("applied", "explicit"):
         raise ValueError(f"rotations must be 'applied' or 'explicit', got {rotations!r}")
     record = modelfile.load(path)
+    if record.get("weights"):
+        rotations = "applied"
     source = ModelSource(**record["source"])
     if source_path is not None:
         source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
@@ -214,6 +237,10 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
     rotation = record["rotation"]
     if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
         raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
+    weights = record.get("weights")
+    if weights and rtn_quantize_weights(model, weights["bits"]) != weights:
+        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
+                                f"re-convert")
     sites = install_sites(model)
     if list(sites) != list(record["sites"]):
         raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")

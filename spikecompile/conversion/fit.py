@@ -2,7 +2,8 @@
 
 Per site, on all its samples, with the exact neuron of neuron.py (same v0, saturation, strict '>'):
 1. Base-2 baseline: the all-base-2 neuron's MSE on the grid τ = max|x|·2^(-k/q) (clipping included),
-   then on a grid 8x finer around the best; τ_2 = argmin. "las" coding stops here.
+   then on a grid 8x finer around the best; τ_2 = argmin. The fixed codings (codings.py: las, spikedattn,
+   rate, ttfs, sdllm) stop here, with τ found the same way on their own closed forms.
 2. Coupled search (distribution-aware start): random search with a shrinking radius over
    (log2 R, p_1..p_n) with d = h = θ = 1 + e^p per grain, R = Σ_t d(t) the largest output. Moving a base
    at fixed R reshapes the levels without rescaling them, which decouples the coordinates. Algorithm 1
@@ -28,11 +29,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.conversion.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, step_schedule,
 )
 
-CODINGS = ("phase", "las")
 BASES = ("d", "h", "theta")
 _FIELDS = tuple(f.name for f in fields(PhaseNeuronParams))
 # Elements per op in the neuron loops: a few rows, so every op runs in cache (several times faster per core
@@ -56,7 +57,8 @@ def _one_thread():
 class FitConfig:
     """How to fit a site's neuron.
 
-    T, n_grains: timesteps and grains; coding: "phase" (fitted) or "las" (base 2, only τ chosen).
+    T, n_grains: timesteps and grains; coding: "phase" (fitted) or a fixed coding of codings.py (only τ chosen).
+    membrane_clip: sdllm only, the share of calibration samples its clipping sends to a zero count (0: off).
     rounds, hw_steps, base_steps: N, N1, N2 of Algorithm 1; lr_hw, lr_base: Adam learning rates on the
     base parameters p (b = 1 + e^p); surrogate_beta: β, the sigmoid slope in units of 1/θ(t).
     tau_octaves, tau_per_octave: the base-2 τ grid max|x|·2^(-k/tau_per_octave), k = 0..octaves·per_octave.
@@ -78,11 +80,15 @@ class FitConfig:
     search_rounds: int = 20
     search_trials: int = 8
     search_radius: float = 0.25
+    membrane_clip: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
         if self.coding not in CODINGS:
             raise ValueError(f"FitConfig: coding must be one of {CODINGS}, got {self.coding!r}")
+        if not 0 <= self.membrane_clip < 1 or (self.membrane_clip and self.coding != "sdllm"):
+            raise ValueError(f"FitConfig: membrane_clip must be in [0, 1) and only with coding sdllm, "
+                             f"got {self.membrane_clip!r} with {self.coding!r}")
         if not 1 <= self.n_grains <= self.T:
             raise ValueError(f"FitConfig: need 1 ≤ n_grains ≤ T, got T={self.T}, n_grains={self.n_grains}")
         counts = dict(rounds=self.rounds, hw_steps=self.hw_steps, base_steps=self.base_steps,
@@ -132,9 +138,11 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
     genotypes = _site_genotypes(genotypes, cfg, samples.shape[0], samples.device)
     max_abs = samples.abs().amax(-1)
     base2 = base2_params(_base2_tau(samples, max_abs, cfg), cfg.T, cfg.n_grains, genotypes)
-    if cfg.coding == "las":
-        mse = _chunked_mse(samples, base2)
-        return SiteFit(params=base2, mse=mse, base2_tau=base2.tau, base2_mse=mse, max_abs=max_abs)
+    if cfg.coding != "phase":
+        base2_mse = _chunked_mse(samples, base2)
+        params = base2 if cfg.coding == "las" else _fixed_coding(samples, max_abs, cfg, genotypes)
+        mse = base2_mse if cfg.coding == "las" else _chunked_mse(samples, params)
+        return SiteFit(params=params, mse=mse, base2_tau=base2.tau, base2_mse=base2_mse, max_abs=max_abs)
     magnitude = samples.abs()
     with _progress_callback(progress) as report:
         fitted = _algorithm1(magnitude, _coupled_search(magnitude, base2.tau, genotypes, cfg), cfg, report)
@@ -187,20 +195,40 @@ def _companded_quantiles(x: Tensor, levels: int) -> Tensor:
 
 def _base2_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig) -> Tensor:
     """[S] τ with the lowest base-2 MSE: the grid max|x|·2^(-k/q), then 8x finer within one grid step."""
+    return _grid_tau(samples, max_abs, cfg, lambda rows, tau: golden_base2(rows, tau, cfg.T))
+
+
+def _grid_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig, quantize) -> Tensor:
+    """[S] τ with the lowest MSE of quantize(rows [s, N], τ [s]) -> x̂ on the grid max|x|·2^(-k/q), then 8x
+    finer within one grid step."""
     q = cfg.tau_per_octave
     coarse = torch.exp2(-torch.arange(cfg.tau_octaves * q + 1, device=samples.device) / q)
     tau = torch.where(max_abs > 0, max_abs, 1.0)
+
+    def grid_mse(rows, taus):
+        return torch.stack([(quantize(rows, tau) - rows).square().mean(-1) for tau in taus.T], dim=1)
+
     for factors in (coarse, torch.exp2(torch.arange(-8, 9, device=samples.device) / (8 * q))):
         grid = tau[:, None] * factors
-        tau = grid.gather(1, _base2_grid_mse(samples, grid, cfg.T).argmin(-1, keepdim=True)).squeeze(1)
+        mse = _chunked(grid_mse, (len(samples),), samples.shape[-1], samples, grid)
+        tau = grid.gather(1, mse.argmin(-1, keepdim=True)).squeeze(1)
     return tau
 
 
-def _base2_grid_mse(samples: Tensor, grid: Tensor, T: int) -> Tensor:
-    """[S, G] base-2 MSE (closed form) of samples [S, N] at τ = grid [S, G]."""
-    def mse(rows, taus):
-        return torch.stack([(golden_base2(rows, tau, T) - rows).square().mean(-1) for tau in taus.T], dim=1)
-    return _chunked(mse, (len(samples),), samples.shape[-1], samples, grid)
+def _fixed_coding(samples: Tensor, max_abs: Tensor, cfg: FitConfig, genotypes: Tensor) -> PhaseNeuronParams:
+    """The neurons [S] of a fixed coding (codings.py) at the τ with the lowest error of its closed form."""
+    magnitude = samples.abs()
+
+    def clip(rows, tau):
+        return sdllm_clip(rows, tau, cfg.membrane_clip) if cfg.coding == "sdllm" else None
+
+    def quantize(rows, tau):
+        magnitudes = rows.abs()
+        return torch.sign(rows) * closed_form(cfg.coding, magnitudes, tau, cfg.T, clip(magnitudes, tau))
+
+    tau = _grid_tau(samples, max_abs, cfg, quantize)
+    grain_genotypes = genotypes if cfg.coding in ("spikedattn", "ttfs") else None
+    return coding_params(cfg.coding, tau, cfg.T, cfg.n_grains, clip(magnitude, tau), grain_genotypes)
 
 
 def _coupled_search(magnitude: Tensor, tau2: Tensor, genotypes: Tensor, cfg: FitConfig) -> PhaseNeuronParams:

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..conversion.neuron import PhaseNeuronParams
+from ..conversion.neuron import PhaseNeuronParams, initial_potential
 from ..conversion.sites import LAYER_SITE_KINDS
 from .base import IRNode, TensorType, is_count, node_type, require
 
@@ -45,6 +45,11 @@ class PhaseNeuron(IRNode):
     @property
     def kind(self) -> str:
         return self.site.rsplit(".", 1)[-1]
+
+    @property
+    def is_phase_coded(self) -> bool:
+        """No budget and the default v0 = ½·τ·2^-T: a phase neuron (fitted or base 2), not another coding."""
+        return self.max_spikes == 0 and bool(torch.equal(self.v0, initial_potential(self.tau, self.timesteps)))
 
     def params(self) -> PhaseNeuronParams:
         return PhaseNeuronParams(tau=self.tau, genotype=self.genotype, d=self.d, h=self.h, theta=self.theta,

@@ -9,7 +9,8 @@ it replaces the site's neuron only where its MSE on those samples is ≤ the cur
 worse on its samples. `grains` changes the number of grains n (1 ≤ n ≤ T//2: each grain keeps ≥ 2 steps);
 `sites` restricts the pass to the named sites.
 
-All-base-2 (LAS) neurons are left as they are: with every base 2 each genotype is the same uniform quantizer.
+All-base-2 (LAS) neurons are left as they are: with every base 2 each genotype is the same uniform quantizer;
+so are the other fixed codings (conversion.codings: a spike budget or another v0).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class AssignGrains(Pass):
         neurons = {graph[name].site: name for name in graph if isinstance(graph[name], PhaseNeuron)}
         chosen = context.options.get("sites") or tuple(neurons)
         _check_sites(chosen, neurons)
-        base2 = [site for site in chosen if is_base2(graph[neurons[site]])]
+        base2 = [site for site in chosen if is_base2(graph[neurons[site]]) or not graph[neurons[site]].is_phase_coded]
         refit = [site for site in chosen if site not in base2]
         samples = _site_samples(context.shared, refit)
         search = context.options.get("search", "darts")

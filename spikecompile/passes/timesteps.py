@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import networkx as nx
+import torch
 
 from ..conversion.convert import TIMESTEP_RANGE
 from ..conversion.neuron import base2_params
@@ -132,12 +133,14 @@ def _at_timesteps(neuron: PhaseNeuron, steps: int) -> PhaseNeuron:
     """The neuron running `steps` steps: itself, or an all-base-2 neuron re-derived from its τ (module docstring)."""
     if steps == neuron.timesteps:
         return neuron
-    if not is_base2(neuron):
+    if not (is_base2(neuron) and (neuron.is_phase_coded or neuron.max_spikes)):
         raise SpikecompileError(f"site {neuron.site}: its phase neuron was fitted at T={neuron.timesteps} and cannot "
-                                f"run at T={steps}; only all-base-2 (LAS) sites are re-derived at another T. "
+                                f"run at T={steps}; only all-base-2 sites (las, spikedattn, ttfs) are re-derived at another T. "
                                 f"Convert again with -T {steps}, or drop the override")
     grains = min(neuron.d.shape[-1], steps)
     params = base2_params(neuron.tau.detach().clone(), steps, grains)
+    if neuron.max_spikes:  # spikedattn, ttfs: the same budget at the new T
+        params = dataclasses.replace(params, max_spikes=torch.tensor(neuron.max_spikes))
     return PhaseNeuron.from_params(neuron.site, params)
 
 
