@@ -198,11 +198,11 @@ def _base2_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig) -> Tensor:
     return _grid_tau(samples, max_abs, cfg, lambda rows, tau: golden_base2(rows, tau, cfg.T))
 
 
-def _grid_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig, quantize) -> Tensor:
-    """[S] τ with the lowest MSE of quantize(rows [s, N], τ [s]) -> x̂ on the grid max|x|·2^(-k/q), then 8x
-    finer within one grid step."""
+def _grid_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig, quantize, octaves_above: int = 0) -> Tensor:
+    """[S] τ with the lowest MSE of quantize(rows [s, N], τ [s]) -> x̂ on the grid max|x|·2^(-k/q),
+    k = −octaves_above·q .. tau_octaves·q, then 8x finer within one grid step."""
     q = cfg.tau_per_octave
-    coarse = torch.exp2(-torch.arange(cfg.tau_octaves * q + 1, device=samples.device) / q)
+    coarse = torch.exp2(-torch.arange(-octaves_above * q, cfg.tau_octaves * q + 1, device=samples.device) / q)
     tau = torch.where(max_abs > 0, max_abs, 1.0)
 
     def grid_mse(rows, taus):
@@ -226,7 +226,8 @@ def _fixed_coding(samples: Tensor, max_abs: Tensor, cfg: FitConfig, genotypes: T
         magnitudes = rows.abs()
         return torch.sign(rows) * closed_form(cfg.coding, magnitudes, tau, cfg.T, clip(magnitudes, tau))
 
-    tau = _grid_tau(samples, max_abs, cfg, quantize)
+    # sparse level sets (a spike budget, few rate levels) can place their best top level above max|x|
+    tau = _grid_tau(samples, max_abs, cfg, quantize, octaves_above=1)
     grain_genotypes = genotypes if cfg.coding in ("spikedattn", "ttfs") else None
     return coding_params(cfg.coding, tau, cfg.T, cfg.n_grains, clip(magnitude, tau), grain_genotypes)
 
