@@ -28,9 +28,9 @@ TEST = SHARED / "wikitext-2-raw.wiki.test.raw"
 RESULTS = ROOT / "bench" / "results" / "convert_smollm2.json"
 
 
-def convert(workdir: Path, timesteps: int, coding: str, grains: int) -> tuple[Path, dict]:
-    output = workdir / f"{coding}-t{timesteps}.pt"
-    report = workdir / f"{coding}-t{timesteps}.json"
+def convert(workdir: Path, timesteps: int, coding: str, grains: int, tag: str | None = None) -> tuple[Path, dict]:
+    output = workdir / f"{tag or coding}-t{timesteps}.pt"
+    report = workdir / f"{tag or coding}-t{timesteps}.json"
     command = [sys.executable, "-m", "spikecompile", "convert", "-o", str(output), "--timesteps", str(timesteps),
                "--grains", str(grains), "--coding", coding, "--rotate", "hadamard", "--calib", str(CALIB),
                "--json", str(report), "--no-progress"]
