@@ -96,11 +96,11 @@ def site_error_rows(record: dict) -> list[dict]:
 
 
 def _print_site_table(rows: list[dict]) -> None:
-    click.echo(f"{'site':<24}{'tau':>10}{'fitted MSE':>12}{'base-2 MSE':>12}{'Lloyd-Max':>12}"
-               f"{'fit/LM':>8}{'b2/LM':>8}")
-    for row in rows:
-        click.echo(f"{row['site']:<24}{row['tau']:>10.4g}{row['fitted_mse']:>12.4g}{row['base2_mse']:>12.4g}"
-                   f"{row['lloyd_max_mse']:>12.4g}{row['fitted_over_bound']:>8.2f}{row['base2_over_bound']:>8.2f}")
+    click.echo(f"{'site':<24}{'tau':>10} {'fitted MSE':>11} {'base-2 MSE':>11} {'Lloyd-Max':>11}"
+               f" {'fit/LM':>8} {'b2/LM':>8}")
+    for row in rows:  # a space before every column: wide numbers never run into each other
+        click.echo(f"{row['site']:<24}{row['tau']:>10.4g} {row['fitted_mse']:>11.4g} {row['base2_mse']:>11.4g}"
+                   f" {row['lloyd_max_mse']:>11.4g} {row['fitted_over_bound']:>8.4g} {row['base2_over_bound']:>8.4g}")
     kinds = dict.fromkeys(row["kind"] for row in rows)
     click.echo("median by site kind:")
     for kind in kinds:
@@ -466,6 +466,75 @@ def _site_data(site: str, model_file: str | None, meta: dict | None):
     if entry is None or "samples" not in entry:
         raise SpikecompileError(f"--site {site}: {model_file} has no such site with calibration samples")
     return entry["samples"], site_neuron(entry)
+
+
+def _zeroshot_module():
+    """spikecompile.zeroshot, or a one-line error if lm-eval (the `eval` extra) is missing."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SpikecompileError("lm-eval is not installed: pip install -e '.[eval]' (scripts/install.sh does it)")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(name, "1")  # tasks are local JSON files: never ask the hub
+    from . import zeroshot
+
+    return zeroshot
+
+
+@cli.command()
+@click.argument("model_file")
+@click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=FILE.jsonl",
+              help="A JSON Lines file of {query, choices, gold} records, e.g. copa=../shared/data/copa_val.jsonl "
+                   "(repeatable).")
+@click.option("--mode", default="spiking", show_default=True, type=click.Choice(["spiking", "ann", "both"]),
+              help="spiking: the spiking model after its KV prefix; ann: the float model (sites off, no prefix), "
+                   "scored the same way; both.")
+@click.option("--limit", default=None, type=int, help="Only the first N records of each task.")
+@click.option("--batch-size", default=16, show_default=True, help="Requests per forward.")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
+@click.option("--json", "json_path", default=None, help="Also write the results as JSON.")
+def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path):
+    """Zero-shot multiple-choice accuracy of MODEL_FILE (a model.pt) through lm-eval: acc and acc_norm (± stderr)
+    as lm-eval computes them, per task."""
+    from .modelfile import file_sha256
+
+    if json_path:
+        check_writable(json_path)
+    if limit is not None and limit < 1:
+        raise SpikecompileError(f"--limit {limit}: must be at least 1")
+    if batch_size < 1:
+        raise SpikecompileError(f"--batch-size {batch_size}: must be at least 1")
+    module = _zeroshot_module()
+    tasks = module.parse_task_specs(task_specs)
+    modes = ("spiking", "ann") if mode == "both" else (mode,)
+    outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source)
+    coding = outcome["coding"]
+    click.echo(f"zero-shot accuracy of {model_file} (coding={coding['name']} T={coding['timesteps']}; "
+               f"lm-eval {outcome['lm_eval']}, 0-shot):")
+    click.echo(f"  {'task':<16}{'mode':<9}{'n':>6}  {'acc':<15}  {'acc_norm'}")
+    for mode_name, rows in outcome["results"].items():
+        for name, row in rows.items():
+            click.echo(f"  {name:<16}{mode_name:<9}{row['n']:>6}  {row['acc']:.4f} ± {row['acc_stderr']:.4f}  "
+                       f"{row['acc_norm']:.4f} ± {row['acc_norm_stderr']:.4f}")
+    if json_path:
+        files = {name: {"file": str(path), "sha256": file_sha256(path)} for name, path in tasks.items()}
+        _write_json(json_path, {"model_file": model_file, "limit": limit, "tasks": files, **outcome})
+
+
+@cli.command(name="tasks")
+@click.argument("files", nargs=-1, required=True, metavar="[NAME=]FILE.jsonl...")
+@click.option("-o", "--output", required=True, help="Folder for the task YAML files.")
+def write_tasks(files, output):
+    """Write an lm-eval task YAML (multiple choice, acc and acc_norm) for each JSON Lines file of {query, choices,
+    gold} records (the name is the file's stem unless given as NAME=FILE), for lm_eval --tasks."""
+    module = _zeroshot_module()
+    tasks = module.parse_task_specs(files, label="tasks")
+    written = [module.write_task_yaml(name, path, output) for name, path in tasks.items()]
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo("run: lm_eval --model spikecompile --model_args path=model.pt --batch_size auto --tasks "
+               + ",".join(str(path) for path in written))
 
 
 def main():
