@@ -68,6 +68,7 @@ def main() -> None:
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import measure
     from spikecompile.backends.sim.report import firing_rates
+
     from spikecompile.build import BuildOptions, build
     from spikecompile.conversion.convert import load_spiking_model
     from spikecompile.data import load_text, token_windows
@@ -142,19 +143,20 @@ def order(row: str) -> int:
 
 def markdown(results: dict) -> str:
     """The comparison table, one per T."""
+    limit = f" (first {results['task_limit']} items)" if results["task_limit"] else ""
     lines = [f"# Coding comparison on {results['model']}", "",
-             f"Perplexity: WikiText-2 test, {results['windows']} windows x {results['seqlen']} tokens (simulated, "
+             (f"Perplexity: WikiText-2 test, {results['windows']} windows x {results['seqlen']} tokens (simulated, "
              f"decoded mode); ratio against the ANN at the same T. Zero-shot: lm-eval acc / acc_norm on COPA (100) "
-             f"and OpenBookQA (500){' (first ' + str(results['task_limit']) + ' items)' if results['task_limit'] else ''}. "
+             f"and OpenBookQA (500){limit}. "
              f"Energy per token in mJ on {results['energy_target']} (compute | + neuron state | + memory), "
              f"ANN in the ANN row. Firing rate: spikes / (elements x T) over every site. Conversion: wall time of the "
-             f"convert process (+ the assign_grains pass for adaptive rows).", ""]
+             f"convert process (+ the assign_grains pass for adaptive rows)."), ""]
     for timesteps in sorted({run["timesteps"] for run in results["runs"]}, reverse=True):
         runs = [run for run in results["runs"] if run["timesteps"] == timesteps]
         ann = next((run for run in runs if run["row"] == "ann"), None)
         lines += [f"## T = {timesteps}", "",
-                  "| coding | PPL | PPL ratio | COPA acc / norm | OBQA acc / norm | firing rate | "
-                  "energy mJ/token (compute / +neuron / +memory) | conversion s |",
+                  ("| coding | PPL | PPL ratio | COPA acc / norm | OBQA acc / norm | firing rate | "
+                   "energy mJ/token (compute / +neuron / +memory) | conversion s |"),
                   "|---|---|---|---|---|---|---|---|"]
         for run in runs:
             ratio = f"{run['ppl'] / ann['ppl']:.3f}" if ann else "–"

@@ -4,9 +4,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import convert_tiny
+from spikecompile.backends.sim.simulate import retyped, run
 
 from spikecompile import modelfile
-from spikecompile.backends.sim.simulate import retyped, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
@@ -61,7 +61,7 @@ def test_ttfs_fires_once_at_the_first_crossing():
     tau = torch.tensor(1.0)
     params = coding_params("ttfs", tau, 4)
     x = torch.tensor([0.9, 0.45, 0.2, 0.01])
-    sign, spikes = phase_encode(x, params)
+    _, spikes = phase_encode(x, params)
     assert spikes.sum(0).tolist() == [1, 1, 1, 0]
     assert phase_quantize(x, params).tolist() == [0.5, 0.25, 0.125, 0.0]  # the crossed level τ·2^-(t+1)
 

@@ -31,7 +31,13 @@ from torch import Tensor
 
 from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.conversion.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, step_schedule,
+    PhaseNeuronParams,
+    base2_params,
+    even_genotype,
+    golden_base2,
+    magnitude_spikes,
+    phase_quantize,
+    step_schedule,
 )
 
 BASES = ("d", "h", "theta")
@@ -91,8 +97,8 @@ class FitConfig:
                              f"got {self.membrane_clip!r} with {self.coding!r}")
         if not 1 <= self.n_grains <= self.T:
             raise ValueError(f"FitConfig: need 1 ≤ n_grains ≤ T, got T={self.T}, n_grains={self.n_grains}")
-        counts = dict(rounds=self.rounds, hw_steps=self.hw_steps, base_steps=self.base_steps,
-                      tau_octaves=self.tau_octaves, search_rounds=self.search_rounds)
+        counts = {"rounds": self.rounds, "hw_steps": self.hw_steps, "base_steps": self.base_steps,
+                      "tau_octaves": self.tau_octaves, "search_rounds": self.search_rounds}
         if any(value < 0 for value in counts.values()) or min(self.tau_per_octave, self.search_trials) < 1:
             raise ValueError(f"FitConfig: need {counts} ≥ 0 and tau_per_octave, search_trials ≥ 1")
         if min(self.lr_hw, self.lr_base, self.surrogate_beta, self.search_radius) <= 0:
