@@ -47,10 +47,19 @@ def row_setup(row: str) -> tuple[str, int, str | None]:
     return "phase", int(parts[1][1:]), "darts" if parts[-1] == "adaptive" else None
 
 
-def zero_shot(forward, tokenizer, limit: int | None) -> dict:
-    from spikecompile.zeroshot import evaluate_tasks
+def zero_shot(model_path: Path, mode: str, limit: int | None, graph=None) -> dict:
+    """lm-eval acc / acc_norm per task; with `graph`, its neurons replace the converted ones (adaptive rows)."""
+    from spikecompile.conversion.convert import load_spiking_model
+    from spikecompile.ir import PhaseNeuron
+    from spikecompile.zeroshot import SpikecompileLM, score_tasks
 
-    return evaluate_tasks(forward, tokenizer, {name: str(path) for name, path in TASKS.items()}, limit=limit)
+    spiking = load_spiking_model(str(model_path))
+    if graph is not None:
+        for name in graph:
+            if isinstance(graph[name], PhaseNeuron):
+                spiking.sites[graph[name].site].neuron = graph[name].params()
+    lm = SpikecompileLM(path=str(model_path), mode=mode, spiking=spiking)
+    return score_tasks(lm, TASKS, (mode,), limit)["results"][mode]
 
 
 def main() -> None:
@@ -73,7 +82,6 @@ def main() -> None:
     from spikecompile.conversion.convert import load_spiking_model
     from spikecompile.data import load_text, token_windows
     from spikecompile.evaluation import perplexity
-    from spikecompile.frontend import interpret
     from spikecompile.modelfile import atomic_write
     from spikecompile.target import load_target
 
@@ -109,8 +117,8 @@ def main() -> None:
                     spiking = load_spiking_model(str(model_path))
                     windows = token_windows(spiking.tokenizer, text, args.seqlen, args.windows, "evaluation")
                     entry["ppl"] = perplexity(spiking.ann_logits, windows, desc="ANN")
-                    entry["tasks"] = zero_shot(spiking.ann_logits, spiking.tokenizer, args.task_limit)
                     del spiking
+                    entry["tasks"] = zero_shot(model_path, "ann", args.task_limit)
                 else:
                     built = build(model_path, BuildOptions(grain_search=search))
                     windows = token_windows(built.tokenizer, text, args.seqlen, args.windows, "evaluation")
@@ -124,8 +132,7 @@ def main() -> None:
                         (grain_pass,) = [item for item in built.passes if item["name"] == "assign_grains"]
                         entry["assign_grains_s"] = grain_pass["seconds"]
                         entry["conversion_s"] += grain_pass["seconds"]
-                    entry["tasks"] = zero_shot(lambda ids, b=built: interpret(b.graph, b.store, ids),
-                                               built.tokenizer, args.task_limit)
+                    entry["tasks"] = zero_shot(model_path, "spiking", args.task_limit, built.graph if search else None)
                     del built, run
                 entry["row_wall_s"] = time.perf_counter() - start
                 entry["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

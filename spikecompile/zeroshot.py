@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import math
 import re
 from pathlib import Path
@@ -60,8 +59,6 @@ DEFAULT_BATCH_SIZE = 16
 TOKEN_BUDGET = 4096
 """At most this many (padded) tokens per forward, whatever the batch size: logits are tokens x vocabulary."""
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,24 +129,24 @@ def process_docs(dataset):
     return dataset
 
 
-def parse_task_spec(spec: str) -> tuple[str, Path]:
+def parse_task_spec(spec: str, label: str = "--task") -> tuple[str, Path]:
     """"NAME=FILE.jsonl" or "FILE.jsonl" (the name is then the file's stem) -> (name, path)."""
     name, separator, file = spec.partition("=")
     if not separator:
         name, file = Path(spec).stem, spec
     if not TASK_NAME.match(name):
-        raise SpikecompileError(f"--task {spec}: task name {name!r} must be letters, digits, '_', '-' or '.' "
+        raise SpikecompileError(f"{label} {spec}: task name {name!r} must be letters, digits, '_', '-' or '.' "
                                 f"(give NAME=FILE.jsonl)")
     return name, Path(file)
 
 
-def parse_task_specs(specs) -> dict[str, Path]:
+def parse_task_specs(specs, label: str = "--task") -> dict[str, Path]:
     """Several task specs -> {name: path}, names unique, every file validated (before any model is loaded)."""
     tasks: dict[str, Path] = {}
     for spec in specs:
-        name, path = parse_task_spec(spec)
+        name, path = parse_task_spec(spec, label)
         if name in tasks:
-            raise SpikecompileError(f"--task {spec}: task name {name!r} given twice; use NAME=FILE.jsonl")
+            raise SpikecompileError(f"{label} {spec}: task name {name!r} given twice; use NAME=FILE.jsonl")
         validate_jsonl(path)
         tasks[name] = path
     return tasks
@@ -187,7 +184,7 @@ def write_task_yaml(name: str, path: str | Path, folder: str | Path) -> Path:
     task_config(name, path)
     fields = _task_fields(name, Path(path))
     lines = [
-        f"# lm-eval task written by `spikecompile tasks`: multiple choice over {{query, choices, gold}} records.",
+        "# lm-eval task written by `spikecompile tasks`: multiple choice over {query, choices, gold} records.",
         "# process_docs checks each record; importing spikecompile.zeroshot also registers --model spikecompile.",
         f"task: {json.dumps(fields['task'])}",
         "dataset_path: json",
@@ -241,7 +238,7 @@ class SpikecompileLM(TemplateLM):
 
     def __init__(self, path: str | None = None, mode: str = "spiking", source: str | None = None,
                  max_length: int | None = None, batch_size=DEFAULT_BATCH_SIZE, max_batch_size=None, device=None,
-                 **unknown):
+                 spiking=None, **unknown):
         # max_batch_size and device come from lm-eval's own options: the model runs on the CPU, its batches are
         # bounded by batch_size and TOKEN_BUDGET.
         super().__init__()
@@ -255,7 +252,8 @@ class SpikecompileLM(TemplateLM):
         self.mode = mode  # checked by the setter
         self.batch_size = _batch_size(batch_size)
         self.path = str(path)
-        self.spiking = load_spiking_model(self.path, source_path=source)
+        # spiking: an already loaded SpikingModel (Python callers, e.g. with neurons a build pass refitted)
+        self.spiking = spiking if spiking is not None else load_spiking_model(self.path, source_path=source)
         self.tokenizer = self.spiking.tokenizer
         prefix = self.spiking.prefix.length if self.spiking.prefix else 0
         limit = int(self.spiking.model.config.max_position_embeddings) - prefix
@@ -451,13 +449,18 @@ def zeroshot_eval(model_file: str, tasks: dict[str, Path], modes=("spiking",), l
 
     Returns {"lm_eval": version, "results": {mode: {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}}}.
     """
+    lm = SpikecompileLM(path=model_file, mode=modes[0], source=source, batch_size=batch_size)
+    return score_tasks(lm, tasks, modes, limit)
+
+
+def score_tasks(lm: SpikecompileLM, tasks: dict[str, Path], modes=("spiking",), limit: int | None = None) -> dict:
+    """zeroshot_eval on a model already wrapped as an lm-eval LM."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if limit is not None and limit < 1:
         raise SpikecompileError(f"--limit {limit}: must be at least 1")
     configs = [task_config(name, path) for name, path in tasks.items()]
-    lm = SpikecompileLM(path=model_file, mode=modes[0], source=source, batch_size=batch_size)
     manager = TaskManager(include_defaults=False)
     results: dict[str, dict] = {}
     for mode in modes:
