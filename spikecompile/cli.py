@@ -1,4 +1,4 @@
-"""Command line: `spikecompile convert`, `eval`, `build`, `inspect`.
+"""Command line: `spikecompile convert`, `eval`, `build`, `inspect`, `report`, `zeroshot`, `tasks`.
 
 Every user error is one line on stderr naming the file, site or option at fault (exit status 2); heavy imports
 (torch, transformers) happen inside the commands so `--help` is instant.
