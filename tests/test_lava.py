@@ -2,6 +2,7 @@
 programs run under Loihi2SimCfg against the decoded reference (skipped cleanly where lava-nc is absent)."""
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import convert_tiny, requires_smollm2
+from test_budget_lowering import zoo_graph
 from spikecompile.backends.lava import build_lava
 from spikecompile.backends.lava.emit import quantized_store, select_part
 from spikecompile.backends.lava.runtime import compat
@@ -117,11 +119,52 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def zoo_built(built):
+    """The tiny model with its sites cycling through the coding zoo (test_budget_lowering.ZOO): spike budgets
+    K = 1, 2, T − 1 and v0 negative, ½τ (rate-like) and above the late thresholds."""
+    return dataclasses.replace(built, graph=zoo_graph(built.graph))
+
+
+PARTS = {"mlp": {"layers": [0], "block": "mlp"}, "attn": {"layers": [0], "block": "attn"}, "model": {}}
+
+
+def _emit(result, root):
+    return {name: (root / name, build_lava(result, root / name, tokens=4, **part)) for name, part in PARTS.items()}
+
+
+@pytest.fixture(scope="module")
 def programs(built, tmp_path_factory):
     """Emitted programs by name: the MLP and attention blocks of layer 0, and the whole model."""
-    root = tmp_path_factory.mktemp("programs")
-    parts = {"mlp": {"layers": [0], "block": "mlp"}, "attn": {"layers": [0], "block": "attn"}, "model": {}}
-    return {name: (root / name, build_lava(built, root / name, tokens=4, **part)) for name, part in parts.items()}
+    return _emit(built, tmp_path_factory.mktemp("programs"))
+
+
+@pytest.fixture(scope="module")
+def zoo_programs(zoo_built, tmp_path_factory):
+    """The same parts of the zoo model."""
+    return _emit(zoo_built, tmp_path_factory.mktemp("zoo-programs"))
+
+
+@pytest.fixture(params=["phase", "zoo"])
+def case(request):
+    """(the built model, its programs): the phase-coded tiny model, or its zoo variant."""
+    if request.param == "phase":
+        return request.getfixturevalue("built"), request.getfixturevalue("programs")
+    return request.getfixturevalue("zoo_built"), request.getfixturevalue("zoo_programs")
+
+
+def test_zoo_program_carries_budgets_and_thresholds_below_zero(zoo_built, zoo_programs):
+    network = json.loads((zoo_programs["model"][0] / "network.json").read_text())
+    neurons = {entry["site"]: entry for entry in network["processes"] if entry["kind"] == "neuron"}
+    graph = zoo_built.graph
+    for name in graph:
+        node = graph[name]
+        if isinstance(node, PhaseNeuron):
+            entry = neurons[node.site]
+            assert entry["max_spikes"] == node.max_spikes
+            assert np.array_equal(np.float32(entry["threshold"]["floating_pt"]), node.params().thresholds().numpy())
+    assert {entry["max_spikes"] for entry in neurons.values()} == {0, 1, 2, 5}
+    assert any(min(entry["threshold"]["floating_pt"]) < 0 for entry in neurons.values())
+    assert any(min(entry["threshold"]["fixed_pt"]) < 0 for entry in neurons.values())
 
 
 def test_program_folder_is_self_contained(programs):
@@ -224,19 +267,29 @@ def _max_error(result, outputs):
 
 @requires_lava
 @pytest.mark.parametrize("name", ["mlp", "attn", "model"])
-def test_floating_pt_equals_the_decoded_reference(built, programs, name):
+def test_floating_pt_equals_the_decoded_reference(case, name):
+    built, programs = case
     folder, _ = programs[name]
     part = _part(built, name)
-    outputs, counts, _ = reference(part, built.store, _inputs(folder))
+    outputs, counts, sites = reference(part, built.store, _inputs(folder))
     result = run_program(folder, "floating_pt")
     assert _max_error(result, outputs) <= FLOAT_TOLERANCE
+    stopped = budgets = 0  # neurons that stop at their budget K where the same neuron without one fires more
     for site, expected in counts.items():
         np.testing.assert_array_equal(result[f"counts:{site}"], expected, err_msg=site)
+        neuron = _neuron(part, site)
+        if neuron.max_spikes:
+            budgets += 1
+            assert result[f"counts:{site}"].max() <= neuron.max_spikes, site
+            unlimited = _counts(sites[site].float(), dataclasses.replace(neuron, max_spikes=0))
+            stopped += int(((result[f"counts:{site}"] == neuron.max_spikes) & (unlimited > neuron.max_spikes)).sum())
+    assert stopped > 0 or budgets == 0  # the budget acts in these runs
 
 
 @requires_lava
 @pytest.mark.parametrize("name", ["mlp", "attn"])
-def test_fixed_pt_stays_within_the_stated_bound(built, programs, name):
+def test_fixed_pt_stays_within_the_stated_bound(case, name):
+    built, programs = case
     folder, report = programs[name]
     part = _part(built, name)
     inputs = _inputs(folder)

@@ -4,20 +4,34 @@ or from a config alone), traffic from measured firing rates, and the diagnostics
 import dataclasses
 import math
 
+import numpy as np
 import pytest
+import torch
 from conftest import convert_tiny, tiny_llama_config
+from test_budget_lowering import ZOO, zoo_graph, zoo_neurons
 
 from spikecompile.build import BuildOptions, build
+from spikecompile.conversion.neuron import (
+    base2_params,
+    magnitude_spikes,
+    phase_quantize,
+)
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import Linear, PhaseNeuron
+from spikecompile.ir import Graph, Linear, PhaseNeuron
 from spikecompile.passes import CompileInputs, PassManager
 from spikecompile.passes.loihi_mapping import (
     LIMITS,
     MODEL_CONFIGS,
+    budget_counter_bits,
+    flip_level,
+    grid_bits,
     load_loihi2,
     map_config,
     map_loihi2,
     model_config,
+    potential_exponent,
+    potential_level,
+    residual_schedule,
 )
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -107,3 +121,83 @@ def test_llama2_7b_needs_many_chips_and_splits_its_down_proj():
     assert report["chips"] >= report["chips_by_synapse_count"] == math.ceil(report["synapses"] / 120e6) == 56
     assert not report["systems"]["kapoho_point"]["fits"]
     assert sum("mlp.down_proj: fan-in 11008" in line for line in report["does_not_fit"]) == 32
+
+
+# ---- the generalised neuron: v0 of any sign and size, a spike budget ------------------------------------------------
+
+def _node(params):
+    return PhaseNeuron.from_params("layers.0.silu", params)
+
+
+def test_budget_counter_bits_and_grid_bits():
+    neurons = zoo_neurons(T=6)
+    bits = {variant: budget_counter_bits(_node(params)) for variant, params in neurons.items()}
+    assert bits == {"spikedattn": 2, "ttfs": 1, "rate": 0, "sdllm": 3, "negative_v0": 2, "large_v0": 0}
+    at_t = dataclasses.replace(base2_params(1.0, 4), max_spikes=torch.tensor(4))  # never binds: no counter
+    sdllm8 = dataclasses.replace(base2_params(1.0, 8), max_spikes=torch.tensor(7))  # K = 2^(b−1) − 1 at T = 8
+    assert budget_counter_bits(_node(at_t)) == 0 and budget_counter_bits(_node(sdllm8)) == 3
+    grids = {variant: grid_bits(_node(params)) for variant, params in neurons.items()}
+    # the phase coding's ½·τ·2^-T needs T + 1; ½τ', −¼τ' and τ·2^-4 need fewer than T; −0.075τ is no dyadic multiple
+    assert grids == {"spikedattn": 7, "ttfs": 7, "rate": 6, "sdllm": 6, "negative_v0": 7, "large_v0": 6}
+
+
+@pytest.mark.parametrize("variant", ["spikedattn", "sdllm", "negative_v0", "large_v0", "rate"])
+def test_potential_level_holds_every_state_the_neuron_reaches(variant):
+    """V bounds the residual r_t from both sides, the thresholds, and the all-fire level (v0 < 0 raises it, v0
+    above θ(t) makes thresholds negative and lets the residual fall below 0), and F keeps 2^g·V in 24 bits."""
+    params = zoo_neurons(T=6)[variant]
+    node = _node(params)
+    level = potential_level(node)
+    _, reset, _, threshold = residual_schedule(node)
+    assert level >= np.abs(threshold).max()
+    magnitudes = torch.linspace(0, 3 * level, 30001)
+    residual, lowest = magnitudes.clone(), 0.0
+    for t, spike in enumerate(magnitude_spikes(magnitudes, params)):
+        residual = residual - float(reset[t]) * spike
+        lowest = min(lowest, float(residual.min()))
+    assert -lowest <= level * (1 + 1e-6)
+    above = magnitudes[magnitudes >= level]  # at or above V every step fires, up to the budget
+    spikes = torch.stack(list(magnitude_spikes(above, params)))
+    assert torch.equal(spikes.sum(0), torch.full_like(above, int(params.max_spikes) or params.T))
+    exponent = potential_exponent(node, 24, 1)
+    assert 2 * level * 2.0 ** exponent / float(params.tau) <= 2 ** 23 - 1 < 2 * level * 2.0 ** (exponent + 1) / float(params.tau)
+
+
+@pytest.mark.parametrize("variant", ZOO)
+def test_flip_level_is_the_largest_jump_of_the_output(variant):
+    """flip_level against brute force: the largest step between neighbours of a dense grid through phase_quantize
+    (the grid has no 0, so a jump across x = 0 counts whole)."""
+    params = zoo_neurons(T=6)[variant]
+    grid = torch.linspace(-1.2, 1.2, 600_000)
+    jumps = phase_quantize(grid, params).double().diff().abs()
+    assert flip_level(_node(params)) == pytest.approx(float(jumps.max()), rel=1e-6)
+
+
+def test_flip_level_of_base2_is_one_lsb_and_k_spikes_widen_it():
+    for budget, expected in ((0, 2.0 ** -5), (1, 2.0 ** -2), (2, 2.0 ** -3), (4, 2.0 ** -5)):
+        neuron = dataclasses.replace(base2_params(1.0, 5), max_spikes=torch.tensor(budget))
+        assert flip_level(_node(neuron)) == expected  # d(K) = τ·2^-(K+1) with a budget K < T
+
+
+def test_zoo_model_reports_its_budget_counters_and_negative_thresholds(built):
+    graph = zoo_graph(built.graph)
+    report = map_loihi2(graph, built.store, context=16)
+    state = report["neuron_state"]
+    sites = [graph[name] for name in graph if isinstance(graph[name], PhaseNeuron)]
+    budgeted = [node for node in sites if budget_counter_bits(node)]
+    assert state["budget_sites"] == len(budgeted) > 0 and state["counter_bits"] == 3  # sdllm: K = T − 1 = 5
+    assert state["negative_threshold_sites"] and all(
+        (residual_schedule(graph[name])[3] < 0).any() for name in state["negative_threshold_sites"])
+    assert state["potential_bits"] == 24 and set(state["sources"]) == {"potential_bits", "counter_bits"}
+    assert report["does_not_fit"] == []
+    plain = map_loihi2(built.graph, built.store, context=16)["neuron_state"]
+    assert plain["budget_sites"] == plain["counter_bits"] == plain["counter_bits_per_token"] == 0
+
+
+def test_a_coarse_grid_for_a_fine_v0_is_named(built):
+    graph = Graph(built.graph.nx.copy())
+    name = next(name for name in graph if isinstance(graph[name], PhaseNeuron))
+    node = graph[name]
+    graph.nx.nodes[name]["node"] = dataclasses.replace(node, v0=node.tau * 2.0 ** -30)
+    lines = "\n".join(map_loihi2(graph, built.store, context=16)["does_not_fit"])
+    assert f"{name}: fixed point: the 24-bit potential leaves" in lines and "fractional bits < 30" in lines

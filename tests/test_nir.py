@@ -4,6 +4,7 @@ neuron run by an independent consumer (nirtorch with explicit node maps; norse's
 variant) equals phase_encode / phase_quantize bit for bit; a traced MLP block run segment by segment in the
 consumer, its other ops by our interpreter, matches the interpreted block; bad input gives one-line errors."""
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import save_tiny_llama, synthetic_text
+from test_budget_lowering import ZOO, zoo_graph, zoo_neurons
 from test_ir import assert_same_node, example_graph
 
 from spikecompile import ir
@@ -22,7 +24,6 @@ from spikecompile.conversion.neuron import (
     PhaseNeuronParams,
     base2_params,
     even_genotype,
-    initial_potential,
     phase_encode,
     phase_quantize,
     step_schedule,
@@ -92,12 +93,16 @@ def _neuron_graph(params, width=16):
 
 
 def _neuron_inputs(params, width=16):
-    """Signed random values, zeros, values on and just above every threshold, and saturating ones."""
+    """Signed random values up to past saturation, zeros, values on and just above every threshold θ(t) − v0 and
+    every all-fire cut θ(t) − v0 + Σ_{u<t} h(u) (where a budget runs out), and saturating ones."""
     generator = torch.Generator().manual_seed(1)
-    thresholds = step_schedule(params)[2] - initial_potential(params.tau, params.T)
-    above = torch.nextafter(thresholds, torch.tensor(float("inf")))
-    special = torch.cat([thresholds, above, torch.zeros(4), params.tau * torch.tensor([3.0, 1e-9, 0.5])])
-    values = torch.cat([torch.randn(60 * width, generator=generator) * params.tau * 0.6, special, -special])
+    d, h, _ = step_schedule(params)
+    reach = d.sum()  # the largest output
+    thresholds = params.thresholds()
+    cuts = torch.cat([thresholds, thresholds + torch.cat([torch.zeros(1), h.cumsum(0)[:-1]])])
+    above = torch.nextafter(cuts, torch.tensor(float("inf")))
+    special = torch.cat([cuts, above, torch.zeros(4), reach * torch.tensor([3.0, 1e-9, 0.5])])
+    values = torch.cat([torch.randn(60 * width, generator=generator) * reach * 0.6, special, -special])
     return torch.cat([values, torch.zeros(-len(values) % width)]).reshape(-1, width)
 
 
@@ -108,7 +113,11 @@ NEURONS = {
     "thresholds_below_v0": PhaseNeuronParams(tau=torch.tensor(1.3), genotype=even_genotype(5, 2),
                                              d=torch.tensor([2.0, 2.1]), h=torch.tensor([2.0, 2.2]),
                                              theta=torch.tensor([2.1, 2.6])),
+    **{f"zoo.{variant}": params for variant, params in zoo_neurons(T=5).items()},
+    "budget_at_T": dataclasses.replace(base2_params(0.5, 4), max_spikes=torch.tensor(4)),  # never binds
 }
+"""Zoo neurons (test_budget_lowering.ZOO): spike budgets K = 1, 2, T − 1 and v0 negative, rate-like (½τ with
+bases 1) and above the late thresholds."""
 
 
 # --- coverage and round trip ---------------------------------------------------------------------------------------
@@ -155,9 +164,22 @@ def test_unrolled_neuron_in_nirtorch_is_bit_exact(neuron, tmp_path):
     assert torch.equal(decoded, phase_quantize(x, params))
 
 
+@pytest.mark.parametrize("neuron", NEURONS)
+def test_unrolled_neuron_has_the_documented_node_count_and_round_trips(neuron, tmp_path):
+    """10T + 2 nodes without a binding budget, 18T − 6K − 2 with one (1 ≤ K < T); read back to the same node."""
+    params = NEURONS[neuron]
+    graph = _neuron_graph(params)
+    export(graph, {}, tmp_path)
+    (path,) = _nir_files(tmp_path)
+    nodes = [node for node in nir.read(path).nodes.values() if node.metadata.get("spikecompile.node") == "layers.0.silu"]
+    T, K = params.T, int(params.max_spikes)
+    assert len(nodes) == (18 * T - 6 * K - 2 if 0 < K < T else 10 * T + 2)
+    assert_same_export(graph, {}, tmp_path)
+
+
 @requires_norse
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # raised by norse's import
-@pytest.mark.parametrize("neuron", ["fitted", "thresholds_below_v0"])
+@pytest.mark.parametrize("neuron", ["fitted", "thresholds_below_v0", "zoo.spikedattn", "zoo.sdllm", "zoo.large_v0"])
 def test_approximate_variant_in_norse_if_neurons_is_labelled_and_exact_in_one_step(neuron, tmp_path):
     params = NEURONS[neuron]
     report = export(_neuron_graph(params), {}, tmp_path, variant="approximate")
@@ -239,6 +261,32 @@ def test_attention_block_run_by_a_consumer_matches_the_interpreter(built, tmp_pa
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
 
 
+@requires_nirtorch
+@pytest.mark.parametrize("variants", [ZOO[:3], ZOO[3:]], ids=lambda variants: "+".join(variants))
+def test_zoo_mlp_block_run_by_a_consumer_matches_the_interpreter(built, variants, tmp_path):
+    """The MLP block's three sites made zoo neurons (budgets, v0 negative, rate-like, large): the consumer's
+    spike trains are the reference's and its output the interpreter's (and the simulator's event mode)."""
+    block = zoo_graph(ir.decoder_block(built.graph, 0, "mlp"), variants)
+    report = export(block, built.store, tmp_path)
+    assert {entry["node"]: entry["fidelity"] for entry in report["nodes"]} == MLP_FIDELITY
+    assert_same_export(block, built.store, tmp_path)
+    x = _block_input(built)
+    expected = interpret(block, built.store, {"block_input": x})
+    consumer = NirtorchRunner()
+    values = run(tmp_path, {"block_input": x}, consumer)
+    assert torch.allclose(values["block_output"], expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+    from spikecompile.backends.sim import simulate
+    event = simulate(block, built.store, {"block_input": x}, "event").logits
+    assert torch.allclose(values["block_output"], event, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    reference = evaluate(block, built.store, {"block_input": x})
+    for site in ("layers.0.mlp_norm", "layers.0.silu", "layers.0.down_proj_in"):
+        node = block[site]
+        sign, spikes = phase_encode(reference[block.inputs(site)["x"]], node.params())
+        assert torch.equal(consumer.signed_spikes(site, node.timesteps), (sign * spikes).float()), site
+        if node.max_spikes:
+            assert int(spikes.sum(0).max()) <= node.max_spikes
+
+
 def test_whole_model_export_loads_in_stock_nir_and_reads_back(built, tmp_path):
     report = build_nir(built, tmp_path)
     assert report["counts"]["exact"] > 0 and report["unsupported"] == []
@@ -248,6 +296,13 @@ def test_whole_model_export_loads_in_stock_nir_and_reads_back(built, tmp_path):
     first = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     build_nir(built, tmp_path)
     assert first == {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+
+def test_whole_zoo_model_export_reads_back(built, tmp_path):
+    graph = zoo_graph(built.graph)
+    report = export(graph, built.store, tmp_path)
+    assert report["unsupported"] == [] and report["counts"]["approximated"] == 0
+    assert_same_export(graph, built.store, tmp_path)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
@@ -324,3 +379,12 @@ def test_cli_build_target_nir(tmp_path):
     assert "exact" in result.output
     segments = sorted((tmp_path / "nir" / "segments").glob("*.nir"))
     assert segments and all(isinstance(nir.read(str(path)), nir.NIRGraph) for path in segments)
+
+
+def test_an_export_of_another_format_version_asks_to_export_again(tmp_path):
+    export(_neuron_graph(NEURONS["zoo.ttfs"]), {}, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(SpikecompileError, match="NIR manifest format version 1, this spikecompile reads version 2; "
+                                                "export again"):
+        read(tmp_path)

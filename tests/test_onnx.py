@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import convert_tiny, requires_smollm2
+from test_budget_lowering import zoo_graph, zoo_neurons
 
 EXTRA = "needs the onnx extra: pip install 'spikecompile[onnx]'"
 onnx = pytest.importorskip("onnx", reason=EXTRA)
@@ -23,7 +24,7 @@ from spikecompile.backends.onnx import (
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.simulate import output_of, run as simulate_run
 from spikecompile.build import BuildOptions, build
-from spikecompile.conversion.neuron import PhaseNeuronParams, base2_params
+from spikecompile.conversion.neuron import PhaseNeuronParams, base2_params, phase_encode, phase_quantize, step_schedule
 from spikecompile.conversion.rotation import describe_hadamard
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import (
@@ -259,6 +260,81 @@ def test_dyadic_weights_give_the_simulators_spike_planes_exactly(tmp_path):
         assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
         fired += int(spikes.any(0).float().mean() > 0.05)
     assert fired == len(trace.spikes)  # every neuron is in use
+    for form, values in (("event", outputs), ("decoded", run(tmp_path / "decoded.onnx", {"ids": ids}))):
+        expected = output_of(graph, simulate_run(graph, store, ids, form))
+        assert torch.allclose(torch.from_numpy(values["logits"]), expected, rtol=1e-6, atol=1e-6), form
+
+
+# the generalised neuron: a spike budget and any v0 (test_budget_lowering.ZOO)
+
+BUDGET_NEURONS = {**zoo_neurons(T=6), "budget_at_T": dataclasses.replace(base2_params(0.5, 4), max_spikes=torch.tensor(4))}
+
+
+def _zoo_inputs(params, generator):
+    """[2, 40, 16]: random values up to past saturation, zeros, and every threshold and all-fire cut with its float
+    neighbours, both signs."""
+    d, h, _ = step_schedule(params)
+    cuts = params.thresholds() + torch.cat([torch.zeros(1), h.cumsum(0)[:-1]])
+    cuts = torch.cat([params.thresholds(), cuts])
+    special = torch.cat([cuts, torch.nextafter(cuts, torch.tensor(float("inf"))),
+                         torch.nextafter(cuts, torch.tensor(-float("inf"))), torch.zeros(3)])
+    values = torch.cat([torch.randn(2 * 40 * 16 - 2 * len(special), generator=generator) * d.sum() * 0.7,
+                        special, -special])
+    return values.reshape(2, 40, 16)
+
+
+@pytest.mark.parametrize("neuron", BUDGET_NEURONS)
+def test_budget_and_v0_neurons_are_bitwise_the_simulators(neuron, tmp_path):
+    """One zoo neuron (K = 1, 2, T − 1 or T; v0 negative, ½τ, above θ(t)): decoded x̂ and event spike planes of
+    onnxruntime equal the simulator's (phase_quantize, phase_encode) bit for bit."""
+    params = BUDGET_NEURONS[neuron]
+    graph = Graph()
+    graph.add_node("x", Input(shape=(2, "seq", 16), dtype="float32", timesteps=params.T))
+    graph.add_node("layers.0.silu", PhaseNeuron.from_params("layers.0.silu", params))
+    graph.add_node("y", Output(timesteps=params.T))
+    graph.add_edge("x", "layers.0.silu")
+    graph.add_edge("layers.0.silu", "y")
+    export(graph, {}, tmp_path, "both", spike_outputs=True)
+    x = _zoo_inputs(params, torch.Generator().manual_seed(0))
+    decoded = torch.from_numpy(run(tmp_path / "decoded.onnx", {"x": x}, threads=1)["y"])
+    assert torch.equal(decoded, phase_quantize(x, params))
+    assert torch.equal(decoded, output_of(graph, simulate_run(graph, {}, {"x": x}, "decoded")))
+    event = run(tmp_path / "event.onnx", {"x": x}, threads=1)
+    _, spikes = phase_encode(x, params)
+    assert torch.equal(torch.from_numpy(event["layers.0.silu.spikes"]), spikes)
+    assert torch.equal(torch.from_numpy(event["y"]), output_of(graph, simulate_run(graph, {}, {"x": x}, "event")))
+    budget = int(params.max_spikes)
+    if 0 < budget < params.T:  # the budget binds on these inputs: without it more spikes would fire
+        unlimited = dataclasses.replace(params, max_spikes=torch.tensor(0))
+        assert int(spikes.sum(0).max()) == budget < int(phase_encode(x, unlimited)[1].sum(0).max())
+
+
+@pytest.mark.parametrize("form", ["decoded", "event"])
+def test_zoo_model_matches_the_simulator_node_by_node(built, form, tmp_path):
+    """The tiny model with its sites cycling through the zoo, checked as the SmolLM2 window is (teacher forcing):
+    every neuron's input and the logits within float tolerance of the simulator's, and every neuron bit for bit
+    the simulator's wherever its input is. (Free running, the rate-like sites' many thresholds catch 1-ulp
+    differences of a summation order: a flipped spike then grows layer by layer.)"""
+    graph = zoo_graph(built.graph)
+    export(graph, built.store, tmp_path, form)
+    ids = _ids()
+    trace = simulate_run(graph, built.store, ids, form)
+    figures = agreement(onnx.load(str(tmp_path / f"{form}.onnx")), graph, {"input_ids": ids}, trace.values)
+    assert figures["input_difference"] <= TOLERANCE and figures["output_difference"] <= TOLERANCE, figures
+    assert figures["flipped_on_equal"] == 0 and figures["flipped"] <= 1e-3 * figures["elements"], figures
+    budgets = {name: graph[name].max_spikes for name in trace.spikes if graph[name].max_spikes}
+    assert budgets and all(int(trace.spikes[name].sum(0).max()) <= budget for name, budget in budgets.items())
+
+
+def test_dyadic_zoo_graph_gives_the_simulators_spike_planes_exactly(tmp_path):
+    graph, store = _dyadic_graph()
+    graph = zoo_graph(graph, ("spikedattn", "ttfs", "negative_v0", "sdllm", "rate", "large_v0"))
+    export(graph, store, tmp_path, "both", spike_outputs=True)
+    ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(3))
+    trace = simulate_run(graph, store, ids, "event")
+    outputs = run(tmp_path / "event.onnx", {"ids": ids})
+    for name, spikes in trace.spikes.items():
+        assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
     for form, values in (("event", outputs), ("decoded", run(tmp_path / "decoded.onnx", {"ids": ids}))):
         expected = output_of(graph, simulate_run(graph, store, ids, form))
         assert torch.allclose(torch.from_numpy(values["logits"]), expected, rtol=1e-6, atol=1e-6), form

@@ -10,7 +10,8 @@ block — to a self-contained Lava program folder that needs only numpy and lava
                     and each site's spike count per neuron
     lava_program/   runtime/ copied verbatim: compat.py, processes.py, program.py
 
-Lowering: a PhaseNeuron becomes a processes.PhaseNeuron; a Linear fed by a spike site becomes lava synapses
+Lowering: a PhaseNeuron becomes a processes.PhaseNeuron (its thresholds θ(t) − v0 for any v0, its spike budget K
+enforced by the per-neuron spike counter); a Linear fed by a spike site becomes lava synapses
 (Dense for one token, Sparse block-diagonal kron(I_tokens, W) for several); every other node a small Python Op
 running its event rule. d(t) is a receiver-side per-step gain: a spike carries σ ∈ {−1, +1} (graded, 2-bit
 payload), the synapse sums W·σs (floating_pt) or 2m·σs (fixed_pt, exact integers), and whatever receives the
@@ -62,6 +63,8 @@ from spikecompile.modelfile import atomic_write
 from spikecompile.passes.loihi_mapping import (
     Loihi2,
     accumulator_peak,
+    flip_level,
+    grid_bits,
     load_loihi2,
     potential_exponent,
     quantize_weights,
@@ -251,13 +254,13 @@ class _Lowering:
         gain = self.gains.get(source, {tag: [1.0] * port["steps"] for tag in ("floating_pt", "fixed_pt")})
         self.start[name] = port["start"] + port["steps"] - 1
         self.gains[name] = {"floating_pt": d.astype(np.float64).tolist(), "fixed_pt": d.astype(np.float64).tolist()}
-        later = np.cumsum(d[::-1].astype(np.float64))[::-1] - d  # Σ_{s>t} d(s)
         self.fixed_point["sites"][node.site] = {
             "F": exponent, "unit": unit, "lsb": float(node.tau) * 2.0 ** -node.timesteps,
-            "level": float(np.max(np.abs(d - later))), "input_rounding": port["steps"] * unit / 2,
-            "exact_base2_grid": exponent >= node.timesteps + 1}
+            "level": flip_level(node), "input_rounding": port["steps"] * unit / 2,
+            "exact_base2_grid": exponent >= grid_bits(node), "max_spikes": node.max_spikes,
+            "v0": float(node.v0)}
         return {"kind": "neuron", "site": node.site, "size": int(np.prod(self.shapes[name])),
-                "timesteps": node.timesteps, "fire_start": self.start[name],
+                "timesteps": node.timesteps, "fire_start": self.start[name], "max_spikes": node.max_spikes,
                 "input": {"start": port["start"], "steps": port["steps"],
                           "gain": {"floating_pt": gain["floating_pt"],
                                    "fixed_pt": (np.asarray(gain["fixed_pt"]) / unit).tolist()}},
@@ -457,6 +460,8 @@ def readme(report: dict) -> str:
     exponents = sorted({site["F"] for site in fixed["sites"].values()})
     exponents = f"{exponents[0]}..{exponents[-1]}" if exponents else "none"
     processes = report["processes"]
+    budgets = sorted({site["max_spikes"] for site in fixed["sites"].values() if site["max_spikes"]})
+    budget = f"sites with K = {', '.join(map(str, budgets))}" if budgets else "no site has a budget"
     return f"""# spikecompile Lava program: {report['part']}
 
 {report['tokens']} tokens (batch 1), {report['steps']} Lava steps; {processes['lava']} Lava processes
@@ -482,13 +487,18 @@ output op, read from its RingBuffer sink.
   |W − m·2^e| ≤ 2^(e−1); lava holds 2m (even values in [−256, 254]); synapse sums are exact integers, at most
   2·Σ_j|m_ij| per row (accumulator overflow: {', '.join(fixed['accumulator_overflow']) or 'none'}).
 - potentials: {fixed['state_bits']}-bit integers in units of τ·2^-F per site (F = {exponents}: the largest that
-  keeps 2^g times the site's all-fire level in range, g the guard bits of targets/loihi2.toml); each step's input is rounded to the unit, at most
+  keeps 2^g times the site's level in range: its all-fire level, its thresholds θ(t) − v0 (signed: v0 may
+  exceed θ(t)) and its deepest residual, passes/loihi_mapping.potential_level; g the guard bits of
+  targets/loihi2.toml); each step's input is rounded to the unit, at most
   {fixed['max_input_rounding_lsb']:.2g} of the site's LSB τ·2^-T over a window; saturations are counted.
+- spike budget: a site with max_spikes K > 0 fires step t only while its per-neuron spike count (the
+  PhaseNeuron's `count`, {budget}) is below K, in both tags.
 - ops (norms, softmax, SiLU, products, RoPE, rotations) run in float64 in both tags: on Loihi 2 they belong to
   the embedded or host CPUs.
 - bound: fixed_pt computes the decoded part with the fixed-point weights, except for spikes of neurons whose
   input lies within that rounding of a threshold (a "borderline" neuron: its code moves by one level, the
-  largest jump of x̂ at a threshold, max_t |d(t) − Σ_(s>t) d(s)|). So |y_fixed − y_float| ≤ the weight-
+  largest jump of x̂ at a threshold: between adjacent outputs of the site's neuron, its spike budget and v0
+  included, or across x = 0; passes/loihi_mapping.flip_level). So |y_fixed − y_float| ≤ the weight-
   quantization error (measured in decoded mode at emit time) + the flip allowance (one level on every input
   of the synapse layers that reach the output with no spike site between: level · max_i Σ_j |W_ij|), given
   no borderline neuron before the last site: {bounds}.

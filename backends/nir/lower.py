@@ -15,7 +15,7 @@ and the spike budget K (N.max_spikes; 0: none):
     N.pos.gate  = Scale(−v0)(N.neg.is),  N.neg.gate = Scale(−v0)(N.pos.is)
     per channel ch ∈ {pos, neg} with input ±x and sign ±1:
       N.ch.r0       = Scale(1)(±x + N.ch.gate)                  r_0 = |x| when the sign is ch's
-      N.ch.spike{t} = Threshold(c_t)(N.ch.r{t})                 s_t = [r_t > c_t]          (t < K, or K = 0)
+      N.ch.spike{t} = Threshold(c_t)(N.ch.r{t})                 s_t = [r_t > c_t]   (no budget: K = 0, K ≥ T, or t < K)
       N.ch.reset{t} = Scale(−h(t))(N.ch.spike{t})               (t < T−1)
       N.ch.r{t+1}   = Scale(1)(N.ch.r{t} + N.ch.reset{t})       r_{t+1} = r_t − h(t)·s_t
       N.ch.out{t}   = Scale(±d(t))(N.ch.spike{t})

@@ -3,7 +3,8 @@
 decoded  every value is the tensor the IR node's decoded equation gives ([batch, seq, ...]); a phase neuron is an
          elementwise quantizer x ↦ x̂ = σ·Σ_t d(t)·s_t whose T comparisons are unrolled in the graph, op for op as
          conversion.neuron.magnitude_spikes runs them (so it is bitwise phase_quantize):
-             r_0 = |x|;  s_t = [r_t > θ(t) − v0];  r_{t+1} = r_t − h(t)·s_t;  x̂ = sign(x)·(((d(0)s_0 + d(1)s_1) + …))
+             r_0 = |x|;  s_t = [r_t > θ(t) − v0] ∧ [K = 0 ∨ Σ_{u<t} s_u < K];  r_{t+1} = r_t − h(t)·s_t;
+             x̂ = sign(x)·(((d(0)s_0 + d(1)s_1) + …))
 event    every float value is a stack [T, batch, seq, ...] of its T per-step tensors (their sum is the decoded
          value), under the event rules of the IR docstrings, as backends.sim.simulate runs them: a linear node maps
          every step (a constant — bias, embedding row, prefix cache, graph input — enters at t = 0 only); a
@@ -311,15 +312,24 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
 
 def _spikes(ctx: Context, name: str, node: PhaseNeuron, magnitude: str, dtype: torch.dtype) -> list[str]:
     """s_0..s_{T−1} (0./1. in dtype) of conversion.neuron.magnitude_spikes: r_0 = |x|, s_t = [r_t > θ(t) − v0],
-    r_{t+1} = r_t − h(t)·s_t; the step values are computed by step_schedule, not re-derived."""
+    r_{t+1} = r_t − h(t)·s_t; the step values are computed by step_schedule, not re-derived. With a spike budget
+    1 ≤ K < T the steps t ≥ K (where the count can reach K) fire only while k_t = Σ_{u<t} s_u < K:
+    s_t = And([r_t > θ(t) − v0], [k_t < K]), k_t summed in dtype (small integers, exact); K = 0 or K ≥ T
+    never binds and adds no op."""
     b = ctx.builder
     params = node.params()
-    _, resets, thetas = step_schedule(params)
-    thresholds = (thetas - params.v0.unsqueeze(-1)).to(dtype)
-    spikes, residual = [], magnitude
+    _, resets, _ = step_schedule(params)
+    thresholds = params.thresholds().to(dtype)
+    budget = node.max_spikes if 0 < node.max_spikes < node.timesteps else 0
+    spikes, residual, count = [], magnitude, None
     for t in range(node.timesteps):
         fired = b.op("Greater", residual, b.tensor(f"{name}.threshold.{t}", thresholds[t]))
+        if budget and t >= budget:
+            fired = b.op("And", fired, b.op("Less", count, b.tensor(f"{name}.max_spikes", torch.tensor(
+                float(budget), dtype=dtype))))
         spikes.append(b.op("Cast", fired, to=element_type(dtype)))
+        if budget and t + 1 < node.timesteps:
+            count = spikes[t] if count is None else b.op("Add", count, spikes[t])
         if t + 1 < node.timesteps:
             reset = b.op("Mul", spikes[t], b.tensor(f"{name}.h.{t}", resets[t].to(dtype)))
             residual = b.op("Sub", residual, reset)

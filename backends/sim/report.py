@@ -81,13 +81,16 @@ def firing_rates(sites: dict[str, dict]) -> dict:
 
 
 def reachable_levels(neuron: PhaseNeuronParams, low: float, high: float) -> Tensor:
-    """Every output value x̂ the neuron gives for some x in [low, high], sorted (float32, exact).
+    """Every output value x̂ the neuron gives for some x in [low, high], sorted (in τ's dtype, exact).
 
-    The magnitude m = |x| drives a decision tree: at step t, with resets Σ_{u<t} h(u)·s_u already taken,
-    s_t = [m > θ(t) − v0 + Σ_{u<t} h(u)·s_u]. Splitting the interval (0, M] at each cut gives every spike
-    pattern some m in range reaches; its value Σ_t d(t)·s_t is summed exactly as the neuron sums it.
-    Only magnitudes in range count: [max(low, 0), high] for x > 0, [max(−high, 0), −low] for x < 0, and 0 when
-    the range holds it. (Cut points are taken in float64: an interval narrower than float32 rounding may differ.)
+    The magnitude m = |x| drives a decision tree: at step t a branch (an interval of magnitudes sharing the spikes
+    s_0..s_{t−1}) splits where its residual r_t = m − Σ_{u<t} h(u)·s_u, taken in the neuron's own float arithmetic,
+    passes θ(t) − v0 — the cut may have either sign: v0 < 0 raises it, v0 > θ(t) makes it negative so every m
+    fires — unless the branch has spent the budget K (max_spikes > 0): then it stays quiet, so no pattern of more
+    than K spikes is made. Its value Σ_t d(t)·s_t is summed exactly as the neuron sums it. Intervals are sets of
+    consecutive floats and each cut is found by bisection over them (r_t is nondecreasing in m), so the levels
+    are exactly those of the float magnitudes in range: [max(low, 0), high] for x > 0, [max(−high, 0), −low] for
+    x < 0, and 0 when the range holds it.
     """
     if neuron.batch_shape != ():
         raise ValueError(f"reachable_levels: one site's neuron (batch shape ()), got {tuple(neuron.batch_shape)}")
@@ -99,24 +102,65 @@ def reachable_levels(neuron: PhaseNeuronParams, low: float, high: float) -> Tens
     return torch.unique(torch.cat(levels))
 
 
+_CODES = {torch.float32: torch.int32, torch.float64: torch.int64}
+"""The integer view of each float dtype the enumeration handles: for floats ≥ 0 its order is the floats' order."""
+
+
 def _magnitude_levels(neuron: PhaseNeuronParams, bottom: float, top: float) -> Tensor:
-    """The values Σ_t d(t)·s_t of the spike patterns that magnitudes m in [bottom, top], m > 0, produce."""
-    _, reset, theta = step_schedule(neuron)
-    cut_base = (theta - neuron.v0.unsqueeze(-1)).double()
-    reset = reset.double()
-    below = math.nextafter(bottom, -math.inf) if bottom > 0 else 0.0  # intervals are (low, high]
-    low, high = torch.full((1,), below, dtype=torch.float64), torch.full((1,), float(top), dtype=torch.float64)
-    resets, patterns = torch.zeros(1, dtype=torch.float64), torch.zeros(1, 0, dtype=neuron.tau.dtype)
+    """The values Σ_t d(t)·s_t of the spike patterns that magnitudes m in [bottom, top], m > 0, produce.
+
+    Branches are code ranges [first, last] (codes: the floats' bit patterns as integers) of the magnitudes that
+    share the branch's spikes so far; `spent` counts those spikes against the budget."""
+    dtype = neuron.tau.dtype
+    if dtype not in _CODES:
+        raise ValueError(f"reachable_levels: a neuron in {dtype}; the enumeration handles {', '.join(map(str, _CODES))}")
+    _, reset, _ = step_schedule(neuron)
+    threshold, budget = neuron.thresholds(), int(neuron.max_spikes)
+    first, last = _code(bottom, dtype, up=True), _code(top, dtype, up=False)
+    first = max(first, 1)  # m > 0: x = 0 gives 0 whatever fires
+    if first > last:
+        return torch.zeros(0, dtype=dtype)
+    low, high = torch.tensor([first]), torch.tensor([last])
+    patterns, spent = torch.zeros(1, 0, dtype=dtype), torch.zeros(1, dtype=torch.int64)
     for t in range(neuron.T):
-        cut = cut_base[t] + resets
-        quiet_high, firing_low = torch.minimum(high, cut), torch.maximum(low, cut)
-        quiet, firing = quiet_high > low, high > firing_low
-        low = torch.cat([low[quiet], firing_low[firing]])
-        high = torch.cat([quiet_high[quiet], high[firing]])
-        resets = torch.cat([resets[quiet], resets[firing] + reset[t]])
-        spike = torch.cat([torch.zeros(int(quiet.sum())), torch.ones(int(firing.sum()))]).to(patterns.dtype)
+        cut = _first_firing(low, high, patterns, reset, threshold[t], dtype)
+        if budget:
+            cut = torch.where(spent < budget, cut, high + 1)  # a spent branch stays quiet
+        quiet, firing = cut > low, cut <= high
+        low, high = torch.cat([low[quiet], cut[firing]]), torch.cat([cut[quiet] - 1, high[firing]])
+        spent = torch.cat([spent[quiet], spent[firing] + 1])
+        spike = torch.cat([torch.zeros(int(quiet.sum())), torch.ones(int(firing.sum()))]).to(dtype)
         patterns = torch.cat([torch.cat([patterns[quiet], patterns[firing]]), spike[:, None]], dim=1)
-    return weighted_spike_sum(neuron, patterns.T, torch.zeros(patterns.shape[0], dtype=patterns.dtype))
+    return weighted_spike_sum(neuron, patterns.T, torch.zeros(patterns.shape[0], dtype=dtype))
+
+
+def _first_firing(low: Tensor, high: Tensor, patterns: Tensor, reset: Tensor, threshold: Tensor,
+                  dtype: torch.dtype) -> Tensor:
+    """Per branch, the code of the smallest magnitude in [low, high] whose residual after the branch's resets
+    (conversion.neuron.magnitude_spikes' arithmetic) is above `threshold`; high + 1 where none is."""
+    def fires(codes: Tensor) -> Tensor:
+        residual = codes.to(_CODES[dtype]).view(dtype)
+        for u in range(patterns.shape[1]):
+            residual = torch.addcmul(residual, reset[u], patterns[:, u], value=-1)
+        return residual > threshold
+
+    lo, hi = low.clone(), high + 1
+    while bool((lo < hi).any()):
+        mid = torch.minimum(lo + (hi - lo) // 2, high)
+        active = lo < hi
+        hit = fires(mid)
+        hi = torch.where(active & hit, mid, hi)
+        lo = torch.where(active & ~hit, mid + 1, lo)
+    return lo
+
+
+def _code(value: float, dtype: torch.dtype, up: bool) -> int:
+    """The code of the float of `dtype` nearest `value` on the inside: the smallest ≥ value (up) or the largest ≤
+    value (not up); value ≥ 0."""
+    near = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if up and float(near) < value or not up and float(near) > value:
+        near = torch.nextafter(near, torch.tensor(math.inf if up else -math.inf, dtype=dtype))
+    return int(near.view(_CODES[dtype]))
 
 
 def site_histogram(run: SimRun, site: str, samples: Tensor | None, neuron: PhaseNeuronParams | None,

@@ -21,7 +21,10 @@ The mapping (per-token streaming: one token's activations on chip at a time, eve
   fit      cores against cores_per_chip × chips of each system; fan-in splits; a neuron whose fan-out exceeds
            axons_out_per_core; fixed point: a synapse sum 2·Σ_j|m_ij| above the accumulator (from the weights
            when the store holds them, else the worst case 2·in·2^(weight_bits−1)), a site whose 24-bit
-           potential grid has fewer than T + 1 fractional bits.
+           potential grid has fewer fractional bits than its thresholds need (grid_bits: T + 1 for the phase
+           coding's v0 = ½·τ·2^-T).
+  state    neuron_state: the per-neuron state beyond the potential — the spike-budget counters (sites, bits,
+           bits per token) and the sites whose thresholds θ(t) − v0 go negative — with the source of each.
 
 The fixed-point formats (shared with the Lava backend's fixed_pt models):
   weights     one shared exponent e per matrix and a signed b-bit mantissa m (b = weight_bits):
@@ -29,10 +32,22 @@ The fixed-point formats (shared with the Lava backend's fixed_pt models):
               |W − m·2^e| ≤ 2^(e−1). Lava's 8-bit mixed-sign synapse holds 2m (even values in [−256, 254]), so a
               synapse sum Σ_j 2m_ij·σ_j s_j is an exact integer bounded by 2·Σ_j |m_ij|.
   potentials  a site's integers count units of τ·2^-F, F the largest integer with 2^g·V·2^F/τ ≤ 2^(s−1) − 1,
-              V = Σ_t h(t) + max_t θ'(t) the level above which every step fires (θ' = θ − v0, the threshold
-              against the residual r = v − v0), s = state_bits, g = guard_bits. Saturating at V changes no
-              spike; the guard bits leave room for partial sums that overshoot. With all bases 2, θ'(t) and h(t)
-              are integers of the grid whenever F ≥ T + 1.
+              s = state_bits, g = guard_bits, and V (potential_level) the largest of
+                Σ_t h(t) + max_t θ'(t)   the level above which every step fires (θ' = θ − v0, the threshold
+                                         against the residual r = v − v0; v0 < 0 raises it),
+                max_t |θ'(t)|            the thresholds, signed: θ'(t) < 0 where v0 > θ(t) (a large v0),
+                max_t (h(t) − θ'(t))     how far below 0 a residual falls (r_t > θ'(t) before a reset of h(t)),
+              the first in the phase coding (v0 = ½·τ·2^-T: small, positive). Saturating at V changes no spike
+              (every step fires there, up to a budget); the guard bits leave room for partial sums that
+              overshoot. Source: the 24-bit u, v of lava-nc's fixed_pt neurons (targets/loihi2.toml
+              [limits.state_bits]) holding conversion.neuron's potential. With all bases 2, θ(t) and h(t) are
+              integers of the grid whenever F ≥ T, and θ'(t) when v0 is one too (grid_bits: T + 1 for the
+              default v0).
+  budget      a site with a spike budget 1 ≤ K < T keeps a per-neuron count of its spikes so far, 0..K, in an
+              unsigned counter of ⌈log2(K + 1)⌉ bits (budget_counter_bits; K = 0 has none and K ≥ T never binds:
+              a neuron fires at most T times). Source: conversion.neuron.magnitude_spikes, s_t = [r_t > θ'(t)] ∧
+              [Σ_{u<t} s_u < K] (issue #7's codings: ttfs K = 1, spikedattn K = 2, sdllm K = 2^(b−1) − 1); the
+              Lava backend keeps it in its PhaseNeuron's `count`.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -132,11 +148,57 @@ def residual_schedule(node: PhaseNeuron) -> tuple[np.ndarray, np.ndarray, np.nda
     return d, reset, theta, theta - node.v0.numpy()
 
 
+def potential_level(node: PhaseNeuron) -> float:
+    """V of the site's potential grid (module docstring): the largest magnitude its state holds, before the guard
+    bits — the all-fire level, the largest |θ'(t)| and the deepest residual, whatever the sign and size of v0."""
+    _, reset, _, threshold = (values.astype(np.float64) for values in residual_schedule(node))
+    all_fire = float(np.sum(reset) + np.max(threshold))
+    return max(all_fire, float(np.max(np.abs(threshold))), float(np.max(reset - threshold)))
+
+
 def potential_exponent(node: PhaseNeuron, state_bits: int, guard_bits: int) -> int:
     """F of the site's potential grid (module docstring)."""
-    _, reset, _, threshold = residual_schedule(node)
-    all_fire = float(np.sum(reset, dtype=np.float64) + np.max(threshold))
-    return math.floor(math.log2((2 ** (state_bits - 1) - 1) * float(node.tau) / (2 ** guard_bits * all_fire)))
+    level = potential_level(node)
+    return math.floor(math.log2((2 ** (state_bits - 1) - 1) * float(node.tau) / (2 ** guard_bits * level)))
+
+
+def grid_bits(node: PhaseNeuron) -> int:
+    """The fractional bits F needs for θ'(t) = θ(t) − v0 to be integers of the grid when the bases are 2: T for
+    θ(t) = τ·2^-(t+1), f for v0 = k·τ·2^-f (k odd; T + 1 for the phase coding's ½·τ·2^-T, and for a v0 that is no
+    such multiple of τ, as the default's half LSB)."""
+    ratio = Fraction(float(node.v0)) / Fraction(float(node.tau))
+    power_of_two = ratio.denominator & (ratio.denominator - 1) == 0
+    return max(node.timesteps, ratio.denominator.bit_length() - 1 if power_of_two else node.timesteps + 1)
+
+
+def budget_counter_bits(node: PhaseNeuron) -> int:
+    """Bits of the site's per-neuron spike counter (module docstring): ⌈log2(K + 1)⌉ for a budget 1 ≤ K < T, else 0."""
+    budget = node.max_spikes
+    return math.ceil(math.log2(budget + 1)) if 0 < budget < node.timesteps else 0
+
+
+def flip_level(node: PhaseNeuron) -> float:
+    """The largest jump of the site's output x̂(x) = σ·Σ_t d(t)·s_t at a discontinuity: between the outputs of
+    adjacent magnitude intervals (the spike patterns of magnitudes m, enumerated as a decision tree whose cuts
+    θ'(t) + Σ_{u<t} h(u)·s_u may have either sign, a branch that has spent its budget K staying quiet), and across
+    x = 0, 2·x̂(0+) (nonzero only where some θ'(t) < 0: a large v0). What an input moved across one threshold
+    changes (the Lava backend's flip allowance); cuts in float64."""
+    d, reset, _, threshold = (values.astype(np.float64) for values in residual_schedule(node))
+    budget = node.max_spikes
+    low, high = np.zeros(1), np.array([2.0 * potential_level(node)])  # above V the pattern no longer changes
+    resets, spent, values = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1)
+    for t in range(node.timesteps):
+        cut = threshold[t] + resets
+        if budget:
+            cut = np.where(spent < budget, cut, np.inf)
+        quiet_high, firing_low = np.minimum(high, cut), np.maximum(low, cut)
+        quiet, firing = quiet_high > low, high > firing_low
+        low, high = np.concatenate([low[quiet], firing_low[firing]]), np.concatenate([quiet_high[quiet], high[firing]])
+        resets = np.concatenate([resets[quiet], resets[firing] + reset[t]])
+        spent = np.concatenate([spent[quiet], spent[firing] + 1])
+        values = np.concatenate([values[quiet], values[firing] + d[t]])
+    values = values[np.argsort(low, kind="stable")]
+    return float(max(np.max(np.abs(np.diff(values)), initial=0.0), 2.0 * values[0]))
 
 
 # ---- firing rates -------------------------------------------------------------------------------------------------
@@ -213,7 +275,10 @@ def _units(graph: Graph, store: Mapping | None, context: int, target: Loihi2) ->
             consumers = [target_ for _, target_ in graph.nx.out_edges(name)]
             units.add_node(name, kind="site", site=node.site, neurons=neurons, timesteps=node.timesteps,
                            to_ops=any(not isinstance(graph[c], Linear) for c in consumers),
-                           potential=potential_exponent(node, limits["state_bits"], target.guard_bits))
+                           potential=potential_exponent(node, limits["state_bits"], target.guard_bits),
+                           grid_bits=grid_bits(node), v0=float(node.v0 / node.tau),
+                           negative_thresholds=bool((residual_schedule(node)[3] < 0).any()),
+                           counter_bits=budget_counter_bits(node))
         elif isinstance(node, Linear) and isinstance(graph[graph.inputs(name)["x"]], PhaseNeuron):
             slices = math.ceil(node.in_features / limits["axons_in_per_core"])
             width = math.ceil(node.in_features / slices)
@@ -317,8 +382,29 @@ def _report(units: nx.DiGraph, cores: list[dict[str, int]], graph: nx.DiGraph, r
                                      default=0.0),
             "synaptic_ops": sum(spikes[name] * units.nodes[consumer]["outputs"]
                                 for name, _ in sites for consumer in units.successors(name))},
+        "neuron_state": _neuron_state(sites, limits["state_bits"]),
         "does_not_fit": _misfits(units, chips, target),
     }
+
+
+NEURON_STATE_SOURCES = {
+    "potential_bits": "targets/loihi2.toml [limits.state_bits]: the 24-bit u, v of lava-nc's fixed_pt neurons; the "
+                      "grid per site from potential_level (v0 of either sign and any size, module docstring)",
+    "counter_bits": "conversion.neuron.magnitude_spikes' spike budget: s_t needs Σ_{u<t} s_u < K, a count 0..K of "
+                    "⌈log2(K + 1)⌉ bits per neuron where 1 ≤ K < T (budget_counter_bits)",
+}
+
+
+def _neuron_state(sites: list[tuple[str, dict]], state_bits: int) -> dict:
+    """The per-neuron state the sites need beyond the potential: the budget counters, and which sites hold
+    negative thresholds (v0 above some θ(t): a zero input fires there)."""
+    budgeted = [(name, unit) for name, unit in sites if unit["counter_bits"]]
+    return {"potential_bits": state_bits,
+            "budget_sites": len(budgeted),
+            "counter_bits": max((unit["counter_bits"] for _, unit in budgeted), default=0),
+            "counter_bits_per_token": sum(unit["neurons"] * unit["counter_bits"] for _, unit in budgeted),
+            "negative_threshold_sites": sorted(name for name, unit in sites if unit["negative_thresholds"]),
+            "sources": NEURON_STATE_SOURCES}
 
 
 def _misfits(units: nx.DiGraph, chips: int, target: Loihi2) -> list[str]:
@@ -340,9 +426,10 @@ def _misfits(units: nx.DiGraph, chips: int, target: Loihi2) -> list[str]:
         if unit["fan_out"] > limits["axons_out_per_core"]:
             lines.append(f"{name}: one neuron reaches {unit['fan_out']} cores > {limits['axons_out_per_core']} "
                          f"output axons per core")
-        if unit["potential"] < unit["timesteps"] + 1:
+        if unit["potential"] < unit["grid_bits"]:
             lines.append(f"{name}: fixed point: the {limits['state_bits']}-bit potential leaves {unit['potential']} "
-                         f"fractional bits < T + 1 = {unit['timesteps'] + 1}; thresholds are rounded")
+                         f"fractional bits < {unit['grid_bits']} (T = {unit['timesteps']}, v0 = {unit['v0']:.4g}·τ); "
+                         f"thresholds are rounded")
     if SPIKE_PAYLOAD_BITS > limits["payload_bits"]:
         lines.append(f"spikes: a {SPIKE_PAYLOAD_BITS}-bit payload > {limits['payload_bits']} payload bits")
     lines += [f"system {name}: needs {chips} chips > {count}" for name, count in target.systems.items() if chips > count]

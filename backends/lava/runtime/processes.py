@@ -8,8 +8,11 @@ d(t) of the spike site behind it, see program.py); what arrives outside [start, 
 PhaseNeuron (one spike site; spikes carry σ ∈ {−1, +1}, the receiver applies d(t)):
     integrate   u ← u + g(t_in)·a_t              while t_in = k − input_start ∈ [0, steps)
     start       σ = sign(u);  r = |u|            at k = fire_start (the step the last input arrives)
-    fire        s_t = [r > θ'(t)];  r ← r − h(t)·s_t;  send σ·s_t      t = k − fire_start ∈ [0, T)
-with θ'(t) = θ(t) − v0, the threshold against the residual r = v − v0 (conversion.neuron.magnitude_spikes).
+    fire        s_t = [r > θ'(t)] ∧ [K = 0 ∨ count < K];  r ← r − h(t)·s_t;  count ← count + s_t;  send σ·s_t
+                                                                    t = k − fire_start ∈ [0, T)
+with θ'(t) = θ(t) − v0, the threshold against the residual r = v − v0 (conversion.neuron.magnitude_spikes), of
+either sign (v0 < 0 raises it; v0 > θ(t) makes it negative), and K = max_spikes the spike budget: count, the
+per-neuron spike counter, is Σ_{u<t} s_u when step t fires (a neuron fires one window per run).
     floating_pt  u in float64, r, θ', h in float32: the decoded reference's arithmetic.
     fixed_pt     u, r, θ', h integers on the site's grid (unit τ·2^-F, gain already divided by the unit):
                  u ← sat(u + rint(g·a)), sat clamps to ±limit (the 24-bit state); saturations are counted.
@@ -39,13 +42,16 @@ class PhaseNeuron(AbstractProcess):
     """The phase neurons of one spike site (equations in the module docstring).
 
     size: neurons; threshold θ'(t), reset h(t): [T]; gain g(t_in): [steps of the input]; input_start, fire_start:
-    Lava steps; limit: the largest |u| of the fixed_pt state (ignored in floating_pt).
-    Vars: u (integrated input), r (residual potential), sign, count (spikes per neuron), saturated (per neuron).
+    Lava steps; limit: the largest |u| of the fixed_pt state (ignored in floating_pt); max_spikes: the spike
+    budget K (0: none).
+    Vars: u (integrated input), r (residual potential), sign, count (spikes per neuron: the budget's counter),
+    saturated (per neuron).
     """
 
     def __init__(self, *, size: int, threshold, reset, gain, input_start: int, fire_start: int, limit: int = 0,
-                 name: str | None = None):
-        super().__init__(size=size, input_start=input_start, fire_start=fire_start, limit=limit, name=name)
+                 max_spikes: int = 0, name: str | None = None):
+        super().__init__(size=size, input_start=input_start, fire_start=fire_start, limit=limit,
+                         max_spikes=int(max_spikes), name=name)
         self.a_in = InPort(shape=(size,))
         self.s_out = OutPort(shape=(size,))
         for var in ("u", "r", "sign", "count", "saturated"):
@@ -68,7 +74,8 @@ class _PhaseNeuronModel(PyLoihiProcessModel):
             self.r[:] = np.abs(self.u)
         spikes = np.zeros(self.r.shape, dtype=np.int32)
         if 0 <= t < self.threshold.shape[0]:
-            spikes = self.fire(t)
+            budget = self.proc_params["max_spikes"]
+            spikes = self.fire(t, self.count < budget if budget else True)
             self.count += spikes
         self.s_out.send(self.sign * spikes)
 
@@ -91,9 +98,9 @@ class PhaseNeuronFloat(_PhaseNeuronModel):
     def integrate(self, received, gain):
         self.u += gain * received
 
-    def fire(self, t):
+    def fire(self, t, allowed):
         residual = self.r.astype(np.float32)
-        spikes = residual > np.float32(self.threshold[t])
+        spikes = (residual > np.float32(self.threshold[t])) & allowed
         self.r[:] = residual - np.float32(self.reset[t]) * spikes.astype(np.float32)
         return spikes.astype(np.int32)
 
@@ -119,8 +126,8 @@ class PhaseNeuronFixed(_PhaseNeuronModel):
         self.saturated += np.abs(total) > limit
         self.u[:] = np.clip(total, -limit, limit)
 
-    def fire(self, t):
-        spikes = (self.r > self.threshold[t]).astype(np.int32)
+    def fire(self, t, allowed):
+        spikes = ((self.r > self.threshold[t]) & allowed).astype(np.int32)
         self.r -= self.reset[t] * spikes
         return spikes
 

@@ -2,11 +2,12 @@
 Processes, run under Loihi2SimCfg with the floating_pt or fixed_pt models.
 
 network.json lists processes in order: "input" (a RingBuffer source sending the input at step 0), "neuron"
-(processes.PhaseNeuron), "synapse" (lava Dense for one token, else Sparse holding one copy of W per token:
-kron(I_tokens, W)), "op" (processes.Op1/Op2) and "output" (an op followed by a RingBuffer sink); "connections"
-as [source, target, input index]. Every value that differs between the tags is given per tag. A synapse's
-fixed_pt weights are 2·m, m the stored 8-bit mantissa (lava's mixed-sign 8-bit format: even values in [−256,
-254]), so its integer output is Σ 2m·σs and the receiver's gain carries d(t)·2^(e−1).
+(processes.PhaseNeuron; "max_spikes" its spike budget, 0 or absent: none), "synapse" (lava Dense for one token,
+else Sparse holding one copy of W per token: kron(I_tokens, W)), "op" (processes.Op1/Op2) and "output" (an op
+followed by a RingBuffer sink); "connections" as [source, target, input index]. Every value that differs between
+the tags is given per tag. A synapse's fixed_pt weights are 2·m, m the stored 8-bit mantissa (lava's mixed-sign
+8-bit format: even values in [−256, 254]), so its integer output is Σ 2m·σs and the receiver's gain carries
+d(t)·2^(e−1).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _op(folder: Path, entry: dict, tag: str):
 def _neuron(entry: dict, tag: str, limit: int):
     return PhaseNeuron(size=entry["size"], threshold=entry["threshold"][tag], reset=entry["reset"][tag],
                        gain=entry["input"]["gain"][tag], input_start=entry["input"]["start"],
-                       fire_start=entry["fire_start"], limit=limit, name=entry["name"])
+                       fire_start=entry["fire_start"], limit=limit, max_spikes=entry.get("max_spikes", 0),
+                       name=entry["name"])
 
 
 def build(folder: Path, network: dict, tag: str, inputs: dict[str, np.ndarray]):
