@@ -150,7 +150,7 @@ def _edge(document, source, target):
 
 
 def _set_version(document):
-    document["format_version"] = 2
+    document["format_version"] = 3
 
 
 def _unknown_type(document):
@@ -198,7 +198,7 @@ def _construction_changed(document):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set_version, r"graph\.json: IR graph format version 2, this spikecompile reads version 1"),
+    (_set_version, r"graph\.json: IR graph format version 3, this spikecompile reads version 2"),
     (_unknown_type, r"node layers\.0\.mlp\.act_fn: unknown node type 'Gelu'"),
     (_dangling_edge, r"edge layers\.0\.mlp\.down_proj → layers\.0\.mlp\.ghost: no node named layers\.0\.mlp\.ghost"),
     (_missing_input, r"node layers\.0\.mlp\.product: ElementwiseProduct lacks input b"),
@@ -238,7 +238,7 @@ def test_tensors_from_another_write_are_refused(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "not valid JSON"), ('{"format": "spikecompile.model"}', "not a spikecompile IR graph"),
-    ('{"format": "spikecompile.ir", "format_version": 1}', r"malformed \(KeyError"),
+    ('{"format": "spikecompile.ir", "format_version": 2}', r"malformed \(KeyError"),
 ])
 def test_foreign_graph_json_is_refused(tmp_path, text, message):
     (tmp_path / "graph.json").write_text(text)
