@@ -5,14 +5,16 @@ T = 2^(b−1), 4-bit counts); phase with grains 1/2/3 on the fixed even split an
 split (assign_grains, --grain-search darts; one grain has only one split) — this
   * converts (the CLI, in its own process: wall time; calibration on WikiText-2 valid, Hadamard rotation,
     prefixed outlier tokens, as bench/convert_smollm2.py),
-  * builds the IR and simulates it in decoded mode on the first `windows` windows of `seqlen` tokens of
-    WikiText-2 test: the perplexity of the simulated logits, the mean firing rate over every spike site, and
-    the energy per token in three tiers (compute, + neuron state, + memory; targets/cmos45nm.toml), ANN beside,
+  * builds the IR and runs it in decoded mode on the first `windows` windows of `seqlen` tokens of WikiText-2
+    test (perplexity), and simulates the first `sim_windows` of them with the counters on (decoded mode counts
+    exactly what event mode counts): the mean firing rate over every spike site and the energy per token in
+    three tiers (compute, + neuron state, + memory; targets/cmos45nm.toml), ANN beside,
   * scores COPA (100) and OpenBookQA (500) zero-shot through lm-eval (acc, acc_norm) on the built IR.
 The ANN row is the float model (no sites, no prefix) scored the same way. Writes bench/results/compare.json and
 bench/results/compare.md (the table the README quotes).
 
-    python bench/compare.py [--timesteps 8 6] [--windows 64] [--rows las phase-g2 ...] [--task-limit N]
+    python bench/compare.py [--timesteps 8 6] [--windows 64] [--sim-windows 4] [--rows las phase-g2 ...]
+                            [--task-limit N]
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[8, 6])
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--sim-windows", type=int, default=4, help="windows simulated with the counters on")
     parser.add_argument("--rows", nargs="+", default=None, help="only these rows (e.g. ann las phase-g2)")
     parser.add_argument("--task-limit", type=int, default=None, help="score only the first N items of each task")
     args = parser.parse_args()
@@ -82,13 +85,15 @@ def main() -> None:
     from spikecompile.conversion.convert import load_spiking_model
     from spikecompile.data import load_text, token_windows
     from spikecompile.evaluation import perplexity
+    from spikecompile.frontend import interpret
     from spikecompile.modelfile import atomic_write
     from spikecompile.target import load_target
 
     text = load_text(str(TEST), split="eval")
     target = load_target("cmos45nm")
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "calibration": CALIB.name, "evaluation": TEST.name,
-               "windows": args.windows, "seqlen": args.seqlen, "energy_target": "cmos45nm",
+               "windows": args.windows, "seqlen": args.seqlen, "sim_windows": args.sim_windows,
+               "energy_target": "cmos45nm",
                "tasks": {name: path.name for name, path in TASKS.items()}, "task_limit": args.task_limit, "runs": []}
     if RESULTS.is_file() and args.rows:  # a partial run replaces its rows in the last run's table
         previous = json.loads(RESULTS.read_text())
@@ -122,7 +127,9 @@ def main() -> None:
                 else:
                     built = build(model_path, BuildOptions(grain_search=search))
                     windows = token_windows(built.tokenizer, text, args.seqlen, args.windows, "evaluation")
-                    run, entry["ppl"] = measure(built.graph, built.store, windows, "decoded")
+                    entry["ppl"] = perplexity(lambda ids, b=built: interpret(b.graph, b.store, ids), windows,
+                                              desc=row)
+                    run, entry["sim_ppl"] = measure(built.graph, built.store, windows[:args.sim_windows], "decoded")
                     energy = ledger(run, target)["total"]
                     entry["firing_rate"] = firing_rates(run.sites)["overall"]
                     entry["energy_per_token_j"] = {"snn": energy["snn"]["per_token"], "ann": energy["ann"]["per_token"]}
@@ -153,7 +160,8 @@ def markdown(results: dict) -> str:
     limit = f" (first {results['task_limit']} items)" if results["task_limit"] else ""
     lines = [f"# Coding comparison on {results['model']}", "",
              (f"Perplexity: WikiText-2 test, {results['windows']} windows x {results['seqlen']} tokens (simulated, "
-             f"decoded mode); ratio against the ANN at the same T. Zero-shot: lm-eval acc / acc_norm on COPA (100) "
+             f"decoded mode); ratio against the ANN. Firing rate and energy: the first {results['sim_windows']} "
+             f"windows simulated with the counters on. Zero-shot: lm-eval acc / acc_norm on COPA (100) "
              f"and OpenBookQA (500){limit}. "
              f"Energy per token in mJ on {results['energy_target']} (compute | + neuron state | + memory), "
              f"ANN in the ANN row. Firing rate: spikes / (elements x T) over every site. Conversion: wall time of the "
