@@ -16,8 +16,17 @@ budget K (neuron.py), each coding fixes:
 
 τ is chosen per site by the error on its calibration samples (a grid search on the closed forms above, the
 same grid as the base-2 baseline), never by the raw maximum. The closed forms are used only to search;
-the fitted neuron's reported MSE is the real neuron's. Because every coding is the same neuron type, every
-backend lowers them all the same way: the budget is a per-neuron spike counter, v0 the starting potential.
+the fitted neuron's reported MSE is the real neuron's.
+
+Lowering: every coding is the IR's one PhaseNeuron node (fields v0, max_spikes), so every backend lowers all of
+them, exactly, and no fidelity report needs a "cannot express" entry:
+    sim    the same neuron (decoded and event mode); a spike costs the same in every coding
+    NIR    stock Threshold/Scale nodes over two sign channels: 10T + 2 nodes, 18T − 6K − 2 with a budget
+           1 ≤ K < T (a running spike count and a Threshold gate ANDed into every step t ≥ K)
+    Lava   the phase-neuron Process (floating_pt, fixed_pt): its per-neuron spike counter enforces K, v0 is
+           its starting potential (thresholds θ(t) − v0 may be negative)
+    ONNX   Greater/And(Less(count, K)) per step, bitwise equal to the simulator
+    Loihi 2 mapping: a ⌈log2(K + 1)⌉-bit counter per neuron, and the potential range v0 implies
 """
 
 from __future__ import annotations
