@@ -152,3 +152,32 @@ def test_bad_options(built):
     unassigned.nx.nodes["logits"]["node"] = dataclasses.replace(unassigned["logits"], timesteps=None)
     with pytest.raises(SpikecompileError, match="node logits: no timesteps; run the assign_timesteps pass"):
         run(unassigned, built.store, _ids(), "event")
+
+
+def test_readout_only_nodes_are_summed_once_when_values_are_dropped(built):
+    """The lm_head feeds only the Output (which sums its steps): without kept values event mode computes its
+    decoded rule once on the summed input; logits within rounding, spikes the same."""
+    from spikecompile.backends.sim.simulate import output_of, readout_only
+
+    graph, store = retyped(built.graph, built.store, torch.float64)
+    assert readout_only(graph) == {"lm_head"}
+    ids = _ids()
+    kept, dropped = run(graph, store, ids, "event"), run(graph, store, ids, "event", keep_values=False)
+    assert "lm_head" in kept.stepped and "lm_head" not in dropped.stepped
+    torch.testing.assert_close(output_of(graph, dropped), output_of(graph, kept), rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(kept.spikes[name], dropped.spikes[name]) for name in kept.spikes)
+
+
+def test_tallies_are_the_planes_counts(built):
+    """spikes="tally" keeps per-step and per-position counts equal to the planes' (and counts the same)."""
+    from spikecompile.backends.sim.counting import SpikeTally
+
+    ids = _ids()
+    planes = run(built.graph, built.store, ids, "decoded")
+    tallies = run(built.graph, built.store, ids, "decoded", keep_values=False, spikes="tally")
+    for name, spikes in planes.spikes.items():
+        assert tallies.spikes[name] == SpikeTally.of(spikes), name
+        assert tallies.spikes[name].per_step == tuple(spikes.flatten(1).sum(1).tolist())
+    assert count(built.graph, planes.shapes, planes.spikes) == count(built.graph, tallies.shapes, tallies.spikes)
+    with pytest.raises(SpikecompileError, match="spikes 'codes'"):
+        run(built.graph, built.store, ids, spikes="codes")

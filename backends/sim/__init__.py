@@ -7,6 +7,7 @@ memory traffic (counts.CONVENTION) and prices them with a target's energy consta
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -34,18 +35,17 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
     check_attention(attention)
     if dtype is not None:
         graph, store = retyped(graph, store, dtype)
-    trace = run(graph, store, ids, mode, mask_steps, keep_values=False)
+    trace = run(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
     shapes = trace.shapes
     snn, ann = count(graph, shapes, trace.spikes, attention)
     sites = {}
-    for name, spikes in trace.spikes.items():
+    for name, tally in trace.spikes.items():
         node: PhaseNeuron = graph[name]
-        per_step = spikes.flatten(1).sum(1).double()
-        elements = spikes[0].numel()
+        per_step = [float(spikes) for spikes in tally.per_step]
+        elements = math.prod(shapes[name])
         sites[node.site] = {"node": name, "layer": node_layer(name), "kind": node.kind,
-                            "timesteps": node.timesteps, "elements": elements,
-                            "spikes_per_step": per_step.tolist(),
-                            "firing_rate": float(per_step.sum()) / (elements * node.timesteps)}
+                            "timesteps": node.timesteps, "elements": elements, "spikes_per_step": per_step,
+                            "firing_rate": sum(per_step) / (elements * node.timesteps)}
     tokens = _tokens(graph, shapes)
     return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: node_layer(name) for name in graph},
                   sites=sites, logits=output_of(graph, trace))

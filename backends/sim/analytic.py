@@ -14,7 +14,7 @@ import torch
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Graph, PhaseNeuron, validate
 
-from .counting import check_attention, count
+from .counting import SpikeTally, check_attention, count
 from .run import SimRun
 
 def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attention: str = "causal") -> SimRun:
@@ -34,8 +34,11 @@ def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attenti
         if not isinstance(node, PhaseNeuron):
             continue
         rate = _rate(rates, node.kind)
-        events[name] = torch.tensor(rate).expand(node.timesteps, *shapes[name])
-        elements = int(torch.Size(shapes[name]).numel())
+        shape = shapes[name]
+        elements = int(torch.Size(shape).numel())
+        positions = shape[-2] if len(shape) >= 2 else 1
+        events[name] = SpikeTally(per_step=(rate * elements,) * node.timesteps,
+                                  per_position=(rate * node.timesteps * elements / positions,) * positions)
         sites[node.site] = {"node": name, "layer": node_layer(name), "kind": node.kind,
                             "timesteps": node.timesteps, "elements": elements,
                             "spikes_per_step": [rate * elements] * node.timesteps, "firing_rate": rate}

@@ -11,6 +11,10 @@ event    every value is a stack of T per-step tensors [T, ...] whose sum is the 
 The two modes agree to float rounding: the neuron input is Σ_t x_t in event mode and x in decoded mode, so
 a value within rounding of a threshold can fire differently — run in float64 to make that vanishingly rare.
 Late-spike masking (mask_steps = m): a neuron keeps only its spikes at steps < t0 + m, t0 its first spike.
+
+Neurons run in one fused pass (conversion.kernel: x̂ or the event planes, with the spike counts), bitwise the
+reference neuron; the event rules' float operations are those the ONNX event form (backends.onnx) reproduces,
+so both give the same spike planes bit for bit — change them together.
 """
 
 from __future__ import annotations
@@ -21,24 +25,30 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from spikecompile.conversion import kernel
 from spikecompile.conversion.neuron import phase_decode, phase_encode, step_schedule
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs
+from spikecompile.frontend.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
 from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
     PhaseNeuron, TensorRef,
 )
 
+from .counting import SpikeTally, structure
+
 MODES = ("decoded", "event")
+SPIKE_FORMS = ("planes", "tally")
+"""How a Trace keeps each neuron's spikes: bool planes [T, *shape], or a SpikeTally (what the counters read)."""
 
 
 @dataclasses.dataclass
 class Trace:
     """One run: node values (event mode: [T, ...] per node; all of them, or with keep_values=False only the
-    Outputs), each neuron's spikes [T, ...] (bool), and every node's decoded output shape."""
+    Outputs), each neuron's spikes (bool planes [T, ...], or with spikes="tally" a SpikeTally), and every node's
+    decoded output shape."""
 
     values: dict[str, Tensor]
-    spikes: dict[str, Tensor]
+    spikes: dict[str, Tensor | SpikeTally]
     mode: str
     shapes: dict[str, tuple[int, ...]]
     stepped: frozenset
@@ -76,45 +86,78 @@ def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
 
 @torch.no_grad()
 def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
-        mask_steps: int | None = None, keep_values: bool = True) -> Trace:
+        mask_steps: int | None = None, keep_values: bool = True, spikes: str = "planes") -> Trace:
     """Run `graph` (every node's timesteps assigned) on `inputs` (token ids, or values by Input name).
     keep_values=False drops each value once its last consumer has run (event mode on a 512-token window of a
-    real model would otherwise hold every node's T steps at once)."""
+    real model would otherwise hold every node's T steps at once). spikes: keep each neuron's spikes as bool
+    planes, or as a SpikeTally (totals per step and per position: all the counters read, without the T planes)."""
     if mode not in MODES:
         raise SpikecompileError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    if spikes not in SPIKE_FORMS:
+        raise SpikecompileError(f"spikes {spikes!r}: choose one of {', '.join(SPIKE_FORMS)}")
     missing = [name for name in graph if graph[name].timesteps is None]
     if mode == "event" and missing:
         raise SpikecompileError(f"node {missing[0]}: no timesteps; run the assign_timesteps pass first")
     values = graph_inputs(graph, inputs)
     if mode == "event":
         values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
-    spikes: dict[str, Tensor] = {}
+    fired: dict[str, Tensor | SpikeTally] = {}
     stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
     shapes = {name: tuple(value.shape[1:] if name in stepped else value.shape) for name, value in values.items()}
-    waiting = {name: graph.nx.out_degree(name) for name in graph}
+    wiring = structure(graph)
+    waiting = dict(wiring.consumers)
     rules = EVENT_RULES if mode == "event" else {}
-    for name in graph.topological_order():
+    summed = readout_only(graph) if mode == "event" and not keep_values else frozenset()
+    for name in wiring.order:
         if name in shapes:
             continue
         node = graph[name]
-        sources = graph.inputs(name)
+        sources = wiring.inputs[name]
         node_inputs = {port: values[source] for port, source in sources.items()}
         try:
             if isinstance(node, PhaseNeuron):
-                values[name], spikes[name] = _fire(node, node_inputs["x"], mode, mask_steps)
+                values[name], fired[name] = _fire(node, node_inputs["x"], mode, mask_steps, spikes)
+            elif name in summed or (isinstance(node, Output) and sources["x"] in summed):
+                # only the sum of the steps is ever read: the decoded rule on the summed inputs
+                window = {port: value.sum(0) if sources[port] in stepped else value
+                          for port, value in node_inputs.items()}
+                values[name] = RUNNERS[type(node)](node, window, store)
             else:
                 rule = rules.get(type(node)) or RUNNERS[type(node)]
                 values[name] = rule(node, node_inputs, store)
         except (RuntimeError, ValueError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
-        is_stepped = mode == "event" and values[name].is_floating_point() and not isinstance(node, Output)
+        is_stepped = (mode == "event" and values[name].is_floating_point() and not isinstance(node, Output)
+                      and name not in summed)
         stepped.update([name] if is_stepped else [])
         shapes[name] = tuple(values[name].shape[1:] if is_stepped else values[name].shape)
         for source in sources.values():
             waiting[source] -= 1
             if not keep_values and waiting[source] == 0:
                 del values[source]
-    return Trace(values, spikes, mode, shapes, frozenset(stepped))
+    return Trace(values, fired, mode, shapes, frozenset(stepped))
+
+
+def readout_only(graph: Graph) -> frozenset[str]:
+    """The nodes (no neurons) whose every consumer is an Output or another such node — in the LLaMA graphs the
+    lm_head. In event mode only the sum of their steps is ever read (an Output sums its input's steps), and that
+    sum telescopes exactly to the node's decoded rule on its summed inputs (linear: W·Σx_t + b; nonlinear:
+    Σ_t f(X_t) − f(X_{t−1}) = f(X_{T−1}); products: Σ_t out_t = ΣA·ΣB), so run(keep_values=False) computes it
+    once instead of T times (the lm_head's T-step logits stack is T·seq·vocab floats). Spikes are untouched:
+    no neuron reads these nodes, so the per-step contract with the ONNX event form is kept."""
+    wiring = structure(graph)
+    consumers: dict[str, list[str]] = {name: [] for name in wiring.order}
+    for name in wiring.order:
+        for source in wiring.inputs[name].values():
+            consumers[source].append(name)
+    summed: set[str] = set()
+    for name in reversed(wiring.order):
+        node = graph[name]
+        if isinstance(node, PhaseNeuron | Output) or not wiring.inputs[name] or not consumers[name]:
+            continue
+        if all(isinstance(graph[user], Output) or user in summed for user in consumers[name]):
+            summed.add(name)
+    return frozenset(summed)
 
 
 def output_of(graph: Graph, trace: Trace) -> Tensor:
@@ -128,15 +171,24 @@ def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
     return _at_t0(value, steps or 1) if value.is_floating_point() else value
 
 
-def _fire(node: PhaseNeuron, x: Tensor, mode: str, mask_steps: int | None) -> tuple[Tensor, Tensor]:
-    params = node.params()
+def _fire(node: PhaseNeuron, x: Tensor, mode: str, mask_steps: int | None,
+          form: str = "planes") -> tuple[Tensor, Tensor | SpikeTally]:
+    """(the neuron's value — x̂, or in event mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
+    neuron = neuron_of(node)
+    params = neuron.params
     window = x.sum(0) if mode == "event" else x  # integrate-then-fire: the whole input window
+    if mask_steps is None:  # one fused pass (conversion.kernel), bitwise the rule below
+        fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event",
+                            spikes=form == "planes", rows=form == "tally")
+        spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)
+        return (fired.out if mode == "decoded" else fired.events), spikes
     sign, spikes = phase_encode(window, params)
     spikes = mask_late_spikes(spikes, mask_steps)
+    record = spikes if form == "planes" else SpikeTally.of(spikes)
     if mode == "decoded":
-        return phase_decode(sign, spikes, params, dtype=x.dtype), spikes
+        return phase_decode(sign, spikes, params, dtype=x.dtype), record
     weights = step_schedule(params)[0].to(x.dtype).view(-1, *[1] * window.dim())
-    return sign.to(x.dtype) * weights * spikes.to(x.dtype), spikes
+    return sign.to(x.dtype) * weights * spikes.to(x.dtype), record
 
 
 # event rules for the nodes whose decoded rule does not apply to every step as is
@@ -167,13 +219,26 @@ def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
 
 def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
     """out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
-    evaluated = NONLINEAR_FUNCTIONS[node.function](node, inputs["x"].cumsum(0), store)
-    return torch.cat([evaluated[:1], evaluated.diff(dim=0)])
+    return _differences(NONLINEAR_FUNCTIONS[node.function](node, inputs["x"].cumsum(0), store))
+
+
+def _differences(running: Tensor) -> Tensor:
+    """out_0 = running_0, out_t = running_t − running_{t−1}, in place (last step first)."""
+    for t in range(running.shape[0] - 1, 0, -1):
+        running[t] -= running[t - 1]
+    return running
 
 
 def _running_product(product: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
-    """out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t for a bilinear `product` (Σ_t out_t = product(ΣA, ΣB))."""
-    return product(a.cumsum(0), b) + product(a, b.cumsum(0)) - product(a, b)
+    """out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t for a bilinear `product` (Σ_t out_t = product(ΣA, ΣB)).
+
+    These float operations, in this order, are a contract with the ONNX event form (backends.onnx.lower), which
+    must give the same spike planes bit for bit: the cheaper equal forms (S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1), one
+    product per step) round differently. Accumulated in place (the same bits as the out-of-place sum)."""
+    out = product(a.cumsum(0), b)
+    out += product(a, b.cumsum(0))
+    out -= product(a, b)
+    return out
 
 
 def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:

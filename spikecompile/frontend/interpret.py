@@ -9,12 +9,13 @@ repeating key/value heads), so a traced model gives its SpikingModel's logits to
 from __future__ import annotations
 
 from collections.abc import Callable
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..conversion.neuron import phase_quantize
+from ..conversion.kernel import Prepared, prepare, quantize
 from ..conversion.rotation import apply_hadamard
 from ..errors import SpikecompileError
 from ..ir import (
@@ -183,8 +184,20 @@ def _elementwise_product(node: ElementwiseProduct, inputs, store) -> Tensor:
     return inputs["a"] * inputs["b"]
 
 
+_NEURONS: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def neuron_of(node: PhaseNeuron) -> Prepared:
+    """The node's neuron: its parameters with the fused kernel's schedule, built once per node (nodes are frozen)."""
+    neuron = _NEURONS.get(node)
+    if neuron is None:
+        neuron = _NEURONS[node] = prepare(node.params())
+    return neuron
+
+
 def _phase_neuron(node: PhaseNeuron, inputs, store) -> Tensor:
-    return phase_quantize(inputs["x"], node.params())
+    """phase_quantize, in one fused pass (conversion.kernel; bitwise equal, the reference where it cannot run)."""
+    return quantize(inputs["x"], neuron_of(node))
 
 
 RUNNERS: dict[type[IRNode], Runner] = {
