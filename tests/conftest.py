@@ -122,3 +122,12 @@ def smollm2_t8_path(tmp_path_factory):
     result = CliRunner().invoke(cli, ["convert", "-o", str(path), "-T", "8", "--calib-windows", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Mid-sized ops: torch's thread pool adds only barrier waits, 10x slower when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,12 +16,7 @@ from spikecompile.conversion.neuron import (
 OUTPUTS = dict(out=True, spikes=True, events=True, code=True, popcount=True, rows=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

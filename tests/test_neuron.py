@@ -11,13 +11,7 @@ from spikecompile.conversion.neuron import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Mid-sized ops: torch's thread pool adds only barrier waits, 10x slower when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_params(batch=(), T=8, n=2, seed=0):
