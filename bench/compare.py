@@ -95,10 +95,10 @@ def main() -> None:
                "windows": args.windows, "seqlen": args.seqlen, "sim_windows": args.sim_windows,
                "energy_target": "cmos45nm",
                "tasks": {name: path.name for name, path in TASKS.items()}, "task_limit": args.task_limit, "runs": []}
-    if RESULTS.is_file() and args.rows:  # a partial run replaces its rows in the last run's table
+    if RESULTS.is_file():  # a run replaces only its own rows: other T (and, with --rows, other rows) stay
         previous = json.loads(RESULTS.read_text())
-        results["runs"] = [run for run in previous["runs"]
-                           if not (run["timesteps"] in args.timesteps and run["row"] in args.rows)]
+        results["runs"] = [run for run in previous["runs"] if run["timesteps"] not in args.timesteps
+                           or (args.rows is not None and run["row"] not in args.rows)]
 
     def save():
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
