@@ -162,3 +162,14 @@ def test_bad_coding_options_are_one_line_errors(tmp_path, options, message):
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_base2_codings_move_to_another_t_with_their_budget_and_the_others_refuse(zoo):
+    from spikecompile.errors import SpikecompileError
+
+    result = build(zoo["spikedattn"], BuildOptions(timesteps=6))
+    neurons = [result.graph[name] for name in result.graph if isinstance(result.graph[name], PhaseNeuron)]
+    assert {(node.timesteps, node.max_spikes) for node in neurons} == {(6, 2)}
+    assert all(node.has_default_v0 for node in neurons)
+    with pytest.raises(SpikecompileError, match="cannot run at T=6"):
+        build(zoo["rate"], BuildOptions(timesteps=6))

@@ -31,10 +31,12 @@ them, exactly, and no fidelity report needs a "cannot express" entry:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from .neuron import PhaseNeuronParams, base2_params, even_genotype, initial_potential
+from .neuron import PhaseNeuronParams, base2_params, even_genotype
 
 CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm")
 BUDGETS = {"spikedattn": 2, "ttfs": 1}
@@ -53,7 +55,7 @@ def coding_params(coding: str, tau: Tensor, T: int, n_grains: int = 1, clip: Ten
         params = base2_params(tau, T, n_grains, genotype)
         if coding == "las":
             return params
-        return PhaseNeuronParams(**{**_fields(params), "max_spikes": torch.full_like(params.max_spikes, BUDGETS[coding])})
+        return dataclasses.replace(params, max_spikes=torch.full_like(params.max_spikes, BUDGETS[coding]))
     if coding in ("rate", "sdllm"):
         tau = torch.as_tensor(tau, dtype=torch.float32)
         genotype = even_genotype(T, 1).to(tau.device).expand(*tau.shape, T).contiguous()
@@ -95,11 +97,3 @@ def sdllm_clip(magnitude: Tensor, tau: Tensor, zero_share: float) -> Tensor:
         return torch.zeros_like(tau)
     quantile = torch.quantile(magnitude.float(), zero_share, dim=-1)
     return (quantile - tau / 2).clamp(min=0)
-
-
-def is_default_v0(params: PhaseNeuronParams) -> bool:
-    return bool(torch.equal(params.v0, initial_potential(params.tau, params.T)))
-
-
-def _fields(params: PhaseNeuronParams) -> dict:
-    return {name: getattr(params, name) for name in ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")}

@@ -19,8 +19,8 @@ from .fit import FitConfig, fit_sites, lloyd_max_mse
 from .neuron import PhaseNeuronParams
 from .prefix import KVPrefix, select_prefix
 from .rotation import rotate_llama
-from .weights import rtn_quantize_weights
 from .sites import SiteTable, install_sites
+from .weights import rtn_quantize_weights
 
 ROTATIONS = ("hadamard", "none")
 PREFIXES = ("auto", "none")

@@ -47,9 +47,14 @@ class PhaseNeuron(IRNode):
         return self.site.rsplit(".", 1)[-1]
 
     @property
+    def has_default_v0(self) -> bool:
+        """v0 = ½·τ·2^-T, the phase neuron's (and the base-2 codings')."""
+        return bool(torch.equal(self.v0, initial_potential(self.tau, self.timesteps)))
+
+    @property
     def is_phase_coded(self) -> bool:
-        """No budget and the default v0 = ½·τ·2^-T: a phase neuron (fitted or base 2), not another coding."""
-        return self.max_spikes == 0 and bool(torch.equal(self.v0, initial_potential(self.tau, self.timesteps)))
+        """No budget and the default v0: a phase neuron (fitted or base 2), not another coding."""
+        return self.max_spikes == 0 and self.has_default_v0
 
     def params(self) -> PhaseNeuronParams:
         return PhaseNeuronParams(tau=self.tau, genotype=self.genotype, d=self.d, h=self.h, theta=self.theta,

@@ -80,8 +80,10 @@ class AssignGrains(Pass):
         neurons = {graph[name].site: name for name in graph if isinstance(graph[name], PhaseNeuron)}
         chosen = context.options.get("sites") or tuple(neurons)
         _check_sites(chosen, neurons)
-        base2 = [site for site in chosen if is_base2(graph[neurons[site]]) or not graph[neurons[site]].is_phase_coded]
-        refit = [site for site in chosen if site not in base2]
+        # base 2 (one quantizer whatever the split) and the fixed codings are left as they are
+        unchanged = [site for site in chosen
+                     if is_base2(graph[neurons[site]]) or not graph[neurons[site]].is_phase_coded]
+        refit = [site for site in chosen if site not in unchanged]
         samples = _site_samples(context.shared, refit)
         search = context.options.get("search", "darts")
         seed = getattr(context.shared, "seed", 0)
@@ -97,7 +99,7 @@ class AssignGrains(Pass):
         replaced = sum(note["replaced"] for note in notes.values())
         return PassResult(result, replaced > 0, {
             "search": search, "sites": notes, "replaced": replaced, "kept": len(notes) - replaced,
-            "base2_unchanged": len(base2), "search_seconds": round(seconds["search"], 3),
+            "base2_unchanged": len(unchanged), "search_seconds": round(seconds["search"], 3),
             "refit_seconds": round(seconds["refit"], 3)})
 
 

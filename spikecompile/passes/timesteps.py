@@ -133,9 +133,10 @@ def _at_timesteps(neuron: PhaseNeuron, steps: int) -> PhaseNeuron:
     """The neuron running `steps` steps: itself, or an all-base-2 neuron re-derived from its τ (module docstring)."""
     if steps == neuron.timesteps:
         return neuron
-    if not (is_base2(neuron) and (neuron.is_phase_coded or neuron.max_spikes)):
+    if not (is_base2(neuron) and neuron.has_default_v0):
         raise SpikecompileError(f"site {neuron.site}: its phase neuron was fitted at T={neuron.timesteps} and cannot "
-                                f"run at T={steps}; only all-base-2 sites (las, spikedattn, ttfs) are re-derived at another T. "
+                                f"run at T={steps}; only all-base-2 sites (las, spikedattn, ttfs) are re-derived at "
+                                f"another T. "
                                 f"Convert again with -T {steps}, or drop the override")
     grains = min(neuron.d.shape[-1], steps)
     params = base2_params(neuron.tau.detach().clone(), steps, grains)
