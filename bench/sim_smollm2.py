@@ -8,6 +8,8 @@ side. The event run's energy ledger (three tiers, ANN beside) is kept, and an an
 config at sequence length 512, T=6, with the firing rates per site kind measured on SmolLM2 at T=6.
 The fused neuron kernel (conversion.kernel) is built once into a fresh cache first, and that build time is
 reported apart; each timed process then loads it from the cache (its load time is in its JSON, not its seconds).
+Every timed process serves large tensors from the heap (spikecompile.heap, as event mode does by itself), so the
+three modes run under the same allocator settings.
 With --rounds R the three modes run R times in turn (ann, decoded, event, ann, ...) and each mode's figures are
 its fastest round (every round's seconds are kept), which damps the noise of a shared machine.
 Prints a table and writes bench/results/sim_smollm2.json.
@@ -48,11 +50,13 @@ def time_forward(model_path: str, mode: str, windows: int, seqlen: int, out: str
     from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows
     from spikecompile.frontend import interpret, sites_off
+    from spikecompile.heap import keep_large_allocations
     from spikecompile.ir import PhaseNeuron
     from spikecompile.target import load_target
 
     result = build(model_path, BuildOptions())
     ids = token_windows(result.tokenizer, load_text(str(TEST), split="eval"), seqlen, windows, "benchmark")
+    heap_reuse = keep_large_allocations()  # every mode alike (event mode would switch it on itself)
     load_start = time.perf_counter()
     fused = kernel.available()  # built (or loaded from the cache) before the clock starts
     kernel_figures = {"fused": fused, "load_s": time.perf_counter() - load_start,
@@ -69,7 +73,7 @@ def time_forward(model_path: str, mode: str, windows: int, seqlen: int, out: str
     seconds = time.perf_counter() - start
     figures = {"mode": mode, "seconds": seconds, "tokens_per_s": windows * seqlen / seconds,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "threads": torch.get_num_threads(), "kernel": kernel_figures}
+               "threads": torch.get_num_threads(), "kernel": kernel_figures, "heap_reuse": heap_reuse}
     if runs:
         run = mean_run(runs)
         save_run(run, Path(out).with_suffix(".run.json"), {"mode": mode})

@@ -181,3 +181,52 @@ def test_tallies_are_the_planes_counts(built):
     assert count(built.graph, planes.shapes, planes.spikes) == count(built.graph, tallies.shapes, tallies.spikes)
     with pytest.raises(SpikecompileError, match="spikes 'codes'"):
         run(built.graph, built.store, ids, spikes="codes")
+
+
+def test_products_are_the_causal_running_sum_rule():
+    """The event rule for A·B, computed as S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1), is method.md's
+    S_A(t)·B_t + A_t·S_B(t) − A_t·B_t step by step, and its steps sum to (ΣA)·(ΣB)."""
+    from spikecompile.backends.sim.simulate import _running_product
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(6, 3, 4, 5, generator=generator, dtype=torch.float64) for _ in range(2))
+    for product, second in ((torch.matmul, b.transpose(-2, -1)), (torch.mul, b)):
+        out = _running_product(product, a, second)
+        method = product(a.cumsum(0), second) + product(a, second.cumsum(0)) - product(a, second)
+        torch.testing.assert_close(out, method, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.sum(0), product(a.sum(0), second.sum(0)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("function", ["rmsnorm", "softmax", "silu"])
+def test_scratch_nonlinear_functions_give_the_same_bits(built, function):
+    """Event mode lets f overwrite its running-sum argument (scratch=True): the same values bit for bit, and the
+    default leaves its input alone."""
+    from spikecompile.frontend.interpret import NONLINEAR_FUNCTIONS
+
+    node = next(built.graph[name] for name in built.graph if getattr(built.graph[name], "function", "") == function)
+    width = node.weight.shape[0] if function == "rmsnorm" else 9
+    shape = (3, 2, 7, width)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    kept = x.clone()
+    plain = NONLINEAR_FUNCTIONS[function](node, x, built.store)
+    assert torch.equal(x, kept)
+    assert torch.equal(NONLINEAR_FUNCTIONS[function](node, x.clone(), built.store, scratch=True), plain)
+
+
+def test_large_allocations_are_served_from_the_heap():
+    """spikecompile.heap switches glibc to reuse freed heap memory (event mode does on its first run); tensors above
+    the old 32 MiB mmap ceiling still allocate, free and allocate again, in this thread and in another."""
+    import platform
+    import threading
+
+    from spikecompile.heap import keep_large_allocations
+
+    switched = keep_large_allocations()
+    assert switched == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    sums = []
+    for _ in range(2):
+        sums.append(float(torch.ones(12_000_000, dtype=torch.float32).sum()))  # 48 MB
+    worker = threading.Thread(target=lambda: sums.append(float(torch.ones(12_000_000).sum())))
+    worker.start()
+    worker.join()
+    assert sums == [12_000_000.0] * 3

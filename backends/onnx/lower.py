@@ -9,8 +9,9 @@ event    every float value is a stack [T, batch, seq, ...] of its T per-step ten
          value), under the event rules of the IR docstrings, as backends.sim.simulate runs them: a linear node maps
          every step (a constant — bias, embedding row, prefix cache, graph input — enters at t = 0 only); a
          nonlinear node emits f(X_t) − f(X_{t−1}) on the running sums X_t (CumSum); an activation product emits
-         S_A(t)·B_t + A_t·S_B(t) − A_t·B_t; a phase neuron integrates its input window (ReduceSum over the steps),
-         unrolls its T phases into the spike planes s_t, and emits y_t = σ·d(t)·s_t. Token ids are not stepped.
+         S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (the causal running-sum rule, one product per step); a phase neuron
+         integrates its input window (ReduceSum over the steps), unrolls its T phases into the spike planes s_t,
+         and emits y_t = σ·d(t)·s_t. Token ids are not stepped.
 
 Every op follows frontend.interpret's order of operations (RMSNorm in float32, RoPE angles and cos/sin in
 float32, softmax in float32, key/value heads repeated for grouped queries), so the results differ from the
@@ -280,10 +281,10 @@ def _elementwise_product(ctx: Context, name: str, node: ElementwiseProduct, inpu
 
 
 def _running_product(ctx: Context, product: Callable[[str, str], str], a: str, b_value: str) -> str:
-    """out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t (Σ_t out_t = product(ΣA, ΣB))."""
+    """out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (= S_A(t)·B_t + A_t·S_B(t) − A_t·B_t; Σ_t out_t = product(ΣA, ΣB)),
+    as backends.sim.simulate runs it."""
     b = ctx.builder
-    crossed = b.op("Add", product(running_sum(b, a), b_value), product(a, running_sum(b, b_value)))
-    return b.op("Sub", crossed, product(a, b_value))
+    return step_differences(b, product(running_sum(b, a), running_sum(b, b_value)), ctx.rank(a))
 
 
 # the phase neuron

@@ -5,7 +5,8 @@ decoded  each node computes its decoded equation on whole tensors (frontend.inte
 event    every value is a stack of T per-step tensors [T, ...] whose sum is the decoded value, under the exact
          rules of method.md §3 (each node's docstring): linear nodes map each step (a constant — bias,
          embedding row, prefix cache — enters at t = 0); nonlinear nodes emit f(X_t) − f(X_{t−1}) on running
-         sums X_t; products of two activations use out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t; a phase neuron
+         sums X_t; products of two activations emit S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (method.md's causal
+         running-sum rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t, in one product per step); a phase neuron
          integrates its whole input window, then fires y_t = σ·d(t)·s_t for t = 0..T−1.
 
 The two modes agree to float rounding: the neuron input is Σ_t x_t in event mode and x in decoded mode, so
@@ -29,6 +30,7 @@ from spikecompile.conversion import kernel
 from spikecompile.conversion.neuron import phase_decode, phase_encode, step_schedule
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
+from spikecompile.heap import keep_large_allocations
 from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
     PhaseNeuron, TensorRef,
@@ -100,6 +102,7 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
         raise SpikecompileError(f"node {missing[0]}: no timesteps; run the assign_timesteps pass first")
     values = graph_inputs(graph, inputs)
     if mode == "event":
+        keep_large_allocations()  # the [T, ...] stacks outgrow glibc's mmap threshold: see spikecompile.heap
         values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
     fired: dict[str, Tensor | SpikeTally] = {}
     stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
@@ -219,7 +222,7 @@ def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
 
 def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
     """out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
-    return _differences(NONLINEAR_FUNCTIONS[node.function](node, inputs["x"].cumsum(0), store))
+    return _differences(NONLINEAR_FUNCTIONS[node.function](node, inputs["x"].cumsum(0), store, scratch=True))
 
 
 def _differences(running: Tensor) -> Tensor:
@@ -230,15 +233,13 @@ def _differences(running: Tensor) -> Tensor:
 
 
 def _running_product(product: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
-    """out_t = S_A(t)·B_t + A_t·S_B(t) − A_t·B_t for a bilinear `product` (Σ_t out_t = product(ΣA, ΣB)).
+    """out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) for a bilinear `product`: method.md's causal rule
+    S_A(t)·B_t + A_t·S_B(t) − A_t·B_t (expand S_A(t) = S_A(t−1) + A_t) with one product per step instead of three;
+    Σ_t out_t telescopes to product(ΣA, ΣB).
 
     These float operations, in this order, are a contract with the ONNX event form (backends.onnx.lower), which
-    must give the same spike planes bit for bit: the cheaper equal forms (S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1), one
-    product per step) round differently. Accumulated in place (the same bits as the out-of-place sum)."""
-    out = product(a.cumsum(0), b)
-    out += product(a, b.cumsum(0))
-    out -= product(a, b)
-    return out
+    must give the same spike planes bit for bit: the three-product form rounds differently."""
+    return _differences(product(a.cumsum(0), b.cumsum(0)))
 
 
 def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:

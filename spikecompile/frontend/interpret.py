@@ -148,27 +148,30 @@ def _residual_add(node: ResidualAdd, inputs, store) -> Tensor:
     return inputs["residual"] + inputs["branch"]
 
 
-def _rmsnorm(node: Nonlinear, x: Tensor, store) -> Tensor:
+def _rmsnorm(node: Nonlinear, x: Tensor, store, scratch: bool = False) -> Tensor:
     hidden = x.to(torch.float32)
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + node.eps)
+    scale = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + node.eps)
+    hidden = hidden.mul_(scale) if scratch and hidden is x else hidden * scale
     hidden = hidden.to(x.dtype)
     return node.weight.resolve(store) * hidden if node.weight is not None else hidden
 
 
-def _softmax(node: Nonlinear, x: Tensor, store) -> Tensor:
+def _softmax(node: Nonlinear, x: Tensor, store, scratch: bool = False) -> Tensor:
     if node.causal:
         queries, keys = x.shape[-2:]
         rows = torch.arange(queries, device=x.device)[:, None]
         future = torch.arange(keys, device=x.device)[None, :] > rows + (keys - queries)
-        x = x.masked_fill(future, float("-inf"))
+        x = x.masked_fill_(future, float("-inf")) if scratch else x.masked_fill(future, float("-inf"))
     return F.softmax(x, dim=-1, dtype=torch.float32).to(x.dtype)
 
 
 NONLINEAR_FUNCTIONS = {
     "rmsnorm": _rmsnorm,
     "softmax": _softmax,
-    "silu": lambda node, x, store: F.silu(x),
+    "silu": lambda node, x, store, scratch=False: F.silu(x, inplace=scratch),
 }
+"""f(node, x, store, scratch=False) -> f(x); with scratch=True x is a temporary f may overwrite (the event rule's
+running sums): the same values, fewer fresh tensors."""
 
 
 def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
@@ -177,7 +180,8 @@ def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
 
 def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:
     b = inputs["b"].repeat_interleave(node.groups, dim=-3) if node.groups > 1 else inputs["b"]
-    return torch.matmul(inputs["a"], b.transpose(-2, -1) if node.transpose_b else b) * node.scaling
+    product = torch.matmul(inputs["a"], b.transpose(-2, -1) if node.transpose_b else b)
+    return product.mul_(node.scaling) if node.scaling != 1.0 else product
 
 
 def _elementwise_product(node: ElementwiseProduct, inputs, store) -> Tensor:

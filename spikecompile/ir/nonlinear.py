@@ -59,7 +59,8 @@ class ActivationMatmul(IRNode):
         qk  out = scaling · a·bᵀ    a [..., H, S_q, D],   b [..., H/groups, S_k, D] → [..., H, S_q, S_k]
         pv  out = scaling · a·b     a [..., H, S_q, S_k], b [..., H/groups, S_k, D] → [..., H, S_q, D]
 
-    Events: out_t = scaling·(A_t·b_t + a_t·B_t − a_t·b_t) (b transposed for qk), so Σ_t out_t = scaling·A·B.
+    Events: out_t = scaling·(A_t·b_t + a_t·B_t − a_t·b_t) (b transposed for qk; A_t, B_t the running sums), so
+    Σ_t out_t = scaling·A·B; computed as scaling·(A_t·B_t − A_{t−1}·B_{t−1}), the same in one product per step.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("a", "b")
@@ -98,7 +99,7 @@ class ElementwiseProduct(IRNode):
     """The MLP product out = a ⊙ b (same type; spikes(SiLU(gate)) ⊙ up in the reference placement).
 
     Events: out_t = A_t⊙b_t + a_t⊙B_t − a_t⊙b_t (the causal running-sum form; exact, unlike the paper's
-    symmetric form it needs no future step), so Σ_t out_t = A⊙B.
+    symmetric form it needs no future step), so Σ_t out_t = A⊙B; computed as A_t⊙B_t − A_{t−1}⊙B_{t−1}.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("a", "b")
