@@ -5,7 +5,8 @@ zero-fills each of its pages again on first touch. Event mode's [T, ...] stacks 
 scores [T, heads, S, S]: 76 MB at T = 8, S = 512), and on SmolLM2 the page faults cost more than the arithmetic
 (a 76 MB cumsum: 52 ms fresh, 14 ms from the heap). M_MMAP_MAX = 0 serves the main thread's allocations from the
 heap (other threads still fall back to mmap), and a 1 GiB M_TRIM_THRESHOLD keeps freed memory for the next node
-rather than returning it to the system: peak RSS is unchanged, the resident set stays near it until exit.
+rather than returning it to the system: the resident set stays near its peak until exit, and the peak can grow
+by what fragmentation strands (bench/sim_smollm2.py reports it).
 """
 
 from __future__ import annotations

@@ -430,3 +430,21 @@ def test_cli_build_target_onnx(tmp_path):
     onnx.checker.check_model(checked, full_check=True)
     assert any(output.name.endswith(".spikes") for output in checked.graph.output)
     assert not (tmp_path / "onnx" / "decoded.onnx").exists()
+
+
+def test_running_sums_are_onnx_cumsum_bit_for_bit():
+    """The event rules' running sums X_t (products, nonlinearities) add step by step in float32 as ONNX CumSum does
+    (torch.cumsum would accumulate in double): the simulator's and onnxruntime's agree bit for bit."""
+    from onnx import TensorProto, helper
+
+    from spikecompile.backends.sim.simulate import _running_sums
+
+    graph = helper.make_graph(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"])], "cumsum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("axis", TensorProto.INT64, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    x = torch.randn(8, 3, 50, 70, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 70)
+    (onnx_sums,) = run(session(model.SerializeToString()), {"x": x.numpy()}).values()
+    assert torch.equal(_running_sums(x), torch.from_numpy(np.asarray(onnx_sums)))

@@ -222,7 +222,17 @@ def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
 
 def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
     """out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
-    return _differences(NONLINEAR_FUNCTIONS[node.function](node, inputs["x"].cumsum(0), store, scratch=True))
+    return _differences(NONLINEAR_FUNCTIONS[node.function](node, _running_sums(inputs["x"]), store, scratch=True))
+
+
+def _running_sums(x: Tensor) -> Tensor:
+    """X_t = X_{t−1} + x_t in x's dtype, step by step — as ONNX CumSum adds (torch.cumsum accumulates float32
+    in double, and runs a strided kernel several times slower on [T, heads, S, S] stacks)."""
+    running = torch.empty_like(x)
+    running[0] = x[0]
+    for t in range(1, x.shape[0]):
+        torch.add(running[t - 1], x[t], out=running[t])
+    return running
 
 
 def _differences(running: Tensor) -> Tensor:
@@ -239,7 +249,7 @@ def _running_product(product: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: 
 
     These float operations, in this order, are a contract with the ONNX event form (backends.onnx.lower), which
     must give the same spike planes bit for bit: the three-product form rounds differently."""
-    return _differences(product(a.cumsum(0), b.cumsum(0)))
+    return _differences(product(_running_sums(a), _running_sums(b)))
 
 
 def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:
