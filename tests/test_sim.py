@@ -184,14 +184,15 @@ def test_tallies_are_the_planes_counts(built):
 
 
 def test_products_are_the_causal_running_sum_rule():
-    """The event rule for A·B, computed as S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1), is method.md's
-    S_A(t)·B_t + A_t·S_B(t) − A_t·B_t step by step, and its steps sum to (ΣA)·(ΣB)."""
-    from spikecompile.backends.sim.simulate import _running_product
+    """The event rule for A·B makes S_A(t)·S_B(t); its step differences are method.md's
+    S_A(t)·B_t + A_t·S_B(t) − A_t·B_t, and they sum to (ΣA)·(ΣB)."""
+    from spikecompile.backends.sim.simulate import _differences, _running_product, _running_sums
 
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(6, 3, 4, 5, generator=generator, dtype=torch.float64) for _ in range(2))
     for product, second in ((torch.matmul, b.transpose(-2, -1)), (torch.mul, b)):
-        out = _running_product(product, a, second)
+        sums = {"a": (_running_sums(a), True), "b": (_running_sums(second), True)}
+        out = _differences(_running_product(product, sums))
         method = product(a.cumsum(0), second) + product(a, second.cumsum(0)) - product(a, second)
         torch.testing.assert_close(out, method, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out.sum(0), product(a.sum(0), second.sum(0)), rtol=1e-12, atol=1e-12)

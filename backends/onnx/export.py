@@ -103,6 +103,8 @@ def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outpu
         except (SpikecompileError, ValueError, RuntimeError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
         values[name] = builder.name_output(value, name)
+        if value in context.running:  # renamed: its running sums go with it
+            context.running[values[name]] = context.running.pop(value)
         context.types[values[name]] = types[name]
     model = helper.make_model(
         helper.make_graph(builder.nodes, f"spikecompile.{form}", builder.inputs, builder.outputs,

@@ -11,7 +11,9 @@ event    every float value is a stack [T, batch, seq, ...] of its T per-step ten
          nonlinear node emits f(X_t) − f(X_{t−1}) on the running sums X_t (CumSum); an activation product emits
          S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (the causal running-sum rule, one product per step); a phase neuron
          integrates its input window (ReduceSum over the steps), unrolls its T phases into the spike planes s_t,
-         and emits y_t = σ·d(t)·s_t. Token ids are not stepped.
+         and emits y_t = σ·d(t)·s_t. Token ids are not stepped. Products and nonlinearities keep the running sums
+         they compute (Context.running): their consumers read those (a neuron's window: the last step) rather
+         than summing the per-step values again, as backends.sim.simulate does.
 
 Every op follows frontend.interpret's order of operations (RMSNorm in float32, RoPE angles and cos/sin in
 float32, softmax in float32, key/value heads repeated for grouped queries), so the results differ from the
@@ -52,6 +54,8 @@ class Context:
     types: dict[str, TensorType]
     event: bool
     spike_outputs: bool = False
+    running: dict[str, str] = dataclasses.field(default_factory=dict)
+    """event form: the running sums X_t a product or nonlinearity made, by the name of its per-step value"""
 
     def rank(self, value: str) -> int:
         """The rank of an IR node's ONNX value: its decoded rank, plus the step dim for a float event value."""
@@ -60,6 +64,23 @@ class Context:
 
     def dtype(self, value: str) -> torch.dtype:
         return torch_dtype(self.types[value].dtype)
+
+    def running_sums(self, value: str) -> str:
+        """X_t of a stepped value: the sums its producer made, else CumSum over its steps."""
+        return self.running.get(value) or running_sum(self.builder, value)
+
+    def window(self, value: str) -> str:
+        """Σ_t x_t of a stepped value: its running sums' last step, else ReduceSum over its steps."""
+        b = self.builder
+        if value in self.running:
+            return b.op("Gather", self.running[value], b.constant(-1, torch.int64), axis=0)
+        return b.op("ReduceSum", value, b.ints(0), keepdims=0)
+
+    def from_running(self, sums: str, rank: int) -> str:
+        """The per-step values out_t = X_t − X_{t−1} of running sums X (kept for the consumers that read sums)."""
+        events = step_differences(self.builder, sums, rank)
+        self.running[events] = sums
+        return events
 
 
 Lowering = Callable[[Context, str, IRNode, dict[str, str]], str]
@@ -107,7 +128,7 @@ def _output(ctx: Context, name: str, node: Output, inputs) -> str:
     b = ctx.builder
     b.outputs.append(value_info(name, ctx.types[inputs["x"]]))
     if ctx.event:
-        return b.op("ReduceSum", inputs["x"], b.ints(0), keepdims=0)
+        return ctx.window(inputs["x"])
     return b.op("Identity", inputs["x"])
 
 
@@ -246,8 +267,7 @@ def _nonlinear(ctx: Context, name: str, node: Nonlinear, inputs) -> str:
     function, x = NONLINEAR_FUNCTIONS[node.function], inputs["x"]
     if not ctx.event:
         return function(ctx, node, x, ctx.dtype(x))
-    values = function(ctx, node, running_sum(ctx.builder, x), ctx.dtype(x))
-    return step_differences(ctx.builder, values, ctx.rank(x))
+    return ctx.from_running(function(ctx, node, ctx.running_sums(x), ctx.dtype(x)), ctx.rank(x))
 
 
 # products of two activations
@@ -283,8 +303,7 @@ def _elementwise_product(ctx: Context, name: str, node: ElementwiseProduct, inpu
 def _running_product(ctx: Context, product: Callable[[str, str], str], a: str, b_value: str) -> str:
     """out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (= S_A(t)·B_t + A_t·S_B(t) − A_t·B_t; Σ_t out_t = product(ΣA, ΣB)),
     as backends.sim.simulate runs it."""
-    b = ctx.builder
-    return step_differences(b, product(running_sum(b, a), running_sum(b, b_value)), ctx.rank(a))
+    return ctx.from_running(product(ctx.running_sums(a), ctx.running_sums(b_value)), ctx.rank(a))
 
 
 # the phase neuron
@@ -294,7 +313,7 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
     [T, ...], and on request the spike planes s_t as the bool output "<name>.spikes"."""
     b, x = ctx.builder, inputs["x"]
     dtype = ctx.dtype(x)
-    window = b.op("ReduceSum", x, b.ints(0), keepdims=0) if ctx.event else x  # integrate-then-fire
+    window = ctx.window(x) if ctx.event else x  # integrate-then-fire
     spikes = _spikes(ctx, name, node, b.op("Abs", window), dtype)
     weights, _, _ = (values.to(dtype) for values in step_schedule(node.params()))
     sign = b.op("Sign", window)

@@ -7,7 +7,11 @@ event    every value is a stack of T per-step tensors [T, ...] whose sum is the 
          embedding row, prefix cache — enters at t = 0); nonlinear nodes emit f(X_t) − f(X_{t−1}) on running
          sums X_t; products of two activations emit S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (method.md's causal
          running-sum rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t, in one product per step); a phase neuron
-         integrates its whole input window, then fires y_t = σ·d(t)·s_t for t = 0..T−1.
+         integrates its whole input window, then fires y_t = σ·d(t)·s_t for t = 0..T−1. Products and
+         nonlinearities compute on running sums, so they keep them (RUNNING_RULES): a consumer that reads running
+         sums takes them as they are, a neuron its window Σ_t x_t as their last step, and only a per-step
+         consumer (a linear node) has the differences made — equal in exact arithmetic, and fewer passes over
+         the [T, heads, S, S] attention stacks.
 
 The two modes agree to float rounding: the neuron input is Σ_t x_t in event mode and x in decoded mode, so
 a value within rounding of a threshold can fire differently — run in float64 to make that vanishingly rare.
@@ -105,39 +109,62 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
         keep_large_allocations()  # the [T, ...] stacks outgrow glibc's mmap threshold: see spikecompile.heap
         values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
     fired: dict[str, Tensor | SpikeTally] = {}
+    running: dict[str, Tensor] = {}  # event mode: the running sums X_t a product or nonlinearity made
     stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
     shapes = {name: tuple(value.shape[1:] if name in stepped else value.shape) for name, value in values.items()}
     wiring = structure(graph)
     waiting = dict(wiring.consumers)
     rules = EVENT_RULES if mode == "event" else {}
     summed = readout_only(graph) if mode == "event" and not keep_values else frozenset()
+
+    def events(source: str) -> Tensor:
+        """The source's per-step values (a running-sum node's: the differences of its sums, made once)."""
+        if source not in values:
+            values[source] = _differences(running[source].clone())
+        return values[source]
+
+    def window(source: str) -> Tensor:
+        """What the source delivers over the whole window, Σ_t x_t: a running-sum node's last step."""
+        if source not in stepped:
+            return values[source]
+        return running[source][-1] if source in running else events(source).sum(0)
+
     for name in wiring.order:
         if name in shapes:
             continue
         node = graph[name]
         sources = wiring.inputs[name]
-        node_inputs = {port: values[source] for port, source in sources.items()}
         try:
-            if isinstance(node, PhaseNeuron):
-                values[name], fired[name] = _fire(node, node_inputs["x"], mode, mask_steps, spikes)
-            elif name in summed or (isinstance(node, Output) and sources["x"] in summed):
-                # only the sum of the steps is ever read: the decoded rule on the summed inputs
-                window = {port: value.sum(0) if sources[port] in stepped else value
-                          for port, value in node_inputs.items()}
-                values[name] = RUNNERS[type(node)](node, window, store)
+            if isinstance(node, PhaseNeuron):  # integrate-then-fire: the whole input window
+                x = window(sources["x"]) if mode == "event" else values[sources["x"]]
+                values[name], fired[name] = _fire(node, x, mode, mask_steps, spikes)
+            elif mode == "event" and (name in summed or isinstance(node, Output)):
+                # only the sum of the steps is ever read: the decoded rule on the inputs' windows
+                values[name] = RUNNERS[type(node)](node, {port: window(source) for port, source in sources.items()},
+                                                   store)
+            elif mode == "event" and type(node) in RUNNING_RULES:
+                sums = {port: (running[source], False) if source in running else (_running_sums(events(source)), True)
+                        for port, source in sources.items()}
+                running[name] = RUNNING_RULES[type(node)](node, sums, store)
             else:
                 rule = rules.get(type(node)) or RUNNERS[type(node)]
+                node_inputs = {port: events(source) if mode == "event" else values[source]
+                               for port, source in sources.items()}
                 values[name] = rule(node, node_inputs, store)
         except (RuntimeError, ValueError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
-        is_stepped = (mode == "event" and values[name].is_floating_point() and not isinstance(node, Output)
+        made = running[name] if name in running else values[name]
+        is_stepped = (mode == "event" and made.is_floating_point() and not isinstance(node, Output)
                       and name not in summed)
         stepped.update([name] if is_stepped else [])
-        shapes[name] = tuple(values[name].shape[1:] if is_stepped else values[name].shape)
+        shapes[name] = tuple(made.shape[1:] if is_stepped else made.shape)
         for source in sources.values():
             waiting[source] -= 1
             if not keep_values and waiting[source] == 0:
-                del values[source]
+                values.pop(source, None)
+                running.pop(source, None)
+    for name in list(running):  # kept values: every node's per-step values
+        events(name)
     return Trace(values, fired, mode, shapes, frozenset(stepped))
 
 
@@ -174,12 +201,12 @@ def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
     return _at_t0(value, steps or 1) if value.is_floating_point() else value
 
 
-def _fire(node: PhaseNeuron, x: Tensor, mode: str, mask_steps: int | None,
+def _fire(node: PhaseNeuron, window: Tensor, mode: str, mask_steps: int | None,
           form: str = "planes") -> tuple[Tensor, Tensor | SpikeTally]:
-    """(the neuron's value — x̂, or in event mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
+    """The neuron on its input `window` (the decoded input, or in event mode Σ_t x_t): (its value — x̂, or in event
+    mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
     neuron = neuron_of(node)
     params = neuron.params
-    window = x.sum(0) if mode == "event" else x  # integrate-then-fire: the whole input window
     if mask_steps is None:  # one fused pass (conversion.kernel), bitwise the rule below
         fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event",
                             spikes=form == "planes", rows=form == "tally")
@@ -189,9 +216,9 @@ def _fire(node: PhaseNeuron, x: Tensor, mode: str, mask_steps: int | None,
     spikes = mask_late_spikes(spikes, mask_steps)
     record = spikes if form == "planes" else SpikeTally.of(spikes)
     if mode == "decoded":
-        return phase_decode(sign, spikes, params, dtype=x.dtype), record
-    weights = step_schedule(params)[0].to(x.dtype).view(-1, *[1] * window.dim())
-    return sign.to(x.dtype) * weights * spikes.to(x.dtype), record
+        return phase_decode(sign, spikes, params, dtype=window.dtype), record
+    weights = step_schedule(params)[0].to(window.dtype).view(-1, *[1] * window.dim())
+    return sign.to(window.dtype) * weights * spikes.to(window.dtype), record
 
 
 # event rules for the nodes whose decoded rule does not apply to every step as is
@@ -220,9 +247,10 @@ def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
     return torch.cat([stepped, x], dim=-2)
 
 
-def _nonlinear(node: Nonlinear, inputs, store) -> Tensor:
-    """out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
-    return _differences(NONLINEAR_FUNCTIONS[node.function](node, _running_sums(inputs["x"]), store, scratch=True))
+def _nonlinear(node: Nonlinear, sums, store) -> Tensor:
+    """f(X_t): the running sums whose differences are out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
+    (running, fresh), = sums.values()
+    return NONLINEAR_FUNCTIONS[node.function](node, running, store, scratch=fresh)
 
 
 def _running_sums(x: Tensor) -> Tensor:
@@ -242,38 +270,39 @@ def _differences(running: Tensor) -> Tensor:
     return running
 
 
-def _running_product(product: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
-    """out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) for a bilinear `product`: method.md's causal rule
-    S_A(t)·B_t + A_t·S_B(t) − A_t·B_t (expand S_A(t) = S_A(t−1) + A_t) with one product per step instead of three;
-    Σ_t out_t telescopes to product(ΣA, ΣB).
-
-    These float operations, in this order, are a contract with the ONNX event form (backends.onnx.lower), which
-    must give the same spike planes bit for bit: the three-product form rounds differently."""
-    return _differences(product(_running_sums(a), _running_sums(b)))
+def _running_product(product: Callable[[Tensor, Tensor], Tensor], sums) -> Tensor:
+    """S_A(t)·S_B(t) for a bilinear `product`: the running sums whose differences
+    out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) are method.md's causal rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t
+    (expand S_A(t) = S_A(t−1) + A_t) with one product per step instead of three; Σ_t out_t = product(ΣA, ΣB)."""
+    return product(sums["a"][0], sums["b"][0])
 
 
-def _activation_matmul(node: ActivationMatmul, inputs, store) -> Tensor:
+def _activation_matmul(node: ActivationMatmul, sums, store) -> Tensor:
     def product(a, b):
         return RUNNERS[ActivationMatmul](node, {"a": a, "b": b}, store)
-    return _running_product(product, inputs["a"], inputs["b"])
+    return _running_product(product, sums)
 
 
-def _elementwise_product(node: ElementwiseProduct, inputs, store) -> Tensor:
-    return _running_product(torch.mul, inputs["a"], inputs["b"])
+def _elementwise_product(node: ElementwiseProduct, sums, store) -> Tensor:
+    return _running_product(torch.mul, sums)
 
 
-def _output(node: Output, inputs, store) -> Tensor:
-    return inputs["x"].sum(0)
+RUNNING_RULES: dict[type[IRNode], Callable] = {
+    Nonlinear: _nonlinear,
+    ActivationMatmul: _activation_matmul,
+    ElementwiseProduct: _elementwise_product,
+}
+"""Event rules that read their inputs' running sums X_t = x_0 + … + x_t and make their own (each input's as
+{port: (X, fresh)}, fresh: made for this node, so f may overwrite it): a running-sum node's per-step values are
+the differences of its sums, made when a per-step consumer reads them, and a neuron or Output reading it takes its
+last step as the window Σ_t x_t. The float operations are a contract with the ONNX event form
+(backends.onnx.lower), which must give the same spike planes bit for bit: change them together."""
 
 
 EVENT_RULES: dict[type[IRNode], Callable] = {
     Embedding: _embedding,
     Linear: _linear,
     KVPrefix: _kv_prefix,
-    Nonlinear: _nonlinear,
-    ActivationMatmul: _activation_matmul,
-    ElementwiseProduct: _elementwise_product,
-    Output: _output,
 }
 """Event rules differing from the decoded ones; every other node type (Rotation, RoPE, SplitHeads, MergeHeads,
 ResidualAdd) is linear without a constant and maps each step with its decoded rule. Input: _arrive_at_t0."""
