@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -154,7 +155,7 @@ def _memory(graph: Graph) -> dict:
                 node_tensors.append(value)
     by_dtype: Counter[str] = Counter()
     for ref in weights.values():
-        by_dtype[ref.dtype] += _numel(ref.shape) * torch_dtype(ref.dtype).itemsize
+        by_dtype[ref.dtype] += math.prod(ref.shape) * torch_dtype(ref.dtype).itemsize
     weight_bytes = sum(by_dtype.values())
     for tensor in node_tensors:
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
@@ -170,13 +171,6 @@ def _field_values(node: IRNode) -> list:
 def _rotation_counts(graph: Graph) -> dict:
     wheres = Counter(graph[name].where for name in graph if isinstance(graph[name], Rotation))
     return {"online": wheres["online"], "offline": wheres["offline"]}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def bind(dim: int | str, bindings: dict[str, int]) -> int | None:
@@ -196,7 +190,7 @@ def per_token(shape: tuple[int | str, ...], bindings: dict[str, int]) -> int | N
     sizes = [bind(dim, bindings) for dim in shape]
     if None in sizes or _sequence_dims(shape) == 0:
         return None
-    return _numel(sizes) // bindings["seq"]
+    return math.prod(sizes) // bindings["seq"]
 
 
 def _sequence_dims(shape: tuple[int | str, ...]) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache
 from weakref import WeakKeyDictionary
 
 import torch
@@ -112,12 +112,8 @@ class SpikeTally:
         positions = rows.reshape(-1, rows.shape[-1]).sum(0) if rows.dim() >= 1 else rows.reshape(1)
         return cls(tuple(per_step.tolist()), tuple(positions.tolist()))
 
-    @cached_property
-    def spikes(self) -> float:
-        return float(sum(self.per_step))
-
     def total(self) -> float:
-        return self.spikes
+        return float(sum(self.per_step))
 
 
 def count(graph: Graph, shapes: Mapping[str, tuple[int, ...]], events: Mapping[str, Tensor | SpikeTally],

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -311,7 +312,7 @@ class Prepared:
         """(thresholds, resets, weights) [sites, T] in dtype and budgets [sites] int64, all contiguous."""
         if dtype not in self._schedules:
             params = self.params
-            sites = _numel(params.batch_shape)
+            sites = math.prod(params.batch_shape)
             with torch.no_grad():
                 d, h, _ = step_schedule(params)
                 parts = [part.to(dtype).reshape(sites, params.T).contiguous() for part in (params.thresholds(), h, d)]
@@ -378,7 +379,7 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
     n = x.numel()
     if n == 0:
         return result
-    sites = _numel(batch)
+    sites = math.prod(batch)
     *schedule, budget = prepared.schedule(compute)
     source = x.to(compute).contiguous()
     inner = n // sites
@@ -397,13 +398,6 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
 
 def _pointer(tensor: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else None)
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 def _reference(x, params, out, spikes, events, code, popcount, rows) -> Fired:
