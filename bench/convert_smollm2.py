@@ -63,7 +63,7 @@ def main() -> None:
     from spikecompile.conversion.convert import load_spiking_model
     from spikecompile.data import load_text, token_windows
     from spikecompile.evaluation import perplexity
-    from spikecompile.modelfile import atomic_write
+    from spikecompile.files import atomic_write
 
     text = load_text(str(TEST), split="eval")
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "calibration": CALIB.name, "evaluation": TEST.name,

@@ -90,7 +90,7 @@ def main() -> None:
     from spikecompile.backends.lava import build_lava
 
     from spikecompile.build import BuildOptions, build
-    from spikecompile.modelfile import atomic_write
+    from spikecompile.files import atomic_write
     from spikecompile.passes.loihi_mapping import map_config, map_loihi2, model_config
 
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32), phase coding T=8, 2 grains, Hadamard",

@@ -95,7 +95,7 @@ def main() -> None:
     from spikecompile.backends.onnx import build_onnx
     from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows
-    from spikecompile.modelfile import atomic_write
+    from spikecompile.files import atomic_write
 
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)

@@ -43,16 +43,17 @@ def time_forward(model_path: str, mode: str, windows: int, seqlen: int, out: str
 
     if threads:
         torch.set_num_threads(threads)
-    from spikecompile.conversion import kernel
+    from spikecompile.neuron import kernel
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import mean_run, save_run
     from spikecompile.backends.sim import simulate
     from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows
-    from spikecompile.frontend import interpret, sites_off
+    from spikecompile.ir import interpret
+    from spikecompile.ir import sites_off
     from spikecompile.heap import keep_large_allocations
     from spikecompile.ir import PhaseNeuron
-    from spikecompile.target import load_target
+    from spikecompile.hardware.energy import load_target
 
     result = build(model_path, BuildOptions())
     ids = token_windows(result.tokenizer, load_text(str(TEST), split="eval"), seqlen, windows, "benchmark")
@@ -147,8 +148,8 @@ def main() -> None:
     from spikecompile.frontend.config import config_graph, load_config
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import load_run
-    from spikecompile.modelfile import atomic_write
-    from spikecompile.target import load_target
+    from spikecompile.files import atomic_write
+    from spikecompile.hardware.energy import load_target
 
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "windows": args.windows, "seqlen": args.seqlen,
                "rounds": args.rounds, "cpus": os.cpu_count(), "kernel_build": kernel_build_seconds()}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import SpikecompileError
 from .ir import Graph, validate, write
-from .modelfile import atomic_write, file_sha256
+from .files import atomic_write, file_sha256
 
 PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
 """The passes of a build, in order; assign_grains only runs when a grain search is asked for."""

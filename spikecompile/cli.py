@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import click
 
 from .errors import SpikecompileError
-from .modelfile import atomic_write, check_writable
+from .files import atomic_write, check_writable
 
 
 class _Group(click.Group):
@@ -264,7 +264,7 @@ class _SimOptions:
         """(the text, the energy target): everything checked before the model is loaded."""
         from .backends.sim.counting import check_attention
         from .data import load_text
-        from .target import load_target
+        from .hardware.energy import load_target
 
         check_attention(self.attention)
         for name, value in (("--windows", self.windows), ("--seqlen", self.seqlen), ("--mask-steps", self.mask_steps)):
@@ -284,7 +284,7 @@ def _build_sim(result, model_file: str, output: str, options: _SimOptions, text,
     from .backends.sim.measure import measure, save_run
     from .backends.sim.report import write_report
     from .data import token_windows
-    from .modelfile import file_sha256
+    from .files import file_sha256
 
     windows = token_windows(result.tokenizer, text, options.seqlen, options.windows, "simulation")
     dtype = torch.float64 if options.float64 else None
@@ -352,7 +352,7 @@ def inspect(path, seq_len, draw_path, layer, source, json_path):
     and genotype, node and synapse counts, parameter memory."""
     from pathlib import Path
 
-    from .inspect import draw_layer, format_summary, summarize
+    from .summary import draw_layer, format_summary, summarize
 
     for target in (draw_path, json_path):
         if target:
@@ -401,7 +401,7 @@ def report(run_file, output, energy_target, site, model_file, config_file, rates
     --rates/--rate): JSON, Markdown and plots in OUTPUT."""
     from .backends.sim.ledger import ledger
     from .backends.sim.report import write_report
-    from .target import load_target
+    from .hardware.energy import load_target
 
     target = load_target(energy_target)
     if config_file:
@@ -452,7 +452,7 @@ def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grain
 
 def _site_data(site: str, model_file: str | None, meta: dict | None):
     """The site's calibration samples and neuron from the model.pt the run was measured on."""
-    from .modelfile import file_sha256
+    from .files import file_sha256
     from .conversion.convert import site_neuron
     from .modelfile import load
 
@@ -497,7 +497,7 @@ def _zeroshot_module():
 def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path):
     """Zero-shot multiple-choice accuracy of MODEL_FILE (a model.pt) through lm-eval: acc and acc_norm (± stderr)
     as lm-eval computes them, per task."""
-    from .modelfile import file_sha256
+    from .files import file_sha256
 
     if json_path:
         check_writable(json_path)

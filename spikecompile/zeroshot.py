@@ -179,7 +179,7 @@ def task_config(name: str, path: str | Path) -> dict:
 
 def write_task_yaml(name: str, path: str | Path, folder: str | Path) -> Path:
     """Write FOLDER/NAME.yaml, the task config of a validated {query, choices, gold} file, for `lm_eval --tasks`."""
-    from .modelfile import atomic_write
+    from .files import atomic_write
 
     task_config(name, path)
     fields = _task_fields(name, Path(path))

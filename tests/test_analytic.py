@@ -7,7 +7,7 @@ from conftest import tiny_llama_config
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.analytic import analytic_run, rates_by_kind
 from spikecompile.frontend.config import config_graph, load_config
-from spikecompile.backends.sim.counts import Counts
+from spikecompile.backends.sim.results import Counts
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Input, Linear
 
@@ -50,7 +50,7 @@ def test_analytic_ann_equals_a_measured_ann(graph, config):
     """The ANN column needs no rates: the analytic one equals the one counted on a real run of the same shape."""
     from conftest import build_tiny_llama
     from spikecompile.conversion.convert import SpikingModel
-    from spikecompile.conversion.neuron import base2_params
+    from spikecompile.neuron import base2_params
     from spikecompile.conversion.rotation import OnlineHadamard
     from spikecompile.conversion.sites import install_sites
     from spikecompile.frontend import trace

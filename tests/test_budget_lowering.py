@@ -10,13 +10,8 @@ import pytest
 import torch
 from spikecompile.backends.sim.report import reachable_levels
 
-from spikecompile.conversion.neuron import (
-    PhaseNeuronParams,
-    base2_params,
-    even_genotype,
-    initial_potential,
-    magnitude_spikes,
-    phase_quantize,
+from spikecompile.neuron import (
+    PhaseNeuronParams, base2_params, even_genotype, initial_potential, magnitude_spikes, phase_quantize,
     step_schedule,
 )
 from spikecompile.ir import Graph, PhaseNeuron

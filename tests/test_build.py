@@ -9,7 +9,7 @@ from conftest import convert_tiny
 
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import load_spiking_model
-from spikecompile.frontend import interpret
+from spikecompile.ir import interpret
 from spikecompile.ir import PhaseNeuron, Rotation, read, read_weights
 
 def _invoke(*args):

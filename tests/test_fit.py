@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spikecompile.conversion.fit import FitConfig, fit_sites, lloyd_max_mse, quantizer_mse
-from spikecompile.conversion.neuron import base2_params, even_genotype
+from spikecompile.neuron import base2_params, even_genotype
 
 N = 2048
 

@@ -6,9 +6,11 @@ from conftest import convert_tiny
 
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import interpret, sites_off, trace
+from spikecompile.ir import interpret
+from spikecompile.ir import sites_off
+from spikecompile.frontend import trace
 from spikecompile.ir import Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef
-from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.fold_hadamard import FoldHadamard
 

@@ -7,10 +7,12 @@ import torch
 from conftest import build_tiny_llama, convert_tiny, requires_smollm2
 
 from spikecompile.conversion.convert import SpikingModel, load_spiking_model
-from spikecompile.conversion.neuron import base2_params
+from spikecompile.neuron import base2_params
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import interpret, sites_off, trace
+from spikecompile.ir import interpret
+from spikecompile.ir import sites_off
+from spikecompile.frontend import trace
 from spikecompile.ir import PhaseNeuron, read, validate, write
 
 VARIANTS = {"plain": ["--rotate", "none", "--prefix", "none"],
@@ -159,7 +161,7 @@ def test_smollm2_graph_gives_the_spiking_logits(smollm2_t8_path):
 
 
 def test_a_decoder_block_runs_on_its_own(traced):
-    from spikecompile.frontend import evaluate
+    from spikecompile.ir import evaluate
     from spikecompile.ir import decoder_block
 
     _, spiking, graph, store = traced

@@ -16,14 +16,11 @@ from spikecompile.conversion.allocation import (
 )
 from spikecompile.conversion.convert import SpikingModel
 from spikecompile.conversion.fit import FitConfig, fit_sites, quantizer_mse
-from spikecompile.conversion.neuron import (
-    PhaseNeuronParams,
-    base2_params,
-    phase_quantize,
-)
+from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_quantize
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import interpret, trace
+from spikecompile.ir import interpret
+from spikecompile.frontend import trace
 from spikecompile.ir import Graph, PhaseNeuron, validate
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.grains import AssignGrains

@@ -1,4 +1,4 @@
-"""spikecompile.inspect: the summary of a traced tiny model checked against what its config implies, a hand-built
+"""spikecompile.summary: the summary of a traced tiny model checked against what its config implies, a hand-built
 graph for shared weights and rotations, the text report, and real SVG / PNG drawings of one decoder layer."""
 
 import itertools
@@ -11,12 +11,12 @@ from conftest import build_tiny_llama
 from torch import nn
 
 from spikecompile.conversion.convert import SpikingModel
-from spikecompile.conversion.neuron import base2_params
-from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.neuron import base2_params
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
-from spikecompile.inspect import bind, draw_layer, format_summary, per_token, summarize
+from spikecompile.summary import bind, draw_layer, format_summary, per_token, summarize
 from spikecompile.ir import Embedding, Graph, Input, Linear, Output, PhaseNeuron, Rotation, TensorRef
 from spikecompile.passes import PassContext
 from spikecompile.passes.timesteps import AssignTimesteps

@@ -10,8 +10,8 @@ import safetensors.torch
 import torch
 
 from spikecompile import ir
-from spikecompile.conversion.neuron import base2_params, initial_potential
-from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.neuron import base2_params, initial_potential
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.errors import SpikecompileError
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from spikecompile.conversion import kernel
-from spikecompile.conversion.neuron import (
+from spikecompile.neuron import kernel
+from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, magnitude_spikes, phase_decode, phase_encode,
     phase_quantize, step_schedule, weighted_spike_sum,
 )

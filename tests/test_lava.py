@@ -22,7 +22,7 @@ from spikecompile.backends.lava.runtime import compat
 
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
-from spikecompile.conversion.neuron import phase_encode
+from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
 from spikecompile.backends.sim.simulate import retyped, run
 from spikecompile.ir import Output, PhaseNeuron

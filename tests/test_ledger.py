@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from spikecompile.backends.sim.counts import CONVENTION, Counts
+from spikecompile.backends.sim.results import CONVENTION, Counts
 from spikecompile.backends.sim.ledger import WORD_BITS, ledger, tier_energies
 from spikecompile.backends.sim.report import firing_rates, reachable_levels, write_report
-from spikecompile.backends.sim.run import SimRun
-from spikecompile.conversion.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, golden_base2, phase_quantize,
-)
+from spikecompile.backends.sim.results import SimRun
+from spikecompile.neuron import PhaseNeuronParams, base2_params, even_genotype, golden_base2, phase_quantize
 from spikecompile.errors import SpikecompileError
-from spikecompile.target import load_target
+from spikecompile.hardware.energy import load_target
 
 SHIPPED = Path(__file__).parent.parent / "targets" / "cmos45nm.toml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

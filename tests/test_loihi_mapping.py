@@ -11,11 +11,7 @@ from conftest import convert_tiny, tiny_llama_config
 from test_budget_lowering import ZOO, zoo_graph, zoo_neurons
 
 from spikecompile.build import BuildOptions, build
-from spikecompile.conversion.neuron import (
-    base2_params,
-    magnitude_spikes,
-    phase_quantize,
-)
+from spikecompile.neuron import base2_params, magnitude_spikes, phase_quantize
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Graph, Linear, PhaseNeuron
 from spikecompile.passes import CompileInputs, PassManager

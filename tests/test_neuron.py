@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spikecompile.conversion.neuron import (
+from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, golden_base2, initial_potential, phase_decode, phase_encode,
     phase_quantize, step_schedule,
 )

@@ -24,8 +24,8 @@ from spikecompile.backends.onnx import (
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.simulate import output_of, run as simulate_run
 from spikecompile.build import BuildOptions, build
-from spikecompile.conversion.neuron import PhaseNeuronParams, base2_params, phase_encode, phase_quantize, step_schedule
-from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_encode, phase_quantize, step_schedule
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import (
     NODE_TYPES, ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, KVPrefix, Linear, MergeHeads, Output,

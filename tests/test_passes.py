@@ -5,11 +5,12 @@ import torch
 from conftest import build_tiny_llama
 
 from spikecompile.conversion.convert import SpikingModel
-from spikecompile.conversion.neuron import base2_params
-from spikecompile.conversion.rotation import describe_hadamard
+from spikecompile.neuron import base2_params
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import interpret, trace
+from spikecompile.ir import interpret
+from spikecompile.frontend import trace
 from spikecompile.ir import (
     Embedding,
     Graph,

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from spikecompile.conversion.rotation import OnlineHadamard, apply_hadamard, hadamard_matrix, rotate_llama
+from spikecompile.conversion.rotation import OnlineHadamard, rotate_llama
+from spikecompile.hadamard import apply_hadamard, hadamard_matrix
 from spikecompile.errors import SpikecompileError
 from conftest import build_tiny_llama
 

@@ -9,11 +9,11 @@ from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
 from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
 from spikecompile.build import BuildOptions, build
-from spikecompile.conversion.neuron import phase_encode
+from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import interpret
+from spikecompile.ir import interpret
 from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron
-from spikecompile.conversion.neuron import base2_params
+from spikecompile.neuron import base2_params
 
 
 def _ids(length=20, seed=0):
@@ -202,7 +202,7 @@ def test_products_are_the_causal_running_sum_rule():
 def test_scratch_nonlinear_functions_give_the_same_bits(built, function):
     """Event mode lets f overwrite its running-sum argument (scratch=True): the same values bit for bit, and the
     default leaves its input alone."""
-    from spikecompile.frontend.interpret import NONLINEAR_FUNCTIONS
+    from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS
 
     node = next(built.graph[name] for name in built.graph if getattr(built.graph[name], "function", "") == function)
     width = node.weight.shape[0] if function == "rmsnorm" else 9

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spikecompile.conversion.calibration import collect_samples
-from spikecompile.conversion.neuron import base2_params
+from spikecompile.neuron import base2_params
 from spikecompile.conversion.sites import LAYER_SITE_KINDS, install_sites
 from spikecompile.errors import SpikecompileError
 from conftest import build_tiny_llama

@@ -34,7 +34,8 @@ def test_smollm2_folded_ir_computes_the_converted_model(smollm2_t8, smollm2_t8_p
     runs in float64: the unfolded graph (rotations as explicit nodes) folded in float64 against itself unfolded."""
     from spikecompile.backends.sim.simulate import output_of, retyped, run
     from spikecompile.build import BuildOptions, build
-    from spikecompile.frontend import interpret, sites_off
+    from spikecompile.ir import interpret
+    from spikecompile.ir import sites_off
     from spikecompile.ir import PhaseNeuron
     from spikecompile.passes import CompileInputs, PassManager
 

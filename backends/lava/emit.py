@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spikecompile.conversion.neuron import phase_encode
+from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
-from spikecompile.frontend import evaluate
-from spikecompile.inspect import bind
+from spikecompile.ir import evaluate
+from spikecompile.summary import bind
 from spikecompile.ir import (
     ActivationMatmul,
     ElementwiseProduct,
@@ -59,7 +59,7 @@ from spikecompile.ir import (
     decoder_block,
     validate,
 )
-from spikecompile.modelfile import atomic_write
+from spikecompile.files import atomic_write
 from spikecompile.passes.loihi_mapping import (
     Loihi2,
     accumulator_peak,

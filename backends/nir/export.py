@@ -40,7 +40,7 @@ from ...build import BuildResult
 from ...errors import SpikecompileError
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
 from ...ir.serialize import json_text
-from ...modelfile import atomic_write, check_writable, file_sha256
+from ...files import atomic_write, check_writable, file_sha256
 from .lower import LOWERINGS, NOT_EXPRESSIBLE, VARIANTS, Lowered, NotExpressible, Variant, lower, vector_width
 from .records import describe
 

@@ -62,7 +62,7 @@ from collections.abc import Callable
 import nir
 import numpy as np
 
-from ...conversion.neuron import step_schedule
+from ...neuron import step_schedule
 from ...ir import (
     ActivationMatmul,
     ElementwiseProduct,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...errors import SpikecompileError
 from ...ir import Graph, IRNode, TensorRef, TensorType, validate
-from ...modelfile import file_sha256, read_document
+from ...files import file_sha256, read_document
 from .export import FORMAT, FORMAT_VERSION, MANIFEST_FILE, OPS_FILE
 from .lower import VARIANTS, Variant, lower
 from .records import rebuild

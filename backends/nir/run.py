@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ...errors import SpikecompileError
-from ...frontend.interpret import RUNNERS
+from ...ir.interpret import RUNNERS
 from ...ir import Input
 from .reader import open_export
 from .records import rebuild

@@ -17,10 +17,10 @@ import nir
 import torch
 from torch import Tensor
 
-from ...conversion.neuron import phase_encode
-from ...frontend import evaluate
+from ...neuron import phase_encode
+from ...ir import evaluate
 from ...ir import PhaseNeuron
-from ...modelfile import atomic_write
+from ...files import atomic_write
 from .reader import graph_of, open_export
 
 TRACE_FILE = "reference_trace.h5"

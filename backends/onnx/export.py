@@ -29,7 +29,7 @@ from ... import __version__
 from ...build import BuildResult
 from ...errors import SpikecompileError
 from ...ir import Graph, TensorStore, validate
-from ...modelfile import atomic_write, check_writable
+from ...files import atomic_write, check_writable
 from .builder import GraphBuilder
 from .lower import FORMS, Context, lowering
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from onnx import TensorProto
 
-from ...conversion.neuron import step_schedule
+from ...neuron import step_schedule
 from ...errors import SpikecompileError
 from ...ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,

@@ -16,7 +16,7 @@ from torch import Tensor
 from spikecompile.ir import Graph, PhaseNeuron
 
 from .counting import check_attention, count
-from .run import SimRun
+from .results import SimRun
 from .simulate import output_of, retyped, run
 
 LAYER = re.compile(r"layers\.(\d+)\.")

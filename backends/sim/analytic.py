@@ -15,11 +15,11 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Graph, PhaseNeuron, validate
 
 from .counting import SpikeTally, check_attention, count
-from .run import SimRun
+from .results import SimRun
 
 def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attention: str = "causal") -> SimRun:
     """Counts for one sequence of `seq_len` tokens with the firing rate rates[kind] at every site of that kind."""
-    from spikecompile.inspect import bind
+    from spikecompile.summary import bind
 
     from . import node_layer
 

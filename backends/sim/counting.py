@@ -26,7 +26,7 @@ from spikecompile.ir import (
     PhaseNeuron, ResidualAdd, RoPE, Rotation, SplitHeads,
 )
 
-from .counts import Counts
+from .results import Counts
 
 NONLINEAR_MACS = {"rmsnorm": 2, "softmax": 3, "silu": 3}
 """MAC-equivalents per element and evaluation (counts.CONVENTION)."""

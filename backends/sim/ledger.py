@@ -1,6 +1,6 @@
 """The energy ledger: a run's counts priced with a target's constants (method.md §7), three tiers side by side.
 
-For counts c (backends/sim/counts.py) and constants E in pJ (spikecompile.target), the same three formulas
+For counts c (backends/sim/counts.py) and constants E in pJ (spikecompile.hardware.energy), the same three formulas
 price the SNN and its ANN counterpart (the ANN has no neuron steps and no spikes, so its middle tier equals its
 first):
 
@@ -16,11 +16,11 @@ reads, §7's 2·E_read·#read.
 from __future__ import annotations
 
 from spikecompile.errors import SpikecompileError
-from spikecompile.target import Constant, Target
+from spikecompile.hardware.energy import Constant, Target
 
 from .counting import check_attention
-from .counts import CONVENTION, Counts
-from .run import SimRun
+from .results import CONVENTION, Counts
+from .results import SimRun
 
 TIERS = {
     "compute": "compute only",

@@ -10,11 +10,11 @@ import torch
 
 from spikecompile.errors import SpikecompileError
 from spikecompile.evaluation import perplexity
-from spikecompile.modelfile import atomic_write, read_document
+from spikecompile.files import atomic_write, read_document
 
 from . import simulate
-from .counts import Counts
-from .run import SimRun
+from .results import Counts
+from .results import SimRun
 
 FORMAT = "spikecompile.sim"
 FORMAT_VERSION = 1

@@ -16,14 +16,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from spikecompile.conversion.neuron import (
-    PhaseNeuronParams, step_schedule, weighted_spike_sum,
-)
+from spikecompile.neuron import PhaseNeuronParams, step_schedule, weighted_spike_sum
 from spikecompile.errors import SpikecompileError
-from spikecompile.modelfile import atomic_write
+from spikecompile.files import atomic_write
 
 from .ledger import TIERS
-from .run import SimRun
+from .results import SimRun
 
 FORMAT = "spikecompile.report"
 FORMAT_VERSION = 1

@@ -50,12 +50,7 @@ from spikecompile.conversion.fit import (
     _row_chunks,
     _SurrogateSpike,
 )
-from spikecompile.conversion.neuron import (
-    PhaseNeuronParams,
-    base2_params,
-    phase_quantize,
-    step_schedule,
-)
+from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_quantize, step_schedule
 
 RELAXATIONS = ("loss", "output")
 

@@ -36,7 +36,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .neuron import PhaseNeuronParams, base2_params, even_genotype
+from ..neuron import PhaseNeuronParams, base2_params, even_genotype
 
 CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm")
 BUDGETS = {"spikedattn": 2, "ttfs": 1}

@@ -12,11 +12,12 @@ import torch
 from .. import __version__, modelfile
 from ..data import load_text, token_windows
 from ..errors import SpikecompileError
+from ..files import check_writable
 from ..loading import ModelSource, load_model, resolve_source, verify_source
 from .calibration import collect_samples
 from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
-from .neuron import PhaseNeuronParams
+from ..neuron import PhaseNeuronParams
 from .prefix import KVPrefix, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites
@@ -125,7 +126,7 @@ def _peak_rss_mb() -> float:
 
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True) -> ConversionReport:
     options.validate()
-    modelfile.check_writable(output)
+    check_writable(output)
     calib_text = load_text(options.calib, split="calib")
     source = resolve_source(model_spec)
     torch.manual_seed(options.seed)

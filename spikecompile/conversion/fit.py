@@ -30,14 +30,8 @@ import torch
 from torch import Tensor
 
 from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
-from spikecompile.conversion.neuron import (
-    PhaseNeuronParams,
-    base2_params,
-    even_genotype,
-    golden_base2,
-    magnitude_spikes,
-    phase_quantize,
-    step_schedule,
+from spikecompile.neuron import (
+    PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, step_schedule,
 )
 
 BASES = ("d", "h", "theta")

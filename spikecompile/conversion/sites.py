@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import SpikecompileError
-from .neuron import PhaseNeuronParams, phase_quantize
+from ..neuron import PhaseNeuronParams, phase_quantize
 
 LAYER_SITE_KINDS = ("attn_norm", "q", "k", "v", "attn_probs", "o_proj_in", "mlp_norm", "silu", "down_proj_in")
 ATTENTION_IMPLEMENTATION = "spikecompile"

@@ -37,7 +37,7 @@ def config_graph(config: Mapping, timesteps: int, grains: int = 2, rotated: bool
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from ..conversion.convert import SpikingModel
-    from ..conversion.neuron import base2_params
+    from ..neuron import base2_params
     from ..conversion.rotation import OnlineHadamard
     from ..conversion.sites import install_sites
     from .trace import trace

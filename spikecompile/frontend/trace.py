@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..conversion.convert import SpikingModel, site_neuron
-from ..conversion.rotation import OnlineHadamard, describe_hadamard
+from ..conversion.rotation import OnlineHadamard
+from ..hadamard import describe_hadamard
 from ..conversion.sites import site_name
 from ..errors import SpikecompileError
 from ..ir import (
@@ -84,7 +85,7 @@ def trace(spiking: SpikingModel) -> tuple[Graph, dict[str, Tensor]]:
 
 def _prefix_caches(spiking: SpikingModel, token_ids: list[int]) -> list[tuple[Tensor, Tensor]]:
     """Each layer's float keys (after RoPE) and values on the prefix tokens, from the graph without a prefix."""
-    from .interpret import evaluate, sites_off
+    from ..ir.interpret import evaluate, sites_off
 
     tracer = _Tracer(spiking, None)
     graph, store = tracer.run()

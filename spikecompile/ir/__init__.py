@@ -8,6 +8,9 @@ tensors.safetensors, and weights.safetensors when written with the store). The f
     neurons    PhaseNeuron
     graph      Graph, validate, decoder_block (one attention or MLP block as a graph)
     serialize  write, read, read_weights, tensor_refs
+    interpret  interpret(graph, store, ids) -> logits: the decoded-mode semantics, one function per node type
+               (evaluate: every node's value; sites_off: the override that runs the float model), the reference
+               every pass and backend is checked against
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
@@ -24,3 +27,7 @@ __all__ = [
     "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
     "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
 ]
+
+from .interpret import evaluate, interpret, sites_off  # noqa: E402  (needs the node types above)
+
+__all__ += ["evaluate", "interpret", "sites_off"]

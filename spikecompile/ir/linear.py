@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..conversion.rotation import describe_hadamard, hadamard_matrix
+from ..hadamard import describe_hadamard, hadamard_matrix
 from .base import (
     Dim, IRNode, TensorRef, TensorType, is_count, is_number, node_type, require, require_tensor, same_type,
 )

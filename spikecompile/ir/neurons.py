@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..conversion.neuron import PhaseNeuronParams, initial_potential
+from ..neuron import PhaseNeuronParams, initial_potential
 from ..conversion.sites import LAYER_SITE_KINDS
 from .base import IRNode, TensorType, is_count, node_type, require
 

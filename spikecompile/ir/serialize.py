@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from ..errors import SpikecompileError
-from ..modelfile import atomic_write, read_document
+from ..files import atomic_write, read_document
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore
 from .graph import Graph, validate
 

@@ -25,7 +25,7 @@ import torch
 
 from ..conversion.allocation import SearchConfig, block_lengths, search_genotypes
 from ..conversion.fit import _FIELDS, FitConfig, fit_sites, quantizer_mse
-from ..conversion.neuron import PhaseNeuronParams, even_genotype
+from ..neuron import PhaseNeuronParams, even_genotype
 from ..errors import SpikecompileError
 from ..ir import Graph, PhaseNeuron, validate
 from .manager import Pass, PassContext, PassResult, register_pass

@@ -142,7 +142,7 @@ def accumulator_peak(mantissa: np.ndarray) -> int:
 
 def residual_schedule(node: PhaseNeuron) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(d(t), h(t), θ(t), θ'(t) = θ(t) − v0) as float32 arrays, in conversion.neuron.magnitude_spikes' arithmetic."""
-    from ..conversion.neuron import step_schedule
+    from ..neuron import step_schedule
 
     d, reset, theta = (values.numpy() for values in step_schedule(node.params()))
     return d, reset, theta, theta - node.v0.numpy()
@@ -206,7 +206,7 @@ def flip_level(node: PhaseNeuron) -> float:
 def firing_rates(graph: Graph, samples: Mapping) -> dict[str, float]:
     """{site: spikes per neuron per step} from each site's neuron on its calibration samples (sites without
     samples are left out)."""
-    from ..conversion.neuron import phase_encode
+    from ..neuron import phase_encode
 
     rates = {}
     for name in graph:
@@ -261,7 +261,7 @@ def _rate(site: str, rates: Mapping[str, float], measured: Mapping[str, float], 
 
 def _units(graph: Graph, store: Mapping | None, context: int, target: Loihi2) -> nx.DiGraph:
     """The mappable units (sites, synapse layers) and the spike edges site → synapse layer, in graph order."""
-    from ..inspect import per_token
+    from ..summary import per_token
 
     types = validate(graph)
     units = nx.DiGraph()

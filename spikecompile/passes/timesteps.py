@@ -27,7 +27,7 @@ import networkx as nx
 import torch
 
 from ..conversion.convert import TIMESTEP_RANGE
-from ..conversion.neuron import base2_params
+from ..neuron import base2_params
 from ..errors import SpikecompileError
 from ..ir import Graph, PhaseNeuron, validate
 from .manager import Pass, PassContext, PassResult, register_pass

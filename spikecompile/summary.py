@@ -25,7 +25,7 @@ from .errors import SpikecompileError
 from .ir import ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorRef, TensorType, validate
 from .ir.base import torch_dtype
 from .ir.neurons import SITE_KINDS
-from .modelfile import atomic_write
+from .files import atomic_write
 
 LAYER_NAME = re.compile(r"^layers\.(\d+)\.")
 DRAWING_SUFFIXES = (".svg", ".png")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import SpikecompileError
+from ..errors import SpikecompileError
 
 UNITS_IN_PJ = {"pJ": 1.0, "fJ": 1e-3, "nJ": 1e3, "J": 1e12}
 REQUIRED_CONSTANTS = ("mac", "ac", "read", "write")

@@ -177,9 +177,6 @@ def weighted_spike_sum(params: PhaseNeuronParams, spikes: Iterable[Tensor], like
 
 def phase_encode(x: Tensor, params: PhaseNeuronParams) -> tuple[Tensor, Tensor]:
     """Spike mode: (σ as int8 like x, spikes as bool [T, *x.shape])."""
-    if _fused(x, params):
-        from .kernel import fire
-        return torch.sign(x).to(torch.int8), fire(x, params, out=False, spikes=True).spikes
     spikes = torch.stack([s.bool() for s in magnitude_spikes(x.abs(), params)])
     return torch.sign(x).to(torch.int8), spikes
 
@@ -194,11 +191,7 @@ def phase_decode(sign: Tensor, spikes: Tensor, params: PhaseNeuronParams, dtype:
 
 
 def phase_quantize(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heaviside) -> Tensor:
-    """Decoded mode: x̂, bitwise equal to phase_decode(*phase_encode(x)) without storing the T spike planes.
-    Without gradients and with the Heaviside fire, the fused kernel (conversion.kernel) computes it, bitwise equal."""
-    if fire is fire_heaviside and _fused(x, params):
-        from .kernel import quantize
-        return quantize(x, params)
+    """Decoded mode: x̂, bitwise equal to phase_decode(*phase_encode(x)) without storing the T spike planes."""
     magnitude = x.abs()
     return torch.sign(x) * weighted_spike_sum(params, magnitude_spikes(magnitude, params, fire), magnitude)
 
@@ -226,11 +219,3 @@ def _per_step(schedule: Tensor, x: Tensor) -> Tensor:
     """[*B, T] schedule → [T, *B, 1, ..., 1], indexable by step and broadcastable against x."""
     return _per_element(schedule.movedim(-1, 0), x.unsqueeze(0).expand(schedule.shape[-1], *x.shape))
 
-
-def _fused(x: Tensor, params: PhaseNeuronParams) -> bool:
-    """Whether conversion.kernel may run the neuron: inference (no gradient can flow) on a float input."""
-    if not x.is_floating_point():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not any(t.requires_grad for t in (x, params.tau, params.d, params.h, params.theta, params.v0))

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..conversion.kernel import Prepared, prepare, quantize
-from ..conversion.rotation import apply_hadamard
+from ..neuron.kernel import Prepared, prepare, quantize
+from ..hadamard import apply_hadamard
 from ..errors import SpikecompileError
-from ..ir import (
+from . import (
     ActivationMatmul,
     ElementwiseProduct,
     Embedding,
