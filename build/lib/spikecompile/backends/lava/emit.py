@@ -1,0 +1,505 @@
+"""`spikecompile build --target lava`: lower an IR graph — the whole model, a range of decoder layers or one
+block — to a self-contained Lava program folder that needs only numpy and lava-nc:
+
+    README.md       what was emitted, how d(t) is realised, the fixed-point formats and bounds, how to run
+    run.py          python run.py [--tag fixed_pt] [--input x.npz]: runs under Loihi2SimCfg, checks the reference
+    network.json    the processes (runtime/program.py documents the format), connections and step schedule
+    weights/        per synapse: W (float32) and its 8-bit mantissa m (int8), W ≈ m·2^e
+    arrays/         the ops' constant arrays (norm weights, RoPE tables, KV prefix caches, rotation matrices)
+    reference.npz   an example input, the decoded reference output (float and with the fixed-point weights)
+                    and each site's spike count per neuron
+    lava_program/   runtime/ copied verbatim: compat.py, processes.py, program.py
+
+Lowering: a PhaseNeuron becomes a processes.PhaseNeuron (its thresholds θ(t) − v0 for any v0, its spike budget K
+enforced by the per-neuron spike counter); a Linear fed by a spike site becomes lava synapses
+(Dense for one token, Sparse block-diagonal kron(I_tokens, W) for several); every other node a small Python Op
+running its event rule. d(t) is a receiver-side per-step gain: a spike carries σ ∈ {−1, +1} (graded, 2-bit
+payload), the synapse sums W·σs (floating_pt) or 2m·σs (fixed_pt, exact integers), and whatever receives the
+site's spikes or the synapse's sums multiplies step t by d(t) (fixed_pt: d(t)·2^(e−1)). All the neurons of one
+site share d(t), so one gain per input port is exact.
+
+Schedule: the Lava step at which each node's event step 0 is sent — an Input at 0, an Op at the latest of its
+inputs (it buffers the earlier ones), a synapse one step after its site (lava's Dense/Sparse latency), a neuron
+at the step its last input arrives (integrate-then-fire).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spikecompile.neuron import phase_encode
+from spikecompile.errors import SpikecompileError
+from spikecompile.ir import evaluate
+from spikecompile.summary import bind
+from spikecompile.ir import (
+    ActivationMatmul,
+    ElementwiseProduct,
+    Embedding,
+    Graph,
+    Input,
+    KVPrefix,
+    Linear,
+    MergeHeads,
+    Nonlinear,
+    Output,
+    PhaseNeuron,
+    ResidualAdd,
+    RoPE,
+    Rotation,
+    SplitHeads,
+    decoder_block,
+    validate,
+)
+from spikecompile.files import atomic_write
+from spikecompile.passes.loihi_mapping import (
+    Loihi2,
+    accumulator_peak,
+    flip_level,
+    grid_bits,
+    load_loihi2,
+    potential_exponent,
+    quantize_weights,
+    residual_schedule,
+)
+
+FORMAT = "spikecompile.lava"
+FORMAT_VERSION = 1
+PACKAGE = "lava_program"
+RUNTIME_FILES = ("__init__.py", "compat.py", "processes.py", "program.py")
+BLOCKS = ("attn", "mlp")
+D_REALISATION = ("receiver-side per-step gain: spikes carry the sign σ ∈ {−1, +1} as a 2-bit graded payload; a "
+                 "synapse sums W·σs (fixed_pt: 2m·σs, exact integers); whatever receives a site's spikes or its "
+                 "synapses' sums multiplies step t by that site's d(t) (fixed_pt: d(t)·2^(e−1))")
+RUN_PY = '''"""Run this spikecompile Lava program (needs numpy and lava-nc 0.10.0 only): see README.md."""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    from lava_program.program import main
+
+    main(HERE)
+'''
+
+
+@dataclasses.dataclass
+class Program:
+    """A lowered part: network.json's content, the arrays it names (by relative path), and facts for the
+    report."""
+
+    network: dict
+    arrays: dict[str, np.ndarray]
+    fixed_point: dict
+
+
+def build_lava(result, folder: str | Path, layers=None, block: str | None = None, tokens: int = 4,
+               seed: int = 0) -> dict:
+    """Emit the Lava program of `result` (a build.BuildResult) into `folder`; return the report.
+
+    layers: None (the whole model) or consecutive decoder layer indices; block: "attn" or "mlp" for one block
+    of the one layer given (layer 0 without layers). tokens: the sequence length the program runs (batch 1);
+    seed: of the example token ids behind reference.npz.
+    """
+    seconds = {}
+    start = time.perf_counter()
+    part, feeds, label = select_part(result.graph, layers, block)
+    inputs = example_inputs(result.graph, result.store, feeds, tokens, seed)
+    seconds["select"] = time.perf_counter() - start
+    start = time.perf_counter()
+    target = load_loihi2()
+    program = lower(part, result.store, tokens, target)
+    seconds["lower"] = time.perf_counter() - start
+    start = time.perf_counter()
+    quantized = quantized_store(part, result.store, target.limits["weight_bits"])
+    reference = reference_arrays(part, result.store, inputs, quantized)
+    seconds["reference"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = _report(part, label, tokens, program, reference)
+    write_program(folder, program, reference, readme(report))
+    seconds["write"] = time.perf_counter() - start
+    report["seconds"] = seconds
+    report["bytes"] = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+    return report
+
+
+# ---- which part --------------------------------------------------------------------------------------------------
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def select_part(graph: Graph, layers, block: str | None) -> tuple[Graph, dict[str, str], str]:
+    """(the part as a graph, {its Input: the full graph's node that feeds it}, a label)."""
+    if layers is not None:
+        layers = sorted(int(layer) for layer in layers)
+        if not layers or layers != list(range(layers[0], layers[-1] + 1)):
+            raise SpikecompileError(f"layers {layers}: give one layer or a range of consecutive layers")
+    if block is not None:
+        if block not in BLOCKS:
+            raise SpikecompileError(f"block {block!r}: choose one of {', '.join(BLOCKS)}")
+        if layers is not None and len(layers) != 1:
+            raise SpikecompileError(f"block {block} of layers {layers}: a block is cut from one layer; give one")
+        layer = layers[0] if layers else 0
+        part = decoder_block(graph, layer, block)
+        norm = next(iter(part.nx.successors("block_input")))
+        return part, {"block_input": graph.inputs(norm)["x"]}, f"layer {layer} {block} block"
+    if layers is None:
+        return graph, {name: name for name in graph if isinstance(graph[name], Input)}, "whole model"
+    part, source = decoder_layers(graph, layers[0], layers[-1])
+    return part, {"layers_input": source}, f"decoder layers {layers[0]}..{layers[-1]}"
+
+
+def decoder_layers(graph: Graph, first: int, last: int) -> tuple[Graph, str]:
+    """Decoder layers first..last as a graph of their own: an Input "layers_input" takes the place of the
+    residual stream entering layer `first` (returned: the node that computes it), an Output "layers_output"
+    takes the stream leaving layer `last`."""
+    names = {name for name in graph if (match := LAYER.match(name)) and first <= int(match.group(1)) <= last}
+    residual = f"layers.{last}.mlp_residual"
+    if residual not in names:
+        raise SpikecompileError(f"layers {first}..{last}: not in the graph")
+    fed = [(source, target, port) for target in names for source, _, port in graph.nx.in_edges(target, data="port")
+           if source not in names]
+    sources = {source for source, _, _ in fed}
+    if len(sources) != 1:
+        raise SpikecompileError(f"layers {first}..{last}: fed from outside by {', '.join(sorted(sources))}, "
+                                f"expected the residual stream alone")
+    (source,) = sources
+    of = validate(graph)[source]
+    part = Graph(graph.nx.subgraph(names).copy())
+    part.add_node("layers_input", Input(shape=of.shape, dtype=of.dtype, timesteps=graph[source].timesteps))
+    for _, target, port in fed:
+        part.add_edge("layers_input", target, port)
+    part.add_node("layers_output", Output(timesteps=graph[residual].timesteps))
+    part.add_edge(residual, "layers_output")
+    validate(part)
+    return part, source
+
+
+def example_inputs(graph: Graph, store, feeds: dict[str, str], tokens: int, seed: int) -> dict[str, Tensor]:
+    """The part's inputs for `tokens` random token ids (seeded): what feeds them when the whole model runs."""
+    (ids_name,) = [name for name in graph if isinstance(graph[name], Input)]
+    embedding = next(graph[name] for name in graph if isinstance(graph[name], Embedding))
+    ids = torch.randint(3, embedding.weight.shape[0], (1, tokens), generator=torch.Generator().manual_seed(seed))
+    if all(source == name for name, source in feeds.items()):
+        return {ids_name: ids}
+    values = evaluate(graph, store, ids)
+    return {name: values[source] for name, source in feeds.items()}
+
+
+# ---- lowering -----------------------------------------------------------------------------------------------------
+
+def lower(part: Graph, store, tokens: int, target: Loihi2) -> Program:
+    """The program of `part` run at `tokens` tokens (module docstring)."""
+    types = validate(part)
+    shapes = {name: [bind(dim, {"batch": 1, "seq": tokens}) for dim in types[name].shape] for name in part}
+    lowering = _Lowering(part, store, shapes, target)
+    for name in part.topological_order():
+        lowering.add(name)
+    steps = max(lowering.start[name] + part[name].timesteps for name in part)
+    network = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokens": tokens, "steps": steps,
+               "d_realisation": D_REALISATION,
+               "fixed_point": {"weight_bits": target.limits["weight_bits"], "state_bits": target.limits["state_bits"],
+                               "state_limit": 2 ** (target.limits["state_bits"] - 1) - 1},
+               "processes": lowering.processes, "connections": lowering.connections}
+    return Program(network, lowering.arrays, lowering.fixed_point)
+
+
+class _Lowering:
+    """Lowers nodes in topological order, keeping each node's start step and, for nodes whose output is spikes
+    or synapse sums, the gain its receivers apply."""
+
+    def __init__(self, part: Graph, store, shapes: dict[str, list[int]], target: Loihi2):
+        self.part, self.store, self.shapes, self.target = part, store, shapes, target
+        self.start: dict[str, int] = {}
+        self.gains: dict[str, dict[str, list[float]]] = {}
+        self.processes: list[dict] = []
+        self.connections: list[list] = []
+        self.arrays: dict[str, np.ndarray] = {}
+        self.fixed_point: dict = {"synapses": {}, "sites": {}}
+
+    def add(self, name: str) -> None:
+        node = self.part[name]
+        producers = list(self.part.inputs(name).values())
+        self.connections += [[source, name, index] for index, source in enumerate(producers)]
+        if isinstance(node, Input):
+            self.start[name] = 0
+            entry = {"kind": "input"}
+        elif isinstance(node, PhaseNeuron):
+            entry = self.neuron(name, node, producers[0])
+        elif isinstance(node, Linear):
+            entry = self.synapse(name, node, producers[0])
+        else:
+            entry = self.op(name, node, producers)
+        self.processes.append({"name": name, "shape": self.shapes[name], **entry})
+
+    def port(self, source: str) -> dict:
+        return {"shape": self.shapes[source], "start": self.start[source], "steps": self.part[source].timesteps,
+                "gain": self.gains.get(source)}
+
+    def neuron(self, name: str, node: PhaseNeuron, source: str) -> dict:
+        d, reset, theta, threshold = residual_schedule(node)
+        exponent = potential_exponent(node, self.target.limits["state_bits"], self.target.guard_bits)
+        unit = float(node.tau) * 2.0 ** -exponent
+        port = self.port(source)
+        gain = self.gains.get(source, {tag: [1.0] * port["steps"] for tag in ("floating_pt", "fixed_pt")})
+        self.start[name] = port["start"] + port["steps"] - 1
+        self.gains[name] = {"floating_pt": d.astype(np.float64).tolist(), "fixed_pt": d.astype(np.float64).tolist()}
+        self.fixed_point["sites"][node.site] = {
+            "F": exponent, "unit": unit, "lsb": float(node.tau) * 2.0 ** -node.timesteps,
+            "level": flip_level(node), "input_rounding": port["steps"] * unit / 2,
+            "exact_base2_grid": exponent >= grid_bits(node), "max_spikes": node.max_spikes,
+            "v0": float(node.v0)}
+        return {"kind": "neuron", "site": node.site, "size": int(np.prod(self.shapes[name])),
+                "timesteps": node.timesteps, "fire_start": self.start[name], "max_spikes": node.max_spikes,
+                "input": {"start": port["start"], "steps": port["steps"],
+                          "gain": {"floating_pt": gain["floating_pt"],
+                                   "fixed_pt": (np.asarray(gain["fixed_pt"]) / unit).tolist()}},
+                "threshold": {"floating_pt": threshold.astype(np.float64).tolist(),  # θ − v0 as float32 gives it
+                              "fixed_pt": np.rint((theta.astype(np.float64) - float(node.v0)) / unit).astype(np.int64).tolist()},
+                "reset": {"floating_pt": reset.astype(np.float64).tolist(),
+                          "fixed_pt": np.rint(reset / unit).astype(np.int64).tolist()}}
+
+    def synapse(self, name: str, node: Linear, source: str) -> dict:
+        if not isinstance(self.part[source], PhaseNeuron):
+            raise SpikecompileError(f"node {name}: a Linear fed by {source} ({type(self.part[source]).__name__}), "
+                                    f"not by a spike site; the Lava backend lowers a Linear only as synapses")
+        if node.bias is not None:
+            raise SpikecompileError(f"node {name}: a Linear with a bias; the Lava backend's synapses have none")
+        weights = node.weight.resolve(self.store).detach().float().numpy()
+        mantissa, exponent = quantize_weights(weights, self.target.limits["weight_bits"])
+        files = {"floating_pt": f"weights/{name}.npy", "fixed_pt": f"weights/{name}.m8.npy"}
+        self.arrays[files["floating_pt"]], self.arrays[files["fixed_pt"]] = weights, mantissa
+        d = self.gains[source]["floating_pt"]
+        self.gains[name] = {"floating_pt": d, "fixed_pt": (np.asarray(d) * 2.0 ** (exponent - 1)).tolist()}
+        self.start[name] = self.start[source] + 1
+        error = np.abs(weights - mantissa * 2.0 ** exponent)
+        level = self.fixed_point["sites"][self.part[source].site]["level"]
+        self.fixed_point["synapses"][name] = {
+            "flip_allowance": level * float(np.abs(weights).sum(axis=1).max()),
+            "exponent": exponent, "max_error": float(error.max()), "max_abs": float(np.abs(weights).max()),
+            "zero_fraction": float(np.mean(mantissa == 0)), "accumulator_peak": accumulator_peak(mantissa),
+            "accumulator_limit": 2 ** (self.target.limits["accumulator_bits"] - 1) - 1}
+        return {"kind": "synapse", "in": node.in_features, "out": node.out_features,
+                "tokens": int(np.prod(self.shapes[name])) // node.out_features, "weights": files,
+                "weight_exp": exponent}
+
+    def op(self, name: str, node, producers: list[str]) -> dict:
+        op, params, arrays = _op_parameters(node, self.store, self.shapes[producers[0]] if producers else None)
+        files = {key: f"arrays/{name}.{key}.npy" for key in arrays}
+        self.arrays.update({files[key]: value for key, value in arrays.items()})
+        ports = [self.port(source) for source in producers]
+        self.start[name] = max(port["start"] for port in ports)
+        return {"kind": "output" if isinstance(node, Output) else "op", "op": op, "ports": ports,
+                "start": self.start[name], "timesteps": node.timesteps, "params": params, "arrays": files}
+
+
+def _op_parameters(node, store, input_shape) -> tuple[str, dict, dict[str, np.ndarray]]:
+    """(processes.OPS key, scalar params, arrays) of a non-spiking node."""
+    def tensor(ref):
+        return ref.resolve(store).detach().float().numpy()
+
+    if isinstance(node, Nonlinear):
+        if node.function == "rmsnorm":
+            return "rmsnorm", {"eps": node.eps}, {} if node.weight is None else {"weight": tensor(node.weight)}
+        return node.function, {"causal": node.causal} if node.function == "softmax" else {}, {}
+    if isinstance(node, ActivationMatmul):
+        return node.which, {"scaling": node.scaling, "groups": node.groups}, {}
+    if isinstance(node, SplitHeads | MergeHeads):
+        return ("split_heads" if isinstance(node, SplitHeads) else "merge_heads"), \
+            {"heads": node.heads, "head_dim": node.head_dim}, {}
+    if isinstance(node, RoPE):
+        return "rope", {}, _rope_tables(node, input_shape[-2])
+    if isinstance(node, KVPrefix):
+        return "kv_prefix", {}, {"cache": tensor(node.cache)}
+    if isinstance(node, Rotation):
+        return "rotation", {}, {"matrix": node.matrix().numpy()}
+    if isinstance(node, Embedding):
+        return "embedding", {}, {"weight": tensor(node.weight)}
+    simple = {ElementwiseProduct: "product", ResidualAdd: "add", Output: "output"}
+    if type(node) not in simple:
+        raise SpikecompileError(f"the Lava backend has no lowering for {type(node).__name__}")
+    return simple[type(node)], {}, {}
+
+
+def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
+    """cos and sin [length, head_dim] at positions offset.., in float32 as frontend.interpret builds them."""
+    positions = torch.arange(node.position_offset, node.position_offset + length)
+    freqs = positions[:, None].float() * node.inv_freq.float()
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return {"cos": (angles.cos() * node.attention_scaling).numpy(), "sin": (angles.sin() * node.attention_scaling).numpy()}
+
+
+# ---- reference ----------------------------------------------------------------------------------------------------
+
+def quantized_store(part: Graph, store, bits: int) -> dict[str, Tensor]:
+    """The store with the W of every synapse layer (a Linear fed by a spike site) replaced by its fixed-point
+    value m·2^e (fixed.quantize_weights)."""
+    quantized = dict(store)
+    for name in part:
+        node = part[name]
+        if isinstance(node, Linear) and isinstance(part[part.inputs(name)["x"]], PhaseNeuron):
+            mantissa, exponent = quantize_weights(node.weight.resolve(store).detach().float().numpy(), bits)
+            quantized[node.weight.name] = torch.from_numpy(mantissa.astype(np.float32) * np.float32(2.0 ** exponent))
+    return quantized
+
+
+def reference_arrays(part: Graph, store, inputs: dict[str, Tensor], quantized) -> dict[str, np.ndarray]:
+    """input:<name>; output:<name> and counts:<site> (the spikes per neuron phase_encode gives for the site's
+    decoded input) of the decoded part; quantized:<name> and quantized_counts:<site> of the decoded part with
+    the fixed-point weights."""
+    arrays = {f"input:{name}": value.numpy() for name, value in inputs.items()}
+    for output_key, counts_key, weights in (("output", "counts", store), ("quantized", "quantized_counts", quantized)):
+        values = evaluate(part, weights, inputs)
+        for name in part:
+            node = part[name]
+            if isinstance(node, Output):
+                arrays[f"{output_key}:{name}"] = values[name].numpy()
+            elif isinstance(node, PhaseNeuron):
+                _, spikes = phase_encode(values[part.inputs(name)["x"]], node.params())
+                arrays[f"{counts_key}:{node.site}"] = spikes.sum(dim=0).reshape(-1).numpy().astype(np.int64)
+    return arrays
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+def write_program(folder: str | Path, program: Program, reference: dict[str, np.ndarray], readme_text: str) -> None:
+    """Write the program folder (created if absent; the files it names replaced), each file atomically."""
+    folder = Path(folder)
+    try:
+        for sub in ("weights", "arrays", PACKAGE):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SpikecompileError(f"{folder}: cannot create the program folder ({error.strerror})") from None
+    runtime = resources.files("spikecompile.backends.lava.runtime")
+    for file in RUNTIME_FILES:
+        text = (runtime / file).read_text(encoding="utf-8")
+        atomic_write(folder / PACKAGE / file, lambda temp, text=text: Path(temp).write_text(text, encoding="utf-8"))
+    for path, array in program.arrays.items():
+        atomic_write(folder / path, lambda temp, array=array: _save_npy(temp, array))
+    atomic_write(folder / "reference.npz", lambda temp: _save_npz(temp, reference))
+    text = json.dumps(program.network, indent=1) + "\n"
+    atomic_write(folder / "network.json", lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    atomic_write(folder / "run.py", lambda temp: Path(temp).write_text(RUN_PY, encoding="utf-8"))
+    atomic_write(folder / "README.md", lambda temp: Path(temp).write_text(readme_text, encoding="utf-8"))
+
+
+def _save_npy(path, array: np.ndarray) -> None:
+    with open(path, "wb") as stream:
+        np.save(stream, array)
+
+
+def _save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as stream:
+        np.savez(stream, **arrays)
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+
+def _report(part: Graph, label: str, tokens: int, program: Program, reference: dict[str, np.ndarray]) -> dict:
+    processes = program.network["processes"]
+    kinds = {kind: sum(entry["kind"] == kind for entry in processes)
+             for kind in ("input", "neuron", "synapse", "op", "output")}
+    fixed = program.fixed_point
+    bounds = {}
+    for name in part:
+        if isinstance(part[name], Output):
+            error = float(np.abs(reference[f"quantized:{name}"] - reference[f"output:{name}"]).max())
+            allowance = sum(fixed["synapses"][synapse]["flip_allowance"] for synapse in _output_synapses(part, name))
+            bounds[name] = {"weight_error": error, "flip_allowance": allowance, "bound": error + allowance,
+                            "max_abs_output": float(np.abs(reference[f"output:{name}"]).max())}
+    overflow = [name for name, entry in fixed["synapses"].items()
+                if entry["accumulator_peak"] > entry["accumulator_limit"]]
+    return {
+        "part": label, "tokens": tokens, "steps": program.network["steps"],
+        "processes": {**kinds, "lava": len(processes) + kinds["output"]},
+        "neurons": sum(entry["size"] for entry in processes if entry["kind"] == "neuron"),
+        "synapses": sum(entry["in"] * entry["out"] for entry in processes if entry["kind"] == "synapse"),
+        "spikes": {key.removeprefix("counts:"): int(value.sum()) for key, value in reference.items()
+                   if key.startswith("counts:")},
+        "d_realisation": D_REALISATION,
+        "fixed_point": {
+            **{key: program.network["fixed_point"][key] for key in ("weight_bits", "state_bits")},
+            "bound": bounds, "accumulator_overflow": overflow,
+            "max_input_rounding_lsb": max((site["input_rounding"] / site["lsb"] for site in fixed["sites"].values()),
+                                          default=0.0),
+            "synapses": fixed["synapses"], "sites": fixed["sites"]},
+    }
+
+
+def _output_synapses(part: Graph, output: str) -> list[str]:
+    """The synapse layers whose sums reach `output` through no spike site (e.g. o_proj, down_proj)."""
+    found, stack, seen = [], [output], set()
+    while stack:
+        for source in part.inputs(stack.pop()).values():
+            node = part[source]
+            if source in seen or isinstance(node, PhaseNeuron | Input):
+                continue
+            seen.add(source)
+            if isinstance(node, Linear):
+                found.append(source)
+            else:
+                stack.append(source)
+    return sorted(found)
+
+
+def readme(report: dict) -> str:
+    fixed = report["fixed_point"]
+    bounds = "; ".join(f"{name}: weight-quantization error {entry['weight_error']:.3g} + flip allowance "
+                       f"{entry['flip_allowance']:.3g} = {entry['bound']:.3g} (max |y| {entry['max_abs_output']:.3g})"
+                       for name, entry in fixed["bound"].items())
+    exponents = sorted({site["F"] for site in fixed["sites"].values()})
+    exponents = f"{exponents[0]}..{exponents[-1]}" if exponents else "none"
+    processes = report["processes"]
+    budgets = sorted({site["max_spikes"] for site in fixed["sites"].values() if site["max_spikes"]})
+    budget = f"sites with K = {', '.join(map(str, budgets))}" if budgets else "no site has a budget"
+    return f"""# spikecompile Lava program: {report['part']}
+
+{report['tokens']} tokens (batch 1), {report['steps']} Lava steps; {processes['lava']} Lava processes
+({processes['neuron']} phase-neuron sites, {processes['synapse']} synapse layers, {processes['op']} non-spiking ops,
+{processes['input']} inputs, {processes['output']} outputs with their sinks); {report['neurons']} neurons,
+{report['synapses']} weights (Sparse holds one copy per token). Needs numpy and lava-nc 0.10.0 only (Python 3.11: lava_program/compat.py
+fixes lava's one incompatibility in memory at import).
+
+    python run.py                    # floating_pt on the reference input, compared with reference.npz
+    python run.py --tag fixed_pt     # the fixed-point models
+    python run.py --input x.npz      # your own input: one array per input name, as in reference.npz
+
+## How d(t) is realised
+{report['d_realisation']}.
+
+## Time
+Lava step k runs event step t = k − start of each process; network.json gives every start. A neuron integrates
+its whole input window, then fires its T steps; lava's Dense/Sparse add one step. The output is Σ_t y_t of the
+output op, read from its RingBuffer sink.
+
+## Fixed point (fixed_pt)
+- weights: {fixed['weight_bits']}-bit signed mantissa m and one exponent e per matrix, W ≈ m·2^e,
+  |W − m·2^e| ≤ 2^(e−1); lava holds 2m (even values in [−256, 254]); synapse sums are exact integers, at most
+  2·Σ_j|m_ij| per row (accumulator overflow: {', '.join(fixed['accumulator_overflow']) or 'none'}).
+- potentials: {fixed['state_bits']}-bit integers in units of τ·2^-F per site (F = {exponents}: the largest that
+  keeps 2^g times the site's level in range: its all-fire level, its thresholds θ(t) − v0 (signed: v0 may
+  exceed θ(t)) and its deepest residual, passes/loihi_mapping.potential_level; g the guard bits of
+  targets/loihi2.toml); each step's input is rounded to the unit, at most
+  {fixed['max_input_rounding_lsb']:.2g} of the site's LSB τ·2^-T over a window; saturations are counted.
+- spike budget: a site with max_spikes K > 0 fires step t only while its per-neuron spike count (the
+  PhaseNeuron's `count`, {budget}) is below K, in both tags.
+- ops (norms, softmax, SiLU, products, RoPE, rotations) run in float64 in both tags: on Loihi 2 they belong to
+  the embedded or host CPUs.
+- bound: fixed_pt computes the decoded part with the fixed-point weights, except for spikes of neurons whose
+  input lies within that rounding of a threshold (a "borderline" neuron: its code moves by one level, the
+  largest jump of x̂ at a threshold: between adjacent outputs of the site's neuron, its spike budget and v0
+  included, or across x = 0; passes/loihi_mapping.flip_level). So |y_fixed − y_float| ≤ the weight-
+  quantization error (measured in decoded mode at emit time) + the flip allowance (one level on every input
+  of the synapse layers that reach the output with no spike site between: level · max_i Σ_j |W_ij|), given
+  no borderline neuron before the last site: {bounds}.
+"""

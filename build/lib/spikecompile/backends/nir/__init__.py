@@ -1,0 +1,29 @@
+"""The NIR backend: an IR graph → standard NIR files (nir ≥ 1.0.8, HDF5) that stock `nir.read` loads.
+
+Every node NIR can express exactly becomes stock NIR nodes — a phase neuron unrolled over its T steps into
+Threshold / Scale nodes with summing edges, a synapse an Affine or Linear — tagged with metadata from which our
+reader rebuilds the IR node. Connected runs of such nodes form the segments (one .nir file each); everything NIR
+cannot express (norms, softmax, SiLU, activation products, rotations, RoPE, head reshapes, the KV prefix, the
+embedding) is described in manifest.json, which also stitches the segments together, and fidelity.json says for
+every node whether it is exact, approximated or not expressible in NIR. The encoding is in lower.py.
+
+    lower    one lowering per IR node type NIR expresses (LOWERINGS), the reason for every other (NOT_EXPRESSIBLE)
+    export   export (IR graph → folder) and build_nir (the `spikecompile build --target nir` entry point)
+    reader   read (folder → IR graph and weights), open_export; a clear error for NIR files of other tools
+    run      run: an export executed with any NIR consumer for the segments and our interpreter for the rest
+    trace    write_reference_trace: the reference values and spike trains of an export as NIRGraphData
+"""
+
+from ...errors import SpikecompileError
+
+try:
+    import nir  # noqa: F401
+except ImportError:
+    raise SpikecompileError("the nir backend needs the nir extra: pip install 'spikecompile[nir]'") from None
+
+from .export import build_nir, export
+from .reader import open_export, read
+from .run import run
+from .trace import write_reference_trace
+
+__all__ = ["build_nir", "export", "open_export", "read", "run", "write_reference_trace"]

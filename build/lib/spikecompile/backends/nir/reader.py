@@ -1,0 +1,138 @@
+"""Our reader: a NIR export folder (export.py) → the IR graph and the weights its nodes name.
+
+Each lowered node is rebuilt from the record in the metadata of its NIR node (lower.py), its synapse weights taken
+from that node's arrays; the node is then lowered again and must give exactly the NIR nodes and edges the segment
+holds, so a segment changed after export is caught. Every other node comes from its manifest record. A file
+listed in the manifest must still have the sha256 written there. Only spikecompile's own exports are read: a NIR
+file from another tool, or one segment on its own, is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import nir
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import Tensor
+
+from ...errors import SpikecompileError
+from ...ir import Graph, IRNode, TensorRef, TensorType, validate
+from ...files import file_sha256, read_document
+from .export import FORMAT, FORMAT_VERSION, MANIFEST_FILE, OPS_FILE
+from .lower import VARIANTS, Variant, lower
+from .records import rebuild
+
+
+@dataclasses.dataclass
+class Export:
+    """An export folder opened and checked: its manifest and the weights of its ops (ops.safetensors)."""
+
+    folder: Path
+    manifest: dict
+    weights: dict[str, Tensor]
+
+    @property
+    def variant(self) -> Variant:
+        return VARIANTS[self.manifest["variant"]]
+
+    def segment(self, path: str) -> nir.NIRGraph:
+        """A segment's NIR graph, read with stock nir.read (types checked)."""
+        return nir.read(self.folder / path)
+
+
+def open_export(folder: str | Path) -> Export:
+    """Open a NIR export folder; SpikecompileError if it is not one, or a file in it changed since export."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise SpikecompileError(_not_an_export(folder))
+    if not (folder / MANIFEST_FILE).exists():
+        raise SpikecompileError(f"{folder}: no {MANIFEST_FILE}, so not a spikecompile NIR export (spikecompile "
+                                f"reads back only its own exports; a NIR file from another tool loads with nir.read)")
+    manifest = read_document(folder / MANIFEST_FILE, "NIR manifest", FORMAT, FORMAT_VERSION, "export again")
+    if manifest.get("variant") not in VARIANTS:
+        raise SpikecompileError(f"{folder / MANIFEST_FILE}: variant {manifest.get('variant')!r}; this spikecompile "
+                                f"reads variants {', '.join(VARIANTS)}: export again")
+    for path, sha256 in manifest["files"].items():
+        if not (folder / path).is_file() or file_sha256(folder / path) != sha256:
+            raise SpikecompileError(f"{folder / path}: missing, or not the file this {MANIFEST_FILE} was written with "
+                                    f"(sha256 differs); export again")
+    try:
+        weights = safetensors.torch.load((folder / OPS_FILE).read_bytes())
+    except SafetensorError as error:
+        raise SpikecompileError(f"{folder / OPS_FILE}: not a readable safetensors file ({error})") from None
+    return Export(folder, manifest, weights)
+
+
+def read(folder: str | Path) -> tuple[Graph, dict[str, Tensor]]:
+    """The IR graph of an export and the tensors its TensorRefs name, every lowered node folded back and checked."""
+    return graph_of(open_export(folder))
+
+
+def graph_of(export: Export) -> tuple[Graph, dict[str, Tensor]]:
+    graph, store = Graph(), dict(export.weights)
+    try:
+        for step in export.manifest["steps"]:
+            if "segment" in step:
+                segment = export.segment(step["segment"])
+                for name, wiring in step["nodes"].items():
+                    node, weights = _fold(segment, name, export.variant)
+                    _add(graph, name, node, wiring)
+                    store.update(weights)
+            else:
+                _add(graph, step["name"], rebuild(step), step["inputs"])
+        validate(graph)
+    except SpikecompileError as error:
+        raise SpikecompileError(f"{export.folder}: {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise SpikecompileError(f"{export.folder / MANIFEST_FILE}: malformed ({type(error).__name__}: {error})"
+                                ) from None
+    return graph, store
+
+
+def _add(graph: Graph, name: str, node: IRNode, wiring: list) -> None:
+    graph.add_node(name, node)
+    for source, port in wiring:
+        graph.add_edge(source, name, port)
+
+
+def _fold(segment: nir.NIRGraph, name: str, variant: Variant) -> tuple[IRNode, dict[str, Tensor]]:
+    """IR node `name` from its NIR nodes, with the weights its TensorRefs name."""
+    carrier = segment.nodes.get(name)
+    if carrier is None or "spikecompile.ir" not in carrier.metadata:
+        raise SpikecompileError(f"node {name}: not in its segment, or without its spikecompile.ir metadata")
+    node = rebuild(json.loads(carrier.metadata["spikecompile.ir"]))
+    weights = {ref.name: torch.from_numpy(np.asarray(getattr(carrier, field.name)))
+               for field in dataclasses.fields(node) if isinstance(ref := getattr(node, field.name), TensorRef)}
+    width = int(carrier.output_type["output"][-1])
+    expected = lower(name, node, TensorType((width,), "float32"), variant, weights)
+    found = {key: value for key, value in segment.nodes.items() if value.metadata.get("spikecompile.node") == name}
+    edges = {tuple(edge) for edge in segment.edges}
+    if (found.keys() != expected.nodes.keys() or not set(expected.edges) <= edges
+            or not all(_same(found[key], expected.nodes[key]) for key in found)):
+        raise SpikecompileError(f"node {name}: its NIR nodes are not what its spikecompile.ir metadata lowers to "
+                                f"(was the segment changed after export?)")
+    return node, weights
+
+
+def _same(found: nir.NIRNode, expected: nir.NIRNode) -> bool:
+    """Same NIR type and equal arrays (metadata aside)."""
+    return type(found) is type(expected) and all(
+        np.array_equal(getattr(found, field.name), getattr(expected, field.name))
+        for field in dataclasses.fields(expected) if field.init and field.name != "metadata")
+
+
+def _not_an_export(path: Path) -> str:
+    try:
+        graph = nir.read(path)
+    except (OSError, KeyError, TypeError, ValueError, AssertionError):  # h5py, nir's asserts and type checks
+        return f"{path}: not a NIR file; spikecompile reads back its NIR exports, folders holding {MANIFEST_FILE}"
+    if isinstance(graph.metadata, dict) and graph.metadata.get("spikecompile.format") == FORMAT:
+        return f"{path}: one segment of a spikecompile NIR export; read the export folder (the one holding " \
+               f"{MANIFEST_FILE})"
+    return f"{path}: a NIR file from another tool (no spikecompile metadata); spikecompile reads back only its own " \
+           f"NIR exports (folders holding {MANIFEST_FILE}); load this one with nir.read"

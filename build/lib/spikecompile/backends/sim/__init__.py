@@ -1,0 +1,62 @@
+"""The reference simulator backend: runs the IR in decoded or event mode, counts every node's operations and
+memory traffic (counts.CONVENTION) and prices them with a target's energy constants (ledger).
+
+    simulate(graph, store, ids, mode="event") -> SimRun     one sequence: logits, counts, site activity
+    simulate.run / counting.count / ledger.ledger           the three steps, usable on their own
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor
+
+from spikecompile.ir import Graph, PhaseNeuron
+
+from .counting import check_attention, count
+from .results import SimRun
+from .simulate import output_of, retyped, run
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def node_layer(name: str) -> int | None:
+    """The decoder layer a node belongs to (by its name), None outside the layers."""
+    match = LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "event", attention: str = "causal",
+             mask_steps: int | None = None, dtype: torch.dtype | None = None) -> SimRun:
+    """Run one sequence (batch 1) and count it. dtype: run in this float type (weights cast; float64 makes
+    event and decoded modes agree to rounding)."""
+    check_attention(attention)
+    if dtype is not None:
+        graph, store = retyped(graph, store, dtype)
+    trace = run(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
+    shapes = trace.shapes
+    snn, ann = count(graph, shapes, trace.spikes, attention)
+    sites = {}
+    for name, tally in trace.spikes.items():
+        node: PhaseNeuron = graph[name]
+        per_step = [float(spikes) for spikes in tally.per_step]
+        elements = math.prod(shapes[name])
+        sites[node.site] = {"node": name, "layer": node_layer(name), "kind": node.kind,
+                            "timesteps": node.timesteps, "elements": elements, "spikes_per_step": per_step,
+                            "firing_rate": sum(per_step) / (elements * node.timesteps)}
+    tokens = _tokens(graph, shapes)
+    return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: node_layer(name) for name in graph},
+                  sites=sites, logits=output_of(graph, trace))
+
+
+def _tokens(graph: Graph, shapes) -> int:
+    """The sequence length: the last dim of the token ids, or the second-to-last of a float input."""
+    from spikecompile.ir import Input
+
+    name = next(name for name in graph if isinstance(graph[name], Input))
+    return int(shapes[name][-1] if graph[name].dtype.startswith("int") else shapes[name][-2])
+
+
+__all__ = ["SimRun", "simulate", "run", "count", "node_layer"]

@@ -1,0 +1,80 @@
+"""Simulate a built graph on token windows: the mean counts per sequence, the site activity and the perplexity
+of the simulated logits; saved as JSON (sim.json) for `spikecompile report` and the analytic mode's rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from spikecompile.errors import SpikecompileError
+from spikecompile.evaluation import perplexity
+from spikecompile.files import atomic_write, read_document
+
+from . import simulate
+from .results import Counts
+from .results import SimRun
+
+FORMAT = "spikecompile.sim"
+FORMAT_VERSION = 1
+
+
+def measure(graph, store, windows: list[torch.Tensor], mode: str = "event", attention: str = "causal",
+            mask_steps: int | None = None, dtype: torch.dtype | None = None,
+            progress: bool = True) -> tuple[SimRun, float]:
+    """(the mean SimRun per sequence over `windows`, the perplexity of the simulated logits)."""
+    if not windows:
+        raise SpikecompileError("simulation: no token windows to run")
+    runs: list[SimRun] = []
+
+    def forward(ids):
+        runs.append(simulate(graph, store, ids, mode, attention, mask_steps, dtype))
+        return runs[-1].logits
+
+    ppl = perplexity(forward, windows, desc=f"simulating ({mode})", progress=progress)
+    return mean_run(runs), ppl
+
+
+def mean_run(runs: list[SimRun]) -> SimRun:
+    """The average of runs over sequences of equal length: counts and spikes per sequence."""
+    if len({run.tokens for run in runs}) != 1:
+        raise SpikecompileError("simulation: windows of different lengths cannot be averaged")
+    share = 1.0 / len(runs)
+    first = runs[0]
+
+    def mean_counts(column: str) -> dict[str, Counts]:
+        return {name: sum((getattr(run, column)[name] for run in runs), Counts()).scaled(share)
+                for name in getattr(first, column)}
+
+    sites = {}
+    for site, entry in first.sites.items():
+        per_step = [sum(run.sites[site]["spikes_per_step"][t] for run in runs) * share
+                    for t in range(entry["timesteps"])]
+        sites[site] = {**entry, "spikes_per_step": per_step,
+                       "firing_rate": sum(per_step) / (entry["elements"] * entry["timesteps"])}
+    return SimRun(tokens=first.tokens, snn=mean_counts("snn"), ann=mean_counts("ann"), layers=dict(first.layers),
+                  sites=sites)
+
+
+def save_run(run: SimRun, path: str | Path, meta: dict) -> None:
+    """Write the run (counts per node, sites) and `meta` (model, mode, windows, perplexity, ...) as JSON."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "tokens": run.tokens,
+               "layers": run.layers, "sites": run.sites,
+               "snn": {name: counts.to_dict() for name, counts in run.snn.items()},
+               "ann": {name: counts.to_dict() for name, counts in run.ann.items()}}
+    text = json.dumps(payload, indent=1) + "\n"
+    atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
+def load_run(path: str | Path) -> tuple[SimRun, dict]:
+    """(the run, its meta) from a file save_run wrote; SpikecompileError naming the file and what is wrong."""
+    payload = read_document(path, "simulation run (spikecompile build --target sim writes one)", FORMAT,
+                            FORMAT_VERSION, "simulate again")
+    try:
+        run = SimRun(tokens=payload["tokens"], layers=payload["layers"], sites=payload["sites"],
+                     snn={name: Counts(**counts) for name, counts in payload["snn"].items()},
+                     ann={name: Counts(**counts) for name, counts in payload["ann"].items()})
+    except (KeyError, TypeError, ValueError) as error:
+        raise SpikecompileError(f"{path}: malformed simulation run ({type(error).__name__}: {error})") from None
+    return run, payload["meta"]

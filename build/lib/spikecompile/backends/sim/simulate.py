@@ -1,0 +1,308 @@
+"""Run an IR graph in decoded or event mode, keeping every spike site's spike trains for the counters.
+
+decoded  each node computes its decoded equation on whole tensors (frontend.interpret's rules); a phase
+         neuron encodes its input into spikes s_t and returns x̂ = σ·Σ_t d(t)·s_t.
+event    every value is a stack of T per-step tensors [T, ...] whose sum is the decoded value, under the exact
+         rules of method.md §3 (each node's docstring): linear nodes map each step (a constant — bias,
+         embedding row, prefix cache — enters at t = 0); nonlinear nodes emit f(X_t) − f(X_{t−1}) on running
+         sums X_t; products of two activations emit S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (method.md's causal
+         running-sum rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t, in one product per step); a phase neuron
+         integrates its whole input window, then fires y_t = σ·d(t)·s_t for t = 0..T−1. Products and
+         nonlinearities compute on running sums, so they keep them (RUNNING_RULES): a consumer that reads running
+         sums takes them as they are, a neuron its window Σ_t x_t as their last step, and only a per-step
+         consumer (a linear node) has the differences made — equal in exact arithmetic, and fewer passes over
+         the [T, heads, S, S] attention stacks.
+
+The two modes agree to float rounding: the neuron input is Σ_t x_t in event mode and x in decoded mode, so
+a value within rounding of a threshold can fire differently — run in float64 to make that vanishingly rare.
+Late-spike masking (mask_steps = m): a neuron keeps only its spikes at steps < t0 + m, t0 its first spike.
+
+Neurons run in one fused pass (conversion.kernel: x̂ or the event planes, with the spike counts), bitwise the
+reference neuron; the event rules' float operations are those the ONNX event form (backends.onnx) reproduces,
+so both give the same spike planes bit for bit — change them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from spikecompile.neuron import kernel
+from spikecompile.neuron import phase_decode, phase_encode, step_schedule
+from spikecompile.errors import SpikecompileError
+from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
+from spikecompile.heap import keep_large_allocations
+from spikecompile.ir import (
+    ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
+    PhaseNeuron, TensorRef,
+)
+
+from .counting import SpikeTally, structure
+
+MODES = ("decoded", "event")
+SPIKE_FORMS = ("planes", "tally")
+"""How a Trace keeps each neuron's spikes: bool planes [T, *shape], or a SpikeTally (what the counters read)."""
+
+
+@dataclasses.dataclass
+class Trace:
+    """One run: node values (event mode: [T, ...] per node; all of them, or with keep_values=False only the
+    Outputs), each neuron's spikes (bool planes [T, ...], or with spikes="tally" a SpikeTally), and every node's
+    decoded output shape."""
+
+    values: dict[str, Tensor]
+    spikes: dict[str, Tensor | SpikeTally]
+    mode: str
+    shapes: dict[str, tuple[int, ...]]
+    stepped: frozenset
+    """the nodes whose event values carry a leading step dim (all float values but the summed Outputs)"""
+
+
+def retyped(graph: Graph, store, dtype: torch.dtype) -> tuple[Graph, dict[str, Tensor]]:
+    """The graph with every float TensorRef in `dtype` and a store holding those tensors cast (a copy)."""
+    name = str(dtype).removeprefix("torch.")
+    result, tensors = Graph(graph.nx.copy()), {}
+    for node_name in graph:
+        node = graph[node_name]
+        changes = {}
+        for field in dataclasses.fields(node):
+            ref = getattr(node, field.name)
+            if isinstance(ref, TensorRef) and ref.resolve(store).is_floating_point():
+                tensors[ref.name] = ref.resolve(store).to(dtype)
+                changes[field.name] = dataclasses.replace(ref, dtype=name)
+            elif isinstance(ref, TensorRef):
+                tensors[ref.name] = ref.resolve(store)
+        if changes:
+            result.nx.nodes[node_name]["node"] = dataclasses.replace(node, **changes)
+    return result, tensors
+
+
+def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
+    """Drop every spike at a step ≥ t0 + keep_steps, t0 the neuron's first spike (spikes [T, ...] bool)."""
+    if keep_steps is None:
+        return spikes
+    fired_before = spikes.int().cumsum(0)
+    first = torch.where(fired_before > 0, 0, 1).sum(0)  # steps before the first spike = t0
+    steps = torch.arange(spikes.shape[0], device=spikes.device).view(-1, *[1] * (spikes.dim() - 1))
+    return spikes & (steps < first + keep_steps)
+
+
+@torch.no_grad()
+def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
+        mask_steps: int | None = None, keep_values: bool = True, spikes: str = "planes") -> Trace:
+    """Run `graph` (every node's timesteps assigned) on `inputs` (token ids, or values by Input name).
+    keep_values=False drops each value once its last consumer has run (event mode on a 512-token window of a
+    real model would otherwise hold every node's T steps at once). spikes: keep each neuron's spikes as bool
+    planes, or as a SpikeTally (totals per step and per position: all the counters read, without the T planes)."""
+    if mode not in MODES:
+        raise SpikecompileError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    if spikes not in SPIKE_FORMS:
+        raise SpikecompileError(f"spikes {spikes!r}: choose one of {', '.join(SPIKE_FORMS)}")
+    missing = [name for name in graph if graph[name].timesteps is None]
+    if mode == "event" and missing:
+        raise SpikecompileError(f"node {missing[0]}: no timesteps; run the assign_timesteps pass first")
+    values = graph_inputs(graph, inputs)
+    if mode == "event":
+        keep_large_allocations()  # the [T, ...] stacks outgrow glibc's mmap threshold: see spikecompile.heap
+        values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
+    fired: dict[str, Tensor | SpikeTally] = {}
+    running: dict[str, Tensor] = {}  # event mode: the running sums X_t a product or nonlinearity made
+    stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
+    shapes = {name: tuple(value.shape[1:] if name in stepped else value.shape) for name, value in values.items()}
+    wiring = structure(graph)
+    waiting = dict(wiring.consumers)
+    rules = EVENT_RULES if mode == "event" else {}
+    summed = readout_only(graph) if mode == "event" and not keep_values else frozenset()
+
+    def events(source: str) -> Tensor:
+        """The source's per-step values (a running-sum node's: the differences of its sums, made once)."""
+        if source not in values:
+            values[source] = _differences(running[source].clone())
+        return values[source]
+
+    def window(source: str) -> Tensor:
+        """What the source delivers over the whole window, Σ_t x_t: a running-sum node's last step."""
+        if source not in stepped:
+            return values[source]
+        return running[source][-1] if source in running else events(source).sum(0)
+
+    for name in wiring.order:
+        if name in shapes:
+            continue
+        node = graph[name]
+        sources = wiring.inputs[name]
+        try:
+            if isinstance(node, PhaseNeuron):  # integrate-then-fire: the whole input window
+                x = window(sources["x"]) if mode == "event" else values[sources["x"]]
+                values[name], fired[name] = _fire(node, x, mode, mask_steps, spikes)
+            elif mode == "event" and (name in summed or isinstance(node, Output)):
+                # only the sum of the steps is ever read: the decoded rule on the inputs' windows
+                values[name] = RUNNERS[type(node)](node, {port: window(source) for port, source in sources.items()},
+                                                   store)
+            elif mode == "event" and type(node) in RUNNING_RULES:
+                sums = {port: (running[source], False) if source in running else (_running_sums(events(source)), True)
+                        for port, source in sources.items()}
+                running[name] = RUNNING_RULES[type(node)](node, sums, store)
+            else:
+                rule = rules.get(type(node)) or RUNNERS[type(node)]
+                node_inputs = {port: events(source) if mode == "event" else values[source]
+                               for port, source in sources.items()}
+                values[name] = rule(node, node_inputs, store)
+        except (RuntimeError, ValueError) as error:
+            raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
+        made = running[name] if name in running else values[name]
+        is_stepped = (mode == "event" and made.is_floating_point() and not isinstance(node, Output)
+                      and name not in summed)
+        stepped.update([name] if is_stepped else [])
+        shapes[name] = tuple(made.shape[1:] if is_stepped else made.shape)
+        for source in sources.values():
+            waiting[source] -= 1
+            if not keep_values and waiting[source] == 0:
+                values.pop(source, None)
+                running.pop(source, None)
+    for name in list(running):  # kept values: every node's per-step values
+        events(name)
+    return Trace(values, fired, mode, shapes, frozenset(stepped))
+
+
+def readout_only(graph: Graph) -> frozenset[str]:
+    """The nodes (no neurons) whose every consumer is an Output or another such node — in the LLaMA graphs the
+    lm_head. In event mode only the sum of their steps is ever read (an Output sums its input's steps), and that
+    sum telescopes exactly to the node's decoded rule on its summed inputs (linear: W·Σx_t + b; nonlinear:
+    Σ_t f(X_t) − f(X_{t−1}) = f(X_{T−1}); products: Σ_t out_t = ΣA·ΣB), so run(keep_values=False) computes it
+    once instead of T times (the lm_head's T-step logits stack is T·seq·vocab floats). Spikes are untouched:
+    no neuron reads these nodes, so the per-step contract with the ONNX event form is kept."""
+    wiring = structure(graph)
+    consumers: dict[str, list[str]] = {name: [] for name in wiring.order}
+    for name in wiring.order:
+        for source in wiring.inputs[name].values():
+            consumers[source].append(name)
+    summed: set[str] = set()
+    for name in reversed(wiring.order):
+        node = graph[name]
+        if isinstance(node, PhaseNeuron | Output) or not wiring.inputs[name] or not consumers[name]:
+            continue
+        if all(isinstance(graph[user], Output) or user in summed for user in consumers[name]):
+            summed.add(name)
+    return frozenset(summed)
+
+
+def output_of(graph: Graph, trace: Trace) -> Tensor:
+    """The value of the graph's one Output: decoded, whatever the mode (event mode sums its steps)."""
+    (name,) = [name for name in graph if isinstance(graph[name], Output)]
+    return trace.values[name]
+
+
+def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
+    """An input in event form: whole at t = 0 (token ids are not stepped: the embedding places its rows)."""
+    return _at_t0(value, steps or 1) if value.is_floating_point() else value
+
+
+def _fire(node: PhaseNeuron, window: Tensor, mode: str, mask_steps: int | None,
+          form: str = "planes") -> tuple[Tensor, Tensor | SpikeTally]:
+    """The neuron on its input `window` (the decoded input, or in event mode Σ_t x_t): (its value — x̂, or in event
+    mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
+    neuron = neuron_of(node)
+    params = neuron.params
+    if mask_steps is None:  # one fused pass (conversion.kernel), bitwise the rule below
+        fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event",
+                            spikes=form == "planes", rows=form == "tally")
+        spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)
+        return (fired.out if mode == "decoded" else fired.events), spikes
+    sign, spikes = phase_encode(window, params)
+    spikes = mask_late_spikes(spikes, mask_steps)
+    record = spikes if form == "planes" else SpikeTally.of(spikes)
+    if mode == "decoded":
+        return phase_decode(sign, spikes, params, dtype=window.dtype), record
+    weights = step_schedule(params)[0].to(window.dtype).view(-1, *[1] * window.dim())
+    return sign.to(window.dtype) * weights * spikes.to(window.dtype), record
+
+
+# event rules for the nodes whose decoded rule does not apply to every step as is
+
+def _at_t0(constant: Tensor, steps: int) -> Tensor:
+    stepped = constant.new_zeros(steps, *constant.shape)
+    stepped[0] = constant
+    return stepped
+
+
+def _embedding(node: Embedding, inputs, store) -> Tensor:
+    return _at_t0(RUNNERS[Embedding](node, inputs, store), node.timesteps)
+
+
+def _linear(node: Linear, inputs, store) -> Tensor:
+    out = torch.nn.functional.linear(inputs["x"], node.weight.resolve(store))
+    if node.bias is not None:
+        out[0] += node.bias.resolve(store)
+    return out
+
+
+def _kv_prefix(node: KVPrefix, inputs, store) -> Tensor:
+    x = inputs["x"]
+    cache = node.cache.resolve(store).to(x.device, x.dtype)
+    stepped = _at_t0(cache.expand(*x.shape[1:-3], *cache.shape), x.shape[0])
+    return torch.cat([stepped, x], dim=-2)
+
+
+def _nonlinear(node: Nonlinear, sums, store) -> Tensor:
+    """f(X_t): the running sums whose differences are out_t = f(X_t) − f(X_{t−1}), out_0 = f(X_0)."""
+    (running, fresh), = sums.values()
+    return NONLINEAR_FUNCTIONS[node.function](node, running, store, scratch=fresh)
+
+
+def _running_sums(x: Tensor) -> Tensor:
+    """X_t = X_{t−1} + x_t in x's dtype, step by step — as ONNX CumSum adds (torch.cumsum accumulates float32
+    in double, and runs a strided kernel several times slower on [T, heads, S, S] stacks)."""
+    running = torch.empty_like(x)
+    running[0] = x[0]
+    for t in range(1, x.shape[0]):
+        torch.add(running[t - 1], x[t], out=running[t])
+    return running
+
+
+def _differences(running: Tensor) -> Tensor:
+    """out_0 = running_0, out_t = running_t − running_{t−1}, in place (last step first)."""
+    for t in range(running.shape[0] - 1, 0, -1):
+        running[t] -= running[t - 1]
+    return running
+
+
+def _running_product(product: Callable[[Tensor, Tensor], Tensor], sums) -> Tensor:
+    """S_A(t)·S_B(t) for a bilinear `product`: the running sums whose differences
+    out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) are method.md's causal rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t
+    (expand S_A(t) = S_A(t−1) + A_t) with one product per step instead of three; Σ_t out_t = product(ΣA, ΣB)."""
+    return product(sums["a"][0], sums["b"][0])
+
+
+def _activation_matmul(node: ActivationMatmul, sums, store) -> Tensor:
+    def product(a, b):
+        return RUNNERS[ActivationMatmul](node, {"a": a, "b": b}, store)
+    return _running_product(product, sums)
+
+
+def _elementwise_product(node: ElementwiseProduct, sums, store) -> Tensor:
+    return _running_product(torch.mul, sums)
+
+
+RUNNING_RULES: dict[type[IRNode], Callable] = {
+    Nonlinear: _nonlinear,
+    ActivationMatmul: _activation_matmul,
+    ElementwiseProduct: _elementwise_product,
+}
+"""Event rules that read their inputs' running sums X_t = x_0 + … + x_t and make their own (each input's as
+{port: (X, fresh)}, fresh: made for this node, so f may overwrite it): a running-sum node's per-step values are
+the differences of its sums, made when a per-step consumer reads them, and a neuron or Output reading it takes its
+last step as the window Σ_t x_t. The float operations are a contract with the ONNX event form
+(backends.onnx.lower), which must give the same spike planes bit for bit: change them together."""
+
+
+EVENT_RULES: dict[type[IRNode], Callable] = {
+    Embedding: _embedding,
+    Linear: _linear,
+    KVPrefix: _kv_prefix,
+}
+"""Event rules differing from the decoded ones; every other node type (Rotation, RoPE, SplitHeads, MergeHeads,
+ResidualAdd) is linear without a constant and maps each step with its decoded rule. Input: _arrive_at_t0."""

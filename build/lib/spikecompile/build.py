@@ -1,0 +1,106 @@
+"""`spikecompile build`: model.pt → frontend.trace → passes → a target (today the IR folder itself).
+
+The model is loaded with its offline rotations left out of the weights (rotations="explicit"), so the traced
+graph shows every Hadamard rotation and fold_hadamard is the pass that folds them (disable it to keep them).
+The pass manager is built, and so every pass name and option checked, before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from .errors import SpikecompileError
+from .ir import Graph, validate, write
+from .files import atomic_write, file_sha256
+
+PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
+"""The passes of a build, in order; assign_grains only runs when a grain search is asked for."""
+GRAIN_SEARCHES = ("darts", "even")
+REPORT_FILE = "build.json"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """timesteps: one T for every site; site_timesteps: {site: T} (wins over timesteps); grain_search: run
+    assign_grains with "darts" (Algorithm 2) or "even" (refit on even splits), None to keep the converted
+    genotypes; disabled: pass names to skip; source: the source model's path, if it moved since conversion."""
+
+    timesteps: int | None = None
+    site_timesteps: Mapping[str, int] = field(default_factory=dict)
+    grain_search: str | None = None
+    disabled: tuple[str, ...] = ()
+    source: str | None = None
+
+
+@dataclass
+class BuildResult:
+    graph: Graph
+    store: dict[str, Tensor]
+    passes: list[dict]
+    seconds: dict[str, float]
+    record: dict
+    tokenizer: object = None
+
+
+def pass_manager(options: BuildOptions):
+    """The manager for these options; SpikecompileError naming an unknown pass, site-T or search option."""
+    from .passes import PassManager
+
+    if options.grain_search is not None and options.grain_search not in GRAIN_SEARCHES:
+        raise SpikecompileError(f"--grain-search {options.grain_search!r}: choose one of {', '.join(GRAIN_SEARCHES)}")
+    pipeline = [name for name in PIPELINE if name != "assign_grains" or options.grain_search]
+    pass_options: dict[str, dict] = {"assign_timesteps": {}}
+    if options.timesteps is not None:
+        pass_options["assign_timesteps"]["timesteps"] = options.timesteps
+    if options.site_timesteps:
+        pass_options["assign_timesteps"]["sites"] = dict(options.site_timesteps)
+    if options.grain_search:
+        pass_options["assign_grains"] = {"search": options.grain_search}
+    return PassManager(pipeline, invariants=[validate], disabled=options.disabled, options=pass_options)
+
+
+def build(model_path: str | Path, options: BuildOptions) -> BuildResult:
+    """Trace model.pt and run the build passes on it."""
+    from .conversion.convert import load_spiking_model
+    from .frontend import trace
+    from .passes import CompileInputs
+
+    manager = pass_manager(options)
+    seconds = {}
+    start = time.perf_counter()
+    spiking = load_spiking_model(str(model_path), options.source, rotations="explicit")
+    seconds["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    graph, store = trace(spiking)
+    seconds["trace"] = time.perf_counter() - start
+    record = spiking.record
+    samples = {name: entry["samples"] for name, entry in record["sites"].items() if "samples" in entry}
+    start = time.perf_counter()
+    graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"]))
+    seconds["passes"] = time.perf_counter() - start
+    return BuildResult(graph, store, report, seconds, record, spiking.tokenizer)
+
+
+def write_ir(result: BuildResult, model_path: str | Path, options: BuildOptions, folder: str | Path) -> dict:
+    """Write the graph, its weights and build.json (what was built from what, and each pass's report)."""
+    start = time.perf_counter()
+    write(result.graph, folder, result.store)
+    seconds = {**result.seconds, "write": time.perf_counter() - start}
+    report = {
+        "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
+        "source": result.record["source"],
+        "options": {**asdict(options), "site_timesteps": dict(options.site_timesteps)},
+        "passes": result.passes,
+        "seconds": seconds,
+        "nodes": len(result.graph),
+        "bytes": {path.name: path.stat().st_size for path in sorted(Path(folder).iterdir()) if path.is_file()},
+    }
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    atomic_write(Path(folder) / REPORT_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    return report

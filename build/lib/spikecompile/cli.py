@@ -1,0 +1,541 @@
+"""Command line: `spikecompile convert`, `eval`, `build`, `inspect`, `report`, `zeroshot`, `tasks`.
+
+Every user error is one line on stderr naming the file, site or option at fault (exit status 2); heavy imports
+(torch, transformers) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+
+import click
+
+from .errors import SpikecompileError
+from .files import atomic_write, check_writable
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SpikecompileError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spikecompile")
+def cli():
+    """spikecompile: convert LLaMA-family models to phase-coded spiking models and compile them."""
+
+
+def _write_json(path: str, payload: dict) -> None:
+    def write(temp):
+        with open(temp, "w") as stream:
+            json.dump(payload, stream, indent=2, default=float)
+            stream.write("\n")
+
+    atomic_write(path, write)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the spiking model.")
+@click.option("-T", "--timesteps", default=8, show_default=True, help="Timesteps per neuron (4..16).")
+@click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
+@click.option("--coding", default="phase", show_default=True,
+              help="phase (fitted, multi-granularity), las (base 2), spikedattn (base 2, ≤ 2 spikes), rate (T+1 "
+                   "levels), ttfs (one spike) or sdllm (ternary counts; -T 4|8|16 for 3|4|5-bit counts).")
+@click.option("--rotate", default="hadamard", show_default=True, help="hadamard (QuaRot-style) or none.")
+@click.option("--prefix", default="auto", show_default=True,
+              help="auto: prefixed outlier tokens with a full-precision KV cache (PrefixQuant); none.")
+@click.option("--calib", default="builtin", show_default=True, help="Calibration text file, or 'builtin'.")
+@click.option("--calib-windows", default=4, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--samples-per-site", default=8192, show_default=True, help="Stored activation samples per site.")
+@click.option("--weight-bits", type=int, default=None, help="RTN-quantize the decoder weights to 4, 6 or 8 bits.")
+@click.option("--membrane-clip", default=0.0, show_default=True,
+              help="sdllm: membrane clipping, the share of calibration values sent to a zero count (0: off).")
+@click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
+@click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
+            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress):
+    """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
+    from .conversion.convert import ConvertOptions, convert as run_convert
+
+    if json_path:
+        check_writable(json_path)
+    options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
+                             calib_windows=calib_windows, calib_seqlen=calib_seqlen,
+                             samples_per_site=samples_per_site, weight_bits=weight_bits,
+                             membrane_clip=membrane_clip, seed=seed)
+    report = run_convert(model, output, options, progress=progress)
+    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
+    click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "
+               f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")
+    if json_path:
+        _write_json(json_path, asdict(report))
+
+
+def site_error_rows(record: dict) -> list[dict]:
+    """Per site: fitted MSE, base-2 MSE at the same τ rule, the Lloyd-Max bound, and their ratios."""
+    rows = []
+    for name, entry in record["sites"].items():
+        calib = entry["calibration"]
+        bound = max(calib["lloyd_max_mse"], 1e-30)
+        rows.append({
+            "site": name, "kind": entry["kind"], "tau": float(entry["tau"]), "genotype": entry["genotype"].tolist(),
+            "fitted_mse": calib["mse"], "base2_mse": calib["base2_mse"], "lloyd_max_mse": calib["lloyd_max_mse"],
+            "fitted_over_bound": calib["mse"] / bound, "base2_over_bound": calib["base2_mse"] / bound,
+        })
+    return rows
+
+
+def _print_site_table(rows: list[dict]) -> None:
+    click.echo(f"{'site':<24}{'tau':>10} {'fitted MSE':>11} {'base-2 MSE':>11} {'Lloyd-Max':>11}"
+               f" {'fit/LM':>8} {'b2/LM':>8}")
+    for row in rows:  # a space before every column: wide numbers never run into each other
+        click.echo(f"{row['site']:<24}{row['tau']:>10.4g} {row['fitted_mse']:>11.4g} {row['base2_mse']:>11.4g}"
+                   f" {row['lloyd_max_mse']:>11.4g} {row['fitted_over_bound']:>8.4g} {row['base2_over_bound']:>8.4g}")
+    kinds = dict.fromkeys(row["kind"] for row in rows)
+    click.echo("median by site kind:")
+    for kind in kinds:
+        of_kind = [row for row in rows if row["kind"] == kind]
+        fitted = statistics.median(row["fitted_over_bound"] for row in of_kind)
+        base2 = statistics.median(row["base2_over_bound"] for row in of_kind)
+        click.echo(f"  {kind:<14} fitted/Lloyd-Max {fitted:6.2f}   base-2/Lloyd-Max {base2:6.2f}")
+
+
+@cli.command(name="eval")
+@click.argument("model_file")
+@click.option("--ppl", "ppl_text", default="builtin", show_default=True,
+              help="Text file for perplexity (e.g. wikitext-2-raw.wiki.test.raw), or 'builtin'.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per window.")
+@click.option("--max-windows", default=None, type=int, help="Use only the first N windows.")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
+@click.option("--json", "json_path", default=None, help="Also write everything as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress):
+    """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt)."""
+    from .conversion.convert import load_spiking_model
+    from .data import load_text, token_windows
+    from .evaluation import perplexity
+
+    if json_path:
+        check_writable(json_path)
+    if max_windows is not None and max_windows < 1:
+        raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
+    text = load_text(ppl_text, split="eval")
+    spiking = load_spiking_model(model_file, source_path=source)
+    windows = token_windows(spiking.tokenizer, text, seqlen, max_windows, "evaluation")
+    rows = site_error_rows(spiking.record)
+    _print_site_table(rows)
+
+    ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
+    snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
+    coding = spiking.record["coding"]
+    click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
+               f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
+    click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
+    if json_path:
+        _write_json(json_path, {
+            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
+            "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
+        })
+
+
+TARGETS = ("ir", "sim", "nir", "lava", "onnx")
+
+
+@cli.command()
+@click.argument("model_file")
+@click.option("--target", default="ir", show_default=True, type=click.Choice(TARGETS),
+              help="ir: the compiled graph folder (graph.json, tensors, weights); sim: run the reference simulator "
+                   "on token windows and write sim.json with the energy report; nir: standard NIR segments, a "
+                   "manifest for the ops NIR cannot express, and a fidelity report; lava: a self-contained Lava "
+                   "program (numpy + lava-nc only) for the model, --layers or one --block; onnx: decoded and/or "
+                   "event ONNX models checked in onnxruntime.")
+@click.option("-o", "--output", required=True, help="Output folder.")
+@click.option("-T", "--timesteps", default=None, type=int, help="One T for every site (default: each site's fitted T).")
+@click.option("--site-timesteps", "site_timesteps", multiple=True, metavar="SITE=T",
+              help="T of one site, e.g. layers.3.silu=10 (repeatable; wins over --overrides).")
+@click.option("--overrides", "overrides_file", default=None, help="TOML file whose [sites] table maps sites to T.")
+@click.option("--grain-search", default=None, type=click.Choice(["darts", "even"]),
+              help="Re-allocate each site's grains: darts (Algorithm 2) or even split, then refit.")
+@click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
+@click.option("--text", default="builtin", show_default=True, help="sim: text for the token windows, or 'builtin'.")
+@click.option("--windows", default=2, show_default=True, help="sim: token windows to simulate.")
+@click.option("--seqlen", default=512, show_default=True, help="sim: tokens per window.")
+@click.option("--mode", default="event", show_default=True, type=click.Choice(["event", "decoded"]),
+              help="sim: per-timestep events, or decoded values (same counts, faster).")
+@click.option("--attention", default="causal", show_default=True,
+              help="sim: count attention as causal (masked pairs skipped) or full.")
+@click.option("--mask-steps", default=None, type=int,
+              help="sim: late-spike masking, keep each neuron's spikes within this many steps of its first.")
+@click.option("--float64", is_flag=True, help="sim: run in float64 (event and decoded then agree to rounding).")
+@click.option("--energy-target", default="cmos45nm", show_default=True, help="sim: energy target name or file.")
+@click.option("--strict", is_flag=True, help="nir: fail on an IR node with no NIR lowering and no manifest rule.")
+@click.option("--approximate", is_flag=True, help="nir: plain IF/Linear nodes for consumers without Threshold/Scale.")
+@click.option("--layers", default=None, metavar="N|A-B", help="lava: one decoder layer or a range (default: all).")
+@click.option("--block", default=None, type=click.Choice(["attn", "mlp"]), help="lava: one block of the layer.")
+@click.option("--tokens", default=4, show_default=True, help="lava: tokens per run of the emitted program.")
+@click.option("--onnx-form", default="both", show_default=True, type=click.Choice(["decoded", "event", "both"]),
+              help="onnx: decoded (each neuron an elementwise quantizer), event (the T phases explicit) or both.")
+@click.option("--spike-outputs", is_flag=True, help="onnx: the event form also outputs every neuron's spike planes.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source,
+          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, strict, approximate, layers,
+          block, tokens, onnx_form, spike_outputs, progress):
+    """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
+    from .build import BuildOptions, build as run_build, pass_manager, write_ir
+    from .passes.timesteps import check_timesteps, parse_site_overrides
+
+    if timesteps is not None:
+        check_timesteps(timesteps, "--timesteps")
+    sites = {**(parse_site_overrides(overrides_file) if overrides_file else {}),
+             **parse_site_overrides(list(site_timesteps))}
+    options = BuildOptions(timesteps=timesteps, site_timesteps=sites, grain_search=grain_search,
+                           disabled=tuple(disabled), source=source)
+    pass_manager(options)  # every pass name and option checked before the model is loaded
+    _check_output_folder(output)
+    if target == "sim":
+        simulation = _SimOptions(text, windows, seqlen, mode, attention, mask_steps, float64, energy_target)
+        text_and_target = simulation.load()
+    if target == "nir":
+        from .backends.nir import build_nir  # one-line error here if nir is missing, before the model loads
+    if target == "onnx":
+        from .backends.onnx import check_form  # one-line error here if onnx is missing, before the model loads
+        check_form(onnx_form)
+    layer_range = _layer_range(layers) if target == "lava" else None
+    result = run_build(model_file, options)
+    if target == "sim":
+        _build_sim(result, model_file, output, simulation, *text_and_target, progress)
+        return
+    if target == "nir":
+        fidelity = build_nir(result, output, strict=strict, approximate=approximate)
+        counts = ", ".join(f"{count} {kind}" for kind, count in fidelity["counts"].items())
+        click.echo(f"wrote NIR to {output}: {counts}" +
+                   (f"; no rule for {len(fidelity['unsupported'])} nodes (fidelity.json)" if fidelity["unsupported"]
+                    else ""))
+        return
+    if target == "lava":
+        from .backends.lava import build_lava
+
+        emitted = build_lava(result, output, layers=layer_range, block=block, tokens=tokens)
+        click.echo(f"wrote the Lava program of the {emitted['part']} to {output} "
+                   f"({emitted['bytes'] / 2**20:.1f} MiB); run it with: python {output}/run.py [--tag fixed_pt]")
+        return
+    if target == "onnx":
+        from .backends.onnx import build_onnx
+
+        exported = build_onnx(result, output, onnx_form, spike_outputs)
+        for entry in exported["forms"].values():
+            extra = f", weights in {entry['data']}" if entry["data"] else ""
+            click.echo(f"  {entry['file']}: {entry['nodes']} ONNX nodes, {entry['bytes'] / 2**20:.1f} MiB{extra}")
+        click.echo(f"wrote {output}: ONNX opset {exported['opset']}, {', '.join(exported['forms'])} form(s), onnx.json")
+        return
+    report = write_ir(result, model_file, options, output)
+    for entry in report["passes"]:
+        state = "skipped" if entry["skipped"] else f"{entry['seconds']:.2f} s"
+        click.echo(f"  pass {entry['name']:<18} {state:>9}  {_brief(entry['notes'])}")
+    total = sum(report["bytes"].values())
+    click.echo(f"wrote {output}: {report['nodes']} nodes, {total / 2**20:.1f} MiB "
+               f"(load {report['seconds']['load']:.1f} s, trace {report['seconds']['trace']:.2f} s, "
+               f"passes {report['seconds']['passes']:.2f} s, write {report['seconds']['write']:.1f} s)")
+
+
+@dataclass(frozen=True)
+class _SimOptions:
+    text: str
+    windows: int
+    seqlen: int
+    mode: str
+    attention: str
+    mask_steps: int | None
+    float64: bool
+    energy_target: str
+
+    def load(self):
+        """(the text, the energy target): everything checked before the model is loaded."""
+        from .backends.sim.counting import check_attention
+        from .data import load_text
+        from .hardware.energy import load_target
+
+        check_attention(self.attention)
+        for name, value in (("--windows", self.windows), ("--seqlen", self.seqlen), ("--mask-steps", self.mask_steps)):
+            if value is not None and value < 1:
+                raise SpikecompileError(f"{name} {value}: must be at least 1")
+        return load_text(self.text, split="eval"), load_target(self.energy_target)
+
+
+def _build_sim(result, model_file: str, output: str, options: _SimOptions, text, energy_target,
+               progress: bool) -> None:
+    """Simulate the built graph on token windows; write sim.json and the energy report into `output`."""
+    from pathlib import Path
+
+    import torch
+
+    from .backends.sim.ledger import ledger
+    from .backends.sim.measure import measure, save_run
+    from .backends.sim.report import write_report
+    from .data import token_windows
+    from .files import file_sha256
+
+    windows = token_windows(result.tokenizer, text, options.seqlen, options.windows, "simulation")
+    dtype = torch.float64 if options.float64 else None
+    run, ppl = measure(result.graph, result.store, windows, options.mode, options.attention, options.mask_steps,
+                       dtype, progress)
+    folder = Path(output)
+    folder.mkdir(exist_ok=True)
+    config = result.record["conversion"]
+    meta = {"model": {"path": str(model_file), "sha256": file_sha256(model_file)}, "source": result.record["source"],
+            "coding": result.record["coding"], "text": text.name, "windows": len(windows), "seqlen": options.seqlen,
+            "mode": options.mode, "attention": options.attention, "mask_steps": options.mask_steps,
+            "dtype": "float64" if options.float64 else "float32", "ppl": ppl, "seed": config["seed"]}
+    save_run(run, folder / "sim.json", meta)
+    energy = ledger(run, energy_target, options.attention)
+    write_report(run, energy, folder)
+    total = energy["total"]
+    plural = "s" * (len(windows) != 1)
+    click.echo(f"simulated {len(windows)} window{plural} x {options.seqlen} tokens ({options.mode} mode): "
+               f"perplexity {ppl:.4f}")
+    for tier in ("compute", "neuron", "memory"):
+        snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
+        click.echo(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
+    click.echo(f"wrote {folder / 'sim.json'} and the report ({folder / 'report.md'})")
+
+
+def _layer_range(layers: str | None) -> list[int] | None:
+    """--layers "3" → [3], "2-5" → [2, 3, 4, 5]."""
+    if layers is None:
+        return None
+    first, _, last = layers.partition("-")
+    if not first.isdigit() or not (last or first).isdigit() or int(last or first) < int(first):
+        raise SpikecompileError(f"--layers {layers}: give a layer (3) or a range of layers (2-5)")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def _check_output_folder(output: str) -> None:
+    """Fail before any work if OUTPUT cannot become (or be written as) a folder."""
+    from pathlib import Path
+
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise SpikecompileError(f"-o {output}: exists and is not a folder; give a folder name")
+    check_writable(folder / "graph.json" if folder.is_dir() else folder)
+
+
+def _brief(notes: dict) -> str:
+    """A pass's notes on one line, long lists shortened to their length."""
+    parts = []
+    for key, value in notes.items():
+        if isinstance(value, list | dict) and len(value) > 4:
+            value = f"<{len(value)}>"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--seq-len", default=512, show_default=True, help="Sequence length for per-token counts.")
+@click.option("--draw", "draw_path", default=None, help="Also draw one decoder layer to this .svg or .png file.")
+@click.option("--layer", default=0, show_default=True, help="The decoder layer --draw renders.")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion (model.pt).")
+@click.option("--json", "json_path", default=None, help="Also write the summary as JSON.")
+def inspect(path, seq_len, draw_path, layer, source, json_path):
+    """Summarise PATH, a model.pt (traced on the fly) or a folder written by `build`: layers, sites with their T
+    and genotype, node and synapse counts, parameter memory."""
+    from pathlib import Path
+
+    from .summary import draw_layer, format_summary, summarize
+
+    for target in (draw_path, json_path):
+        if target:
+            check_writable(target)
+    graph = _graph_of(Path(path), source)
+    summary = summarize(graph, seq_len=seq_len)
+    click.echo(format_summary(summary))
+    if draw_path:
+        draw_layer(graph, layer, draw_path)
+        click.echo(f"drew layer {layer} to {draw_path}")
+    if json_path:
+        _write_json(json_path, summary)
+
+
+def _graph_of(path, source):
+    from .ir import read
+
+    if path.is_dir():
+        return read(path)
+    if not path.is_file():
+        raise SpikecompileError(f"{path}: no such model.pt file or IR folder")
+    from .conversion.convert import load_spiking_model
+    from .frontend import trace
+
+    return trace(load_spiking_model(str(path), source_path=source))[0]
+
+
+@cli.command()
+@click.argument("run_file", required=False)
+@click.option("-o", "--output", required=True, help="Folder for report.json, report.md and the plots.")
+@click.option("--energy-target", default="cmos45nm", show_default=True, help="Energy target name or file.")
+@click.option("--site", default=None, help="Also plot this site's activation histogram with its neuron's levels.")
+@click.option("--model", "model_file", default=None, help="The model.pt RUN_FILE was measured on (for --site).")
+@click.option("--config", "config_file", default=None,
+              help="Analytic mode: a model config.json (e.g. targets/models/llama-3-8b.json) instead of RUN_FILE.")
+@click.option("--rates", "rates_file", default=None,
+              help="Analytic mode: take each site kind's rate from this sim.json.")
+@click.option("--rate", "rate_items", multiple=True, metavar="KIND=RATE", help="Analytic mode: one site kind's rate.")
+@click.option("--seq-len", default=512, show_default=True, help="Analytic mode: tokens per sequence.")
+@click.option("-T", "--timesteps", default=6, show_default=True, help="Analytic mode: timesteps per neuron.")
+@click.option("--grains", default=2, show_default=True, help="Analytic mode: grains per neuron.")
+@click.option("--attention", default="causal", show_default=True, help="Analytic mode: causal or full.")
+def report(run_file, output, energy_target, site, model_file, config_file, rates_file, rate_items, seq_len,
+           timesteps, grains, attention):
+    """Energy and firing-rate report of RUN_FILE (a sim.json from `build --target sim`), or analytic (--config with
+    --rates/--rate): JSON, Markdown and plots in OUTPUT."""
+    from .backends.sim.ledger import ledger
+    from .backends.sim.report import write_report
+    from .hardware.energy import load_target
+
+    target = load_target(energy_target)
+    if config_file:
+        run = _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention)
+    elif run_file:
+        run, meta = _measured_run(run_file)
+        attention = meta["attention"]
+    else:
+        raise SpikecompileError("report: give a sim.json (from spikecompile build --target sim) or --config")
+    samples = neuron = None
+    if site:
+        samples, neuron = _site_data(site, model_file, run_file and meta)
+    write_report(run, ledger(run, target, attention), output, site, samples, neuron)
+    click.echo(f"wrote the report to {output}")
+
+
+def _measured_run(run_file: str):
+    from .backends.sim.measure import load_run
+
+    if run_file.endswith(".pt"):
+        raise SpikecompileError(f"{run_file}: a model.pt holds no simulation run; make one with "
+                                f"spikecompile build {run_file} --target sim -o DIR, then report DIR/sim.json")
+    return load_run(run_file)
+
+
+def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention):
+    from .backends.sim.analytic import analytic_run, rates_by_kind
+    from .frontend.config import config_graph, load_config
+    from .backends.sim.counting import check_attention
+    from .passes.timesteps import check_timesteps
+
+    check_attention(attention)
+    check_timesteps(timesteps, "-T")
+    rates = {}
+    if rates_file:
+        rates = rates_by_kind(_measured_run(rates_file)[0])
+    for item in rate_items:
+        kind, _, value = item.partition("=")
+        try:
+            rates[kind] = float(value)
+        except ValueError:
+            raise SpikecompileError(f"--rate {item}: give KIND=RATE, e.g. silu=0.12") from None
+    if not rates:
+        raise SpikecompileError("report --config: give the firing rates (--rates sim.json or --rate KIND=RATE)")
+    graph = config_graph(load_config(config_file), timesteps, grains)
+    return analytic_run(graph, seq_len, rates, attention)
+
+
+def _site_data(site: str, model_file: str | None, meta: dict | None):
+    """The site's calibration samples and neuron from the model.pt the run was measured on."""
+    from .files import file_sha256
+    from .conversion.convert import site_neuron
+    from .modelfile import load
+
+    if not model_file:
+        raise SpikecompileError(f"--site {site}: give --model, the model.pt holding its calibration samples")
+    if meta and meta["model"]["sha256"] != file_sha256(model_file):
+        raise SpikecompileError(f"--model {model_file}: the run was measured on another model "
+                                f"({meta['model']['path']}); give that one")
+    record = load(model_file)
+    entry = record["sites"].get(site)
+    if entry is None or "samples" not in entry:
+        raise SpikecompileError(f"--site {site}: {model_file} has no such site with calibration samples")
+    return entry["samples"], site_neuron(entry)
+
+
+def _zeroshot_module():
+    """spikecompile.zeroshot, or a one-line error if lm-eval (the `eval` extra) is missing."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SpikecompileError("lm-eval is not installed: pip install -e '.[eval]' (scripts/install.sh does it)")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(name, "1")  # tasks are local JSON files: never ask the hub
+    from . import zeroshot
+
+    return zeroshot
+
+
+@cli.command()
+@click.argument("model_file")
+@click.option("--task", "task_specs", multiple=True, required=True, metavar="NAME=FILE.jsonl",
+              help="A JSON Lines file of {query, choices, gold} records, e.g. copa=../shared/data/copa_val.jsonl "
+                   "(repeatable).")
+@click.option("--mode", default="spiking", show_default=True, type=click.Choice(["spiking", "ann", "both"]),
+              help="spiking: the spiking model after its KV prefix; ann: the float model (sites off, no prefix), "
+                   "scored the same way; both.")
+@click.option("--limit", default=None, type=int, help="Only the first N records of each task.")
+@click.option("--batch-size", default=16, show_default=True, help="Requests per forward.")
+@click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
+@click.option("--json", "json_path", default=None, help="Also write the results as JSON.")
+def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path):
+    """Zero-shot multiple-choice accuracy of MODEL_FILE (a model.pt) through lm-eval: acc and acc_norm (± stderr)
+    as lm-eval computes them, per task."""
+    from .files import file_sha256
+
+    if json_path:
+        check_writable(json_path)
+    if limit is not None and limit < 1:
+        raise SpikecompileError(f"--limit {limit}: must be at least 1")
+    if batch_size < 1:
+        raise SpikecompileError(f"--batch-size {batch_size}: must be at least 1")
+    module = _zeroshot_module()
+    tasks = module.parse_task_specs(task_specs)
+    modes = ("spiking", "ann") if mode == "both" else (mode,)
+    outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source)
+    coding = outcome["coding"]
+    click.echo(f"zero-shot accuracy of {model_file} (coding={coding['name']} T={coding['timesteps']}; "
+               f"lm-eval {outcome['lm_eval']}, 0-shot):")
+    click.echo(f"  {'task':<16}{'mode':<9}{'n':>6}  {'acc':<15}  {'acc_norm'}")
+    for mode_name, rows in outcome["results"].items():
+        for name, row in rows.items():
+            click.echo(f"  {name:<16}{mode_name:<9}{row['n']:>6}  {row['acc']:.4f} ± {row['acc_stderr']:.4f}  "
+                       f"{row['acc_norm']:.4f} ± {row['acc_norm_stderr']:.4f}")
+    if json_path:
+        files = {name: {"file": str(path), "sha256": file_sha256(path)} for name, path in tasks.items()}
+        _write_json(json_path, {"model_file": model_file, "limit": limit, "tasks": files, **outcome})
+
+
+@cli.command(name="tasks")
+@click.argument("files", nargs=-1, required=True, metavar="[NAME=]FILE.jsonl...")
+@click.option("-o", "--output", required=True, help="Folder for the task YAML files.")
+def write_tasks(files, output):
+    """Write an lm-eval task YAML (multiple choice, acc and acc_norm) for each JSON Lines file of {query, choices,
+    gold} records (the name is the file's stem unless given as NAME=FILE), for lm_eval --tasks."""
+    module = _zeroshot_module()
+    tasks = module.parse_task_specs(files, label="tasks")
+    written = [module.write_task_yaml(name, path, output) for name, path in tasks.items()]
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo("run: lm_eval --model spikecompile --model_args path=model.pt --batch_size auto --tasks "
+               + ",".join(str(path) for path in written))
+
+
+def main():
+    cli(prog_name="spikecompile")

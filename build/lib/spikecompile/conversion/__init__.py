@@ -1,0 +1,1 @@
+"""ANN -> SNN conversion: phase neurons, spike sites, Hadamard rotation, calibration and fitting."""

@@ -1,0 +1,255 @@
+"""ANN -> spiking model: load, rotate, install sites, calibrate, fit, save model.pt; and load it back."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from .. import __version__, modelfile
+from ..data import load_text, token_windows
+from ..errors import SpikecompileError
+from ..files import check_writable
+from ..loading import ModelSource, load_model, resolve_source, verify_source
+from .calibration import collect_samples
+from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
+from .fit import FitConfig, fit_sites, lloyd_max_mse
+from ..neuron import PhaseNeuronParams
+from .prefix import KVPrefix, select_prefix
+from .rotation import rotate_llama
+from .sites import SiteTable, install_sites
+from .weights import rtn_quantize_weights
+
+ROTATIONS = ("hadamard", "none")
+PREFIXES = ("auto", "none")
+TIMESTEP_RANGE = (4, 16)
+WEIGHT_BITS = (4, 6, 8)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    timesteps: int = 8
+    grains: int = 2
+    coding: str = "phase"
+    rotate: str = "hadamard"
+    prefix: str = "auto"
+    calib: str = "builtin"
+    calib_windows: int = 4
+    calib_seqlen: int = 512
+    samples_per_site: int = 8192
+    weight_bits: int | None = None
+    membrane_clip: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        low, high = TIMESTEP_RANGE
+        if self.coding not in CODINGS:
+            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of {', '.join(CODINGS)}")
+        if self.coding == "sdllm" and self.timesteps not in [sdllm_steps(bits) for bits in SDLLM_COUNT_BITS]:
+            raise SpikecompileError(
+                f"--coding sdllm -T {self.timesteps}: sdllm unfolds b-bit counts over T = 2^(b-1) steps; supported "
+                + ", ".join(f"-T {sdllm_steps(bits)} ({bits}-bit counts)" for bits in SDLLM_COUNT_BITS))
+        if self.weight_bits is not None and self.weight_bits not in WEIGHT_BITS:
+            raise SpikecompileError(f"--weight-bits {self.weight_bits}: supported RTN weight widths are "
+                                    f"{', '.join(map(str, WEIGHT_BITS))} (or leave the weights in float)")
+        if self.membrane_clip and self.coding != "sdllm":
+            raise SpikecompileError(f"--membrane-clip is SDLLM's membrane clipping; use it with --coding sdllm, "
+                                    f"not {self.coding}")
+        if not 0 <= self.membrane_clip < 1:
+            raise SpikecompileError(f"--membrane-clip {self.membrane_clip}: the share of zero counts to reach, in [0, 1)")
+        if not low <= self.timesteps <= high:
+            raise SpikecompileError(f"--timesteps {self.timesteps}: must be in {low}..{high}")
+        if not 1 <= self.grains <= self.timesteps // 2:
+            raise SpikecompileError(
+                f"--grains {self.grains}: must be in 1..T/2 = 1..{self.timesteps // 2} (each grain spans ≥ 2 steps)"
+            )
+        if self.rotate not in ROTATIONS:
+            raise SpikecompileError(f"--rotate {self.rotate!r}: choose one of {', '.join(ROTATIONS)}")
+        if self.prefix not in PREFIXES:
+            raise SpikecompileError(f"--prefix {self.prefix!r}: choose one of {', '.join(PREFIXES)}")
+        if self.calib_windows < 1:
+            raise SpikecompileError(f"--calib-windows {self.calib_windows}: must be at least 1")
+        if self.samples_per_site < 64:
+            raise SpikecompileError(f"--samples-per-site {self.samples_per_site}: must be at least 64")
+
+
+@dataclass
+class ConversionReport:
+    """What one conversion did and how long each stage took (printed by the CLI, written by --json)."""
+
+    output: str
+    sites: int
+    timings_s: dict = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+
+@dataclass
+class SpikingModel:
+    """A converted model, ready to run: the transformers model with its sites in `decoded` mode."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    sites: SiteTable
+    record: dict
+    prefix: KVPrefix | None = None
+    rotations: str = "applied"
+    """"applied": the offline rotations are in the weights; "explicit": left out of them (rotate_llama with
+    apply=False) for frontend.trace to emit as Rotation nodes, so the model itself cannot run."""
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The spiking model's logits for [1, L] ids (after the KV prefix, if the model has one)."""
+        if self.rotations != "applied":
+            raise SpikecompileError("this model was loaded with its rotations left out of the weights, for tracing; "
+                                    "run its traced graph (frontend.interpret) or load it with rotations='applied'")
+        return self.prefix.forward(self.model, ids) if self.prefix else self.model(ids).logits
+
+    def ann_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float model's logits: every site off, no prefix (the baseline the SNN is measured against)."""
+        with self.sites.all_off():
+            return self.model(ids).logits
+
+
+def _created_utc() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True) -> ConversionReport:
+    options.validate()
+    check_writable(output)
+    calib_text = load_text(options.calib, split="calib")
+    source = resolve_source(model_spec)
+    torch.manual_seed(options.seed)
+    timings = {}
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(source)
+    rotation = rotate_llama(model, seed=options.seed) if options.rotate == "hadamard" else None
+    weights = rtn_quantize_weights(model, options.weight_bits) if options.weight_bits else None
+    sites = install_sites(model)
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
+    prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
+    kv_prefix = KVPrefix(model, sites, prefix["token_ids"]) if prefix else None
+    forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
+    samples = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
+    timings["calibration"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
+                           membrane_clip=options.membrane_clip, seed=options.seed)
+    fit = fit_sites(samples, fit_config, progress=progress)
+    levels = 2 ** (options.timesteps + 1) - 1
+    bound = lloyd_max_mse(samples, levels)
+    timings["fitting"] = time.perf_counter() - start
+
+    record = {
+        "source": source.to_dict(),
+        "rotation": rotation,
+        "weights": weights,
+        "prefix": prefix,
+        "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
+        "sites": _site_table(sites, fit, bound, levels, samples),
+        "calibration": {
+            "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
+            "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
+        },
+        "conversion": {
+            "spikecompile": __version__, "torch": str(torch.__version__), "transformers": _transformers_version(),
+            "seed": options.seed, "fit": asdict(fit_config), "options": asdict(options),
+            "created_utc": _created_utc(),
+        },
+    }
+    modelfile.save(record, output)
+    return ConversionReport(output=str(output), sites=len(sites), timings_s=timings, peak_rss_mb=_peak_rss_mb())
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
+    table = {}
+    params = fit.params
+    for index, name in enumerate(sites):
+        layer, kind = _parse_site_name(name)
+        table[name] = {
+            "layer": layer, "kind": kind, "timesteps": params.T,
+            "genotype": params.genotype[index].clone(),
+            "tau": params.tau[index].clone(), "d": params.d[index].clone(),
+            "h": params.h[index].clone(), "theta": params.theta[index].clone(),
+            "v0": params.v0[index].clone(), "max_spikes": int(params.max_spikes[index]),
+            "calibration": {
+                "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
+                "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
+                "lloyd_max_levels": levels, "max_abs": float(fit.max_abs[index]),
+            },
+            "samples": samples[index].clone(),
+        }
+    return table
+
+
+def _parse_site_name(name: str) -> tuple[int | None, str]:
+    if name == "final_norm":
+        return None, name
+    _, layer, kind = name.split(".")
+    return int(layer), kind
+
+
+def site_neuron(entry: dict) -> PhaseNeuronParams:
+    """A site's neuron from its model.pt entry (v0 and max_spikes default to the phase neuron's)."""
+    budget = entry.get("max_spikes")
+    return PhaseNeuronParams(tau=entry["tau"], genotype=entry["genotype"], d=entry["d"], h=entry["h"],
+                             theta=entry["theta"], v0=entry.get("v0"),
+                             max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64))
+
+
+def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied") -> SpikingModel:
+    """Rebuild the spiking model from model.pt: source weights, the same rotation, the fitted sites.
+
+    `source_path` overrides the recorded source location (its bytes must still match the recorded sha256).
+    rotations "explicit" leaves the offline rotations out of the weights (SpikingModel.rotations) — except
+    for RTN-quantized weights, which were rounded in the rotated basis and so keep their rotations applied.
+    """
+    if rotations not in ("applied", "explicit"):
+        raise ValueError(f"rotations must be 'applied' or 'explicit', got {rotations!r}")
+    record = modelfile.load(path)
+    if record.get("weights"):
+        rotations = "applied"
+    source = ModelSource(**record["source"])
+    if source_path is not None:
+        source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
+    verify_source(source, where=str(path))
+    model, tokenizer = load_model(source)
+    rotation = record["rotation"]
+    if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
+        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
+    weights = record.get("weights")
+    if weights and rtn_quantize_weights(model, weights["bits"]) != weights:
+        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
+                                f"re-convert")
+    sites = install_sites(model)
+    if list(sites) != list(record["sites"]):
+        raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")
+    for name, site in sites.items():
+        try:
+            site.neuron = site_neuron(record["sites"][name])
+        except (KeyError, ValueError, TypeError) as error:
+            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    prefix = KVPrefix(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
+    sites.set_mode("decoded")
+    return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")

@@ -1,0 +1,171 @@
+"""QuaRot-style Hadamard rotation of a LLaMA model (method.md §6): computational invariance.
+
+Row-vector convention throughout (a linear computes y = x·Wᵀ + b). For an orthogonal R (R·Rᵀ = I):
+
+* RMSNorm with γ = 1 commutes with R: x·R / rms(x·R) = (x / rms(x))·R, since rms is invariant under R.
+* A linear reading a rotated input x·R keeps its output if W ← W·R.
+* A linear whose output y should become y·R gets W ← Rᵀ·W, b ← Rᵀ·b.
+
+The Hadamard matrices and their fast transform live in spikecompile.hadamard.
+"""
+
+import torch
+
+from spikecompile.errors import SpikecompileError
+from spikecompile.hadamard import apply_hadamard, hadamard_matrix
+
+
+class OnlineHadamard:
+    """Forward pre-hook x ← x·H_n on a module's first input (a plain class so models with it can be pickled)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, module, args):
+        return (apply_hadamard(args[0], self.n), *args[1:])
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise SpikecompileError(
+                f"rotate_llama: model has no '{path}' (needs a LLaMA/Mistral-style causal LM with "
+                "model.model.layers[i].self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj)")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_rmsnorm(norm: torch.nn.Module, name: str) -> None:
+    """Refuse norms that are not y = x / rms(x) · γ (LayerNorm, Gemma's (1 + γ), norms with a bias)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.dim() != 1 or getattr(norm, "bias", None) is not None:
+        raise SpikecompileError(f"rotate_llama: {name} is not an RMSNorm with a weight vector and no bias")
+    probe = (torch.randn(2, weight.numel(), generator=torch.Generator().manual_seed(0)) + 1.0).to(weight.device)
+    expected = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True)) * weight.detach().float()
+    with torch.no_grad():
+        got = norm(probe.to(weight.dtype)).float()
+    if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()):
+        raise SpikecompileError(f"rotate_llama: {name} does not compute x / rms(x) · γ, so γ cannot be folded")
+
+
+@torch.no_grad()
+def _rewrite(linear: torch.nn.Linear, left: torch.Tensor | None = None, right: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> None:
+    """W ← left·W·right (or W·diag(scale)) and b ← left·b, in float64, cast back to the weight's dtype once."""
+    weight = linear.weight.double()
+    if scale is not None:
+        weight = weight * scale
+    if left is not None:
+        weight = left @ weight
+        if linear.bias is not None:
+            linear.bias.copy_(left @ linear.bias.double())
+    if right is not None:
+        weight = weight @ right
+    linear.weight.copy_(weight)
+
+
+def _untie_lm_head(model) -> bool:
+    """Give lm_head its own Parameter and stop transformers from re-tying it (config and tie mapping)."""
+    lm_head, embed = _get(model, "lm_head"), _get(model, "model.embed_tokens")
+    if lm_head.weight.data_ptr() != embed.weight.data_ptr():
+        return False
+    lm_head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
+    return True
+
+
+def _per_head(matrix: torch.Tensor, width: int) -> torch.Tensor:
+    """blockdiag(matrix, …, matrix) of size width."""
+    return torch.block_diag(*[matrix] * (width // matrix.shape[0]))
+
+
+@torch.no_grad()
+def rotate_llama(model, seed: int, apply: bool = True) -> dict:
+    """Fold RMSNorm weights and Hadamard-rotate a LLaMA/Mistral-style causal LM in place; logits are unchanged.
+
+    With Q = H_d·diag(s) (d = hidden size, s ∈ {±1}^d from torch.Generator().manual_seed(seed)), H_h the
+    head-dim Hadamard and H_i the intermediate-size Hadamard (all orthonormal, see hadamard_matrix):
+
+    * embed_tokens: E ← E·Q                                (residual stream h becomes h·Q)
+    * q/k_proj:  W ← W·diag(γ_in)·Q                        (γ_in ← 1)
+    * v_proj:    W ← blockdiag(H_hᵀ)·W·diag(γ_in)·Q,  b ← blockdiag(H_hᵀ)·b   (each KV head's v becomes v·H_h)
+    * o_proj:    W ← Qᵀ·W·blockdiag(H_h),  b ← Qᵀ·b        (per attention head; GQA heads share their KV head's H_h)
+    * gate/up_proj: W ← W·diag(γ_post)·Q                   (γ_post ← 1)
+    * down_proj: W ← Qᵀ·W·H_i,  b ← Qᵀ·b, plus an ONLINE pre-hook x ← x·H_i (OnlineHadamard, no signs)
+    * lm_head:   W ← W·diag(γ_final)·Q                     (γ_final ← 1; untied from embed_tokens first)
+
+    q/k biases and gate/up biases are unchanged (only their inputs rotate). Dense products are done in float64,
+    so the same model and seed give bitwise identical weights. Forward pre-hooks run in registration order:
+    a pre-hook registered on mlp.down_proj after this call (e.g. a spike site) sees the rotated input x·H_i.
+    The online hooks are not part of the state dict: save_pretrained/from_pretrained drop them, so a reloaded
+    model must get them back from the returned record ("online").
+
+    Returns a JSON-serialisable record of every rotation: which were folded offline into which weights
+    ("residual", "head", "folded_norms") and which run online ("online").
+
+    With apply=False only the norms are folded (W ← W·diag(γ), γ ← 1, lm_head untied) and the online hooks
+    registered; the offline rotations are left for the compiler (frontend.trace makes them Rotation nodes,
+    passes.fold_hadamard folds them), so the model's own forward is NOT the rotated model's. Same record.
+    """
+    layers = _get(model, "model.layers")
+    names = {module: name for name, module in model.named_modules()}
+    if any(isinstance(hook, OnlineHadamard) for layer in layers for hook in
+           _get(layer, "mlp.down_proj")._forward_pre_hooks.values()):
+        raise SpikecompileError("rotate_llama: model is already rotated (down_proj has an online Hadamard hook)")
+    norms = [_get(layer, n) for layer in layers for n in ("input_layernorm", "post_attention_layernorm")]
+    for norm in [*norms, _get(model, "model.norm")]:
+        _check_rmsnorm(norm, names[norm])
+    untied = _untie_lm_head(model)
+
+    hidden = _get(model, "model.embed_tokens").weight.shape[1]
+    h_resid, resid_desc = hadamard_matrix(hidden)
+    signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    q = h_resid * signs.double()
+    head_dim = _get(layers[0], "self_attn").head_dim
+    h_head, head_desc = hadamard_matrix(head_dim)
+    record = {
+        "method": "hadamard", "seed": seed,
+        "residual": {**resid_desc, "definition": "Q = H_n · diag(signs)", "signs": signs.tolist(),
+                     "weight_right_Q": [], "weight_left_QT": []},
+        "head": {**head_desc, "definition": "per head: v rows ← H_hᵀ·W, o columns ← W·H_h",
+                 "v_out": [], "o_in": []},
+        "online": [], "folded_norms": [], "untied_lm_head": untied,
+    }
+
+    def read_residual(norm, linears, left=None):
+        """Fold γ and Q into the linears reading this norm's output; left maps a linear to its output rotation."""
+        gamma = norm.weight.double()
+        for linear in linears:
+            if apply:
+                _rewrite(linear, left=(left or {}).get(linear), right=gamma[:, None] * q)
+            else:
+                _rewrite(linear, scale=gamma)
+        record["residual"]["weight_right_Q"] += [names[m] for m in linears]
+        record["folded_norms"].append({"norm": names[norm], "into": [names[m] for m in linears]})
+        norm.weight.fill_(1.0)
+
+    embed = model.model.embed_tokens
+    if apply:
+        embed.weight.copy_(embed.weight.double() @ q)
+    record["residual"]["weight_right_Q"].append(names[embed])
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        read_residual(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
+                      left={attn.v_proj: _per_head(h_head.T, attn.v_proj.out_features)})
+        if apply:
+            _rewrite(attn.o_proj, left=q.T, right=_per_head(h_head, attn.o_proj.in_features))
+        read_residual(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        h_inter, inter_desc = hadamard_matrix(mlp.down_proj.in_features)
+        if apply:
+            _rewrite(mlp.down_proj, left=q.T, right=h_inter)
+        mlp.down_proj.register_forward_pre_hook(OnlineHadamard(mlp.down_proj.in_features))
+        record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
+        record["head"]["v_out"].append(names[attn.v_proj])
+        record["head"]["o_in"].append(names[attn.o_proj])
+        record["online"].append({"module": names[mlp.down_proj], "where": "input", **inter_desc,
+                                 "folded": "weight ← weight · H_n", "hook": "OnlineHadamard"})
+    read_residual(model.model.norm, [model.lm_head])
+    return record

@@ -1,0 +1,154 @@
+"""Hadamard matrices and the fast Hadamard transform (no model knowledge: conversion rotates models with them,
+the IR's Rotation nodes and every backend apply them).
+
+Hadamard matrices of width n = 2^a·K are H_n = H_{2^a} ⊗ H_K / sqrt(n), with H_{2^a} Sylvester's and H_K
+from a Paley construction (a fixed random orthogonal block where none exists), so that x·H_n costs one fast
+Walsh–Hadamard transform plus a K×K matmul. On CUDA the transform is fast-hadamard-transform's kernel when that
+package imports, the pure-torch butterfly otherwise.
+"""
+
+import functools
+import math
+
+import torch
+
+from .errors import SpikecompileError
+
+# Seed of the random orthogonal K×K block used when no Paley construction exists for K. It is fixed
+# (not the rotation seed) so that hadamard_matrix(n) and apply_hadamard(x, n) always mean the same matrix.
+FALLBACK_BLOCK_SEED = 0
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = χ(j − i), χ the quadratic character mod the prime q (0 at 0, +1 on squares, −1 else)."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = [0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)]
+    idx = torch.arange(q)
+    return torch.tensor(chi, dtype=torch.float64)[(idx[None, :] - idx[:, None]) % q]
+
+
+def _paley1(q: int) -> torch.Tensor:
+    """Paley I, order q+1 for a prime q ≡ 3 (mod 4): H = I + S, S = [[0, 1ᵀ], [−1, Q]] (S skew)."""
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = _jacobsthal(q)
+    return torch.eye(q + 1, dtype=torch.float64) + s
+
+
+def _paley2(q: int) -> torch.Tensor:
+    """Paley II, order 2(q+1) for a prime q ≡ 1 (mod 4): with C = [[0, 1ᵀ], [1, Q]] (C symmetric),
+    H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]."""
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[0, 1:] = 1.0
+    c[1:, 0] = 1.0
+    c[1:, 1:] = _jacobsthal(q)
+    plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(c, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+
+
+def _paley_block(k: int) -> tuple[torch.Tensor, str] | None:
+    """An unnormalised ±1 Hadamard matrix of order k, or None when neither Paley construction gives k."""
+    if k == 1:
+        return torch.ones(1, 1, dtype=torch.float64), "trivial"
+    if _is_prime(k - 1) and (k - 1) % 4 == 3:
+        return _paley1(k - 1), f"paley1(q={k - 1})"
+    if k % 2 == 0 and _is_prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+        return _paley2(k // 2 - 1), f"paley2(q={k // 2 - 1})"
+    return None
+
+
+def _random_orthogonal(k: int) -> torch.Tensor:
+    """Q from the QR decomposition of a seeded Gaussian, columns sign-fixed by sign(diag(R))."""
+    gaussian = torch.randn(k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(FALLBACK_BLOCK_SEED))
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _factor(n: int) -> tuple[int, torch.Tensor, tuple[tuple[str, object], ...]]:
+    """(2^a, orthonormal K×K block, description) with n = 2^a·K and 2^a as large as a Paley K allows.
+
+    When no split n = 2^a·K has a Paley K, K is the odd part of n and the block is a random orthogonal
+    matrix: H_n is then orthonormal but not a Hadamard matrix (its entries are not all ±1/sqrt(n)).
+    """
+    if n < 1:
+        raise SpikecompileError(f"Hadamard width must be a positive integer, got {n}")
+    pow2 = n & -n
+    while pow2 >= 1:
+        found = _paley_block(n // pow2)
+        if found is not None:
+            block, construction = found
+            return pow2, block / math.sqrt(n // pow2), (("n", n), ("pow2", pow2), ("k", n // pow2),
+                                                        ("k_construction", construction))
+        pow2 //= 2
+    k = n // (n & -n)
+    construction = f"random_orthogonal(seed={FALLBACK_BLOCK_SEED}): no split {n} = 2^a·K has a Paley K"
+    return n // k, _random_orthogonal(k), (("n", n), ("pow2", n // k), ("k", k), ("k_construction", construction))
+
+
+def _sylvester(m: int) -> torch.Tensor:
+    """Unnormalised Sylvester Hadamard matrix: H_1 = [1], H_2m = [[H_m, H_m], [H_m, −H_m]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < m:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def describe_hadamard(n: int) -> dict:
+    """JSON-serialisable description of H_n, e.g. {"n": 576, "pow2": 16, "k": 36, "k_construction": "paley2(q=17)"}."""
+    return dict(_factor(n)[2])
+
+
+def hadamard_matrix(n: int) -> tuple[torch.Tensor, dict]:
+    """Dense orthonormal H_n = (H_{2^a} / sqrt(2^a)) ⊗ H_K (float64, n×n) and its description."""
+    pow2, block, _ = _factor(n)
+    return torch.kron(_sylvester(pow2) / math.sqrt(pow2), block), describe_hadamard(n)
+
+
+_CUDA_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _cuda_hadamard_transform():
+    try:
+        from fast_hadamard_transform import hadamard_transform
+    except ImportError:
+        return None
+    return hadamard_transform
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """x·H_m along dim −2 (m = x.shape[−2], a power of two), unnormalised, one butterfly stage per bit."""
+    *lead, m, k = x.shape
+    h = 1
+    while h < m:
+        pairs = x.reshape(*lead, m // (2 * h), 2, h, k)
+        x = torch.stack((pairs[..., 0, :, :] + pairs[..., 1, :, :], pairs[..., 0, :, :] - pairs[..., 1, :, :]), -3)
+        h *= 2
+    return x.reshape(*lead, m, k)
+
+
+def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """x·H_n along the last dim, without forming H_n.
+
+    Viewing the last dim as (2^a, K), x·(A ⊗ B) = Aᵀ·X·B with X the (2^a, K) view; A = Sylvester is symmetric,
+    so this is an FWHT over the 2^a axis (fast_hadamard_transform's CUDA kernel when x is a CUDA fp32/fp16/bf16
+    tensor and the package imports, a pure-torch butterfly otherwise) followed by a K×K matmul.
+    """
+    n = x.shape[-1] if n is None else n
+    if x.shape[-1] != n:
+        raise SpikecompileError(f"apply_hadamard: last dim of the input is {x.shape[-1]}, expected {n}")
+    pow2, block, _ = _factor(n)
+    grid = x.reshape(*x.shape[:-1], pow2, n // pow2)
+    cuda_transform = _cuda_hadamard_transform() if x.is_cuda and x.dtype in _CUDA_KERNEL_DTYPES else None
+    if cuda_transform is not None:
+        grid = cuda_transform(grid.transpose(-1, -2).contiguous(), 1.0 / math.sqrt(pow2)).transpose(-1, -2)
+    else:
+        grid = _fwht(grid) / math.sqrt(pow2)
+    return (grid @ block.to(device=x.device, dtype=x.dtype)).reshape(x.shape)

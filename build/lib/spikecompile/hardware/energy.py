@@ -1,0 +1,191 @@
+"""Target descriptions: the energy per operation the ledger prices (method.md §7), read from a TOML or JSON file.
+
+A target file holds `name`, `description` and a `constants` table; each constant is one table
+
+    [constants.mac]
+    value = 4.6          # a finite number > 0
+    unit = "pJ"          # pJ, fJ, nJ or J (held in pJ after loading)
+    bits = 32            # an integer ≥ 1: the width of the operation or access
+    what = "..."         # optional: what one operation is
+    source = "..."       # where the number comes from (a paper, a datasheet)
+
+mac, ac, read and write are required. neuron (one neuron step: read v, compare with θ(t) and subtract h(t),
+write v) is optional; without it E_neuron = E_read + E_write + E_AC (see Target.neuron). Every fault is a
+one-line SpikecompileError naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..errors import SpikecompileError
+
+UNITS_IN_PJ = {"pJ": 1.0, "fJ": 1e-3, "nJ": 1e3, "J": 1e12}
+REQUIRED_CONSTANTS = ("mac", "ac", "read", "write")
+OPTIONAL_CONSTANTS = ("neuron",)
+CONSTANT_FIELDS = ("value", "unit", "bits", "what", "source")
+SUFFIXES = (".toml", ".json")
+
+
+@dataclass(frozen=True)
+class Constant:
+    """One energy constant: `pj` is the value in pJ; value and unit are as the file wrote them."""
+
+    name: str
+    pj: float
+    value: float
+    unit: str
+    bits: int
+    what: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "unit": self.unit, "pJ": self.pj, "bits": self.bits, "what": self.what,
+                "source": self.source}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A loaded target: its constants (pJ plus metadata) and the file they came from."""
+
+    name: str
+    description: str
+    file: str
+    mac: Constant
+    ac: Constant
+    read: Constant
+    write: Constant
+    neuron_override: Constant | None = None
+
+    @property
+    def neuron(self) -> Constant:
+        """E_neuron per neuron step: the file's [constants.neuron], else E_read + E_write + E_AC
+        (read the potential v, one 32-bit add-class op for compare-with-θ(t)/subtract-h(t), write v)."""
+        if self.neuron_override is not None:
+            return self.neuron_override
+        pj = self.read.pj + self.write.pj + self.ac.pj
+        return Constant("neuron", pj, pj, "pJ", self.read.bits, "one neuron step: read v, compare with θ(t) and "
+                        "subtract h(t), write v", "derived: E_read + E_write + E_AC (spikecompile convention)")
+
+    @property
+    def constants(self) -> dict[str, Constant]:
+        return {constant.name: constant for constant in (self.mac, self.ac, self.read, self.write, self.neuron)}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "file": self.file,
+                "neuron_derived": self.neuron_override is None,
+                "constants": {name: constant.to_dict() for name, constant in self.constants.items()}}
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A target by packaged name ("cmos45nm": spikecompile.targets/cmos45nm.toml) or by file path."""
+    label, text = _read(name_or_path)
+    document = _parse(label, text)
+    table = document.get("constants")
+    if not isinstance(table, dict):
+        raise SpikecompileError(f"{label}: constants table missing: give [constants.mac], [constants.ac], "
+                                f"[constants.read] and [constants.write]")
+    unknown = sorted(set(table) - set(REQUIRED_CONSTANTS) - set(OPTIONAL_CONSTANTS))
+    if unknown:
+        raise SpikecompileError(f"{label}: constants.{unknown[0]} unknown: the ledger prices "
+                                f"{', '.join(REQUIRED_CONSTANTS + OPTIONAL_CONSTANTS)}")
+    for name in REQUIRED_CONSTANTS:
+        if name not in table:
+            raise SpikecompileError(f"{label}: constants.{name} missing: add a [constants.{name}] table with "
+                                    f"value, unit, bits and source")
+    constants = {name: _constant(label, name, entry) for name, entry in table.items()}
+    fallback_name = Path(label).stem
+    return Target(name=_text(document, "name", label, fallback_name), file=label,
+                  description=_text(document, "description", label, ""),
+                  neuron_override=constants.pop("neuron", None), **constants)
+
+
+def packaged_targets() -> list[str]:
+    """Names of the energy target files shipped in spikecompile.targets (those with a [constants] table; the
+    hardware-limit files such as loihi2.toml are read by their own passes)."""
+    folder = resources.files("spikecompile.targets")
+    return sorted(entry.name.rsplit(".", 1)[0] for entry in folder.iterdir()
+                  if entry.name.endswith(SUFFIXES) and "constants" in _parse(entry.name, entry.read_text("utf-8")))
+
+
+def _read(name_or_path: str | Path) -> tuple[str, str]:
+    """(label for errors, file text). A bare name (no folder, no suffix) that is not a file is a packaged one."""
+    path = Path(name_or_path)
+    if not path.exists() and path.name == str(name_or_path) and not path.suffix:
+        return _read_packaged(str(name_or_path))
+    if not path.is_file():
+        raise SpikecompileError(f"{path}: no such target file (packaged targets: {', '.join(packaged_targets())})")
+    if path.suffix not in SUFFIXES:
+        raise SpikecompileError(f"{path}: a target file must be .toml or .json")
+    try:
+        return str(path), path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpikecompileError(f"{path}: cannot read the target file ({getattr(error, 'strerror', error)})") from None
+
+
+def _read_packaged(name: str) -> tuple[str, str]:
+    folder = resources.files("spikecompile.targets")
+    for suffix in SUFFIXES:
+        entry = folder / f"{name}{suffix}"
+        if entry.is_file():
+            return f"targets/{name}{suffix}", entry.read_text(encoding="utf-8")
+    raise SpikecompileError(f"target {name!r} unknown: give one of {', '.join(packaged_targets())} or a file path")
+
+
+def _parse(label: str, text: str) -> dict:
+    try:
+        document = tomllib.loads(text) if label.endswith(".toml") else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        kind = "TOML" if label.endswith(".toml") else "JSON"
+        raise SpikecompileError(f"{label}: not valid {kind} ({str(error).splitlines()[0]})") from None
+    if not isinstance(document, dict):
+        raise SpikecompileError(f"{label}: the top level must be a table with a constants table")
+    return document
+
+
+def _constant(label: str, name: str, entry) -> Constant:
+    """Validate constants.<name>: finite value > 0, a known unit, integer bits ≥ 1, a non-empty source."""
+    field = f"constants.{name}"
+    if not isinstance(entry, dict):
+        raise SpikecompileError(f"{label}: {field} must be a table with value, unit, bits and source")
+    unknown = sorted(set(entry) - set(CONSTANT_FIELDS))
+    if unknown:
+        raise SpikecompileError(f"{label}: {field}.{unknown[0]} unknown field: give {', '.join(CONSTANT_FIELDS)}")
+    value = _required(label, field, entry, "value", "give the energy of one operation as a number")
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise SpikecompileError(f"{label}: {field}.value is {value!r}: give a finite number > 0")
+    unit = _required(label, field, entry, "unit", "give pJ, fJ, nJ or J")
+    if unit not in UNITS_IN_PJ:
+        raise SpikecompileError(f"{label}: {field}.unit {unit!r} unknown: give pJ, fJ, nJ or J")
+    bits = _required(label, field, entry, "bits", "give the operation's bit width, e.g. 32")
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
+        raise SpikecompileError(f"{label}: {field}.bits is {bits!r}: give an integer ≥ 1")
+    source = _required(label, field, entry, "source", "say where the number comes from")
+    if not isinstance(source, str) or not source.strip():
+        raise SpikecompileError(f"{label}: {field}.source is empty: say where the number comes from")
+    what = entry.get("what", "")
+    if not isinstance(what, str):
+        raise SpikecompileError(f"{label}: {field}.what must be a string")
+    return Constant(name, float(value) * UNITS_IN_PJ[unit], float(value), unit, bits, what, source)
+
+
+def _required(label: str, field: str, entry: dict, key: str, hint: str):
+    if key not in entry:
+        raise SpikecompileError(f"{label}: {field}.{key} missing: {hint}")
+    return entry[key]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _text(document: dict, key: str, label: str, default: str) -> str:
+    value = document.get(key, default)
+    if not isinstance(value, str):
+        raise SpikecompileError(f"{label}: {key} must be a string")
+    return value

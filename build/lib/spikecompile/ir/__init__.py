@@ -1,0 +1,33 @@
+"""The intermediate representation: typed nodes (one module per family, each node's docstring its equation),
+weights by reference, a networkx graph with a validator, and an on-disk format (graph.json +
+tensors.safetensors, and weights.safetensors when written with the store). The frontend traces a model into it, passes rewrite it, backends lower it.
+
+    base       TensorType, TensorRef, TensorStore, IRNode and the NODE_TYPES registry
+    linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
+    nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
+    neurons    PhaseNeuron
+    graph      Graph, validate, decoder_block (one attention or MLP block as a graph)
+    serialize  write, read, read_weights, tensor_refs
+    interpret  interpret(graph, store, ids) -> logits: the decoded-mode semantics, one function per node type
+               (evaluate: every node's value; sites_off: the override that runs the float model), the reference
+               every pass and backend is checked against
+"""
+
+from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
+from .graph import Graph, decoder_block, validate
+from .linear import (
+    Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads,
+)
+from .neurons import PhaseNeuron
+from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
+from .serialize import read, read_weights, tensor_refs, write
+
+__all__ = [
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "decoder_block", "validate", "read", "read_weights", "tensor_refs", "write",
+    "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
+    "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
+]
+
+from .interpret import evaluate, interpret, sites_off  # noqa: E402  (needs the node types above)
+
+__all__ += ["evaluate", "interpret", "sites_off"]

@@ -1,0 +1,89 @@
+"""Spiking nodes: the phase neuron of one spike site (method.md §1; conversion.neuron is its reference code)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..neuron import PhaseNeuronParams, initial_potential
+from ..conversion.sites import LAYER_SITE_KINDS
+from .base import IRNode, TensorType, is_count, node_type, require
+
+SITE_KINDS = (*LAYER_SITE_KINDS, "final_norm")
+
+
+@node_type
+class PhaseNeuron(IRNode):
+    """The phase neuron of one spike site, the same neuron for every element of x (output shaped like x).
+
+    With T = timesteps, g = genotype, n grains and t = 0..T−1:
+        d(t) = τ·d[g(t)]^-(t+1)    h(t) = τ·h[g(t)]^-(t+1)    θ(t) = τ·θ[g(t)]^-(t+1)
+        σ = sign(x);  v = |x| + v0;  s_t = [v > θ(t)] ∧ [K = 0 ∨ Σ_{u<t} s_u < K];  v ← v − h(t)·s_t
+        decoded:  x̂ = σ·Σ_t d(t)·s_t
+    (v0 = ½·τ·2^-T and K = 0 for the phase coding; conversion.codings gives the others.)
+    Events (integrate-then-fire): the neuron integrates its whole input window X = Σ_t x_t, of any number of
+    steps, then emits y_t = σ·d(t)·s_t for t = 0..T−1, so Σ_t y_t = x̂.
+
+    site: the spike-site name ("layers.3.q", "final_norm"), its last part the site kind (conversion.sites).
+    genotype: int64 [T];  tau: float [];  d, h, theta: float [n] like tau;  v0: float [] like tau;
+    max_spikes: the spike budget K (int ≥ 0, 0: none).
+    """
+
+    integrates_input: ClassVar[bool] = True
+    site: str
+    timesteps: int
+    genotype: Tensor
+    tau: Tensor
+    d: Tensor
+    h: Tensor
+    theta: Tensor
+    v0: Tensor
+    max_spikes: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.site.rsplit(".", 1)[-1]
+
+    @property
+    def has_default_v0(self) -> bool:
+        """v0 = ½·τ·2^-T, the phase neuron's (and the base-2 codings')."""
+        return bool(torch.equal(self.v0, initial_potential(self.tau, self.timesteps)))
+
+    @property
+    def is_phase_coded(self) -> bool:
+        """No budget and the default v0: a phase neuron (fitted or base 2), not another coding."""
+        return self.max_spikes == 0 and self.has_default_v0
+
+    def params(self) -> PhaseNeuronParams:
+        return PhaseNeuronParams(tau=self.tau, genotype=self.genotype, d=self.d, h=self.h, theta=self.theta,
+                                 v0=self.v0, max_spikes=torch.tensor(self.max_spikes))
+
+    @classmethod
+    def from_params(cls, site: str, params: PhaseNeuronParams) -> PhaseNeuron:
+        require(params.batch_shape == (), f"PhaseNeuron: one neuron per site, got batch shape {tuple(params.batch_shape)}")
+        return cls(site=site, timesteps=params.T, genotype=params.genotype, tau=params.tau, d=params.d, h=params.h,
+                   theta=params.theta, v0=params.v0, max_spikes=int(params.max_spikes))
+
+    def check(self):
+        require(isinstance(self.site, str) and self.kind in SITE_KINDS,
+                f"site {self.site!r} must end in a site kind, one of {SITE_KINDS}")
+        require(all(isinstance(getattr(self, name), Tensor) for name in ("genotype", "tau", "d", "h", "theta", "v0")),
+                "genotype, tau, d, h, theta and v0 must be tensors")
+        require(is_count(self.max_spikes, 0), f"max_spikes must be an int ≥ 0, got {self.max_spikes!r}")
+        require(self.tau.ndim == 0, f"tau must be a 0-d tensor (one neuron per site), got shape {list(self.tau.shape)}")
+        params = self.params()
+        require(params.T == self.timesteps, f"genotype has {params.T} steps, timesteps is {self.timesteps!r}")
+
+    def infer(self, inputs):
+        x = inputs["x"]
+        require(x.is_float, f"input x is {x}, expected a float tensor")
+        return x
+
+    @classmethod
+    def example(cls):
+        params = PhaseNeuronParams(tau=torch.tensor(0.75), genotype=torch.tensor([0, 0, 1, 1]),
+                                   d=torch.tensor([2.0, 1.9]), h=torch.tensor([2.1, 2.0]),
+                                   theta=torch.tensor([1.95, 2.05]))
+        return cls.from_params("layers.0.q", params), {"x": TensorType((2, "seq", 4), "float32")}

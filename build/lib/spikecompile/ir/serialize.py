@@ -1,0 +1,223 @@
+"""The IR on disk: a folder holding graph.json and tensors.safetensors.
+
+graph.json (UTF-8; one node or edge per line):
+
+    {"format": "spikecompile.ir", "format_version": 2, "tensors_sha256": "<sha256 of tensors.safetensors>",
+     "nodes": [{"name": "layers.0.mlp.gate_proj", "type": "Linear", "fields": {"timesteps": null, ...}}, ...],
+     "edges": [["layers.0.mlp_norm_site", "layers.0.mlp.gate_proj", null], ...]}
+
+Nodes are listed in graph order, edges as [producer, consumer, port]. "type" is a node class name
+(NODE_TYPES) and "fields" holds all of its dataclass fields, written by declared type: numbers, strings,
+booleans, null and dicts as themselves, tuples as arrays, a TensorRef or TensorType as an object of its
+fields, and a node-owned tensor (neuron bases, rotation signs, ...) as {"tensor": "<node name>.<field>"}, its
+key in tensors.safetensors. Tensors a TensorRef names (the model's weights) go to weights.safetensors, under
+their store keys, only when write() is given the store; the header then holds "weights_sha256", and
+read_weights() gives them back (checked against the graph's refs).
+
+Reading parses JSON and safetensors only (never pickle, never code), finds node classes in NODE_TYPES only, and
+validates the graph; any failure is one SpikecompileError line naming the folder and the node at fault. Writing
+is deterministic (the same graph gives the same bytes) and atomic per file, tensors first: a graph.json next to
+tensors from another write is caught by the sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import Tensor
+
+from ..errors import SpikecompileError
+from ..files import atomic_write, read_document
+from .base import NODE_TYPES, IRNode, TensorRef, TensorStore
+from .graph import Graph, validate
+
+FORMAT = "spikecompile.ir"
+FORMAT_VERSION = 2  # 2: PhaseNeuron carries v0 and max_spikes
+GRAPH_FILE = "graph.json"
+TENSORS_FILE = "tensors.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) -> None:
+    """Validate `graph` and write it to `folder` (created if absent; its files replaced), with the weights its
+    TensorRefs name when `store` is given."""
+    validate(graph)
+    tensors: dict[str, Tensor] = {}
+    nodes = [{"name": name, "type": type(graph[name]).__name__, "fields": encode_fields(graph[name], name, tensors)}
+             for name in graph]
+    tensor_bytes = safetensors.torch.save(tensors)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION,
+              "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest()}
+    weight_bytes = None
+    if store is not None:
+        weight_bytes = safetensors.torch.save(_weights(graph, store))
+        header["weights_sha256"] = hashlib.sha256(weight_bytes).hexdigest()
+    text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
+    folder = Path(folder)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as error:
+        raise SpikecompileError(f"{folder}: cannot create the graph folder ({error.strerror})") from None
+    atomic_write(folder / TENSORS_FILE, lambda temp: Path(temp).write_bytes(tensor_bytes))
+    if weight_bytes is not None:
+        atomic_write(folder / WEIGHTS_FILE, lambda temp: Path(temp).write_bytes(weight_bytes))
+    atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
+def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
+    """Every TensorRef the graph's nodes hold, by tensor name."""
+    refs = {}
+    for name in graph:
+        node = graph[name]
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if isinstance(value, TensorRef):
+                refs[value.name] = value
+    return refs
+
+
+def _weights(graph: Graph, store: TensorStore) -> dict[str, Tensor]:
+    """The referenced tensors, resolved (shape and dtype checked); a tensor aliased under two names (tied
+    weights) is copied for the second, since a safetensors file holds no aliases."""
+    weights, seen = {}, set()
+    for key, ref in sorted(tensor_refs(graph).items()):
+        tensor = ref.resolve(store).detach().cpu().contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        weights[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return weights
+
+
+def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
+    """The weights written beside `graph` (read from `folder`), every TensorRef of the graph checked."""
+    folder = Path(folder)
+    try:
+        document = json.loads((folder / GRAPH_FILE).read_text(encoding="utf-8"))
+        data = (folder / WEIGHTS_FILE).read_bytes()
+    except OSError as error:
+        raise SpikecompileError(f"{folder}: cannot read {error.filename and Path(error.filename).name} "
+                                f"({error.strerror}); build with the weights (spikecompile build -o)") from None
+    if hashlib.sha256(data).hexdigest() != document.get("weights_sha256"):
+        raise SpikecompileError(f"{folder}: {WEIGHTS_FILE} does not belong to this {GRAPH_FILE} (sha256 differs); "
+                                f"build again")
+    try:
+        weights = safetensors.torch.load(data)
+    except SafetensorError as error:
+        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({error})") from None
+    try:
+        for ref in tensor_refs(graph).values():
+            ref.resolve(weights)
+    except SpikecompileError as error:
+        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: {error}") from None
+    return weights
+
+
+def read(folder: str | Path) -> Graph:
+    """Read and validate the graph in `folder`."""
+    folder = Path(folder)
+    document = read_document(folder / GRAPH_FILE, "IR graph", FORMAT, FORMAT_VERSION,
+                              "build the graph again with this version")
+    try:
+        tensors = _read_tensors(folder / TENSORS_FILE, document["tensors_sha256"])
+        graph = Graph()
+        for entry in document["nodes"]:
+            graph.add_node(entry["name"], decode_node(entry, tensors))
+        for source, target, port in document["edges"]:
+            graph.add_edge(source, target, port)
+        validate(graph)
+    except SpikecompileError as error:
+        raise SpikecompileError(f"{folder}: {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise SpikecompileError(f"{folder / GRAPH_FILE}: malformed ({type(error).__name__}: {error})") from None
+    return graph
+
+
+def encode_fields(value, key: str, tensors: dict[str, Tensor]):
+    """JSON for one field value; a tensor goes to `tensors` under `key` and is written as a reference to it."""
+    if isinstance(value, Tensor):
+        tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        return {"tensor": key}
+    if dataclasses.is_dataclass(value):
+        return {field.name: encode_fields(getattr(value, field.name), f"{key}.{field.name}", tensors)
+                for field in dataclasses.fields(value)}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def decode_node(entry: dict, tensors: dict[str, Tensor]) -> IRNode:
+    name, type_name = entry["name"], entry["type"]
+    cls = NODE_TYPES.get(type_name)
+    if cls is None:
+        raise SpikecompileError(f"node {name}: unknown node type {type_name!r} (known: {', '.join(NODE_TYPES)})")
+    try:
+        return _decode_fields(cls, entry["fields"], tensors)
+    except (KeyError, TypeError, ValueError) as error:
+        raise SpikecompileError(f"node {name}: {error}") from None
+
+
+def _decode_fields(cls: type, fields: dict, tensors: dict[str, Tensor]):
+    if not isinstance(fields, dict):
+        raise TypeError(f"{cls.__name__} fields must be a JSON object, got {fields!r}")
+    hints = _field_hints(cls)
+    unknown = [name for name in fields if name not in hints]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+    return cls(**{name: _decode(hints[name], value, tensors) for name, value in fields.items()})
+
+
+def _decode(hint, value, tensors: dict[str, Tensor]):
+    """A field value from its JSON, by the field's declared type (the inverse of encode_fields)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is Tensor:
+        key = value["tensor"]
+        if key not in tensors:
+            raise ValueError(f"tensor {key} is not in {TENSORS_FILE}")
+        return tensors[key]
+    if dataclasses.is_dataclass(hint):
+        return _decode_fields(hint, value, tensors)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array, got {value!r}")
+        return tuple(value)
+    return value
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SpikecompileError(f"cannot read {TENSORS_FILE} ({error.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SpikecompileError(f"{TENSORS_FILE} does not belong to this {GRAPH_FILE} (sha256 differs); "
+                                f"write the graph again")
+    try:
+        return safetensors.torch.load(data)
+    except SafetensorError as error:
+        raise SpikecompileError(f"{TENSORS_FILE}: not a readable safetensors file ({error})") from None
+
+
+def json_text(header: dict, listings: dict[str, list]) -> str:
+    """The header keys one per line, then each listing with one item per line."""
+    dump = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False)
+    lines = [f" {dump(key)}: {dump(value)}," for key, value in header.items()]
+    for index, (key, items) in enumerate(listings.items()):
+        rows = ",\n".join(f"  {dump(item)}" for item in items)
+        lines.append(f" {dump(key)}: [\n{rows}\n ]{',' if index + 1 < len(listings) else ''}")
+    return "{\n" + "\n".join(lines) + "\n}\n"

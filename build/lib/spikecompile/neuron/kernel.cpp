@@ -1,0 +1,201 @@
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAX_STEPS 64
+
+template <typename F, typename I, int L> struct Vec {
+    typedef F f __attribute__((vector_size(sizeof(F) * L)));
+    typedef I i __attribute__((vector_size(sizeof(I) * L)));
+    typedef uint8_t b __attribute__((vector_size(L)));
+};
+
+template <typename F> struct Args {
+    const F* x; int64_t sites, inner; int32_t T;
+    const F* thr; const F* reset; const F* weight; const int64_t* budget;
+    F* out; F* events; uint8_t* planes; void* code; int32_t code_bytes; uint8_t* popcount;
+    int64_t* per_step; int64_t* rows; int64_t row_len; int32_t threads;
+};
+
+template <typename V, typename T> static inline void store(T* to, const V& v, int64_t len, int64_t full) {
+    if (len == full) memcpy(to, &v, sizeof(V)); else if (len > 0) memcpy(to, &v, (size_t)len * sizeof(T));
+}
+
+// One thread's share: items begin..end, an item being U vectors of L elements (U·L elements of one site), so
+// that U independent dependency chains (r: compare → subtract → compare ...) keep the core busy.
+template <typename F, typename I, int L, int U>
+static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
+    typedef typename Vec<F, I, L>::f vf;
+    typedef typename Vec<F, I, L>::i vi;
+    typedef typename Vec<F, I, L>::b vb;
+    const int64_t G = (int64_t)L * U;
+    // every argument in a local, so that no store through an output pointer can force a reload
+    const F* __restrict const xs = a.x;
+    F* __restrict const out = a.out;
+    F* __restrict const events = a.events;
+    uint8_t* __restrict const planes = a.planes;
+    uint8_t* __restrict const popcount = a.popcount;
+    void* const codes = a.code;
+    int64_t* const rows = a.rows;
+    const int code_bytes = a.code_bytes;
+    const int64_t inner = a.inner, per_site = (inner + G - 1) / G, n = a.sites * inner, row_len = a.row_len;
+    const int T = a.T;
+    vi totals[MAX_STEPS];
+    int64_t row = -1, row_end = 0, row_sum = 0, row_chunks = 0;
+    vi row_counts = vi{};
+    vi lanes;
+    for (int k = 0; k < L; ++k) lanes[k] = (I)k;
+    const vf zero = vf{}, one = zero + (F)1;
+    int64_t s = begin / per_site, j0 = (begin % per_site) * G;
+    for (int t = 0; t < T; ++t) totals[t] = vi{};
+    for (int64_t item = begin; item < end; ++item) {
+        const F* __restrict thr = a.thr + s * T;
+        const F* __restrict reset = a.reset + s * T;
+        const F* __restrict weight = a.weight + s * T;
+        const int64_t budget_raw = a.budget[s];
+        const I budget = (I)(budget_raw <= 0 ? 0 : (budget_raw > T ? T + 1 : budget_raw));
+        const int64_t len = inner - j0 < G ? inner - j0 : G;
+        const int64_t g0 = s * inner + j0;
+        int64_t lens[U];
+        vf sign[U], r[U], acc[U];
+        vi count[U], code[U], valid[U];
+        #pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+            lens[u] = len - u * L > L ? L : (len - u * L > 0 ? len - u * L : 0);
+            vf x = zero;
+            if (lens[u] == L) memcpy(&x, xs + g0 + u * L, sizeof(vf));
+            else if (lens[u] > 0) memcpy(&x, xs + g0 + u * L, (size_t)lens[u] * sizeof(F));
+            valid[u] = lanes < (I)lens[u];
+            sign[u] = ((zero < x) ? one : zero) - ((x < zero) ? one : zero);
+            r[u] = x < zero ? -x : x;
+            acc[u] = zero;
+            count[u] = vi{};
+            code[u] = vi{};
+        }
+        if (budget == 0 && len == G && !planes && !events && !codes) {  // the common case
+            for (int t = 0; t < T; ++t) {
+                const F th = thr[t], h = reset[t], d = weight[t];
+                vi step = vi{};
+                #pragma GCC unroll 8
+                for (int u = 0; u < U; ++u) {
+                    const vi fired = r[u] > th;
+                    r[u] = fired ? r[u] - h : r[u];
+                    acc[u] = fired ? acc[u] + d : acc[u];
+                    count[u] -= fired;
+                    step -= fired;
+                }
+                totals[t] += step;
+            }
+        } else {
+            for (int t = 0; t < T; ++t) {
+                const F th = thr[t], h = reset[t], d = weight[t];
+                vi step = vi{};
+                #pragma GCC unroll 8
+                for (int u = 0; u < U; ++u) {
+                    vi fired = r[u] > th;
+                    if (budget) fired &= count[u] < budget;
+                    if (len != G) fired &= valid[u];
+                    r[u] = fired ? r[u] - h : r[u];
+                    acc[u] = fired ? acc[u] + d : acc[u];
+                    count[u] -= fired;
+                    step -= fired;
+                    if (codes) code[u] |= fired & (I)((I)1 << t);
+                    if (planes) {
+                        vb bits = __builtin_convertvector(fired & (I)1, vb);
+                        store<vb, uint8_t>(planes + t * n + g0 + u * L, bits, lens[u], L);
+                    }
+                    if (events) {
+                        vf y = (sign[u] * d) * (fired ? one : zero);
+                        store<vf, F>(events + t * n + g0 + u * L, y, lens[u], L);
+                    }
+                }
+                totals[t] += step;
+            }
+        }
+        #pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+            const int64_t at = g0 + u * L;
+            if (out) {
+                vf o = sign[u] * acc[u];
+                store<vf, F>(out + at, o, lens[u], L);
+            }
+            if (popcount) {
+                vb bits = __builtin_convertvector(count[u], vb);
+                store<vb, uint8_t>(popcount + at, bits, lens[u], L);
+            }
+            if (codes) {
+                for (int64_t k = 0; k < lens[u]; ++k) {
+                    const int64_t c = (int64_t)code[u][k];
+                    if (code_bytes == 1) ((uint8_t*)codes)[at + k] = (uint8_t)c;
+                    else if (code_bytes == 2) ((int16_t*)codes)[at + k] = (int16_t)c;
+                    else ((int32_t*)codes)[at + k] = (int32_t)c;
+                }
+            }
+            if (rows && lens[u] > 0) {
+                if (row < 0) { row = at / row_len; row_end = (row + 1) * row_len; }
+                if (at + lens[u] <= row_end && row_chunks < (1 << 20)) {  // the vector lies in the current row
+                    row_counts += count[u];
+                    ++row_chunks;
+                } else {
+                    for (int64_t k = 0; k < lens[u]; ++k) {
+                        if (at + k >= row_end) {
+                            for (int q = 0; q < L; ++q) row_sum += row_counts[q];
+#pragma omp atomic
+                            rows[row] += row_sum;
+                            row = (at + k) / row_len; row_end = (row + 1) * row_len;
+                            row_sum = 0; row_counts = vi{}; row_chunks = 0;
+                        }
+                        row_sum += count[u][k];
+                    }
+                }
+            }
+        }
+        j0 += G;
+        if (j0 >= inner || item + 1 == end) {  // the site's last item (or the range's): its step totals
+            for (int t = 0; t < T; ++t) {
+                int64_t sum = 0;
+                for (int k = 0; k < L; ++k) sum += totals[t][k];
+                totals[t] = vi{};
+#pragma omp atomic
+                a.per_step[s * T + t] += sum;
+            }
+            if (j0 >= inner) { ++s; j0 = 0; }
+        }
+    }
+    if (row >= 0) {
+        for (int q = 0; q < L; ++q) row_sum += row_counts[q];
+#pragma omp atomic
+        rows[row] += row_sum;
+    }
+}
+
+template <typename F, typename I, int L, int U> static void fire(const Args<F> a) {
+    const int64_t items = a.sites * ((a.inner + (int64_t)L * U - 1) / ((int64_t)L * U));
+    const int threads = a.sites * a.inner < 65536 ? 1 : (a.threads > 0 ? a.threads : 1);
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t count = threads, id = 0;
+#ifdef _OPENMP
+        count = omp_get_num_threads(); id = omp_get_thread_num();
+#endif
+        const int64_t begin = items * id / count, end = items * (id + 1) / count;
+        if (begin < end) fire_range<F, I, L, U>(a, begin, end);
+    }
+}
+
+#define ENTRY(NAME, F, I, L, U)                                                                                         \
+    extern "C" int NAME(const F* x, int64_t sites, int64_t inner, int32_t T, const F* thr, const F* reset,           \
+                        const F* weight, const int64_t* budget, F* out, F* events, uint8_t* planes, void* code,      \
+                        int32_t code_bytes, uint8_t* popcount, int64_t* per_step, int64_t* rows, int64_t row_len,    \
+                        int32_t threads) {                                                                           \
+        if (T < 1 || T > MAX_STEPS) return 1;                                                                        \
+        Args<F> a = {x, sites, inner, T, thr, reset, weight, budget, out, events, planes, code, code_bytes,          \
+                     popcount, per_step, rows, row_len, threads};                                                    \
+        fire<F, I, L, U>(a);                                                                                            \
+        return 0;                                                                                                    \
+    }
+
+ENTRY(spikecompile_fire_f32, float, int32_t, 16, 4)
+ENTRY(spikecompile_fire_f64, double, int64_t, 8, 4)
