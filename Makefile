@@ -19,8 +19,10 @@ demo: install
 	$(BIN)/spikecompile eval out/smollm2-t8.pt --max-windows 8
 	$(BIN)/spikecompile build out/smollm2-t8.pt --target sim -o out/smollm2-t8-sim --windows 1 --mode decoded
 
-# Default test suite: self-contained, tiny random LLaMA models, a few minutes.
+# Default test suite: the import contracts (pyproject's [tool.importlinter]), then the self-contained tests on tiny
+# random LLaMA models (a few minutes).
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # Slow tests: the real SmolLM2 end to end (and ../shared data where present).
