@@ -22,7 +22,7 @@ demo: install
 # Default test suite: the import contracts (pyproject's [tool.importlinter]), then the self-contained tests on tiny
 # random LLaMA models (a few minutes).
 test: install
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
 
 # Slow tests: the real SmolLM2 end to end (and ../shared data where present).
