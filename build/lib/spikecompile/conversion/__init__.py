@@ -1,1 +1,0 @@
-"""ANN -> SNN conversion: phase neurons, spike sites, Hadamard rotation, calibration and fitting."""

@@ -1,1 +1,0 @@
-"""Target descriptions (TOML, JSON) shipped as package data of spikecompile.targets; read by spikecompile.target."""
