@@ -10,7 +10,7 @@ block — to a self-contained Lava program folder that needs only numpy and lava
                     and each site's spike count per neuron
     lava_program/   runtime/ copied verbatim: compat.py, processes.py, program.py
 
-Lowering: a PhaseNeuron becomes a processes.PhaseNeuron (its thresholds θ(t) − v0 for any v0, its spike budget K
+Lowering: a PhaseNeuron becomes a processes.PhaseNeuronProcess (its thresholds θ(t) − v0 for any v0, its spike budget K
 enforced by the per-neuron spike counter); a Linear fed by a spike site becomes lava synapses
 (Dense for one token, Sparse block-diagonal kron(I_tokens, W) for several); every other node a small Python Op
 running its event rule. d(t) is a receiver-side per-step gain: a spike carries σ ∈ {−1, +1} (graded, 2-bit
