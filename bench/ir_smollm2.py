@@ -44,7 +44,8 @@ def main() -> None:
         if not path.is_file():
             sys.exit(f"error: {path} is missing; the benchmark reads ../shared/data")
 
-    from spikecompile.build import BuildOptions, build, write_ir
+    from spikecompile.backends import ir as ir_backend
+    from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows
     from spikecompile.evaluation import perplexity
     from spikecompile.ir import interpret
@@ -72,7 +73,7 @@ def main() -> None:
                                                                                {PhaseNeuron: sites_off}),
                                                 windows, desc="ANN")
             folder = workdir / f"ir-t{timesteps}"
-            report = write_ir(built, model_path, options, folder)
+            report = ir_backend.build(built, folder)
             run = {"timesteps": timesteps,
                    "build": {"seconds": report["seconds"],
                              "trace_plus_passes_s": report["seconds"]["trace"] + report["seconds"]["passes"],

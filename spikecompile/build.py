@@ -1,4 +1,5 @@
-"""`spikecompile build`: model.pt → frontend.trace → passes → a target (today the IR folder itself).
+"""`spikecompile build`: model.pt → frontend.trace → passes → a BuildResult that a backend writes out as its target
+(spikecompile.backends: the IR folder, the simulator's report, NIR, Lava, ONNX).
 
 The model is loaded with its offline rotations left out of the weights (rotations="explicit"), so the traced
 graph shows every Hadamard rotation and fold_hadamard is the pass that folds them (disable it to keep them).
@@ -7,22 +8,18 @@ The pass manager is built, and so every pass name and option checked, before the
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from torch import Tensor
-
+from .backends import BuildResult
 from .errors import SpikecompileError
-from .ir import Graph, validate, write
-from .files import atomic_write, file_sha256
+from .ir import validate
 
 PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
 """The passes of a build, in order; assign_grains only runs when a grain search is asked for."""
 GRAIN_SEARCHES = ("darts", "even")
-REPORT_FILE = "build.json"
 
 
 @dataclass(frozen=True)
@@ -36,16 +33,6 @@ class BuildOptions:
     grain_search: str | None = None
     disabled: tuple[str, ...] = ()
     source: str | None = None
-
-
-@dataclass
-class BuildResult:
-    graph: Graph
-    store: dict[str, Tensor]
-    passes: list[dict]
-    seconds: dict[str, float]
-    record: dict
-    tokenizer: object = None
 
 
 def pass_manager(options: BuildOptions):
@@ -84,23 +71,10 @@ def build(model_path: str | Path, options: BuildOptions) -> BuildResult:
     start = time.perf_counter()
     graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"]))
     seconds["passes"] = time.perf_counter() - start
-    return BuildResult(graph, store, report, seconds, record, spiking.tokenizer)
+    return BuildResult(graph, store, report, seconds, record, spiking.tokenizer, str(model_path), _recorded(options))
 
 
-def write_ir(result: BuildResult, model_path: str | Path, options: BuildOptions, folder: str | Path) -> dict:
-    """Write the graph, its weights and build.json (what was built from what, and each pass's report)."""
-    start = time.perf_counter()
-    write(result.graph, folder, result.store)
-    seconds = {**result.seconds, "write": time.perf_counter() - start}
-    report = {
-        "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
-        "source": result.record["source"],
-        "options": {**asdict(options), "site_timesteps": dict(options.site_timesteps)},
-        "passes": result.passes,
-        "seconds": seconds,
-        "nodes": len(result.graph),
-        "bytes": {path.name: path.stat().st_size for path in sorted(Path(folder).iterdir()) if path.is_file()},
-    }
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    atomic_write(Path(folder) / REPORT_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
-    return report
+def _recorded(options: BuildOptions) -> dict:
+    """The options as build.json records them (site_timesteps a plain dict)."""
+    return {**asdict(options), "site_timesteps": dict(options.site_timesteps)}
+

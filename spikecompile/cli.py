@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import click
 
+from .backends import BY_TARGET, TARGETS, Option
 from .errors import SpikecompileError
 from .files import atomic_write, check_writable
 
@@ -148,10 +149,48 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         })
 
 
-TARGETS = ("ir", "sim", "nir", "lava", "onnx")
+class _TargetSections(click.Command):
+    """A command whose --help lists its own options, then each target's options under a heading of their own."""
+
+    def format_options(self, ctx, formatter):
+        owner = {option.name: target for target, options in BY_TARGET.items() for option in options}
+        sections: dict[str, list] = {"Options": []}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Argument):  # click lists arguments in the usage line, not here
+                continue
+            record = param.get_help_record(ctx)
+            if record:
+                heading = f"{owner[param.name]} options" if param.name in owner else "Options"
+                sections.setdefault(heading, []).append(record)
+        for heading, records in sections.items():
+            with formatter.section(heading):
+                formatter.write_dl(records)
 
 
-@cli.command()
+def _target_options(command):
+    """Decorator: one click option per backend option (backends.options.BY_TARGET), in declaration order."""
+    for option in reversed([option for options in BY_TARGET.values() for option in options]):
+        command = click.option(*_declarations(option), **_attributes(option))(command)
+    return command
+
+
+def _declarations(option: Option) -> list[str]:
+    """--name (a flag with default True: --name/--no-name), then the keyword it fills."""
+    if option.type is bool and option.default:
+        return [f"{option.flag}/--no-{option.flag[2:]}", option.name]
+    return [option.flag, option.name]
+
+
+def _attributes(option: Option) -> dict:
+    """click's settings for the option: a flag, a choice or a typed value, its default shown where it has one."""
+    attributes = {"default": option.default, "help": option.help, "show_default": option.default not in (None, False)}
+    if option.type is bool:
+        return {**attributes, "is_flag": True}
+    kind = click.Choice(option.type) if isinstance(option.type, tuple) else option.type
+    return {**attributes, "type": kind, "metavar": option.metavar}
+
+
+@cli.command(cls=_TargetSections)
 @click.argument("model_file")
 @click.option("--target", default="ir", show_default=True, type=click.Choice(TARGETS),
               help="ir: the compiled graph folder (graph.json, tensors, weights); sim: run the reference simulator "
@@ -168,31 +207,12 @@ TARGETS = ("ir", "sim", "nir", "lava", "onnx")
               help="Re-allocate each site's grains: darts (Algorithm 2) or even split, then refit.")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
-@click.option("--text", default="builtin", show_default=True, help="sim: text for the token windows, or 'builtin'.")
-@click.option("--windows", default=2, show_default=True, help="sim: token windows to simulate.")
-@click.option("--seqlen", default=512, show_default=True, help="sim: tokens per window.")
-@click.option("--mode", default="event", show_default=True, type=click.Choice(["event", "decoded"]),
-              help="sim: per-timestep events, or decoded values (same counts, faster).")
-@click.option("--attention", default="causal", show_default=True,
-              help="sim: count attention as causal (masked pairs skipped) or full.")
-@click.option("--mask-steps", default=None, type=int,
-              help="sim: late-spike masking, keep each neuron's spikes within this many steps of its first.")
-@click.option("--float64", is_flag=True, help="sim: run in float64 (event and decoded then agree to rounding).")
-@click.option("--energy-target", default="cmos45nm", show_default=True, help="sim: energy target name or file.")
-@click.option("--strict", is_flag=True, help="nir: fail on an IR node with no NIR lowering and no manifest rule.")
-@click.option("--approximate", is_flag=True, help="nir: plain IF/Linear nodes for consumers without Threshold/Scale.")
-@click.option("--layers", default=None, metavar="N|A-B", help="lava: one decoder layer or a range (default: all).")
-@click.option("--block", default=None, type=click.Choice(["attn", "mlp"]), help="lava: one block of the layer.")
-@click.option("--tokens", default=4, show_default=True, help="lava: tokens per run of the emitted program.")
-@click.option("--onnx-form", default="both", show_default=True, type=click.Choice(["decoded", "event", "both"]),
-              help="onnx: decoded (each neuron an elementwise quantizer), event (the T phases explicit) or both.")
-@click.option("--spike-outputs", is_flag=True, help="onnx: the event form also outputs every neuron's spike planes.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@_target_options
 def build(model_file, target, output, timesteps, site_timesteps, overrides_file, grain_search, disabled, source,
-          text, windows, seqlen, mode, attention, mask_steps, float64, energy_target, strict, approximate, layers,
-          block, tokens, onnx_form, spike_outputs, progress):
+          **target_options):
     """Compile MODEL_FILE (a model.pt): trace it into the IR, run the passes, write the target to OUTPUT."""
-    from .build import BuildOptions, build as run_build, pass_manager, write_ir
+    from .backends import load
+    from .build import BuildOptions, build as run_build, pass_manager
     from .passes.timesteps import check_timesteps, parse_site_overrides
 
     if timesteps is not None:
@@ -203,121 +223,12 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
                            disabled=tuple(disabled), source=source)
     pass_manager(options)  # every pass name and option checked before the model is loaded
     _check_output_folder(output)
-    if target == "sim":
-        simulation = _SimOptions(text, windows, seqlen, mode, attention, mask_steps, float64, energy_target)
-        text_and_target = simulation.load()
-    if target == "nir":
-        from .backends.nir import build_nir  # one-line error here if nir is missing, before the model loads
-    if target == "onnx":
-        from .backends.onnx import check_form  # one-line error here if onnx is missing, before the model loads
-        check_form(onnx_form)
-    layer_range = _layer_range(layers) if target == "lava" else None
+    backend = load(target)  # one-line error here if its optional package is missing, before the model loads
+    prepared = backend.check({option.name: target_options[option.name] for option in backend.OPTIONS})
     result = run_build(model_file, options)
-    if target == "sim":
-        _build_sim(result, model_file, output, simulation, *text_and_target, progress)
-        return
-    if target == "nir":
-        fidelity = build_nir(result, output, strict=strict, approximate=approximate)
-        counts = ", ".join(f"{count} {kind}" for kind, count in fidelity["counts"].items())
-        click.echo(f"wrote NIR to {output}: {counts}" +
-                   (f"; no rule for {len(fidelity['unsupported'])} nodes (fidelity.json)" if fidelity["unsupported"]
-                    else ""))
-        return
-    if target == "lava":
-        from .backends.lava import build_lava
-
-        emitted = build_lava(result, output, layers=layer_range, block=block, tokens=tokens)
-        click.echo(f"wrote the Lava program of the {emitted['part']} to {output} "
-                   f"({emitted['bytes'] / 2**20:.1f} MiB); run it with: python {output}/run.py [--tag fixed_pt]")
-        return
-    if target == "onnx":
-        from .backends.onnx import build_onnx
-
-        exported = build_onnx(result, output, onnx_form, spike_outputs)
-        for entry in exported["forms"].values():
-            extra = f", weights in {entry['data']}" if entry["data"] else ""
-            click.echo(f"  {entry['file']}: {entry['nodes']} ONNX nodes, {entry['bytes'] / 2**20:.1f} MiB{extra}")
-        click.echo(f"wrote {output}: ONNX opset {exported['opset']}, {', '.join(exported['forms'])} form(s), onnx.json")
-        return
-    report = write_ir(result, model_file, options, output)
-    for entry in report["passes"]:
-        state = "skipped" if entry["skipped"] else f"{entry['seconds']:.2f} s"
-        click.echo(f"  pass {entry['name']:<18} {state:>9}  {_brief(entry['notes'])}")
-    total = sum(report["bytes"].values())
-    click.echo(f"wrote {output}: {report['nodes']} nodes, {total / 2**20:.1f} MiB "
-               f"(load {report['seconds']['load']:.1f} s, trace {report['seconds']['trace']:.2f} s, "
-               f"passes {report['seconds']['passes']:.2f} s, write {report['seconds']['write']:.1f} s)")
-
-
-@dataclass(frozen=True)
-class _SimOptions:
-    text: str
-    windows: int
-    seqlen: int
-    mode: str
-    attention: str
-    mask_steps: int | None
-    float64: bool
-    energy_target: str
-
-    def load(self):
-        """(the text, the energy target): everything checked before the model is loaded."""
-        from .backends.sim.counting import check_attention
-        from .data import load_text
-        from .hardware.energy import load_target
-
-        check_attention(self.attention)
-        for name, value in (("--windows", self.windows), ("--seqlen", self.seqlen), ("--mask-steps", self.mask_steps)):
-            if value is not None and value < 1:
-                raise SpikecompileError(f"{name} {value}: must be at least 1")
-        return load_text(self.text, split="eval"), load_target(self.energy_target)
-
-
-def _build_sim(result, model_file: str, output: str, options: _SimOptions, text, energy_target,
-               progress: bool) -> None:
-    """Simulate the built graph on token windows; write sim.json and the energy report into `output`."""
-    from pathlib import Path
-
-    import torch
-
-    from .backends.sim.ledger import ledger
-    from .backends.sim.measure import measure, save_run
-    from .backends.sim.report import write_report
-    from .data import token_windows
-    from .files import file_sha256
-
-    windows = token_windows(result.tokenizer, text, options.seqlen, options.windows, "simulation")
-    dtype = torch.float64 if options.float64 else None
-    run, ppl = measure(result.graph, result.store, windows, options.mode, options.attention, options.mask_steps,
-                       dtype, progress)
-    folder = Path(output)
-    folder.mkdir(exist_ok=True)
-    config = result.record["conversion"]
-    meta = {"model": {"path": str(model_file), "sha256": file_sha256(model_file)}, "source": result.record["source"],
-            "coding": result.record["coding"], "text": text.name, "windows": len(windows), "seqlen": options.seqlen,
-            "mode": options.mode, "attention": options.attention, "mask_steps": options.mask_steps,
-            "dtype": "float64" if options.float64 else "float32", "ppl": ppl, "seed": config["seed"]}
-    save_run(run, folder / "sim.json", meta)
-    energy = ledger(run, energy_target, options.attention)
-    write_report(run, energy, folder)
-    total = energy["total"]
-    plural = "s" * (len(windows) != 1)
-    click.echo(f"simulated {len(windows)} window{plural} x {options.seqlen} tokens ({options.mode} mode): "
-               f"perplexity {ppl:.4f}")
-    for tier in ("compute", "neuron", "memory"):
-        snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
-        click.echo(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
-    click.echo(f"wrote {folder / 'sim.json'} and the report ({folder / 'report.md'})")
-
-
-def _layer_range(layers: str | None) -> list[int] | None:
-    """--layers "3" → [3], "2-5" → [2, 3, 4, 5]."""
-    if layers is None:
-        return None
-    first, _, last = layers.partition("-")
-    if not first.isdigit() or not (last or first).isdigit() or int(last or first) < int(first):
-        raise SpikecompileError(f"--layers {layers}: give a layer (3) or a range of layers (2-5)")
-    return list(range(int(first), int(last or first) + 1))
+    report = backend.build(result, output, **prepared)
+    for line in backend.report_lines(report, output):
+        click.echo(line)
 
 
 def _check_output_folder(output: str) -> None:
@@ -328,16 +239,6 @@ def _check_output_folder(output: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise SpikecompileError(f"-o {output}: exists and is not a folder; give a folder name")
     check_writable(folder / "graph.json" if folder.is_dir() else folder)
-
-
-def _brief(notes: dict) -> str:
-    """A pass's notes on one line, long lists shortened to their length."""
-    parts = []
-    for key, value in notes.items():
-        if isinstance(value, list | dict) and len(value) > 4:
-            value = f"<{len(value)}>"
-        parts.append(f"{key}={value}")
-    return ", ".join(parts)
 
 
 @cli.command()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import convert_tiny, requires_smollm2
 from test_budget_lowering import zoo_graph
 from spikecompile.backends.lava import build_lava
-from spikecompile.backends.lava.emit import quantized_store, select_part
+from spikecompile.backends.lava.emit import LOWERINGS, quantized_store, select_part
 from spikecompile.backends.lava.runtime import compat
 
 from spikecompile.build import BuildOptions, build
@@ -25,7 +25,7 @@ from spikecompile.cli import cli
 from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
 from spikecompile.backends.sim.simulate import retyped, run
-from spikecompile.ir import Output, PhaseNeuron
+from spikecompile.ir import NODE_TYPES, Output, PhaseNeuron
 from spikecompile.passes.loihi_mapping import quantize_weights
 
 requires_lava = pytest.mark.skipif(importlib.util.find_spec("lava") is None,
@@ -111,6 +111,10 @@ def test_running_without_lava_names_the_install_step(monkeypatch, tmp_path):
 
 
 # ---- emitting (no lava needed) ------------------------------------------------------------------------------------
+
+def test_every_node_type_has_a_lowering():
+    assert set(LOWERINGS) == set(NODE_TYPES.values())
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):

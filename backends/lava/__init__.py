@@ -4,6 +4,7 @@ one block, and run it. Emitting needs no lava; running needs lava-nc 0.10.0 (scr
     build_lava(result, folder, layers=None, block=None, tokens=4, seed=0) -> report     emit.py
     run_program(folder, tag="floating_pt", inputs=None) -> result                        runtime/program.py
     runtime/     compat.py, processes.py, program.py: copied verbatim into every program (numpy + lava only)
+    OPTIONS, check, build (= build_lava), report_lines      `spikecompile build --target lava` (backends/README.md)
 
 The fixed-point formats (8-bit weights + exponent, 24-bit potentials) belong to the Loihi 2 target and live in
 spikecompile.passes.loihi_mapping, whose mapping pass checks a model against the same formats.
@@ -12,9 +13,11 @@ spikecompile.passes.loihi_mapping, whose mapping pass checks a model against the
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from spikecompile.errors import SpikecompileError
 
+from ..options import BY_TARGET, parse_options
 from .emit import build_lava
 
 INSTALL = ("the Lava backend runs programs with lava-nc 0.10.0: run scripts/install.sh (its dependencies, then "
@@ -30,4 +33,19 @@ def run_program(folder, tag: str = "floating_pt", inputs=None) -> dict:
     return program.run(folder, tag, inputs)
 
 
-__all__ = ["INSTALL", "build_lava", "run_program"]
+OPTIONS = BY_TARGET["lava"]
+build = build_lava
+
+
+def check(options: dict) -> dict:
+    """The options, --layers parsed into its layer indices."""
+    return parse_options(OPTIONS, options)
+
+
+def report_lines(report: dict, folder: str | Path) -> list[str]:
+    """What was emitted, its size, and how to run it."""
+    return [f"wrote the Lava program of the {report['part']} to {folder} ({report['bytes'] / 2**20:.1f} MiB); "
+            f"run it with: python {folder}/run.py [--tag fixed_pt]"]
+
+
+__all__ = ["INSTALL", "OPTIONS", "build", "build_lava", "check", "report_lines", "run_program"]

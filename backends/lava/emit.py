@@ -10,7 +10,7 @@ block — to a self-contained Lava program folder that needs only numpy and lava
                     and each site's spike count per neuron
     lava_program/   runtime/ copied verbatim: compat.py, processes.py, program.py
 
-Lowering: a PhaseNeuron becomes a processes.PhaseNeuron (its thresholds θ(t) − v0 for any v0, its spike budget K
+Lowering: a PhaseNeuron becomes a processes.PhaseNeuronProcess (its thresholds θ(t) − v0 for any v0, its spike budget K
 enforced by the per-neuron spike counter); a Linear fed by a spike site becomes lava synapses
 (Dense for one token, Sparse block-diagonal kron(I_tokens, W) for several); every other node a small Python Op
 running its event rule. d(t) is a receiver-side per-step gain: a spike carries σ ∈ {−1, +1} (graded, 2-bit
@@ -29,6 +29,7 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from spikecompile.ir import (
     Embedding,
     Graph,
     Input,
+    IRNode,
     KVPrefix,
     Linear,
     MergeHeads,
@@ -231,16 +233,12 @@ class _Lowering:
         node = self.part[name]
         producers = list(self.part.inputs(name).values())
         self.connections += [[source, name, index] for index, source in enumerate(producers)]
-        if isinstance(node, Input):
-            self.start[name] = 0
-            entry = {"kind": "input"}
-        elif isinstance(node, PhaseNeuron):
-            entry = self.neuron(name, node, producers[0])
-        elif isinstance(node, Linear):
-            entry = self.synapse(name, node, producers[0])
-        else:
-            entry = self.op(name, node, producers)
+        entry = lowering(node)(self, name, node, producers)
         self.processes.append({"name": name, "shape": self.shapes[name], **entry})
+
+    def input(self, name: str) -> dict:
+        self.start[name] = 0
+        return {"kind": "input"}
 
     def port(self, source: str) -> dict:
         return {"shape": self.shapes[source], "start": self.start[source], "steps": self.part[source].timesteps,
@@ -293,8 +291,8 @@ class _Lowering:
                 "tokens": int(np.prod(self.shapes[name])) // node.out_features, "weights": files,
                 "weight_exp": exponent}
 
-    def op(self, name: str, node, producers: list[str]) -> dict:
-        op, params, arrays = _op_parameters(node, self.store, self.shapes[producers[0]] if producers else None)
+    def op(self, name: str, node, producers: list[str], parameters: OpParameters) -> dict:
+        op, params, arrays = parameters(node, self.store, self.shapes[producers[0]] if producers else None)
         files = {key: f"arrays/{name}.{key}.npy" for key in arrays}
         self.arrays.update({files[key]: value for key, value in arrays.items()})
         ports = [self.port(source) for source in producers]
@@ -303,32 +301,98 @@ class _Lowering:
                 "start": self.start[name], "timesteps": node.timesteps, "params": params, "arrays": files}
 
 
-def _op_parameters(node, store, input_shape) -> tuple[str, dict, dict[str, np.ndarray]]:
-    """(processes.OPS key, scalar params, arrays) of a non-spiking node."""
-    def tensor(ref):
-        return ref.resolve(store).detach().float().numpy()
+# One lowering per IR node type: an Input, a neuron or a synapse becomes its own kind of process, every other node
+# an op process whose OPS key, scalar params and arrays come from its OpParameters function.
 
-    if isinstance(node, Nonlinear):
-        if node.function == "rmsnorm":
-            return "rmsnorm", {"eps": node.eps}, {} if node.weight is None else {"weight": tensor(node.weight)}
-        return node.function, {"causal": node.causal} if node.function == "softmax" else {}, {}
-    if isinstance(node, ActivationMatmul):
-        return node.which, {"scaling": node.scaling, "groups": node.groups}, {}
-    if isinstance(node, SplitHeads | MergeHeads):
-        return ("split_heads" if isinstance(node, SplitHeads) else "merge_heads"), \
-            {"heads": node.heads, "head_dim": node.head_dim}, {}
-    if isinstance(node, RoPE):
-        return "rope", {}, _rope_tables(node, input_shape[-2])
-    if isinstance(node, KVPrefix):
-        return "kv_prefix", {}, {"cache": tensor(node.cache)}
-    if isinstance(node, Rotation):
-        return "rotation", {}, {"matrix": node.matrix().numpy()}
-    if isinstance(node, Embedding):
-        return "embedding", {}, {"weight": tensor(node.weight)}
-    simple = {ElementwiseProduct: "product", ResidualAdd: "add", Output: "output"}
-    if type(node) not in simple:
+OpEntry = tuple[str, dict, dict[str, np.ndarray]]
+"""(processes.OPS key, scalar params, arrays) of a non-spiking node."""
+OpParameters = Callable[[IRNode, dict, list | None], OpEntry]
+"""(node, store, its first input's shape) -> its OpEntry."""
+Lowering = Callable[[_Lowering, str, IRNode, list[str]], dict]
+"""(lowering state, node name, node, its producers) -> the node's process entry in network.json."""
+
+
+def _tensor(ref, store) -> np.ndarray:
+    return ref.resolve(store).detach().float().numpy()
+
+
+def _nonlinear(node: Nonlinear, store, input_shape) -> OpEntry:
+    if node.function == "rmsnorm":
+        return "rmsnorm", {"eps": node.eps}, {} if node.weight is None else {"weight": _tensor(node.weight, store)}
+    return node.function, {"causal": node.causal} if node.function == "softmax" else {}, {}
+
+
+def _activation_matmul(node: ActivationMatmul, store, input_shape) -> OpEntry:
+    return node.which, {"scaling": node.scaling, "groups": node.groups}, {}
+
+
+def _heads(op: str) -> OpParameters:
+    """SplitHeads and MergeHeads: the same params under their own OPS key."""
+    return lambda node, store, input_shape: (op, {"heads": node.heads, "head_dim": node.head_dim}, {})
+
+
+def _rope(node: RoPE, store, input_shape) -> OpEntry:
+    return "rope", {}, _rope_tables(node, input_shape[-2])
+
+
+def _kv_prefix(node: KVPrefix, store, input_shape) -> OpEntry:
+    return "kv_prefix", {}, {"cache": _tensor(node.cache, store)}
+
+
+def _rotation(node: Rotation, store, input_shape) -> OpEntry:
+    return "rotation", {}, {"matrix": node.matrix().numpy()}
+
+
+def _embedding(node: Embedding, store, input_shape) -> OpEntry:
+    return "embedding", {}, {"weight": _tensor(node.weight, store)}
+
+
+def _plain(op: str) -> OpParameters:
+    """A node whose op needs no params or arrays."""
+    return lambda node, store, input_shape: (op, {}, {})
+
+
+def _as_op(parameters: OpParameters) -> Lowering:
+    return lambda lowering, name, node, producers: lowering.op(name, node, producers, parameters)
+
+
+def _input(lowering: _Lowering, name: str, node: Input, producers: list[str]) -> dict:
+    return lowering.input(name)
+
+
+def _neuron(lowering: _Lowering, name: str, node: PhaseNeuron, producers: list[str]) -> dict:
+    return lowering.neuron(name, node, producers[0])
+
+
+def _synapse(lowering: _Lowering, name: str, node: Linear, producers: list[str]) -> dict:
+    return lowering.synapse(name, node, producers[0])
+
+
+LOWERINGS: dict[type[IRNode], Lowering] = {
+    Input: _input,
+    PhaseNeuron: _neuron,
+    Linear: _synapse,
+    Nonlinear: _as_op(_nonlinear),
+    ActivationMatmul: _as_op(_activation_matmul),
+    SplitHeads: _as_op(_heads("split_heads")),
+    MergeHeads: _as_op(_heads("merge_heads")),
+    RoPE: _as_op(_rope),
+    KVPrefix: _as_op(_kv_prefix),
+    Rotation: _as_op(_rotation),
+    Embedding: _as_op(_embedding),
+    ElementwiseProduct: _as_op(_plain("product")),
+    ResidualAdd: _as_op(_plain("add")),
+    Output: _as_op(_plain("output")),
+}
+"""The lowering of every IR node type (tests/test_lava.py checks that none is missing)."""
+
+
+def lowering(node: IRNode) -> Lowering:
+    """The lowering of `node`'s type; SpikecompileError naming the type if there is none."""
+    found = LOWERINGS.get(type(node))
+    if found is None:
         raise SpikecompileError(f"the Lava backend has no lowering for {type(node).__name__}")
-    return simple[type(node)], {}, {}
+    return found
 
 
 def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:

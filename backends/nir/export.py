@@ -36,7 +36,7 @@ import nir
 import numpy as np
 import safetensors.torch
 
-from ...build import BuildResult
+from .. import BuildResult
 from ...errors import SpikecompileError
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
 from ...ir.serialize import json_text

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper
 
 from ... import __version__
-from ...build import BuildResult
+from .. import BuildResult
 from ...errors import SpikecompileError
 from ...ir import Graph, TensorStore, validate
 from ...files import atomic_write, check_writable

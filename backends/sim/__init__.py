@@ -3,6 +3,7 @@ memory traffic (counts.CONVENTION) and prices them with a target's energy consta
 
     simulate(graph, store, ids, mode="event") -> SimRun     one sequence: logits, counts, site activity
     simulate.run / counting.count / ledger.ledger           the three steps, usable on their own
+    OPTIONS, check, build, report_lines                      `spikecompile build --target sim` (driver.py)
 """
 
 from __future__ import annotations
@@ -59,4 +60,7 @@ def _tokens(graph: Graph, shapes) -> int:
     return int(shapes[name][-1] if graph[name].dtype.startswith("int") else shapes[name][-2])
 
 
-__all__ = ["SimRun", "simulate", "run", "count", "node_layer"]
+# Last: the driver's measure.py takes `simulate` (the function above) from this package.
+from .driver import OPTIONS, build, check, report_lines  # noqa: E402
+
+__all__ = ["OPTIONS", "SimRun", "build", "check", "count", "node_layer", "report_lines", "run", "simulate"]

@@ -5,7 +5,7 @@ arrives at step k, except through Dense/Sparse, which send what they received on
 knows the step `start` at which its event step 0 arrives, its number of steps and a per-step gain g(t) (the
 d(t) of the spike site behind it, see program.py); what arrives outside [start, start + steps) is ignored.
 
-PhaseNeuron (one spike site; spikes carry σ ∈ {−1, +1}, the receiver applies d(t)):
+PhaseNeuronProcess (one spike site; spikes carry σ ∈ {−1, +1}, the receiver applies d(t)):
     integrate   u ← u + g(t_in)·a_t              while t_in = k − input_start ∈ [0, steps)
     start       σ = sign(u);  r = |u|            at k = fire_start (the step the last input arrives)
     fire        s_t = [r > θ'(t)] ∧ [K = 0 ∨ count < K];  r ← r − h(t)·s_t;  count ← count + s_t;  send σ·s_t
@@ -38,7 +38,7 @@ from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
 
-class PhaseNeuron(AbstractProcess):
+class PhaseNeuronProcess(AbstractProcess):
     """The phase neurons of one spike site (equations in the module docstring).
 
     size: neurons; threshold θ'(t), reset h(t): [T]; gain g(t_in): [steps of the input]; input_start, fire_start:
@@ -80,10 +80,10 @@ class _PhaseNeuronModel(PyLoihiProcessModel):
         self.s_out.send(self.sign * spikes)
 
 
-@implements(proc=PhaseNeuron, protocol=LoihiProtocol)
+@implements(proc=PhaseNeuronProcess, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("floating_pt")
-class PhaseNeuronFloat(_PhaseNeuronModel):
+class PhaseNeuronFloatModel(_PhaseNeuronModel):
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
     u: np.ndarray = LavaPyType(np.ndarray, float)
@@ -105,10 +105,10 @@ class PhaseNeuronFloat(_PhaseNeuronModel):
         return spikes.astype(np.int32)
 
 
-@implements(proc=PhaseNeuron, protocol=LoihiProtocol)
+@implements(proc=PhaseNeuronProcess, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PhaseNeuronFixed(_PhaseNeuronModel):
+class PhaseNeuronFixedModel(_PhaseNeuronModel):
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=2)
     u: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
@@ -282,7 +282,7 @@ class Op2Model(_OpModel):
     in1: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
 
 
-MODELS = {"floating_pt": {PhaseNeuron: PhaseNeuronFloat, Op1: Op1Model, Op2: Op2Model},
-          "fixed_pt": {PhaseNeuron: PhaseNeuronFixed, Op1: Op1Model, Op2: Op2Model}}
+MODELS = {"floating_pt": {PhaseNeuronProcess: PhaseNeuronFloatModel, Op1: Op1Model, Op2: Op2Model},
+          "fixed_pt": {PhaseNeuronProcess: PhaseNeuronFixedModel, Op1: Op1Model, Op2: Op2Model}}
 """The ProcessModel of each Process class by tag (passed to the run config per instance, so Lava never has to
 discover them by executing the files beside this one)."""

@@ -2,8 +2,8 @@
 Processes, run under Loihi2SimCfg with the floating_pt or fixed_pt models.
 
 network.json lists processes in order: "input" (a RingBuffer source sending the input at step 0), "neuron"
-(processes.PhaseNeuron; "max_spikes" its spike budget, 0 or absent: none), "synapse" (lava Dense for one token,
-else Sparse holding one copy of W per token: kron(I_tokens, W)), "op" (processes.Op1/Op2) and "output" (an op
+(processes.PhaseNeuronProcess; "max_spikes" its spike budget, 0 or absent: none), "synapse" (lava Dense for one
+token, else Sparse holding one copy of W per token: kron(I_tokens, W)), "op" (processes.Op1/Op2) and "output" (an op
 followed by a RingBuffer sink); "connections" as [source, target, input index]. Every value that differs between
 the tags is given per tag. A synapse's fixed_pt weights are 2·m, m the stored 8-bit mantissa (lava's mixed-sign
 8-bit format: even values in [−256, 254]), so its integer output is Σ 2m·σs and the receiver's gain carries
@@ -34,7 +34,7 @@ from lava.proc.sparse.process import Sparse
 from lava.utils.weightutils import SignMode
 from scipy import sparse  # a dependency of lava-nc
 
-from .processes import MODELS, Op1, Op2, PhaseNeuron
+from .processes import MODELS, Op1, Op2, PhaseNeuronProcess
 
 TAGS = ("floating_pt", "fixed_pt")
 NETWORK_FILE = "network.json"
@@ -64,10 +64,10 @@ def _op(folder: Path, entry: dict, tag: str):
 
 
 def _neuron(entry: dict, tag: str, limit: int):
-    return PhaseNeuron(size=entry["size"], threshold=entry["threshold"][tag], reset=entry["reset"][tag],
-                       gain=entry["input"]["gain"][tag], input_start=entry["input"]["start"],
-                       fire_start=entry["fire_start"], limit=limit, max_spikes=entry.get("max_spikes", 0),
-                       name=entry["name"])
+    return PhaseNeuronProcess(size=entry["size"], threshold=entry["threshold"][tag], reset=entry["reset"][tag],
+                              gain=entry["input"]["gain"][tag], input_start=entry["input"]["start"],
+                              fire_start=entry["fire_start"], limit=limit, max_spikes=entry.get("max_spikes", 0),
+                              name=entry["name"])
 
 
 def build(folder: Path, network: dict, tag: str, inputs: dict[str, np.ndarray]):
@@ -106,7 +106,7 @@ def _out_port(process):
 def _in_port(process, index: int):
     if isinstance(process, Op1 | Op2):
         return getattr(process, f"in{index}")
-    return process.a_in if isinstance(process, PhaseNeuron) else process.s_in
+    return process.a_in if isinstance(process, PhaseNeuronProcess) else process.s_in
 
 
 def run(folder: str | Path, tag: str = "floating_pt", inputs: dict[str, np.ndarray] | None = None) -> dict:

@@ -1,0 +1,66 @@
+"""`spikecompile build --target sim`: simulate the built graph on token windows of a text and write sim.json
+(the run: counts, site activity, perplexity) and the energy report (report.json, report.md, plots).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spikecompile.data import load_text, token_windows
+from spikecompile.files import file_sha256
+from spikecompile.hardware.energy import load_target
+
+from .. import BuildResult, parse_options
+from ..options import BY_TARGET
+from .counting import check_attention
+from .ledger import ledger
+from .measure import measure, save_run
+from .report import write_report
+
+OPTIONS = BY_TARGET["sim"]
+RUN_FILE = "sim.json"
+
+
+def check(options: dict) -> dict:
+    """The options parsed, with the text and the energy target loaded in place of their names: everything
+    checked before the model is loaded."""
+    check_attention(options.get("attention", "causal"))
+    parsed = parse_options(OPTIONS, options)
+    return {**parsed, "text": load_text(parsed["text"], split="eval"),
+            "energy_target": load_target(parsed["energy_target"])}
+
+
+def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen: int, mode: str, attention: str,
+          mask_steps: int | None, float64: bool, energy_target, progress: bool) -> dict:
+    """Simulate `result` on `windows` windows of `seqlen` tokens of `text` (loaded by check); write sim.json and
+    the energy report priced with `energy_target` into `folder`; return {"meta": sim.json's meta, "ledger": ...}."""
+    token_ids = token_windows(result.tokenizer, text, seqlen, windows, "simulation")
+    dtype = torch.float64 if float64 else None
+    run, ppl = measure(result.graph, result.store, token_ids, mode, attention, mask_steps, dtype, progress)
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    meta = {"model": {"path": result.model_path, "sha256": file_sha256(result.model_path)},
+            "source": result.record["source"], "coding": result.record["coding"], "text": text.name,
+            "windows": len(token_ids), "seqlen": seqlen, "mode": mode, "attention": attention,
+            "mask_steps": mask_steps, "dtype": "float64" if float64 else "float32", "ppl": ppl,
+            "seed": result.record["conversion"]["seed"]}
+    save_run(run, folder / RUN_FILE, meta)
+    energy = ledger(run, energy_target, attention)
+    write_report(run, energy, folder)
+    return {"meta": meta, "ledger": energy}
+
+
+def report_lines(report: dict, folder: str | Path) -> list[str]:
+    """The perplexity, then SNN and ANN energy per token of each tier, then what was written."""
+    meta, total = report["meta"], report["ledger"]["total"]
+    plural = "s" * (meta["windows"] != 1)
+    lines = [f"simulated {meta['windows']} window{plural} x {meta['seqlen']} tokens ({meta['mode']} mode): "
+             f"perplexity {meta['ppl']:.4f}"]
+    for tier in ("compute", "neuron", "memory"):
+        snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
+        lines.append(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
+    folder = Path(folder)
+    lines.append(f"wrote {folder / RUN_FILE} and the report ({folder / 'report.md'})")
+    return lines
