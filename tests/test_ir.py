@@ -415,3 +415,17 @@ def test_a_decoder_block_keeps_the_path_from_the_norm_to_the_branch():
     with pytest.raises(SpikecompileError, match=r"block attn of layer 1: not in the graph \(layers: 0..2\)"):
         ir.decoder_block(graph, 1, "attn")
 
+
+# ---- RoPE tables: one computation for the interpreter and the backends --------------------------------------------
+
+def test_rope_tables_are_the_scaled_cos_and_sin_of_position_times_frequency():
+    node, _ = ir.RoPE.example()
+    node = dataclasses.replace(node, attention_scaling=0.5)
+    cos, sin = node.tables(3)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (3, node.head_dim)
+    assert torch.equal(node.frequencies(), torch.cat([node.inv_freq, node.inv_freq]))
+    positions = torch.arange(node.position_offset, node.position_offset + 3, dtype=torch.float64)[:, None]
+    angles = positions * node.frequencies().double()
+    assert torch.allclose(cos.double(), 0.5 * angles.cos(), atol=1e-6)
+    assert torch.allclose(sin.double(), 0.5 * angles.sin(), atol=1e-6)
+    assert torch.equal(cos[:, :2], cos[:, 2:])  # rotate-half: channel j and j + head_dim/2 turn together
