@@ -8,24 +8,15 @@ memory traffic (counts.CONVENTION) and prices them with a target's energy consta
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import Tensor
 
-from spikecompile.ir import Graph, PhaseNeuron
+from spikecompile.ir import Graph, PhaseNeuron, layer_of
 
 from .counting import check_attention, count
 from .results import SimRun
 from .simulate import output_of, retyped, run
-
-LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def node_layer(name: str) -> int | None:
-    """The decoder layer a node belongs to (by its name), None outside the layers."""
-    match = LAYER.match(name)
-    return int(match.group(1)) if match else None
 
 
 def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "event", attention: str = "causal",
@@ -43,11 +34,11 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
         node: PhaseNeuron = graph[name]
         per_step = [float(spikes) for spikes in tally.per_step]
         elements = math.prod(shapes[name])
-        sites[node.site] = {"node": name, "layer": node_layer(name), "kind": node.kind,
+        sites[node.site] = {"node": name, "layer": layer_of(name), "kind": node.kind,
                             "timesteps": node.timesteps, "elements": elements, "spikes_per_step": per_step,
                             "firing_rate": sum(per_step) / (elements * node.timesteps)}
     tokens = _tokens(graph, shapes)
-    return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: node_layer(name) for name in graph},
+    return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: layer_of(name) for name in graph},
                   sites=sites, logits=output_of(graph, trace))
 
 
@@ -59,4 +50,4 @@ def _tokens(graph: Graph, shapes) -> int:
     return int(shapes[name][-1] if graph[name].dtype.startswith("int") else shapes[name][-2])
 
 
-__all__ = ["SimRun", "simulate", "run", "count", "node_layer"]
+__all__ = ["SimRun", "simulate", "run", "count"]
