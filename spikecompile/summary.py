@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -22,12 +21,15 @@ import torch
 from torch import Tensor
 
 from .errors import SpikecompileError
-from .ir import ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorRef, TensorType, validate
+from .ir import (
+    ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorRef, TensorType, layer_indices, layer_of,
+    validate,
+)
 from .ir.base import torch_dtype
 from .ir.neurons import SITE_KINDS
+from .ir.shapes import bind, per_token, sequence_dims
 from .files import atomic_write
 
-LAYER_NAME = re.compile(r"^layers\.(\d+)\.")
 DRAWING_SUFFIXES = (".svg", ".png")
 MIB = 2 ** 20
 
@@ -76,30 +78,24 @@ def summarize(graph: Graph, seq_len: int = 512) -> dict:
     }
 
 
-def layer_indices(graph: Graph) -> list[int]:
-    """The decoder layers N that node names "layers.N.…" mention, ascending."""
-    return sorted({int(match.group(1)) for name in graph if (match := LAYER_NAME.match(name))})
-
-
 def _site_names(graph: Graph) -> list[str]:
     """The PhaseNeuron nodes in model order: by layer (final_norm last), then by site kind."""
     def model_order(name: str) -> tuple:
         neuron = graph[name]
-        match = LAYER_NAME.match(neuron.site)
+        layer = layer_of(neuron.site)
         kind_rank = SITE_KINDS.index(neuron.kind) if neuron.kind in SITE_KINDS else len(SITE_KINDS)
-        return (0 if match else 1, int(match.group(1)) if match else 0, kind_rank, name)
+        return (0 if layer is not None else 1, layer or 0, kind_rank, name)
 
     return sorted((name for name in graph if isinstance(graph[name], PhaseNeuron)), key=model_order)
 
 
 def _site_row(name: str, neuron: PhaseNeuron, output: TensorType, bindings: dict[str, int]) -> dict:
-    match = LAYER_NAME.match(neuron.site)
     grains = int(neuron.d.shape[-1])
     bases = torch.cat([neuron.d, neuron.h, neuron.theta])
     return {
         "site": neuron.site,
         "node": name,
-        "layer": int(match.group(1)) if match else None,
+        "layer": layer_of(neuron.site),
         "kind": neuron.kind,
         "T": neuron.timesteps,
         "genotype": torch.bincount(neuron.genotype, minlength=grains).tolist(),
@@ -107,7 +103,7 @@ def _site_row(name: str, neuron: PhaseNeuron, output: TensorType, bindings: dict
         "tau": float(neuron.tau),
         "base2": bool((bases == 2).all()),
         "neurons_per_token": per_token(output.shape, bindings),
-        "grows_with_context": _sequence_dims(output.shape) > 1,
+        "grows_with_context": sequence_dims(output.shape) > 1,
     }
 
 
@@ -171,30 +167,6 @@ def _field_values(node: IRNode) -> list:
 def _rotation_counts(graph: Graph) -> dict:
     wheres = Counter(graph[name].where for name in graph if isinstance(graph[name], Rotation))
     return {"online": wheres["online"], "offline": wheres["offline"]}
-
-
-def bind(dim: int | str, bindings: dict[str, int]) -> int | None:
-    """A dim's size with its symbol bound: 7 → 7, "seq" → bindings["seq"], "seq+2" → bindings["seq"] + 2;
-    None for a symbol not in `bindings`."""
-    if isinstance(dim, int):
-        return dim
-    symbol, *offsets = dim.split("+")
-    if symbol not in bindings or not all(offset.isdigit() for offset in offsets):
-        return None
-    return bindings[symbol] + sum(int(offset) for offset in offsets)
-
-
-def per_token(shape: tuple[int | str, ...], bindings: dict[str, int]) -> int | None:
-    """Elements of a tensor of this shape per token of the window (its count / bindings["seq"]); None when
-    the shape has no sequence dim or a symbol that `bindings` lacks."""
-    sizes = [bind(dim, bindings) for dim in shape]
-    if None in sizes or _sequence_dims(shape) == 0:
-        return None
-    return math.prod(sizes) // bindings["seq"]
-
-
-def _sequence_dims(shape: tuple[int | str, ...]) -> int:
-    return sum(isinstance(dim, str) and dim.split("+")[0] == "seq" for dim in shape)
 
 
 # format_summary
@@ -310,9 +282,8 @@ def layer_drawing_graph(graph: Graph, layer: int) -> tuple[nx.DiGraph, set[str]]
     layers = layer_indices(graph)
     if isinstance(layer, bool) or not isinstance(layer, int) or layer not in layers:
         raise SpikecompileError(f"inspect: no decoder layer {layer!r}; valid layers: {_layer_range(layers)}")
-    prefix = f"layers.{layer}."
-    inside = {name for name in graph if name.startswith(prefix)}
-    outside = {source for name in inside for source in graph.nx.predecessors(name) if source not in inside}
+    inside = {name for name in graph if layer_of(name) == layer}
+    outside = {source for name in inside for source in graph.producers(name) if source not in inside}
     drawn = nx.DiGraph()
     drawn.add_nodes_from(name for name in graph if name in inside or name in outside)  # graph order: reproducible
     drawn.add_edges_from((source, target) for source, target, _ in graph.edges() if source in drawn and target in drawn)

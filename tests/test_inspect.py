@@ -16,7 +16,8 @@ from spikecompile.hadamard import describe_hadamard
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
-from spikecompile.summary import bind, draw_layer, format_summary, per_token, summarize
+from spikecompile.ir.shapes import bind, per_token
+from spikecompile.summary import draw_layer, format_summary, summarize
 from spikecompile.ir import Embedding, Graph, Input, Linear, Output, PhaseNeuron, Rotation, TensorRef
 from spikecompile.passes import PassContext
 from spikecompile.passes.timesteps import AssignTimesteps

@@ -302,3 +302,130 @@ def test_tensor_refs_resolve_against_a_store():
         ref.resolve({ref.name: torch.ones(2, 3)})
     with pytest.raises(SpikecompileError, match="not in the tensor store"):
         ref.resolve({})
+
+
+# ---- Graph: the reads and rewrites passes and backends make -------------------------------------------------------
+
+PRODUCT, SILU, UP = "layers.0.mlp.product", "layers.0.silu", "layers.0.mlp.up_proj"
+
+
+def test_graph_reads_producers_consumers_and_ported_edges():
+    graph = mlp_block()
+    assert sorted(graph.producers(PRODUCT)) == [UP, SILU]
+    assert graph.consumers("layers.0.mlp_norm") == ["layers.0.mlp.gate_proj", UP]  # in the order added
+    assert graph.consumers("output") == [] and graph.producers("input") == []
+    assert graph.in_edges(PRODUCT) == [(SILU, PRODUCT, "a"), (UP, PRODUCT, "b")]
+    assert graph.out_edges("layers.0.mlp_norm") == [("layers.0.mlp_norm", "layers.0.mlp.gate_proj", None),
+                                                    ("layers.0.mlp_norm", UP, None)]
+    assert graph.has_edge(SILU, PRODUCT) and not graph.has_edge(PRODUCT, SILU) and not graph.has_edge("input", PRODUCT)
+    assert "input" in graph and "layers.0.q" not in graph
+
+
+def test_graph_ancestors_and_descendants_follow_the_edges():
+    graph = mlp_block()
+    assert graph.ancestors(PRODUCT) == {"input", "layers.0.mlp_norm", "layers.0.mlp.gate_proj", UP,
+                                        "layers.0.mlp.act_fn", SILU}
+    assert graph.descendants(SILU) == {PRODUCT, "layers.0.mlp.hadamard", "layers.0.down_proj_in",
+                                       "layers.0.mlp.down_proj", "output"}
+    assert graph.ancestors("input") == set() and graph.descendants("output") == set()
+
+
+def test_a_copy_is_rewritten_without_touching_the_original():
+    graph = mlp_block()
+    copied = graph.copy()
+    rotation = graph["layers.0.mlp.hadamard"]
+    copied.replace("layers.0.mlp.hadamard", dataclasses.replace(rotation, where="offline"))
+    assert copied["layers.0.mlp.hadamard"].where == "offline" and graph["layers.0.mlp.hadamard"] is rotation
+    assert list(copied) == list(graph) and copied.edges() == graph.edges()  # replace keeps the edges and ports
+    assert copied.inputs(PRODUCT) == {"a": SILU, "b": UP}
+    ir.validate(copied)
+    copied.remove_node("layers.0.mlp.hadamard")
+    assert "layers.0.mlp.hadamard" not in copied and "layers.0.mlp.hadamard" in graph
+    assert not [edge for edge in copied.edges() if "layers.0.mlp.hadamard" in edge[:2]]
+    copied.remove_nodes(["output", "layers.0.mlp.down_proj", "not.a.node"])
+    assert len(copied) == len(graph) - 3 and len(graph.edges()) == 11
+    with pytest.raises(KeyError):
+        copied.replace("output", ir.Output())
+
+
+def test_induced_keeps_the_graph_order_and_copies_the_nodes():
+    graph = mlp_block()
+    names = {PRODUCT, SILU, UP, "layers.0.mlp.hadamard", "output"}
+    part = graph.induced(sorted(names, reverse=True))
+    assert list(part) == [name for name in graph if name in names]
+    assert part.edges() == [(UP, PRODUCT, "b"), (SILU, PRODUCT, "a"), (PRODUCT, "layers.0.mlp.hadamard", None)]
+    part.replace(UP, ir.Output())
+    assert isinstance(graph[UP], ir.Linear)
+    part.add_edge("layers.0.mlp.hadamard", "output")
+    assert not graph.has_edge("layers.0.mlp.hadamard", "output")
+
+
+# ---- decoder layers by name ---------------------------------------------------------------------------------------
+
+def residual_stack(layers=3, hidden=8) -> ir.Graph:
+    """input → per layer N: post_attention_layernorm → SiLU → mlp_residual (+ the stream) → final norm → output."""
+    graph = ir.Graph()
+    graph.add_node("input", ir.Input(shape=("seq", hidden), dtype="float32"))
+    stream = "input"
+    for layer in range(layers):
+        norm, act, residual = (f"layers.{layer}.{part}" for part in ("post_attention_layernorm", "mlp.act_fn",
+                                                                     "mlp_residual"))
+        graph.add_node(norm, ir.Nonlinear(function="rmsnorm", eps=1e-6))
+        graph.add_node(act, ir.Nonlinear(function="silu"))
+        graph.add_node(residual, ir.ResidualAdd())
+        for source, target, port in [(stream, norm, None), (norm, act, None), (stream, residual, "residual"),
+                                     (act, residual, "branch")]:
+            graph.add_edge(source, target, port)
+        stream = residual
+    graph.add_node("norm", ir.Nonlinear(function="rmsnorm", eps=1e-6))
+    graph.add_node("output", ir.Output())
+    graph.add_edge(stream, "norm")
+    graph.add_edge("norm", "output")
+    return graph
+
+
+def test_layer_of_reads_the_decoder_layer_from_a_name():
+    assert ir.layer_of("layers.12.mlp.down_proj") == 12 and ir.layer_of("layers.0.q") == 0
+    assert ir.layer_of("final_norm") is None and ir.layer_of("model.layers.3.mlp") is None
+    assert ir.layer_of("layers.x.mlp") is None and ir.layer_of("layers.3") is None
+    assert ir.layer_indices(residual_stack(layers=3)) == [0, 1, 2]
+    assert ir.layer_indices(mlp_block()) == [0] and ir.layer_indices(ir.Graph()) == []
+
+
+def test_decoder_layers_run_on_their_own():
+    graph = residual_stack(layers=3)
+    values = ir.evaluate(graph, {}, {"input": torch.randn(5, 8, generator=torch.Generator().manual_seed(0))})
+    part, source = ir.decoder_layers(graph, 1, 2)
+    assert source == "layers.0.mlp_residual"
+    assert list(part) == [name for name in graph if ir.layer_of(name) in (1, 2)] + ["layers_input", "layers_output"]
+    assert part.inputs("layers.1.mlp_residual") == {"residual": "layers_input", "branch": "layers.1.mlp.act_fn"}
+    assert part.consumers("layers_input") == ["layers.1.post_attention_layernorm", "layers.1.mlp_residual"]
+    assert torch.equal(ir.interpret(part, {}, {"layers_input": values[source]}), values["layers.2.mlp_residual"])
+    with pytest.raises(SpikecompileError, match="layers 2..3: not in the graph"):
+        ir.decoder_layers(graph, 2, 3)
+
+
+def test_a_decoder_block_keeps_the_path_from_the_norm_to_the_branch():
+    graph = residual_stack(layers=3)
+    values = ir.evaluate(graph, {}, {"input": torch.randn(5, 8, generator=torch.Generator().manual_seed(1))})
+    block = ir.decoder_block(graph, 1, "mlp")
+    assert list(block) == ["layers.1.post_attention_layernorm", "layers.1.mlp.act_fn", "block_input", "block_output"]
+    assert torch.equal(ir.interpret(block, {}, {"block_input": values["layers.0.mlp_residual"]}),
+                       values["layers.1.mlp.act_fn"])
+    with pytest.raises(SpikecompileError, match=r"block attn of layer 1: not in the graph \(layers: 0..2\)"):
+        ir.decoder_block(graph, 1, "attn")
+
+
+# ---- RoPE tables: one computation for the interpreter and the backends --------------------------------------------
+
+def test_rope_tables_are_the_scaled_cos_and_sin_of_position_times_frequency():
+    node, _ = ir.RoPE.example()
+    node = dataclasses.replace(node, attention_scaling=0.5)
+    cos, sin = node.tables(3)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (3, node.head_dim)
+    assert torch.equal(node.frequencies(), torch.cat([node.inv_freq, node.inv_freq]))
+    positions = torch.arange(node.position_offset, node.position_offset + 3, dtype=torch.float64)[:, None]
+    angles = positions * node.frequencies().double()
+    assert torch.allclose(cos.double(), 0.5 * angles.cos(), atol=1e-6)
+    assert torch.allclose(sin.double(), 0.5 * angles.sin(), atol=1e-6)
+    assert torch.equal(cos[:, :2], cos[:, 2:])  # rotate-half: channel j and j + head_dim/2 turn together

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -40,7 +39,7 @@ from torch import Tensor
 from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import evaluate
-from spikecompile.summary import bind
+from spikecompile.ir.shapes import bind
 from spikecompile.ir import (
     ActivationMatmul,
     ElementwiseProduct,
@@ -59,6 +58,7 @@ from spikecompile.ir import (
     Rotation,
     SplitHeads,
     decoder_block,
+    decoder_layers,
     validate,
 )
 from spikecompile.files import atomic_write
@@ -137,9 +137,6 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
 
 # ---- which part --------------------------------------------------------------------------------------------------
 
-LAYER = re.compile(r"layers\.(\d+)\.")
-
-
 def select_part(graph: Graph, layers, block: str | None) -> tuple[Graph, dict[str, str], str]:
     """(the part as a graph, {its Input: the full graph's node that feeds it}, a label)."""
     if layers is not None:
@@ -153,38 +150,12 @@ def select_part(graph: Graph, layers, block: str | None) -> tuple[Graph, dict[st
             raise SpikecompileError(f"block {block} of layers {layers}: a block is cut from one layer; give one")
         layer = layers[0] if layers else 0
         part = decoder_block(graph, layer, block)
-        norm = next(iter(part.nx.successors("block_input")))
+        norm = part.consumers("block_input")[0]
         return part, {"block_input": graph.inputs(norm)["x"]}, f"layer {layer} {block} block"
     if layers is None:
         return graph, {name: name for name in graph if isinstance(graph[name], Input)}, "whole model"
     part, source = decoder_layers(graph, layers[0], layers[-1])
     return part, {"layers_input": source}, f"decoder layers {layers[0]}..{layers[-1]}"
-
-
-def decoder_layers(graph: Graph, first: int, last: int) -> tuple[Graph, str]:
-    """Decoder layers first..last as a graph of their own: an Input "layers_input" takes the place of the
-    residual stream entering layer `first` (returned: the node that computes it), an Output "layers_output"
-    takes the stream leaving layer `last`."""
-    names = {name for name in graph if (match := LAYER.match(name)) and first <= int(match.group(1)) <= last}
-    residual = f"layers.{last}.mlp_residual"
-    if residual not in names:
-        raise SpikecompileError(f"layers {first}..{last}: not in the graph")
-    fed = [(source, target, port) for target in names for source, _, port in graph.nx.in_edges(target, data="port")
-           if source not in names]
-    sources = {source for source, _, _ in fed}
-    if len(sources) != 1:
-        raise SpikecompileError(f"layers {first}..{last}: fed from outside by {', '.join(sorted(sources))}, "
-                                f"expected the residual stream alone")
-    (source,) = sources
-    of = validate(graph)[source]
-    part = Graph(graph.nx.subgraph(names).copy())
-    part.add_node("layers_input", Input(shape=of.shape, dtype=of.dtype, timesteps=graph[source].timesteps))
-    for _, target, port in fed:
-        part.add_edge("layers_input", target, port)
-    part.add_node("layers_output", Output(timesteps=graph[residual].timesteps))
-    part.add_edge(residual, "layers_output")
-    validate(part)
-    return part, source
 
 
 def example_inputs(graph: Graph, store, feeds: dict[str, str], tokens: int, seed: int) -> dict[str, Tensor]:
@@ -396,11 +367,9 @@ def lowering(node: IRNode) -> Lowering:
 
 
 def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
-    """cos and sin [length, head_dim] at positions offset.., in float32 as frontend.interpret builds them."""
-    positions = torch.arange(node.position_offset, node.position_offset + length)
-    freqs = positions[:, None].float() * node.inv_freq.float()
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return {"cos": (angles.cos() * node.attention_scaling).numpy(), "sin": (angles.sin() * node.attention_scaling).numpy()}
+    """cos and sin [length, head_dim] at positions offset.. (ir.RoPE.tables), as the interpreter builds them."""
+    cos, sin = node.tables(length)
+    return {"cos": cos.numpy(), "sin": sin.numpy()}
 
 
 # ---- reference ----------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool
         located.update(dict.fromkeys(members, path))
     ops = [name for name in graph if name not in lowered]
     weights = {key: ref.resolve(store).detach().cpu().clone()
-               for key, ref in sorted(tensor_refs(Graph(graph.nx.subgraph(ops))).items())}
+               for key, ref in sorted(tensor_refs(graph.induced(ops)).items())}
     files[OPS_FILE] = _write(folder / OPS_FILE, lambda temp: Path(temp).write_bytes(safetensors.torch.save(weights)))
     report = _fidelity(graph, lowered, reasons, located, chosen)
     _write(folder / FIDELITY_FILE, lambda temp: _dump(report, ("nodes",), temp))
@@ -125,11 +125,11 @@ def _steps(graph: Graph, lowered: set[str]) -> list[list[str]]:
     order = graph.topological_order()
     level: dict[str, int] = {}
     for name in order:
-        level[name] = max((level[source] + (source not in lowered) for source in graph.nx.predecessors(name)),
+        level[name] = max((level[source] + (source not in lowered) for source in graph.producers(name)),
                           default=0)
     joined = nx.Graph()
     joined.add_nodes_from(lowered)
-    joined.add_edges_from((source, target) for source, target in graph.nx.edges
+    joined.add_edges_from((source, target) for source, target, _ in graph.edges()
                           if source in lowered and target in lowered and level[source] == level[target])
     position = {name: index for index, name in enumerate(order)}
     step_of = {name: name for name in graph}
@@ -138,7 +138,7 @@ def _steps(graph: Graph, lowered: set[str]) -> list[list[str]]:
         step_of.update(dict.fromkeys(members, first))
     quotient = nx.DiGraph()
     quotient.add_nodes_from(set(step_of.values()))
-    quotient.add_edges_from((step_of[source], step_of[target]) for source, target in graph.nx.edges
+    quotient.add_edges_from((step_of[source], step_of[target]) for source, target, _ in graph.edges()
                             if step_of[source] != step_of[target])
     members_of = collections.defaultdict(list)
     for name in order:
@@ -161,7 +161,7 @@ def _segment(graph: Graph, members: list[str], lowered: dict[str, Lowered], type
             producer = source if source in inside else f"input.{source}"
             edges.extend((producer, entry) for entry in part.entries[port])
     outputs = [name for name in members
-               if graph.nx.out_degree(name) == 0 or any(target not in inside for target in graph.nx.successors(name))]
+               if not graph.consumers(name) or any(target not in inside for target in graph.consumers(name))]
     edges.extend((name, f"output.{name}") for name in outputs)
     nodes = ({f"input.{value}": nir.Input(input_type=np.array([vector_width(types[value])])) for value in inputs}
              | nodes | {f"output.{value}": nir.Output(output_type=np.array([vector_width(types[value])]))
@@ -198,7 +198,7 @@ def _fidelity(graph: Graph, lowered: dict[str, Lowered], reasons: dict[str, str 
 
 def _wiring(graph: Graph, name: str) -> list[list[str | None]]:
     """The node's input edges as [producer, port] (port None: its only input), as graph.json writes them."""
-    return [[source, port] for source, _, port in graph.nx.in_edges(name, data="port")]
+    return [[source, port] for source, _, port in graph.in_edges(name)]
 
 
 def _prepare(folder: str | Path) -> Path:

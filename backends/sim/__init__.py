@@ -9,24 +9,15 @@ memory traffic (counts.CONVENTION) and prices them with a target's energy consta
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import Tensor
 
-from spikecompile.ir import Graph, PhaseNeuron
+from spikecompile.ir import Graph, PhaseNeuron, layer_of
 
 from .counting import check_attention, count
 from .results import SimRun
 from .simulate import output_of, retyped, run
-
-LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def node_layer(name: str) -> int | None:
-    """The decoder layer a node belongs to (by its name), None outside the layers."""
-    match = LAYER.match(name)
-    return int(match.group(1)) if match else None
 
 
 def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "event", attention: str = "causal",
@@ -44,11 +35,11 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
         node: PhaseNeuron = graph[name]
         per_step = [float(spikes) for spikes in tally.per_step]
         elements = math.prod(shapes[name])
-        sites[node.site] = {"node": name, "layer": node_layer(name), "kind": node.kind,
+        sites[node.site] = {"node": name, "layer": layer_of(name), "kind": node.kind,
                             "timesteps": node.timesteps, "elements": elements, "spikes_per_step": per_step,
                             "firing_rate": sum(per_step) / (elements * node.timesteps)}
     tokens = _tokens(graph, shapes)
-    return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: node_layer(name) for name in graph},
+    return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: layer_of(name) for name in graph},
                   sites=sites, logits=output_of(graph, trace))
 
 
@@ -63,4 +54,4 @@ def _tokens(graph: Graph, shapes) -> int:
 # Last: the driver's measure.py takes `simulate` (the function above) from this package.
 from .driver import OPTIONS, build, check, report_lines  # noqa: E402
 
-__all__ = ["OPTIONS", "SimRun", "build", "check", "count", "node_layer", "report_lines", "run", "simulate"]
+__all__ = ["OPTIONS", "SimRun", "build", "check", "count", "report_lines", "run", "simulate"]

@@ -12,17 +12,14 @@ from collections.abc import Mapping
 import torch
 
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import Graph, PhaseNeuron, validate
+from spikecompile.ir import Graph, PhaseNeuron, layer_of, validate
+from spikecompile.ir.shapes import bind
 
 from .counting import SpikeTally, check_attention, count
 from .results import SimRun
 
 def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attention: str = "causal") -> SimRun:
     """Counts for one sequence of `seq_len` tokens with the firing rate rates[kind] at every site of that kind."""
-    from spikecompile.summary import bind
-
-    from . import node_layer
-
     check_attention(attention)
     if not (isinstance(seq_len, int) and seq_len >= 1):
         raise SpikecompileError(f"sequence length {seq_len!r}: must be an int ≥ 1")
@@ -39,11 +36,11 @@ def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attenti
         positions = shape[-2] if len(shape) >= 2 else 1
         events[name] = SpikeTally(per_step=(rate * elements,) * node.timesteps,
                                   per_position=(rate * node.timesteps * elements / positions,) * positions)
-        sites[node.site] = {"node": name, "layer": node_layer(name), "kind": node.kind,
+        sites[node.site] = {"node": name, "layer": layer_of(name), "kind": node.kind,
                             "timesteps": node.timesteps, "elements": elements,
                             "spikes_per_step": [rate * elements] * node.timesteps, "firing_rate": rate}
     snn, ann = count(graph, shapes, events, attention)
-    return SimRun(tokens=seq_len, snn=snn, ann=ann, layers={name: node_layer(name) for name in graph}, sites=sites)
+    return SimRun(tokens=seq_len, snn=snn, ann=ann, layers={name: layer_of(name) for name in graph}, sites=sites)
 
 
 def rates_by_kind(run: SimRun) -> dict[str, float]:

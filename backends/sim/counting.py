@@ -56,13 +56,13 @@ _STRUCTURES: WeakKeyDictionary = WeakKeyDictionary()
 
 def structure(graph: Graph) -> Structure:
     """The graph's Structure, cached per Graph and checked against its current edges (and ports) on every call."""
-    edges = tuple(graph.nx.edges(data="port"))
+    edges = tuple(graph.edges())
     cached = _STRUCTURES.get(graph)
     if cached is not None and cached.edges == edges and len(cached.order) == len(graph):
         return cached
     order = tuple(graph.topological_order())
     built = Structure(order=order, inputs={name: graph.inputs(name) for name in order},
-                      consumers={name: graph.nx.out_degree(name) for name in order}, edges=edges)
+                      consumers={name: len(graph.consumers(name)) for name in order}, edges=edges)
     _STRUCTURES[graph] = built
     return built
 

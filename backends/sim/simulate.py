@@ -64,7 +64,7 @@ class Trace:
 def retyped(graph: Graph, store, dtype: torch.dtype) -> tuple[Graph, dict[str, Tensor]]:
     """The graph with every float TensorRef in `dtype` and a store holding those tensors cast (a copy)."""
     name = str(dtype).removeprefix("torch.")
-    result, tensors = Graph(graph.nx.copy()), {}
+    result, tensors = graph.copy(), {}
     for node_name in graph:
         node = graph[node_name]
         changes = {}
@@ -76,7 +76,7 @@ def retyped(graph: Graph, store, dtype: torch.dtype) -> tuple[Graph, dict[str, T
             elif isinstance(ref, TensorRef):
                 tensors[ref.name] = ref.resolve(store)
         if changes:
-            result.nx.nodes[node_name]["node"] = dataclasses.replace(node, **changes)
+            result.replace(node_name, dataclasses.replace(node, **changes))
     return result, tensors
 
 

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import SpikecompileError
+from ..ir.neurons import LAYER_SITE_KINDS
 from ..neuron import PhaseNeuronParams, phase_quantize
 
-LAYER_SITE_KINDS = ("attn_norm", "q", "k", "v", "attn_probs", "o_proj_in", "mlp_norm", "silu", "down_proj_in")
 ATTENTION_IMPLEMENTATION = "spikecompile"
 MODES = ("off", "calibrate", "decoded")
 

@@ -6,7 +6,8 @@ tensors.safetensors, and weights.safetensors when written with the store). The f
     linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
     nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
     neurons    PhaseNeuron
-    graph      Graph, validate, decoder_block (one attention or MLP block as a graph)
+    graph      Graph (nodes, edges and the rewrites passes make), validate
+    layers     layer_of, layer_indices, decoder_block, decoder_layers: decoder layers by node name
     serialize  write, read, read_weights, tensor_refs
     interpret  interpret(graph, store, ids) -> logits: the decoded-mode semantics, one function per node type
                (evaluate: every node's value; sites_off: the override that runs the float model), the reference
@@ -14,18 +15,20 @@ tensors.safetensors, and weights.safetensors when written with the store). The f
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
-from .graph import Graph, decoder_block, validate
+from .graph import Graph, validate
 from .linear import (
     Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads,
 )
+from .layers import decoder_block, decoder_layers, layer_indices, layer_of
 from .neurons import PhaseNeuron
 from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 from .serialize import read, read_weights, tensor_refs, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "decoder_block", "validate", "read", "read_weights", "tensor_refs", "write",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "read_weights", "tensor_refs", "write",
     "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
     "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
+    "layer_of", "layer_indices", "decoder_block", "decoder_layers",
 ]
 
 from .interpret import evaluate, interpret, sites_off  # noqa: E402  (needs the node types above)

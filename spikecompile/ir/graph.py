@@ -2,7 +2,8 @@
 
 Node attribute "node": the IRNode; edge attribute "port": the input of the consumer that the edge feeds
 (None: the consumer's only input). Names follow the model's module paths ("layers.3.mlp.down_proj"), so
-decoder layer 3 is the subgraph of names starting with "layers.3.". A DiGraph holds one edge per
+decoder layer 3 is the subgraph of names starting with "layers.3." (ir.layers). Code outside ir/ reads and
+rewrites a graph through Graph's methods, never through its networkx DiGraph `nx`. A DiGraph holds one edge per
 (producer, consumer) pair: one node cannot feed two ports of the same consumer.
 """
 
@@ -15,6 +16,9 @@ from .base import NODE_TYPES, IRNode, TensorType
 
 
 class Graph:
+    """Named IR nodes and the ported edges between them. Reads (consumers, in_edges, ancestors, ...) return
+    copies, so a caller may rewrite the graph (replace, remove_node, add_edge) while it walks what it read."""
+
     def __init__(self, digraph: nx.DiGraph | None = None):
         self.nx = nx.DiGraph() if digraph is None else digraph
 
@@ -38,8 +42,57 @@ class Graph:
     def __len__(self) -> int:
         return len(self.nx)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.nx
+
+    def copy(self) -> Graph:
+        """A new graph with the same names, nodes and edges: rewriting it (replace, remove_node, add_edge) leaves
+        this one as it is. The IRNodes are shared, not cloned (they are frozen)."""
+        return Graph(self.nx.copy())
+
+    def replace(self, name: str, node: IRNode) -> None:
+        """Put `node` in the place of node `name`, keeping its edges and ports (KeyError: no such node)."""
+        self.nx.nodes[name]["node"] = node
+
+    def remove_node(self, name: str) -> None:
+        """Remove node `name` and every edge into or out of it."""
+        self.nx.remove_node(name)
+
+    def remove_nodes(self, names) -> None:
+        """Remove the named nodes and their edges; names not in the graph are ignored."""
+        self.nx.remove_nodes_from(names)
+
     def edges(self) -> list[tuple[str, str, str | None]]:
+        """Every edge as (producer, consumer, port)."""
         return list(self.nx.edges(data="port"))
+
+    def in_edges(self, name: str) -> list[tuple[str, str, str | None]]:
+        """The edges into `name` as (producer, name, port), in the order they were added."""
+        return list(self.nx.in_edges(name, data="port"))
+
+    def out_edges(self, name: str) -> list[tuple[str, str, str | None]]:
+        """The edges out of `name` as (name, consumer, port), in the order they were added."""
+        return list(self.nx.out_edges(name, data="port"))
+
+    def has_edge(self, source: str, target: str) -> bool:
+        """Whether `source` feeds `target` (on any port)."""
+        return self.nx.has_edge(source, target)
+
+    def producers(self, name: str) -> list[str]:
+        """The nodes that feed `name`, once each."""
+        return list(self.nx.predecessors(name))
+
+    def consumers(self, name: str) -> list[str]:
+        """The nodes that `name` feeds, once each, in the order the edges were added."""
+        return list(self.nx.successors(name))
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every node with a path to `name` (`name` itself not included)."""
+        return nx.ancestors(self.nx, name)
+
+    def descendants(self, name: str) -> set[str]:
+        """Every node on a path from `name` (`name` itself not included)."""
+        return nx.descendants(self.nx, name)
 
     def inputs(self, name: str) -> dict[str, str]:
         """The producer of each input port of `name`, in the node type's port order; SpikecompileError if an
@@ -62,52 +115,18 @@ class Graph:
     def topological_order(self) -> list[str]:
         return list(nx.topological_sort(self.nx))
 
+    def induced(self, names) -> Graph:
+        """The named nodes and the edges between them, as a new graph in this graph's node and edge order."""
+        keep = set(names)
+        part = nx.DiGraph()
+        part.add_nodes_from((name, data) for name, data in self.nx.nodes(data=True) if name in keep)
+        part.add_edges_from((source, target, data) for source, target, data in self.nx.edges(data=True)
+                            if source in keep and target in keep)
+        return Graph(part)
+
     def subgraph(self, prefix: str) -> Graph:
         """The nodes whose names start with `prefix` (e.g. "layers.3.") and the edges between them, copied."""
-        return Graph(self.nx.subgraph([name for name in self.nx if name.startswith(prefix)]).copy())
-
-
-BLOCKS = {"attn": ("input_layernorm", "attn_residual"), "mlp": ("post_attention_layernorm", "mlp_residual")}
-
-
-def decoder_block(graph: Graph, layer: int, which: str) -> Graph:
-    """The attention or MLP block of decoder layer `layer` as a graph of its own (nodes copied, not cloned):
-    an Input "block_input" (the residual stream entering the block's norm, arriving whole at t = 0) feeds the
-    norm; every node on a path from the norm to the block's branch into the residual add is kept; an Output
-    "block_output" takes that branch. SpikecompileError naming what is missing."""
-    if which not in BLOCKS:
-        raise SpikecompileError(f"block {which!r}: choose one of {', '.join(BLOCKS)}")
-    norm_name, residual_name = (f"layers.{layer}.{part}" for part in BLOCKS[which])
-    if norm_name not in graph.nx or residual_name not in graph.nx:
-        layers = sorted({int(name.split(".")[1]) for name in graph if name.startswith("layers.")})
-        raise SpikecompileError(f"block {which} of layer {layer}: not in the graph (layers: "
-                                f"{f'{layers[0]}..{layers[-1]}' if layers else 'none'})")
-    branch_end = graph.inputs(residual_name)["branch"]
-    keep = (nx.descendants(graph.nx, norm_name) & nx.ancestors(graph.nx, branch_end)) | {norm_name, branch_end}
-    outside = {source for name in keep for source in graph.nx.predecessors(name) if source not in keep}
-    unexpected = outside - {graph.inputs(norm_name)["x"]}
-    if unexpected:
-        raise SpikecompileError(f"block {which} of layer {layer}: fed from outside by {', '.join(sorted(unexpected))}")
-    types = validate(graph)
-    block = Graph(graph.nx.subgraph(keep).copy())
-    block.add_node("block_input", _input_node(types[graph.inputs(norm_name)["x"]], graph[norm_name].timesteps))
-    block.add_edge("block_input", norm_name)
-    block.add_node("block_output", _output_node(graph[residual_name].timesteps))
-    block.add_edge(branch_end, "block_output")
-    validate(block)
-    return block
-
-
-def _input_node(of: TensorType, timesteps: int | None) -> IRNode:
-    from .linear import Input
-
-    return Input(shape=of.shape, dtype=of.dtype, timesteps=timesteps)
-
-
-def _output_node(timesteps: int | None) -> IRNode:
-    from .linear import Output
-
-    return Output(timesteps=timesteps)
+        return self.induced(name for name in self.nx if name.startswith(prefix))
 
 
 def validate(graph: Graph) -> dict[str, TensorType]:

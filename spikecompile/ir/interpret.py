@@ -120,11 +120,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def _rope(node: RoPE, inputs, store) -> Tensor:
     x = inputs["x"]
-    positions = torch.arange(node.position_offset, node.position_offset + x.shape[-2], device=x.device)
-    freqs = positions[:, None].float() * node.inv_freq.to(device=x.device, dtype=torch.float)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    cos = (angles.cos() * node.attention_scaling).to(x.dtype)
-    sin = (angles.sin() * node.attention_scaling).to(x.dtype)
+    cos, sin = (table.to(x.dtype) for table in node.tables(x.shape[-2], x.device))
     return x * cos + _rotate_half(x) * sin
 
 

@@ -203,6 +203,19 @@ class RoPE(IRNode):
                 f"input x is {x}, expected float [..., S, {self.head_dim}]")
         return x
 
+    def frequencies(self) -> Tensor:
+        """[inv_freq, inv_freq] in float32 [head_dim]: position p turns channel j (and j + head_dim/2) by
+        φ = p·inv_freq[j], so p·frequencies() is every channel's angle in the rotate-half layout."""
+        return torch.cat((self.inv_freq, self.inv_freq)).float()
+
+    def tables(self, length: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """(c, s) float32 [length, head_dim] for the positions p = position_offset + 0..length−1:
+        c = attention_scaling·cos(p·frequencies()), s = attention_scaling·sin(p·frequencies()); angles and
+        cos/sin in float32, as transformers builds them."""
+        positions = torch.arange(self.position_offset, self.position_offset + length, device=device)
+        angles = positions[:, None].float() * self.frequencies().to(device=device)
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
     @classmethod
     def example(cls):
         parameters = {"rope_type": "default", "rope_theta": 10000.0}

@@ -8,10 +8,12 @@ import torch
 from torch import Tensor
 
 from ..neuron import PhaseNeuronParams, initial_potential
-from ..conversion.sites import LAYER_SITE_KINDS
 from .base import IRNode, TensorType, is_count, node_type, require
 
+LAYER_SITE_KINDS = ("attn_norm", "q", "k", "v", "attn_probs", "o_proj_in", "mlp_norm", "silu", "down_proj_in")
+"""The spike sites of one decoder layer, in model order (conversion.sites places them)."""
 SITE_KINDS = (*LAYER_SITE_KINDS, "final_norm")
+"""Every site kind: the last part of a site name ("layers.3.q", "final_norm")."""
 
 
 @node_type

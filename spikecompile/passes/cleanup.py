@@ -9,8 +9,6 @@ the notes) when its producer already feeds one of its consumers on another port:
 
 from __future__ import annotations
 
-import networkx as nx
-
 from ..errors import SpikecompileError
 from ..ir import Graph, IRNode, Output, Rotation, validate
 from .manager import Pass, PassContext, PassResult, register_pass
@@ -33,7 +31,7 @@ def dead_nodes(graph: Graph) -> set[str]:
     """The nodes with no path to an Output."""
     live = {name for name in graph if isinstance(graph[name], Output)}
     for output in list(live):
-        live |= nx.ancestors(graph.nx, output)
+        live |= graph.ancestors(output)
     return set(graph) - live
 
 
@@ -54,14 +52,14 @@ class Cleanup(Pass):
             raise SpikecompileError(f"node {min(dead)}: dead (no path to an Output) after cleanup")
 
     def run(self, graph: Graph, context: PassContext) -> PassResult:
-        result = Graph(graph.nx.copy())
+        result = graph.copy()
         dead = dead_nodes(result)
-        result.nx.remove_nodes_from(dead)
+        result.remove_nodes(dead)
         removed, kept = 0, []
         for name in result.topological_order():
             if name not in result or not isinstance(result[name], Rotation):
                 continue
-            consumers = list(result.nx.successors(name))
+            consumers = result.consumers(name)
             if len(consumers) == 1 and is_inverse_pair(result[name], result[consumers[0]]):
                 pair = [name, consumers[0]]
             elif is_identity(result[name]):
@@ -69,7 +67,7 @@ class Cleanup(Pass):
             else:
                 continue
             (producer,) = result.inputs(name).values()
-            if any(result.nx.has_edge(producer, consumer) for consumer in result.nx.successors(pair[-1])):
+            if any(result.has_edge(producer, consumer) for consumer in result.consumers(pair[-1])):
                 kept.append(name)
                 continue
             for member in pair:
@@ -83,7 +81,7 @@ def bypass(graph: Graph, name: str) -> None:
     """Remove single-input node `name`, feeding its consumers from its producer on the same ports (the caller
     checked that the producer feeds none of them yet)."""
     (producer,) = graph.inputs(name).values()
-    consumers = list(graph.nx.out_edges(name, data="port"))
-    graph.nx.remove_node(name)
+    consumers = graph.out_edges(name)
+    graph.remove_node(name)
     for _, consumer, port in consumers:
         graph.add_edge(producer, consumer, port)

@@ -54,24 +54,24 @@ class FoldHadamard(Pass):
             raise SpikecompileError("fold_hadamard needs the tensor store: run the pipeline with "
                                     "shared=CompileInputs(store=...)")
         store = context.shared.store
-        result = Graph(graph.nx.copy())
+        result = graph.copy()
         weights = _Weights(result, store)
         into_producer = into_consumers = 0
         made_online = []
         for name in _offline(result):
             rotation: Rotation = result[name]
             (producer,) = result.inputs(name).values()
-            consumers = list(result.nx.successors(name))
-            if isinstance(result[producer], SYNAPSES) and result.nx.out_degree(producer) == 1:
+            consumers = result.consumers(name)
+            if isinstance(result[producer], SYNAPSES) and len(result.consumers(producer)) == 1:
                 weights.rotate_output(producer, rotation)
                 into_producer += 1
             elif consumers and all(isinstance(result[consumer], Linear) for consumer in consumers) \
-                    and not any(result.nx.has_edge(producer, consumer) for consumer in consumers):
+                    and not any(result.has_edge(producer, consumer) for consumer in consumers):
                 for consumer in consumers:
                     weights.rotate_input(consumer, rotation)
                 into_consumers += 1
             else:
-                result.nx.nodes[name]["node"] = dataclasses.replace(rotation, where="online")
+                result.replace(name, dataclasses.replace(rotation, where="online"))
                 made_online.append(name)
                 continue
             bypass(result, name)
@@ -124,4 +124,4 @@ class _Weights:
                 key = f"folded.{name}.{field}"
                 self.store[key] = tensor.to(torch_dtype(old.dtype)).contiguous()
                 refs[field] = dataclasses.replace(old, name=key)
-            self.graph.nx.nodes[name]["node"] = dataclasses.replace(node, **refs)
+            self.graph.replace(name, dataclasses.replace(node, **refs))

@@ -87,7 +87,7 @@ class AssignGrains(Pass):
         samples = _site_samples(context.shared, refit)
         search = context.options.get("search", "darts")
         seed = getattr(context.shared, "seed", 0)
-        result, notes = Graph(graph.nx.copy()), {}
+        result, notes = graph.copy(), {}
         seconds = {"search": 0.0, "refit": 0.0}
         for (_, grains, _), sites in _groups(graph, neurons, samples, context.options.get("grains")).items():
             current = [graph[neurons[site]] for site in sites]
@@ -95,7 +95,7 @@ class AssignGrains(Pass):
                                             strict=True):
                 notes[node.site] = note
                 if neuron is not None:
-                    result.nx.nodes[neurons[node.site]]["node"] = neuron
+                    result.replace(neurons[node.site], neuron)
         replaced = sum(note["replaced"] for note in notes.values())
         return PassResult(result, replaced > 0, {
             "search": search, "sites": notes, "replaced": replaced, "kept": len(notes) - replaced,

@@ -261,7 +261,7 @@ def _rate(site: str, rates: Mapping[str, float], measured: Mapping[str, float], 
 
 def _units(graph: Graph, store: Mapping | None, context: int, target: Loihi2) -> nx.DiGraph:
     """The mappable units (sites, synapse layers) and the spike edges site → synapse layer, in graph order."""
-    from ..summary import per_token
+    from ..ir.shapes import per_token
 
     types = validate(graph)
     units = nx.DiGraph()
@@ -272,7 +272,7 @@ def _units(graph: Graph, store: Mapping | None, context: int, target: Loihi2) ->
             neurons = per_token(types[name].shape, {"batch": 1, "seq": context})
             if neurons is None:
                 raise SpikecompileError(f"node {name}: shape {types[name]} has no sequence dim to map per token")
-            consumers = [target_ for _, target_ in graph.nx.out_edges(name)]
+            consumers = graph.consumers(name)
             units.add_node(name, kind="site", site=node.site, neurons=neurons, timesteps=node.timesteps,
                            to_ops=any(not isinstance(graph[c], Linear) for c in consumers),
                            potential=potential_exponent(node, limits["state_bits"], target.guard_bits),

@@ -100,9 +100,9 @@ class AssignTimesteps(Pass):
             _check_site(site, neurons)
         default = context.options.get("timesteps")
         wanted = {name: overrides.get(site, default or graph[name].timesteps) for site, name in neurons.items()}
-        result = Graph(graph.nx.copy())
+        result = graph.copy()
         for name, steps in wanted.items():
-            result.nx.nodes[name]["node"] = _at_timesteps(graph[name], steps)
+            result.replace(name, _at_timesteps(graph[name], steps))
         fitted = {graph[name].timesteps for name in neurons.values()}
         fallback = default or (fitted.pop() if len(fitted) == 1 else None)
         lockstep = _lockstep_graph(result)
@@ -110,7 +110,7 @@ class AssignTimesteps(Pass):
             steps = _group_timesteps(result, lockstep, group, wanted, fallback)
             for name in group:
                 if name not in wanted:
-                    result.nx.nodes[name]["node"] = dataclasses.replace(result[name], timesteps=steps)
+                    result.replace(name, dataclasses.replace(result[name], timesteps=steps))
         modified = any(result[name].timesteps != graph[name].timesteps for name in graph)
         changed = sorted(site for site, name in neurons.items() if wanted[name] != graph[name].timesteps)
         return PassResult(result, modified, {"timesteps": sorted(set(wanted.values()) | ({fallback} - {None})),
@@ -150,7 +150,7 @@ def _lockstep_graph(graph: Graph) -> nx.Graph:
     component runs one T."""
     lockstep = nx.Graph()
     lockstep.add_nodes_from(graph)
-    lockstep.add_edges_from((source, target) for source, target in graph.nx.edges
+    lockstep.add_edges_from((source, target) for source, target, _ in graph.edges()
                             if not graph[target].integrates_input)
     return lockstep
 
@@ -170,7 +170,7 @@ def _group_timesteps(graph: Graph, lockstep: nx.Graph, group: set[str], wanted: 
             path = nx.shortest_path(lockstep, first, other)
             # where the two trains join: a node fed by both of its neighbours on the path
             meeting = next((path[i] for i in range(1, len(path) - 1)
-                            if graph.nx.has_edge(path[i - 1], path[i]) and graph.nx.has_edge(path[i + 1], path[i])),
+                            if graph.has_edge(path[i - 1], path[i]) and graph.has_edge(path[i + 1], path[i])),
                            path[1])
             raise SpikecompileError(f"sites {graph[first].site} (T={wanted[first]}) and {graph[other].site} "
                                     f"(T={wanted[other]}) feed spike trains that meet at {meeting}, which needs one "
