@@ -21,7 +21,6 @@ from .files import atomic_write, file_sha256
 
 PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
 """The passes of a build, in order; assign_grains only runs when a grain search is asked for."""
-GRAIN_SEARCHES = ("darts", "even")
 REPORT_FILE = "build.json"
 
 
@@ -51,9 +50,10 @@ class BuildResult:
 def pass_manager(options: BuildOptions):
     """The manager for these options; SpikecompileError naming an unknown pass, site-T or search option."""
     from .passes import PassManager
+    from .passes.grains import SEARCHES
 
-    if options.grain_search is not None and options.grain_search not in GRAIN_SEARCHES:
-        raise SpikecompileError(f"--grain-search {options.grain_search!r}: choose one of {', '.join(GRAIN_SEARCHES)}")
+    if options.grain_search is not None and options.grain_search not in SEARCHES:
+        raise SpikecompileError(f"--grain-search {options.grain_search!r}: choose one of {', '.join(SEARCHES)}")
     pipeline = [name for name in PIPELINE if name != "assign_grains" or options.grain_search]
     pass_options: dict[str, dict] = {"assign_timesteps": {}}
     if options.timesteps is not None:
