@@ -79,7 +79,7 @@ def main() -> None:
 
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import measure
-    from spikecompile.backends.sim.report import firing_rates
+    from spikecompile.backends.sim.results import firing_rates
 
     from spikecompile.build import BuildOptions, build
     from spikecompile.conversion.convert import load_spiking_model

@@ -91,7 +91,8 @@ def main() -> None:
 
     from spikecompile.build import BuildOptions, build
     from spikecompile.files import atomic_write
-    from spikecompile.passes.loihi_mapping import map_config, map_loihi2, model_config
+    from spikecompile.analytic import load_config, map_config
+    from spikecompile.passes.loihi_mapping import map_loihi2
 
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32), phase coding T=8, 2 grains, Hadamard",
                "model_file": str(args.model) if args.model else "converted by this run", "tokens": args.tokens,
@@ -122,7 +123,7 @@ def main() -> None:
         smollm2 = map_loihi2(built.graph, built.store, samples=samples, context=args.context)
         rows = [table_row("SmolLM2-135M (traced, measured rates)", smollm2)]
         for name in ANALYTIC:
-            report = map_config(model_config(name), timesteps=8, rates=smollm2["rates"]["by_kind"],
+            report = map_config(load_config(name), timesteps=8, rates=smollm2["rates"]["by_kind"],
                                 context=args.context)
             rows.append(table_row(f"{name} (analytic, SmolLM2 rates)", report))
         results["rates_by_kind"] = smollm2["rates"]["by_kind"]

@@ -144,8 +144,9 @@ def main() -> None:
         if not path.is_file():
             sys.exit(f"error: {path} is missing")
 
-    from spikecompile.backends.sim.analytic import analytic_run, rates_by_kind
-    from spikecompile.frontend.config import config_graph, load_config
+    from spikecompile.backends.sim.analytic import analytic_run
+    from spikecompile.backends.sim.results import rates_by_kind
+    from spikecompile.analytic import config_graph, load_config
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import load_run
     from spikecompile.files import atomic_write

@@ -19,7 +19,6 @@ from .ir import validate
 
 PIPELINE = ("cleanup", "assign_timesteps", "assign_grains", "fold_hadamard")
 """The passes of a build, in order; assign_grains only runs when a grain search is asked for."""
-GRAIN_SEARCHES = ("darts", "even")
 
 
 @dataclass(frozen=True)
@@ -38,9 +37,10 @@ class BuildOptions:
 def pass_manager(options: BuildOptions):
     """The manager for these options; SpikecompileError naming an unknown pass, site-T or search option."""
     from .passes import PassManager
+    from .passes.grains import SEARCHES
 
-    if options.grain_search is not None and options.grain_search not in GRAIN_SEARCHES:
-        raise SpikecompileError(f"--grain-search {options.grain_search!r}: choose one of {', '.join(GRAIN_SEARCHES)}")
+    if options.grain_search is not None and options.grain_search not in SEARCHES:
+        raise SpikecompileError(f"--grain-search {options.grain_search!r}: choose one of {', '.join(SEARCHES)}")
     pipeline = [name for name in PIPELINE if name != "assign_grains" or options.grain_search]
     pass_options: dict[str, dict] = {"assign_timesteps": {}}
     if options.timesteps is not None:

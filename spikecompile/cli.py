@@ -329,8 +329,9 @@ def _measured_run(run_file: str):
 
 
 def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention):
-    from .backends.sim.analytic import analytic_run, rates_by_kind
-    from .frontend.config import config_graph, load_config
+    from .backends.sim.analytic import analytic_run
+    from .backends.sim.results import rates_by_kind
+    from .analytic import config_graph, load_config
     from .backends.sim.counting import check_attention
     from .passes.timesteps import check_timesteps
 

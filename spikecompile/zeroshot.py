@@ -313,7 +313,7 @@ class SpikecompileLM(TemplateLM):
         prefix = self.spiking.prefix
         if ids.shape[0] == 1 or prefix is None:
             return self.spiking.logits(ids)
-        cache = copy.deepcopy(prefix.cache)  # as KVPrefix.forward, for B rows
+        cache = copy.deepcopy(prefix.cache)  # as PrefixCache.forward, for B rows
         cache.batch_repeat_interleave(ids.shape[0])
         return self.spiking.model(ids, past_key_values=cache, use_cache=True).logits
 

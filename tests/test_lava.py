@@ -26,7 +26,7 @@ from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
 from spikecompile.backends.sim.simulate import retyped, run
 from spikecompile.ir import NODE_TYPES, Output, PhaseNeuron
-from spikecompile.passes.loihi_mapping import quantize_weights
+from spikecompile.hardware.loihi2 import quantize_weights
 
 requires_lava = pytest.mark.skipif(importlib.util.find_spec("lava") is None,
                                    reason="lava-nc is not installed (scripts/install.sh installs lava-nc 0.10.0)")

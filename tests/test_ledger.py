@@ -9,7 +9,8 @@ import torch
 
 from spikecompile.backends.sim.results import CONVENTION, Counts
 from spikecompile.backends.sim.ledger import WORD_BITS, ledger, tier_energies
-from spikecompile.backends.sim.report import firing_rates, reachable_levels, write_report
+from spikecompile.backends.sim.report import reachable_levels, write_report
+from spikecompile.backends.sim.results import firing_rates
 from spikecompile.backends.sim.results import SimRun
 from spikecompile.neuron import PhaseNeuronParams, base2_params, even_genotype, golden_base2, phase_quantize
 from spikecompile.errors import SpikecompileError

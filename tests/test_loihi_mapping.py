@@ -15,20 +15,19 @@ from spikecompile.neuron import base2_params, magnitude_spikes, phase_quantize
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Graph, Linear, PhaseNeuron
 from spikecompile.passes import CompileInputs, PassManager
-from spikecompile.passes.loihi_mapping import (
+from spikecompile.analytic import MODEL_CONFIGS, map_config
+from spikecompile.analytic import load_config as model_config
+from spikecompile.hardware.loihi2 import (
     LIMITS,
-    MODEL_CONFIGS,
     budget_counter_bits,
     flip_level,
     grid_bits,
     load_loihi2,
-    map_config,
-    map_loihi2,
-    model_config,
     potential_exponent,
     potential_level,
     residual_schedule,
 )
+from spikecompile.passes.loihi_mapping import map_loihi2
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "vocab_size")

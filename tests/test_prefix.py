@@ -2,7 +2,7 @@
 
 import torch
 
-from spikecompile.conversion.prefix import KVPrefix, select_prefix
+from spikecompile.conversion.prefix import PrefixCache, select_prefix
 from spikecompile.conversion.sites import install_sites
 from conftest import build_tiny_llama, build_tiny_tokenizer
 
@@ -15,7 +15,7 @@ def _windows(count=2, length=32):
 def test_prefix_forward_equals_the_concatenated_sequence():
     model = build_tiny_llama()
     sites = install_sites(model)
-    prefix = KVPrefix(model, sites, [1, 7])
+    prefix = PrefixCache(model, sites, [1, 7])
     ids = _windows(1)[0]
     with torch.inference_mode():
         full = model(torch.cat([torch.tensor([[1, 7]]), ids], dim=1)).logits[:, 2:]

@@ -7,7 +7,7 @@ one block, and run it. Emitting needs no lava; running needs lava-nc 0.10.0 (scr
     OPTIONS, check, build (= build_lava), report_lines      `spikecompile build --target lava` (backends/README.md)
 
 The fixed-point formats (8-bit weights + exponent, 24-bit potentials) belong to the Loihi 2 target and live in
-spikecompile.passes.loihi_mapping, whose mapping pass checks a model against the same formats.
+spikecompile.hardware.loihi2; the mapping pass (passes.loihi_mapping) checks a model against the same formats.
 """
 
 from __future__ import annotations

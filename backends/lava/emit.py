@@ -62,7 +62,7 @@ from spikecompile.ir import (
     validate,
 )
 from spikecompile.files import atomic_write
-from spikecompile.passes.loihi_mapping import (
+from spikecompile.hardware.loihi2 import (
     Loihi2,
     accumulator_peak,
     flip_level,

@@ -1,7 +1,7 @@
 """Analytic mode: the counts of a model known only by its config, at a chosen sequence length and firing rates.
 
-The graph is traced from the config alone (frontend.config_graph: weights on PyTorch's meta device). Each spike
-site's events are its expected spikes — the firing rate of its site kind at every element and step — and go through the same counting code as a measured run, so a measured and an analytic ledger of
+The graph is traced from the config alone (spikecompile.analytic.config_graph: weights on PyTorch's meta
+device). Each spike site's events are its expected spikes — the firing rate of its site kind at every element and step — and go through the same counting code as a measured run, so a measured and an analytic ledger of
 one model differ only where the spikes are not spread uniformly (e.g. over query rows under a causal mask).
 """
 
@@ -41,15 +41,6 @@ def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attenti
                             "spikes_per_step": [rate * elements] * node.timesteps, "firing_rate": rate}
     snn, ann = count(graph, shapes, events, attention)
     return SimRun(tokens=seq_len, snn=snn, ann=ann, layers={name: layer_of(name) for name in graph}, sites=sites)
-
-
-def rates_by_kind(run: SimRun) -> dict[str, float]:
-    """Each site kind's firing rate over a run: its spikes over its neuron steps, all layers together."""
-    spikes, steps = {}, {}
-    for site in run.sites.values():
-        spikes[site["kind"]] = spikes.get(site["kind"], 0.0) + sum(site["spikes_per_step"])
-        steps[site["kind"]] = steps.get(site["kind"], 0) + site["elements"] * site["timesteps"]
-    return {kind: spikes[kind] / steps[kind] for kind in spikes}
 
 
 def _rate(rates: Mapping[str, float], kind: str) -> float:

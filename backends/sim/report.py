@@ -21,14 +21,12 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.files import atomic_write
 
 from .ledger import TIERS
-from .results import SimRun
+from .results import OUTSIDE_LAYERS, SimRun, firing_rates
 
 FORMAT = "spikecompile.report"
 FORMAT_VERSION = 1
 DPI = 100
 HISTOGRAM_BINS = 200
-OUTSIDE_LAYERS = "other"
-"""Label of what belongs to no decoder layer (embedding, final norm, lm_head)."""
 
 
 def write_report(run: SimRun, ledger_dict: dict, folder: str | Path, site: str | None = None,
@@ -53,29 +51,6 @@ def write_report(run: SimRun, ledger_dict: dict, folder: str | Path, site: str |
                "files": {name: path.name for name, path in paths.items()}}
     _write_text(paths["json"], json.dumps(payload, indent=2, default=float) + "\n")
     return paths
-
-
-def firing_rates(sites: dict[str, dict]) -> dict:
-    """Firing rates pooled over sites: Σ spikes / Σ (elements·T), per site kind and layer, per kind, overall.
-
-    {"overall": r, "by_kind": {kind: r}, "by_layer": {kind: {layer label: r}}, "layers": [labels in order]}.
-    """
-    pools: dict[tuple, list[float]] = {}
-    for entry in sites.values():
-        layer = OUTSIDE_LAYERS if entry["layer"] is None else str(entry["layer"])
-        spikes, slots = float(sum(entry["spikes_per_step"])), float(entry["elements"]) * entry["timesteps"]
-        for key in ((), (entry["kind"],), (entry["kind"], layer)):
-            pool = pools.setdefault(key, [0.0, 0.0])
-            pool[0] += spikes
-            pool[1] += slots
-    rate = {key: spikes / slots if slots else 0.0 for key, (spikes, slots) in pools.items()}
-    kinds = sorted(key[0] for key in pools if len(key) == 1)
-    layers = sorted({key[1] for key in pools if len(key) == 2},
-                    key=lambda label: (label == OUTSIDE_LAYERS, int(label) if label.isdigit() else 0))
-    return {"overall": rate.get((), 0.0), "by_kind": {kind: rate[(kind,)] for kind in kinds},
-            "by_layer": {kind: {layer: rate[(kind, layer)] for layer in layers if (kind, layer) in rate}
-                         for kind in kinds},
-            "layers": layers}
 
 
 def reachable_levels(neuron: PhaseNeuronParams, low: float, high: float) -> Tensor:

@@ -88,3 +88,35 @@ class SimRun:
         unplaced = sorted(set(self.snn) - set(self.layers))
         if unplaced:
             raise ValueError(f"SimRun: node {unplaced[0]} has no entry in layers ({len(unplaced)} without)")
+
+
+OUTSIDE_LAYERS = "other"
+"""Label of what belongs to no decoder layer (embedding, final norm, lm_head)."""
+
+
+def firing_rates(sites: dict[str, dict]) -> dict:
+    """Firing rates pooled over sites: Σ spikes / Σ (elements·T), per site kind and layer, per kind, overall.
+
+    {"overall": r, "by_kind": {kind: r}, "by_layer": {kind: {layer label: r}}, "layers": [labels in order]}.
+    """
+    pools: dict[tuple, list[float]] = {}
+    for entry in sites.values():
+        layer = OUTSIDE_LAYERS if entry["layer"] is None else str(entry["layer"])
+        spikes, slots = float(sum(entry["spikes_per_step"])), float(entry["elements"]) * entry["timesteps"]
+        for key in ((), (entry["kind"],), (entry["kind"], layer)):
+            pool = pools.setdefault(key, [0.0, 0.0])
+            pool[0] += spikes
+            pool[1] += slots
+    rate = {key: spikes / slots if slots else 0.0 for key, (spikes, slots) in pools.items()}
+    kinds = sorted(key[0] for key in pools if len(key) == 1)
+    layers = sorted({key[1] for key in pools if len(key) == 2},
+                    key=lambda label: (label == OUTSIDE_LAYERS, int(label) if label.isdigit() else 0))
+    return {"overall": rate.get((), 0.0), "by_kind": {kind: rate[(kind,)] for kind in kinds},
+            "by_layer": {kind: {layer: rate[(kind, layer)] for layer in layers if (kind, layer) in rate}
+                         for kind in kinds},
+            "layers": layers}
+
+
+def rates_by_kind(run: SimRun) -> dict[str, float]:
+    """Each site kind's firing rate over a run, all layers together: Σ spikes / Σ (elements·T) (firing_rates)."""
+    return firing_rates(run.sites)["by_kind"]

@@ -18,7 +18,7 @@ from .calibration import collect_samples
 from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
 from ..neuron import PhaseNeuronParams
-from .prefix import KVPrefix, select_prefix
+from .prefix import PrefixCache, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites
 from .weights import rtn_quantize_weights
@@ -94,7 +94,7 @@ class SpikingModel:
     tokenizer: object
     sites: SiteTable
     record: dict
-    prefix: KVPrefix | None = None
+    prefix: PrefixCache | None = None
     rotations: str = "applied"
     """"applied": the offline rotations are in the weights; "explicit": left out of them (rotate_llama with
     apply=False) for frontend.trace to emit as Rotation nodes, so the model itself cannot run."""
@@ -142,7 +142,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     start = time.perf_counter()
     windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
     prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
-    kv_prefix = KVPrefix(model, sites, prefix["token_ids"]) if prefix else None
+    kv_prefix = PrefixCache(model, sites, prefix["token_ids"]) if prefix else None
     forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
     samples = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
     timings["calibration"] = time.perf_counter() - start
@@ -250,6 +250,6 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
             site.neuron = site_neuron(record["sites"][name])
         except (KeyError, ValueError, TypeError) as error:
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
-    prefix = KVPrefix(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
+    prefix = PrefixCache(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
     return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")

@@ -77,7 +77,7 @@ def select_prefix(model, tokenizer, windows: list[torch.Tensor], max_tokens: int
                               for token, (count, nll) in scores.items()}}
 
 
-class KVPrefix:
+class PrefixCache:
     """The prefix's full-precision KV cache; `forward(model, ids)` runs ids after it and returns their logits."""
 
     def __init__(self, model, sites, token_ids: list[int]):

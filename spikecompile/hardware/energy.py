@@ -16,14 +16,13 @@ one-line SpikecompileError naming the file and the field.
 
 from __future__ import annotations
 
-import json
 import math
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from ..errors import SpikecompileError
+from .files import PACKAGE, packaged_target, parse_target, read_target_file
 
 UNITS_IN_PJ = {"pJ": 1.0, "fJ": 1e-3, "nJ": 1e3, "J": 1e12}
 REQUIRED_CONSTANTS = ("mac", "ac", "read", "write")
@@ -108,7 +107,7 @@ def load_target(name_or_path: str | Path) -> Target:
 def packaged_targets() -> list[str]:
     """Names of the energy target files shipped in spikecompile.targets (those with a [constants] table; the
     hardware-limit files such as loihi2.toml are read by their own passes)."""
-    folder = resources.files("spikecompile.targets")
+    folder = resources.files(PACKAGE)
     return sorted(entry.name.rsplit(".", 1)[0] for entry in folder.iterdir()
                   if entry.name.endswith(SUFFIXES) and "constants" in _parse(entry.name, entry.read_text("utf-8")))
 
@@ -122,27 +121,19 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
         raise SpikecompileError(f"{path}: no such target file (packaged targets: {', '.join(packaged_targets())})")
     if path.suffix not in SUFFIXES:
         raise SpikecompileError(f"{path}: a target file must be .toml or .json")
-    try:
-        return str(path), path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise SpikecompileError(f"{path}: cannot read the target file ({getattr(error, 'strerror', error)})") from None
+    return read_target_file(path, "the target file")
 
 
 def _read_packaged(name: str) -> tuple[str, str]:
-    folder = resources.files("spikecompile.targets")
     for suffix in SUFFIXES:
-        entry = folder / f"{name}{suffix}"
-        if entry.is_file():
-            return f"targets/{name}{suffix}", entry.read_text(encoding="utf-8")
+        found = packaged_target(f"{name}{suffix}")
+        if found is not None:
+            return found
     raise SpikecompileError(f"target {name!r} unknown: give one of {', '.join(packaged_targets())} or a file path")
 
 
 def _parse(label: str, text: str) -> dict:
-    try:
-        document = tomllib.loads(text) if label.endswith(".toml") else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        kind = "TOML" if label.endswith(".toml") else "JSON"
-        raise SpikecompileError(f"{label}: not valid {kind} ({str(error).splitlines()[0]})") from None
+    document = parse_target(label, text, "TOML" if label.endswith(".toml") else "JSON")
     if not isinstance(document, dict):
         raise SpikecompileError(f"{label}: the top level must be a table with a constants table")
     return document

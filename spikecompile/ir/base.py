@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from ..checks import is_count  # noqa: F401  (the IR's node modules import it from here)
 from ..errors import SpikecompileError
 
 Dim = int | str  # a size, or a symbol such as "seq" for a size known only at run time
@@ -24,10 +25,6 @@ NODE_TYPES: dict[str, type[IRNode]] = {}
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def is_count(value, minimum: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def is_number(value) -> bool:

@@ -22,7 +22,7 @@ from .reference import (
 __all__ = [
     "Fire", "PhaseNeuronParams", "base2_params", "even_genotype", "fire_heaviside", "golden_base2",
     "initial_potential", "magnitude_spikes", "phase_decode", "phase_encode", "phase_quantize", "step_schedule",
-    "weighted_spike_sum", "kernel", "reference",
+    "weighted_spike_sum", "firing_rate", "kernel", "reference",
 ]
 
 
@@ -31,6 +31,12 @@ def phase_encode(x: Tensor, params: PhaseNeuronParams) -> tuple[Tensor, Tensor]:
     if kernel.applies(x, params):
         return torch.sign(x).to(torch.int8), kernel.fire(x, params, out=False, spikes=True).spikes
     return reference.phase_encode(x, params)
+
+
+def firing_rate(x: Tensor, params: PhaseNeuronParams) -> float:
+    """Spikes per neuron per step on the inputs x: mean over t and the elements of s_t (phase_encode's spikes)."""
+    _, spikes = phase_encode(x.float(), params)
+    return float(spikes.float().mean())
 
 
 def phase_quantize(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heaviside) -> Tensor:
