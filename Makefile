@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench
+.PHONY: install demo test test-cpu-capabilities test-slow bench
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -24,6 +24,24 @@ demo: install
 test: install
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
+
+# The numeric tests again under each other CPU capability torch can dispatch to (ATEN_CPU_CAPABILITY): float results
+# must not depend on the kernels' rounding. `make test` ran the native one; one the CPU lacks falls back silently
+# (torch reports another): both are skipped, and each run prints the capability torch reports.
+CPU_CAPABILITIES := default avx2 avx512
+NUMERIC_TESTS := tests/test_build.py tests/test_fold_hadamard.py tests/test_passes.py tests/test_codings.py \
+	tests/test_frontend.py tests/test_sim.py tests/test_kernel.py tests/test_rotation.py
+CAPABILITY := $(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())" 2>/dev/null
+
+test-cpu-capabilities: install
+	native=$$(env -u ATEN_CPU_CAPABILITY $(CAPABILITY)); \
+	for cap in $(CPU_CAPABILITIES); do \
+		got=$$(ATEN_CPU_CAPABILITY=$$cap $(CAPABILITY)); \
+		if [ "$$got" != "$$cap" ]; then echo "ATEN_CPU_CAPABILITY=$$cap: skipped (this CPU runs $$got)"; continue; fi; \
+		if [ "$$got" = "$$native" ]; then echo "ATEN_CPU_CAPABILITY=$$cap: skipped (native: make test ran it)"; continue; fi; \
+		echo "ATEN_CPU_CAPABILITY=$$cap: torch runs $$got"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS) || exit 1; \
+	done
 
 # Slow tests: the real SmolLM2 end to end (and ../shared data where present).
 test-slow: install

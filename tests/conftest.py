@@ -131,3 +131,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+NEURON_FIELDS = ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")
+
+
+def assert_same_neurons(graph, sites):
+    """graph's PhaseNeurons are exactly `sites` (a SiteTable, or another IR graph): the same spike sites, each with
+    bitwise the same neuron parameters. With the float functions compared sites off, this is the spiking check
+    that holds on any CPU: comparing spiking outputs of two computation orders in float32 is not (a 1-ulp
+    difference flips a spike on a threshold and moves the output by a whole quantization step)."""
+    from spikecompile.ir import Graph, PhaseNeuron
+
+    def neurons(graph):
+        return {graph[name].site: graph[name].params() for name in graph if isinstance(graph[name], PhaseNeuron)}
+
+    ours = neurons(graph)
+    theirs = neurons(sites) if isinstance(sites, Graph) else {name: site.neuron for name, site in sites.items()}
+    assert sorted(ours) == sorted(theirs)
+    for site, params in ours.items():
+        for field in NEURON_FIELDS:
+            a, b = (torch.as_tensor(getattr(p, field) if getattr(p, field) is not None else 0)
+                    for p in (params, theirs[site]))
+            assert torch.equal(a, b.to(a.dtype)), (site, field)
