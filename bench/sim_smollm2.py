@@ -6,7 +6,7 @@ process (so peak RSS is its own): the float model through the IR interpreter (th
 decoded mode, and in event mode — seconds, tokens/s, peak RSS, and the ratios decoded/ANN and event/ANN side by
 side. The event run's energy ledger (three tiers, ANN beside) is kept, and an analytic ledger for the LLaMA-3-8B
 config at sequence length 512, T=6, with the firing rates per site kind measured on SmolLM2 at T=6.
-The fused neuron kernel (conversion.kernel) is built once into a fresh cache first, and that build time is
+The fused neuron kernel (neuron.kernel) is built once into a fresh cache first, and that build time is
 reported apart; each timed process then loads it from the cache (its load time is in its JSON, not its seconds).
 Every timed process serves large tensors from the heap (spikecompile.heap, as event mode does by itself), so the
 three modes run under the same allocator settings.

@@ -1,1 +1,1 @@
-"""Target descriptions (TOML, JSON) shipped as package data of spikecompile.targets; read by spikecompile.target."""
+"""Target descriptions (TOML, JSON) shipped as package data of spikecompile.targets; read by spikecompile.hardware."""

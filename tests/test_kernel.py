@@ -1,4 +1,4 @@
-"""The fused neuron kernel (conversion.kernel) is bitwise the reference neuron (magnitude_spikes +
+"""The fused neuron kernel (neuron.kernel) is bitwise the reference neuron (magnitude_spikes +
 weighted_spike_sum): random and fitted-like schedules, budgets, v0 of both signs, base 1 (rate), ties on the
 thresholds, float32 and float64 (and promotion), odd shapes and layouts; and it falls back to the reference."""
 

@@ -1,4 +1,4 @@
-"""Energy ledger (method.md §7): target files, pricing arithmetic, tiers, per token/layer, and the written report."""
+"""Energy ledger (docs/method.md §7): target files, pricing arithmetic, tiers, per token/layer, and the written report."""
 
 import json
 import math

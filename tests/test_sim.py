@@ -1,5 +1,5 @@
 """The reference simulator: event mode equals decoded mode, spike counts equal the decoded codes' popcounts,
-and the counters follow counts.CONVENTION (checked against brute-force enumeration)."""
+and the counters follow results.CONVENTION (checked against brute-force enumeration)."""
 
 import pytest
 import torch
@@ -184,7 +184,7 @@ def test_tallies_are_the_planes_counts(built):
 
 
 def test_products_are_the_causal_running_sum_rule():
-    """The event rule for A·B makes S_A(t)·S_B(t); its step differences are method.md's
+    """The event rule for A·B makes S_A(t)·S_B(t); its step differences are docs/method.md's
     S_A(t)·B_t + A_t·S_B(t) − A_t·B_t, and they sum to (ΣA)·(ΣB)."""
     from spikecompile.backends.sim.simulate import _differences, _running_product, _running_sums
 

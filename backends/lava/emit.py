@@ -521,7 +521,7 @@ output op, read from its RingBuffer sink.
   2·Σ_j|m_ij| per row (accumulator overflow: {', '.join(fixed['accumulator_overflow']) or 'none'}).
 - potentials: {fixed['state_bits']}-bit integers in units of τ·2^-F per site (F = {exponents}: the largest that
   keeps 2^g times the site's level in range: its all-fire level, its thresholds θ(t) − v0 (signed: v0 may
-  exceed θ(t)) and its deepest residual, passes/loihi_mapping.potential_level; g the guard bits of
+  exceed θ(t)) and its deepest residual, hardware/loihi2.potential_level; g the guard bits of
   targets/loihi2.toml); each step's input is rounded to the unit, at most
   {fixed['max_input_rounding_lsb']:.2g} of the site's LSB τ·2^-T over a window; saturations are counted.
 - spike budget: a site with max_spikes K > 0 fires step t only while its per-neuron spike count (the
@@ -531,7 +531,7 @@ output op, read from its RingBuffer sink.
 - bound: fixed_pt computes the decoded part with the fixed-point weights, except for spikes of neurons whose
   input lies within that rounding of a threshold (a "borderline" neuron: its code moves by one level, the
   largest jump of x̂ at a threshold: between adjacent outputs of the site's neuron, its spike budget and v0
-  included, or across x = 0; passes/loihi_mapping.flip_level). So |y_fixed − y_float| ≤ the weight-
+  included, or across x = 0; hardware/loihi2.flip_level). So |y_fixed − y_float| ≤ the weight-
   quantization error (measured in decoded mode at emit time) + the flip allowance (one level on every input
   of the synapse layers that reach the output with no spike site between: level · max_i Σ_j |W_ij|), given
   no borderline neuron before the last site: {bounds}.

@@ -6,8 +6,8 @@ NIR maps one real vector per step; here a vector is the last dim (width n) of an
 (the convention of NIR, nirtorch and norse). Every summing node below has exactly two inputs, so the sum does
 not depend on the consumer's order and the encoding is exact in float32, bit for bit.
 
-Phase neuron (method.md §1), the IR node `N` of width n, T steps, t = 0..T−1, unrolled into depth: one consumer
-step computes all T phases. With c_t = θ(t) − v0 (thresholds on r = v − v0, as conversion.neuron computes them)
+Phase neuron (docs/method.md §1), the IR node `N` of width n, T steps, t = 0..T−1, unrolled into depth: one consumer
+step computes all T phases. With c_t = θ(t) − v0 (thresholds on r = v − v0, as neuron.reference computes them)
 and the spike budget K (N.max_spikes; 0: none):
 
     N.neg.x     = Scale(−1)(x)                                   −x
@@ -39,7 +39,7 @@ earlier spikes k_t can reach K, fire only while k_t < K; in small integers, all 
       N.ch.spent{t}  = Scale(−1)(N.ch.count{t})                        −k_t
       N.ch.spike{t}  = Threshold(½)(N.ch.scaled{t} + N.ch.spent{t})    s_t = [K·[r_t > c_t] − k_t > ½]
 
-K − k_t > ½ ⟺ k_t ≤ K − 1, and −k_t > ½ never, so s_t = [r_t > c_t] ∧ [k_t < K], conversion.neuron's budget
+K − k_t > ½ ⟺ k_t ≤ K − 1, and −k_t > ½ never, so s_t = [r_t > c_t] ∧ [k_t < K], neuron.reference's budget
 (k_t ≤ K always: spikes stop at K). That adds 2·((T − 2) + 3·(T − K)) nodes: 18T − 6K − 2 in all.
 
 Synapse: IR Linear → Affine(W, b), or Linear(W) without bias. Residual add: Scale(1) fed by both inputs.

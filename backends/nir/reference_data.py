@@ -1,5 +1,5 @@
 """A reference trace of an export, for others to check their run of it: NIRGraphData (nir.write_data) holding what
-the decoded reference (frontend.evaluate) computes on given inputs, keyed by the segments' NIR node names:
+the decoded reference (ir.evaluate) computes on given inputs, keyed by the segments' NIR node names:
 
     input.<V>, output.<V>   "value"   the IR value V                                  [samples, 1, width] float32
     <neuron N>              "spikes"  N's signed spike train σ·s_t, one step per phase [samples, T, width] int8

@@ -1,7 +1,7 @@
 """Run an export: its segments by any NIR consumer, every other step by our decoded interpreter.
 
 This is how a consumer that runs NIR is checked against spikecompile: it executes the segments, the manifest's ops
-(norms, SiLU, products, rotations, ...) are computed by frontend.interpret's rules, and the result must match the
+(norms, SiLU, products, rotations, ...) are computed by ir.interpret's rules, and the result must match the
 IR graph interpreted whole.
 """
 

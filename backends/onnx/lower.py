@@ -2,7 +2,7 @@
 
 decoded  every value is the tensor the IR node's decoded equation gives ([batch, seq, ...]); a phase neuron is an
          elementwise quantizer x ↦ x̂ = σ·Σ_t d(t)·s_t whose T comparisons are unrolled in the graph, op for op as
-         conversion.neuron.magnitude_spikes runs them (so it is bitwise phase_quantize):
+         neuron.reference.magnitude_spikes runs them (so it is bitwise phase_quantize):
              r_0 = |x|;  s_t = [r_t > θ(t) − v0] ∧ [K = 0 ∨ Σ_{u<t} s_u < K];  r_{t+1} = r_t − h(t)·s_t;
              x̂ = sign(x)·(((d(0)s_0 + d(1)s_1) + …))
 event    every float value is a stack [T, batch, seq, ...] of its T per-step tensors (their sum is the decoded
@@ -15,7 +15,7 @@ event    every float value is a stack [T, batch, seq, ...] of its T per-step ten
          they compute (Context.running): their consumers read those (a neuron's window: the last step) rather
          than summing the per-step values again, as backends.sim.simulate does.
 
-Every op follows frontend.interpret's order of operations (RMSNorm in float32, RoPE angles and cos/sin in
+Every op follows ir.interpret's order of operations (RMSNorm in float32, RoPE angles and cos/sin in
 float32, softmax in float32, key/value heads repeated for grouped queries), so the results differ from the
 simulator's only by the runtime's own rounding (summation order in MatMul and ReduceSum, exp, cos, sigmoid).
 
@@ -316,7 +316,7 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
     spikes = _spikes(ctx, name, node, b.op("Abs", window), dtype)
     weights, _, _ = (values.to(dtype) for values in step_schedule(node.params()))
     sign = b.op("Sign", window)
-    if not ctx.event:  # Σ_t d(t)·s_t accumulated in step order, as conversion.neuron.weighted_spike_sum
+    if not ctx.event:  # Σ_t d(t)·s_t accumulated in step order, as neuron.reference.weighted_spike_sum
         total = b.op("Mul", spikes[0], b.tensor(f"{name}.d.0", weights[0]))
         for t in range(1, node.timesteps):
             total = b.op("Add", total, b.op("Mul", spikes[t], b.tensor(f"{name}.d.{t}", weights[t])))
@@ -330,7 +330,7 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
 
 
 def _spikes(ctx: Context, name: str, node: PhaseNeuron, magnitude: str, dtype: torch.dtype) -> list[str]:
-    """s_0..s_{T−1} (0./1. in dtype) of conversion.neuron.magnitude_spikes: r_0 = |x|, s_t = [r_t > θ(t) − v0],
+    """s_0..s_{T−1} (0./1. in dtype) of neuron.reference.magnitude_spikes: r_0 = |x|, s_t = [r_t > θ(t) − v0],
     r_{t+1} = r_t − h(t)·s_t; the step values are computed by step_schedule, not re-derived. With a spike budget
     1 ≤ K < T the steps t ≥ K (where the count can reach K) fire only while k_t = Σ_{u<t} s_u < K:
     s_t = And([r_t > θ(t) − v0], [k_t < K]), k_t summed in dtype (small integers, exact); K = 0 or K ≥ T

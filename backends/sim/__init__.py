@@ -1,5 +1,5 @@
 """The reference simulator backend: runs the IR in decoded or event mode, counts every node's operations and
-memory traffic (counts.CONVENTION) and prices them with a target's energy constants (ledger).
+memory traffic (results.CONVENTION) and prices them with a target's energy constants (ledger).
 
     simulate(graph, store, ids, mode="event") -> SimRun     one sequence: logits, counts, site activity
     simulate.run / counting.count / ledger.ledger           the three steps, usable on their own

@@ -1,10 +1,10 @@
-"""Count each node's operations and memory traffic under counts.CONVENTION, for the SNN and its ANN counterpart.
+"""Count each node's operations and memory traffic under results.CONVENTION, for the SNN and its ANN counterpart.
 
 Inputs are structural: each node's decoded output shape, and for every phase neuron its spike events — measured
 0/1 spikes from a run, or expected spikes (the firing rate) in the analytic mode, as [T, *shape] planes or already
 tallied (SpikeTally: totals per step and per query/key position, all the formulas read) — so measured and analytic
 ledgers share every formula. A product of two spike trains is counted in its two-term causal form
-out_t = S_A(t)·B_t + A_t·S_B(t−1) (the same sum as method.md's three-term form): a spike of A selects entries of
+out_t = S_A(t)·B_t + A_t·S_B(t−1) (the same sum as docs/method.md's three-term form): a spike of A selects entries of
 B's running sum, a spike of B entries of A's, each once per output it reaches; each term's step weight d(t) is one
 MAC per output and step. Real-valued (non-spiking) operands are dense: every element, every active step, MACs.
 """
@@ -29,7 +29,7 @@ from spikecompile.ir import (
 from .results import Counts
 
 NONLINEAR_MACS = {"rmsnorm": 2, "softmax": 3, "silu": 3}
-"""MAC-equivalents per element and evaluation (counts.CONVENTION)."""
+"""MAC-equivalents per element and evaluation (results.CONVENTION)."""
 ATTENTION = ("causal", "full")
 
 

@@ -1,6 +1,6 @@
-"""The energy ledger: a run's counts priced with a target's constants (method.md §7), three tiers side by side.
+"""The energy ledger: a run's counts priced with a target's constants (docs/method.md §7), three tiers side by side.
 
-For counts c (backends/sim/counts.py) and constants E in pJ (spikecompile.hardware.energy), the same three formulas
+For counts c (backends/sim/results.py) and constants E in pJ (spikecompile.hardware.energy), the same three formulas
 price the SNN and its ANN counterpart (the ANN has no neuron steps and no spikes, so its middle tier equals its
 first):
 
@@ -71,7 +71,7 @@ def check_word_bits(target: Target) -> None:
         if constant.bits != WORD_BITS:
             raise SpikecompileError(
                 f"{target.file}: constants.{constant.name}.bits is {constant.bits}: the ledger counts {WORD_BITS}-bit "
-                f"operations and words (backends/sim/counts.py); give the energy of one {WORD_BITS}-bit one")
+                f"operations and words (backends/sim/results.py); give the energy of one {WORD_BITS}-bit one")
 
 
 def check_ann_counts(ann: dict[str, Counts]) -> None:
@@ -103,13 +103,13 @@ def priced(run: SimRun, nodes: list[str], target: Target) -> dict:
 
 
 def convention_text(target: Target, attention: str, tokens: int) -> str:
-    """The counting convention (counts.CONVENTION), the energy formulas, and every constant with unit, bits, source."""
+    """The counting convention (results.CONVENTION), the energy formulas, and every constant with unit, bits, source."""
     neuron_rule = ("E_neuron = E_read + E_write + E_AC per neuron step\n  (read v, compare with θ(t) and "
                    "subtract h(t) as one 32-bit add, write v)" if target.neuron_override is None
                    else "E_neuron per neuron step from the target file")
     constants = "\n".join(f"* {SYMBOLS[name]} = {constant_text(constant)}" for name, constant in target.constants.items())
     return f"""{CONVENTION}
-Energy (method.md §7) per sequence of L = {tokens} tokens, batch 1; per token = per sequence / L. The same
+Energy (docs/method.md §7) per sequence of L = {tokens} tokens, batch 1; per token = per sequence / L. The same
 formulas price the SNN and its ANN counterpart (the ANN has no neuron steps and no spikes):
 * {TIERS["compute"]}: E = E_MAC·#MAC + E_AC·#AC
 * {TIERS["neuron"]}: E = compute + E_neuron·#neuron_steps; {neuron_rule}

@@ -110,7 +110,7 @@ def _magnitude_levels(neuron: PhaseNeuronParams, bottom: float, top: float) -> T
 def _first_firing(low: Tensor, high: Tensor, patterns: Tensor, reset: Tensor, threshold: Tensor,
                   dtype: torch.dtype) -> Tensor:
     """Per branch, the code of the smallest magnitude in [low, high] whose residual after the branch's resets
-    (conversion.neuron.magnitude_spikes' arithmetic) is above `threshold`; high + 1 where none is."""
+    (neuron.reference.magnitude_spikes' arithmetic) is above `threshold`; high + 1 where none is."""
     def fires(codes: Tensor) -> Tensor:
         residual = codes.to(_CODES[dtype]).view(dtype)
         for u in range(patterns.shape[1]):

@@ -1,4 +1,4 @@
-"""What a simulation leaves behind: the operation and memory-traffic counts the energy ledger prices (method.md §7)
+"""What a simulation leaves behind: the operation and memory-traffic counts the energy ledger prices (docs/method.md §7)
 and SimRun, one simulated sequence's counts per node with its site activity.
 
 One Counts per node per run (a sequence of L tokens, batch 1), for the SNN (event semantics) and for its ANN
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from torch import Tensor
 
 CONVENTION = """\
-Counting convention (per sequence of L tokens, batch 1; SNN under the event rules of method.md §3):
+Counting convention (per sequence of L tokens, batch 1; SNN under the event rules of docs/method.md §3):
 * AC (accumulate, 32-bit add): one per spike per fan-out target — a binary spike selects a weight (Linear) or a
   running-sum entry (spike-operand matmuls, ⊙) and adds it; also every real-valued add (residual adds, running
   sums of real inputs, the differential rule's subtraction, a neuron integrating its input steps).

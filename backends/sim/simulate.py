@@ -1,11 +1,11 @@
 """Run an IR graph in decoded or event mode, keeping every spike site's spike trains for the counters.
 
-decoded  each node computes its decoded equation on whole tensors (frontend.interpret's rules); a phase
+decoded  each node computes its decoded equation on whole tensors (ir.interpret's rules); a phase
          neuron encodes its input into spikes s_t and returns x̂ = σ·Σ_t d(t)·s_t.
 event    every value is a stack of T per-step tensors [T, ...] whose sum is the decoded value, under the exact
-         rules of method.md §3 (each node's docstring): linear nodes map each step (a constant — bias,
+         rules of docs/method.md §3 (each node's docstring): linear nodes map each step (a constant — bias,
          embedding row, prefix cache — enters at t = 0); nonlinear nodes emit f(X_t) − f(X_{t−1}) on running
-         sums X_t; products of two activations emit S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (method.md's causal
+         sums X_t; products of two activations emit S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (docs/method.md's causal
          running-sum rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t, in one product per step); a phase neuron
          integrates its whole input window, then fires y_t = σ·d(t)·s_t for t = 0..T−1. Products and
          nonlinearities compute on running sums, so they keep them (RUNNING_RULES): a consumer that reads running
@@ -17,7 +17,7 @@ The two modes agree to float rounding: the neuron input is Σ_t x_t in event mod
 a value within rounding of a threshold can fire differently — run in float64 to make that vanishingly rare.
 Late-spike masking (mask_steps = m): a neuron keeps only its spikes at steps < t0 + m, t0 its first spike.
 
-Neurons run in one fused pass (conversion.kernel: x̂ or the event planes, with the spike counts), bitwise the
+Neurons run in one fused pass (neuron.kernel: x̂ or the event planes, with the spike counts), bitwise the
 reference neuron; the event rules' float operations are those the ONNX event form (backends.onnx) reproduces,
 so both give the same spike planes bit for bit — change them together.
 """
@@ -207,7 +207,7 @@ def _fire(node: PhaseNeuron, window: Tensor, mode: str, mask_steps: int | None,
     mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
     neuron = neuron_of(node)
     params = neuron.params
-    if mask_steps is None:  # one fused pass (conversion.kernel), bitwise the rule below
+    if mask_steps is None:  # one fused pass (neuron.kernel), bitwise the rule below
         fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event",
                             spikes=form == "planes", rows=form == "tally")
         spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)
@@ -272,7 +272,7 @@ def _differences(running: Tensor) -> Tensor:
 
 def _running_product(product: Callable[[Tensor, Tensor], Tensor], sums) -> Tensor:
     """S_A(t)·S_B(t) for a bilinear `product`: the running sums whose differences
-    out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) are method.md's causal rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t
+    out_t = S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) are docs/method.md's causal rule S_A(t)·B_t + A_t·S_B(t) − A_t·B_t
     (expand S_A(t) = S_A(t−1) + A_t) with one product per step instead of three; Σ_t out_t = product(ΣA, ΣB)."""
     return product(sums["a"][0], sums["b"][0])
 

@@ -1,4 +1,4 @@
-"""Adaptive granularity allocation (method.md §5, "Algorithm 2"): each site's genotype by a DARTS-style search.
+"""Adaptive granularity allocation (docs/method.md §5, "Algorithm 2"): each site's genotype by a DARTS-style search.
 
 Candidates: every split of the T steps into n contiguous blocks of ≥ min_block steps, grain g owning block g
 (T=8: n=2 → 5 candidates, n=3 → 6). Per site, candidate c is a phase neuron with bases of its own

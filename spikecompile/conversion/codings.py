@@ -1,4 +1,4 @@
-"""The coding zoo: every coding is the one neuron of neuron.py with its own parameters (method.md §1, §8).
+"""The coding zoo: every coding is the one neuron of neuron.py with its own parameters (docs/method.md §1, §8).
 
 With m = |x|, σ = sign(x), step weights d(t), thresholds θ(t), resets h(t), initial potential v0 and spike
 budget K (neuron.py), each coding fixes:
@@ -10,7 +10,7 @@ budget K (neuron.py), each coding fixes:
                 (time-to-first-spike with an exponentially decaying kernel: a log-domain quantizer)
     rate        bases 1 (d = h = θ = τ), v0 = τ/2, K = 0: x̂ = σ·τ·clamp(⌈m/τ − ½⌉, 0, T), T + 1 levels,
                 the spike count is the value
-    sdllm       rate over D = T = 2^(b−1) steps with K = 2^(b−1) − 1 and v0 = τ/2 − c (method.md §8): a
+    sdllm       rate over D = T = 2^(b−1) steps with K = 2^(b−1) − 1 and v0 = τ/2 − c (docs/method.md §8): a
                 symmetric b-bit integer count c_x = clamp(⌈(m − c)/τ − ½⌉, 0, K), unfolded into |c_x| ternary
                 spikes σ·s_t; c ≥ 0 is the membrane clipping (0: plain round to nearest)
 

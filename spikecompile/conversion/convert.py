@@ -103,7 +103,7 @@ class SpikingModel:
         """The spiking model's logits for [1, L] ids (after the KV prefix, if the model has one)."""
         if self.rotations != "applied":
             raise SpikecompileError("this model was loaded with its rotations left out of the weights, for tracing; "
-                                    "run its traced graph (frontend.interpret) or load it with rotations='applied'")
+                                    "run its traced graph (ir.interpret) or load it with rotations='applied'")
         return self.prefix.forward(self.model, ids) if self.prefix else self.model(ids).logits
 
     def ann_logits(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fitting phase neurons to calibration samples (method.md §4), batched over sites (no loop over sites).
+"""Fitting phase neurons to calibration samples (docs/method.md §4), batched over sites (no loop over sites).
 
 Per site, on all its samples, with the exact neuron of neuron.py (same v0, saturation, strict '>'):
 1. Base-2 baseline: the all-base-2 neuron's MSE on the grid τ = max|x|·2^(-k/q) (clipping included),
@@ -163,7 +163,7 @@ def lloyd_max_mse(samples: Tensor, levels: int, iterations: int = 100) -> Tensor
     of the p^(1/3)-companded distribution, the high-rate optimum; p is estimated from sorted-sample gaps
     (p ∝ 1/gap, so each gap weighs gap^(2/3)). Lloyd finds a local optimum, so this is a lower bound for
     quantizers of that many levels only up to that; with levels = 2^(T+1) − 1 it bounds any T-step
-    binary code (method.md §4). Computed in float64 with prefix sums over the sorted samples, on one
+    binary code (docs/method.md §4). Computed in float64 with prefix sums over the sorted samples, on one
     torch thread (restored after).
     """
     x = samples.to(torch.float64).sort(-1).values

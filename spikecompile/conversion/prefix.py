@@ -1,4 +1,4 @@
-"""Prefixed outlier tokens (PrefixQuant, method.md §6): a fixed prefix whose full-precision KV cache is
+"""Prefixed outlier tokens (PrefixQuant, docs/method.md §6): a fixed prefix whose full-precision KV cache is
 prepended in every forward, so the massive activations of attention-sink tokens stay out of the spike sites.
 
 Selection, on (the first two) calibration windows of the float model:

@@ -1,4 +1,4 @@
-"""QuaRot-style Hadamard rotation of a LLaMA model (method.md §6): computational invariance.
+"""QuaRot-style Hadamard rotation of a LLaMA model (docs/method.md §6): computational invariance.
 
 Row-vector convention throughout (a linear computes y = x·Wᵀ + b). For an orthogonal R (R·Rᵀ = I):
 

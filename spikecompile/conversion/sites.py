@@ -1,4 +1,4 @@
-"""Spike sites: where phase neurons sit in a transformers LLaMA model (method.md §2, reference placement).
+"""Spike sites: where phase neurons sit in a transformers LLaMA model (docs/method.md §2, reference placement).
 
 Nine sites per decoder layer plus the final norm, installed with forward hooks and one registered attention
 function, so transformers' own modules run unchanged:

@@ -1,4 +1,4 @@
-"""RTN weight quantization (SDLLM's 4/6-bit weights; method.md §8), applied after the rotation.
+"""RTN weight quantization (SDLLM's 4/6-bit weights; docs/method.md §8), applied after the rotation.
 
 Every Linear weight inside the decoder layers (q, k, v, o, gate, up, down) is rounded to nearest on a symmetric
 per-output-channel grid: s_r = max_j |W_rj| / (2^(b−1) − 1), W_rj ← s_r·clamp(round(W_rj / s_r), ±(2^(b−1) − 1)).

@@ -1,4 +1,4 @@
-"""Target descriptions: the energy per operation the ledger prices (method.md §7), read from a TOML or JSON file.
+"""Target descriptions: the energy per operation the ledger prices (docs/method.md §7), read from a TOML or JSON file.
 
 A target file holds `name`, `description` and a `constants` table; each constant is one table
 

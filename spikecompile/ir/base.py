@@ -2,7 +2,7 @@
 
 Every node type is a frozen, keyword-only dataclass deriving from IRNode (decorated with @node_type); defining
 the class registers it in NODE_TYPES under its class name, and the reader looks types up there and nowhere
-else. A node's docstring is its spec: the decoded equation and the event rule (method.md §3). In event form
+else. A node's docstring is its spec: the decoded equation and the event rule (docs/method.md §3). In event form
 an activation travels as T per-step tensors x_0..x_{T−1} whose sum is its value; X_t = x_0 + … + x_t is the
 running sum. A node names its input ports (`inputs`) and has one output, which may feed many consumers.
 """

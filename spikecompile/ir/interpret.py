@@ -1,5 +1,5 @@
 """A decoded-mode interpreter of IR graphs: every node computes its decoded equation (its docstring) on whole
-tensors, and every PhaseNeuron returns x̂ (conversion.neuron.phase_quantize). One function per node type, looked
+tensors, and every PhaseNeuron returns x̂ (neuron.reference.phase_quantize). One function per node type, looked
 up in RUNNERS; nothing here knows about any particular model.
 
 Operations follow transformers' LLaMA order (RMSNorm in float32, RoPE with cos/sin built in float32, GQA by
@@ -198,7 +198,7 @@ def neuron_of(node: PhaseNeuron) -> Prepared:
 
 
 def _phase_neuron(node: PhaseNeuron, inputs, store) -> Tensor:
-    """phase_quantize, in one fused pass (conversion.kernel; bitwise equal, the reference where it cannot run)."""
+    """phase_quantize, in one fused pass (neuron.kernel; bitwise equal, the reference where it cannot run)."""
     return quantize(inputs["x"], neuron_of(node))
 
 

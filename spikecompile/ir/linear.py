@@ -1,6 +1,6 @@
 """Graph boundaries and linear nodes: in event form each maps every step on its own, y_t = L(x_t), and a
 constant term (a bias, an embedding row, a prefix cache, a graph input) enters once, at t = 0 — so the running
-sum is Y_t = L(X_t) + c at every t, exactly (method.md §3).
+sum is Y_t = L(X_t) + c at every t, exactly (docs/method.md §3).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class MergeHeads(IRNode):
 
 @node_type
 class KVPrefix(IRNode):
-    """Prepend the prefix tokens' full-precision keys or values (PrefixQuant, method.md §6):
+    """Prepend the prefix tokens' full-precision keys or values (PrefixQuant, docs/method.md §6):
     y = concat(cache, x) along the sequence dim.
 
     x [..., kv_heads, S, head_dim], cache [kv_heads, P, head_dim] (P = len(token_ids)) → y [..., kv_heads,

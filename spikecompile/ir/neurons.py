@@ -1,4 +1,4 @@
-"""Spiking nodes: the phase neuron of one spike site (method.md §1; conversion.neuron is its reference code)."""
+"""Spiking nodes: the phase neuron of one spike site (docs/method.md §1; spikecompile.neuron is its reference code)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nonlinear nodes: their event forms keep running sums X_t (method.md §3) and are exact — the outputs of all
+"""Nonlinear nodes: their event forms keep running sums X_t (docs/method.md §3) and are exact — the outputs of all
 steps sum to the decoded output of the summed inputs — and causal: step t reads steps ≤ t only.
 """
 

@@ -1,4 +1,4 @@
-"""The phase neuron of one spike site: distribution-aware multi-granularity phase coding (method.md §1).
+"""The phase neuron of one spike site: distribution-aware multi-granularity phase coding (docs/method.md §1).
 
 A site's neuron codes a real x as a sign and T binary spikes. Step t (t = 0..T-1) belongs to grain g(t)
 and uses that grain's output, reset and threshold bases, with the GLOBAL step index as exponent:

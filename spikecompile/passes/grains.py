@@ -1,6 +1,6 @@
 """assign_grains: choose how each fitted spike site splits its T steps among its n grains, and refit its neuron.
 
-A phase neuron's genotype g(t) gives each grain one contiguous block of steps (method.md §1). With the
+A phase neuron's genotype g(t) gives each grain one contiguous block of steps (docs/method.md §1). With the
 `search` option "darts" (default) every site's genotype comes from Algorithm 2 (conversion.allocation: a
 DARTS-style search over every split into blocks of ≥ 2 steps, started at the site's error-minimising
 base-2 τ); with "even" it is the even split (even_genotype), the fixed baseline to compare with. Then a fresh

@@ -209,7 +209,7 @@ def _report(units: nx.DiGraph, cores: list[dict[str, int]], graph: nx.DiGraph, r
 NEURON_STATE_SOURCES = {
     "potential_bits": "targets/loihi2.toml [limits.state_bits]: the 24-bit u, v of lava-nc's fixed_pt neurons; the "
                       "grid per site from potential_level (v0 of either sign and any size, docs/loihi2.md)",
-    "counter_bits": "conversion.neuron.magnitude_spikes' spike budget: s_t needs Σ_{u<t} s_u < K, a count 0..K of "
+    "counter_bits": "neuron.reference.magnitude_spikes' spike budget: s_t needs Σ_{u<t} s_u < K, a count 0..K of "
                     "⌈log2(K + 1)⌉ bits per neuron where 1 ≤ K < T (budget_counter_bits)",
 }
 

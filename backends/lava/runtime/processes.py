@@ -10,14 +10,14 @@ PhaseNeuronProcess (one spike site; spikes carry σ ∈ {−1, +1}, the receiver
     start       σ = sign(u);  r = |u|            at k = fire_start (the step the last input arrives)
     fire        s_t = [r > θ'(t)] ∧ [K = 0 ∨ count < K];  r ← r − h(t)·s_t;  count ← count + s_t;  send σ·s_t
                                                                     t = k − fire_start ∈ [0, T)
-with θ'(t) = θ(t) − v0, the threshold against the residual r = v − v0 (conversion.neuron.magnitude_spikes), of
+with θ'(t) = θ(t) − v0, the threshold against the residual r = v − v0 (neuron.reference.magnitude_spikes), of
 either sign (v0 < 0 raises it; v0 > θ(t) makes it negative), and K = max_spikes the spike budget: count, the
 per-neuron spike counter, is Σ_{u<t} s_u when step t fires (a neuron fires one window per run).
     floating_pt  u in float64, r, θ', h in float32: the decoded reference's arithmetic.
     fixed_pt     u, r, θ', h integers on the site's grid (unit τ·2^-F, gain already divided by the unit):
                  u ← sat(u + rint(g·a)), sat clamps to ±limit (the 24-bit state); saturations are counted.
 
-Op (a non-spiking IR node, one or two inputs, a running-sum event rule from method.md §3; float64 in both tags):
+Op (a non-spiking IR node, one or two inputs, a running-sum event rule from docs/method.md §3; float64 in both tags):
     per_step      y_t = f(t, x_t, ...)                              linear maps; a constant enters at t = 0
     differential  y_t = f(X_t) − f(X_{t−1}),  f(X_{−1}) = 0          rmsnorm, softmax, silu
     bilinear      y_t = f(A_t, b_t) + f(a_t, B_t) − f(a_t, b_t)      a⊙b, q·kᵀ, p·v
