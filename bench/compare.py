@@ -85,9 +85,9 @@ def main() -> None:
     from spikecompile.conversion.convert import load_spiking_model
     from spikecompile.data import load_text, token_windows
     from spikecompile.evaluation import perplexity
-    from spikecompile.ir import interpret
     from spikecompile.files import atomic_write
     from spikecompile.hardware.energy import load_target
+    from spikecompile.ir import interpret
 
     text = load_text(str(TEST), split="eval")
     target = load_target("cmos45nm")

@@ -48,10 +48,10 @@ def main() -> None:
     from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows
     from spikecompile.evaluation import perplexity
+    from spikecompile.files import atomic_write
     from spikecompile.ir import interpret
     from spikecompile.ir import sites_off
     from spikecompile.ir import PhaseNeuron
-    from spikecompile.files import atomic_write
 
     text = load_text(str(TEST), split="eval")
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", "windows": args.windows, "seqlen": args.seqlen,

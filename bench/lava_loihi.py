@@ -89,9 +89,9 @@ def main() -> None:
 
     from spikecompile.backends.lava import build_lava
 
+    from spikecompile.analytic import load_config, map_config
     from spikecompile.build import BuildOptions, build
     from spikecompile.files import atomic_write
-    from spikecompile.analytic import load_config, map_config
     from spikecompile.passes.loihi_mapping import map_loihi2
 
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32), phase coding T=8, 2 grains, Hadamard",

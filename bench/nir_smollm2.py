@@ -54,10 +54,10 @@ def main() -> None:
     from spikecompile.backends.nir.consumer import NirtorchRunner
 
     from spikecompile.build import BuildOptions, build
+    from spikecompile.files import atomic_write
     from spikecompile.ir import evaluate
     from spikecompile.ir import interpret
     from spikecompile.ir import decoder_block
-    from spikecompile.files import atomic_write
 
     with tempfile.TemporaryDirectory() as workdir:
         workdir = Path(workdir)

@@ -43,17 +43,17 @@ def time_forward(model_path: str, mode: str, windows: int, seqlen: int, out: str
 
     if threads:
         torch.set_num_threads(threads)
-    from spikecompile.neuron import kernel
+    from spikecompile.backends.sim import simulate
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import mean_run, save_run
-    from spikecompile.backends.sim import simulate
     from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows
+    from spikecompile.hardware.energy import load_target
+    from spikecompile.heap import keep_large_allocations
     from spikecompile.ir import interpret
     from spikecompile.ir import sites_off
-    from spikecompile.heap import keep_large_allocations
     from spikecompile.ir import PhaseNeuron
-    from spikecompile.hardware.energy import load_target
+    from spikecompile.neuron import kernel
 
     result = build(model_path, BuildOptions())
     ids = token_windows(result.tokenizer, load_text(str(TEST), split="eval"), seqlen, windows, "benchmark")
@@ -144,11 +144,11 @@ def main() -> None:
         if not path.is_file():
             sys.exit(f"error: {path} is missing")
 
-    from spikecompile.backends.sim.analytic import analytic_run
-    from spikecompile.backends.sim.results import rates_by_kind
     from spikecompile.analytic import config_graph, load_config
+    from spikecompile.backends.sim.analytic import analytic_run
     from spikecompile.backends.sim.ledger import ledger
     from spikecompile.backends.sim.measure import load_run
+    from spikecompile.backends.sim.results import rates_by_kind
     from spikecompile.files import atomic_write
     from spikecompile.hardware.energy import load_target
 

@@ -329,10 +329,10 @@ def _measured_run(run_file: str):
 
 
 def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention):
-    from .backends.sim.analytic import analytic_run
-    from .backends.sim.results import rates_by_kind
     from .analytic import config_graph, load_config
+    from .backends.sim.analytic import analytic_run
     from .backends.sim.counting import check_attention
+    from .backends.sim.results import rates_by_kind
     from .passes.timesteps import check_timesteps
 
     check_attention(attention)
@@ -354,8 +354,8 @@ def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grain
 
 def _site_data(site: str, model_file: str | None, meta: dict | None):
     """The site's calibration samples and neuron from the model.pt the run was measured on."""
-    from .files import file_sha256
     from .conversion.convert import site_neuron
+    from .files import file_sha256
     from .modelfile import load
 
     if not model_file:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import SpikecompileError
+from .files import atomic_write
 from .ir import (
     ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorRef, TensorType, layer_indices, layer_of,
     validate,
@@ -28,7 +29,6 @@ from .ir import (
 from .ir.base import torch_dtype
 from .ir.neurons import SITE_KINDS
 from .ir.shapes import bind, per_token, sequence_dims
-from .files import atomic_write
 
 DRAWING_SUFFIXES = (".svg", ".png")
 MIB = 2 ** 20

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
+from spikecompile.analytic import config_graph, load_config
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.analytic import analytic_run
 from spikecompile.backends.sim.results import rates_by_kind
-from spikecompile.analytic import config_graph, load_config
 from spikecompile.backends.sim.results import Counts
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Input, Linear
@@ -51,10 +51,10 @@ def test_analytic_ann_equals_a_measured_ann(graph, config):
     """The ANN column needs no rates: the analytic one equals the one counted on a real run of the same shape."""
     from conftest import build_tiny_llama
     from spikecompile.conversion.convert import SpikingModel
-    from spikecompile.neuron import base2_params
     from spikecompile.conversion.rotation import OnlineHadamard
     from spikecompile.conversion.sites import install_sites
     from spikecompile.frontend import trace
+    from spikecompile.neuron import base2_params
     from spikecompile.passes import PassManager
 
     model = build_tiny_llama()

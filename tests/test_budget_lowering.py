@@ -10,11 +10,11 @@ import pytest
 import torch
 from spikecompile.backends.sim.report import reachable_levels
 
+from spikecompile.ir import Graph, PhaseNeuron
 from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, initial_potential, magnitude_spikes, phase_quantize,
     step_schedule,
 )
-from spikecompile.ir import Graph, PhaseNeuron
 
 ZOO = ("spikedattn", "ttfs", "rate", "sdllm", "negative_v0", "large_v0")
 """The variants zoo_neurons and zoo_graph make: base 2 with K = 2 (spikedattn) and K = 1 (ttfs); bases 1 with

@@ -12,9 +12,9 @@ from spikecompile.cli import cli
 from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.conversion.fit import FitConfig, fit_sites
-from spikecompile.neuron import phase_encode, phase_quantize
 from spikecompile.conversion.weights import rtn_quantize_weights
 from spikecompile.ir import Output, PhaseNeuron, interpret, sites_off
+from spikecompile.neuron import phase_encode, phase_quantize
 
 FIXED = CODINGS[1:]
 

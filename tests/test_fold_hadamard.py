@@ -8,11 +8,11 @@ from spikecompile.backends.sim.simulate import retyped
 
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.errors import SpikecompileError
+from spikecompile.frontend import trace
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.ir import interpret
 from spikecompile.ir import sites_off
-from spikecompile.frontend import trace
 from spikecompile.ir import Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef
-from spikecompile.hadamard import describe_hadamard
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.fold_hadamard import FoldHadamard
 

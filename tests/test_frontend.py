@@ -7,13 +7,13 @@ import torch
 from conftest import build_tiny_llama, convert_tiny, requires_smollm2
 
 from spikecompile.conversion.convert import SpikingModel, load_spiking_model
-from spikecompile.neuron import base2_params
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
+from spikecompile.frontend import trace
 from spikecompile.ir import interpret
 from spikecompile.ir import sites_off
-from spikecompile.frontend import trace
 from spikecompile.ir import PhaseNeuron, read, validate, write
+from spikecompile.neuron import base2_params
 
 VARIANTS = {"plain": ["--rotate", "none", "--prefix", "none"],
             "rotated": ["--rotate", "hadamard", "--prefix", "none"],

@@ -16,12 +16,12 @@ from spikecompile.conversion.allocation import (
 )
 from spikecompile.conversion.convert import SpikingModel
 from spikecompile.conversion.fit import FitConfig, fit_sites, quantizer_mse
-from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_quantize
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import interpret
 from spikecompile.frontend import trace
+from spikecompile.ir import interpret
 from spikecompile.ir import Graph, PhaseNeuron, validate
+from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_quantize
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.grains import AssignGrains
 

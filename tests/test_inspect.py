@@ -11,16 +11,16 @@ from conftest import build_tiny_llama
 from torch import nn
 
 from spikecompile.conversion.convert import SpikingModel
-from spikecompile.neuron import base2_params
-from spikecompile.hadamard import describe_hadamard
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
-from spikecompile.ir.shapes import bind, per_token
-from spikecompile.summary import draw_layer, format_summary, summarize
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.ir import Embedding, Graph, Input, Linear, Output, PhaseNeuron, Rotation, TensorRef
+from spikecompile.ir.shapes import bind, per_token
+from spikecompile.neuron import base2_params
 from spikecompile.passes import PassContext
 from spikecompile.passes.timesteps import AssignTimesteps
+from spikecompile.summary import draw_layer, format_summary, summarize
 
 T, TAU, GRAINS = 6, 4.0, 2
 SITES_PER_LAYER = 9  # attn_norm, q, k, v, attn_probs, o_proj_in, mlp_norm, silu, down_proj_in

@@ -10,9 +10,9 @@ import safetensors.torch
 import torch
 
 from spikecompile import ir
-from spikecompile.neuron import base2_params, initial_potential
-from spikecompile.hadamard import describe_hadamard
 from spikecompile.errors import SpikecompileError
+from spikecompile.hadamard import describe_hadamard
+from spikecompile.neuron import base2_params, initial_potential
 
 
 def _subclasses(cls):

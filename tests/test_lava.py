@@ -20,13 +20,13 @@ from spikecompile.backends.lava import build_lava
 from spikecompile.backends.lava.emit import LOWERINGS, quantized_store, select_part
 from spikecompile.backends.lava.runtime import compat
 
+from spikecompile.backends.sim.simulate import retyped, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
-from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
-from spikecompile.backends.sim.simulate import retyped, run
-from spikecompile.ir import NODE_TYPES, Output, PhaseNeuron
 from spikecompile.hardware.loihi2 import quantize_weights
+from spikecompile.ir import NODE_TYPES, Output, PhaseNeuron
+from spikecompile.neuron import phase_encode
 
 requires_lava = pytest.mark.skipif(importlib.util.find_spec("lava") is None,
                                    reason="lava-nc is not installed (scripts/install.sh installs lava-nc 0.10.0)")

@@ -10,13 +10,10 @@ import torch
 from conftest import convert_tiny, tiny_llama_config
 from test_budget_lowering import ZOO, zoo_graph, zoo_neurons
 
-from spikecompile.build import BuildOptions, build
-from spikecompile.neuron import base2_params, magnitude_spikes, phase_quantize
-from spikecompile.errors import SpikecompileError
-from spikecompile.ir import Graph, Linear, PhaseNeuron
-from spikecompile.passes import CompileInputs, PassManager
 from spikecompile.analytic import MODEL_CONFIGS, map_config
 from spikecompile.analytic import load_config as model_config
+from spikecompile.build import BuildOptions, build
+from spikecompile.errors import SpikecompileError
 from spikecompile.hardware.loihi2 import (
     LIMITS,
     budget_counter_bits,
@@ -27,6 +24,9 @@ from spikecompile.hardware.loihi2 import (
     potential_level,
     residual_schedule,
 )
+from spikecompile.ir import Graph, Linear, PhaseNeuron
+from spikecompile.neuron import base2_params, magnitude_spikes, phase_quantize
+from spikecompile.passes import CompileInputs, PassManager
 from spikecompile.passes.loihi_mapping import map_loihi2
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -20,12 +20,12 @@ from test_ir import assert_same_node, example_graph
 from spikecompile import ir
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
-from spikecompile.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, phase_encode, phase_quantize, step_schedule,
-)
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import evaluate
 from spikecompile.ir import interpret
+from spikecompile.neuron import (
+    PhaseNeuronParams, base2_params, even_genotype, phase_encode, phase_quantize, step_schedule,
+)
 
 nir = pytest.importorskip("nir", reason="the NIR backend needs the nir extra: pip install 'spikecompile[nir]'")
 from spikecompile.backends.nir import build_nir, export, read, run, write_reference_trace

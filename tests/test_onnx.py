@@ -24,13 +24,13 @@ from spikecompile.backends.onnx import (
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.simulate import output_of, run as simulate_run
 from spikecompile.build import BuildOptions, build
-from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_encode, phase_quantize, step_schedule
-from spikecompile.hadamard import describe_hadamard
 from spikecompile.errors import SpikecompileError
+from spikecompile.hadamard import describe_hadamard
 from spikecompile.ir import (
     NODE_TYPES, ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, KVPrefix, Linear, MergeHeads, Output,
     PhaseNeuron, ResidualAdd, Rotation, SplitHeads, TensorRef, tensor_refs, validate,
 )
+from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_encode, phase_quantize, step_schedule
 
 export_module = importlib.import_module("spikecompile.backends.onnx.export")  # the package's `export` is the function
 TOLERANCE = 1e-5

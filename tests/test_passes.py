@@ -6,12 +6,11 @@ from conftest import build_tiny_llama
 
 from spikecompile.backends.sim.simulate import retyped
 from spikecompile.conversion.convert import SpikingModel
-from spikecompile.neuron import base2_params
-from spikecompile.hadamard import describe_hadamard
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import interpret
 from spikecompile.frontend import trace
+from spikecompile.hadamard import describe_hadamard
+from spikecompile.ir import interpret
 from spikecompile.ir import (
     Embedding,
     Graph,
@@ -25,6 +24,7 @@ from spikecompile.ir import (
     TensorRef,
     validate,
 )
+from spikecompile.neuron import base2_params
 from spikecompile.passes import PassContext, PassManager
 from spikecompile.passes.cleanup import Cleanup, dead_nodes, is_identity, is_inverse_pair
 from spikecompile.passes.timesteps import AssignTimesteps

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spikecompile.conversion.rotation import OnlineHadamard, rotate_llama
-from spikecompile.hadamard import apply_hadamard, hadamard_matrix
 from spikecompile.errors import SpikecompileError
+from spikecompile.hadamard import apply_hadamard, hadamard_matrix
 from conftest import build_tiny_llama
 
 WIDTHS = (4, 8, 12, 16, 20, 24, 28, 36, 64, 96, 576, 1536)

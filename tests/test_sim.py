@@ -9,10 +9,10 @@ from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
 from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
 from spikecompile.build import BuildOptions, build
-from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import interpret
 from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron
+from spikecompile.neuron import phase_encode
 from spikecompile.neuron import base2_params
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from spikecompile.conversion.calibration import collect_samples
-from spikecompile.neuron import base2_params
 from spikecompile.conversion.sites import LAYER_SITE_KINDS, install_sites
 from spikecompile.errors import SpikecompileError
+from spikecompile.neuron import base2_params
 from conftest import build_tiny_llama
 
 

@@ -36,42 +36,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spikecompile.neuron import phase_encode
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import evaluate
-from spikecompile.ir.shapes import bind
-from spikecompile.ir import (
-    ActivationMatmul,
-    ElementwiseProduct,
-    Embedding,
-    Graph,
-    Input,
-    IRNode,
-    KVPrefix,
-    Linear,
-    MergeHeads,
-    Nonlinear,
-    Output,
-    PhaseNeuron,
-    ResidualAdd,
-    RoPE,
-    Rotation,
-    SplitHeads,
-    decoder_block,
-    decoder_layers,
-    validate,
-)
 from spikecompile.files import atomic_write
 from spikecompile.hardware.loihi2 import (
-    Loihi2,
-    accumulator_peak,
-    flip_level,
-    grid_bits,
-    load_loihi2,
-    potential_exponent,
-    quantize_weights,
+    Loihi2, accumulator_peak, flip_level, grid_bits, load_loihi2, potential_exponent, quantize_weights,
     residual_schedule,
 )
+from spikecompile.ir import (
+    ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,
+    Output, PhaseNeuron, ResidualAdd, RoPE, Rotation, SplitHeads, decoder_block, decoder_layers, evaluate, validate,
+)
+from spikecompile.ir.shapes import bind
+from spikecompile.neuron import phase_encode
 
 FORMAT = "spikecompile.lava"
 FORMAT_VERSION = 1

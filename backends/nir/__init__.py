@@ -26,11 +26,11 @@ try:
 except ImportError:
     raise SpikecompileError("the nir backend needs the nir extra: pip install 'spikecompile[nir]'") from None
 
+from ..options import BY_TARGET, parse_options
 from .export import build_nir, export
 from .reader import open_export, read
-from .run import run
 from .reference_data import write_reference_trace
-from ..options import BY_TARGET, parse_options
+from .run import run
 
 OPTIONS = BY_TARGET["nir"]
 build = build_nir

@@ -36,11 +36,11 @@ import nir
 import numpy as np
 import safetensors.torch
 
-from .. import BuildResult
 from ...errors import SpikecompileError
+from ...files import atomic_write, check_writable, file_sha256
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
 from ...ir.serialize import json_text
-from ...files import atomic_write, check_writable, file_sha256
+from .. import BuildResult
 from .lower import LOWERINGS, NOT_EXPRESSIBLE, VARIANTS, Lowered, NotExpressible, Variant, lower, vector_width
 from .records import describe
 

@@ -62,7 +62,6 @@ from collections.abc import Callable
 import nir
 import numpy as np
 
-from ...neuron import step_schedule
 from ...ir import (
     ActivationMatmul,
     ElementwiseProduct,
@@ -80,6 +79,7 @@ from ...ir import (
     TensorStore,
     TensorType,
 )
+from ...neuron import step_schedule
 from .records import describe
 
 

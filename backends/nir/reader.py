@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from ...errors import SpikecompileError
-from ...ir import Graph, IRNode, TensorRef, TensorType, validate
 from ...files import file_sha256, read_document
+from ...ir import Graph, IRNode, TensorRef, TensorType, validate
 from .export import FORMAT, FORMAT_VERSION, MANIFEST_FILE, OPS_FILE
 from .lower import VARIANTS, Variant, lower
 from .records import rebuild

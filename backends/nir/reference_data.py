@@ -17,10 +17,10 @@ import nir
 import torch
 from torch import Tensor
 
-from ...neuron import phase_encode
+from ...files import atomic_write
 from ...ir import evaluate
 from ...ir import PhaseNeuron
-from ...files import atomic_write
+from ...neuron import phase_encode
 from .reader import graph_of, open_export
 
 TRACE_FILE = "reference_trace.h5"

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ...errors import SpikecompileError
-from ...ir.interpret import RUNNERS
 from ...ir import Input
+from ...ir.interpret import RUNNERS
 from .reader import open_export
 from .records import rebuild
 

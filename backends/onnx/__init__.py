@@ -23,12 +23,12 @@ try:
 except ImportError:
     raise SpikecompileError("the onnx backend needs the onnx extra: pip install 'spikecompile[onnx]'") from None
 
+from .. import BuildResult
+from ..options import BY_TARGET, parse_options
 from .check import agreement, teacher_forced
 from .export import OPSET, build_onnx, check_form, export, to_onnx
 from .lower import LOWERINGS
 from .run import run, session
-from .. import BuildResult
-from ..options import BY_TARGET, parse_options
 
 OPTIONS = BY_TARGET["onnx"]
 

@@ -26,10 +26,10 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper
 
 from ... import __version__
-from .. import BuildResult
 from ...errors import SpikecompileError
-from ...ir import Graph, TensorStore, validate
 from ...files import atomic_write, check_writable
+from ...ir import Graph, TensorStore, validate
+from .. import BuildResult
 from .builder import GraphBuilder
 from .lower import FORMS, Context, lowering
 

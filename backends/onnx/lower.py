@@ -31,13 +31,13 @@ from collections.abc import Callable
 import torch
 from onnx import TensorProto
 
-from ...neuron import step_schedule
 from ...errors import SpikecompileError
 from ...ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,
     Output, PhaseNeuron, ResidualAdd, RoPE, Rotation, SplitHeads, TensorType,
 )
 from ...ir.base import torch_dtype
+from ...neuron import step_schedule
 from .builder import GraphBuilder, element_type, tensor_proto, value_info
 
 FORMS = ("decoded", "event")

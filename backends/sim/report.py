@@ -16,9 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from spikecompile.neuron import PhaseNeuronParams, step_schedule, weighted_spike_sum
 from spikecompile.errors import SpikecompileError
 from spikecompile.files import atomic_write
+from spikecompile.neuron import PhaseNeuronParams, step_schedule, weighted_spike_sum
 
 from .ledger import TIERS
 from .results import OUTSIDE_LAYERS, SimRun, firing_rates

@@ -30,15 +30,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from spikecompile.neuron import kernel
-from spikecompile.neuron import phase_decode, phase_encode, step_schedule
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
 from spikecompile.heap import keep_large_allocations
 from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
     PhaseNeuron, TensorRef,
 )
+from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
+from spikecompile.neuron import kernel, phase_decode, phase_encode, step_schedule
 
 from .counting import SpikeTally, structure
 

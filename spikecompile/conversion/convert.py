@@ -14,10 +14,10 @@ from ..data import load_text, token_windows
 from ..errors import SpikecompileError
 from ..files import check_writable
 from ..loading import ModelSource, load_model, resolve_source, verify_source
+from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
 from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
-from ..neuron import PhaseNeuronParams
 from .prefix import PrefixCache, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites

@@ -38,28 +38,12 @@ from torch import Tensor, nn
 
 from ..conversion.convert import SpikingModel, site_neuron
 from ..conversion.rotation import OnlineHadamard
-from ..hadamard import describe_hadamard
 from ..conversion.sites import site_name
 from ..errors import SpikecompileError
+from ..hadamard import describe_hadamard
 from ..ir import (
-    ActivationMatmul,
-    ElementwiseProduct,
-    Embedding,
-    Graph,
-    Input,
-    IRNode,
-    KVPrefix,
-    Linear,
-    MergeHeads,
-    Nonlinear,
-    Output,
-    PhaseNeuron,
-    ResidualAdd,
-    RoPE,
-    Rotation,
-    SplitHeads,
-    TensorRef,
-    validate,
+    ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,
+    Output, PhaseNeuron, ResidualAdd, RoPE, Rotation, SplitHeads, TensorRef, validate,
 )
 
 # rope types whose inv_freq is fixed at load time (the dynamic ones rescale it with the sequence length)

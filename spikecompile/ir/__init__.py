@@ -1,6 +1,7 @@
 """The intermediate representation: typed nodes (one module per family, each node's docstring its equation),
 weights by reference, a networkx graph with a validator, and an on-disk format (graph.json +
-tensors.safetensors, and weights.safetensors when written with the store). The frontend traces a model into it, passes rewrite it, backends lower it.
+tensors.safetensors, and weights.safetensors when written with the store). The frontend traces a model into it,
+passes rewrite it, backends lower it. Equations and formats: docs/ir.md.
 
     base       TensorType, TensorRef, TensorStore, IRNode and the NODE_TYPES registry
     linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
@@ -16,21 +17,16 @@ tensors.safetensors, and weights.safetensors when written with the store). The f
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
 from .graph import Graph, validate
-from .linear import (
-    Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads,
-)
+from .interpret import evaluate, interpret, sites_off
 from .layers import decoder_block, decoder_layers, layer_indices, layer_of
+from .linear import Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads
 from .neurons import PhaseNeuron
 from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 from .serialize import read, read_weights, tensor_refs, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "read_weights", "tensor_refs", "write",
-    "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads", "KVPrefix",
-    "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct",
-    "layer_of", "layer_indices", "decoder_block", "decoder_layers",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "read_weights",
+    "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads",
+    "KVPrefix", "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct", "layer_of",
+    "layer_indices", "decoder_block", "decoder_layers", "evaluate", "interpret", "sites_off",
 ]
-
-from .interpret import evaluate, interpret, sites_off  # noqa: E402  (needs the node types above)
-
-__all__ += ["evaluate", "interpret", "sites_off"]

@@ -15,28 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..neuron.kernel import Prepared, prepare, quantize
-from ..hadamard import apply_hadamard
 from ..errors import SpikecompileError
-from . import (
-    ActivationMatmul,
-    ElementwiseProduct,
-    Embedding,
-    Graph,
-    Input,
-    IRNode,
-    KVPrefix,
-    Linear,
-    MergeHeads,
-    Nonlinear,
-    Output,
-    PhaseNeuron,
-    ResidualAdd,
-    RoPE,
-    Rotation,
-    SplitHeads,
-    TensorStore,
-)
+from ..hadamard import apply_hadamard
+from ..neuron.kernel import Prepared, prepare, quantize
+from .base import IRNode, TensorStore
+from .graph import Graph
+from .linear import Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads
+from .neurons import PhaseNeuron
+from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 
 Runner = Callable[[IRNode, dict[str, Tensor], TensorStore], Tensor]
 

@@ -25,9 +25,9 @@ import torch
 
 from ..conversion.allocation import SearchConfig, block_lengths, search_genotypes
 from ..conversion.fit import _FIELDS, FitConfig, fit_sites, quantizer_mse
-from ..neuron import PhaseNeuronParams, even_genotype
 from ..errors import SpikecompileError
 from ..ir import Graph, PhaseNeuron, validate
+from ..neuron import PhaseNeuronParams, even_genotype
 from .manager import Pass, PassContext, PassResult, register_pass
 from .timesteps import is_base2
 

@@ -27,9 +27,9 @@ import networkx as nx
 import torch
 
 from ..conversion.convert import TIMESTEP_RANGE
-from ..neuron import base2_params
 from ..errors import SpikecompileError
 from ..ir import Graph, PhaseNeuron, validate
+from ..neuron import base2_params
 from .manager import Pass, PassContext, PassResult, register_pass
 
 
