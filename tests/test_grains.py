@@ -101,14 +101,18 @@ def test_relaxed_losses_are_the_mse_they_stand_for():
 def planted():
     """Two sites whose best split of T=8 steps is uneven and opposite, and every candidate refitted (brute force).
 
-    Site 0, a narrow tail (×10, 2 %), wants a short first block; site 1, a wide tail (×100, 5 %), a long one.
-    Brute force: each candidate fitted with fit_sites under two seeds, the better kept (the fit is itself noisy).
+    Site 0, a sparse tail (×30, 0.5 %: about 10 of its 2048 values), wants a short first block: brute force
+    puts [3, 5] first, every other split ≥ 10 % worse and the even [4, 4] ≥ 30 % worse. Site 1, a very wide
+    tail (×300, 5 %), wants a long one: [6, 2] first, every other split ≥ 10 % worse, [4, 4] ≥ 35 % worse.
+    These gaps stand far above the fit's noise and the float rounding of the CPU kernels (the same picks,
+    margins within 1 %, under ATEN_CPU_CAPABILITY=default, avx2 and avx512). Brute force: each candidate
+    fitted with fit_sites under four seeds, the best kept (the fit is itself noisy).
     """
     generator = torch.Generator().manual_seed(0)
-    samples = torch.stack([mixture(10, 0.02, 2048, generator), mixture(100, 0.05, 2048, generator)])
+    samples = torch.stack([mixture(30, 0.005, 2048, generator), mixture(300, 0.05, 2048, generator)])
     candidates = candidate_genotypes(8, 2)
     brute = torch.stack([fit_sites(samples.repeat_interleave(len(candidates), 0), FitConfig(T=8, n_grains=2, seed=seed),
-                                   genotypes=candidates.repeat(2, 1)).mse.view(2, -1) for seed in (0, 1)]).amin(0)
+                                   genotypes=candidates.repeat(2, 1)).mse.view(2, -1) for seed in range(4)]).amin(0)
     tau = fit_sites(samples, FitConfig(T=8, n_grains=2, coding="las")).base2_tau
     return samples, tau, candidates, brute
 
