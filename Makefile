@@ -29,7 +29,7 @@ test: install
 # must not depend on the kernels' rounding. `make test` ran the native one; one the CPU lacks falls back silently
 # (torch reports another): both are skipped, and each run prints the capability torch reports.
 CPU_CAPABILITIES := default avx2 avx512
-NUMERIC_TESTS := tests/test_build.py tests/test_fold_hadamard.py tests/test_passes.py tests/test_codings.py \
+NUMERIC_TESTS := tests/test_build.py tests/test_fold_hadamard.py tests/test_passes.py tests/test_codings.py tests/test_grains.py \
 	tests/test_frontend.py tests/test_sim.py tests/test_kernel.py tests/test_rotation.py
 CAPABILITY := $(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())" 2>/dev/null
 
