@@ -229,11 +229,11 @@ def reference(part, store, inputs):
     graph, store = retyped(part, store, torch.float64)
     values = {name: torch.from_numpy(value) for name, value in inputs.items()}
     values = {name: value.double() if value.is_floating_point() else value for name, value in values.items()}
-    trace = run(graph, store, values, "event")
-    outputs = {name: trace.values[name].numpy() for name in graph if isinstance(graph[name], Output)}
+    recording = run(graph, store, values, "event")
+    outputs = {name: recording.values[name].numpy() for name in graph if isinstance(graph[name], Output)}
     neurons = [name for name in graph if isinstance(graph[name], PhaseNeuron)]
-    counts = {graph[name].site: trace.spikes[name].sum(0).reshape(-1).numpy() for name in neurons}
-    sites = {graph[name].site: trace.values[graph.inputs(name)["x"]].sum(0) for name in neurons}
+    counts = {graph[name].site: recording.spikes[name].sum(0).reshape(-1).numpy() for name in neurons}
+    sites = {graph[name].site: recording.values[graph.inputs(name)["x"]].sum(0) for name in neurons}
     return outputs, counts, sites
 
 

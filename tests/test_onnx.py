@@ -95,8 +95,8 @@ def test_logits_match_the_simulator(built, sessions, form):
 def test_event_spike_planes_are_the_simulators(built, sessions):
     ids = _ids()
     outputs = run(sessions["event"], {"input_ids": ids})
-    trace = simulate_run(built.graph, built.store, ids, "event")
-    for name, spikes in trace.spikes.items():
+    recording = simulate_run(built.graph, built.store, ids, "event")
+    for name, spikes in recording.spikes.items():
         assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
 
 
@@ -104,14 +104,14 @@ def test_event_spike_planes_are_the_simulators(built, sessions):
 def test_teacher_forced_check_node_by_node(built, exported, form):
     folder, _ = exported
     ids = _ids()
-    trace = simulate_run(built.graph, built.store, ids, form)
+    recording = simulate_run(built.graph, built.store, ids, form)
     model = onnx.load(str(folder / f"{form}.onnx"))
     cut = teacher_forced(model, built.graph)
     neurons = [name for name in built.graph if isinstance(built.graph[name], PhaseNeuron)]
     assert {given.name for given in cut.graph.input} >= set(neurons)
-    figures = agreement(model, built.graph, {"input_ids": ids}, trace.values)
+    figures = agreement(model, built.graph, {"input_ids": ids}, recording.values)
     assert figures["input_difference"] <= TOLERANCE and figures["output_difference"] <= TOLERANCE
-    assert figures["flipped"] == 0 and figures["elements"] == sum(trace.values[name].numel() for name in neurons)
+    assert figures["flipped"] == 0 and figures["elements"] == sum(recording.values[name].numel() for name in neurons)
 
 
 @pytest.mark.parametrize("form", ["decoded", "event"])
@@ -253,13 +253,13 @@ def test_dyadic_weights_give_the_simulators_spike_planes_exactly(tmp_path):
     graph, store = _dyadic_graph()
     export(graph, store, tmp_path, "both", spike_outputs=True)
     ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(3))
-    trace = simulate_run(graph, store, ids, "event")
+    recording = simulate_run(graph, store, ids, "event")
     outputs = run(tmp_path / "event.onnx", {"ids": ids})
     fired = 0
-    for name, spikes in trace.spikes.items():
+    for name, spikes in recording.spikes.items():
         assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
         fired += int(spikes.any(0).float().mean() > 0.05)
-    assert fired == len(trace.spikes)  # every neuron is in use
+    assert fired == len(recording.spikes)  # every neuron is in use
     for form, values in (("event", outputs), ("decoded", run(tmp_path / "decoded.onnx", {"ids": ids}))):
         expected = output_of(graph, simulate_run(graph, store, ids, form))
         assert torch.allclose(torch.from_numpy(values["logits"]), expected, rtol=1e-6, atol=1e-6), form
@@ -318,12 +318,12 @@ def test_zoo_model_matches_the_simulator_node_by_node(built, form, tmp_path):
     graph = zoo_graph(built.graph)
     export(graph, built.store, tmp_path, form)
     ids = _ids()
-    trace = simulate_run(graph, built.store, ids, form)
-    figures = agreement(onnx.load(str(tmp_path / f"{form}.onnx")), graph, {"input_ids": ids}, trace.values)
+    recording = simulate_run(graph, built.store, ids, form)
+    figures = agreement(onnx.load(str(tmp_path / f"{form}.onnx")), graph, {"input_ids": ids}, recording.values)
     assert figures["input_difference"] <= TOLERANCE and figures["output_difference"] <= TOLERANCE, figures
     assert figures["flipped_on_equal"] == 0 and figures["flipped"] <= 1e-3 * figures["elements"], figures
-    budgets = {name: graph[name].max_spikes for name in trace.spikes if graph[name].max_spikes}
-    assert budgets and all(int(trace.spikes[name].sum(0).max()) <= budget for name, budget in budgets.items())
+    budgets = {name: graph[name].max_spikes for name in recording.spikes if graph[name].max_spikes}
+    assert budgets and all(int(recording.spikes[name].sum(0).max()) <= budget for name, budget in budgets.items())
 
 
 def test_dyadic_zoo_graph_gives_the_simulators_spike_planes_exactly(tmp_path):
@@ -331,9 +331,9 @@ def test_dyadic_zoo_graph_gives_the_simulators_spike_planes_exactly(tmp_path):
     graph = zoo_graph(graph, ("spikedattn", "ttfs", "negative_v0", "sdllm", "rate", "large_v0"))
     export(graph, store, tmp_path, "both", spike_outputs=True)
     ids = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(3))
-    trace = simulate_run(graph, store, ids, "event")
+    recording = simulate_run(graph, store, ids, "event")
     outputs = run(tmp_path / "event.onnx", {"ids": ids})
-    for name, spikes in trace.spikes.items():
+    for name, spikes in recording.spikes.items():
         assert torch.equal(torch.from_numpy(outputs[f"{name}.spikes"]), spikes), name
     for form, values in (("event", outputs), ("decoded", run(tmp_path / "decoded.onnx", {"ids": ids}))):
         expected = output_of(graph, simulate_run(graph, store, ids, form))

@@ -34,9 +34,9 @@ def float64_traces(built):
 
 def test_decoded_mode_is_the_interpreter(built):
     ids = _ids()
-    trace = run(built.graph, built.store, ids, "decoded")
+    recording = run(built.graph, built.store, ids, "decoded")
     (output,) = [name for name in built.graph if isinstance(built.graph[name], Output)]
-    assert torch.equal(trace.values[output], interpret(built.graph, built.store, ids))
+    assert torch.equal(recording.values[output], interpret(built.graph, built.store, ids))
 
 
 def test_event_and_decoded_agree_node_by_node(float64_traces):

@@ -27,11 +27,11 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
     check_attention(attention)
     if dtype is not None:
         graph, store = retyped(graph, store, dtype)
-    trace = run(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
-    shapes = trace.shapes
-    snn, ann = count(graph, shapes, trace.spikes, attention)
+    recording = run(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
+    shapes = recording.shapes
+    snn, ann = count(graph, shapes, recording.spikes, attention)
     sites = {}
-    for name, tally in trace.spikes.items():
+    for name, tally in recording.spikes.items():
         node: PhaseNeuron = graph[name]
         per_step = [float(spikes) for spikes in tally.per_step]
         elements = math.prod(shapes[name])
@@ -40,7 +40,7 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
                             "firing_rate": sum(per_step) / (elements * node.timesteps)}
     tokens = _tokens(graph, shapes)
     return SimRun(tokens=tokens, snn=snn, ann=ann, layers={name: layer_of(name) for name in graph},
-                  sites=sites, logits=output_of(graph, trace))
+                  sites=sites, logits=output_of(graph, recording))
 
 
 def _tokens(graph: Graph, shapes) -> int:

@@ -43,11 +43,11 @@ from .counting import SpikeTally, structure
 
 MODES = ("decoded", "event")
 SPIKE_FORMS = ("planes", "tally")
-"""How a Trace keeps each neuron's spikes: bool planes [T, *shape], or a SpikeTally (what the counters read)."""
+"""How a Recording keeps each neuron's spikes: bool planes [T, *shape], or a SpikeTally (what the counters read)."""
 
 
 @dataclasses.dataclass
-class Trace:
+class Recording:
     """One run: node values (event mode: [T, ...] per node; all of them, or with keep_values=False only the
     Outputs), each neuron's spikes (bool planes [T, ...], or with spikes="tally" a SpikeTally), and every node's
     decoded output shape."""
@@ -91,7 +91,7 @@ def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
 
 @torch.no_grad()
 def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
-        mask_steps: int | None = None, keep_values: bool = True, spikes: str = "planes") -> Trace:
+        mask_steps: int | None = None, keep_values: bool = True, spikes: str = "planes") -> Recording:
     """Run `graph` (every node's timesteps assigned) on `inputs` (token ids, or values by Input name).
     keep_values=False drops each value once its last consumer has run (event mode on a 512-token window of a
     real model would otherwise hold every node's T steps at once). spikes: keep each neuron's spikes as bool
@@ -164,7 +164,7 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
                 running.pop(source, None)
     for name in list(running):  # kept values: every node's per-step values
         events(name)
-    return Trace(values, fired, mode, shapes, frozenset(stepped))
+    return Recording(values, fired, mode, shapes, frozenset(stepped))
 
 
 def readout_only(graph: Graph) -> frozenset[str]:
@@ -189,10 +189,10 @@ def readout_only(graph: Graph) -> frozenset[str]:
     return frozenset(summed)
 
 
-def output_of(graph: Graph, trace: Trace) -> Tensor:
+def output_of(graph: Graph, recording: Recording) -> Tensor:
     """The value of the graph's one Output: decoded, whatever the mode (event mode sums its steps)."""
     (name,) = [name for name in graph if isinstance(graph[name], Output)]
-    return trace.values[name]
+    return recording.values[name]
 
 
 def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
