@@ -7,8 +7,7 @@ from conftest import tiny_llama_config
 from spikecompile.analytic import config_graph, load_config
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.analytic import analytic_run
-from spikecompile.backends.sim.results import rates_by_kind
-from spikecompile.backends.sim.results import Counts
+from spikecompile.backends.sim.results import Counts, rates_by_kind
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import Input, Linear
 

@@ -10,9 +10,9 @@ from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
 from spikecompile.hadamard import describe_hadamard
-from spikecompile.ir import interpret
-from spikecompile.ir import sites_off
-from spikecompile.ir import Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef
+from spikecompile.ir import (
+    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef, interpret, sites_off,
+)
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.fold_hadamard import FoldHadamard
 
@@ -124,10 +124,10 @@ def test_hand_built_folds_into_producer_or_consumer(where):
 def test_a_rotation_between_nonlinear_nodes_becomes_online():
     graph, store = _chain("silu")
     graph.add_node("silu2", Nonlinear(function="silu"))
-    graph.nx.remove_edge("rotation", "proj")
+    graph.remove_edge("rotation", "proj")
     graph.add_edge("rotation", "silu2")
     graph.add_edge("silu2", "proj")
-    graph.nx.remove_edge("embed", "silu")
+    graph.remove_edge("embed", "silu")
     graph.add_node("silu0", Nonlinear(function="silu"))
     graph.add_edge("embed", "silu0")
     graph.add_edge("silu0", "silu")

@@ -10,9 +10,7 @@ from spikecompile.conversion.convert import SpikingModel, load_spiking_model
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
-from spikecompile.ir import interpret
-from spikecompile.ir import sites_off
-from spikecompile.ir import PhaseNeuron, read, validate, write
+from spikecompile.ir import PhaseNeuron, interpret, read, sites_off, validate, write
 from spikecompile.neuron import base2_params
 
 VARIANTS = {"plain": ["--rotate", "none", "--prefix", "none"],
@@ -92,7 +90,7 @@ def test_graph_names_sites_weights_and_prefix(traced):
     if "rotated" in name:
         rotation = graph["layers.0.mlp.online_hadamard"]
         assert rotation.where == "online" and rotation.n == 96
-        assert list(graph.nx.successors("layers.0.mlp.online_hadamard")) == ["layers.0.down_proj_in"]
+        assert graph.consumers("layers.0.mlp.online_hadamard") == ["layers.0.down_proj_in"]
 
 
 def test_graph_round_trips_through_the_ir_format(traced, tmp_path):

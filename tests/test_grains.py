@@ -19,8 +19,7 @@ from spikecompile.conversion.fit import FitConfig, fit_sites, quantizer_mse
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
-from spikecompile.ir import interpret
-from spikecompile.ir import Graph, PhaseNeuron, validate
+from spikecompile.ir import Graph, PhaseNeuron, interpret, validate
 from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_quantize
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.grains import AssignGrains
@@ -265,9 +264,9 @@ def test_refit_worse_than_the_current_neuron_is_kept(fitted):
     sites = ["layers.0.k", "layers.0.v", "layers.1.q", "layers.1.o_proj_in"]
     strong = fit_sites(torch.stack([samples[site] for site in sites]),
                        FitConfig(T=T, n_grains=2, rounds=8, search_rounds=60, search_trials=32, seed=5))
-    planted = Graph(graph.nx.copy())
+    planted = graph.copy()
     for index, site in enumerate(sites):
-        planted.nx.nodes[site]["node"] = PhaseNeuron.from_params(site, neuron_at(strong.params, index))
+        planted.replace(site, PhaseNeuron.from_params(site, neuron_at(strong.params, index)))
     result = _run(planted, samples, search="even", sites=sites)
     assert result.notes["kept"] >= 1 and result.notes["kept"] + result.notes["replaced"] == len(sites)
     for site, note in result.notes["sites"].items():
@@ -278,8 +277,8 @@ def test_refit_worse_than_the_current_neuron_is_kept(fitted):
 
 def test_base2_sites_are_left_alone_without_samples(fitted):
     _, graph, _, samples = fitted
-    planted = Graph(graph.nx.copy())
-    planted.nx.nodes["layers.0.q"]["node"] = PhaseNeuron.from_params("layers.0.q", base2_params(2.0, T, 2))
+    planted = graph.copy()
+    planted.replace("layers.0.q", PhaseNeuron.from_params("layers.0.q", base2_params(2.0, T, 2)))
     others = {site: values for site, values in samples.items() if site != "layers.0.q"}
     result = _run(planted, others, sites=["layers.0.q", "layers.1.silu"])
     assert result.notes["base2_unchanged"] == 1 and list(result.notes["sites"]) == ["layers.1.silu"]

@@ -429,3 +429,12 @@ def test_rope_tables_are_the_scaled_cos_and_sin_of_position_times_frequency():
     assert torch.allclose(cos.double(), 0.5 * angles.cos(), atol=1e-6)
     assert torch.allclose(sin.double(), 0.5 * angles.sin(), atol=1e-6)
     assert torch.equal(cos[:, :2], cos[:, 2:])  # rotate-half: channel j and j + head_dim/2 turn together
+
+
+def test_removing_an_edge_keeps_both_nodes():
+    graph = ir.Graph()
+    graph.add_node("x", ir.Input(shape=(1, 4), dtype="float32"))
+    graph.add_node("y", ir.Output())
+    graph.add_edge("x", "y")
+    graph.remove_edge("x", "y")
+    assert set(graph) == {"x", "y"} and not graph.has_edge("x", "y") and graph.edges() == []

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from spikecompile.neuron import kernel
 from spikecompile.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, magnitude_spikes, phase_decode, phase_encode,
-    phase_quantize, step_schedule, weighted_spike_sum,
+    PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, kernel, magnitude_spikes, phase_decode,
+    phase_encode, phase_quantize, step_schedule, weighted_spike_sum,
 )
 
 OUTPUTS = dict(out=True, spikes=True, events=True, code=True, popcount=True, rows=True)

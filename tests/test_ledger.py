@@ -9,9 +9,7 @@ import torch
 
 from spikecompile.backends.sim.ledger import WORD_BITS, ledger, tier_energies
 from spikecompile.backends.sim.report import reachable_levels, write_report
-from spikecompile.backends.sim.results import CONVENTION, Counts
-from spikecompile.backends.sim.results import firing_rates
-from spikecompile.backends.sim.results import SimRun
+from spikecompile.backends.sim.results import CONVENTION, Counts, SimRun, firing_rates
 from spikecompile.errors import SpikecompileError
 from spikecompile.hardware.energy import load_target
 from spikecompile.neuron import PhaseNeuronParams, base2_params, even_genotype, golden_base2, phase_quantize

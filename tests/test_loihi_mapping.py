@@ -10,8 +10,7 @@ import torch
 from conftest import convert_tiny, tiny_llama_config
 from test_budget_lowering import ZOO, zoo_graph, zoo_neurons
 
-from spikecompile.analytic import MODEL_CONFIGS, map_config
-from spikecompile.analytic import load_config as model_config
+from spikecompile.analytic import MODEL_CONFIGS, load_config as model_config, map_config
 from spikecompile.build import BuildOptions, build
 from spikecompile.errors import SpikecompileError
 from spikecompile.hardware.loihi2 import (

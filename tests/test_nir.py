@@ -21,8 +21,7 @@ from spikecompile import ir
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import evaluate
-from spikecompile.ir import interpret
+from spikecompile.ir import evaluate, interpret
 from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, phase_encode, phase_quantize, step_schedule,
 )

@@ -10,18 +10,8 @@ from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
 from spikecompile.hadamard import describe_hadamard
-from spikecompile.ir import interpret
 from spikecompile.ir import (
-    Embedding,
-    Graph,
-    Input,
-    Linear,
-    Nonlinear,
-    Output,
-    PhaseNeuron,
-    ResidualAdd,
-    Rotation,
-    TensorRef,
+    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, ResidualAdd, Rotation, TensorRef, interpret,
     validate,
 )
 from spikecompile.neuron import base2_params
@@ -161,7 +151,7 @@ def test_small_graph_timesteps_cross_the_neuron():
 # cleanup
 
 def _plant_dead_branch_and_identity(graph: Graph) -> Graph:
-    planted = Graph(graph.nx.copy())
+    planted = graph.copy()
     planted.add_node("dead.silu", Nonlinear(function="silu"))
     planted.add_edge("layers.1.attn_residual", "dead.silu")
     planted.add_node("dead.proj", Linear(weight=graph["layers.1.mlp.up_proj"].weight))
@@ -171,9 +161,9 @@ def _plant_dead_branch_and_identity(graph: Graph) -> Graph:
     planted.add_node("layers.0.basis_back", Rotation(n=64, where="online", construction=describe_hadamard(64),
                                                      signs=signs, transpose=True))
     planted.add_node("layers.0.unit", Rotation(n=1, where="online", construction=describe_hadamard(1)))
-    consumers = list(planted.nx.out_edges("layers.0.attn_residual", data="port"))
+    consumers = planted.out_edges("layers.0.attn_residual")
     for _, consumer, port in consumers:
-        planted.nx.remove_edge("layers.0.attn_residual", consumer)
+        planted.remove_edge("layers.0.attn_residual", consumer)
         planted.add_edge("layers.0.unit", consumer, port)
     for source, target in [("layers.0.attn_residual", "layers.0.basis"), ("layers.0.basis", "layers.0.basis_back"),
                            ("layers.0.basis_back", "layers.0.unit")]:

@@ -10,10 +10,8 @@ from spikecompile.backends.sim.counting import count
 from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.errors import SpikecompileError
-from spikecompile.ir import interpret
-from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron
-from spikecompile.neuron import phase_encode
-from spikecompile.neuron import base2_params
+from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron, interpret
+from spikecompile.neuron import base2_params, phase_encode
 
 
 def _ids(length=20, seed=0):

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from ...files import atomic_write
-from ...ir import evaluate
-from ...ir import PhaseNeuron
+from ...ir import PhaseNeuron, evaluate
 from ...neuron import phase_encode
 from .reader import graph_of, open_export
 

@@ -19,8 +19,7 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.hardware.energy import Constant, Target
 
 from .counting import check_attention
-from .results import CONVENTION, Counts
-from .results import SimRun
+from .results import CONVENTION, Counts, SimRun
 
 TIERS = {
     "compute": "compute only",

@@ -13,8 +13,7 @@ from spikecompile.evaluation import perplexity
 from spikecompile.files import atomic_write, read_document
 
 from . import simulate
-from .results import Counts
-from .results import SimRun
+from .results import Counts, SimRun
 
 FORMAT = "spikecompile.sim"
 FORMAT_VERSION = 1

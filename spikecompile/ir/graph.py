@@ -58,6 +58,10 @@ class Graph:
         """Remove node `name` and every edge into or out of it."""
         self.nx.remove_node(name)
 
+    def remove_edge(self, source: str, target: str) -> None:
+        """Drop the edge source → target (the nodes stay)."""
+        self.nx.remove_edge(source, target)
+
     def remove_nodes(self, names) -> None:
         """Remove the named nodes and their edges; names not in the graph are ignored."""
         self.nx.remove_nodes_from(names)

@@ -26,10 +26,8 @@ compat.install()  # before the first lava import
 from lava.magma.core.run_conditions import RunSteps
 from lava.magma.core.run_configs import Loihi2SimCfg
 from lava.proc.dense.process import Dense
-from lava.proc.io.sink import PyReceiveModelFloat
-from lava.proc.io.sink import RingBuffer as Sink
-from lava.proc.io.source import PySendModelFloat
-from lava.proc.io.source import RingBuffer as Source
+from lava.proc.io.sink import PyReceiveModelFloat, RingBuffer as Sink
+from lava.proc.io.source import PySendModelFloat, RingBuffer as Source
 from lava.proc.sparse.process import Sparse
 from lava.utils.weightutils import SignMode
 from scipy import sparse  # a dependency of lava-nc
