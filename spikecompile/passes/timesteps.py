@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import networkx as nx
 import torch
 
-from ..conversion.convert import TIMESTEP_RANGE
 from ..errors import SpikecompileError
 from ..ir import Graph, PhaseNeuron, validate
+from ..modelschema import TIMESTEP_RANGE
 from ..neuron import base2_params
 from .manager import Pass, PassContext, PassResult, register_pass
 
