@@ -16,6 +16,8 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
+import logging.handlers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -217,7 +219,7 @@ def load_model(source: ModelSource):
         folder, extra = gguf_path.parent, {"gguf_file": gguf_path.name}
     # transformers, tokenizers, safetensors and gguf raise anything from KeyError to ZeroDivisionError on a
     # damaged file: the boundary turns each into one line naming the source and the part that failed.
-    with _tqdm_disabled():  # transformers' GGUF de-quantisation bar ignores disable_progress_bar
+    with _tqdm_disabled(), _held_log(transformers_logging.get_logger()):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         except Exception as error:
@@ -236,6 +238,20 @@ def load_model(source: ModelSource):
 def _describe(error: Exception) -> str:
     """`KeyError: 'added_tokens'`: the type says more than the bare message of a KeyError or an IndexError."""
     return f"{type(error).__name__}: {_first_line(error)}" if not isinstance(error, OSError) else _first_line(error)
+
+
+@contextlib.contextmanager
+def _held_log(logger: logging.Logger):
+    """Hold the logger's lines during the block and pass them on only if it succeeds: a failed load is the one
+    error line, not transformers' warnings about the damaged file before it."""
+    handlers, held = logger.handlers[:], logging.handlers.BufferingHandler(capacity=1 << 20)
+    logger.handlers = [held]
+    try:
+        yield
+    finally:
+        logger.handlers = handlers
+    for record in held.buffer:
+        logger.handle(record)
 
 
 @contextlib.contextmanager
