@@ -132,7 +132,7 @@ class Record(BaseModel):
     """Strict types (no "8" for 8, no 1 for True), no NaN/inf floats; keys not named here are ignored.
     The base of every file schema here and of those that read other files (backends.sim.measure: sim.json)."""
 
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class Source(Record):
