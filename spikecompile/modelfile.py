@@ -11,13 +11,16 @@ seed), and the spike-site table.
     rotation         None, or rotation.rotate_llama's record {method, seed, residual, head, online, ...}
     weights          None, or conversion.weights' RTN record {method, bits, grid, linears} (re-applied on load)
     prefix           None, or the KV prefix (prefix.select_prefix): {token_ids, tokens, eta, outlier_counts}
-    coding           {name: one of conversion.codings.CODINGS, timesteps, grains}
-    sites            {site name: {layer: int|None, kind, timesteps, genotype: int64[T],
-                      tau: float32[], d/h/theta: float32[n], v0: float32[], max_spikes: int,
+    coding           {name: one of modelschema.CODINGS, timesteps: 4..16, grains: 1..T/2}
+    sites            {site name: {layer: int|None, kind, timesteps: 4..16, genotype: int64[T],
+                      tau: float32[], d/h/theta: float32[n], v0: float32[], max_spikes: int in 0..T-1,
                       calibration: {mse, base2_tau, base2_mse, lloyd_max_mse, lloyd_max_levels, max_abs},
                       samples: float32[N] (the stored calibration samples, for later re-fitting)}}
     calibration      {source, sha256, windows, seqlen, samples_per_site}
-    conversion       {spikecompile, torch, transformers, seed, fit: {...}, created_utc}
+    conversion       {spikecompile, torch, transformers, seed, fit: {...}, options: {...}, created_utc}
+
+Every field's type, range and agreement with the others is the schema of spikecompile.modelschema, checked when
+the file is read (load) and before it is written (save).
 
 `created_utc` follows the reproducible-builds convention: it is SOURCE_DATE_EPOCH when that is set, so the
 same inputs, seed and SOURCE_DATE_EPOCH give a byte-identical file.
@@ -26,12 +29,15 @@ same inputs, seed and SOURCE_DATE_EPOCH give a byte-identical file.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import SpikecompileError
 from .files import atomic_write
+from .modelschema import record_fault
 
 FORMAT = "spikecompile.model"
 FORMAT_VERSION = 2
@@ -44,6 +50,10 @@ def save(record: dict, path: str | Path) -> None:
     if missing:
         raise ValueError(f"model record lacks {missing}")
     _check_plain(payload, "record")
+    fault = record_fault(payload)
+    if fault:
+        raise SpikecompileError(f"{path}: the converted model is outside the model.pt format ({fault}); "
+                                f"nothing was written")
     atomic_write(path, lambda temp: _torch_save(payload, temp))
 
 
@@ -59,17 +69,7 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SpikecompileError(f"{path}: no such model file")
-    try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        raise SpikecompileError(
-            f"{path}: refused — the file contains pickled code or objects that are not plain data "
-            f"(model.pt files are loaded with weights_only=True); only load files you converted"
-        ) from None
-    except Exception as error:  # torch.load raises anything from RuntimeError to IndexError on foreign bytes
-        raise SpikecompileError(
-            f"{path}: not a readable model.pt (truncated, corrupt or not a torch file: {_first_line(error)})"
-        ) from None
+    payload = _read_plain_data(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise SpikecompileError(f"{path}: not a spikecompile model file")
     version = payload.get("format_version")
@@ -78,10 +78,43 @@ def load(path: str | Path) -> dict:
             f"{path}: model format version {version}, this spikecompile reads version {FORMAT_VERSION}; "
             f"re-convert the model with this version"
         )
-    missing = [key for key in REQUIRED_KEYS if key not in payload]
-    if missing:
-        raise SpikecompileError(f"{path}: model file lacks {', '.join(missing)}; re-convert the model")
+    fault = record_fault(payload)
+    if fault:
+        raise SpikecompileError(f"{path}: {fault}; re-convert the model")
     return payload
+
+
+# What torch's weights-only unpickler says when a well-formed pickle names a global (a function or class to
+# call): the file holds code or objects. Anything else it says means the bytes are no valid pickle at all.
+_OBJECT_REFUSALS = re.compile(r"GLOBAL (\S+)|call reduce|create new object|Can only build")
+
+
+def _read_plain_data(path: Path):
+    """torch.load(weights_only=True): code in the file is refused, never run; foreign bytes are called that."""
+    try:
+        with warnings.catch_warnings():  # its pickle-protocol UserWarning would be a second line on stderr
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        refusal = _OBJECT_REFUSALS.search(str(error)) if _is_torch_container(path) else None
+        if refusal:
+            named = f" ({refusal.group(1)})" if refusal.group(1) else ""
+            raise SpikecompileError(
+                f"{path}: refused — the file contains pickled code or objects that are not plain data{named} "
+                f"(model.pt files are loaded with weights_only=True); only load files you converted"
+            ) from None
+        raise SpikecompileError(f"{path}: not a readable model.pt (corrupt or not a torch file)") from None
+    except Exception as error:  # torch.load raises anything from RuntimeError to IndexError on foreign bytes
+        raise SpikecompileError(
+            f"{path}: not a readable model.pt (truncated, corrupt or not a torch file: {_first_line(error)})"
+        ) from None
+
+
+def _is_torch_container(path: Path) -> bool:
+    """A torch.save zip archive, or a legacy torch/pickle stream (it opens with the pickle PROTO opcode)."""
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)

@@ -8,10 +8,19 @@ from spikecompile.errors import SpikecompileError
 
 
 def _record():
+    """The smallest record the model.pt schema accepts: one site (final_norm), T=8, 2 grains."""
+    site = {"layer": None, "kind": "final_norm", "timesteps": 8,
+            "genotype": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), "tau": torch.tensor(1.5),
+            "d": torch.full((2,), 2.0), "h": torch.full((2,), 2.0), "theta": torch.full((2,), 2.0),
+            "v0": torch.tensor(1.5 * 2.0 ** -9), "max_spikes": 0,
+            "calibration": {"mse": 1e-6, "base2_tau": 1.5, "base2_mse": 1e-6, "lloyd_max_mse": 1e-7,
+                            "lloyd_max_levels": 511, "max_abs": 1.5}}
     return {"source": {"kind": "hf_folder", "path": "/x", "sha256": "0" * 64}, "rotation": None, "prefix": None,
-            "coding": {"name": "phase", "timesteps": 8, "grains": 2},
-            "sites": {"final_norm": {"tau": torch.tensor(1.5), "genotype": torch.zeros(8, dtype=torch.long)}},
-            "calibration": {}, "conversion": {"seed": 0}}
+            "coding": {"name": "phase", "timesteps": 8, "grains": 2}, "sites": {"final_norm": site},
+            "calibration": {"source": "builtin", "sha256": "0" * 64, "windows": 1, "seqlen": 64,
+                            "samples_per_site": 64},
+            "conversion": {"spikecompile": "0", "torch": "0", "transformers": "0", "seed": 0, "fit": {},
+                           "options": {}, "created_utc": "1970-01-01T00:00:00Z"}}
 
 
 def test_round_trip(tmp_path):
@@ -43,6 +52,15 @@ def test_other_format_version(tmp_path):
         modelfile.load(tmp_path / "m.pt")
 
 
+def test_a_record_outside_the_schema_is_refused_on_load(tmp_path):
+    record = {**_record(), "format": modelfile.FORMAT, "format_version": 2}
+    record["sites"]["final_norm"]["tau"] = "1.5"
+    torch.save(record, tmp_path / "m.pt")
+    with pytest.raises(SpikecompileError, match=r"m\.pt: sites\.final_norm\.tau: must be a finite float32 scalar .*"
+                                                r"got the str '1\.5'; re-convert the model$"):
+        modelfile.load(tmp_path / "m.pt")
+
+
 def test_not_a_model_file(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "m.pt")
     with pytest.raises(SpikecompileError, match="not a spikecompile model file"):
@@ -61,7 +79,7 @@ class _Payload:
 
 def test_pickled_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "code-ran"
-    torch.save({**_record(), "format": modelfile.FORMAT, "format_version": 1, "evil": _Payload(str(marker))},
+    torch.save({**_record(), "format": modelfile.FORMAT, "format_version": 2, "evil": _Payload(str(marker))},
                tmp_path / "m.pt")
     with pytest.raises(SpikecompileError, match="contains pickled code"):
         modelfile.load(tmp_path / "m.pt")

@@ -1,6 +1,7 @@
 """`spikecompile build --target sim` and `spikecompile report` (measured and analytic), end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,23 @@ def test_bad_report_input_is_one_line(simulated, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert message in line
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda run: run["snn"][next(iter(run["snn"]))].update(mac="many"), r"snn\.[^:]+\.mac: must be a valid number"),
+    (lambda run: run["sites"]["layers.0.q"].update(spikes_per_step=[1.0]),
+     r"sites\.layers\.0\.q\.spikes_per_step: has 1 entries, timesteps is 6"),
+    (lambda run: run.update(tokens="32"), r"tokens: must be a valid integer"),
+    (lambda run: run["meta"].pop("attention"), r"meta\.attention: missing"),
+])
+def test_damaged_sim_json_is_one_line(simulated, tmp_path, edit, field):
+    _, _, out, _ = simulated
+    run = json.loads((out / "sim.json").read_text())
+    edit(run)
+    damaged = tmp_path / "sim.json"
+    damaged.write_text(json.dumps(run))
+    result = _invoke("report", damaged, "-o", tmp_path / "report")
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert re.search(rf"^error: {damaged}: {field}", line), line
+    assert not (tmp_path / "report").exists()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field, model_validator
 
 from spikecompile.errors import SpikecompileError
 from spikecompile.evaluation import perplexity
 from spikecompile.files import atomic_write, read_document
+from spikecompile.modelschema import FieldError, Record, fault
 
 from . import simulate
 from .results import Counts, SimRun
@@ -66,10 +69,53 @@ def save_run(run: SimRun, path: str | Path, meta: dict) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
+Amount = Annotated[float, Field(ge=0)]  # a count or a mean of counts: finite, ≥ 0
+
+
+class _ModelMeta(Record):
+    path: str
+    sha256: str
+
+
+class _Meta(Record):
+    model: _ModelMeta
+    attention: str
+
+
+class _Site(Record):
+    layer: Annotated[int, Field(ge=0)] | None
+    kind: str
+    timesteps: Annotated[int, Field(ge=1)]
+    elements: Annotated[int, Field(ge=1)]
+    spikes_per_step: list[Amount]
+    firing_rate: Amount
+
+    @model_validator(mode="after")
+    def _one_count_per_step(self):
+        if len(self.spikes_per_step) != self.timesteps:
+            raise FieldError("spikes_per_step", f"has {len(self.spikes_per_step)} entries, timesteps is "
+                                                f"{self.timesteps}")
+        return self
+
+
+class _Run(Record):
+    """What `report` reads from sim.json (the rest is informational)."""
+
+    meta: _Meta
+    tokens: Annotated[int, Field(ge=1)]
+    layers: dict[str, Annotated[int, Field(ge=0)] | None]
+    sites: dict[str, _Site]
+    snn: dict[str, dict[str, Amount]]
+    ann: dict[str, dict[str, Amount]]
+
+
 def load_run(path: str | Path) -> tuple[SimRun, dict]:
     """(the run, its meta) from a file save_run wrote; SpikecompileError naming the file and what is wrong."""
     payload = read_document(path, "simulation run (spikecompile build --target sim writes one)", FORMAT,
                             FORMAT_VERSION, "simulate again")
+    problem = fault(_Run, payload)
+    if problem:
+        raise SpikecompileError(f"{path}: {problem}; simulate again")
     try:
         run = SimRun(tokens=payload["tokens"], layers=payload["layers"], sites=payload["sites"],
                      snn={name: Counts(**counts) for name, counts in payload["snn"].items()},

@@ -36,16 +36,11 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..modelschema import CODINGS, SDLLM_COUNT_BITS, sdllm_steps  # the names model.pt may hold: its schema's
 from ..neuron import PhaseNeuronParams, base2_params, even_genotype
 
-CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm")
+__all__ = ["CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip"]
 BUDGETS = {"spikedattn": 2, "ttfs": 1}
-SDLLM_COUNT_BITS = (3, 4, 5)  # D = 2^(b−1) ∈ {4, 8, 16} steps: convert's timestep range
-
-
-def sdllm_steps(count_bits: int) -> int:
-    """D = 2^(b−1) virtual steps unfold a symmetric b-bit count (|count| ≤ 2^(b−1) − 1)."""
-    return 2 ** (count_bits - 1)
 
 
 def coding_params(coding: str, tau: Tensor, T: int, n_grains: int = 1, clip: Tensor | None = None,

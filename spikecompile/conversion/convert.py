@@ -14,6 +14,7 @@ from ..data import load_text, token_windows
 from ..errors import SpikecompileError
 from ..files import check_writable
 from ..loading import ModelSource, load_model, resolve_source, verify_source
+from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
 from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
@@ -25,8 +26,6 @@ from .weights import rtn_quantize_weights
 
 ROTATIONS = ("hadamard", "none")
 PREFIXES = ("auto", "none")
-TIMESTEP_RANGE = (4, 16)
-WEIGHT_BITS = (4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -227,7 +226,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
     """
     if rotations not in ("applied", "explicit"):
         raise ValueError(f"rotations must be 'applied' or 'explicit', got {rotations!r}")
-    record = modelfile.load(path)
+    record = modelfile.load(path)  # checked against the model.pt schema: types, ranges, consistency
     if record.get("weights"):
         rotations = "applied"
     source = ModelSource(**record["source"])
@@ -235,6 +234,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
         source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
     verify_source(source, where=str(path))
     model, tokenizer = load_model(source)
+    check_prefix_vocabulary(record, model.get_input_embeddings().num_embeddings, str(path), source.path)
     rotation = record["rotation"]
     if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
         raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")

@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import networkx as nx
 import torch
 
-from ..conversion.convert import TIMESTEP_RANGE
 from ..errors import SpikecompileError
 from ..ir import Graph, PhaseNeuron, validate
+from ..modelschema import TIMESTEP_RANGE
 from ..neuron import base2_params
 from .manager import Pass, PassContext, PassResult, register_pass
 
@@ -46,15 +46,16 @@ def check_timesteps(value, what: str) -> int:
 def parse_site_overrides(value) -> dict[str, int]:
     """Per-site T from a mapping {site: T}, CLI strings ["site=T", ...], or the path of a TOML file whose
     [sites] table maps site names to T."""
+    where = ""
     if isinstance(value, str | Path):
-        value = read_overrides_toml(value)
+        value, where = read_overrides_toml(value), f"{value}: sites."
     elif not isinstance(value, Mapping):
         value = dict(_split_assignment(item) for item in value)
     overrides = {}
     for site, steps in value.items():
         if not isinstance(site, str) or not site:
             raise SpikecompileError(f"a site name must be a non-empty string, got {site!r}")
-        overrides[site] = check_timesteps(steps, f"site {site}")
+        overrides[site] = check_timesteps(steps, f"{where}{site}" if where else f"site {site}")
     return overrides
 
 
@@ -64,6 +65,9 @@ def read_overrides_toml(path: str | Path) -> dict:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise SpikecompileError(f"{path}: cannot read the timestep overrides ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise SpikecompileError(f"{path}: not a TOML file of timestep overrides (not UTF-8 text, at byte "
+                                f"{error.start})") from None
     except tomllib.TOMLDecodeError as error:
         raise SpikecompileError(f"{path}: not valid TOML ({error})") from None
     sites = document.get("sites")
