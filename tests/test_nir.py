@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny_llama, synthetic_text
+from conftest import requires_smollm2, save_tiny_llama, synthetic_text
 from test_budget_lowering import ZOO, zoo_graph, zoo_neurons
 from test_ir import assert_same_node, example_graph
 
@@ -291,6 +291,73 @@ def test_whole_model_export_loads_in_stock_nir_and_reads_back(built, tmp_path):
     first = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     build_nir(built, tmp_path)
     assert first == {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+
+def assert_whole_model_runs_in_nirtorch(result, folder, ids):
+    """The whole model exported and run with every segment in nirtorch (its other steps by our interpreter): every
+    IR value is the decoded interpreter's bit for bit, the logits are the simulator's (decoded mode), and every
+    lowered neuron's spike trains are the simulator's. Exact, not close: the segments compute in the interpreter's
+    float32 order (the same Linear on the same tensors, two-term sums, the neuron unrolled bit-exactly), so any
+    difference is a fault. The export has segments with two Inputs (residual adds), which nirtorch builds only
+    through the consumer's merged Input (consumer._one_input). Returns the logits."""
+    from spikecompile.backends.sim.simulate import output_of, run as simulate_run
+
+    report = build_nir(result, folder)
+    steps = json.loads((folder / "manifest.json").read_text())["steps"]
+    assert any("segment" in step and len(step["inputs"]) == 2 for step in steps)
+    graph = result.graph
+    (source,) = [name for name in graph if isinstance(graph[name], ir.Input)]
+    (output,) = [name for name in graph if isinstance(graph[name], ir.Output)]
+    consumer = NirtorchRunner()
+    values = run(folder, {source: ids}, consumer)
+    expected = evaluate(graph, result.store, ids)
+    assert set(values) < set(expected)  # run gives the values that leave a segment, not those inside one
+    assert [name for name in values if not torch.equal(values[name], expected[name])] == []
+    recording = simulate_run(graph, result.store, ids, "decoded")
+    assert torch.equal(values[output], output_of(graph, recording))
+    fidelity = {entry["node"]: entry["fidelity"] for entry in report["nodes"]}
+    neurons = [name for name in graph if isinstance(graph[name], ir.PhaseNeuron)]
+    lowered = [name for name in neurons if fidelity[name] == "exact"]
+    assert lowered and {fidelity[name] for name in neurons} - {"exact"} <= {"not expressible in NIR"}
+    assert {name for name in neurons if f"{name}.pos.spike0" in consumer.spikes} == set(lowered)
+    for name in lowered:
+        assert torch.equal(consumer.spike_planes(name, graph[name].timesteps), recording.spikes[name]), name
+    return values[output]
+
+
+@requires_nirtorch
+def test_whole_model_runs_in_nirtorch_equal_to_the_interpreter_and_simulator(built, tmp_path):
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = assert_whole_model_runs_in_nirtorch(built, tmp_path, ids)
+    assert logits.shape == (1, 24, 128) and logits.isfinite().all()
+
+
+@requires_nirtorch
+def test_nirtorch_runner_refuses_names_nirtorch_would_merge():
+    """nirtorch names a node's module by its NIR name with dots made underscores: two names that become one would
+    share one module, silently."""
+    import numpy as np
+
+    width, ones = np.array([3]), np.ones(3, np.float32)
+    graph = nir.NIRGraph(nodes={"input.x": nir.Input(input_type=width), "a.b": nir.Scale(scale=ones),
+                                "a_b": nir.Scale(scale=ones), "output.y": nir.Output(output_type=width)},
+                         edges=[("input.x", "a.b"), ("a.b", "a_b"), ("a_b", "output.y")])
+    with pytest.raises(ValueError, match="NIR nodes a.b and a_b are both a_b in nirtorch"):
+        NirtorchRunner()(graph, {"input.x": torch.ones(2, 3)})
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@requires_smollm2
+@requires_nirtorch
+def test_smollm2_whole_model_runs_in_nirtorch_equal_to_the_interpreter_and_simulator(smollm2_t8_path, tmp_path):
+    """The whole converted SmolLM2 (30 blocks, T=8) on a 16-token window: see assert_whole_model_runs_in_nirtorch."""
+    from spikecompile.data import load_text, token_windows
+
+    result = build(smollm2_t8_path, BuildOptions())
+    ids = token_windows(result.tokenizer, load_text("builtin", "eval"), 16, 1, "evaluation")[0]
+    logits = assert_whole_model_runs_in_nirtorch(result, tmp_path, ids)
+    assert logits.shape == (1, 16, 49152) and logits.isfinite().all()
 
 
 def test_whole_zoo_model_export_reads_back(built, tmp_path):
