@@ -320,7 +320,7 @@ def run_case(bad: Case, paths: dict[str, str], out_root: Path, subprocess_run: b
 
         from spikecompile.cli import cli
 
-        result = CliRunner().invoke(cli, args)
+        result = CliRunner().invoke(cli, args, prog_name="spikecompile")
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception  # a traceback a user would see
         exit_code, stderr = result.exit_code, result.stderr
