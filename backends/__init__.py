@@ -5,6 +5,8 @@ The interface every backend package exposes (README.md):
     OPTIONS                            its options (options.Option), also in options.BY_TARGET
     check(options) -> dict             the options parsed and whatever must load before the model (a text, an
                                        energy target): every bad option fails here, before the model is loaded
+    check_record(record, options)      optional: the options checked against model.pt's record (e.g. --layers
+                                       against its decoder layers), before the source model is loaded
     build(result, folder, **options)   the target written into folder from a BuildResult; returns its report
     report_lines(report, folder)       the lines `spikecompile build` prints about that report
 

@@ -50,13 +50,18 @@ def parse_options(declared: list[Option], raw: Mapping[str, Any]) -> dict[str, A
     return parsed
 
 
-def at_least_one(flag: str) -> Parser:
-    """A parser that lets None through and refuses a count below 1."""
+def at_least(flag: str, low: int) -> Parser:
+    """A parser that lets None through and refuses a count below `low`."""
     def parse(value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise SpikecompileError(f"{flag} {value}: must be at least 1")
+        if value is not None and value < low:
+            raise SpikecompileError(f"{flag} {value}: must be at least {low}")
         return value
     return parse
+
+
+def at_least_one(flag: str) -> Parser:
+    """A parser that lets None through and refuses a count below 1."""
+    return at_least(flag, 1)
 
 
 def layer_range(layers: str | None) -> list[int] | None:
@@ -72,7 +77,7 @@ def layer_range(layers: str | None) -> list[int] | None:
 SIM = [
     Option("text", str, "builtin", "Text for the token windows, or 'builtin'."),
     Option("windows", int, 2, "Token windows to simulate.", parse=at_least_one("--windows")),
-    Option("seqlen", int, 512, "Tokens per window.", parse=at_least_one("--seqlen")),
+    Option("seqlen", int, 512, "Tokens per window.", parse=at_least("--seqlen", 2)),
     Option("mode", ("event", "decoded"), "event", "Per-timestep events, or decoded values (same counts, faster)."),
     Option("attention", str, "causal", "Count attention as causal (masked pairs skipped) or full."),
     Option("mask_steps", int, None, "Late-spike masking, keep each neuron's spikes within this many steps of its "
@@ -88,7 +93,7 @@ NIR = [
 LAVA = [
     Option("layers", str, None, "One decoder layer or a range (default: all).", metavar="N|A-B", parse=layer_range),
     Option("block", ("attn", "mlp"), None, "One block of the layer."),
-    Option("tokens", int, 4, "Tokens per run of the emitted program."),
+    Option("tokens", int, 4, "Tokens per run of the emitted program.", parse=at_least_one("--tokens")),
 ]
 ONNX = [
     Option("onnx_form", ("decoded", "event", "both"), "both",

@@ -3,13 +3,14 @@
 
 The model is loaded with its offline rotations left out of the weights (rotations="explicit"), so the traced
 graph shows every Hadamard rotation and fold_hadamard is the pass that folds them (disable it to keep them).
-The pass manager is built, and so every pass name and option checked, before the model is loaded.
+The pass manager is built, and so every pass name and option checked, before the model is loaded; then model.pt's
+site table is read (check_model: site names, the T each site can run at) before the source model is loaded.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,13 +53,38 @@ def pass_manager(options: BuildOptions):
     return PassManager(pipeline, invariants=[validate], disabled=options.disabled, options=pass_options)
 
 
-def build(model_path: str | Path, options: BuildOptions) -> BuildResult:
-    """Trace model.pt and run the build passes on it."""
+def check_model(model_path: str | Path, options: BuildOptions) -> dict:
+    """model.pt's record, once every site override names one of its sites and every site can run at the T asked
+    for (a fitted neuron only at its own): what needs the site table but not the source model, checked before
+    the source model loads. SpikecompileError naming the override (or -T) and the site otherwise."""
+    from .conversion.convert import site_neuron
+    from .ir import PhaseNeuron
+    from .modelfile import load
+    from .passes.timesteps import check_overrides
+
+    record = load(model_path)
+    neurons = {}
+    for name, entry in record["sites"].items():
+        try:
+            neurons[name] = PhaseNeuron.from_params(name, site_neuron(entry))
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
+            raise SpikecompileError(f"{model_path}: site {name} has an invalid neuron ({error})") from None
+    check_overrides(neurons, options.site_timesteps, options.timesteps, where=str(model_path))
+    return record
+
+
+def build(model_path: str | Path, options: BuildOptions,
+          check_record: Callable[[dict], None] | None = None) -> BuildResult:
+    """Trace model.pt and run the build passes on it. check_record(record), if given, checks more against
+    model.pt's record (e.g. a backend's options against its layers) before the source model loads."""
     from .conversion.convert import load_spiking_model
     from .frontend import trace
     from .passes import CompileInputs
 
     manager = pass_manager(options)
+    record = check_model(model_path, options)
+    if check_record is not None:
+        check_record(record)
     seconds = {}
     start = time.perf_counter()
     spiking = load_spiking_model(str(model_path), options.source, rotations="explicit")

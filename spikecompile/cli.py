@@ -19,11 +19,18 @@ from .files import atomic_write, check_writable
 
 
 class _Group(click.Group):
+    """Every user error, ours or click's (a missing option, a value of the wrong type), as one `error:` line."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SpikecompileError as error:
             click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except click.UsageError as error:
+            where = error.ctx.command_path if error.ctx else ctx.command_path
+            message = " ".join(error.format_message().split()).rstrip(".")
+            click.echo(f"error: {where}: {message} (see {where} --help)", err=True)
             sys.exit(2)
 
 
@@ -128,6 +135,9 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
 
     if json_path:
         check_writable(json_path)
+    _check_model_file(model_file, "eval")
+    if seqlen < 2:
+        raise SpikecompileError(f"--seqlen {seqlen}: must be at least 2")
     if max_windows is not None and max_windows < 1:
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")
@@ -215,6 +225,7 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     from .build import BuildOptions, build as run_build, pass_manager
     from .passes.timesteps import check_timesteps, parse_site_overrides
 
+    _check_model_file(model_file, "build")
     if timesteps is not None:
         check_timesteps(timesteps, "--timesteps")
     sites = {**(parse_site_overrides(overrides_file) if overrides_file else {}),
@@ -223,22 +234,75 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
                            disabled=tuple(disabled), source=source)
     pass_manager(options)  # every pass name and option checked before the model is loaded
     _check_output_folder(output)
+    _check_target_options(click.get_current_context(), target)
     backend = load(target)  # one-line error here if its optional package is missing, before the model loads
     prepared = backend.check({option.name: target_options[option.name] for option in backend.OPTIONS})
-    result = run_build(model_file, options)
+    # the checks that need model.pt's site table (site names, a fitted site's T, --layers) run before the source
+    # model loads
+    check_record = getattr(backend, "check_record", None)
+    result = run_build(model_file, options, check_record and (lambda record: check_record(record, prepared)))
     report = backend.build(result, output, **prepared)
     for line in backend.report_lines(report, output):
         click.echo(line)
 
 
+def _check_target_options(ctx, target: str) -> None:
+    """An option of another target given on the command line fails rather than being ignored."""
+    from click.core import ParameterSource
+
+    for other, options in BY_TARGET.items():
+        for option in options:
+            if other != target and ctx.get_parameter_source(option.name) is ParameterSource.COMMANDLINE:
+                raise SpikecompileError(f"{option.flag}: an option of --target {other}, not of --target {target}")
+
+
 def _check_output_folder(output: str) -> None:
-    """Fail before any work if OUTPUT cannot become (or be written as) a folder."""
+    """Fail before any work if OUTPUT cannot become (or be written as) a folder: its parent must exist."""
+    import os
     from pathlib import Path
 
     folder = Path(output)
     if folder.exists() and not folder.is_dir():
         raise SpikecompileError(f"-o {output}: exists and is not a folder; give a folder name")
-    check_writable(folder / "graph.json" if folder.is_dir() else folder)
+    if folder.is_dir():
+        if not os.access(folder, os.W_OK):
+            raise SpikecompileError(f"-o {output}: the folder is not writable")
+        return
+    check_writable(folder)
+
+
+BUILT_FOLDER_FILES = ("graph.json", "build.json", "sim.json", "manifest.json", "network.json", "onnx.json")
+"""A file each `build` target writes: a folder holding one was written by `spikecompile build`."""
+
+
+def _check_model_file(path: str, command: str) -> None:
+    """MODEL_FILE must be a model.pt: a folder fails here with what the folder is and what to do with it
+    (a missing or unreadable file fails in modelfile.load, before the source model loads)."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    takes = f"{command} takes a model.pt (written by spikecompile convert)"
+    if any((folder / name).is_file() for name in BUILT_FOLDER_FILES):
+        raise SpikecompileError(f"{path}: a folder written by spikecompile build; {takes}. Summarise an IR folder "
+                                f"with: spikecompile inspect {path}; for another target (sim, nir, lava, onnx), "
+                                f"build from the model.pt it was built from{_built_from(folder)}")
+    if (folder / "config.json").is_file():
+        raise SpikecompileError(f"{path}: a Hugging Face model folder; {takes}. Convert it first: "
+                                f"spikecompile convert {path} -o model.pt")
+    raise SpikecompileError(f"{path}: is a folder; {takes}")
+
+
+def _built_from(folder) -> str:
+    """" (PATH)": the model.pt that build.json or sim.json of a built folder names, or "" if none says."""
+    for name in ("build.json", "sim.json"):
+        try:
+            document = json.loads((folder / name).read_text(encoding="utf-8"))
+            return f" ({document['model']['path']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return ""
 
 
 @cli.command()
@@ -253,12 +317,19 @@ def inspect(path, seq_len, draw_path, layer, source, json_path):
     and genotype, node and synapse counts, parameter memory."""
     from pathlib import Path
 
-    from .summary import draw_layer, format_summary, summarize
+    from .summary import DRAWING_SUFFIXES, draw_layer, format_summary, layer_drawing_graph, summarize
 
+    if seq_len < 1:
+        raise SpikecompileError(f"--seq-len {seq_len}: must be at least 1")
     for target in (draw_path, json_path):
         if target:
             check_writable(target)
+    if draw_path and Path(draw_path).suffix.lower() not in DRAWING_SUFFIXES:
+        raise SpikecompileError(f"--draw {draw_path}: cannot draw to a {Path(draw_path).suffix or 'suffix-less'} "
+                                f"file; use one of {', '.join(DRAWING_SUFFIXES)}")
     graph = _graph_of(Path(path), source)
+    if draw_path:
+        layer_drawing_graph(graph, layer)  # a layer the graph lacks fails before anything is printed
     summary = summarize(graph, seq_len=seq_len)
     click.echo(format_summary(summary))
     if draw_path:
@@ -272,6 +343,11 @@ def _graph_of(path, source):
     from .ir import read
 
     if path.is_dir():
+        if not (path / "graph.json").is_file():
+            kind = "a Hugging Face model folder (convert it first)" if (path / "config.json").is_file() else \
+                "a folder without graph.json"
+            raise SpikecompileError(f"{path}: {kind}; inspect takes a model.pt or a folder written by "
+                                    f"spikecompile build --target ir")
         return read(path)
     if not path.is_file():
         raise SpikecompileError(f"{path}: no such model.pt file or IR folder")
@@ -304,19 +380,44 @@ def report(run_file, output, energy_target, site, model_file, config_file, rates
     from .backends.sim.report import write_report
     from .hardware.energy import load_target
 
+    _check_report_mode(click.get_current_context(), run_file, config_file)
+    _check_output_folder(output)
+    if site and not model_file:
+        raise SpikecompileError(f"--site {site}: give --model, the model.pt holding its calibration samples")
     target = load_target(energy_target)
+    meta = None
     if config_file:
         run = _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grains, attention)
-    elif run_file:
+    else:
         run, meta = _measured_run(run_file)
         attention = meta["attention"]
-    else:
-        raise SpikecompileError("report: give a sim.json (from spikecompile build --target sim) or --config")
     samples = neuron = None
     if site:
-        samples, neuron = _site_data(site, model_file, run_file and meta)
+        samples, neuron = _site_data(site, model_file, meta)
     write_report(run, ledger(run, target, attention), output, site, samples, neuron)
     click.echo(f"wrote the report to {output}")
+
+
+ANALYTIC_ONLY = {"rates_file": "--rates", "rate_items": "--rate", "seq_len": "--seq-len", "timesteps": "-T",
+                 "grains": "--grains", "attention": "--attention"}
+"""report's options that only the analytic mode (--config) reads, by parameter name."""
+
+
+def _check_report_mode(ctx, run_file: str | None, config_file: str | None) -> None:
+    """One mode: a RUN_FILE (measured), or --config (analytic); an analytic option given with a RUN_FILE fails
+    rather than being ignored."""
+    from click.core import ParameterSource
+
+    if run_file and config_file:
+        raise SpikecompileError(f"report: give a sim.json ({run_file}) or --config {config_file}, not both")
+    if not run_file and not config_file:
+        raise SpikecompileError("report: give a sim.json (from spikecompile build --target sim) or --config")
+    if run_file:
+        given = [flag for name, flag in ANALYTIC_ONLY.items()
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise SpikecompileError(f"{given[0]}: an analytic-mode option (with --config); a sim.json brings its "
+                                    f"own rates, sequence length, T and attention counting")
 
 
 def _measured_run(run_file: str):
@@ -333,23 +434,48 @@ def _analytic_run(config_file, rates_file, rate_items, seq_len, timesteps, grain
     from .backends.sim.analytic import analytic_run
     from .backends.sim.counting import check_attention
     from .backends.sim.results import rates_by_kind
+    from .ir.neurons import SITE_KINDS
     from .passes.timesteps import check_timesteps
 
     check_attention(attention)
     check_timesteps(timesteps, "-T")
-    rates = {}
-    if rates_file:
-        rates = rates_by_kind(_measured_run(rates_file)[0])
-    for item in rate_items:
-        kind, _, value = item.partition("=")
-        try:
-            rates[kind] = float(value)
-        except ValueError:
-            raise SpikecompileError(f"--rate {item}: give KIND=RATE, e.g. silu=0.12") from None
+    if not 1 <= grains <= timesteps // 2:
+        raise SpikecompileError(f"--grains {grains}: must be in 1..T/2 = 1..{timesteps // 2} (each grain spans ≥ 2 "
+                                f"steps)")
+    if seq_len < 1:
+        raise SpikecompileError(f"--seq-len {seq_len}: must be at least 1")
+    given = _rate_options(rate_items)
+    rates = rates_by_kind(_measured_run(rates_file)[0]) if rates_file else {}
+    rates.update(given)
     if not rates:
         raise SpikecompileError("report --config: give the firing rates (--rates sim.json or --rate KIND=RATE)")
+    missing = [kind for kind in SITE_KINDS if kind not in rates]
+    if missing:
+        raise SpikecompileError(f"--rate: no rate for site kind {missing[0]} (given: {', '.join(sorted(rates))}); "
+                                f"give every kind: {', '.join(SITE_KINDS)}")
     graph = config_graph(load_config(config_file), timesteps, grains)
     return analytic_run(graph, seq_len, rates, attention)
+
+
+def _rate_options(items) -> dict[str, float]:
+    """--rate KIND=RATE items as {kind: rate}; a one-line error for an unknown kind or a rate outside [0, 1]."""
+    import math
+
+    from .ir.neurons import SITE_KINDS
+
+    rates = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise SpikecompileError(f"--rate {item}: give KIND=RATE, e.g. silu=0.12") from None
+        if kind not in SITE_KINDS:
+            raise SpikecompileError(f"--rate {item}: unknown site kind {kind!r}; kinds: {', '.join(SITE_KINDS)}")
+        if not (math.isfinite(rate) and 0 <= rate <= 1):
+            raise SpikecompileError(f"--rate {item}: a firing rate is a share of elements × steps, in [0, 1]")
+        rates[kind] = rate
+    return rates
 
 
 def _site_data(site: str, model_file: str | None, meta: dict | None):
@@ -401,6 +527,7 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
     as lm-eval computes them, per task."""
     from .files import file_sha256
 
+    _check_model_file(model_file, "zeroshot")
     if json_path:
         check_writable(json_path)
     if limit is not None and limit < 1:
@@ -430,6 +557,7 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
 def write_tasks(files, output):
     """Write an lm-eval task YAML (multiple choice, acc and acc_norm) for each JSON Lines file of {query, choices,
     gold} records (the name is the file's stem unless given as NAME=FILE), for lm_eval --tasks."""
+    _check_output_folder(output)
     module = _zeroshot_module()
     tasks = module.parse_task_specs(files, label="tasks")
     written = [module.write_task_yaml(name, path, output) for name, path in tasks.items()]

@@ -281,7 +281,7 @@ def layer_drawing_graph(graph: Graph, layer: int) -> tuple[nx.DiGraph, set[str]]
     set of those outside producers; SpikecompileError if the graph has no such layer."""
     layers = layer_indices(graph)
     if isinstance(layer, bool) or not isinstance(layer, int) or layer not in layers:
-        raise SpikecompileError(f"inspect: no decoder layer {layer!r}; valid layers: {_layer_range(layers)}")
+        raise SpikecompileError(f"--layer {layer!r}: no decoder layer {layer!r}; valid layers: {_layer_range(layers)}")
     inside = {name for name in graph if layer_of(name) == layer}
     outside = {source for name in inside for source in graph.producers(name) if source not in inside}
     drawn = nx.DiGraph()

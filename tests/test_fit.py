@@ -109,6 +109,8 @@ def test_bad_inputs_raise():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"sites \[1\]"):
         fit_sites(bad, FitConfig(T=4))
+    with pytest.raises(ValueError, match=r"samples of sites layers\.0\.k are not all finite"):
+        fit_sites(bad, FitConfig(T=4), names=["layers.0.q", "layers.0.k", "layers.0.v"])
 
 
 def test_lloyd_max_matches_known_optima():

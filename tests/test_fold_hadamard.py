@@ -139,5 +139,5 @@ def test_a_rotation_between_nonlinear_nodes_becomes_online():
 
 def test_needs_the_store():
     graph, _ = _chain("embed")
-    with pytest.raises(SpikecompileError, match="error in pass fold_hadamard .*needs the tensor store"):
+    with pytest.raises(SpikecompileError, match="in pass fold_hadamard, .*needs the tensor store"):
         PassManager(["fold_hadamard"]).run(graph)

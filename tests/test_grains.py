@@ -328,5 +328,5 @@ def test_missing_samples_are_named(fitted):
     for shared in (None, CompileInputs({})):
         with pytest.raises(SpikecompileError, match="calibration samples.*none were given"):
             pass_.run(graph, PassContext({}, shared))
-    with pytest.raises(SpikecompileError, match=r"error in pass assign_grains after \[\]: .*none were given"):
+    with pytest.raises(SpikecompileError, match=r"in pass assign_grains, after \[\]: .*none were given"):
         PassManager(["assign_grains"]).run(graph)

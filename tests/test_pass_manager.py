@@ -124,19 +124,19 @@ def test_requires_names_the_pass_the_passes_before_and_the_disabled_one():
     assert run_names(passes)[0] == ["normalize", "fold_hadamard"]  # assign_timesteps logs nothing
     with pytest.raises(SpikecompileError) as raised:
         run_names(passes, disabled=["assign_timesteps"])
-    assert str(raised.value) == ("error in pass fold_hadamard after [normalize]: requires failed: ValueError: "
+    assert str(raised.value) == ("in pass fold_hadamard, after [normalize]: requires failed: ValueError: "
                                  "nodes without a timestep: x, h, y (disabled: assign_timesteps)")
     assert isinstance(raised.value.__cause__, ValueError)
 
 
 def test_requires_returning_false():
-    with pytest.raises(SpikecompileError, match=r"^error in pass b after \[a\]: requires failed$"):
+    with pytest.raises(SpikecompileError, match=r"^in pass b, after \[a\]: requires failed$"):
         run_names([toy_pass("a"), toy_pass("b", requires=lambda graph: False)])
 
 
 def test_ensures_violation_names_the_pass():
     broken = toy_pass("assign_timesteps", run=lambda graph: True, ensures=timestepped)
-    with pytest.raises(SpikecompileError, match=r"^error in pass assign_timesteps after \[a\]: ensures failed: "
+    with pytest.raises(SpikecompileError, match=r"^in pass assign_timesteps, after \[a\]: ensures failed: "
                                                 r"ValueError: nodes without a timestep: x, h, y$"):
         run_names([toy_pass("a"), broken, toy_pass("c")])
 
@@ -151,14 +151,14 @@ def test_invariant_failure_names_the_pass_that_broke_it():
         return True
 
     passes = [toy_pass("a"), toy_pass("b"), toy_pass("loop", run=add_loop), toy_pass("c")]
-    with pytest.raises(SpikecompileError, match=r"^error in pass loop after \[a, b\]: invariant acyclic failed$"):
+    with pytest.raises(SpikecompileError, match=r"^in pass loop, after \[a, b\]: invariant acyclic failed$"):
         run_names(passes, invariants=[acyclic])
 
 
 def test_invalid_input_graph_blames_no_pass():
     graph = chain()
     graph.add_edge("y", "x")
-    with pytest.raises(SpikecompileError, match=r"^error in the input graph, before any pass: invariant acyclic"):
+    with pytest.raises(SpikecompileError, match=r"^in the input graph, before any pass: invariant acyclic"):
         PassManager([toy_pass("a")], invariants=[acyclic]).run(graph)
 
 
@@ -168,14 +168,14 @@ def test_exception_in_a_pass_is_one_line_with_the_original_as_cause():
 
     with pytest.raises(SpikecompileError) as raised:
         run_names([toy_pass("a"), toy_pass("b"), toy_pass("crash", run=crash)])
-    assert str(raised.value) == "error in pass crash after [a, b]: KeyError: 'weight\\nof node h'"
+    assert str(raised.value) == "in pass crash, after [a, b]: KeyError: 'weight\\nof node h'"
     assert isinstance(raised.value.__cause__, KeyError)
 
 
 def test_run_must_return_a_pass_result():
     wrong = toy_pass("wrong")
     wrong.run = lambda graph, context: graph
-    with pytest.raises(SpikecompileError, match=r"^error in pass wrong after \[\]: run returned DiGraph"):
+    with pytest.raises(SpikecompileError, match=r"^in pass wrong, after \[\]: run returned DiGraph"):
         PassManager([wrong]).run(chain())
 
 
@@ -226,7 +226,7 @@ def test_errors_in_later_iterations_say_which_iteration():
             raise RuntimeError("boom")
         return True
 
-    with pytest.raises(SpikecompileError, match=r"^error in pass b \(iteration 3\) after \[a\]: RuntimeError: boom$"):
+    with pytest.raises(SpikecompileError, match=r"^in pass b \(iteration 3\), after \[a\]: RuntimeError: boom$"):
         run_names([toy_pass("a"), toy_pass("b", run=fail_on_third)], fixed_point=True)
 
 

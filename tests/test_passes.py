@@ -222,7 +222,7 @@ def test_identity_kept_when_its_producer_already_feeds_the_consumer():
 def test_cleanup_needs_an_output():
     graph = Graph()
     graph.add_node("x", Input(shape=("seq",), dtype="int64"))
-    with pytest.raises(SpikecompileError, match="error in pass cleanup after \\[\\]: requires failed: .*no Output"):
+    with pytest.raises(SpikecompileError, match="in pass cleanup, after \\[\\]: requires failed: .*no Output"):
         PassManager(["cleanup"]).run(graph)
 
 

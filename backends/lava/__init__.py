@@ -4,7 +4,8 @@ one block, and run it. Emitting needs no lava; running needs lava-nc 0.10.0 (scr
     build_lava(result, folder, layers=None, block=None, tokens=4, seed=0) -> report     emit.py
     run_program(folder, tag="floating_pt", inputs=None) -> result                        runtime/program.py
     runtime/     compat.py, processes.py, program.py: copied verbatim into every program (numpy + lava only)
-    OPTIONS, check, build (= build_lava), report_lines      `spikecompile build --target lava` (backends/README.md)
+    OPTIONS, check, check_record, build (= build_lava), report_lines     `spikecompile build --target lava`
+                                                                          (backends/README.md)
 
 The fixed-point formats (8-bit weights + exponent, 24-bit potentials) belong to the Loihi 2 target and live in
 spikecompile.hardware.loihi2; the mapping pass (passes.loihi_mapping) checks a model against the same formats.
@@ -38,8 +39,22 @@ build = build_lava
 
 
 def check(options: dict) -> dict:
-    """The options, --layers parsed into its layer indices."""
-    return parse_options(OPTIONS, options)
+    """The options, --layers parsed into its layer indices; --block with more than one layer refused."""
+    parsed = parse_options(OPTIONS, options)
+    layers, block = parsed["layers"], parsed["block"]
+    if block and layers and len(layers) > 1:
+        raise SpikecompileError(f"--block {block} --layers {layers[0]}-{layers[-1]}: a block is cut from one layer; "
+                                f"give --layers N")
+    return parsed
+
+
+def check_record(record: dict, options: dict) -> None:
+    """--layers against model.pt's site table (its decoder layers), before the source model loads."""
+    layers = options.get("layers")
+    present = sorted({entry.get("layer") for entry in record["sites"].values()} - {None})
+    if layers and present and layers[-1] > present[-1]:
+        given = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
+        raise SpikecompileError(f"--layers {given}: the model has decoder layers {present[0]}..{present[-1]}")
 
 
 def report_lines(report: dict, folder: str | Path) -> list[str]:

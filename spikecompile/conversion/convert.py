@@ -30,6 +30,8 @@ PREFIXES = ("auto", "none")
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """The options of `spikecompile convert`; validate() checks every one of them before anything is loaded."""
+
     timesteps: int = 8
     grains: int = 2
     coding: str = "phase"
@@ -71,6 +73,10 @@ class ConvertOptions:
             raise SpikecompileError(f"--prefix {self.prefix!r}: choose one of {', '.join(PREFIXES)}")
         if self.calib_windows < 1:
             raise SpikecompileError(f"--calib-windows {self.calib_windows}: must be at least 1")
+        if self.calib_seqlen < 2:  # one window predicts its tokens from the ones before: two at least
+            raise SpikecompileError(f"--calib-seqlen {self.calib_seqlen}: must be at least 2")
+        if not 0 <= self.seed < 2**32:  # per-site generators are seeded seed·100003 + site: stays in 64 bits
+            raise SpikecompileError(f"--seed {self.seed}: must be a whole number in 0..{2**32 - 1}")
         if self.samples_per_site < 64:
             raise SpikecompileError(f"--samples-per-site {self.samples_per_site}: must be at least 64")
 

@@ -22,7 +22,7 @@ Per site, on all its samples, with the exact neuron of neuron.py (same v0, satur
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
@@ -122,19 +122,22 @@ def quantizer_mse(samples: Tensor, params: PhaseNeuronParams) -> Tensor:
 
 @_one_thread()
 def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
-              progress: Callable[[int, int], None] | bool | None = None) -> SiteFit:
+              progress: Callable[[int, int], None] | bool | None = None,
+              names: Sequence[str] | None = None) -> SiteFit:
     """Fit one neuron per row of samples [S, N] (genotypes [S, T], even blocks by default).
 
     τ minimises the error on these samples only, so they should hold each site's largest |x|: a value
     absent from them may be clipped at inference. progress: called as progress(done, total) after every
-    Adam step; True shows a tqdm bar instead. Runs on one torch thread (restored after): see CHUNK_ELEMENTS.
+    Adam step; True shows a tqdm bar instead. names: the rows' site names, for the errors (default: row indices).
+    Runs on one torch thread (restored after): see CHUNK_ELEMENTS.
     """
     samples = samples.to(torch.float32)
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"fit_sites: samples must be [S, N] with S, N ≥ 1, got {tuple(samples.shape)}")
     bad = (~torch.isfinite(samples)).any(-1).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"fit_sites: samples of sites {bad[:10]} are not all finite; drop or clean them")
+        which = ", ".join(str(names[index]) for index in bad[:10]) if names is not None else str(bad[:10])
+        raise ValueError(f"fit_sites: samples of sites {which} are not all finite; drop or clean them")
     genotypes = _site_genotypes(genotypes, cfg, samples.shape[0], samples.device)
     max_abs = samples.abs().amax(-1)
     base2 = base2_params(_base2_tau(samples, max_abs, cfg), cfg.T, cfg.n_grains, genotypes)

@@ -133,6 +133,9 @@ def _site_samples(shared, sites: list[str]) -> dict[str, torch.Tensor]:
         if values.ndim != 1 or values.numel() == 0:
             raise SpikecompileError(f"site {site}: calibration samples must be a non-empty 1-D tensor, got shape "
                                     f"{list(values.shape)}")
+        if not bool(torch.isfinite(values).all()):
+            raise SpikecompileError(f"site {site}: its calibration samples in model.pt hold NaN or inf; convert "
+                                    f"again, or run without --grain-search")
         samples[site] = values.to(torch.float32)
     return samples
 
@@ -162,7 +165,8 @@ def _refit(current: list[PhaseNeuron], samples: dict[str, torch.Tensor], grains:
     genotypes = _genotypes(search, batch, steps, grains, seed)
     seconds["search"] += time.perf_counter() - start
     start = time.perf_counter()
-    fit = fit_sites(batch, FitConfig(T=steps, n_grains=grains, seed=seed), genotypes=genotypes)
+    fit = fit_sites(batch, FitConfig(T=steps, n_grains=grains, seed=seed), genotypes=genotypes,
+                    names=[node.site for node in current])
     seconds["refit"] += time.perf_counter() - start
     out = []
     for index, node in enumerate(current):

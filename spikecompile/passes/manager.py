@@ -173,7 +173,7 @@ class PassManager:
     def run(self, graph: Any, shared: Any = None) -> tuple[Any, list[dict]]:
         """Run the pipeline on `graph`; returns the final graph and one report entry per pass per iteration:
         {name, iteration, seconds, modified, notes, skipped}."""
-        _verify(self.invariants, graph, "error in the input graph, before any pass: ")
+        _verify(self.invariants, graph, "in the input graph, before any pass: ")
         report = []
         for iteration in range(1, self.max_iterations + 1):
             ran: list[str] = []
@@ -201,8 +201,9 @@ class PassManager:
     def _step(self, pass_: Pass, graph: Any, context: PassContext, ran: list[str],
               earlier: tuple[Pass, ...]) -> tuple[PassResult, float]:
         """Run one pass between its checks; any failure becomes one line naming the pass and those run before."""
-        where = f"error in pass {pass_.name}" + (f" (iteration {context.iteration})" if context.iteration > 1 else "")
-        where += f" after [{', '.join(ran)}]: "
+        # No "error" here: the CLI prints every message after "error: ".
+        where = f"in pass {pass_.name}" + (f" (iteration {context.iteration})" if context.iteration > 1 else "")
+        where += f", after [{', '.join(ran)}]: "
         try:
             _hold(pass_.requires, graph)
         except Exception as error:

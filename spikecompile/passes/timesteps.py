@@ -121,12 +121,30 @@ class AssignTimesteps(Pass):
                                              "sites_changed": changed})
 
 
-def _check_site(site: str, neurons: dict[str, str]) -> None:
+def check_overrides(neurons: Mapping[str, PhaseNeuron], sites: Mapping[str, int], timesteps: int | None,
+                    where: str = "the graph") -> None:
+    """What the pass would refuse, checked on the neurons alone ({site: neuron}, e.g. from model.pt's site table,
+    before any model is loaded): a site override naming no site of `where`, or a neuron asked to run at a T it
+    cannot (a fitted one at another T)."""
+    for site in sites:
+        _check_site(site, neurons, where)
+    for site, neuron in neurons.items():
+        steps = sites.get(site, timesteps)
+        if steps is None:
+            continue
+        try:
+            _at_timesteps(neuron, steps)
+        except SpikecompileError as error:
+            asked = f"timestep override {site}={steps}" if site in sites else f"-T {steps}"
+            raise SpikecompileError(f"{asked}: {error}") from None
+
+
+def _check_site(site: str, neurons: Mapping[str, object], where: str = "the graph") -> None:
     if site in neurons:
         return
     close = difflib.get_close_matches(site, neurons, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"sites are named like {next(iter(neurons), 'none')}"
-    raise SpikecompileError(f"timestep override for site {site}: no such spike site in the graph; {hint}")
+    raise SpikecompileError(f"timestep override for site {site}: no such spike site in {where}; {hint}")
 
 
 def is_base2(neuron: PhaseNeuron) -> bool:
