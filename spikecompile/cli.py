@@ -1,25 +1,65 @@
 """Command line: `spikecompile convert`, `eval`, `build`, `inspect`, `report`, `zeroshot`, `tasks`.
 
-Every user error is one line on stderr naming the file, site or option at fault (exit status 2); heavy imports
-(torch, transformers) happen inside the commands so `--help` is instant.
+Every user error is one line on stderr naming the file, site or option at fault (exit status 2); Ctrl-C and SIGTERM
+are one line too (exit status 130 / 143), every output being whole or absent (files.atomic_write/atomic_folder).
+Heavy imports (torch, transformers) happen inside the commands so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
 from .backends import BY_TARGET, TARGETS, Option
-from .errors import SpikecompileError
-from .files import atomic_write, check_writable
+from .errors import Interrupted, SpikecompileError
+from .files import atomic_folder, atomic_write, check_not_interrupted, check_output_folder, check_writable, interrupt
+
+OUTPUT_PARAMS = ("output", "json_path", "draw_path")
+"""The parameters that name what a command writes (a message after an interruption names those left untouched)."""
+
+
+def _interrupted(interruption: KeyboardInterrupt, untouched: list[str]) -> None:
+    """One line, then exit 128 + the signal's number (130 SIGINT, 143 SIGTERM)."""
+    number = signal.Signals(getattr(interruption, "signal_number", signal.SIGINT))
+    where = f"; nothing was written to {', '.join(untouched)}" if untouched else ""
+    click.echo(f"error: interrupted by {number.name}{where}", err=True)
+    sys.exit(128 + number)
+
+
+def _identity(path: str) -> tuple | None:
+    """What changes when `path` is written (an atomic write gives it a new inode): None if it does not exist."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns
+
+
+class _Command(click.Command):
+    """A command that ends an interruption with one line naming the outputs it left as they were."""
+
+    def invoke(self, ctx):
+        outputs = [ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)]
+        before = {path: _identity(path) for path in outputs}
+        try:
+            value = super().invoke(ctx)
+            check_not_interrupted()  # a signal whose exception Python swallowed (files.interrupt)
+            return value
+        except KeyboardInterrupt as interruption:
+            _interrupted(interruption, [path for path in outputs if _identity(path) == before[path]])
 
 
 class _Group(click.Group):
     """Every user error, ours or click's (a missing option, a value of the wrong type), as one `error:` line."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         try:
@@ -32,6 +72,8 @@ class _Group(click.Group):
             message = " ".join(error.format_message().split()).rstrip(".")
             click.echo(f"error: {where}: {message} (see {where} --help)", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as interruption:  # before a command started
+            _interrupted(interruption, [])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,7 +201,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         })
 
 
-class _TargetSections(click.Command):
+class _TargetSections(_Command):
     """A command whose --help lists its own options, then each target's options under a heading of their own."""
 
     def format_options(self, ctx, formatter):
@@ -233,7 +275,7 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     options = BuildOptions(timesteps=timesteps, site_timesteps=sites, grain_search=grain_search,
                            disabled=tuple(disabled), source=source)
     pass_manager(options)  # every pass name and option checked before the model is loaded
-    _check_output_folder(output)
+    check_output_folder(output)
     _check_target_options(click.get_current_context(), target)
     backend = load(target)  # one-line error here if its optional package is missing, before the model loads
     prepared = backend.check({option.name: target_options[option.name] for option in backend.OPTIONS})
@@ -241,7 +283,8 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     # model loads
     check_record = getattr(backend, "check_record", None)
     result = run_build(model_file, options, check_record and (lambda record: check_record(record, prepared)))
-    report = backend.build(result, output, **prepared)
+    with atomic_folder(output) as folder:  # the backend writes a temporary sibling, renamed when it is whole
+        report = backend.build(result, folder, **prepared)
     for line in backend.report_lines(report, output):
         click.echo(line)
 
@@ -254,21 +297,6 @@ def _check_target_options(ctx, target: str) -> None:
         for option in options:
             if other != target and ctx.get_parameter_source(option.name) is ParameterSource.COMMANDLINE:
                 raise SpikecompileError(f"{option.flag}: an option of --target {other}, not of --target {target}")
-
-
-def _check_output_folder(output: str) -> None:
-    """Fail before any work if OUTPUT cannot become (or be written as) a folder: its parent must exist."""
-    import os
-    from pathlib import Path
-
-    folder = Path(output)
-    if folder.exists() and not folder.is_dir():
-        raise SpikecompileError(f"-o {output}: exists and is not a folder; give a folder name")
-    if folder.is_dir():
-        if not os.access(folder, os.W_OK):
-            raise SpikecompileError(f"-o {output}: the folder is not writable")
-        return
-    check_writable(folder)
 
 
 BUILT_FOLDER_FILES = ("graph.json", "build.json", "sim.json", "manifest.json", "network.json", "onnx.json")
@@ -381,7 +409,7 @@ def report(run_file, output, energy_target, site, model_file, config_file, rates
     from .hardware.energy import load_target
 
     _check_report_mode(click.get_current_context(), run_file, config_file)
-    _check_output_folder(output)
+    check_output_folder(output)
     if site and not model_file:
         raise SpikecompileError(f"--site {site}: give --model, the model.pt holding its calibration samples")
     target = load_target(energy_target)
@@ -394,7 +422,8 @@ def report(run_file, output, energy_target, site, model_file, config_file, rates
     samples = neuron = None
     if site:
         samples, neuron = _site_data(site, model_file, meta)
-    write_report(run, ledger(run, target, attention), output, site, samples, neuron)
+    with atomic_folder(output) as folder:
+        write_report(run, ledger(run, target, attention), folder, site, samples, neuron)
     click.echo(f"wrote the report to {output}")
 
 
@@ -557,15 +586,27 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
 def write_tasks(files, output):
     """Write an lm-eval task YAML (multiple choice, acc and acc_norm) for each JSON Lines file of {query, choices,
     gold} records (the name is the file's stem unless given as NAME=FILE), for lm_eval --tasks."""
-    _check_output_folder(output)
+    check_output_folder(output)
     module = _zeroshot_module()
     tasks = module.parse_task_specs(files, label="tasks")
-    written = [module.write_task_yaml(name, path, output) for name, path in tasks.items()]
+    with atomic_folder(output) as folder:
+        names = [module.write_task_yaml(name, path, folder).name for name, path in tasks.items()]
+    written = [Path(output) / name for name in names]
     for path in written:
         click.echo(f"wrote {path}")
     click.echo("run: lm_eval --model spikecompile --model_args path=model.pt --batch_size auto --tasks "
                + ",".join(str(path) for path in written))
 
 
+def _unraisable(unraisable) -> None:
+    """Python's report of an exception it cannot propagate, except an interruption raised inside a __del__ or a
+    weakref callback (h5py's): that one is not printed, and files.interrupt still refuses every later commit."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        sys.__unraisablehook__(unraisable)
+
+
 def main():
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, interrupt)  # both raise Interrupted, a KeyboardInterrupt: every clean-up runs
+    sys.unraisablehook = _unraisable
     cli(prog_name="spikecompile")

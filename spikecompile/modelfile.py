@@ -28,6 +28,7 @@ same inputs, seed and SOURCE_DATE_EPOCH give a byte-identical file.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -59,9 +60,11 @@ def save(record: dict, path: str | Path) -> None:
 
 def _torch_save(payload: dict, temp: str) -> None:
     # Through a file object: torch.save names the zip records after a *path*'s stem, which would put the
-    # random temp-file name into the bytes; a stream gets the fixed name "archive".
-    with open(temp, "wb") as stream:
-        torch.save(payload, stream)
+    # random temp-file name into the bytes; a stream gets the fixed name "archive". In memory, then written by
+    # Python: torch's zip writer turns a full disk into "RuntimeError: unexpected pos", Python into an OSError.
+    image = io.BytesIO()
+    torch.save(payload, image)
+    Path(temp).write_bytes(image.getbuffer())
 
 
 def load(path: str | Path) -> dict:

@@ -22,13 +22,15 @@ node's name (lower.py). manifest.json:
 
 A step of the second kind is an IR node record (records.py): a graph input or output, or an op NIR cannot express,
 run by our interpreter (run.py); its TensorRefs name tensors in ops.safetensors. Ports are as in graph.json
-(null: the node's only input). Writing is deterministic and atomic per file.
+(null: the node's only input). Writing is deterministic and atomic per file; each HDF5 file is built in memory
+first (write_hdf5), so a full disk fails as a plain OSError, not inside HDF5.
 """
 
 from __future__ import annotations
 
 import collections
 import inspect
+import io
 from pathlib import Path
 
 import networkx as nx
@@ -85,7 +87,8 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool
             continue
         path = f"{SEGMENTS_FOLDER}/{members[0]}.nir"
         segment, inputs, outputs = _segment(graph, members, lowered, types, chosen)
-        files[path] = _write(folder / path, lambda temp, segment=segment: nir.write(temp, segment, compression=None))
+        files[path] = _write(folder / path, lambda temp, segment=segment: write_hdf5(
+            temp, lambda stream: nir.write(stream, segment, compression=None)))
         steps.append({"segment": path, "nodes": {name: _wiring(graph, name) for name in members},
                       "inputs": inputs, "outputs": outputs})
         located.update(dict.fromkeys(members, path))
@@ -216,6 +219,15 @@ def _write(path: Path, write) -> str:
     """Write atomically with write(temp_path); the file's sha256."""
     atomic_write(path, write)
     return file_sha256(path)
+
+
+def write_hdf5(path, write) -> None:
+    """write(stream) an HDF5 file (nir.write, nir.write_data) into memory, then its bytes to `path` in Python: HDF5
+    itself never meets a failing disk, where its handles fail to close, print to stderr and crash the process at
+    exit (ENOSPC: segfault); a full disk is then a plain OSError. Same bytes every time, as from a file."""
+    image = io.BytesIO()
+    write(image)
+    Path(path).write_bytes(image.getbuffer())
 
 
 def _dump(document: dict, listings: tuple[str, ...], path) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from ...files import atomic_write
 from ...ir import PhaseNeuron, evaluate
 from ...neuron import phase_encode
+from .export import write_hdf5
 from .reader import graph_of, open_export
 
 TRACE_FILE = "reference_trace.h5"
@@ -43,7 +44,8 @@ def write_reference_trace(folder: str | Path, inputs: dict[str, Tensor]) -> Path
                 sign, spikes = phase_encode(values[graph.inputs(name)["x"]], graph[name].params())
                 observed[name] = _node_data(value=values[name], spikes=(sign * spikes).to(torch.int8))
     path = Path(folder) / TRACE_FILE
-    atomic_write(path, lambda temp: nir.write_data(temp, nir.NIRGraphData(nodes=observed)))
+    data = nir.NIRGraphData(nodes=observed)
+    atomic_write(path, lambda temp: write_hdf5(temp, lambda stream: nir.write_data(stream, data)))
     return path
 
 
