@@ -145,7 +145,7 @@ def read_json_object(path: Path, what: str) -> dict:
 
 def _check_folder_architecture(folder: Path) -> None:
     config = read_json_object(folder / "config.json", "model config")
-    _check_model_type(config.get("model_type"), config.get("architectures"), folder / "config.json")
+    check_model_type(config.get("model_type"), config.get("architectures"), folder / "config.json")
     if config.get("hidden_act", "silu") != "silu":
         raise SpikecompileError(
             f"{folder / 'config.json'}: hidden_act={config['hidden_act']!r}; only SwiGLU (silu) MLPs are supported"
@@ -231,7 +231,7 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _check_model_type(model_type, architectures, where) -> None:
+def check_model_type(model_type, architectures, where) -> None:
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         named = architectures if isinstance(architectures, list) else []
         found = ", ".join(map(str, named)) or f"model_type={model_type!r}"
@@ -251,7 +251,7 @@ def _check_gguf_architecture(path: Path) -> None:
         architecture = field.parts[field.data[0]].tobytes().decode()
     except Exception as error:  # gguf raises bare ValueError/KeyError/struct errors on corrupt files
         raise SpikecompileError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
-    _check_model_type(architecture, None, path)
+    check_model_type(architecture, None, path)
 
 
 def load_model(source: ModelSource):
