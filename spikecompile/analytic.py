@@ -1,4 +1,5 @@
-"""The config-only (analytic) mode: a LLaMA-style model known only by its config.json, for counting
+"""The config-only (analytic) mode: a LLaMA-family model (LLaMA, Mistral, Qwen2: loading.SUPPORTED_MODEL_TYPES)
+known only by its config.json, for counting
 (backends.sim.analytic) and Loihi 2 placement (passes.loihi_mapping) of models too large to load.
 
     load_config   a packaged config (targets/models/<name>.json, MODEL_CONFIGS) or a file, its fields checked
@@ -22,7 +23,7 @@ from .errors import SpikecompileError
 from .ir import Graph
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-MODEL_CONFIGS = ("llama-2-7b", "llama-3-8b", "smollm2-135m")
+MODEL_CONFIGS = ("llama-2-7b", "llama-3-8b", "mistral-7b", "qwen2.5-0.5b", "qwen2.5-7b", "smollm2-135m")
 """The configs shipped in spikecompile.targets/models, by name."""
 
 
@@ -39,18 +40,19 @@ def load_config(name_or_path: str | Path) -> dict:
     except (OSError, ValueError) as error:
         raise SpikecompileError(f"{path}: cannot read a model config ({error}); packaged: "
                                 f"{', '.join(MODEL_CONFIGS)}") from None
+    if not isinstance(config, dict):
+        raise SpikecompileError(f"{path}: a model config must be a JSON object, got a {type(config).__name__}")
     missing = [name for name in CONFIG_FIELDS if not isinstance(config.get(name), int)]
     if missing:
         raise SpikecompileError(f"{path}: config field {missing[0]} missing or not an integer "
                                 f"(needs {', '.join(CONFIG_FIELDS)})")
-    return config
+    return {**config, "_file": str(path)}  # where config_graph's errors point
 
 
 def config_graph(config: Mapping, timesteps: int, grains: int = 2, rotated: bool = True) -> Graph:
-    """The IR of a LLaMA-style model with this config, weights on the meta device, timesteps assigned."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
+    """The IR of the LLaMA-family model of this config (its model_type; "llama" when it names none), weights on
+    the meta device, timesteps assigned; SpikecompileError for an architecture or sliding window that
+    loading refuses."""
     from .conversion.convert import SpikingModel
     from .conversion.rotation import OnlineHadamard
     from .conversion.sites import install_sites
@@ -58,11 +60,7 @@ def config_graph(config: Mapping, timesteps: int, grains: int = 2, rotated: bool
     from .neuron import base2_params
     from .passes import PassManager
 
-    fields = {key: value for key, value in config.items() if not key.startswith("_") and key != "source"}
-    llama_config = LlamaConfig(**fields)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config)
-    model.model.rotary_emb = LlamaRotaryEmbedding(llama_config)  # its inv_freq is data the RoPE nodes hold
+    model = _meta_model(config)
     if rotated:
         for layer in model.model.layers:
             layer.mlp.down_proj.register_forward_pre_hook(OnlineHadamard(layer.mlp.down_proj.in_features))
@@ -74,6 +72,25 @@ def config_graph(config: Mapping, timesteps: int, grains: int = 2, rotated: bool
     graph, _ = trace(SpikingModel(model, None, sites, record))
     graph, _ = PassManager(["assign_timesteps"]).run(graph)
     return graph
+
+
+def _meta_model(config: Mapping):
+    """The transformers causal LM of the config with every weight on the meta device, except its rotary
+    embedding's inv_freq (data the RoPE nodes hold: transformers' own, scaled as rope_scaling says)."""
+    from transformers import AutoModelForCausalLM
+
+    from .loading import check_attention_window, check_model_type, full_attention_config, transformers_config
+
+    where = config.get("_file", "the model config")
+    fields = {key: value for key, value in config.items() if not key.startswith("_") and key != "source"}
+    check_model_type(fields.setdefault("model_type", "llama"), fields.get("architectures"), where)
+    model_config = transformers_config(fields, where)
+    check_attention_window(model_config, where)
+    full_attention_config(model_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, attn_implementation="eager")
+    model.model.rotary_emb = type(model.model.rotary_emb)(model_config)
+    return model
 
 
 def map_config(config: Mapping, timesteps: int = 8, **options) -> dict:

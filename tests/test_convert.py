@@ -171,16 +171,30 @@ def test_rotation_is_reapplied_identically():
         assert torch.equal(a, b), name
 
 
-def test_mistral_style_model_converts_and_runs(tmp_path, text_file):
+def test_mistral_model_converts_and_runs(tmp_path, text_file):
     from transformers import MistralConfig, MistralForCausalLM
     from conftest import build_tiny_tokenizer
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32)
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None)
     MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
     build_tiny_tokenizer().save_pretrained(tmp_path / "mistral")
     result = run("convert", tmp_path / "mistral", "-o", tmp_path / "m.pt", "-T", 6, "--calib", text_file, *FAST)
     assert result.exit_code == 0, result.output
     result = run("eval", tmp_path / "m.pt", "--ppl", text_file, "--seqlen", 64, "--max-windows", 1, "--no-progress")
     assert result.exit_code == 0 and "ratio SNN/ANN" in result.output, result.output
+
+
+def test_mistral_with_a_binding_sliding_window_is_refused_in_one_line(tmp_path, text_file):
+    """Mistral-7B-v0.1's kind of config (a 32-token window in a 256-token context): the IR's attention is full
+    causal, so convert refuses it, naming the field, before reading a weight and writing anything."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=32)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    result = run("convert", tmp_path / "mistral", "-o", tmp_path / "m.pt", "--calib", text_file, *FAST)
+    _assert_one_line_error(result, "sliding_window=32 is smaller than max_position_embeddings=256")
+    assert not (tmp_path / "m.pt").exists()

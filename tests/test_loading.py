@@ -8,7 +8,7 @@ import torch
 
 from spikecompile.errors import SpikecompileError
 from spikecompile.loading import load_model, resolve_source
-from conftest import build_tiny_llama, requires_smollm2
+from conftest import build_tiny_llama, build_tiny_tokenizer, requires_smollm2, save_tiny_llama
 
 
 def test_folder_loads_the_same_weights(tiny_llama_dir):
@@ -23,13 +23,59 @@ def test_folder_loads_the_same_weights(tiny_llama_dir):
     assert tokenizer("abc")["input_ids"]
 
 
-def test_mistral_style_config_is_accepted(tmp_path):
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("window", [None, 256])
+def test_mistral_without_a_binding_sliding_window_loads_full_causal(tmp_path, window):
+    """sliding_window null, or at least max_position_embeddings (it cannot bind): accepted, and the model is
+    built without the window (full causal attention, what the IR computes)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2)
+    config = MistralConfig(**TINY, max_position_embeddings=256, sliding_window=window)
     MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
-    assert resolve_source(str(tmp_path / "mistral")).kind == "hf_folder"
+    build_tiny_tokenizer().save_pretrained(tmp_path / "mistral")
+    model, _ = load_model(resolve_source(str(tmp_path / "mistral")))
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window is None
+
+
+@pytest.mark.parametrize("family, fields", [
+    ("mistral", {"sliding_window": 32, "max_position_embeddings": 256}),
+    ("mistral", {}),  # MistralConfig's default window, 4096, is smaller than its default context, 131072
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 1,
+               "max_position_embeddings": 256}),
+])
+def test_a_binding_sliding_window_is_refused_naming_the_field(tmp_path, family, fields):
+    config = {"model_type": family, **TINY, **fields}
+    folder = save_tiny_llama(tmp_path / family)  # real weights; only config.json is the other family's
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpikecompileError, match=r"config.json: sliding_window=(32|4096) is smaller than "
+                                                r"max_position_embeddings=(256|131072)") as error:
+        resolve_source(str(folder))
+    assert "\n" not in str(error.value)
+
+
+def test_qwen2_config_is_accepted(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**TINY, sliding_window=32, max_window_layers=1)  # use_sliding_window false: inert
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    assert resolve_source(str(tmp_path / "qwen2")).kind == "hf_folder"
+
+
+@pytest.mark.parametrize("family, model_class", [("phi3", "Phi3ForCausalLM"), ("gemma", "GemmaForCausalLM"),
+                                                 ("qwen3", "Qwen3ForCausalLM")])
+def test_other_llama_like_families_are_refused_naming_them(tmp_path, family, model_class):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(family, **TINY, head_dim=8, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2)
+    getattr(transformers, model_class)(config).save_pretrained(tmp_path / family)
+    with pytest.raises(SpikecompileError, match=f"architecture {model_class} is not supported; spikecompile "
+                                                f"converts LLaMA-family models") as error:
+        resolve_source(str(tmp_path / family))
+    assert "\n" not in str(error.value)
 
 
 def test_non_llama_architecture_names_what_it_found(tmp_path):
@@ -80,6 +126,11 @@ def test_gguf_with_other_architecture_is_refused(tmp_path):
     _write_gguf(tmp_path / "model.gguf", "gpt2")
     with pytest.raises(SpikecompileError, match="architecture model_type='gpt2' is not supported"):
         resolve_source(str(tmp_path / "model.gguf"))
+
+
+def test_gguf_of_a_qwen2_model_passes_the_architecture_check(tmp_path):
+    _write_gguf(tmp_path / "model.gguf", "qwen2")
+    assert resolve_source(str(tmp_path / "model.gguf")).kind == "gguf"
 
 
 def test_gguf_without_gguf_package(tmp_path, monkeypatch):

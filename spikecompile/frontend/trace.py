@@ -86,11 +86,12 @@ def _dtype_name(tensor: Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def _identity(tensor: Tensor) -> tuple:
+def _identity(tensor: Tensor, parameter: Tensor | None = None) -> tuple:
     """Tensors with equal identities are one tensor (the same memory, shape and strides); a tensor without
-    memory (meta device: the analytic mode's weightless models) is only itself."""
+    memory (meta device: the analytic mode's weightless models) is its module parameter (tied weights share
+    one), or only itself."""
     if tensor.is_meta:
-        return ("meta", id(tensor))
+        return ("meta", id(parameter if parameter is not None else tensor))
     return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
 
 
@@ -110,9 +111,11 @@ class _Tracer:
         self.config = self.model.config
         self.paths = {module: name for name, module in self.model.named_modules()}
         self.store: dict[str, Tensor] = dict(self.model.state_dict())
+        parameters = dict(self.model.named_parameters(remove_duplicate=False))
+        self.identities = {key: _identity(tensor, parameters.get(key)) for key, tensor in self.store.items()}
         self.canonical_keys = {}
-        for key, tensor in self.store.items():
-            self.canonical_keys.setdefault(_identity(tensor), key)
+        for key, identity in self.identities.items():
+            self.canonical_keys.setdefault(identity, key)
         self.graph = Graph()
         self.prefix_caches = prefix_caches
         self.prefix_length = len(spiking.record["prefix"]["token_ids"]) if prefix_caches is not None else 0
@@ -132,7 +135,7 @@ class _Tracer:
     def ref(self, key: str) -> TensorRef:
         """A reference to store[key], by the first key holding the same tensor (tied weights: one name)."""
         tensor = self.store[key]
-        key = self.canonical_keys.setdefault(_identity(tensor), key)
+        key = self.canonical_keys.setdefault(self.identities.get(key) or _identity(tensor), key)
         return TensorRef(key, tuple(tensor.shape), _dtype_name(tensor))
 
     def node_name(self, module: nn.Module) -> str:
