@@ -433,3 +433,14 @@ def test_nir_record_whose_tensor_does_not_fit_its_shape_is_refused(samples, tmp_
     edit_json(folder / "manifest.json", reshape)
     refused(nir_read, folder, r"manifest\.json: node layers\.0\.attn_probs: tensor layers\.0\.attn_probs\.tau: "
                               r"RuntimeError: shape '\[3\]' is invalid for input of size 1$")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda document: document["nodes"][2].update(name=""), r"a node name must be a non-empty str, got ''"),
+    (lambda document: document["nodes"][2].update(name=document["nodes"][1]["name"]), r"node \S+ is defined twice"),
+], ids=["empty-name", "name-twice"])
+def test_ir_reader_refuses_bad_node_names(samples, tmp_path, edit, message):
+    """Found by the 10,000-case run: Graph's own ValueError escaped the reader."""
+    folder = copy_of(samples, "ir", tmp_path)
+    edit_json(folder / "graph.json", edit)
+    refused(ir.read, folder, rf"graph\.json: {message}$")

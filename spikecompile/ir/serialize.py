@@ -148,7 +148,7 @@ def read(folder: str | Path) -> Graph:
         for source, target, port in document["edges"]:
             graph.add_edge(source, target, port)
         validate(graph)
-    except SpikecompileError as error:
+    except (SpikecompileError, ValueError) as error:  # ValueError: Graph's own checks (a name empty, or twice)
         raise SpikecompileError(f"{folder / GRAPH_FILE}: {error}") from None
     return graph
 
