@@ -11,6 +11,7 @@ every node whether it is exact, approximated or not expressible in NIR. The enco
                     (NOT_EXPRESSIBLE)
     export          export (IR graph → folder) and build_nir (the `spikecompile build --target nir` entry point)
     reader          read (folder → IR graph and weights), open_export; a clear error for NIR files of other tools
+    schema          the schema of manifest.json (pydantic), checked when an export is opened
     run             run: an export executed with any NIR consumer for the segments and our interpreter for the rest
     reference_data  write_reference_trace: the reference values and spike trains of an export as NIRGraphData
 

@@ -5,10 +5,14 @@ from that node's arrays; the node is then lowered again and must give exactly th
 holds, so a segment changed after export is caught. Every other node comes from its manifest record. A file
 listed in the manifest must still have the sha256 written there. Only spikecompile's own exports are read: a NIR
 file from another tool, or one segment on its own, is refused with a message saying so.
+
+The manifest is checked against its schema (schema.py) before anything else is read. Every failure, ours or a
+library's (h5py, nir, safetensors, torch on data from a file), is one SpikecompileError line naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -23,9 +27,14 @@ from torch import Tensor
 from ...errors import SpikecompileError
 from ...files import file_sha256, read_document
 from ...ir import Graph, IRNode, TensorRef, TensorType, validate
+from ...ir.serialize import first_line
 from .export import FORMAT, FORMAT_VERSION, MANIFEST_FILE, OPS_FILE
-from .lower import VARIANTS, Variant, lower
+from .lower import VARIANTS, NotExpressible, Variant, lower
 from .records import rebuild
+from .schema import check_manifest
+
+LIBRARY_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError, ArithmeticError)
+"""What numpy, torch and nir raise on data that is not what they expect: a damaged file, not a bug of ours."""
 
 
 @dataclasses.dataclass
@@ -42,7 +51,11 @@ class Export:
 
     def segment(self, path: str) -> nir.NIRGraph:
         """A segment's NIR graph, read with stock nir.read (types checked)."""
-        return nir.read(self.folder / path)
+        try:
+            return nir.read(self.folder / path)
+        except Exception as error:  # h5py and nir raise anything from OSError to AssertionError on damaged bytes
+            raise SpikecompileError(f"{self.folder / path}: not a readable NIR segment ({first_line(error)}); "
+                                    f"export again") from None
 
 
 def open_export(folder: str | Path) -> Export:
@@ -57,14 +70,16 @@ def open_export(folder: str | Path) -> Export:
     if manifest.get("variant") not in VARIANTS:
         raise SpikecompileError(f"{folder / MANIFEST_FILE}: variant {manifest.get('variant')!r}; this spikecompile "
                                 f"reads variants {', '.join(VARIANTS)}: export again")
+    check_manifest((folder / MANIFEST_FILE).read_bytes(), folder / MANIFEST_FILE)
     for path, sha256 in manifest["files"].items():
         if not (folder / path).is_file() or file_sha256(folder / path) != sha256:
             raise SpikecompileError(f"{folder / path}: missing, or not the file this {MANIFEST_FILE} was written with "
                                     f"(sha256 differs); export again")
     try:
         weights = safetensors.torch.load((folder / OPS_FILE).read_bytes())
-    except SafetensorError as error:
-        raise SpikecompileError(f"{folder / OPS_FILE}: not a readable safetensors file ({error})") from None
+    except (SafetensorError, ValueError, RuntimeError) as error:  # safetensors' errors besides its own
+        raise SpikecompileError(f"{folder / OPS_FILE}: not a readable safetensors file ({first_line(error)})"
+                                ) from None
     return Export(folder, manifest, weights)
 
 
@@ -74,24 +89,33 @@ def read(folder: str | Path) -> tuple[Graph, dict[str, Tensor]]:
 
 
 def graph_of(export: Export) -> tuple[Graph, dict[str, Tensor]]:
+    """The graph and weights of an opened export (its manifest already checked against the schema)."""
     graph, store = Graph(), dict(export.weights)
-    try:
-        for step in export.manifest["steps"]:
-            if "segment" in step:
-                segment = export.segment(step["segment"])
+    for step in export.manifest["steps"]:
+        if "segment" in step:
+            segment = export.segment(step["segment"])
+            with _blame(export.folder / step["segment"]):
                 for name, wiring in step["nodes"].items():
                     node, weights = _fold(segment, name, export.variant)
                     _add(graph, name, node, wiring)
                     store.update(weights)
-            else:
+        else:
+            with _blame(export.folder / MANIFEST_FILE):
                 _add(graph, step["name"], rebuild(step), step["inputs"])
+    with _blame(export.folder):
         validate(graph)
-    except SpikecompileError as error:
-        raise SpikecompileError(f"{export.folder}: {error}") from None
-    except (KeyError, TypeError, ValueError) as error:
-        raise SpikecompileError(f"{export.folder / MANIFEST_FILE}: malformed ({type(error).__name__}: {error})"
-                                ) from None
     return graph, store
+
+
+@contextlib.contextmanager
+def _blame(path: Path):
+    """An error inside, ours or a library's on data read from `path`, as one SpikecompileError line naming it."""
+    try:
+        yield
+    except SpikecompileError as error:
+        raise SpikecompileError(f"{path}: {error}") from None
+    except LIBRARY_ERRORS as error:
+        raise SpikecompileError(f"{path}: malformed ({first_line(error)}); export again") from None
 
 
 def _add(graph: Graph, name: str, node: IRNode, wiring: list) -> None:
@@ -109,7 +133,10 @@ def _fold(segment: nir.NIRGraph, name: str, variant: Variant) -> tuple[IRNode, d
     weights = {ref.name: torch.from_numpy(np.asarray(getattr(carrier, field.name)))
                for field in dataclasses.fields(node) if isinstance(ref := getattr(node, field.name), TensorRef)}
     width = int(carrier.output_type["output"][-1])
-    expected = lower(name, node, TensorType((width,), "float32"), variant, weights)
+    try:
+        expected = lower(name, node, TensorType((width,), "float32"), variant, weights)
+    except NotExpressible as error:
+        raise SpikecompileError(f"node {name}: its spikecompile.ir metadata does not lower to NIR ({error})") from None
     found = {key: value for key, value in segment.nodes.items() if value.metadata.get("spikecompile.node") == name}
     edges = {tuple(edge) for edge in segment.edges}
     if (found.keys() != expected.nodes.keys() or not set(expected.edges) <= edges

@@ -14,7 +14,8 @@ import torch
 
 from ...ir import IRNode
 from ...ir.base import torch_dtype
-from ...ir.serialize import decode_node, encode_fields
+from ...errors import SpikecompileError
+from ...ir.serialize import decode_node, encode_fields, first_line
 
 
 def describe(name: str, node: IRNode) -> dict:
@@ -28,6 +29,16 @@ def describe(name: str, node: IRNode) -> dict:
 
 def rebuild(record: dict) -> IRNode:
     """The IR node a record describes; SpikecompileError naming the node if the record is not valid."""
-    tensors = {key: torch.tensor(entry["values"], dtype=torch_dtype(entry["dtype"])).reshape(entry["shape"])
-               for key, entry in record["tensors"].items()}
+    try:
+        tensors = {key: _tensor(key, entry) for key, entry in record["tensors"].items()}
+    except ValueError as error:
+        raise SpikecompileError(f"node {record['name']}: {error}") from None
     return decode_node(record, tensors)
+
+
+def _tensor(key: str, entry: dict) -> torch.Tensor:
+    """A tensor from its record; ValueError naming it if the values do not fit the dtype or the shape."""
+    try:
+        return torch.tensor(entry["values"], dtype=torch_dtype(entry["dtype"])).reshape(entry["shape"])
+    except (RuntimeError, TypeError, OverflowError) as error:  # torch's errors on such values: a reshape's, ...
+        raise ValueError(f"tensor {key}: {first_line(error)}") from None

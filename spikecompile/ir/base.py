@@ -31,6 +31,19 @@ def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < float("inf")
 
 
+def in_range(value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> bool:
+    """A finite number in the interval between low and high, each end closed unless said open."""
+    return (is_number(value) and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high))
+
+
+MAX_TIMESTEPS = 1024
+"""The most steps a node may run: convert builds 4..16 and the codings' unrolled counts stay far below; a larger T
+in a file is damage, and every backend loops over T."""
+MAX_INDEX = 2**31
+"""Positions and token ids stay below 2³¹ (int32 indices, as every tokenizer and RoPE table uses)."""
+
+
 # canonical dtype names ("float32", not "float") → dtypes, read once from torch's namespace: a name from a file is
 # only ever looked up here
 DTYPES = {str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)}
@@ -131,8 +144,8 @@ class IRNode:
 
     def __post_init__(self):
         try:
-            require(self.timesteps is None or is_count(self.timesteps),
-                    f"timesteps must be None or an int ≥ 1, got {self.timesteps!r}")
+            require(self.timesteps is None or (is_count(self.timesteps) and self.timesteps <= MAX_TIMESTEPS),
+                    f"timesteps must be None or an int in 1..{MAX_TIMESTEPS}, got {self.timesteps!r}")
             self.check()
         except ValueError as error:
             raise ValueError(f"{type(self).__name__}: {error}") from None

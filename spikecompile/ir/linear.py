@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..hadamard import describe_hadamard, hadamard_matrix
 from .base import (
-    Dim, IRNode, TensorRef, TensorType, is_count, is_number, node_type, require, require_tensor, same_type,
+    MAX_INDEX, Dim, IRNode, TensorRef, TensorType, in_range, is_count, node_type, require, require_tensor, same_type,
 )
 
 
@@ -193,9 +193,11 @@ class RoPE(IRNode):
         require_tensor(self.inv_freq, "inv_freq", (self.head_dim // 2,))
         require(bool(torch.isfinite(self.inv_freq).all()), "inv_freq must be finite")
         require(isinstance(self.parameters, dict), f"parameters must be a dict, got {self.parameters!r}")
-        require(is_number(self.attention_scaling), f"attention_scaling must be a finite number, "
-                                                   f"got {self.attention_scaling!r}")
-        require(is_count(self.position_offset, 0), f"position_offset must be an int ≥ 0, got {self.position_offset!r}")
+        # transformers' attention_factor: 1, or YaRN's / LongRoPE's 0.1·ln(s) + 1 (about 1..2): positive, small
+        require(in_range(self.attention_scaling, 0, 1e3, low_open=True),
+                f"attention_scaling must be a number in (0, 1e3], got {self.attention_scaling!r}")
+        require(is_count(self.position_offset, 0) and self.position_offset < MAX_INDEX,
+                f"position_offset must be an int in [0, 2**31), got {self.position_offset!r}")
 
     def infer(self, inputs):
         x = inputs["x"]
@@ -289,7 +291,8 @@ class KVPrefix(IRNode):
 
     def check(self):
         require(self.which in ("key", "value"), f"which must be 'key' or 'value', got {self.which!r}")
-        require(isinstance(self.token_ids, tuple) and self.token_ids and all(is_count(t, 0) for t in self.token_ids),
+        require(isinstance(self.token_ids, tuple) and self.token_ids
+                and all(is_count(t, 0) and t < MAX_INDEX for t in self.token_ids),
                 f"token_ids must be a non-empty tuple of token ids, got {self.token_ids!r}")
         require(isinstance(self.cache, TensorRef) and len(self.cache.shape) == 3
                 and self.cache.shape[1] == len(self.token_ids),

@@ -73,7 +73,10 @@ class PhaseNeuron(IRNode):
                 f"site {self.site!r} must end in a site kind, one of {SITE_KINDS}")
         require(all(isinstance(getattr(self, name), Tensor) for name in ("genotype", "tau", "d", "h", "theta", "v0")),
                 "genotype, tau, d, h, theta and v0 must be tensors")
-        require(is_count(self.max_spikes, 0), f"max_spikes must be an int ≥ 0, got {self.max_spikes!r}")
+        # a budget of T or more never binds (the codings use 1, 2 and T − 1)
+        require(is_count(self.timesteps), f"timesteps must be an int ≥ 1, got {self.timesteps!r}")
+        require(is_count(self.max_spikes, 0) and self.max_spikes <= self.timesteps,
+                f"max_spikes must be an int in 0..timesteps ({self.timesteps!r}), got {self.max_spikes!r}")
         require(self.tau.ndim == 0, f"tau must be a 0-d tensor (one neuron per site), got shape {list(self.tau.shape)}")
         params = self.params()
         require(params.T == self.timesteps, f"genotype has {params.T} steps, timesteps is {self.timesteps!r}")

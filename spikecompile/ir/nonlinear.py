@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .base import IRNode, TensorRef, TensorType, is_count, is_number, node_type, require, same_type
+from .base import IRNode, TensorRef, TensorType, in_range, is_count, node_type, require, same_type
 
 
 @node_type
@@ -30,8 +30,9 @@ class Nonlinear(IRNode):
     def check(self):
         require(self.function in self.FUNCTIONS, f"function must be one of {self.FUNCTIONS}, got {self.function!r}")
         is_norm = self.function == "rmsnorm"
-        require((is_number(self.eps) and self.eps > 0) if is_norm else self.eps is None,
-                f"eps must be a number > 0 for rmsnorm and None otherwise, got {self.eps!r}")
+        # eps guards a division by √(mean(x²) + eps): models use 1e-5 or 1e-6; above 1 it would be the norm itself
+        require(in_range(self.eps, 0, 1, low_open=True) if is_norm else self.eps is None,
+                f"eps must be a number in (0, 1] for rmsnorm and None otherwise, got {self.eps!r}")
         require(self.weight is None or (is_norm and isinstance(self.weight, TensorRef) and len(self.weight.shape) == 1),
                 f"weight must be None, or for rmsnorm a TensorRef of shape [dim], got {self.weight}")
         require(isinstance(self.causal, bool) and (not self.causal or self.function == "softmax"),
@@ -74,7 +75,8 @@ class ActivationMatmul(IRNode):
 
     def check(self):
         require(self.which in ("qk", "pv"), f"which must be 'qk' or 'pv', got {self.which!r}")
-        require(is_number(self.scaling) and self.scaling != 0, f"scaling must be a finite non-zero number, "
+        # qk: 1/√head_dim (or a model's query scale), pv: 1; none is negative, none near 1e3
+        require(in_range(self.scaling, 0, 1e3, low_open=True), f"scaling must be a number in (0, 1e3], "
                                                                 f"got {self.scaling!r}")
         require(is_count(self.groups), f"groups must be an int ≥ 1, got {self.groups!r}")
 

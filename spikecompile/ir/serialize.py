@@ -14,8 +14,13 @@ key in tensors.safetensors. Tensors a TensorRef names (the model's weights) go t
 their store keys, only when write() is given the store; the header then holds "weights_sha256", and
 read_weights() gives them back (checked against the graph's refs).
 
+Every field is required, nested ones (a TensorRef's name, shape, dtype) included: the writer writes them all, a
+null where the field may be None, so a missing field is a damaged file and is refused, never defaulted. The only
+optional key is the header's "weights_sha256" (absent: written without the weights).
+
 Reading parses JSON and safetensors only (never pickle, never code), finds node classes in NODE_TYPES only, and
-validates the graph; any failure is one SpikecompileError line naming the folder and the node at fault. Writing
+validates the graph (each node type's own checks, ranges included, run on construction); any failure is one
+SpikecompileError line naming the file and the node and field at fault. Writing
 is deterministic (the same graph gives the same bytes) and atomic per file, tensors first: a graph.json next to
 tensors from another write is caught by the sha256.
 """
@@ -37,7 +42,7 @@ from torch import Tensor
 
 from ..errors import SpikecompileError
 from ..files import atomic_write, read_document
-from .base import NODE_TYPES, IRNode, TensorRef, TensorStore
+from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require
 from .graph import Graph, validate
 
 FORMAT = "spikecompile.ir"
@@ -100,19 +105,21 @@ def _weights(graph: Graph, store: TensorStore) -> dict[str, Tensor]:
 def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
     """The weights written beside `graph` (read from `folder`), every TensorRef of the graph checked."""
     folder = Path(folder)
+    document = read_document(folder / GRAPH_FILE, "IR graph", FORMAT, FORMAT_VERSION,
+                              "build the graph again with this version")
     try:
-        document = json.loads((folder / GRAPH_FILE).read_text(encoding="utf-8"))
         data = (folder / WEIGHTS_FILE).read_bytes()
     except OSError as error:
-        raise SpikecompileError(f"{folder}: cannot read {error.filename and Path(error.filename).name} "
-                                f"({error.strerror}); build with the weights (spikecompile build -o)") from None
+        raise SpikecompileError(f"{folder}: cannot read {WEIGHTS_FILE} ({error.strerror}); build with the weights "
+                                f"(spikecompile build -o)") from None
     if hashlib.sha256(data).hexdigest() != document.get("weights_sha256"):
         raise SpikecompileError(f"{folder}: {WEIGHTS_FILE} does not belong to this {GRAPH_FILE} (sha256 differs); "
                                 f"build again")
     try:
         weights = safetensors.torch.load(data)
-    except SafetensorError as error:
-        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({error})") from None
+    except (SafetensorError, ValueError, RuntimeError) as error:  # safetensors' errors besides its own
+        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({first_line(error)})"
+                                ) from None
     try:
         for ref in tensor_refs(graph).values():
             ref.resolve(weights)
@@ -127,18 +134,42 @@ def read(folder: str | Path) -> Graph:
     document = read_document(folder / GRAPH_FILE, "IR graph", FORMAT, FORMAT_VERSION,
                               "build the graph again with this version")
     try:
+        _check_listings(document)
+    except ValueError as error:
+        raise SpikecompileError(f"{folder / GRAPH_FILE}: {error}; build the graph again") from None
+    try:
         tensors = _read_tensors(folder / TENSORS_FILE, document["tensors_sha256"])
+    except SpikecompileError as error:
+        raise SpikecompileError(f"{folder}: {error}") from None
+    try:
         graph = Graph()
         for entry in document["nodes"]:
             graph.add_node(entry["name"], decode_node(entry, tensors))
         for source, target, port in document["edges"]:
             graph.add_edge(source, target, port)
         validate(graph)
-    except SpikecompileError as error:
-        raise SpikecompileError(f"{folder}: {error}") from None
-    except (KeyError, TypeError, ValueError) as error:
-        raise SpikecompileError(f"{folder / GRAPH_FILE}: malformed ({type(error).__name__}: {error})") from None
+    except (SpikecompileError, ValueError) as error:  # ValueError: Graph's own checks (a name empty, or twice)
+        raise SpikecompileError(f"{folder / GRAPH_FILE}: {error}") from None
     return graph
+
+
+def _check_listings(document: dict) -> None:
+    """The header's sha256s and the shape of the listings: each node {"name": str, "type": str, "fields": {...}},
+    each edge [producer, consumer, port or null]; ValueError naming the first that is not."""
+    for key in ("tensors_sha256", "weights_sha256"):
+        require(isinstance(document.get(key), str) or (key == "weights_sha256" and key not in document),
+                f"{key} must be a sha256 string, got {document.get(key)!r}")
+    for key in ("nodes", "edges"):
+        require(isinstance(document.get(key), list), f"{key} must be a list, got {type(document.get(key)).__name__}")
+    for index, entry in enumerate(document["nodes"]):
+        require(isinstance(entry, dict) and entry.keys() == {"name", "type", "fields"}
+                and isinstance(entry["name"], str) and isinstance(entry["type"], str)
+                and isinstance(entry["fields"], dict),
+                f"nodes[{index}] must be {{\"name\": str, \"type\": str, \"fields\": {{...}}}}, got {entry!r:.120}")
+    for index, edge in enumerate(document["edges"]):
+        require(isinstance(edge, list) and len(edge) == 3 and all(isinstance(end, str) for end in edge[:2])
+                and (edge[2] is None or isinstance(edge[2], str)),
+                f"edges[{index}] must be [producer, consumer, port or null], got {edge!r:.120}")
 
 
 def encode_fields(value, key: str, tensors: dict[str, Tensor]):
@@ -153,6 +184,7 @@ def encode_fields(value, key: str, tensors: dict[str, Tensor]):
 
 
 def decode_node(entry: dict, tensors: dict[str, Tensor]) -> IRNode:
+    """The node a graph.json entry (or a NIR manifest record) describes; SpikecompileError naming the node."""
     name, type_name = entry["name"], entry["type"]
     cls = NODE_TYPES.get(type_name)
     if cls is None:
@@ -163,32 +195,40 @@ def decode_node(entry: dict, tensors: dict[str, Tensor]) -> IRNode:
         raise SpikecompileError(f"node {name}: {error}") from None
 
 
-def _decode_fields(cls: type, fields: dict, tensors: dict[str, Tensor]):
+def _decode_fields(cls: type, fields: dict, tensors: dict[str, Tensor], where: str = ""):
+    """An instance of dataclass `cls` from its JSON object; every field must be there (`where`: the enclosing
+    field, for the message)."""
     if not isinstance(fields, dict):
-        raise TypeError(f"{cls.__name__} fields must be a JSON object, got {fields!r}")
+        raise TypeError(f"{where or cls.__name__ + ' fields'} must be a JSON object, got {fields!r:.80}")
     hints = _field_hints(cls)
     unknown = [name for name in fields if name not in hints]
     if unknown:
-        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
-    return cls(**{name: _decode(hints[name], value, tensors) for name, value in fields.items()})
+        raise TypeError(f"{cls.__name__} has no field {', '.join(map(str, unknown))}")
+    missing = [name for name in hints if name not in fields]
+    if missing:
+        raise ValueError(f"{cls.__name__}{' ' + where if where else ''} lacks field {', '.join(missing)} "
+                         f"(every field is required; build the graph again)")
+    return cls(**{name: _decode(hints[name], value, tensors, f"{where}.{name}" if where else name)
+                  for name, value in fields.items()})
 
 
-def _decode(hint, value, tensors: dict[str, Tensor]):
+def _decode(hint, value, tensors: dict[str, Tensor], where: str):
     """A field value from its JSON, by the field's declared type (the inverse of encode_fields)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
             return None
         (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     if hint is Tensor:
-        key = value["tensor"]
-        if key not in tensors:
-            raise ValueError(f"tensor {key} is not in {TENSORS_FILE}")
-        return tensors[key]
+        if not (isinstance(value, dict) and isinstance(value.get("tensor"), str)):
+            raise TypeError(f"{where} must be {{\"tensor\": <key>}}, got {value!r:.80}")
+        if value["tensor"] not in tensors:
+            raise ValueError(f"tensor {value['tensor']} is not in {TENSORS_FILE}")
+        return tensors[value["tensor"]]
     if dataclasses.is_dataclass(hint):
-        return _decode_fields(hint, value, tensors)
+        return _decode_fields(hint, value, tensors, where)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list):
-            raise TypeError(f"expected an array, got {value!r}")
+            raise TypeError(f"{where} must be an array, got {value!r:.80}")
         return tuple(value)
     return value
 
@@ -209,8 +249,14 @@ def _read_tensors(path: Path, sha256: str) -> dict[str, Tensor]:
                                 f"write the graph again")
     try:
         return safetensors.torch.load(data)
-    except SafetensorError as error:
-        raise SpikecompileError(f"{TENSORS_FILE}: not a readable safetensors file ({error})") from None
+    except (SafetensorError, ValueError, RuntimeError) as error:  # safetensors' errors besides its own
+        raise SpikecompileError(f"{TENSORS_FILE}: not a readable safetensors file ({first_line(error)})") from None
+
+
+def first_line(error: Exception) -> str:
+    """A library error as a short clause for a one-line message: its type and the first line of its text."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
 def json_text(header: dict, listings: dict[str, list]) -> str:
