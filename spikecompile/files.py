@@ -242,6 +242,8 @@ def read_document(path: str | Path, kind: str, format_name: str, version: int, r
         raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
     except ValueError as error:
         raise SpikecompileError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise SpikecompileError(f"{path}: not a spikecompile {kind} (JSON nested too deeply to read)") from None
     if not isinstance(document, dict) or document.get("format") != format_name:
         raise SpikecompileError(f"{path}: not a spikecompile {kind}")
     if document.get("format_version") != version:

@@ -239,6 +239,7 @@ def test_tensors_from_another_write_are_refused(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("{", "not valid JSON"), ('{"format": "spikecompile.model"}', "not a spikecompile IR graph"),
     ('{"format": "spikecompile.ir", "format_version": 2}', "tensors_sha256 must be a sha256 string"),
+    ("[" * 100_000, "nested too deeply"), (b"\xff\xfe{}".decode("latin-1"), "not valid JSON"),
 ])
 def test_foreign_graph_json_is_refused(tmp_path, text, message):
     (tmp_path / "graph.json").write_text(text)
