@@ -57,7 +57,7 @@ def _row(bad, exit_code, message: str, held: bool, seconds: float, root: Path) -
     shown = message.replace(str(root / "ws") + "/", "").replace(str(root / "out") + "/", "")
     command = " ".join(bad.args).replace(" ".join(RATES), "--rate=KIND=0.1 (every kind)")
     return {"case": bad.id, "command": f"spikecompile {command}", "exit_code": exit_code, "message": shown,
-            "held": held, "model_loaded": bad.loads, "seconds": round(seconds, 3)}
+            "held": held, "seconds": round(seconds, 3)}
 
 
 def _write(rows: list[dict], process: bool) -> None:

@@ -315,7 +315,7 @@ class SpikecompileLM(TemplateLM):
             return self.spiking.logits(ids)
         cache = copy.deepcopy(prefix.cache)  # as PrefixCache.forward, for B rows
         cache.batch_repeat_interleave(ids.shape[0])
-        return self.spiking.model(ids, past_key_values=cache, use_cache=True).logits
+        return self.spiking.model(ids, cache=cache, use_cache=True).logits
 
     def _batches(self, inputs: list[tuple[int, ...]]):
         """Inputs sorted longest first, cut into batches of at most batch_size rows and TOKEN_BUDGET tokens."""
@@ -418,7 +418,7 @@ class SpikecompileLM(TemplateLM):
         cache = copy.deepcopy(spiking.prefix.cache) if spiking.prefix and not ann else None
         generated: list[int] = []
         with torch.inference_mode(), (spiking.sites.all_off() if ann else contextlib.nullcontext()):
-            output = spiking.model(torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+            output = spiking.model(torch.tensor([tokens]), cache=cache, use_cache=True)
             while len(generated) < max_new:
                 token = int(output.logits[0, -1].argmax())
                 if token == self.eot_token_id:
@@ -427,7 +427,7 @@ class SpikecompileLM(TemplateLM):
                 text = self.tok_decode(generated)
                 if any(stop and stop in text for stop in until) or len(generated) == max_new:
                     break
-                output = spiking.model(torch.tensor([[token]]), past_key_values=output.past_key_values,
+                output = spiking.model(torch.tensor([[token]]), cache=output.cache,
                                        use_cache=True)
         return generated
 

@@ -3,8 +3,7 @@
 Each case asserts the exit status (2), that stderr holds exactly one line and it starts with `error: ` (no
 traceback, no click usage block), that the line names the fault (the case's `names`), and that every path the
 case touches (the -o target and the input files) is byte for byte as it was, an absent one still absent. Most
-cases fail before any model is loaded (README: option checks come first); the few that need the model say so
-(`loads=True`) and may print library log lines before their one error line.
+cases fail before any model is loaded (README: option checks come first).
 
 The table is CASES (add a row for a new bad input); bench/bad_inputs.py runs the same table and writes
 bench/results/bad_inputs.md and .json. Paths in a case's arguments are placeholders filled from the workspace
@@ -38,20 +37,19 @@ RATES = [f"--rate={kind}=0.1" for kind in
 @dataclass(frozen=True)
 class Case:
     """One bad input: `args` after `spikecompile` (placeholders as in the module docstring), the text its error
-    line must contain, the paths that must stay unchanged ({out} always), whether the model loads before the
-    error, and a module the command needs (the case is skipped without it)."""
+    line must contain, the paths that must stay unchanged ({out} always), and a module the command needs (the case
+    is skipped without it)."""
 
     id: str
     args: tuple[str, ...]
     names: str
     watch: tuple[str, ...] = ()
-    loads: bool = False
     needs: str | None = None
     exit_code: int = 2
 
 
-def case(id, *args, names, watch=(), loads=False, needs=None):
-    return Case(id, tuple(args), names, tuple(watch), loads, needs)
+def case(id, *args, names, watch=(), needs=None):
+    return Case(id, tuple(args), names, tuple(watch), needs)
 
 
 CONVERT = ("convert", "{hf}", "-o", "{out}")
@@ -295,10 +293,6 @@ class Outcome:
     stderr: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
 
-    @property
-    def errors(self) -> list[str]:
-        return [line for line in self.stderr if line.startswith("error: ")]
-
 
 def run_case(bad: Case, paths: dict[str, str], out_root: Path, subprocess_run: bool = False) -> Outcome:
     """Run one case (in-process through click's CliRunner, or as `python -m spikecompile`) with its paths
@@ -327,7 +321,7 @@ def run_case(bad: Case, paths: dict[str, str], out_root: Path, subprocess_run: b
 
 def check_outcome(bad: Case, outcome: Outcome, paths: dict[str, str], out: str) -> None:
     expected = fill(bad.names, paths, out)
-    lines = outcome.errors if bad.loads else outcome.stderr  # a loaded model may log before the error
+    lines = outcome.stderr
     assert outcome.exit_code == bad.exit_code, outcome.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), outcome.stderr
     assert not any("Traceback" in line for line in outcome.stderr), outcome.stderr

@@ -23,10 +23,8 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.files import atomic_folder, atomic_write, signals_held
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-       "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore::FutureWarning"}
-"""The CLI's environment: the checkout first; without the deprecation notices transformers 5.25 prints on every run
-(past_key_values -> cache), which are not the failure's output."""
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+"""The CLI's environment: the checkout first."""
 POLL_S = 0.0005
 """How often the output's parent is listed while waiting for a write to start."""
 COMPUTING_CPU_S = 3.5

@@ -40,12 +40,12 @@ def _scan(model, windows, eta: float, prefix_ids: list[int] | None) -> tuple[lis
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(
         lambda module, inputs: peaks.append(inputs[0].detach().abs().amax(-1).flatten()))
         for layer in model.model.layers]
-    cache = model(torch.tensor([prefix_ids]), use_cache=True).past_key_values if prefix_ids else None
+    cache = model(torch.tensor([prefix_ids]), use_cache=True).cache if prefix_ids else None
     masks, nll = [], 0.0
     try:
         for ids in windows:
             peaks.clear()
-            logits = model(ids, past_key_values=copy.deepcopy(cache), use_cache=cache is not None).logits
+            logits = model(ids, cache=copy.deepcopy(cache), use_cache=cache is not None).logits
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
             per_layer = torch.stack(peaks)  # [layers, tokens]
             ratio = per_layer / per_layer.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
@@ -82,9 +82,9 @@ class PrefixCache:
 
     def __init__(self, model, sites, token_ids: list[int]):
         with sites.all_off(), torch.inference_mode():
-            self.cache = model(torch.tensor([token_ids]), use_cache=True).past_key_values
+            self.cache = model(torch.tensor([token_ids]), use_cache=True).cache
         self.length = len(token_ids)
 
     def forward(self, model, ids: torch.Tensor) -> torch.Tensor:
         # Each call gets its own copy: the model appends the window's keys and values to the cache it is given.
-        return model(ids, past_key_values=copy.deepcopy(self.cache), use_cache=True).logits
+        return model(ids, cache=copy.deepcopy(self.cache), use_cache=True).logits
