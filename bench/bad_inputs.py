@@ -46,7 +46,7 @@ def main() -> None:
                 held = True
             except AssertionError:
                 held = False
-            message = outcome.errors[-1] if outcome.errors else " | ".join(outcome.stderr)
+            message = " | ".join(outcome.stderr)
             rows.append(_row(bad, outcome.exit_code, message, held, seconds, root))
     _write(rows, process)
     failed = [row["case"] for row in rows if not row["held"]]
