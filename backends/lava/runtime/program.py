@@ -198,6 +198,8 @@ def main(folder: Path) -> None:
     arrays = {**{f"output:{k}": v for k, v in result["outputs"].items()},
               **{f"counts:{k}": v for k, v in result["counts"].items()},
               **{f"saturated:{k}": v for k, v in result["saturated"].items()},
+              **{f"potential:{k}": v for k, v in result["potentials"].items()},
+              **{f"residual:{k}": v for k, v in result["residuals"].items()},
               **{f"seconds:{k}": v for k, v in result["seconds"].items()},
               "steps": result["steps"], "steps_per_second": result["steps_per_second"]}
     np.savez(args.output, **arrays)
