@@ -22,7 +22,7 @@ from spikecompile.backends.sim.simulate import output_of, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.errors import SpikecompileError
-from spikecompile.hardware.loihi2 import gain, load_loihi2, payload_grid, quantize_rows, site_format
+from spikecompile.hardware.loihi2 import gain, load_loihi2, payload_grid, quantize_rows, site_format, synapse_format
 from spikecompile.neuron import PhaseNeuronParams
 from spikecompile.passes.loihi_mapping import deployed_formats
 
@@ -64,6 +64,15 @@ def test_a_site_whose_grid_cannot_hold_its_thresholds_is_refused():
                                d=torch.tensor([2.0]), h=torch.tensor([2.0]), theta=torch.tensor([2.0]))
     with pytest.raises(SpikecompileError, match="site deep: .*fewer than T = 30"):
         site_format(params, load_loihi2(), "deep")
+
+
+def test_weights_wider_than_the_synapse_are_refused():
+    import dataclasses
+
+    target = load_loihi2()
+    wide = dataclasses.replace(target, limits={**target.limits, "weight_bits": 12})
+    with pytest.raises(SpikecompileError, match="matrix layers.0.q_proj: .*weight_bits 12"):
+        synapse_format("layers.0.q_proj", np.ones((2, 2)), wide)
 
 
 def test_gain_is_a_24_bit_mantissa():

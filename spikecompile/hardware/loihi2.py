@@ -179,6 +179,10 @@ def flip_level(neuron: Neuron) -> float:
 # op       norms, softmax, SiLU, products, RoPE, rotations, head reshapes, adds: the host CPU in float64, once per
 #          window on the window's values (decoded); its message to a neuron is rounded onto that neuron's grid.
 
+SYNAPSE_MANTISSA_BITS = 8
+"""The widest weight mantissa a synapse holds. Source: lava-nc 0.10.0 Dense/Sparse fixed_pt (clip_weights(num_bits=8),
+truncate_weights: mixed sign, even values in [−256, 254], i.e. 2m with m a signed 8-bit mantissa)."""
+
 GAIN_BITS = 24
 """bits of the receiver's gain mantissa G (g = G·2^-k). Source: spikecompile choice, the 24-bit neuron state width
 (targets/loihi2.toml [limits.state_bits]); G·A stays below 2^53, so float64 computes it exactly."""
@@ -240,6 +244,9 @@ def quantize_rows(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
 def synapse_format(name: str, weights: np.ndarray, target: Loihi2) -> SynapseFormat:
     """The deployed format of the synapse matrix `name` (weights [out, in])."""
     bits = target.limits["weight_bits"]
+    if not 2 <= bits <= SYNAPSE_MANTISSA_BITS:
+        raise SpikecompileError(f"matrix {name}: {target.file} gives weight_bits {bits}; Loihi 2's mixed-sign synapse "
+                                f"holds a 2- to {SYNAPSE_MANTISSA_BITS}-bit mantissa (lava clips 2m to [−256, 254])")
     mantissa, scale = quantize_rows(weights, bits)
     return SynapseFormat(name, bits, mantissa, scale, target.limits["accumulator_bits"])
 
