@@ -83,6 +83,8 @@ SIM = [
     Option("mask_steps", int, None, "Late-spike masking, keep each neuron's spikes within this many steps of its "
                                     "first.", parse=at_least_one("--mask-steps")),
     Option("float64", bool, False, "Run in float64 (event and decoded then agree to rounding)."),
+    Option("numerics", ("float", "loihi2"), "float", "float, or loihi2: the perplexity of the deployed fixed-point "
+                                                     "model (hardware/loihi2.py formats; bit-exact with Lava fixed_pt)."),
     Option("energy_target", str, "cmos45nm", "Energy target name or file."),
     Option("progress", bool, True, "Progress bars on stderr."),
 ]

@@ -39,8 +39,8 @@ from torch import Tensor
 from spikecompile.errors import SpikecompileError
 from spikecompile.files import atomic_write
 from spikecompile.hardware.loihi2 import (
-    Loihi2, accumulator_peak, flip_level, grid_bits, load_loihi2, potential_exponent, quantize_weights,
-    residual_schedule,
+    Loihi2, flip_level, gain, grid_bits, load_loihi2, potential_exponent, quantize_rows, quantize_weights,
+    residual_schedule, synapse_gain, window_peak,
 )
 from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,
@@ -48,6 +48,7 @@ from spikecompile.ir import (
 )
 from spikecompile.ir.shapes import bind
 from spikecompile.neuron import phase_encode
+from spikecompile.passes.loihi_mapping import Formats, deployed_formats
 
 FORMAT = "spikecompile.lava"
 FORMAT_VERSION = 1
@@ -151,14 +152,16 @@ def lower(part: Graph, store, tokens: int, target: Loihi2) -> Program:
     """The program of `part` run at `tokens` tokens (module docstring)."""
     types = validate(part)
     shapes = {name: [bind(dim, {"batch": 1, "seq": tokens}) for dim in types[name].shape] for name in part}
-    lowering = _Lowering(part, store, shapes, target)
+    lowering = _Lowering(part, store, shapes, target, deployed_formats(part, store, target))
     for name in part.topological_order():
         lowering.add(name)
     steps = max(lowering.start[name] + part[name].timesteps for name in part)
+    fixed_steps = max(start + length for start, length in lowering.fixed.values())
     network = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokens": tokens, "steps": steps,
                "d_realisation": D_REALISATION,
                "fixed_point": {"weight_bits": target.limits["weight_bits"], "state_bits": target.limits["state_bits"],
                                "state_limit": 2 ** (target.limits["state_bits"] - 1) - 1},
+               "fixed_pt": {"steps": fixed_steps},
                "processes": lowering.processes, "connections": lowering.connections}
     return Program(network, lowering.arrays, lowering.fixed_point)
 
@@ -167,9 +170,10 @@ class _Lowering:
     """Lowers nodes in topological order, keeping each node's start step and, for nodes whose output is spikes
     or synapse sums, the gain its receivers apply."""
 
-    def __init__(self, part: Graph, store, shapes: dict[str, list[int]], target: Loihi2):
-        self.part, self.store, self.shapes, self.target = part, store, shapes, target
+    def __init__(self, part: Graph, store, shapes: dict[str, list[int]], target: Loihi2, formats: Formats):
+        self.part, self.store, self.shapes, self.target, self.formats = part, store, shapes, target, formats
         self.start: dict[str, int] = {}
+        self.fixed: dict[str, tuple[int, int]] = {}  # fixed_pt: (the step its first message is sent, steps)
         self.gains: dict[str, dict[str, list[float]]] = {}
         self.processes: list[dict] = []
         self.connections: list[list] = []
@@ -185,6 +189,7 @@ class _Lowering:
 
     def input(self, name: str) -> dict:
         self.start[name] = 0
+        self.fixed[name] = (0, 1)
         return {"kind": "input"}
 
     def port(self, source: str) -> dict:
@@ -210,9 +215,26 @@ class _Lowering:
                           "gain": {"floating_pt": gain["floating_pt"],
                                    "fixed_pt": (np.asarray(gain["fixed_pt"]) / unit).tolist()}},
                 "threshold": {"floating_pt": threshold.astype(np.float64).tolist(),  # θ − v0 as float32 gives it
-                              "fixed_pt": np.rint((theta.astype(np.float64) - float(node.v0)) / unit).astype(np.int64).tolist()},
+                              "fixed_pt": self.formats.sites[name].threshold.tolist()},
                 "reset": {"floating_pt": reset.astype(np.float64).tolist(),
-                          "fixed_pt": np.rint(reset / unit).astype(np.int64).tolist()}}
+                          "fixed_pt": self.formats.sites[name].reset.tolist()},
+                **self.fixed_neuron(name, source)}
+
+    def fixed_neuron(self, name: str, source: str) -> dict:
+        """The neuron's fixed_pt format (hardware.loihi2.SiteFormat): integer thresholds, resets and payload, the
+        per-neuron gain of its window sum, and its fixed_pt schedule (its input window, then T steps)."""
+        site, size = self.formats.sites[name], int(np.prod(self.shapes[name]))
+        start, steps = self.fixed[source]
+        if source in self.formats.synapses:
+            synapse = self.formats.synapses[source]
+            row_gain = synapse_gain(synapse, self.formats.sites[self.formats.sources[source]], site)
+            scale = np.tile(row_gain, size // len(row_gain))
+        else:
+            scale = np.full(size, float(gain(1.0 / site.unit)))
+        self.arrays[f"arrays/{name}.gain.npy"] = scale
+        self.fixed[name] = (start + steps - 1, len(site.threshold))
+        return {"fixed_pt": {"input": {"start": start, "steps": steps}, "fire_start": start + steps - 1,
+                             "gain": f"arrays/{name}.gain.npy", "payload": site.payload.tolist()}}
 
     def synapse(self, name: str, node: Linear, source: str) -> dict:
         if not isinstance(self.part[source], PhaseNeuron):
@@ -221,22 +243,26 @@ class _Lowering:
         if node.bias is not None:
             raise SpikecompileError(f"node {name}: a Linear with a bias; the Lava backend's synapses have none")
         weights = node.weight.resolve(self.store).detach().float().numpy()
+        deployed = self.formats.synapses[name]
         mantissa, exponent = quantize_weights(weights, self.target.limits["weight_bits"])
         files = {"floating_pt": f"weights/{name}.npy", "fixed_pt": f"weights/{name}.m8.npy"}
-        self.arrays[files["floating_pt"]], self.arrays[files["fixed_pt"]] = weights, mantissa
+        self.arrays[files["floating_pt"]], self.arrays[files["fixed_pt"]] = weights, deployed.mantissa
+        self.arrays[f"weights/{name}.scale.npy"] = deployed.scale
+        self.fixed[name] = (self.fixed[source][0] + 1, self.part[source].timesteps)
+        site = self.formats.sites[source]
         d = self.gains[source]["floating_pt"]
         self.gains[name] = {"floating_pt": d, "fixed_pt": (np.asarray(d) * 2.0 ** (exponent - 1)).tolist()}
         self.start[name] = self.start[source] + 1
-        error = np.abs(weights - mantissa * 2.0 ** exponent)
+        error = np.abs(weights - deployed.dequantized())
         level = self.fixed_point["sites"][self.part[source].site]["level"]
         self.fixed_point["synapses"][name] = {
             "flip_allowance": level * float(np.abs(weights).sum(axis=1).max()),
-            "exponent": exponent, "max_error": float(error.max()), "max_abs": float(np.abs(weights).max()),
-            "zero_fraction": float(np.mean(mantissa == 0)), "accumulator_peak": accumulator_peak(mantissa),
-            "accumulator_limit": 2 ** (self.target.limits["accumulator_bits"] - 1) - 1}
+            "layout": deployed.layout, "max_error": float(error.max()), "max_abs": float(np.abs(weights).max()),
+            "zero_fraction": float(np.mean(deployed.mantissa == 0)), "accumulator_peak": window_peak(deployed, site),
+            "accumulator_limit": 2 ** (deployed.accumulator_bits - 1) - 1}
         return {"kind": "synapse", "in": node.in_features, "out": node.out_features,
                 "tokens": int(np.prod(self.shapes[name])) // node.out_features, "weights": files,
-                "weight_exp": exponent}
+                "message_bits": {"floating_pt": 2, "fixed_pt": site.payload_bits}}
 
     def op(self, name: str, node, producers: list[str], parameters: OpParameters) -> dict:
         op, params, arrays = parameters(node, self.store, self.shapes[producers[0]] if producers else None)
@@ -244,8 +270,25 @@ class _Lowering:
         self.arrays.update({files[key]: value for key, value in arrays.items()})
         ports = [self.port(source) for source in producers]
         self.start[name] = max(port["start"] for port in ports)
+        fixed_ports = [self.fixed_port(name, index, source) for index, source in enumerate(producers)]
+        fixed_start = max(port["start"] + port["steps"] - 1 for port in fixed_ports)
+        self.fixed[name] = (fixed_start, 1)
         return {"kind": "output" if isinstance(node, Output) else "op", "op": op, "ports": ports,
-                "start": self.start[name], "timesteps": node.timesteps, "params": params, "arrays": files}
+                "start": self.start[name], "timesteps": node.timesteps, "params": params, "arrays": files,
+                "fixed_pt": {"ports": fixed_ports, "start": fixed_start}}
+
+    def fixed_port(self, name: str, index: int, source: str) -> dict:
+        """An op's fixed_pt input port: its window, and what its window sum is multiplied by (a site: δ; a
+        synapse: s_i·δ/2 per row, in a file; anything else: nothing)."""
+        start, steps = self.fixed[source]
+        port = {"shape": self.shapes[source], "start": start, "steps": steps, "scale": None}
+        if source in self.formats.sites:
+            port["scale"] = self.formats.sites[source].delta
+        elif source in self.formats.synapses:
+            synapse = self.formats.synapses[source]
+            port["scale"] = f"arrays/{name}.in{index}.scale.npy"
+            self.arrays[port["scale"]] = synapse_gain(synapse, self.formats.sites[self.formats.sources[source]], None)
+        return port
 
 
 # One lowering per IR node type: an Input, a neuron or a synapse becomes its own kind of process, every other node
@@ -352,13 +395,13 @@ def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
 
 def quantized_store(part: Graph, store, bits: int) -> dict[str, Tensor]:
     """The store with the W of every synapse layer (a Linear fed by a spike site) replaced by its fixed-point
-    value m·2^e (fixed.quantize_weights)."""
+    value m·s (hardware.loihi2.quantize_rows: the deployed synapse format)."""
     quantized = dict(store)
     for name in part:
         node = part[name]
         if isinstance(node, Linear) and isinstance(part[part.inputs(name)["x"]], PhaseNeuron):
-            mantissa, exponent = quantize_weights(node.weight.resolve(store).detach().float().numpy(), bits)
-            quantized[node.weight.name] = torch.from_numpy(mantissa.astype(np.float32) * np.float32(2.0 ** exponent))
+            mantissa, scale = quantize_rows(node.weight.resolve(store).detach().double().numpy(), bits)
+            quantized[node.weight.name] = torch.from_numpy(mantissa * scale[:, None]).float()
     return quantized
 
 

@@ -164,3 +164,152 @@ def flip_level(neuron: Neuron) -> float:
         values = np.concatenate([values[quiet], values[firing] + d[t]])
     values = values[np.argsort(low, kind="stable")]
     return float(max(np.max(np.abs(np.diff(values)), initial=0.0), 2.0 * values[0]))
+
+
+# ---- the deployed formats: one definition read by the mapping pass, the Lava emitter and the simulator ----------
+#
+# synapse  W_ij ≈ m_ij·s_i: a signed 8-bit mantissa (lava's mixed-sign synapse holds 2m, even values in [−256, 254])
+#          and one scale per output row s_i = max_j|W_ij| / (2^(b−1) − 1), folded into the receiver's gain (Loihi 2's
+#          synapse exponent is per matrix; a per-row factor costs nothing where the receiver multiplies anyway).
+#          Step t's sum A_t = Σ_j 2m_ij·σ_j·D_t·s_j(t) is an exact integer on the accumulator_bits dendrite.
+# spike    a graded payload σ·D_t (payload_bits, signed): D_t = d(t)/δ, the site's d(t) on an integer grid of δ.
+# neuron   the window's input Σ_t A_t (or an op's integer message) times the gain g = G·2^-k (G a 24-bit mantissa),
+#          rounded half to even onto the site's grid τ·2^-F and saturated at ±(2^(s−1) − 1); thresholds θ'(t) and
+#          resets h(t) rounded onto the same grid; it then fires on integers.
+# op       norms, softmax, SiLU, products, RoPE, rotations, head reshapes, adds: the host CPU in float64, once per
+#          window on the window's values (decoded); its message to a neuron is rounded onto that neuron's grid.
+
+SYNAPSE_MANTISSA_BITS = 8
+"""The widest weight mantissa a synapse holds. Source: lava-nc 0.10.0 Dense/Sparse fixed_pt (clip_weights(num_bits=8),
+truncate_weights: mixed sign, even values in [−256, 254], i.e. 2m with m a signed 8-bit mantissa)."""
+
+GAIN_BITS = 24
+"""bits of the receiver's gain mantissa G (g = G·2^-k). Source: spikecompile choice, the 24-bit neuron state width
+(targets/loihi2.toml [limits.state_bits]); G·A stays below 2^53, so float64 computes it exactly."""
+
+OP_FORMAT = {"where": "host CPU", "format": "float64",
+             "source": "Loihi 2 neurocores run only synapses and neurons; norms, softmax, SiLU, activation products, "
+                       "RoPE and rotations run on the embedded x86 cores or the host (Intel Loihi 2 brief, 2021); "
+                       "float64 as lava-nc's PyLoihiProcessModels on CPU"}
+"""Where and in which format every non-synaptic op runs (one format for all)."""
+
+
+@dataclass(frozen=True)
+class SynapseFormat:
+    """One synapse matrix as deployed: mantissa m [out, in] (int8), per-row scale s_i (float64), limits."""
+
+    name: str
+    weight_bits: int
+    mantissa: np.ndarray
+    scale: np.ndarray
+    accumulator_bits: int
+    layout: str = "8-bit signed mantissa, lava holds 2m (even, [−256, 254]); one scale per output row, in the gain"
+
+    def dequantized(self) -> np.ndarray:
+        """m·s: the weights the deployed synapse realises (float64)."""
+        return self.mantissa.astype(np.float64) * self.scale[:, None]
+
+
+@dataclass(frozen=True)
+class SiteFormat:
+    """One spike site's neuron as deployed (all integers on the site's grid, unit τ·2^-F)."""
+
+    site: str
+    state_bits: int
+    exponent: int
+    unit: float
+    threshold: np.ndarray
+    reset: np.ndarray
+    payload: np.ndarray
+    delta: float
+    payload_bits: int
+    max_spikes: int
+
+    @property
+    def limit(self) -> int:
+        return 2 ** (self.state_bits - 1) - 1
+
+
+def quantize_rows(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(m int8, s float64 [rows]): m = clip(rint(W/s), −2^(b−1), 2^(b−1) − 1), s = max_j|W_ij|/(2^(b−1) − 1) (1 for a
+    zero row). Reproduces conversion's --weight-bits RTN grid (symmetric, per output channel) exactly."""
+    weights = np.asarray(weights, dtype=np.float64)
+    top = 2 ** (bits - 1) - 1
+    scale = np.abs(weights).max(axis=1, initial=0.0) / top
+    scale = np.where(scale > 0, scale, 1.0)
+    mantissa = np.clip(np.rint(weights / scale[:, None]), -top - 1, top)
+    return mantissa.astype(np.int8 if bits <= 8 else np.int32), scale
+
+
+def synapse_format(name: str, weights: np.ndarray, target: Loihi2) -> SynapseFormat:
+    """The deployed format of the synapse matrix `name` (weights [out, in])."""
+    bits = target.limits["weight_bits"]
+    if not 2 <= bits <= SYNAPSE_MANTISSA_BITS:
+        raise SpikecompileError(f"matrix {name}: {target.file} gives weight_bits {bits}; Loihi 2's mixed-sign synapse "
+                                f"holds a 2- to {SYNAPSE_MANTISSA_BITS}-bit mantissa (lava clips 2m to [−256, 254])")
+    mantissa, scale = quantize_rows(weights, bits)
+    return SynapseFormat(name, bits, mantissa, scale, target.limits["accumulator_bits"])
+
+
+PAYLOAD_FRACTION_BITS = 4
+"""Bits of δ below the site's smallest d(t) when its d(t) are no exact multiples of one step (learned bases): D_t =
+rint(d(t)/δ), δ = min_t d(t)·2^-4, so each level is off by at most δ/2 = 2^-5 of the smallest. Source: spikecompile
+choice, trading the payload's precision against the accumulator's headroom (A_t grows with max_t D_t)."""
+
+
+def payload_grid(d: np.ndarray, payload_bits: int, site: str) -> tuple[np.ndarray, float]:
+    """(D_t integers, δ) with d(t) ≈ D_t·δ: δ = min_t d(t)·2^-k for the smallest k ≤ PAYLOAD_FRACTION_BITS that makes
+    every D_t an integer (exact: base-2 levels), else k = PAYLOAD_FRACTION_BITS and D_t rounded; SpikecompileError
+    naming the site when max_t D_t does not fit a signed payload_bits-bit graded payload."""
+    d = np.asarray(d, dtype=np.float64)
+    top = 2 ** (payload_bits - 1) - 1
+    smallest = float(d[d > 0].min()) if (d > 0).any() else 1.0
+    for shift in range(PAYLOAD_FRACTION_BITS + 1):
+        delta = smallest * 2.0 ** -shift
+        levels = np.rint(d / delta)
+        if np.array_equal(levels, d / delta) or shift == PAYLOAD_FRACTION_BITS:
+            break
+    if levels.max() > top:
+        raise SpikecompileError(
+            f"site {site}: its output levels d(t) span max/min = {d.max() / smallest:.4g}, more than a "
+            f"{payload_bits}-bit graded payload holds at T = {len(d)}; lower T or narrow the site's bases")
+    return levels.astype(np.int64), delta
+
+
+def site_format(neuron: Neuron, target: Loihi2, site: str = "") -> SiteFormat:
+    """The deployed format of one site's neuron; SpikecompileError naming the site when its grid cannot hold the
+    thresholds it needs (grid_bits) or its d(t) (payload_grid)."""
+    params = _params_of(neuron)
+    site = site or getattr(neuron, "site", "") or "?"
+    state_bits = target.limits["state_bits"]
+    exponent = potential_exponent(params, state_bits, target.guard_bits)
+    d, reset, theta, _ = residual_schedule(params)
+    unit = float(params.tau) * 2.0 ** -exponent
+    if exponent < params.T:
+        raise SpikecompileError(
+            f"site {site}: the {state_bits}-bit potential leaves {exponent} fractional bits of τ, fewer than T = "
+            f"{params.T}: its thresholds τ·2^-(t+1) are not on the grid; lower T or the site's level")
+    payload, delta = payload_grid(d, target.limits["payload_bits"], site)
+    threshold = np.rint((theta.astype(np.float64) - float(params.v0)) / unit).astype(np.int64)
+    return SiteFormat(site, state_bits, exponent, unit, threshold,
+                      np.rint(reset.astype(np.float64) / unit).astype(np.int64), payload, delta,
+                      target.limits["payload_bits"], int(params.max_spikes))
+
+
+def gain(value: np.ndarray | float) -> np.ndarray:
+    """value rounded to a GAIN_BITS mantissa G·2^-k (per element): the receiver's gain as deployed (float64)."""
+    value = np.asarray(value, dtype=np.float64)
+    mantissa, exponent = np.frexp(value)
+    return np.ldexp(np.rint(np.ldexp(mantissa, GAIN_BITS)), exponent - GAIN_BITS)
+
+
+def synapse_gain(synapse: SynapseFormat, source: SiteFormat, receiver: SiteFormat | None) -> np.ndarray:
+    """Per output row, what the receiver multiplies Σ_t A_t by: s_i·δ/2 (an op: the value W·x̂), or that over the
+    receiving site's unit as a GAIN_BITS gain (a neuron: its grid)."""
+    value = synapse.scale * (source.delta / 2.0)
+    return value if receiver is None else gain(value / receiver.unit)
+
+
+def window_peak(synapse: SynapseFormat, source: SiteFormat) -> int:
+    """The largest |A_t| (one step's integer sum) any spike pattern can give: max_i 2·Σ_j|m_ij|·max_t D_t."""
+    return accumulator_peak(synapse.mantissa) * int(source.payload.max())

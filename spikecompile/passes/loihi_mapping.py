@@ -13,6 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import networkx as nx
@@ -20,8 +21,8 @@ import networkx as nx
 from ..checks import is_count
 from ..errors import SpikecompileError
 from ..hardware.loihi2 import (
-    SPIKE_PAYLOAD_BITS, Loihi2, accumulator_peak, budget_counter_bits, grid_bits, load_loihi2, potential_exponent,
-    quantize_weights, residual_schedule,
+    OP_FORMAT, SPIKE_PAYLOAD_BITS, Loihi2, SiteFormat, SynapseFormat, accumulator_peak, budget_counter_bits,
+    grid_bits, load_loihi2, potential_exponent, quantize_rows, residual_schedule, site_format, synapse_format,
 )
 from ..ir import Graph, Linear, PhaseNeuron, validate
 from ..neuron import firing_rate
@@ -118,7 +119,42 @@ def _accumulator_peak(node: Linear, store: Mapping | None, bits: int) -> tuple[i
     if store is None or node.weight.name not in store:
         return 2 * node.in_features * 2 ** (bits - 1), False
     weights = store[node.weight.name].detach().float().numpy()
-    return accumulator_peak(quantize_weights(weights, bits)[0]), True
+    return accumulator_peak(quantize_rows(weights, bits)[0]), True
+
+
+# ---- the deployed formats of a graph ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Formats:
+    """Every value's deployed format (hardware.loihi2): sites and synapse matrices by node name, each synapse's
+    source site node, and the one format of the non-synaptic ops."""
+
+    sites: dict[str, SiteFormat]
+    synapses: dict[str, SynapseFormat]
+    sources: dict[str, str]
+    op: dict = field(default_factory=lambda: dict(OP_FORMAT))
+
+
+def is_synapse(graph: Graph, name: str) -> bool:
+    """A Linear fed by a spike site: a synapse matrix on the neurocores."""
+    return isinstance(graph[name], Linear) and isinstance(graph[graph.inputs(name)["x"]], PhaseNeuron)
+
+
+def deployed_formats(graph: Graph, store: Mapping, target: Loihi2 | None = None) -> Formats:
+    """The formats `graph` (timesteps assigned) deploys in on `target` (default targets/loihi2.toml); a one-line
+    SpikecompileError naming the site or matrix that no format can hold."""
+    target = target or load_loihi2()
+    sites, synapses, sources = {}, {}, {}
+    for name in graph.topological_order():
+        node = graph[name]
+        if isinstance(node, PhaseNeuron):
+            sites[name] = site_format(node, target, node.site)
+        elif is_synapse(graph, name):
+            if node.bias is not None:
+                raise SpikecompileError(f"matrix {name}: a bias; Loihi 2 synapses have none (fold it into an op)")
+            sources[name] = graph.inputs(name)["x"]
+            synapses[name] = synapse_format(name, node.weight.resolve(store).detach().double().numpy(), target)
+    return Formats(sites, synapses, sources)
 
 
 def _place(units: nx.DiGraph, target: Loihi2) -> tuple[list[dict[str, int]], dict[str, list]]:

@@ -14,10 +14,14 @@ with θ'(t) = θ(t) − v0, the threshold against the residual r = v − v0 (neu
 either sign (v0 < 0 raises it; v0 > θ(t) makes it negative), and K = max_spikes the spike budget: count, the
 per-neuron spike counter, is Σ_{u<t} s_u when step t fires (a neuron fires one window per run).
     floating_pt  u in float64, r, θ', h in float32: the decoded reference's arithmetic.
-    fixed_pt     u, r, θ', h integers on the site's grid (unit τ·2^-F, gain already divided by the unit):
-                 u ← sat(u + rint(g·a)), sat clamps to ±limit (the 24-bit state); saturations are counted.
+    fixed_pt     hardware.loihi2's formats: acc ← acc + a_t over the input window (exact integer synapse sums, or
+                 one op message); at fire_start u = sat(rint(G·acc)) on the site's grid (unit τ·2^-F; G the
+                 per-neuron gain, `scale`), sat clamping to ±limit (the 24-bit state), saturations counted; r, θ',
+                 h integers; a spike carries the graded payload σ·D_t.
 
-Op (a non-spiking IR node, one or two inputs, a running-sum event rule from docs/method.md §3; float64 in both tags):
+Op (a non-spiking IR node, one or two inputs; float64 in both tags). fixed_pt: the window rule, y = f(ΣX·scale, ...)
+sent once when the last input has arrived (the host CPU's op, decoded). floating_pt: a running-sum event rule from
+docs/method.md §3:
     per_step      y_t = f(t, x_t, ...)                              linear maps; a constant enters at t = 0
     differential  y_t = f(X_t) − f(X_{t−1}),  f(X_{−1}) = 0          rmsnorm, softmax, silu
     bilinear      y_t = f(A_t, b_t) + f(a_t, B_t) − f(a_t, b_t)      a⊙b, q·kᵀ, p·v
@@ -49,13 +53,16 @@ class PhaseNeuronProcess(AbstractProcess):
     """
 
     def __init__(self, *, size: int, threshold, reset, gain, input_start: int, fire_start: int, limit: int = 0,
-                 max_spikes: int = 0, name: str | None = None):
+                 max_spikes: int = 0, scale=None, payload=None, name: str | None = None):
         super().__init__(size=size, input_start=input_start, fire_start=fire_start, limit=limit,
                          max_spikes=int(max_spikes), name=name)
         self.a_in = InPort(shape=(size,))
         self.s_out = OutPort(shape=(size,))
-        for var in ("u", "r", "sign", "count", "saturated"):
+        for var in ("u", "r", "sign", "count", "saturated", "acc"):
             setattr(self, var, Var(shape=(size,), init=0))
+        self.scale = Var(shape=(size,), init=np.ones(size) if scale is None else np.asarray(scale))
+        self.payload = Var(shape=(len(threshold),), init=np.ones(len(threshold), dtype=np.int64) if payload is None
+                           else np.asarray(payload))
         self.threshold = Var(shape=(len(threshold),), init=np.asarray(threshold))
         self.reset = Var(shape=(len(reset),), init=np.asarray(reset))
         self.gain = Var(shape=(len(gain),), init=np.asarray(gain))
@@ -70,14 +77,18 @@ class _PhaseNeuronModel(PyLoihiProcessModel):
             self.integrate(received, self.gain[t_in])
         t = step - self.proc_params["fire_start"]
         if t == 0:
-            self.sign[:] = np.sign(self.u)
-            self.r[:] = np.abs(self.u)
+            self.start_firing()
         spikes = np.zeros(self.r.shape, dtype=np.int32)
         if 0 <= t < self.threshold.shape[0]:
             budget = self.proc_params["max_spikes"]
             spikes = self.fire(t, self.count < budget if budget else True)
             self.count += spikes
+            spikes = spikes * self.payload[t]
         self.s_out.send(self.sign * spikes)
+
+    def start_firing(self):
+        self.sign[:] = np.sign(self.u)
+        self.r[:] = np.abs(self.u)
 
 
 @implements(proc=PhaseNeuronProcess, protocol=LoihiProtocol)
@@ -94,6 +105,9 @@ class PhaseNeuronFloatModel(_PhaseNeuronModel):
     threshold: np.ndarray = LavaPyType(np.ndarray, float)
     reset: np.ndarray = LavaPyType(np.ndarray, float)
     gain: np.ndarray = LavaPyType(np.ndarray, float)
+    acc: np.ndarray = LavaPyType(np.ndarray, float)
+    scale: np.ndarray = LavaPyType(np.ndarray, float)
+    payload: np.ndarray = LavaPyType(np.ndarray, int)
 
     def integrate(self, received, gain):
         self.u += gain * received
@@ -119,12 +133,19 @@ class PhaseNeuronFixedModel(_PhaseNeuronModel):
     threshold: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
     reset: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
     gain: np.ndarray = LavaPyType(np.ndarray, float)
+    acc: np.ndarray = LavaPyType(np.ndarray, float)
+    scale: np.ndarray = LavaPyType(np.ndarray, float)
+    payload: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
 
     def integrate(self, received, gain):
+        self.acc += received  # exact: integer synapse sums (< 2^53), or one op message
+
+    def start_firing(self):
         limit = self.proc_params["limit"]
-        total = self.u.astype(np.int64) + np.rint(gain * received).astype(np.int64)
+        total = np.rint(self.scale * self.acc)
         self.saturated += np.abs(total) > limit
-        self.u[:] = np.clip(total, -limit, limit)
+        self.u[:] = np.clip(total, -limit, limit).astype(np.int64)
+        super().start_firing()
 
     def fire(self, t, allowed):
         spikes = ((self.r > self.threshold[t]) & allowed).astype(np.int32)
@@ -232,10 +253,11 @@ class _OpModel(PyLoihiProcessModel):
     def __init__(self, proc_params):
         super().__init__(proc_params)
         self.rule, make = OPS[proc_params["op"]]
+        if proc_params["params"].get("window"):
+            self.rule = "window"
         self.function = make(proc_params["params"])
         self.ports = proc_params["ports"]
-        steps = proc_params["timesteps"]
-        self.values = [np.zeros((steps, *port["shape"])) for port in self.ports]
+        self.values = [np.zeros((port["steps"], *port["shape"])) for port in self.ports]
         self.previous = 0.0
 
     def run_spk(self):
@@ -251,6 +273,15 @@ class _OpModel(PyLoihiProcessModel):
         if 0 <= t < self.proc_params["timesteps"]:
             output = getattr(self, self.rule)(t).reshape(-1)
         self.y_out.send(output)
+
+    def window(self, t):
+        """fixed_pt: once, on each port's window sum times its scale (hardware.loihi2's host-CPU op format)."""
+        (rule, _) = OPS[self.proc_params["op"]]
+        sums = [values.sum(axis=0) if port.get("scale") is None else values.sum(axis=0) * port["scale"]
+                for values, port in zip(self.values, self.ports)]
+        if rule == "per_step":
+            return self.function(0, *sums)
+        return self.function(*sums)
 
     def per_step(self, t):
         return self.function(t, *(values[t] for values in self.values))

@@ -46,7 +46,8 @@ def load(folder: Path) -> dict:
 def _synapse(folder: Path, entry: dict, tag: str):
     weights = np.load(folder / entry["weights"][tag])
     weights = 2 * weights.astype(np.int32) if tag == "fixed_pt" else weights.astype(np.float64)
-    options = {"num_message_bits": 2, "sign_mode": SignMode.MIXED, "name": entry["name"]}
+    bits = entry.get("message_bits", {}).get(tag, 2)
+    options = {"num_message_bits": bits, "sign_mode": SignMode.MIXED, "name": entry["name"]}
     if entry["tokens"] == 1:
         return Dense(weights=weights, **options)
     return Sparse(weights=sparse.kron(sparse.identity(entry["tokens"], dtype=weights.dtype, format="csr"),
@@ -55,17 +56,33 @@ def _synapse(folder: Path, entry: dict, tag: str):
 
 def _op(folder: Path, entry: dict, tag: str):
     params = {**entry["params"], **{key: np.load(folder / path) for key, path in entry["arrays"].items()}}
+    kind = Op1 if len(entry["ports"]) == 1 else Op2
+    if tag == "fixed_pt":  # the window rule: once, on the window sums (processes.Op)
+        fixed = entry["fixed_pt"]
+        ports = [{**port, "gain": None, "scale": np.load(folder / port["scale"]) if isinstance(port["scale"], str)
+                  else port["scale"]} for port in fixed["ports"]]
+        return kind(op=entry["op"], ports=ports, shape=entry["shape"], start=fixed["start"], timesteps=1,
+                    params={**params, "window": True}, name=entry["name"])
     ports = [{**port, "gain": port["gain"] and port["gain"][tag]} for port in entry["ports"]]
-    kind = Op1 if len(ports) == 1 else Op2
     return kind(op=entry["op"], ports=ports, shape=entry["shape"], start=entry["start"],
                 timesteps=entry["timesteps"], params=params, name=entry["name"])
 
 
-def _neuron(entry: dict, tag: str, limit: int):
-    return PhaseNeuronProcess(size=entry["size"], threshold=entry["threshold"][tag], reset=entry["reset"][tag],
-                              gain=entry["input"]["gain"][tag], input_start=entry["input"]["start"],
-                              fire_start=entry["fire_start"], limit=limit, max_spikes=entry.get("max_spikes", 0),
-                              name=entry["name"])
+def _neuron(folder: Path, entry: dict, tag: str, limit: int):
+    common = {"size": entry["size"], "threshold": entry["threshold"][tag], "reset": entry["reset"][tag],
+              "limit": limit, "max_spikes": entry.get("max_spikes", 0), "name": entry["name"]}
+    if tag == "fixed_pt":
+        fixed = entry["fixed_pt"]
+        return PhaseNeuronProcess(**common, gain=[1.0] * fixed["input"]["steps"], input_start=fixed["input"]["start"],
+                                  fire_start=fixed["fire_start"], scale=np.load(folder / fixed["gain"]),
+                                  payload=fixed["payload"])
+    return PhaseNeuronProcess(**common, gain=entry["input"]["gain"][tag], input_start=entry["input"]["start"],
+                              fire_start=entry["fire_start"])
+
+
+def steps_of(network: dict, tag: str) -> int:
+    """The Lava steps one run takes under `tag` (fixed_pt has its own schedule: ops once per window)."""
+    return network.get(tag, {}).get("steps", network["steps"])
 
 
 def build(folder: Path, network: dict, tag: str, inputs: dict[str, np.ndarray]):
@@ -74,20 +91,20 @@ def build(folder: Path, network: dict, tag: str, inputs: dict[str, np.ndarray]):
     for entry in network["processes"]:
         name, kind = entry["name"], entry["kind"]
         if kind == "input":
-            data = np.zeros((int(np.prod(entry["shape"])), network["steps"]))
+            data = np.zeros((int(np.prod(entry["shape"])), steps_of(network, tag)))
             data[:, 0] = np.asarray(inputs[name], dtype=np.float64).reshape(-1)
             processes[name] = Source(data=data)
             models[processes[name]] = PySendModelFloat
         elif kind == "synapse":
             processes[name] = _synapse(folder, entry, tag)
         elif kind == "neuron":
-            processes[name] = _neuron(entry, tag, network["fixed_point"]["state_limit"])
+            processes[name] = _neuron(folder, entry, tag, network["fixed_point"]["state_limit"])
         else:
             processes[name] = _op(folder, entry, tag)
         if type(processes[name]) in MODELS[tag]:
             models[processes[name]] = MODELS[tag][type(processes[name])]
         if kind == "output":
-            sinks[name] = Sink(shape=(int(np.prod(entry["shape"])),), buffer=network["steps"])
+            sinks[name] = Sink(shape=(int(np.prod(entry["shape"])),), buffer=steps_of(network, tag))
             processes[name].y_out.connect(sinks[name].a_in)
             models[sinks[name]] = PyReceiveModelFloat
     for source, target, index in network["connections"]:
@@ -115,6 +132,7 @@ def run(folder: str | Path, tag: str = "floating_pt", inputs: dict[str, np.ndarr
         raise ValueError(f"tag {tag!r}: choose one of {', '.join(TAGS)}")
     folder = Path(folder)
     network = load(folder)
+    steps = steps_of(network, tag)
     if inputs is None:
         inputs = reference_inputs(folder)
     start = time.perf_counter()
@@ -126,19 +144,22 @@ def run(folder: str | Path, tag: str = "floating_pt", inputs: dict[str, np.ndarr
         first.run(condition=RunSteps(num_steps=1),
                   run_cfg=Loihi2SimCfg(select_tag=tag, exception_proc_model_map=models))
         compiled = time.perf_counter()
-        first.run(condition=RunSteps(num_steps=network["steps"] - 1),
+        first.run(condition=RunSteps(num_steps=steps - 1),
                   run_cfg=Loihi2SimCfg(select_tag=tag, exception_proc_model_map=models))
         finished = time.perf_counter()
         shapes = {entry["name"]: entry["shape"] for entry in network["processes"]}
         outputs = {name: sink.data.get().sum(axis=-1).reshape(shapes[name]) for name, sink in sinks.items()}
         counts = {site: neuron.count.get().astype(np.int64) for site, neuron in neurons.items()}
         saturated = {site: int(neuron.saturated.get().sum()) for site, neuron in neurons.items()}
+        potentials = {site: neuron.u.get().astype(np.int64) for site, neuron in neurons.items()}
+        residuals = {site: neuron.r.get().astype(np.int64) for site, neuron in neurons.items()}
     finally:
         first.stop()
-    return {"outputs": outputs, "counts": counts, "saturated": saturated, "steps": network["steps"],
+    return {"outputs": outputs, "counts": counts, "saturated": saturated, "steps": steps,
+            "potentials": potentials, "residuals": residuals,
             "seconds": {"build": built - start, "compile_and_first_step": compiled - built,
                         "steps": finished - compiled, "total": time.perf_counter() - start},
-            "steps_per_second": (network["steps"] - 1) / (finished - compiled)}
+            "steps_per_second": (steps - 1) / (finished - compiled)}
 
 
 def reference_inputs(folder: Path) -> dict[str, np.ndarray]:
@@ -177,6 +198,8 @@ def main(folder: Path) -> None:
     arrays = {**{f"output:{k}": v for k, v in result["outputs"].items()},
               **{f"counts:{k}": v for k, v in result["counts"].items()},
               **{f"saturated:{k}": v for k, v in result["saturated"].items()},
+              **{f"potential:{k}": v for k, v in result["potentials"].items()},
+              **{f"residual:{k}": v for k, v in result["residuals"].items()},
               **{f"seconds:{k}": v for k, v in result["seconds"].items()},
               "steps": result["steps"], "steps_per_second": result["steps_per_second"]}
     np.savez(args.output, **arrays)

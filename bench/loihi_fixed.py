@@ -1,0 +1,89 @@
+"""The perplexity cost of Loihi 2's fixed point on SmolLM2-135M-Instruct, one quantization step at a time (issue 17).
+
+Converts SmolLM2 at T=8 (phase coding, grains 2, Hadamard rotation, WikiText-2 valid calibration; or reuses
+--model), builds the IR and evaluates on WikiText-2 test windows:
+
+    ann            the float model through the IR interpreter, every site off
+    ann_w8         the same with the synapse matrices in their deployed 8-bit format (per-row scale)
+    snn_float      the float spiking model (simulator, decoded)
+    snn_w8         + weights: the spiking model with the deployed 8-bit weights, everything else float
+    snn_fixed      + potentials/thresholds/payloads on the integer grid and the ops on the host in float64: the
+                   deployed model (simulator --numerics loihi2, bit-exact with Lava fixed_pt)
+
+The non-synaptic ops run in float64 on the host (hardware.loihi2.OP_FORMAT), so they add no quantization of their
+own: the last step is the sites' integer grid alone. Also times snn_float against snn_fixed (the target: ≤ 2×).
+Writes bench/results/loihi_fixed.json.
+
+    python bench/loihi_fixed.py [--windows 64] [--seqlen 512] [--model MODEL.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from convert_smollm2 import ROOT, TEST, convert
+
+RESULTS = ROOT / "bench" / "results" / "loihi_fixed.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--model", type=Path, help="a converted SmolLM2 T=8 model.pt (default: convert one)")
+    args = parser.parse_args()
+    from spikecompile.backends.sim.fixed import run_fixed
+    from spikecompile.backends.sim.simulate import output_of, run
+    from spikecompile.build import BuildOptions, build
+    from spikecompile.data import load_text, token_windows
+    from spikecompile.evaluation import perplexity
+    from spikecompile.ir import PhaseNeuron, interpret, sites_off
+    from spikecompile.passes.loihi_mapping import deployed_formats
+
+    with tempfile.TemporaryDirectory() as workdir:
+        model = args.model or convert(Path(workdir), 8, "phase", 2)[0]
+        result = build(model, BuildOptions())
+    graph, store = result.graph, result.store
+    windows = token_windows(result.tokenizer, load_text(str(TEST), split="eval"), args.seqlen, args.windows, "bench")
+    formats = deployed_formats(graph, store)
+    w8 = dict(store)
+    for name, synapse in formats.synapses.items():
+        w8[graph[name].weight.name] = torch.from_numpy(synapse.dequantized()).float()
+
+    def ann(weights):
+        return lambda ids: interpret(graph, weights, ids, {PhaseNeuron: sites_off})
+
+    def snn(weights):
+        return lambda ids: output_of(graph, run(graph, weights, ids, "decoded", keep_values=False, spikes="tally"))
+
+    steps = {"ann": ann(store), "ann_w8": ann(w8), "snn_float": snn(store), "snn_w8": snn(w8),
+             "snn_fixed": lambda ids: run_fixed(graph, store, ids, formats).output(graph)}
+    figures = {}
+    for label, forward in steps.items():
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ppl = perplexity(forward, windows, desc=label, progress=False)
+        figures[label] = {"ppl": ppl, "seconds": time.perf_counter() - start}
+        print(label, json.dumps(figures[label]), flush=True)
+    ppl = {label: entry["ppl"] for label, entry in figures.items()}
+    summary = {
+        "windows": len(windows), "seqlen": args.seqlen, "timesteps": 8, "text": TEST.name, "steps": figures,
+        "ratios": {"weights (snn_w8 / snn_float)": ppl["snn_w8"] / ppl["snn_float"],
+                   "potentials, thresholds, payloads (snn_fixed / snn_w8)": ppl["snn_fixed"] / ppl["snn_w8"],
+                   "ops (host float64)": 1.0,
+                   "fixed vs float spiking (target ≤ 1.01)": ppl["snn_fixed"] / ppl["snn_float"],
+                   "fixed vs ANN w8 (target ≤ 1.03)": ppl["snn_fixed"] / ppl["ann_w8"],
+                   "fixed vs ANN": ppl["snn_fixed"] / ppl["ann"]},
+        "time_fixed_over_float_decoded (target ≤ 2)": figures["snn_fixed"]["seconds"] / figures["snn_float"]["seconds"],
+        "threads": torch.get_num_threads()}
+    RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The deployed Loihi 2 formats (hardware/loihi2.py), the simulator's fixed-point mode (backends/sim/fixed.py) and
+Lava's fixed_pt program: bit for bit equal — every spike count, every integer potential at the start of firing and
+residual at the end of each window, every output — on the tiny model (lava tests: skipped without lava-nc) and on
+SmolLM2 (slow)."""
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import convert_tiny, requires_smollm2
+
+from spikecompile.backends.lava import build_lava
+from spikecompile.backends.lava.emit import example_inputs, select_part
+from spikecompile.backends.sim.fixed import run_fixed
+from spikecompile.backends.sim.simulate import output_of, run
+from spikecompile.build import BuildOptions, build
+from spikecompile.cli import cli
+from spikecompile.errors import SpikecompileError
+from spikecompile.hardware.loihi2 import gain, load_loihi2, payload_grid, quantize_rows, site_format, synapse_format
+from spikecompile.neuron import PhaseNeuronParams
+from spikecompile.passes.loihi_mapping import deployed_formats
+
+requires_lava = pytest.mark.skipif(importlib.util.find_spec("lava") is None,
+                                   reason="lava-nc is not installed (scripts/install.sh installs lava-nc 0.10.0)")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build(convert_tiny(tmp_path_factory.mktemp("fixed")), BuildOptions())
+
+
+# ---- formats (no lava needed) -------------------------------------------------------------------------------------
+
+def test_row_quantization_reproduces_an_rtn_grid_and_stays_within_half_a_step():
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.01, 1.0, size=16)
+    mantissa = rng.integers(-127, 128, size=(16, 32))
+    mantissa[:, 0] = 127  # each row reaches the top, as RTN's absmax grid does
+    weights = (mantissa * scale[:, None]).astype(np.float32)
+    found, found_scale = quantize_rows(weights, 8)
+    assert np.array_equal(found, mantissa)
+    noisy = rng.normal(size=(8, 64))
+    m, s = quantize_rows(noisy, 8)
+    assert np.abs(noisy - m * s[:, None]).max() <= s.max() / 2 + 1e-12 and m.dtype == np.int8
+
+
+def test_payload_grid_is_exact_for_base_2_and_rounds_learned_bases():
+    levels, delta = payload_grid(0.75 * 2.0 ** -np.arange(1, 9), 24, "s")
+    assert levels.tolist() == [128, 64, 32, 16, 8, 4, 2, 1] and delta == 0.75 * 2.0 ** -8
+    levels, delta = payload_grid(np.array([1.733, 0.8561, 0.423, 0.2168]), 24, "s")
+    assert np.abs(levels * delta - [1.733, 0.8561, 0.423, 0.2168]).max() <= delta / 2
+    with pytest.raises(SpikecompileError, match="site s: .*graded payload"):
+        payload_grid(2.0 ** -np.arange(1, 12), 8, "s")
+
+
+def test_a_site_whose_grid_cannot_hold_its_thresholds_is_refused():
+    params = PhaseNeuronParams(tau=torch.tensor(1.0), genotype=torch.zeros(30, dtype=torch.int64),
+                               d=torch.tensor([2.0]), h=torch.tensor([2.0]), theta=torch.tensor([2.0]))
+    with pytest.raises(SpikecompileError, match="site deep: .*fewer than T = 30"):
+        site_format(params, load_loihi2(), "deep")
+
+
+def test_weights_wider_than_the_synapse_are_refused():
+    import dataclasses
+
+    target = load_loihi2()
+    wide = dataclasses.replace(target, limits={**target.limits, "weight_bits": 12})
+    with pytest.raises(SpikecompileError, match="matrix layers.0.q_proj: .*weight_bits 12"):
+        synapse_format("layers.0.q_proj", np.ones((2, 2)), wide)
+
+
+def test_gain_is_a_24_bit_mantissa():
+    value = gain(np.array([1 / 3, 12345.678]))
+    mantissa, _ = np.frexp(value)
+    assert np.array_equal(np.ldexp(mantissa, 24), np.rint(np.ldexp(mantissa, 24)))
+    assert np.allclose(value, [1 / 3, 12345.678], rtol=2 ** -24)
+
+
+def test_fixed_point_mode_tracks_the_float_model(built):
+    ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(1))
+    formats = deployed_formats(built.graph, built.store)
+    fixed = run_fixed(built.graph, built.store, ids, formats)
+    floating = output_of(built.graph, run(built.graph, built.store, ids, "decoded")).double()
+    assert float((fixed.output(built.graph) - floating).abs().max() / floating.abs().max()) < 0.1
+    assert sum(fixed.saturated.values()) == 0
+    assert all(counts.max() <= len(formats.sites[name].threshold) for name, counts in fixed.counts.items())
+
+
+def test_sim_numerics_loihi2_through_the_cli(built, tmp_path):
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(cli, ["build", built.model_path, "--target", "sim", "-o", str(out), "--numerics",
+                                      "loihi2", "--windows", "1", "--seqlen", "16", "--mode", "decoded",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Loihi 2 fixed point" in result.output and "ratio" in result.output
+
+
+# ---- Lava fixed_pt against the simulator, bit for bit ---------------------------------------------------------------
+
+def run_emitted(folder, tag: str = "fixed_pt", timeout: int = 300) -> dict:
+    """Run the emitted run.py in a fresh interpreter where torch and spikecompile cannot be imported (lava sets the
+    multiprocessing start method for the whole process); its result.npz as {key: array}."""
+    code = ("import sys, runpy; sys.modules['torch'] = sys.modules['spikecompile'] = None;"
+            f"sys.argv = ['run.py', '--tag', '{tag}', '--output', 'result-{tag}.npz'];"
+            "runpy.run_path('run.py', run_name='__main__')")
+    subprocess.run([sys.executable, "-c", code], cwd=folder, check=True, timeout=timeout, capture_output=True)
+    with np.load(Path(folder) / f"result-{tag}.npz") as result:
+        return dict(result)
+
+
+def disagreements(result, folder, parts: dict, tokens: int = 4, timeout: int = 300) -> dict:
+    """Run the emitted program in `folder` (Lava fixed_pt) and the fixed-point simulator on the same input; count
+    what differs: spikes (Σ|Δcount|), integer potentials u, final residuals r, output elements."""
+    lava = run_emitted(folder, timeout=timeout)
+    part, feeds, _ = select_part(result.graph, parts.get("layers"), parts.get("block"))
+    sim = run_fixed(part, result.store, example_inputs(result.graph, result.store, feeds, tokens, 0),
+                    deployed_formats(part, result.store))
+    by_site = {part[name].site: name for name in sim.counts}
+    (output,) = [value for key, value in lava.items() if key.startswith("output:")]
+    expected = sim.output(part).numpy()
+    return {"spikes": sum(int(np.abs(lava[f"counts:{site}"] - sim.counts[name].numpy()).sum())
+                          for site, name in by_site.items()),
+            "potentials": sum(int((lava[f"potential:{site}"] != sim.potentials[name].numpy()).sum())
+                              for site, name in by_site.items()),
+            "residuals": sum(int((lava[f"residual:{site}"] != sim.residuals[name].numpy()).sum())
+                             for site, name in by_site.items()),
+            "outputs": int((output.reshape(expected.shape) != expected).sum()),
+            "saturated": sum(int(lava[f"saturated:{site}"]) != sim.saturated[name] for site, name in by_site.items()),
+            "spike_total": sum(int(lava[f"counts:{site}"].sum()) for site in by_site),
+            "steps": int(lava["steps"]), "steps_per_second": float(lava["steps_per_second"]),
+            "seconds": float(lava["seconds:total"])}
+
+
+EXACT = {"spikes": 0, "potentials": 0, "residuals": 0, "outputs": 0, "saturated": 0}
+
+
+def exact_part(found: dict) -> dict:
+    return {key: found[key] for key in EXACT}
+
+
+# The tiny model's blocks and whole model, with and without the coding zoo: tests/test_lava.py
+# (test_fixed_pt_equals_the_fixed_point_simulator_bit_for_bit), on the programs it emits once.
+
+
+# ---- SmolLM2 (slow) ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@requires_smollm2
+@requires_lava
+@pytest.mark.parametrize("parts", [{"layers": [0], "block": "attn"}, {"layers": [0], "block": "mlp"},
+                                   {"layers": [0, 1]}], ids=["attn", "mlp", "two-layers"])
+def test_smollm2_lava_fixed_pt_equals_the_fixed_point_simulator(smollm2_t8_path, tmp_path, parts):
+    smollm2 = build(smollm2_t8_path, BuildOptions())
+    start = time.perf_counter()
+    build_lava(smollm2, tmp_path / "program", tokens=4, **parts)
+    found = disagreements(smollm2, tmp_path / "program", parts, timeout=3000)
+    print(f"SmolLM2 {parts}: {found['steps']} steps, {found['spike_total']} spikes, wall "
+          f"{time.perf_counter() - start:.1f} s (Lava run {found['seconds']:.1f} s, {found['steps_per_second']:.2f} "
+          f"steps/s), disagreements {exact_part(found)}")
+    assert exact_part(found) == EXACT and found["spike_total"] > 0
