@@ -222,6 +222,6 @@ def test_qwen2_in_lava_is_refused_in_one_line(qwen2_built, tmp_path):
     from spikecompile.hardware.loihi2 import load_loihi2
 
     block = ir.decoder_block(qwen2_built.graph, 0, "attn")
-    with pytest.raises(SpikecompileError, match="node layers.0.self_attn.q_proj: a Linear with a bias") as error:
+    with pytest.raises(SpikecompileError, match="matrix layers.0.self_attn.q_proj: a Linear with a bias") as error:
         lower(block, qwen2_built.store, 4, load_loihi2())
     assert "\n" not in str(error.value)

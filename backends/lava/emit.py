@@ -240,8 +240,6 @@ class _Lowering:
         if not isinstance(self.part[source], PhaseNeuron):
             raise SpikecompileError(f"node {name}: a Linear fed by {source} ({type(self.part[source]).__name__}), "
                                     f"not by a spike site; the Lava backend lowers a Linear only as synapses")
-        if node.bias is not None:
-            raise SpikecompileError(f"node {name}: a Linear with a bias; the Lava backend's synapses have none")
         weights = node.weight.resolve(self.store).detach().float().numpy()
         deployed = self.formats.synapses[name]
         mantissa, exponent = quantize_weights(weights, self.target.limits["weight_bits"])

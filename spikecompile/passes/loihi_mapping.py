@@ -151,7 +151,8 @@ def deployed_formats(graph: Graph, store: Mapping, target: Loihi2 | None = None)
             sites[name] = site_format(node, target, node.site)
         elif is_synapse(graph, name):
             if node.bias is not None:
-                raise SpikecompileError(f"matrix {name}: a bias; Loihi 2 synapses have none (fold it into an op)")
+                raise SpikecompileError(f"matrix {name}: a Linear with a bias; Loihi 2 synapses carry none, so it "
+                                        f"cannot be deployed: build the sim, nir or onnx target instead")
             sources[name] = graph.inputs(name)["x"]
             synapses[name] = synapse_format(name, node.weight.resolve(store).detach().double().numpy(), target)
     return Formats(sites, synapses, sources)
