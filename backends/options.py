@@ -85,6 +85,8 @@ SIM = [
     Option("float64", bool, False, "Run in float64 (event and decoded then agree to rounding)."),
     Option("numerics", ("float", "loihi2"), "float", "float, or loihi2: the perplexity of the deployed fixed-point "
                                                      "model (hardware/loihi2.py formats; bit-exact with Lava fixed_pt)."),
+    Option("allow_saturation", bool, False, "--numerics loihi2: build although an accumulator overflows on the "
+                                            "text (then reported); without it, that is an error."),
     Option("energy_target", str, "cmos45nm", "Energy target name or file."),
     Option("progress", bool, True, "Progress bars on stderr."),
 ]
@@ -96,6 +98,13 @@ LAVA = [
     Option("layers", str, None, "One decoder layer or a range (default: all).", metavar="N|A-B", parse=layer_range),
     Option("block", ("attn", "mlp"), None, "One block of the layer."),
     Option("tokens", int, 4, "Tokens per run of the emitted program.", parse=at_least_one("--tokens")),
+    Option("text", str, None, "Also measure the fixed-point model's perplexity and saturations on this text (or "
+                              "'builtin'); default: saturations on the model's calibration text."),
+    Option("windows", int, 1, "Token windows of the text to run.", parse=at_least_one("--windows")),
+    Option("seqlen", int, None, "Tokens per window (default: the model's calibration windows).",
+           parse=at_least("--seqlen", 2)),
+    Option("allow_saturation", bool, False, "Build although an accumulator overflows on the text (then reported); "
+                                            "without it, that is an error."),
 ]
 ONNX = [
     Option("onnx_form", ("decoded", "event", "both"), "both",
@@ -103,4 +112,5 @@ ONNX = [
     Option("spike_outputs", bool, False, "The event form also outputs every neuron's spike planes."),
 ]
 BY_TARGET: dict[str, list[Option]] = {"ir": [], "sim": SIM, "nir": NIR, "lava": LAVA, "onnx": ONNX}
-"""Each target's options, in the order --target lists the targets."""
+"""Each target's options, in the order --target lists the targets. Targets may share an option name (--text of sim
+and lava): the command line has one such option, and each target takes its own default when it is not given."""

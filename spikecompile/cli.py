@@ -205,7 +205,11 @@ class _TargetSections(_Command):
     """A command whose --help lists its own options, then each target's options under a heading of their own."""
 
     def format_options(self, ctx, formatter):
-        owner = {option.name: target for target, options in BY_TARGET.items() for option in options}
+        owners: dict[str, list[str]] = {}
+        for target, options in BY_TARGET.items():
+            for option in options:
+                owners.setdefault(option.name, []).append(target)
+        owner = {name: ", ".join(targets) for name, targets in owners.items()}
         sections: dict[str, list] = {"Options": []}
         for param in self.get_params(ctx):
             if isinstance(param, click.Argument):  # click lists arguments in the usage line, not here
@@ -221,7 +225,10 @@ class _TargetSections(_Command):
 
 def _target_options(command):
     """Decorator: one click option per backend option (backends.options.BY_TARGET), in declaration order."""
-    for option in reversed([option for options in BY_TARGET.values() for option in options]):
+    first = {}
+    for option in (option for options in BY_TARGET.values() for option in options):
+        first.setdefault(option.name, option)  # a name shared by targets is one option (its first declaration)
+    for option in reversed(list(first.values())):
         command = click.option(*_declarations(option), **_attributes(option))(command)
     return command
 
@@ -278,7 +285,7 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     check_output_folder(output)
     _check_target_options(click.get_current_context(), target)
     backend = load(target)  # one-line error here if its optional package is missing, before the model loads
-    prepared = backend.check({option.name: target_options[option.name] for option in backend.OPTIONS})
+    prepared = backend.check({option.name: _given(option, target_options) for option in backend.OPTIONS})
     # the checks that need model.pt's site table (site names, a fitted site's T, --layers) run before the source
     # model loads
     check_record = getattr(backend, "check_record", None)
@@ -289,13 +296,23 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
         click.echo(line)
 
 
+def _given(option: Option, values: dict):
+    """The option's value from the command line, or the target's own default (targets sharing a name may differ)."""
+    from click.core import ParameterSource
+
+    given = click.get_current_context().get_parameter_source(option.name) is ParameterSource.COMMANDLINE
+    return values[option.name] if given else option.default
+
+
 def _check_target_options(ctx, target: str) -> None:
     """An option of another target given on the command line fails rather than being ignored."""
     from click.core import ParameterSource
 
+    own = {option.name for option in BY_TARGET[target]}
     for other, options in BY_TARGET.items():
         for option in options:
-            if other != target and ctx.get_parameter_source(option.name) is ParameterSource.COMMANDLINE:
+            if other != target and option.name not in own and \
+                    ctx.get_parameter_source(option.name) is ParameterSource.COMMANDLINE:
                 raise SpikecompileError(f"{option.flag}: an option of --target {other}, not of --target {target}")
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from spikecompile.data import load_text
 from spikecompile.errors import SpikecompileError
+from spikecompile.passes.deployment import summary_lines
 
 from ..options import BY_TARGET, parse_options
 from .emit import build_lava
@@ -41,6 +43,8 @@ build = build_lava
 def check(options: dict) -> dict:
     """The options, --layers parsed into its layer indices; --block with more than one layer refused."""
     parsed = parse_options(OPTIONS, options)
+    if parsed["text"] is not None:
+        parsed["text"] = load_text(parsed["text"], split="eval")
     layers, block = parsed["layers"], parsed["block"]
     if block and layers and len(layers) > 1:
         raise SpikecompileError(f"--block {block} --layers {layers[0]}-{layers[-1]}: a block is cut from one layer; "
@@ -58,8 +62,10 @@ def check_record(record: dict, options: dict) -> None:
 
 
 def report_lines(report: dict, folder: str | Path) -> list[str]:
-    """What was emitted, its size, and how to run it."""
-    return [f"wrote the Lava program of the {report['part']} to {folder} ({report['bytes'] / 2**20:.1f} MiB); "
+    """The deployment report (formats, headroom, saturations, perplexity), what was emitted, its size, and how
+    to run it."""
+    return [*summary_lines(report["deployment"]),
+            f"wrote the Lava program of the {report['part']} to {folder} ({report['bytes'] / 2**20:.1f} MiB); "
             f"run it with: python {folder}/run.py [--tag fixed_pt]"]
 
 

@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spikecompile.data import BUILTIN, TextSource, load_text, token_windows
 from spikecompile.errors import SpikecompileError
+from spikecompile.evaluation import perplexity
 from spikecompile.files import atomic_write
 from spikecompile.hardware.loihi2 import (
-    Loihi2, flip_level, gain, grid_bits, load_loihi2, potential_exponent, quantize_rows, quantize_weights,
+    OP_FORMAT,     Loihi2, flip_level, gain, grid_bits, load_loihi2, potential_exponent, quantize_rows, quantize_weights,
     residual_schedule, synapse_gain, window_peak,
 )
 from spikecompile.ir import (
@@ -48,6 +50,9 @@ from spikecompile.ir import (
 )
 from spikecompile.ir.shapes import bind
 from spikecompile.neuron import phase_encode
+from spikecompile.passes.deployment import (
+    CalibrationRun, check_overflow, deployment_lines, formats_report, sample_saturation,
+)
 from spikecompile.passes.loihi_mapping import Formats, deployed_formats
 
 FORMAT = "spikecompile.lava"
@@ -83,12 +88,16 @@ class Program:
 
 
 def build_lava(result, folder: str | Path, layers=None, block: str | None = None, tokens: int = 4,
-               seed: int = 0) -> dict:
+               seed: int = 0, text: TextSource | None = None, windows: int = 1, seqlen: int | None = None,
+               allow_saturation: bool = False, progress: bool = False) -> dict:
     """Emit the Lava program of `result` (a build.BuildResult) into `folder`; return the report.
 
     layers: None (the whole model) or consecutive decoder layer indices; block: "attn" or "mlp" for one block
     of the one layer given (layer 0 without layers). tokens: the sequence length the program runs (batch 1);
-    seed: of the example token ids behind reference.npz.
+    seed: of the example token ids behind reference.npz. text: the fixed-point model's perplexity and saturations
+    are measured on `windows` windows of `seqlen` tokens of it (default: saturations on the model's calibration
+    text, when it can be read); an accumulator of the part that overflows there is a SpikecompileError unless
+    allow_saturation (deployment.check_overflow), raised before anything is written.
     """
     seconds = {}
     start = time.perf_counter()
@@ -97,14 +106,18 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seconds["select"] = time.perf_counter() - start
     start = time.perf_counter()
     target = load_loihi2()
-    program = lower(part, result.store, tokens, target)
+    formats = deployed_formats(part, result.store, target)
+    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, progress)
+    seconds["deployment"] = time.perf_counter() - start
+    start = time.perf_counter()
+    program = lower(part, result.store, tokens, target, formats)
     seconds["lower"] = time.perf_counter() - start
     start = time.perf_counter()
     quantized = quantized_store(part, result.store, target.limits["weight_bits"])
     reference = reference_arrays(part, result.store, inputs, quantized)
     seconds["reference"] = time.perf_counter() - start
     start = time.perf_counter()
-    report = _report(part, label, tokens, program, reference)
+    report = {**_report(part, label, tokens, program, reference), "deployment": deployment}
     write_program(folder, program, reference, readme(report))
     seconds["write"] = time.perf_counter() - start
     report["seconds"] = seconds
@@ -148,11 +161,11 @@ def example_inputs(graph: Graph, store, feeds: dict[str, str], tokens: int, seed
 
 # ---- lowering -----------------------------------------------------------------------------------------------------
 
-def lower(part: Graph, store, tokens: int, target: Loihi2) -> Program:
-    """The program of `part` run at `tokens` tokens (module docstring)."""
+def lower(part: Graph, store, tokens: int, target: Loihi2, formats: Formats | None = None) -> Program:
+    """The program of `part` run at `tokens` tokens (module docstring), in `formats` (default: deployed_formats)."""
     types = validate(part)
     shapes = {name: [bind(dim, {"batch": 1, "seq": tokens}) for dim in types[name].shape] for name in part}
-    lowering = _Lowering(part, store, shapes, target, deployed_formats(part, store, target))
+    lowering = _Lowering(part, store, shapes, target, formats or deployed_formats(part, store, target))
     for name in part.topological_order():
         lowering.add(name)
     steps = max(lowering.start[name] + part[name].timesteps for name in part)
@@ -389,6 +402,46 @@ def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
     return {"cos": cos.numpy(), "sin": sin.numpy()}
 
 
+# ---- deployment report ----------------------------------------------------------------------------------------------
+
+def deployment_report(result, part: Graph, formats: Formats, text: TextSource | None, windows: int,
+                      seqlen: int | None, allow_saturation: bool, progress: bool = False) -> dict:
+    """The part's formats and headroom, its sites' saturations on the stored calibration samples, and the whole
+    fixed-point model run on `text` (or the model's calibration text): the part's saturations and overflows there
+    (an overflow refused unless allow_saturation), and with `text` the perplexity."""
+    samples = {site: entry["samples"] for site, entry in result.record["sites"].items() if "samples" in entry}
+    report = {"formats": formats_report(part, formats),
+              "sample_saturation": sample_saturation(part, formats, samples)}
+    data = text or calibration_text(result.record)
+    if data is None:
+        report["calibration"] = {"checked": False, "why": f"the calibration text {result.record['calibration']['source']}"
+                                                          f" cannot be read; give --text"}
+        return report
+    length = seqlen or result.record["calibration"]["seqlen"]
+    ids = token_windows(result.tokenizer, data, length, windows, "--text" if text else "calibration")
+    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store))
+    ppl = perplexity(run, ids, desc="running the fixed-point model", progress=progress)
+    names = set(part) | {formats.sites[name].site for name in formats.sites}
+    described = f"{data.name} ({len(ids)} x {length} tokens)"
+    calibration = {"checked": True, "data": described, **run.report(lambda name: name in names)}
+    check_overflow(calibration["synapses"], allow_saturation, described)
+    report["calibration"] = calibration
+    if text is not None:
+        report["perplexity"] = {"ppl": ppl, "text": data.name, "windows": len(ids), "seqlen": length,
+                                "model": "whole model, Loihi 2 fixed point"}
+    return report
+
+
+def calibration_text(record: dict) -> TextSource | None:
+    """The text model.pt was calibrated on, when it can still be read unchanged (its sha256); else None."""
+    name = record["calibration"]["source"]
+    try:
+        text = load_text(BUILTIN, name.split(":", 1)[1]) if name.startswith(f"{BUILTIN}:") else load_text(name, "calib")
+    except SpikecompileError:
+        return None
+    return text if text.sha256 == record["calibration"]["sha256"] else None
+
+
 # ---- reference ----------------------------------------------------------------------------------------------------
 
 def quantized_store(part: Graph, store, bits: int) -> dict[str, Tensor]:
@@ -503,10 +556,7 @@ def _output_synapses(part: Graph, output: str) -> list[str]:
 
 
 def readme(report: dict) -> str:
-    fixed = report["fixed_point"]
-    bounds = "; ".join(f"{name}: weight-quantization error {entry['weight_error']:.3g} + flip allowance "
-                       f"{entry['flip_allowance']:.3g} = {entry['bound']:.3g} (max |y| {entry['max_abs_output']:.3g})"
-                       for name, entry in fixed["bound"].items())
+    fixed, deployment = report["fixed_point"], report["deployment"]
     exponents = sorted({site["F"] for site in fixed["sites"].values()})
     exponents = f"{exponents[0]}..{exponents[-1]}" if exponents else "none"
     processes = report["processes"]
@@ -532,24 +582,20 @@ Lava step k runs event step t = k − start of each process; network.json gives 
 its whole input window, then fires its T steps; lava's Dense/Sparse add one step. The output is Σ_t y_t of the
 output op, read from its RingBuffer sink.
 
-## Fixed point (fixed_pt)
-- weights: {fixed['weight_bits']}-bit signed mantissa m and one exponent e per matrix, W ≈ m·2^e,
-  |W − m·2^e| ≤ 2^(e−1); lava holds 2m (even values in [−256, 254]); synapse sums are exact integers, at most
-  2·Σ_j|m_ij| per row (accumulator overflow: {', '.join(fixed['accumulator_overflow']) or 'none'}).
-- potentials: {fixed['state_bits']}-bit integers in units of τ·2^-F per site (F = {exponents}: the largest that
-  keeps 2^g times the site's level in range: its all-fire level, its thresholds θ(t) − v0 (signed: v0 may
-  exceed θ(t)) and its deepest residual, hardware/loihi2.potential_level; g the guard bits of
-  targets/loihi2.toml); each step's input is rounded to the unit, at most
-  {fixed['max_input_rounding_lsb']:.2g} of the site's LSB τ·2^-T over a window; saturations are counted.
-- spike budget: a site with max_spikes K > 0 fires step t only while its per-neuron spike count (the
-  PhaseNeuron's `count`, {budget}) is below K, in both tags.
-- ops (norms, softmax, SiLU, products, RoPE, rotations) run in float64 in both tags: on Loihi 2 they belong to
-  the embedded or host CPUs.
-- bound: fixed_pt computes the decoded part with the fixed-point weights, except for spikes of neurons whose
-  input lies within that rounding of a threshold (a "borderline" neuron: its code moves by one level, the
-  largest jump of x̂ at a threshold: between adjacent outputs of the site's neuron, its spike budget and v0
-  included, or across x = 0; hardware/loihi2.flip_level). So |y_fixed − y_float| ≤ the weight-
-  quantization error (measured in decoded mode at emit time) + the flip allowance (one level on every input
-  of the synapse layers that reach the output with no spike site between: level · max_i Σ_j |W_ij|), given
-  no borderline neuron before the last site: {bounds}.
+## Fixed point (fixed_pt): the deployed formats, bit-exact
+fixed_pt runs the formats of spikecompile's hardware/loihi2.py (docs/loihi2.md "Deployed formats"), the same
+ones `spikecompile build --target sim --numerics loihi2` simulates: the two agree bit for bit on every spike,
+every integer potential and every output.
+- synapses: {fixed['weight_bits']}-bit signed mantissa m per weight (lava holds 2m, even values in [−256, 254]), one
+  scale per output row folded into the receiver's gain; each step's sum A_t = Σ_j 2m_ij·σ_j·D_t·s_j(t) is an exact
+  integer, and a row's accumulator holds its window sum Σ_t A_t.
+- spikes: a graded payload σ·D_t, D_t = d(t)/δ integers.
+- neurons: u = sat(rint(g·Σ_t A_t)) once per window on the site's grid τ·2^-F (F = {exponents}), {fixed['state_bits']}-bit,
+  saturating at ±(2^{fixed['state_bits'] - 1} − 1); thresholds θ(t) − v0 and resets h(t) on the same grid; a site with
+  max_spikes K fires while its spike count is below K ({budget}).
+- ops (norms, softmax, SiLU, products, RoPE, rotations, reshapes, adds): off the neurocores, on the {OP_FORMAT['where']}
+  in {OP_FORMAT['format']}, once per window.
+
+## Deployment report
+{chr(10).join(deployment_lines(deployment))}
 """

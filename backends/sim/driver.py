@@ -10,6 +10,7 @@ import torch
 
 from spikecompile.data import load_text, token_windows
 from spikecompile.evaluation import perplexity
+from spikecompile.passes.deployment import CalibrationRun, check_overflow, saturation_lines
 from spikecompile.passes.loihi_mapping import deployed_formats
 from spikecompile.files import file_sha256
 from spikecompile.hardware.energy import load_target
@@ -17,7 +18,6 @@ from spikecompile.hardware.energy import load_target
 from .. import BuildResult, parse_options
 from ..options import BY_TARGET
 from .counting import check_attention
-from .fixed import run_fixed
 from .ledger import ledger
 from .measure import measure, save_run
 from .report import write_report
@@ -36,24 +36,29 @@ def check(options: dict) -> dict:
 
 
 def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen: int, mode: str, attention: str,
-          mask_steps: int | None, float64: bool, energy_target, progress: bool, numerics: str = "float") -> dict:
+          mask_steps: int | None, float64: bool, energy_target, progress: bool, numerics: str = "float",
+          allow_saturation: bool = False) -> dict:
     """Simulate `result` on `windows` windows of `seqlen` tokens of `text` (loaded by check); write sim.json and
-    the energy report priced with `energy_target` into `folder`; return {"meta": sim.json's meta, "ledger": ...}."""
+    the energy report priced with `energy_target` into `folder`; return {"meta": sim.json's meta, "ledger": ...}.
+    numerics "loihi2": the perplexity is the deployed fixed-point model's, and an accumulator that overflows on these
+    windows is a SpikecompileError unless allow_saturation (then meta["loihi2"] reports it)."""
     token_ids = token_windows(result.tokenizer, text, seqlen, windows, "simulation")
     dtype = torch.float64 if float64 else None
     formats = deployed_formats(result.graph, result.store) if numerics == "loihi2" else None  # bad formats: fail first
     run, ppl = measure(result.graph, result.store, token_ids, mode, attention, mask_steps, dtype, progress)
-    ppl_float = ppl
+    ppl_float, saturation = ppl, None
     if formats is not None:  # the counts stay the float run's; the perplexity is the deployed model's
-        ppl = perplexity(lambda ids: run_fixed(result.graph, result.store, ids, formats).output(result.graph),
-                         token_ids, desc="simulating (loihi2 fixed point)", progress=progress)
+        fixed = CalibrationRun(result.graph, result.store, formats)
+        ppl = perplexity(fixed, token_ids, desc="simulating (loihi2 fixed point)", progress=progress)
+        saturation = {"data": f"{text.name} ({len(token_ids)} x {seqlen} tokens)", **fixed.report()}
+        check_overflow(saturation["synapses"], allow_saturation, saturation["data"])
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
     meta = {"model": {"path": result.model_path, "sha256": file_sha256(result.model_path)},
             "source": result.record["source"], "coding": result.record["coding"], "text": text.name,
             "windows": len(token_ids), "seqlen": seqlen, "mode": mode, "attention": attention,
             "mask_steps": mask_steps, "dtype": "float64" if float64 else "float32", "ppl": ppl,
-            "numerics": numerics, "ppl_float": ppl_float,
+            "numerics": numerics, "ppl_float": ppl_float, "loihi2": saturation,
             "seed": result.record["conversion"]["seed"]}
     save_run(run, folder / RUN_FILE, meta)
     energy = ledger(run, energy_target, attention)
@@ -69,6 +74,7 @@ def report_lines(report: dict, folder: str | Path) -> list[str]:
              f"perplexity {meta['ppl']:.4f}"]
     if meta.get("numerics") == "loihi2":
         lines[0] += f" (Loihi 2 fixed point; float {meta['ppl_float']:.4f}, ratio {meta['ppl'] / meta['ppl_float']:.4f})"
+        lines += ["  " + line for line in saturation_lines(meta["loihi2"], meta["loihi2"]["data"])]
     for tier in ("compute", "neuron", "memory"):
         snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
         lines.append(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
