@@ -357,7 +357,10 @@ def _built_from(folder) -> str:
 @click.option("--layer", default=0, show_default=True, help="The decoder layer --draw renders.")
 @click.option("--source", default=None, help="Path of the source model if it moved since conversion (model.pt).")
 @click.option("--json", "json_path", default=None, help="Also write the summary as JSON.")
-def inspect(path, seq_len, draw_path, layer, source, json_path):
+@click.option("--formats", "formats", default=None, type=click.Choice(["loihi2"]),
+              help="Also state the deployed formats on this target: per synapse, site and op, the accumulator "
+                   "headroom, and (a model.pt) the saturations on its calibration samples.")
+def inspect(path, seq_len, draw_path, layer, source, json_path, formats):
     """Summarise PATH, a model.pt (traced on the fly) or a folder written by `build`: layers, sites with their T
     and genotype, node and synapse counts, parameter memory."""
     from pathlib import Path
@@ -376,12 +379,28 @@ def inspect(path, seq_len, draw_path, layer, source, json_path):
     if draw_path:
         layer_drawing_graph(graph, layer)  # a layer the graph lacks fails before anything is printed
     summary = summarize(graph, seq_len=seq_len)
+    if formats:
+        summary["loihi2"] = _deployment(Path(path), graph, source)
     click.echo(format_summary(summary))
     if draw_path:
         draw_layer(graph, layer, draw_path)
         click.echo(f"drew layer {layer} to {draw_path}")
     if json_path:
         _write_json(json_path, summary)
+
+
+def _deployment(path, graph, source) -> dict:
+    """inspect --formats loihi2: the deployment report of a built IR folder (its weights), or of a model.pt as
+    `build` compiles it (with its calibration samples)."""
+    from .build import BuildOptions, build as run_build
+    from .ir.serialize import read_weights
+    from .summary import deployment_summary
+
+    if path.is_dir():
+        return deployment_summary(graph, read_weights(path, graph))
+    result = run_build(str(path), BuildOptions(source=source))
+    samples = {site: entry["samples"] for site, entry in result.record["sites"].items() if "samples" in entry}
+    return deployment_summary(result.graph, result.store, samples)
 
 
 def _graph_of(path, source):

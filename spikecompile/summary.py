@@ -184,7 +184,25 @@ def format_summary(summary: dict) -> str:
         f"spike sites ({len(summary['sites'])}):",
         *_site_table(summary["sites"]),
     ]
+    if "loihi2" in summary:
+        from .passes.deployment import deployment_lines
+
+        lines += deployment_lines(summary["loihi2"])
     return "\n".join(lines)
+
+
+def deployment_summary(graph: Graph, store, samples=None) -> dict:
+    """The Loihi 2 deployment report of `graph` (passes.deployment): formats and headroom, and the saturations on
+    `samples` ({site: calibration samples}) when given; a one-line SpikecompileError for a site or matrix no format
+    holds."""
+    from .passes.deployment import formats_report, sample_saturation
+    from .passes.loihi_mapping import deployed_formats
+
+    formats = deployed_formats(graph, store)
+    report = {"formats": formats_report(graph, formats)}
+    if samples:
+        report["sample_saturation"] = sample_saturation(graph, formats, samples)
+    return report
 
 
 def _timesteps_text(summary: dict) -> str:

@@ -42,7 +42,7 @@ def synapse_entry(synapse: SynapseFormat, source: SiteFormat) -> dict:
     return {"shape": list(synapse.mantissa.shape), "weight_bits": synapse.weight_bits, "layout": synapse.layout,
             "row_scales": int(synapse.scale.size), "accumulator_bits": synapse.accumulator_bits,
             "accumulator_limit": limit, "step_peak": window_peak(synapse, source), "window_peak": window,
-            "headroom_bits": math.log2(limit) - math.log2(window) if window else float("inf"),
+            "headroom_bits": math.log2(limit) - math.log2(window) if window else None,
             "source_site": source.site}
 
 
@@ -152,7 +152,7 @@ def format_lines(report: dict) -> list[str]:
         lines.append(f"  synapse {name} [{rows}x{columns}]: {entry['weight_bits']}-bit mantissa, {entry['row_scales']} "
                      f"row scales in the receiver's gain; {entry['accumulator_bits']}-bit accumulator, worst case "
                      f"{entry['window_peak']} per window ({entry['step_peak']} per step) of {entry['accumulator_limit']}:"
-                     f" headroom {entry['headroom_bits']:+.1f} bits")
+                     f" headroom {_headroom(entry):+.1f} bits")
     for site, entry in report["sites"].items():
         budget = f", budget K = {entry['max_spikes']}" if entry["max_spikes"] else ""
         lines.append(f"  site {site}: {entry['state_bits']}-bit potential on τ·2^-{entry['fraction_bits']}, "
@@ -191,11 +191,11 @@ def summary_lines(report: dict) -> list[str]:
     synapses, sites = formats["synapses"], formats["sites"]
     lines = []
     if synapses:
-        name, least = min(synapses.items(), key=lambda item: item[1]["headroom_bits"])
+        name, least = min(synapses.items(), key=lambda item: _headroom(item[1]))
         bits = sorted({entry["weight_bits"] for entry in synapses.values()})
         lines.append(f"Loihi 2 formats: {len(synapses)} synapse matrices ({'/'.join(map(str, bits))}-bit mantissas, "
                      f"row scales; {least['accumulator_bits']}-bit accumulators), least worst-case headroom "
-                     f"{least['headroom_bits']:+.1f} bits ({name})")
+                     f"{_headroom(least):+.1f} bits ({name})")
     if sites:
         fractions = sorted(entry["fraction_bits"] for entry in sites.values())
         lines.append(f"  {len(sites)} sites: {next(iter(sites.values()))['state_bits']}-bit potentials on τ·2^-F, "
@@ -203,3 +203,8 @@ def summary_lines(report: dict) -> list[str]:
                      f"{max(max(entry['payload']) for entry in sites.values())}; ops: "
                      f"{sum(entry['nodes'] for entry in formats['ops'].values())} on the host CPU in float64")
     return lines + deployment_lines(report)[1 + len(synapses) + len(sites) + len(formats["ops"]):]
+
+
+def _headroom(entry: dict) -> float:
+    """A synapse's headroom in bits (an all-zero matrix: infinite)."""
+    return math.inf if entry["headroom_bits"] is None else entry["headroom_bits"]
