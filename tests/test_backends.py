@@ -23,9 +23,14 @@ def test_every_backend_exposes_the_interface(target):
     assert set(backend.check(defaults)) >= set(defaults)
 
 
-def test_option_names_are_unique_across_targets():
-    names = [option.name for options in BY_TARGET.values() for option in options]
-    assert len(names) == len(set(names))
+def test_an_option_name_shared_by_targets_has_one_type():
+    """Targets may share a name (--text of sim and lava) as one command-line option: it must parse the same way."""
+    types = {}
+    for options in BY_TARGET.values():
+        names = [option.name for option in options]
+        assert len(names) == len(set(names))
+        for option in options:
+            assert types.setdefault(option.name, option.type) == option.type, option.name
 
 
 def test_the_registry_imports_no_backend():
