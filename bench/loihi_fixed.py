@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--model", type=Path, help="a converted SmolLM2 T=8 model.pt (default: convert one)")
     args = parser.parse_args()
-    from spikecompile.backends.sim.fixed import run_fixed
+    from spikecompile.passes.fixed_point import run_fixed
     from spikecompile.backends.sim.simulate import output_of, run
     from spikecompile.build import BuildOptions, build
     from spikecompile.data import load_text, token_windows

@@ -1,4 +1,4 @@
-"""The deployed Loihi 2 formats (hardware/loihi2.py), the simulator's fixed-point mode (backends/sim/fixed.py) and
+"""The deployed Loihi 2 formats (hardware/loihi2.py), the fixed-point run (passes/fixed_point.py, the simulator's --numerics loihi2) and
 Lava's fixed_pt program: bit for bit equal — every spike count, every integer potential at the start of firing and
 residual at the end of each window, every output — on the tiny model (lava tests: skipped without lava-nc) and on
 SmolLM2 (slow)."""
@@ -17,7 +17,7 @@ from conftest import convert_tiny, requires_smollm2
 
 from spikecompile.backends.lava import build_lava
 from spikecompile.backends.lava.emit import example_inputs, select_part
-from spikecompile.backends.sim.fixed import run_fixed
+from spikecompile.passes.fixed_point import run_fixed
 from spikecompile.backends.sim.simulate import output_of, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
