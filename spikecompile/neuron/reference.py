@@ -14,6 +14,17 @@ exactly a (T+1)-bit sign-magnitude round-to-nearest quantizer with step Δ = τ�
 (2^T − 1)·Δ (``golden_base2``). The other codings (conversion.codings) are this neuron with other
 parameters: a budget (spikedattn K = 2, ttfs K = 1), bases 1 with v0 = ½τ (rate: T + 1 uniform levels).
 
+Signed digits (signed_digits=True, the `phase-sd` coding): the potential keeps its sign and each step emits
+s_t ∈ {−1, 0, +1}, so a later step can correct an earlier one (non-adjacent form, SDLLM's bidirectional code):
+
+    r = x;   θ_sd(t) = (2·θ(t) + (−1)^(T−t)·v0)/3
+    for t = 0..T-1:   s_t = sign(r)·[|r| > θ_sd(t)] ∧ [Σ_{u<t} |s_u| < K]   (strict);   r ← r − h(t)·s_t
+    x̂ = Σ_t d(t)·s_t
+
+With every base 2 and the default v0, θ_sd(t) = (M_t + ½)·Δ with M_t = ⌊2^(T−t)/3⌋, the most the later steps
+reach in non-adjacent form: x̂ is the nearest level (the same 2^(T+1) − 1 levels, ties to either neighbour)
+coded with the fewest nonzero digits (``golden_signed_base2``).
+
 Parameters broadcast over x by batch prefix: a neuron with batch shape B applies to x of shape (*B, *rest),
 one site per index of B; B = () is one site for every element.
 """
