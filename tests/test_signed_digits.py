@@ -110,3 +110,61 @@ def test_kernel_refuses_signed_neurons_and_dispatch_uses_the_reference():
 def test_signed_digits_must_be_a_bool():
     with pytest.raises(ValueError, match="signed_digits must be a bool"):
         PhaseNeuronParams(**{**base2_params(1.0, 3).__dict__, "signed_digits": 1})
+
+
+def _heavy_tailed_sites(samples: int = 2048) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(samples, generator=generator)
+    laplace = torch.empty(samples).exponential_(generator=generator) * torch.sign(torch.randn(samples, generator=generator))
+    silu = torch.nn.functional.silu(2 * torch.randn(samples, generator=generator))
+    return torch.stack([gaussian, laplace, silu])
+
+
+def test_phase_sd_fit_keeps_the_flag_and_is_never_worse_than_signed_base2():
+    from spikecompile.conversion.fit import FitConfig, fit_sites
+
+    samples = _heavy_tailed_sites()
+    fit = fit_sites(samples, FitConfig(T=6, n_grains=2, coding="phase-sd", rounds=1, search_rounds=4))
+    assert fit.params.signed_digits
+    assert bool((fit.mse <= fit.base2_mse).all())
+    assert torch.allclose(fit.mse, (phase_quantize(samples, fit.params) - samples).square().mean(-1))
+
+
+def test_signed_base2_cuts_nonzero_steps_at_equal_mse():
+    """At the same τ the signed base-2 code has the same levels (off ties) and no more nonzero steps."""
+    from spikecompile.conversion.fit import FitConfig, fit_sites
+
+    samples = _heavy_tailed_sites()
+    tau = fit_sites(samples, FitConfig(T=8, coding="las")).base2_tau
+    for row, site_tau in zip(samples, tau, strict=True):
+        unsigned, signed = base2_params(site_tau, 8), signed_base2_params(site_tau, 8)
+        # the same levels; τ is not a power of two here, so the sums may differ in their last bit
+        assert torch.allclose(phase_quantize(row, unsigned), phase_quantize(row, signed), rtol=0, atol=1e-5)
+        assert phase_encode(row, signed)[1].abs().sum() < phase_encode(row, unsigned)[1].sum()
+
+
+def test_convert_phase_sd_round_trips_through_model_pt(tiny_llama_dir, text_file, tmp_path):
+    from click.testing import CliRunner
+
+    from spikecompile import modelfile
+    from spikecompile.cli import cli
+    from spikecompile.conversion.convert import load_spiking_model
+
+    out = tmp_path / "sd.pt"
+    result = CliRunner().invoke(cli, [str(a) for a in (
+        "convert", tiny_llama_dir, "-o", out, "--coding", "phase-sd", "-T", 6, "--rotate", "none", "--calib", text_file,
+        "--calib-seqlen", 64, "--calib-windows", 2, "--samples-per-site", 512, "--no-progress")])
+    assert result.exit_code == 0, result.output
+    record = modelfile.load(out)
+    assert record["coding"]["name"] == "phase-sd"
+    assert all(entry["signed_digits"] for entry in record["sites"].values())
+    model = load_spiking_model(str(out))
+    assert model is not None
+
+
+def test_the_ir_refuses_a_signed_digit_site_naming_it():
+    from spikecompile.errors import SpikecompileError
+    from spikecompile.ir.neurons import PhaseNeuron
+
+    with pytest.raises(SpikecompileError, match=r"^site layers\.2\.silu: the signed-digit neuron"):
+        PhaseNeuron.from_params("layers.2.silu", signed_base2_params(1.0, 6))

@@ -4,6 +4,9 @@ With m = |x|, σ = sign(x), step weights d(t), thresholds θ(t), resets h(t), in
 budget K (neuron.py), each coding fixes:
 
     phase       fitted bases d, h, θ per grain (fit.py, Algorithm 1), v0 = ½·τ·2^-T, K = 0      (SpikingLLM)
+    phase-sd    phase with signed digits (neuron/reference.py): s_t ∈ {−1, 0, +1}, thresholds (2θ(t) ± v0)/3;
+                with every base 2 a nearest-level quantizer in non-adjacent form (golden_signed_base2). Only
+                the simulator's decoded mode runs it so far; every other backend refuses it, naming the site
     las         every base 2, v0 = ½·τ·2^-T, K = 0: x̂ = σ·Δ·clamp(⌈m/Δ − ½⌉, 0, 2^T − 1), Δ = τ·2^-T
     spikedattn  las with K = 2: the first two spikes of the base-2 code (SpikedAttention-style)
     ttfs        las with K = 1: one spike, at the first step t with m + v0 > τ·2^-(t+1), read as τ·2^-(t+1)
@@ -59,7 +62,8 @@ def coding_params(coding: str, tau: Tensor, T: int, n_grains: int = 1, clip: Ten
         budget = T - 1 if coding == "sdllm" else 0
         return PhaseNeuronParams(tau=tau, genotype=genotype, d=ones, h=ones.clone(), theta=ones.clone(),
                                  v0=tau / 2 - clip, max_spikes=torch.full(tau.shape, budget, dtype=torch.int64))
-    raise ValueError(f"coding_params: {coding!r} is not a fixed coding ({', '.join(CODINGS[1:])})")
+    fixed = [name for name in CODINGS if name not in ("phase", "phase-sd")]
+    raise ValueError(f"coding_params: {coding!r} is not a fixed coding ({', '.join(fixed)})")
 
 
 def closed_form(coding: str, magnitude: Tensor, tau: Tensor, T: int, clip: Tensor | None = None) -> Tensor:

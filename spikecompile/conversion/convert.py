@@ -198,6 +198,7 @@ def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
             "tau": params.tau[index].clone(), "d": params.d[index].clone(),
             "h": params.h[index].clone(), "theta": params.theta[index].clone(),
             "v0": params.v0[index].clone(), "max_spikes": int(params.max_spikes[index]),
+            **({"signed_digits": True} if params.signed_digits else {}),
             "calibration": {
                 "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
                 "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
@@ -220,7 +221,8 @@ def site_neuron(entry: dict) -> PhaseNeuronParams:
     budget = entry.get("max_spikes")
     return PhaseNeuronParams(tau=entry["tau"], genotype=entry["genotype"], d=entry["d"], h=entry["h"],
                              theta=entry["theta"], v0=entry.get("v0"),
-                             max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64))
+                             max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64),
+                             signed_digits=bool(entry.get("signed_digits", False)))
 
 
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied") -> SpikingModel:
