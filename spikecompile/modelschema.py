@@ -30,8 +30,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from .errors import SpikecompileError
 from .ir.neurons import LAYER_SITE_KINDS
 
-CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm", "phase-sd")
-SIGNED_CODINGS = ("phase-sd",)  # their sites hold signed_digits: true
+CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm")  # the unsigned codings (every backend lowers them)
+SIGNED_CODINGS = ("phase-sd",)  # signed-digit codings: their sites hold signed_digits: true
 TIMESTEP_RANGE = (4, 16)
 SDLLM_COUNT_BITS = (3, 4, 5)  # D = 2^(b−1) ∈ {4, 8, 16} steps: the timestep range
 WEIGHT_BITS = (4, 6, 8)
@@ -169,7 +169,7 @@ class Prefix(Record):
 
 
 class Coding(Record):
-    name: Literal[CODINGS]
+    name: Literal[(*CODINGS, *SIGNED_CODINGS)]
     timesteps: Timesteps
     grains: Positive
 

@@ -39,10 +39,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..modelschema import CODINGS, SDLLM_COUNT_BITS, sdllm_steps  # the names model.pt may hold: its schema's
+from ..modelschema import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps  # the names model.pt may hold: its schema's
 from ..neuron import PhaseNeuronParams, base2_params, even_genotype
 
-__all__ = ["CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip"]
+__all__ = ["CODINGS", "SIGNED_CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip"]
 BUDGETS = {"spikedattn": 2, "ttfs": 1}
 
 
@@ -62,8 +62,7 @@ def coding_params(coding: str, tau: Tensor, T: int, n_grains: int = 1, clip: Ten
         budget = T - 1 if coding == "sdllm" else 0
         return PhaseNeuronParams(tau=tau, genotype=genotype, d=ones, h=ones.clone(), theta=ones.clone(),
                                  v0=tau / 2 - clip, max_spikes=torch.full(tau.shape, budget, dtype=torch.int64))
-    fixed = [name for name in CODINGS if name not in ("phase", "phase-sd")]
-    raise ValueError(f"coding_params: {coding!r} is not a fixed coding ({', '.join(fixed)})")
+    raise ValueError(f"coding_params: {coding!r} is not a fixed coding ({', '.join(CODINGS[1:])})")
 
 
 def closed_form(coding: str, magnitude: Tensor, tau: Tensor, T: int, clip: Tensor | None = None) -> Tensor:

@@ -17,7 +17,7 @@ from ..loading import ModelSource, load_model, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
-from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
+from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
 from .prefix import PrefixCache, select_prefix
 from .rotation import rotate_llama
@@ -47,8 +47,9 @@ class ConvertOptions:
 
     def validate(self) -> None:
         low, high = TIMESTEP_RANGE
-        if self.coding not in CODINGS:
-            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of {', '.join(CODINGS)}")
+        if self.coding not in (*CODINGS, *SIGNED_CODINGS):
+            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of "
+                                    f"{', '.join((*CODINGS, *SIGNED_CODINGS))}")
         if self.coding == "sdllm" and self.timesteps not in [sdllm_steps(bits) for bits in SDLLM_COUNT_BITS]:
             raise SpikecompileError(
                 f"--coding sdllm -T {self.timesteps}: sdllm unfolds b-bit counts over T = 2^(b-1) steps; supported "

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
+from spikecompile.conversion.codings import CODINGS, SIGNED_CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, signed_spikes,
     step_schedule,
@@ -87,8 +87,8 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.coding not in CODINGS:
-            raise ValueError(f"FitConfig: coding must be one of {CODINGS}, got {self.coding!r}")
+        if self.coding not in (*CODINGS, *SIGNED_CODINGS):
+            raise ValueError(f"FitConfig: coding must be one of {(*CODINGS, *SIGNED_CODINGS)}, got {self.coding!r}")
         if not 0 <= self.membrane_clip < 1 or (self.membrane_clip and self.coding != "sdllm"):
             raise ValueError(f"FitConfig: membrane_clip must be in [0, 1) and only with coding sdllm, "
                              f"got {self.membrane_clip!r} with {self.coding!r}")
