@@ -98,7 +98,8 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
 @click.option("--coding", default="phase", show_default=True,
               help="phase (fitted, multi-granularity), las (base 2), spikedattn (base 2, ≤ 2 spikes), rate (T+1 "
-                   "levels), ttfs (one spike) or sdllm (ternary counts; -T 4|8|16 for 3|4|5-bit counts).")
+                   "levels), ttfs (one spike), sdllm (ternary counts; -T 4|8|16 for 3|4|5-bit counts) or phase-sd (phase with "
+                   "signed digits ±1: fewer spikes; simulator decoded mode only so far).")
 @click.option("--rotate", default="hadamard", show_default=True, help="hadamard (QuaRot-style) or none.")
 @click.option("--prefix", default="auto", show_default=True,
               help="auto: prefixed outlier tokens with a full-precision KV cache (PrefixQuant); none.")

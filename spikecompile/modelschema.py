@@ -30,7 +30,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from .errors import SpikecompileError
 from .ir.neurons import LAYER_SITE_KINDS
 
-CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm")
+CODINGS = ("phase", "las", "spikedattn", "rate", "ttfs", "sdllm")  # the unsigned codings (every backend lowers them)
+SIGNED_CODINGS = ("phase-sd",)  # signed-digit codings: their sites hold signed_digits: true
 TIMESTEP_RANGE = (4, 16)
 SDLLM_COUNT_BITS = (3, 4, 5)  # D = 2^(b−1) ∈ {4, 8, 16} steps: the timestep range
 WEIGHT_BITS = (4, 6, 8)
@@ -168,7 +169,7 @@ class Prefix(Record):
 
 
 class Coding(Record):
-    name: Literal[CODINGS]
+    name: Literal[(*CODINGS, *SIGNED_CODINGS)]
     timesteps: Timesteps
     grains: Positive
 
@@ -205,6 +206,7 @@ class Site(Record):
     theta: Bases
     v0: Annotated[_tensor(torch.float32, 0), _magnitude_within(MAX_SCALE)]
     max_spikes: Count
+    signed_digits: bool = False  # the signed-digit neuron (coding phase-sd); absent in files before it
     calibration: SiteCalibration
     samples: _tensor(torch.float32, 1) | None = None
 
@@ -264,6 +266,9 @@ class ModelRecord(Record):
             if site.d.numel() != self.coding.grains:
                 raise FieldError(f"sites.{name}.d", f"has {site.d.numel()} grains, coding.grains is "
                                                     f"{self.coding.grains}")
+            if site.signed_digits != (self.coding.name in SIGNED_CODINGS):
+                raise FieldError(f"sites.{name}.signed_digits", f"is {site.signed_digits}, but coding "
+                                                                f"{self.coding.name!r} implies {not site.signed_digits}")
             if self.coding.name == "sdllm" and site.timesteps not in SDLLM_TIMESTEPS:
                 raise FieldError(f"sites.{name}.timesteps", f"sdllm runs T in {SDLLM_TIMESTEPS}, "
                                                             f"got {site.timesteps}")

@@ -226,13 +226,15 @@ def _train_mixture(magnitude: Tensor, neurons: PhaseNeuronParams, weights: Tenso
         optimizer.zero_grad()
         for rows in _row_chunks((len(magnitude),), count * magnitude.shape[-1]):
             chunk = PhaseNeuronParams(**{**{name: getattr(neurons, name)[rows] for name in _FIELDS},
-                                         **{name: 1 + torch.exp(raw[name][rows]) for name in BASES}})
+                                         **{name: 1 + torch.exp(raw[name][rows]) for name in BASES}},
+                                      signed_digits=neurons.signed_digits)
             output = _surrogate_output(magnitude[rows][:, None].expand(-1, count, -1), chunk, cfg.surrogate_beta)
             mixed = (weights[rows].unsqueeze(-1) * output).sum(1)
             ((mixed - magnitude[rows]).square().mean(-1) / scale[rows]).sum().backward()
         optimizer.step()
     return PhaseNeuronParams(**{**{name: getattr(neurons, name) for name in _FIELDS},
-                                **{name: 1 + torch.exp(raw[name].detach()) for name in BASES}})
+                                **{name: 1 + torch.exp(raw[name].detach()) for name in BASES}},
+                             signed_digits=neurons.signed_digits)
 
 
 def _surrogate_output(magnitude: Tensor, neurons: PhaseNeuronParams, beta: float) -> Tensor:
@@ -248,9 +250,11 @@ def _surrogate_output(magnitude: Tensor, neurons: PhaseNeuronParams, beta: float
 
 def _per_site(neurons: PhaseNeuronParams, sites: int) -> PhaseNeuronParams:
     """Flat neurons [S·C] as [S, C]."""
-    return PhaseNeuronParams(**{name: getattr(neurons, name).unflatten(0, (sites, -1)) for name in _FIELDS})
+    return PhaseNeuronParams(**{name: getattr(neurons, name).unflatten(0, (sites, -1)) for name in _FIELDS},
+                             signed_digits=neurons.signed_digits)
 
 
 def _flat(neurons: PhaseNeuronParams) -> PhaseNeuronParams:
     """Neurons [S, C] as [S·C]."""
-    return PhaseNeuronParams(**{name: getattr(neurons, name).flatten(0, 1) for name in _FIELDS})
+    return PhaseNeuronParams(**{name: getattr(neurons, name).flatten(0, 1) for name in _FIELDS},
+                             signed_digits=neurons.signed_digits)

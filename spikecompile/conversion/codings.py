@@ -4,6 +4,9 @@ With m = |x|, σ = sign(x), step weights d(t), thresholds θ(t), resets h(t), in
 budget K (neuron.py), each coding fixes:
 
     phase       fitted bases d, h, θ per grain (fit.py, Algorithm 1), v0 = ½·τ·2^-T, K = 0      (SpikingLLM)
+    phase-sd    phase with signed digits (neuron/reference.py): s_t ∈ {−1, 0, +1}, thresholds (2θ(t) ± v0)/3;
+                with every base 2 a nearest-level quantizer in non-adjacent form (golden_signed_base2). Only
+                the simulator's decoded mode runs it so far; every other backend refuses it, naming the site
     las         every base 2, v0 = ½·τ·2^-T, K = 0: x̂ = σ·Δ·clamp(⌈m/Δ − ½⌉, 0, 2^T − 1), Δ = τ·2^-T
     spikedattn  las with K = 2: the first two spikes of the base-2 code (SpikedAttention-style)
     ttfs        las with K = 1: one spike, at the first step t with m + v0 > τ·2^-(t+1), read as τ·2^-(t+1)
@@ -36,10 +39,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..modelschema import CODINGS, SDLLM_COUNT_BITS, sdllm_steps  # the names model.pt may hold: its schema's
+from ..modelschema import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps  # the names model.pt may hold: its schema's
 from ..neuron import PhaseNeuronParams, base2_params, even_genotype
 
-__all__ = ["CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip"]
+__all__ = ["CODINGS", "SIGNED_CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip"]
 BUDGETS = {"spikedattn": 2, "ttfs": 1}
 
 

@@ -17,7 +17,7 @@ from ..loading import ModelSource, load_model, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
-from .codings import CODINGS, SDLLM_COUNT_BITS, sdllm_steps
+from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
 from .prefix import PrefixCache, select_prefix
 from .rotation import rotate_llama
@@ -47,8 +47,9 @@ class ConvertOptions:
 
     def validate(self) -> None:
         low, high = TIMESTEP_RANGE
-        if self.coding not in CODINGS:
-            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of {', '.join(CODINGS)}")
+        if self.coding not in (*CODINGS, *SIGNED_CODINGS):
+            raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of "
+                                    f"{', '.join((*CODINGS, *SIGNED_CODINGS))}")
         if self.coding == "sdllm" and self.timesteps not in [sdllm_steps(bits) for bits in SDLLM_COUNT_BITS]:
             raise SpikecompileError(
                 f"--coding sdllm -T {self.timesteps}: sdllm unfolds b-bit counts over T = 2^(b-1) steps; supported "
@@ -198,6 +199,7 @@ def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
             "tau": params.tau[index].clone(), "d": params.d[index].clone(),
             "h": params.h[index].clone(), "theta": params.theta[index].clone(),
             "v0": params.v0[index].clone(), "max_spikes": int(params.max_spikes[index]),
+            **({"signed_digits": True} if params.signed_digits else {}),
             "calibration": {
                 "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
                 "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
@@ -220,7 +222,8 @@ def site_neuron(entry: dict) -> PhaseNeuronParams:
     budget = entry.get("max_spikes")
     return PhaseNeuronParams(tau=entry["tau"], genotype=entry["genotype"], d=entry["d"], h=entry["h"],
                              theta=entry["theta"], v0=entry.get("v0"),
-                             max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64))
+                             max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64),
+                             signed_digits=bool(entry.get("signed_digits", False)))
 
 
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied") -> SpikingModel:

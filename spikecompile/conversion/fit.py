@@ -29,13 +29,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
+from spikecompile.conversion.codings import CODINGS, SIGNED_CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, step_schedule,
+    PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, signed_spikes,
+    step_schedule,
 )
 
 BASES = ("d", "h", "theta")
-_FIELDS = tuple(f.name for f in fields(PhaseNeuronParams))
+FITTED = ("phase", "phase-sd")  # the codings Algorithm 1 fits; the others are fixed (codings.py)
+_FIELDS = tuple(f.name for f in fields(PhaseNeuronParams) if f.name != "signed_digits")  # the tensor fields
 # Elements per op in the neuron loops: a few rows, so every op runs in cache (several times faster per core
 # than one big batch). fit_sites runs them on one torch thread: a thread pool would only add a barrier
 # per op, which costs 10-100x when another process keeps the cores busy.
@@ -57,7 +59,8 @@ def _one_thread():
 class FitConfig:
     """How to fit a site's neuron.
 
-    T, n_grains: timesteps and grains; coding: "phase" (fitted) or a fixed coding of codings.py (only τ chosen).
+    T, n_grains: timesteps and grains; coding: "phase" or "phase-sd" (fitted; phase-sd the signed-digit neuron)
+    or a fixed coding of codings.py (only τ chosen).
     membrane_clip: sdllm only, the share of calibration samples its clipping sends to a zero count (0: off).
     rounds, hw_steps, base_steps: N, N1, N2 of Algorithm 1; lr_hw, lr_base: Adam learning rates on the
     base parameters p (b = 1 + e^p); surrogate_beta: β, the sigmoid slope in units of 1/θ(t).
@@ -84,8 +87,8 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.coding not in CODINGS:
-            raise ValueError(f"FitConfig: coding must be one of {CODINGS}, got {self.coding!r}")
+        if self.coding not in (*CODINGS, *SIGNED_CODINGS):
+            raise ValueError(f"FitConfig: coding must be one of {(*CODINGS, *SIGNED_CODINGS)}, got {self.coding!r}")
         if not 0 <= self.membrane_clip < 1 or (self.membrane_clip and self.coding != "sdllm"):
             raise ValueError(f"FitConfig: membrane_clip must be in [0, 1) and only with coding sdllm, "
                              f"got {self.membrane_clip!r} with {self.coding!r}")
@@ -141,7 +144,9 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
     genotypes = _site_genotypes(genotypes, cfg, samples.shape[0], samples.device)
     max_abs = samples.abs().amax(-1)
     base2 = base2_params(_base2_tau(samples, max_abs, cfg), cfg.T, cfg.n_grains, genotypes)
-    if cfg.coding != "phase":
+    if cfg.coding == "phase-sd":  # the same levels off ties (golden_signed_base2), so the same τ_2
+        base2 = replace(base2, signed_digits=True)
+    if cfg.coding not in FITTED:
         base2_mse = _chunked_mse(samples, base2)
         params = base2 if cfg.coding == "las" else _fixed_coding(samples, max_abs, cfg, genotypes)
         mse = base2_mse if cfg.coding == "las" else _chunked_mse(samples, params)
@@ -150,10 +155,11 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
     with _progress_callback(progress) as report:
         fitted = _algorithm1(magnitude, _coupled_search(magnitude, base2.tau, genotypes, cfg), cfg, report)
     both = PhaseNeuronParams(**{name: torch.stack([getattr(fitted, name), getattr(base2, name)], dim=1)
-                                for name in _FIELDS})
+                                for name in _FIELDS}, signed_digits=base2.signed_digits)
     mse = _chunked_mse(samples[:, None].expand(-1, 2, -1), both)
     sites, winner = torch.arange(len(mse), device=mse.device), mse.argmin(-1)
-    params = PhaseNeuronParams(**{name: getattr(both, name)[sites, winner] for name in _FIELDS})
+    params = PhaseNeuronParams(**{name: getattr(both, name)[sites, winner] for name in _FIELDS},
+                               signed_digits=both.signed_digits)
     return SiteFit(params=params, mse=mse[sites, winner], base2_tau=base2.tau, base2_mse=mse[:, 1],
                    max_abs=max_abs)
 
@@ -246,26 +252,28 @@ def _coupled_search(magnitude: Tensor, tau2: Tensor, genotypes: Tensor, cfg: Fit
     generator = torch.Generator(device=magnitude.device).manual_seed(cfg.seed)
     reach2 = (tau2 * (1 - 2.0 ** -cfg.T))[:, None]
     point = torch.zeros(sites, 1, n + 1, device=magnitude.device)
-    best = _chunked_mse(magnitude[:, None], _coupled_neuron(point, reach2, genotypes[:, None]))[:, 0]
+    signed = cfg.coding == "phase-sd"
+    best = _chunked_mse(magnitude[:, None], _coupled_neuron(point, reach2, genotypes[:, None], signed))[:, 0]
     radius = torch.full((sites, 1, 1), cfg.search_radius, device=magnitude.device)
     many, rows = magnitude[:, None].expand(-1, trials, -1), torch.arange(sites, device=magnitude.device)
     for _ in range(cfg.search_rounds):
         trial = point + radius * torch.randn(sites, trials, n + 1, generator=generator, device=magnitude.device)
-        mse = _chunked_mse(many, _coupled_neuron(trial, reach2, genotypes[:, None].expand(-1, trials, -1)))
+        mse = _chunked_mse(many, _coupled_neuron(trial, reach2, genotypes[:, None].expand(-1, trials, -1), signed))
         winner = mse.argmin(-1)
         found = mse[rows, winner] < best
         best = torch.where(found, mse[rows, winner], best)
         point = torch.where(found[:, None, None], trial[rows, winner][:, None], point)
         radius = torch.where(found[:, None, None], radius, 0.7 * radius)
-    neuron = _coupled_neuron(point, reach2, genotypes[:, None])
-    return PhaseNeuronParams(**{name: getattr(neuron, name)[:, 0] for name in _FIELDS})
+    neuron = _coupled_neuron(point, reach2, genotypes[:, None], signed)
+    return PhaseNeuronParams(**{name: getattr(neuron, name)[:, 0] for name in _FIELDS}, signed_digits=signed)
 
 
-def _coupled_neuron(point: Tensor, reach2: Tensor, genotypes: Tensor) -> PhaseNeuronParams:
+def _coupled_neuron(point: Tensor, reach2: Tensor, genotypes: Tensor, signed: bool = False) -> PhaseNeuronParams:
     """Neurons [S, C] with d = h = θ = 1 + e^p per grain and largest output R_2·2^point[..., 0]."""
     bases = 1 + torch.exp(point[..., 1:])
     genotypes = genotypes.expand(*point.shape[:-1], -1)
-    unit = PhaseNeuronParams(tau=torch.ones_like(point[..., 0]), genotype=genotypes, d=bases, h=bases, theta=bases)
+    unit = PhaseNeuronParams(tau=torch.ones_like(point[..., 0]), genotype=genotypes, d=bases, h=bases, theta=bases,
+                             signed_digits=signed)
     return replace(unit, tau=reach2 * torch.exp2(point[..., 0]) / step_schedule(unit)[0].sum(-1), v0=None)
 
 
@@ -352,8 +360,9 @@ def _algorithm1(magnitude: Tensor, start: PhaseNeuronParams, cfg: FitConfig,
 def _spike_moments(magnitude: Tensor, neuron: PhaseNeuronParams) -> Callable[[Tensor], Tensor]:
     """With spikes fixed, MSE(w) = c − 2·bᵀw + wᵀ·A·w for step weights w [S, T], in float64."""
     def moments(values, chunk):
-        # x = 0 has σ = 0, so its spikes never reach the output.
-        spikes = torch.stack(list(magnitude_spikes(values, chunk)), dim=-2) * (values > 0).unsqueeze(-2)
+        # x = 0 has σ = 0, so its spikes never reach the output (a signed neuron fires nothing there).
+        fired = signed_spikes(values, chunk) if chunk.signed_digits else magnitude_spikes(values, chunk)
+        spikes = torch.stack(list(fired), dim=-2) * (values > 0).unsqueeze(-2)
         # Sums of 0/1 products are exact in float32 below 2^24 samples.
         second = (spikes @ spikes.transpose(-1, -2)).double().flatten(1)
         first = (spikes.double() @ values.double().unsqueeze(-1)).squeeze(-1)
@@ -381,7 +390,8 @@ def _row_chunks(batch_shape: tuple[int, ...], row_elements: int) -> list[tuple[T
 def _take(value, index: tuple[Tensor, ...]):
     """value[index] of a tensor, or of every field of a neuron."""
     if isinstance(value, PhaseNeuronParams):
-        return PhaseNeuronParams(**{name: getattr(value, name)[index] for name in _FIELDS})
+        return PhaseNeuronParams(**{name: getattr(value, name)[index] for name in _FIELDS},
+                                 signed_digits=value.signed_digits)
     return value[index]
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..neuron import PhaseNeuronParams, initial_potential
+from ..errors import SpikecompileError
 from .base import IRNode, TensorType, is_count, node_type, require
 
 LAYER_SITE_KINDS = ("attn_norm", "q", "k", "v", "attn_probs", "o_proj_in", "mlp_norm", "silu", "down_proj_in")
@@ -65,6 +66,10 @@ class PhaseNeuron(IRNode):
     @classmethod
     def from_params(cls, site: str, params: PhaseNeuronParams) -> PhaseNeuron:
         require(params.batch_shape == (), f"PhaseNeuron: one neuron per site, got batch shape {tuple(params.batch_shape)}")
+        if params.signed_digits:  # refused here, so no backend ever runs it as the unsigned neuron
+            raise SpikecompileError(f"site {site}: the signed-digit neuron (--coding phase-sd) has no IR node yet, so "
+                                    f"no backend (simulator, NIR, Lava, ONNX) can lower it; evaluate it with "
+                                    f"`spikecompile eval`, or convert with --coding phase")
         return cls(site=site, timesteps=params.T, genotype=params.genotype, tau=params.tau, d=params.d, h=params.h,
                    theta=params.theta, v0=params.v0, max_spikes=int(params.max_spikes))
 

@@ -5,7 +5,8 @@
     kernel      builds kernel.cpp once with the system compiler, loads it and runs it (eager fallback)
 
 phase_encode and phase_quantize dispatch: the kernel wherever it applies (inference on CPU float tensors),
-the reference otherwise (autograd, other devices, another spike function); both give the same bits.
+the reference otherwise (autograd, other devices, another spike function, and every signed-digit neuron, which
+kernel.cpp does not implement yet); both give the same bits.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from torch import Tensor
 
 from . import kernel, reference
 from .reference import (
-    Fire, PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, golden_base2, initial_potential,
-    magnitude_spikes, phase_decode, step_schedule, weighted_spike_sum,
+    Fire, PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, golden_base2, golden_signed_base2,
+    initial_potential, magnitude_spikes, naf_boundaries, phase_decode, signed_base2_params, signed_spikes,
+    step_schedule, weighted_spike_sum,
 )
 
 __all__ = [
     "Fire", "PhaseNeuronParams", "base2_params", "even_genotype", "fire_heaviside", "golden_base2",
     "initial_potential", "magnitude_spikes", "phase_decode", "phase_encode", "phase_quantize", "step_schedule",
-    "weighted_spike_sum", "firing_rate", "kernel", "reference",
+    "weighted_spike_sum", "firing_rate", "golden_signed_base2", "naf_boundaries", "signed_base2_params",
+    "signed_spikes", "kernel", "reference",
 ]
 
 
@@ -34,9 +37,10 @@ def phase_encode(x: Tensor, params: PhaseNeuronParams) -> tuple[Tensor, Tensor]:
 
 
 def firing_rate(x: Tensor, params: PhaseNeuronParams) -> float:
-    """Spikes per neuron per step on the inputs x: mean over t and the elements of s_t (phase_encode's spikes)."""
+    """Spikes per neuron per step on the inputs x: mean over t and the elements of |s_t| (phase_encode's spikes;
+    a signed digit −1 is one spike)."""
     _, spikes = phase_encode(x.float(), params)
-    return float(spikes.float().mean())
+    return float(spikes.float().abs().mean())
 
 
 def phase_quantize(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heaviside) -> Tensor:

@@ -138,6 +138,9 @@ def fire(x: Tensor, neuron: PhaseNeuronParams | Prepared, *, out: bool = True, s
     the weights d(t) cast to it (as the simulator's event rule computes them)."""
     prepared = neuron if isinstance(neuron, Prepared) else None
     params = prepared.params if prepared is not None else neuron
+    if params.signed_digits:
+        raise ValueError("kernel.fire: signed-digit neurons are not implemented by the kernel (nor its eager "
+                         "fallback); run neuron.phase_quantize / phase_encode, which route them to the reference")
     batch = tuple(params.batch_shape)
     if tuple(x.shape[:len(batch)]) != batch:
         raise ValueError(f"neuron batch shape {batch} must be a prefix of the input shape {tuple(x.shape)}")
@@ -153,8 +156,9 @@ def fire(x: Tensor, neuron: PhaseNeuronParams | Prepared, *, out: bool = True, s
 
 
 def applies(x: Tensor, params: PhaseNeuronParams) -> bool:
-    """Whether the kernel may run the neuron: inference (no gradient can flow) on a float input."""
-    if not x.is_floating_point():
+    """Whether the kernel may run the neuron: inference (no gradient can flow) on a float input, and not a
+    signed-digit neuron (kernel.cpp does not implement it yet: the reference runs it)."""
+    if not x.is_floating_point() or params.signed_digits:
         return False
     if not torch.is_grad_enabled():
         return True

@@ -14,11 +14,23 @@ exactly a (T+1)-bit sign-magnitude round-to-nearest quantizer with step Δ = τ�
 (2^T − 1)·Δ (``golden_base2``). The other codings (conversion.codings) are this neuron with other
 parameters: a budget (spikedattn K = 2, ttfs K = 1), bases 1 with v0 = ½τ (rate: T + 1 uniform levels).
 
+Signed digits (signed_digits=True, the `phase-sd` coding): the potential keeps its sign and each step emits
+s_t ∈ {−1, 0, +1}, so a later step can correct an earlier one (non-adjacent form, SDLLM's bidirectional code):
+
+    r = x;   θ_sd(t) = (2·θ(t) + (−1)^(T−t)·v0)/3
+    for t = 0..T-1:   s_t = sign(r)·[|r| > θ_sd(t)] ∧ [Σ_{u<t} |s_u| < K]   (strict);   r ← r − h(t)·s_t
+    x̂ = Σ_t d(t)·s_t
+
+With every base 2 and the default v0, θ_sd(t) = (M_t + ½)·Δ with M_t = ⌊2^(T−t)/3⌋, the most the later steps
+reach in non-adjacent form: x̂ is the nearest level (the same 2^(T+1) − 1 levels, ties to either neighbour)
+coded with the fewest nonzero digits (``golden_signed_base2``).
+
 Parameters broadcast over x by batch prefix: a neuron with batch shape B applies to x of shape (*B, *rest),
 one site per index of B; B = () is one site for every element.
 """
 
 from collections.abc import Callable, Iterable, Iterator
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +51,8 @@ class PhaseNeuronParams:
     v0:       [*B]     initial potential like tau (None: ½·τ·2^-T, half an LSB of the base-2 code; may be
                        negative: a lower start widens the zero bin, SDLLM's membrane clipping)
     max_spikes: [*B]   int64 spike budget K ≥ 0 (None: zeros, no budget)
+    signed_digits: the signed-digit neuron (module docstring, "Signed digits"): s_t ∈ {−1, 0, +1}, the
+                   potential keeps its sign, K counts nonzero steps. False (default): the neuron above.
     """
 
     tau: Tensor
@@ -48,8 +62,11 @@ class PhaseNeuronParams:
     theta: Tensor
     v0: Tensor | None = None
     max_spikes: Tensor | None = None
+    signed_digits: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.signed_digits, bool):
+            raise ValueError(f"PhaseNeuronParams: signed_digits must be a bool, got {self.signed_digits!r}")
         batch = tuple(self.tau.shape)
         if not self.tau.is_floating_point():
             raise ValueError(f"PhaseNeuronParams: tau must be a float tensor, got {self.tau.dtype}")
@@ -105,6 +122,18 @@ class PhaseNeuronParams:
     def thresholds(self) -> Tensor:
         """[*B, T] θ(t) − v0: the thresholds against the residual r = v − v0 (see magnitude_spikes)."""
         return step_schedule(self)[2] - self.v0.unsqueeze(-1)
+
+    def signed_thresholds(self) -> Tensor:
+        """[*B, T] θ_sd(t) = (2·θ(t) + (−1)^(T−t)·v0)/3: the signed-digit neuron's thresholds against |r|.
+
+        Two thirds of θ(t) is where a non-adjacent-form code must take a digit (the steps after t reach at
+        most ⅔ of h(t)); the ±v0/3 puts the boundary exactly halfway between levels with every base 2:
+        θ_sd(t) = (M + ½)·Δ, M = ⌊2^(T−t)/3⌋ (exact in float: 2θ(t) ± v0 is then a multiple of 3).
+        """
+        theta = step_schedule(self)[2]
+        steps_left = torch.arange(self.T, 0, -1, device=theta.device)
+        alternating = torch.where(steps_left % 2 == 0, 1.0, -1.0).to(theta.dtype)
+        return (2 * theta + alternating * self.v0.unsqueeze(-1)) / 3
 
 
 def even_genotype(T: int, n: int) -> Tensor:
@@ -166,6 +195,27 @@ def magnitude_spikes(magnitude: Tensor, params: PhaseNeuronParams, fire: Fire = 
             residual = torch.addcmul(residual, reset[t], spike, value=-1)
 
 
+def signed_spikes(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heaviside) -> Iterator[Tensor]:
+    """Yield the signed-digit neuron's s_0..s_{T-1} ∈ {−1., 0., +1.} (like x) for x of shape (*B, *rest).
+
+    r = x keeps its sign; s_t = [r > θ_sd(t)] − [−r > θ_sd(t)] (``fire`` both ways, so a surrogate
+    spike function is two-sided), r ← r − h(t)·s_t. A budget K > 0 masks s_t once K steps were nonzero.
+    """
+    reset = _per_step(step_schedule(params)[1], x)
+    threshold = _per_step(params.signed_thresholds(), x)
+    budget = _per_element(params.max_spikes, x) if params.has_budget else None
+    fired = torch.zeros_like(x) if budget is not None else None
+    residual = x
+    for t in range(params.T):
+        spike = fire(residual, threshold[t], t) - fire(-residual, threshold[t], t)
+        if budget is not None:
+            spike = spike * ((budget == 0) | (fired < budget)).to(spike.dtype)
+            fired = fired + spike.detach().abs()
+        yield spike
+        if t + 1 < params.T:
+            residual = torch.addcmul(residual, reset[t], spike, value=-1)
+
+
 def weighted_spike_sum(params: PhaseNeuronParams, spikes: Iterable[Tensor], like: Tensor) -> Tensor:
     """Σ_t d(t)·s_t accumulated in step order, so every mode rounds identically (d(t)·s_t is exact)."""
     weights = _per_step(step_schedule(params)[0], like)
@@ -176,22 +226,30 @@ def weighted_spike_sum(params: PhaseNeuronParams, spikes: Iterable[Tensor], like
 
 
 def phase_encode(x: Tensor, params: PhaseNeuronParams) -> tuple[Tensor, Tensor]:
-    """Spike mode: (σ as int8 like x, spikes as bool [T, *x.shape])."""
+    """Spike mode: (σ as int8 like x, spikes as bool [T, *x.shape]); for a signed-digit neuron the spikes
+    are int8 s_t ∈ {−1, 0, +1}, each carrying its own sign (σ is then not needed to decode)."""
+    if params.signed_digits:
+        spikes = torch.stack([s.to(torch.int8) for s in signed_spikes(x, params)])
+        return torch.sign(x).to(torch.int8), spikes
     spikes = torch.stack([s.bool() for s in magnitude_spikes(x.abs(), params)])
     return torch.sign(x).to(torch.int8), spikes
 
 
 def phase_decode(sign: Tensor, spikes: Tensor, params: PhaseNeuronParams, dtype: torch.dtype = torch.float32) -> Tensor:
-    """x̂ = σ·Σ_t d(t)·s_t from the spike mode's (sign, spikes), in `dtype`."""
+    """x̂ = σ·Σ_t d(t)·s_t from the spike mode's (sign, spikes), in `dtype` (signed digits: Σ_t d(t)·s_t)."""
     if tuple(spikes.shape) != (params.T, *sign.shape):
         raise ValueError(f"phase_decode: spikes must be [T, *sign.shape] = {(params.T, *sign.shape)}, "
                          f"got {tuple(spikes.shape)}")
     like = sign.to(dtype)
+    if params.signed_digits:
+        return weighted_spike_sum(params, (plane.to(dtype) for plane in spikes), like)
     return like * weighted_spike_sum(params, (plane.to(like.dtype) for plane in spikes), like)
 
 
 def phase_quantize(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heaviside) -> Tensor:
     """Decoded mode: x̂, bitwise equal to phase_decode(*phase_encode(x)) without storing the T spike planes."""
+    if params.signed_digits:
+        return weighted_spike_sum(params, signed_spikes(x, params, fire), x)
     magnitude = x.abs()
     return torch.sign(x) * weighted_spike_sum(params, magnitude_spikes(magnitude, params, fire), magnitude)
 
@@ -205,6 +263,44 @@ def golden_base2(x: Tensor, tau, T: int) -> Tensor:
     step = _per_element(torch.as_tensor(tau, dtype=x.dtype, device=x.device) * 2.0 ** -T, x)
     levels = torch.ceil(x.abs() / step - 0.5).clamp(0, 2**T - 1)
     return torch.sign(x) * levels * step
+
+
+def signed_base2_params(tau, T: int, n: int = 1, genotype: Tensor | None = None) -> PhaseNeuronParams:
+    """The signed-digit neuron with every base 2 (``golden_signed_base2`` in closed form)."""
+    return dataclasses.replace(base2_params(tau, T, n, genotype), signed_digits=True)
+
+
+def naf_boundaries(T: int) -> list[int]:
+    """M_t = ⌊2^(T−t)/3⌋, t = 0..T−1: the largest integer the steps after t can reach in non-adjacent form."""
+    return [2 ** (T - t) // 3 for t in range(T)]
+
+
+def golden_signed_base2(x: Tensor, tau, T: int) -> tuple[Tensor, Tensor]:
+    """The all-base-2 signed-digit neuron in closed form: (x̂, digits int8 [T, *x.shape]).
+
+    Work in half levels, u = 2x/Δ with Δ = τ·2^-T (exact when τ is a power of two). Off a tie the
+    neuron's decisions depend only on the nearest level q, so start from ρ_0 = 2q (q = round(u/2));
+    at a tie (u an odd integer) from ρ_0 = u itself; clamp to ±2^(T+1) (saturation: every digit fires).
+    Then the greedy non-adjacent form on integers, most significant digit first:
+        s_t = sign(ρ_t)·[|ρ_t| > 2·M_t + 1],   ρ_{t+1} = ρ_t − 2^(T−t)·s_t,   M_t = ⌊2^(T−t)/3⌋,
+        x̂ = Δ·Σ_t 2^(T−1−t)·s_t.
+    Off ties x̂ = golden_base2(x) (the nearest level, saturating at ±(2^T − 1)·Δ) with the fewest nonzero
+    digits any T-digit signed-binary code of that level has; at a tie x̂ is one of the two nearest levels.
+    """
+    step = _per_element(torch.as_tensor(tau, dtype=x.dtype, device=x.device) * 2.0 ** -T, x)
+    limit = 2.0 ** (T + 1)
+    half_units = (2 * x / step).clamp(-2 * limit, 2 * limit)
+    tie = (half_units == torch.round(half_units)) & (torch.remainder(half_units, 2) == 1)
+    residual = torch.where(tie, half_units, 2 * torch.round(half_units / 2)).clamp(-limit, limit).to(torch.int64)
+    digits = []
+    for t, boundary in enumerate(naf_boundaries(T)):
+        digit = torch.sign(residual) * (residual.abs() > 2 * boundary + 1)
+        residual = residual - 2 ** (T - t) * digit
+        digits.append(digit.to(torch.int8))
+    digits = torch.stack(digits)
+    weights = torch.tensor([2.0 ** (T - 1 - t) for t in range(T)], dtype=x.dtype, device=x.device)
+    value = (digits.to(x.dtype) * weights.reshape(T, *[1] * x.ndim)).sum(0) * step
+    return value, digits
 
 
 def _per_element(site_values: Tensor, x: Tensor) -> Tensor:
