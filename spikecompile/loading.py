@@ -29,6 +29,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
+from .devices import Placement
 from .errors import SpikecompileError
 from .files import atomic_folder
 from .modelschema import FieldError, Record, fault
@@ -256,27 +257,33 @@ def _check_gguf_architecture(path: Path) -> None:
     check_model_type(architecture, None, path)
 
 
-def load_model(source: ModelSource):
-    """Return (model, tokenizer): an fp32 LLaMA-family model (SUPPORTED_MODEL_TYPES) in eval mode, eager
-    attention, full causal (full_attention_config).
+def load_model(source: ModelSource, placement: Placement = Placement()):
+    """Return (model, tokenizer): a LLaMA-family model (SUPPORTED_MODEL_TYPES) in eval mode, eager attention,
+    full causal (full_attention_config), its weights in the placement's dtype on its device (default fp32, CPU).
 
-    A GGUF source is read from its dequantized copy in the model cache (cache_entry) when one is there and whole;
-    the first load dequantizes the GGUF and writes that copy."""
+    A GGUF source is read from its dequantized fp32 copy in the model cache (cache_entry) when one is there and
+    whole; the first load dequantizes the GGUF in fp32, writes that copy, then casts."""
     if source.kind == "hf_folder":
-        return _load_pretrained(source, Path(source.path), {})
+        model, tokenizer = _load_pretrained(source, Path(source.path), {}, placement.torch_dtype)
+        return _placed(model, placement), tokenizer
     gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
     entry = cache_entry(source)
     if entry is not None and cached_copy_is_whole(entry, source):
-        return _load_pretrained(source, entry, {})
-    model, tokenizer = _load_pretrained(source, gguf_path.parent, {"gguf_file": gguf_path.name})
+        model, tokenizer = _load_pretrained(source, entry, {}, placement.torch_dtype)
+        return _placed(model, placement), tokenizer
+    model, tokenizer = _load_pretrained(source, gguf_path.parent, {"gguf_file": gguf_path.name}, Placement().torch_dtype)
     if entry is not None:
         write_cached_copy(entry, source, model, tokenizer)
-    return model, tokenizer
+    return _placed(model, placement), tokenizer
 
 
-def _load_pretrained(source: ModelSource, folder: Path, extra: dict):
-    """from_pretrained of the tokenizer, config and model in `folder` (extra: gguf_file=...), fp32 and eager."""
-    import torch
+def _placed(model, placement: Placement):
+    """The model in the placement's dtype on its device (no copy when it already is: the default path)."""
+    return model.to(device=placement.device, dtype=placement.torch_dtype)
+
+
+def _load_pretrained(source: ModelSource, folder: Path, extra: dict, dtype):
+    """from_pretrained of the tokenizer, config and model in `folder` (extra: gguf_file=...), `dtype`, eager."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -295,7 +302,7 @@ def _load_pretrained(source: ModelSource, folder: Path, extra: dict):
         check_attention_window(config, source.path)  # a GGUF's window is first seen here, still before any weight
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, config=full_attention_config(config), dtype=torch.float32, attn_implementation="eager",
+                folder, config=full_attention_config(config), dtype=dtype, attn_implementation="eager",
                 **extra
             )
         except Exception as error:
