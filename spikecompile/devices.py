@@ -71,7 +71,7 @@ def dtype_problem(device: str, dtype) -> str | None:
         y = y @ table(torch.arange(4, device=device))
         if not torch.isfinite(y.float()).all():
             return "non-finite results"
-    except (RuntimeError, NotImplementedError) as error:
+    except (RuntimeError, NotImplementedError, TypeError) as error:
         return str(error).strip().splitlines()[0]
     return None
 
