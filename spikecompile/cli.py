@@ -197,7 +197,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     if max_windows is not None and max_windows < 1:
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")
-    spiking = load_spiking_model(model_file, source_path=source, placement=placement)
+    spiking = load_spiking_model(model_file, source_path=source, placement=placement, progress=progress)
     windows = token_windows(spiking.tokenizer, text, seqlen, max_windows, "evaluation")
     rows = site_error_rows(spiking.record)
     _print_site_table(rows)

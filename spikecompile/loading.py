@@ -257,21 +257,23 @@ def _check_gguf_architecture(path: Path) -> None:
     check_model_type(architecture, None, path)
 
 
-def load_model(source: ModelSource, placement: Placement = Placement()):
+def load_model(source: ModelSource, placement: Placement = Placement(), progress: bool = False):
     """Return (model, tokenizer): a LLaMA-family model (SUPPORTED_MODEL_TYPES) in eval mode, eager attention,
     full causal (full_attention_config), its weights in the placement's dtype on its device (default fp32, CPU).
 
     A GGUF source is read from its dequantized fp32 copy in the model cache (cache_entry) when one is there and
-    whole; the first load dequantizes the GGUF in fp32, writes that copy, then casts."""
+    whole; the first load dequantizes the GGUF in fp32, writes that copy, then casts. progress: transformers'
+    bars on stderr, per tensor (a GGUF's dequantization) or per weight file."""
     if source.kind == "hf_folder":
-        model, tokenizer = _load_pretrained(source, Path(source.path), {}, placement.torch_dtype)
+        model, tokenizer = _load_pretrained(source, Path(source.path), {}, placement.torch_dtype, progress)
         return _placed(model, placement), tokenizer
     gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
     entry = cache_entry(source)
     if entry is not None and cached_copy_is_whole(entry, source):
-        model, tokenizer = _load_pretrained(source, entry, {}, placement.torch_dtype)
+        model, tokenizer = _load_pretrained(source, entry, {}, placement.torch_dtype, progress)
         return _placed(model, placement), tokenizer
-    model, tokenizer = _load_pretrained(source, gguf_path.parent, {"gguf_file": gguf_path.name}, Placement().torch_dtype)
+    model, tokenizer = _load_pretrained(source, gguf_path.parent, {"gguf_file": gguf_path.name}, Placement().torch_dtype,
+                                        progress)
     if entry is not None:
         write_cached_copy(entry, source, model, tokenizer)
     return _placed(model, placement), tokenizer
@@ -282,15 +284,18 @@ def _placed(model, placement: Placement):
     return model.to(device=placement.device, dtype=placement.torch_dtype)
 
 
-def _load_pretrained(source: ModelSource, folder: Path, extra: dict, dtype):
+def _load_pretrained(source: ModelSource, folder: Path, extra: dict, dtype, progress: bool = False):
     """from_pretrained of the tokenizer, config and model in `folder` (extra: gguf_file=...), `dtype`, eager."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # ours report the stages that take time
+    if progress:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
     # transformers, tokenizers, safetensors and gguf raise anything from KeyError to ZeroDivisionError on a
     # damaged file: the boundary turns each into one line naming the source and the part that failed.
-    with _tqdm_disabled(), _held_log(transformers_logging.get_logger()):
+    with _gguf_tqdm(progress), _held_log(transformers_logging.get_logger()):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         except Exception as error:
@@ -418,9 +423,10 @@ def _held_log(logger: logging.Logger):
 
 
 @contextlib.contextmanager
-def _tqdm_disabled():
+def _gguf_tqdm(progress: bool):
     """transformers' GGUF loader draws its own tqdm bar (disable_progress_bar does not reach it, and tqdm reads
-    TQDM_DISABLE only at import): give that module a disabled tqdm for the block, restored after."""
+    TQDM_DISABLE only at import): give that module a tqdm named for our stage, or a disabled one, for the block,
+    restored after."""
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:
@@ -430,7 +436,7 @@ def _tqdm_disabled():
     if original is None:
         yield
         return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    gguf_utils.tqdm = functools.partial(original, unit="tensor", leave=False, disable=not progress)
     try:
         yield
     finally:

@@ -165,3 +165,15 @@ def test_smollm2_cached_copy_gives_identical_logits(cache):
     assert cached_copy_is_whole(cache_entry(source), source)
     ids, logits = _logits(*load_model(source))
     assert torch.equal(ids, expected_ids) and torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("flag, shown", [("--progress", True), ("--no-progress", False)])
+def test_loading_a_gguf_shows_progress_per_tensor(tmp_path, cache, gguf_source, flag, shown):
+    text = tmp_path / "calib.txt"
+    text.write_text(synthetic_text())
+    options = [option for option in FAST_CONVERT if option != "--no-progress"]
+    result = CliRunner().invoke(cli, ["convert", gguf_source.path, "-o", str(tmp_path / "m.pt"), "--calib", str(text),
+                                      "-T", "6", *options, flag])
+    assert result.exit_code == 0, result.output
+    assert ("de-quantizing GGUF tensors" in result.stderr) is shown
+    assert ("calibrate" in result.stderr) is shown

@@ -139,7 +139,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     timings = {}
 
     start = time.perf_counter()
-    model, tokenizer = load_model(source, placement)
+    model, tokenizer = load_model(source, placement, progress)
     rotation = rotate_llama(model, seed=options.seed) if options.rotate == "hadamard" else None
     weights = rtn_quantize_weights(model, options.weight_bits) if options.weight_bits else None
     sites = install_sites(model)
@@ -241,7 +241,7 @@ def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:
 
 
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied",
-                       placement: Placement = Placement()) -> SpikingModel:
+                       placement: Placement = Placement(), progress: bool = False) -> SpikingModel:
     """Rebuild the spiking model from model.pt: source weights, the same rotation, the fitted sites.
 
     `source_path` overrides the recorded source location (its bytes must still match the recorded sha256).
@@ -258,7 +258,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
     if source_path is not None:
         source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
     verify_source(source, where=str(path))
-    model, tokenizer = load_model(source, placement)
+    model, tokenizer = load_model(source, placement, progress)
     check_prefix_vocabulary(record, model.get_input_embeddings().num_embeddings, str(path), source.path)
     rotation = record["rotation"]
     if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
