@@ -23,6 +23,7 @@ import json
 import logging
 import logging.handlers
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -263,7 +264,9 @@ def load_model(source: ModelSource, placement: Placement = Placement(), progress
 
     A GGUF source is read from its dequantized fp32 copy in the model cache (cache_entry) when one is there and
     whole; the first load dequantizes the GGUF in fp32, writes that copy, then casts. progress: transformers'
-    bars on stderr, per tensor (a GGUF's dequantization) or per weight file."""
+    bars (per tensor) on stderr when it is a terminal, where they are redrawn in place: checks that follow the
+    load can still fail, and a captured stderr must then hold the one error line only."""
+    progress = progress and sys.stderr.isatty()
     if source.kind == "hf_folder":
         model, tokenizer = _load_pretrained(source, Path(source.path), {}, placement.torch_dtype, progress)
         return _placed(model, placement), tokenizer

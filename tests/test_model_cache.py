@@ -168,12 +168,46 @@ def test_smollm2_cached_copy_gives_identical_logits(cache):
 
 
 @pytest.mark.parametrize("flag, shown", [("--progress", True), ("--no-progress", False)])
-def test_loading_a_gguf_shows_progress_per_tensor(tmp_path, cache, gguf_source, flag, shown):
+def test_loading_a_gguf_shows_progress_on_a_terminal(tmp_path, gguf_source, flag, shown):
+    """The CLI in a subprocess whose stderr is a pseudo-terminal: the dequantization bar is drawn there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    text = tmp_path / "calib.txt"
+    text.write_text(synthetic_text())
+    options = [option for option in FAST_CONVERT if option != "--no-progress"]
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws to its width
+    environment = {**os.environ, "SPIKECOMPILE_CACHE": "off"}
+    process = subprocess.Popen([sys.executable, "-m", "spikecompile", "convert", gguf_source.path, "-o",
+                                str(tmp_path / "m.pt"), "--calib", str(text), "-T", "6", *options, flag],
+                               stderr=secondary, stdout=subprocess.DEVNULL, env=environment)
+    os.close(secondary)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(primary, 1 << 16)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(primary)
+    assert process.wait(timeout=300) == 0, terminal.decode(errors="replace")
+    assert (b"de-quantizing GGUF tensors" in terminal) is shown
+
+
+def test_load_progress_stays_off_a_captured_stderr(tmp_path, cache, gguf_source):
+    """Not a terminal (captured): no load bar, so an error after the load is the one line on stderr."""
     text = tmp_path / "calib.txt"
     text.write_text(synthetic_text())
     options = [option for option in FAST_CONVERT if option != "--no-progress"]
     result = CliRunner().invoke(cli, ["convert", gguf_source.path, "-o", str(tmp_path / "m.pt"), "--calib", str(text),
-                                      "-T", "6", *options, flag])
+                                      "-T", "6", *options, "--progress"])
     assert result.exit_code == 0, result.output
-    assert ("de-quantizing GGUF tensors" in result.stderr) is shown
-    assert ("calibrate" in result.stderr) is shown
+    assert "de-quantizing GGUF tensors" not in result.stderr and "calibrate" in result.stderr
