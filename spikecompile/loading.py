@@ -387,8 +387,10 @@ def write_cached_copy(entry: Path, source: ModelSource, model, tokenizer) -> Non
             manifest = {"source_sha256": source.sha256, "source": source.path, "versions": _cache_versions(),
                         "files": files}
             (temp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    except SpikecompileError as error:
-        logging.getLogger("spikecompile").warning("model cache not written: %s", error)
+    except Exception as error:  # an optimisation only: whatever failed (a full disk, a library's refusal), the
+        # temporary folder is gone and the model loaded from the GGUF is returned; an interruption still propagates
+        reason = error if isinstance(error, SpikecompileError) else _describe(error)
+        logging.getLogger("spikecompile").warning("model cache not written: %s", reason)
 
 
 def _write_copy_files(folder: Path, model, tokenizer) -> None:
