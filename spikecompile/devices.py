@@ -1,0 +1,88 @@
+"""Where the float forward runs (`--device cpu|cuda|auto`) and in which dtype the source weights are held
+(`--dtype float32|bfloat16|float16`). Neuron fitting and its statistics stay in float32 on the CPU: only the
+model's weights and activations take the placement.
+
+Every refusal comes before any weight is read: CUDA asked for where torch sees none, or a dtype the device
+cannot run (probed with the operations a LLaMA forward needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SpikecompileError
+
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+"""torch dtype names (torch is imported where it is used: the CLI's --help stays instant)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The resolved device (a torch device string: "cpu", "cuda") and dtype name (a key of DTYPES)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def is_default(self) -> bool:
+        """float32 on the CPU: the path whose model.pt carries no placement record (as before the option)."""
+        return self == Placement()
+
+
+def resolve_placement(device: str = "cpu", dtype: str = "float32") -> Placement:
+    """The Placement of `--device` and `--dtype`; SpikecompileError (one line, naming the option) when CUDA is
+    asked for and absent, or when the device cannot run the dtype."""
+    import torch
+
+    if device not in DEVICES:
+        raise SpikecompileError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    if dtype not in DTYPES:
+        raise SpikecompileError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise SpikecompileError(f"--device cuda: torch ({torch.__version__}, {built}) sees no CUDA device; use "
+                                f"--device cpu, or --device auto to use CUDA only when present")
+    resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    problem = dtype_problem(resolved, getattr(torch, dtype))
+    if problem:
+        raise SpikecompileError(f"--dtype {dtype}: the {resolved} device cannot run it ({problem}); use "
+                                f"--dtype float32")
+    return Placement(resolved, dtype)
+
+
+def dtype_problem(device: str, dtype) -> str | None:
+    """None when `device` runs a LLaMA forward's operations (matmul, softmax, rsqrt, SiLU, embedding) in
+    `dtype` (a torch dtype), else what failed."""
+    import torch
+
+    if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16 support"
+    try:
+        x = torch.ones(4, 8, dtype=dtype, device=device)
+        table = torch.nn.Embedding(4, 8).to(device=device, dtype=dtype)
+        y = torch.nn.functional.silu(x @ x.T).softmax(-1) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
+        y = y @ table(torch.arange(4, device=device))
+        if not torch.isfinite(y.float()).all():
+            return "non-finite results"
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (MB), and peak CUDA memory allocated by torch when CUDA is in use."""
+    import resource
+
+    import torch
+
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
