@@ -180,19 +180,7 @@ def magnitude_spikes(magnitude: Tensor, params: PhaseNeuronParams, fire: Fire = 
     passes one with a surrogate gradient and the same forward value.
     A budget K > 0 stops firing after K spikes: s_t is masked by [spikes so far < K] (0 for such elements).
     """
-    reset = _per_step(step_schedule(params)[1], magnitude)
-    threshold = _per_step(params.thresholds(), magnitude)
-    budget = _per_element(params.max_spikes, magnitude) if params.has_budget else None
-    fired = torch.zeros_like(magnitude) if budget is not None else None
-    residual = magnitude
-    for t in range(params.T):
-        spike = fire(residual, threshold[t], t)
-        if budget is not None:
-            spike = spike * ((budget == 0) | (fired < budget)).to(spike.dtype)
-            fired = fired + spike.detach()
-        yield spike
-        if t + 1 < params.T:  # the last step's reset is never read
-            residual = torch.addcmul(residual, reset[t], spike, value=-1)
+    return _spike_train(magnitude, params, params.thresholds(), fire)
 
 
 def signed_spikes(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heaviside) -> Iterator[Tensor]:
@@ -201,19 +189,26 @@ def signed_spikes(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heavis
     r = x keeps its sign; s_t = [r > θ_sd(t)] − [−r > θ_sd(t)] (``fire`` both ways, so a surrogate
     spike function is two-sided), r ← r − h(t)·s_t. A budget K > 0 masks s_t once K steps were nonzero.
     """
-    reset = _per_step(step_schedule(params)[1], x)
-    threshold = _per_step(params.signed_thresholds(), x)
-    budget = _per_element(params.max_spikes, x) if params.has_budget else None
-    fired = torch.zeros_like(x) if budget is not None else None
-    residual = x
+    return _spike_train(x, params, params.signed_thresholds(),
+                        lambda residual, threshold, t: fire(residual, threshold, t) - fire(-residual, threshold, t))
+
+
+def _spike_train(values: Tensor, params: PhaseNeuronParams, thresholds: Tensor, spike: Fire) -> Iterator[Tensor]:
+    """The loop both neurons run: s_t = spike(r, threshold(t), t), masked once K steps were nonzero (K > 0),
+    then r ← r − h(t)·s_t, starting from r = values."""
+    reset = _per_step(step_schedule(params)[1], values)
+    threshold = _per_step(thresholds, values)
+    budget = _per_element(params.max_spikes, values) if params.has_budget else None
+    fired = torch.zeros_like(values) if budget is not None else None
+    residual = values
     for t in range(params.T):
-        spike = fire(residual, threshold[t], t) - fire(-residual, threshold[t], t)
+        spikes = spike(residual, threshold[t], t)
         if budget is not None:
-            spike = spike * ((budget == 0) | (fired < budget)).to(spike.dtype)
-            fired = fired + spike.detach().abs()
-        yield spike
-        if t + 1 < params.T:
-            residual = torch.addcmul(residual, reset[t], spike, value=-1)
+            spikes = spikes * ((budget == 0) | (fired < budget)).to(spikes.dtype)
+            fired = fired + spikes.detach().abs()
+        yield spikes
+        if t + 1 < params.T:  # the last step's reset is never read
+            residual = torch.addcmul(residual, reset[t], spikes, value=-1)
 
 
 def weighted_spike_sum(params: PhaseNeuronParams, spikes: Iterable[Tensor], like: Tensor) -> Tensor:
