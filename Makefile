@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-cpu-capabilities test-slow bench
+.PHONY: install demo test test-cpu-capabilities test-slow test-cuda bench
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -42,6 +42,10 @@ test-cpu-capabilities: install
 		echo "ATEN_CPU_CAPABILITY=$$cap: torch runs $$got"; \
 		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS) || exit 1; \
 	done
+
+# CUDA tests (marked cuda; they also run, and skip, in `make test` on a machine without a GPU).
+test-cuda: install
+	$(BIN)/python -m pytest -m cuda
 
 # Slow tests: the real SmolLM2 end to end (and ../shared data where present).
 test-slow: install
