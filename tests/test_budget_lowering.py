@@ -63,11 +63,11 @@ def zoo_node(node: PhaseNeuron, variant: str) -> PhaseNeuron:
 
 def zoo_graph(graph: Graph, variants=ZOO) -> Graph:
     """A copy of `graph` whose phase neurons cycle through `variants` in topological order."""
-    result = Graph(graph.nx.copy())
+    result = graph.copy()
     cycle = itertools.cycle(variants)
     for name in graph.topological_order():
         if isinstance(graph[name], PhaseNeuron):
-            result.nx.nodes[name]["node"] = zoo_node(graph[name], next(cycle))
+            result.replace(name, zoo_node(graph[name], next(cycle)))
     return result
 
 

@@ -1,6 +1,7 @@
 """The import contracts of pyproject.toml ([tool.importlinter], run by `make test` as lint-imports) hold on this tree,
 and each of them breaks when the import it forbids is added: a contract that cannot fail guards nothing."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -67,3 +68,15 @@ def test_each_contract_breaks_on_the_import_it_forbids(tree, contract):
         if back:
             back.write_text(original)
     assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout[-3000:]
+
+
+def test_no_module_outside_the_ir_reaches_into_the_networkx_graph():
+    """Graph's operations are the interface: only spikecompile/ir/ touches Graph.nx (the networkx graph)."""
+    here = Path(__file__).resolve()
+    files = [path for folder in ("spikecompile", "backends", "tests", "bench") for path in (ROOT / folder).rglob("*.py")
+             if path.resolve() != here and "spikecompile/ir" not in path.as_posix()
+             and not path.is_relative_to(ROOT / "spikecompile" / "backends")]
+    reaching = [f"{path.relative_to(ROOT)}:{number}" for path in files
+                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                if re.search(r"\.nx\b", line)]
+    assert not reaching, reaching

@@ -249,7 +249,7 @@ def test_foreign_graph_json_is_refused(tmp_path, text, message):
 
 def test_validate_refuses_objects_that_are_not_ir_nodes():
     graph = mlp_block()
-    graph.nx.add_node("layers.0.mlp.extra", node=object())
+    graph.add_node("layers.0.mlp.extra", object())
     with pytest.raises(SpikecompileError, match=r"node layers\.0\.mlp\.extra: unknown node type object"):
         ir.validate(graph)
 

@@ -23,7 +23,7 @@ from spikecompile.hardware.loihi2 import (
     potential_level,
     residual_schedule,
 )
-from spikecompile.ir import Graph, Linear, PhaseNeuron
+from spikecompile.ir import Linear, PhaseNeuron
 from spikecompile.neuron import base2_params, magnitude_spikes, phase_quantize
 from spikecompile.passes import CompileInputs, PassManager
 from spikecompile.passes.loihi_mapping import map_loihi2
@@ -189,9 +189,9 @@ def test_zoo_model_reports_its_budget_counters_and_negative_thresholds(built):
 
 
 def test_a_coarse_grid_for_a_fine_v0_is_named(built):
-    graph = Graph(built.graph.nx.copy())
+    graph = built.graph.copy()
     name = next(name for name in graph if isinstance(graph[name], PhaseNeuron))
     node = graph[name]
-    graph.nx.nodes[name]["node"] = dataclasses.replace(node, v0=node.tau * 2.0 ** -30)
+    graph.replace(name, dataclasses.replace(node, v0=node.tau * 2.0 ** -30))
     lines = "\n".join(map_loihi2(graph, built.store, context=16)["does_not_fit"])
     assert f"{name}: fixed point: the 24-bit potential leaves" in lines and "fractional bits < 30" in lines

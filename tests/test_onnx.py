@@ -377,8 +377,8 @@ def test_bad_options_and_unwritable_output(built, tmp_path):
     blocker.write_text("")
     with pytest.raises(SpikecompileError, match="cannot create the ONNX output folder"):
         build_onnx(built, blocker / "out")
-    unassigned = Graph(built.graph.nx.copy())
-    unassigned.nx.nodes["logits"]["node"] = dataclasses.replace(unassigned["logits"], timesteps=None)
+    unassigned = built.graph.copy()
+    unassigned.replace("logits", dataclasses.replace(unassigned["logits"], timesteps=None))
     with pytest.raises(SpikecompileError, match="node logits: no timesteps; run the assign_timesteps pass"):
         to_onnx(unassigned, built.store, "event")
 

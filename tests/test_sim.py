@@ -145,9 +145,9 @@ def test_bad_options(built):
         simulate(built.graph, built.store, _ids(), attention="sparse")
     with pytest.raises(SpikecompileError, match="mode 'spiking'"):
         run(built.graph, built.store, _ids(), "spiking")
-    unassigned = Graph(built.graph.nx.copy())
+    unassigned = built.graph.copy()
     import dataclasses
-    unassigned.nx.nodes["logits"]["node"] = dataclasses.replace(unassigned["logits"], timesteps=None)
+    unassigned.replace("logits", dataclasses.replace(unassigned["logits"], timesteps=None))
     with pytest.raises(SpikecompileError, match="node logits: no timesteps; run the assign_timesteps pass"):
         run(unassigned, built.store, _ids(), "event")
 
