@@ -87,7 +87,7 @@ def build(model_path: str | Path, options: BuildOptions,
         check_record(record)
     seconds = {}
     start = time.perf_counter()
-    spiking = load_spiking_model(str(model_path), options.source, rotations="explicit")
+    spiking = load_spiking_model(str(model_path), options.source, rotations="explicit", record=record)
     seconds["load"] = time.perf_counter() - start
     start = time.perf_counter()
     graph, store = trace(spiking)

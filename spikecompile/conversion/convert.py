@@ -244,17 +244,20 @@ def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:
 
 
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied",
-                       placement: Placement = Placement(), progress: bool = False) -> SpikingModel:
+                       placement: Placement = Placement(), progress: bool = False,
+                       record: dict | None = None) -> SpikingModel:
     """Rebuild the spiking model from model.pt: source weights, the same rotation, the fitted sites.
 
     `source_path` overrides the recorded source location (its bytes must still match the recorded sha256).
     placement: the device and dtype of the rebuilt model's weights (the neurons run in fp32 on its device).
     rotations "explicit" leaves the offline rotations out of the weights (SpikingModel.rotations) — except
     for RTN-quantized weights, which were rounded in the rotated basis and so keep their rotations applied.
+    record: model.pt's record, when the caller has already read it with modelfile.load (not read twice).
     """
     if rotations not in ("applied", "explicit"):
         raise ValueError(f"rotations must be 'applied' or 'explicit', got {rotations!r}")
-    record = modelfile.load(path)  # checked against the model.pt schema: types, ranges, consistency
+    if record is None:
+        record = modelfile.load(path)  # checked against the model.pt schema: types, ranges, consistency
     if record.get("weights"):
         rotations = "applied"
     source = ModelSource(**record["source"])
