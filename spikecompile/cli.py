@@ -105,6 +105,12 @@ def _write_json(path: str, payload: dict) -> None:
 @click.argument("model", required=False)
 @click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the spiking model.")
 @click.option("-T", "--timesteps", default=8, show_default=True, help="Timesteps per neuron (4..16).")
+@click.option("--spike-penalty", default=0.0, show_default=True,
+              help="phase, phase-sd: fit MSE/MSE_base2 + F·spikes per activation (0: MSE only).")
+@click.option("--energy-budget", type=float, default=None,
+              help="Choose each site's T (4..16) so the compute-tier energy is at most F of the ANN's (cmos45nm).")
+@click.option("--spikes-per-mac", type=float, default=None,
+              help="Choose each site's T (4..16) so the SNN does at most F accumulates per ANN MAC.")
 @click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
 @click.option("--coding", default="phase", show_default=True,
               help="phase (fitted, multi-granularity), las (base 2), spikedattn (base 2, ≤ 2 spikes), rate (T+1 "
@@ -124,10 +130,17 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_placement_options
-def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
-            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress, device, dtype):
+def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_mac, grains, coding, rotate, prefix,
+            calib, calib_windows, calib_seqlen, samples_per_site, weight_bits, membrane_clip, seed, json_path,
+            progress, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
+    from .budget import LedgerCost
     from .conversion.convert import ConvertOptions, convert as run_convert
+
+    given_t = click.get_current_context().get_parameter_source("timesteps") == click.core.ParameterSource.COMMANDLINE
+    for option, value in (("--energy-budget", energy_budget), ("--spikes-per-mac", spikes_per_mac)):
+        if value is not None and given_t:
+            raise SpikecompileError(f"{option} chooses each site's T; drop -T/--timesteps {timesteps}")
 
     if json_path:
         check_writable(json_path)
@@ -135,10 +148,12 @@ def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, cal
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
-                             membrane_clip=membrane_clip, seed=seed)
-    report = run_convert(model, output, options, progress=progress, placement=placement)
+                             membrane_clip=membrane_clip, seed=seed, spike_penalty=spike_penalty,
+                             energy_budget=energy_budget, spikes_per_mac=spikes_per_mac)
+    report = run_convert(model, output, options, progress=progress, placement=placement, cost_model=LedgerCost)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
-    click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "
+    steps = "per site (budget)" if options.budget else timesteps
+    click.echo(f"wrote {report.output}: {report.sites} spike sites, T={steps}, coding={coding}, "
                f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")
     if json_path:
         _write_json(json_path, asdict(report))

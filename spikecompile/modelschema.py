@@ -246,6 +246,20 @@ class Conversion(Record):
     created_utc: str
 
 
+class Budget(Record):
+    """A per-site budget's record (conversion/budget.py): the budget, its measure on the analytic ledger with the
+    fitted neurons' calibration spikes, and each site's chosen T."""
+
+    kind: Literal["spikes_per_mac", "energy"]
+    value: Annotated[float, Field(gt=0, le=MAX_SCALE)]
+    seq_len: Positive
+    measured: Measure
+    target: str | None
+    timesteps: dict[str, Timesteps]
+    fisher: dict[str, Measure]
+    spikes_per_activation: dict[str, Measure]
+
+
 class ModelRecord(Record):
     source: Source
     rotation: Rotation | None
@@ -255,9 +269,17 @@ class ModelRecord(Record):
     sites: Annotated[dict[str, Site], AfterValidator(_some_sites)]
     calibration: Calibration
     conversion: Conversion
+    budget: Budget | None = None  # per-site T under a global budget; absent without one
 
     @model_validator(mode="after")
     def _sites_agree(self):
+        if self.budget is not None:
+            if set(self.budget.timesteps) != set(self.sites):
+                raise FieldError("budget.timesteps", "must name every spike site, and only those")
+            for name, steps in self.budget.timesteps.items():
+                if self.sites[name].timesteps != steps:
+                    raise FieldError(f"sites.{name}.timesteps", f"is {self.sites[name].timesteps}, the budget "
+                                                                f"allocated T={steps}")
         for name, site in self.sites.items():
             expected = "final_norm" if site.layer is None else f"layers.{site.layer}.{site.kind}"
             if name != expected or (site.layer is None) != (site.kind == "final_norm"):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -19,7 +20,8 @@ from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
 from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
-from .fit import FitConfig, fit_sites, lloyd_max_mse
+from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, site_curves, site_fisher
+from .fit import FITTED, FitConfig, SiteFit, fit_sites, lloyd_max_mse, spikes_per_activation
 from .prefix import PrefixCache, select_prefix
 from .rotation import rotate_llama
 from .sites import SiteTable, install_sites
@@ -45,9 +47,47 @@ class ConvertOptions:
     weight_bits: int | None = None
     membrane_clip: float = 0.0
     seed: int = 0
+    spike_penalty: float = 0.0
+    energy_budget: float | None = None
+    spikes_per_mac: float | None = None
+    """A global budget (at most one; conversion/budget.py): each site then runs its own T, chosen under it, and
+    `timesteps` is not used."""
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """(kind, value) of the budget given, or None."""
+        if self.energy_budget is not None:
+            return "energy", self.energy_budget
+        return ("spikes_per_mac", self.spikes_per_mac) if self.spikes_per_mac is not None else None
+
+    def recorded(self) -> dict:
+        """The options as model.pt records them: the later options only where given, so a conversion without
+        them writes the same model.pt as before they existed."""
+        options = asdict(self)
+        for name, default in (("spike_penalty", 0.0), ("energy_budget", None), ("spikes_per_mac", None)):
+            if options[name] == default:
+                del options[name]
+        return options
 
     def validate(self) -> None:
         low, high = TIMESTEP_RANGE
+        if self.energy_budget is not None and self.spikes_per_mac is not None:
+            raise SpikecompileError("--energy-budget and --spikes-per-mac: give one budget, not both")
+        for option, value in (("--energy-budget", self.energy_budget), ("--spikes-per-mac", self.spikes_per_mac)):
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise SpikecompileError(f"{option} {value}: must be a number > 0")
+            if value is not None and self.grains > TIMESTEP_RANGE[0] // 2:
+                raise SpikecompileError(f"{option}: --grains {self.grains} cannot run at T = {TIMESTEP_RANGE[0]}, the "
+                                        f"lowest T a budget may choose; use --grains 1 or 2")
+            if value is not None and self.coding not in FITTED:
+                raise SpikecompileError(f"{option}: per-site budgets fit each site at its own T; use them with "
+                                        f"--coding {' or '.join(FITTED)}, not {self.coding}")
+        if not (isinstance(self.spike_penalty, int | float) and math.isfinite(self.spike_penalty)
+                and self.spike_penalty >= 0):
+            raise SpikecompileError(f"--spike-penalty {self.spike_penalty}: must be a number ≥ 0 (0: MSE only)")
+        if self.spike_penalty and self.coding not in FITTED:
+            raise SpikecompileError(f"--spike-penalty: only the fitted codings ({', '.join(FITTED)}) trade error "
+                                    f"for spikes; --coding {self.coding} fits nothing")
         if self.coding not in (*CODINGS, *SIGNED_CODINGS):
             raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of "
                                     f"{', '.join((*CODINGS, *SIGNED_CODINGS))}")
@@ -129,9 +169,12 @@ def _created_utc() -> str:
 
 
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
-            placement: Placement = Placement()) -> ConversionReport:
+            placement: Placement = Placement(), cost_model=None) -> ConversionReport:
     """Convert the source model into model.pt. placement: the device and dtype of the float forward (resolved
-    by devices.resolve_placement before this); the fit and everything model.pt holds stay fp32 on the CPU."""
+    by devices.resolve_placement before this); the fit and everything model.pt holds stay fp32 on the CPU.
+    cost_model (with a budget only): cost_model(config dict, kind, seq_len, grains) -> an object with `groups`
+    (the sites that must share T), `linear()` (a budget.LinearCost) and `measure(timesteps, spikes)`, the ledger's
+    (spikecompile.budget.LedgerCost; passed in because the ledger lives in a layer above conversion)."""
     options.validate()
     check_writable(output)
     calib_text = load_text(options.calib, split="calib")
@@ -157,10 +200,20 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
 
     start = time.perf_counter()
     fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
-                           membrane_clip=options.membrane_clip, seed=options.seed)
-    fit = fit_sites(samples, fit_config, progress=progress)
-    levels = 2 ** (options.timesteps + 1) - 1
-    bound = lloyd_max_mse(samples, levels)
+                           membrane_clip=options.membrane_clip, seed=options.seed, spike_penalty=options.spike_penalty)
+    budget = None
+    if options.budget:
+        if cost_model is None:
+            raise SpikecompileError(f"{BUDGET_KINDS[options.budget[0]]}: a budget needs the ledger's cost model; "
+                                    f"pass cost_model=spikecompile.budget.LedgerCost")
+        forward_fn = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
+        fisher = site_fisher(forward_fn, sites, model.get_input_embeddings(), windows)
+        cost = cost_model(model.config.to_dict(), options.budget[0], options.calib_seqlen, options.grains)
+        rows, budget = _fit_under_budget(samples, list(sites), fisher, cost, fit_config, options, progress)
+        fit_config = replace(fit_config, T=max(budget["timesteps"].values()))
+    else:
+        fit = fit_sites(samples, fit_config, progress=progress)
+        rows = _fit_rows(fit, samples)
     timings["fitting"] = time.perf_counter() - start
 
     record = {
@@ -168,18 +221,20 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
         "rotation": rotation,
         "weights": weights,
         "prefix": prefix,
-        "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
-        "sites": _site_table(sites, fit, bound, levels, samples),
+        "coding": {"name": options.coding, "timesteps": fit_config.T, "grains": rows[0][0].n_grains},
+        "sites": _site_table(sites, rows, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
             "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
         },
         "conversion": {
             "spikecompile": __version__, "torch": str(torch.__version__), "transformers": _transformers_version(),
-            "seed": options.seed, "fit": asdict(fit_config), "options": asdict(options),
+            "seed": options.seed, "fit": _recorded_fit(fit_config), "options": options.recorded(),
             "created_utc": _created_utc(),
         },
     }
+    if budget is not None:
+        record["budget"] = budget
     if not placement.is_default:  # the default's model.pt is as it was before the option
         record["conversion"]["placement"] = asdict(placement)
     modelfile.save(record, output)
@@ -194,23 +249,84 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
+def _recorded_fit(fit_config: FitConfig) -> dict:
+    """The fit's settings as model.pt records them (spike_penalty only where given: see ConvertOptions.recorded)."""
+    settings = asdict(fit_config)
+    if not settings["spike_penalty"]:
+        del settings["spike_penalty"]
+    return settings
+
+
+def _fit_rows(fit: SiteFit, samples: torch.Tensor) -> list[tuple[PhaseNeuronParams, dict]]:
+    """Per site: its neuron (batch shape ()) and its calibration record (errors, the Lloyd-Max bound)."""
+    levels = 2 ** (fit.params.T + 1) - 1
+    bound = lloyd_max_mse(samples, levels)
+    rows = []
+    for index in range(len(samples)):
+        neuron = PhaseNeuronParams(**{name: getattr(fit.params, name)[index] for name in
+                                      ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")},
+                                   signed_digits=fit.params.signed_digits)
+        rows.append((neuron, {
+            "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
+            "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
+            "lloyd_max_levels": levels, "max_abs": float(fit.max_abs[index])}))
+    return rows
+
+
+def _fit_under_budget(samples, names, fisher, cost, fit_config: FitConfig, options: ConvertOptions,
+                      progress: bool, rounds: int = 3) -> tuple[list, dict]:
+    """Allocate each site's T under the budget (conversion/budget.py), fit every site at its T, and check the
+    fitted spikes on the exact ledger; where they cost more than the base-2 curves said, rescale those curves
+    by the fitted/base-2 spikes and allocate again, at most `rounds` times. Returns the rows and the record."""
+    kind, value = options.budget
+    curves = site_curves(samples, options.grains, signed=options.coding in SIGNED_CODINGS)
+    linear = cost.linear()
+    timesteps, fitted, rows = None, {}, {}
+    for _ in range(rounds):
+        try:
+            timesteps = allocate(names, cost.groups, curves, fisher, linear, value, start=timesteps)
+        except ValueError as floor:
+            raise SpikecompileError(f"{BUDGET_KINDS[kind]} {value:g}: infeasible; T = 4 at every site already "
+                                    f"costs {floor} (the least this model can cost); give a budget of at least "
+                                    f"that") from None
+        for steps in sorted(set(timesteps.values())):
+            wanted = [index for index, name in enumerate(names) if timesteps[name] == steps and
+                      fitted.get(name, (None,))[0] != steps]
+            if not wanted:
+                continue
+            fit = fit_sites(samples[wanted], replace(fit_config, T=steps),
+                            progress=progress, names=[names[index] for index in wanted])
+            spikes = spikes_per_activation(samples[wanted], fit.params)
+            for row, (index, entry) in enumerate(zip(wanted, _fit_rows(fit, samples[wanted]), strict=True)):
+                rows[index] = entry
+                fitted[names[index]] = (steps, float(spikes[row]))
+        measured = cost.measure(timesteps, {name: fitted[name][1] for name in names})
+        if measured <= value:
+            break
+        for index, name in enumerate(names):  # the fitted neuron fires otherwise than the base-2 curve said
+            column = TIMESTEP_CHOICES.index(timesteps[name])
+            ratio = fitted[name][1] / max(float(curves.spikes[index, column]), 1e-12)
+            curves.spikes[index] *= ratio
+    record = {"kind": kind, "value": float(value), "seq_len": options.calib_seqlen, "measured": float(measured),
+              "target": "cmos45nm" if kind == "energy" else None,
+              "timesteps": dict(timesteps), "fisher": {name: float(fisher[index]) for index, name in enumerate(names)},
+              "spikes_per_activation": {name: fitted[name][1] for name in names}}
+    return [rows[index] for index in range(len(names))], record
+
+
+def _site_table(sites: SiteTable, rows: list, samples) -> dict:
     table = {}
-    params = fit.params
     for index, name in enumerate(sites):
         layer, kind = _parse_site_name(name)
+        params, calibration = rows[index]
         table[name] = {
             "layer": layer, "kind": kind, "timesteps": params.T,
-            "genotype": params.genotype[index].clone(),
-            "tau": params.tau[index].clone(), "d": params.d[index].clone(),
-            "h": params.h[index].clone(), "theta": params.theta[index].clone(),
-            "v0": params.v0[index].clone(), "max_spikes": int(params.max_spikes[index]),
+            "genotype": params.genotype.clone(),
+            "tau": params.tau.clone(), "d": params.d.clone(),
+            "h": params.h.clone(), "theta": params.theta.clone(),
+            "v0": params.v0.clone(), "max_spikes": int(params.max_spikes),
             **({"signed_digits": True} if params.signed_digits else {}),
-            "calibration": {
-                "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
-                "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
-                "lloyd_max_levels": levels, "max_abs": float(fit.max_abs[index]),
-            },
+            "calibration": calibration,
             "samples": samples[index].clone(),
         }
     return table

@@ -167,6 +167,17 @@ def _at_timesteps(neuron: PhaseNeuron, steps: int) -> PhaseNeuron:
     return PhaseNeuron.from_params(neuron.site, params)
 
 
+def lockstep_groups(graph: Graph) -> list[list[str]]:
+    """The spike sites that must run one T, one sorted list per group (their trains meet in a lockstep group),
+    in the graph's order of their first site."""
+    lockstep = _lockstep_graph(graph)
+    groups = [sorted(graph[name].site for name in group if isinstance(graph[name], PhaseNeuron))
+              for group in nx.connected_components(lockstep)]
+    order = {graph[name].site: index for index, name in enumerate(graph.topological_order())
+             if isinstance(graph[name], PhaseNeuron)}
+    return sorted((group for group in groups if group), key=lambda group: min(order[site] for site in group))
+
+
 def _lockstep_graph(graph: Graph) -> nx.Graph:
     """The edges that must carry the same T on both ends (all but those into a neuron), undirected: each
     component runs one T."""
