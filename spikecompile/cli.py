@@ -204,15 +204,19 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     _print_site_table(rows)
 
     ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
+    prefixed = (perplexity(spiking.prefixed_float_logits, windows, desc="float + prefix perplexity",
+                           progress=progress) if spiking.prefix else ann)  # no prefix: the float model is the ANN
     snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
     coding = spiking.record["coding"]
     click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
+    click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
             "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
-            "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
+            "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
+            "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),
         })
 

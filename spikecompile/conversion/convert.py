@@ -121,6 +121,12 @@ class SpikingModel:
         with self.sites.all_off():
             return self.model(ids.to(self.model.device)).logits
 
+    def prefixed_float_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float model run as the spiking model runs: every site off, after the same KV prefix (without a
+        prefix, the ANN's logits). The stricter baseline: the SNN/this ratio is the conversion's own cost."""
+        with self.sites.all_off():
+            return self.logits(ids)
+
 
 def _created_utc() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
