@@ -120,12 +120,15 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--weight-bits", type=int, default=None, help="RTN-quantize the decoder weights to 4, 6 or 8 bits.")
 @click.option("--membrane-clip", default=0.0, show_default=True,
               help="sdllm: membrane clipping, the share of calibration values sent to a zero count (0: off).")
+@click.option("--sdllm-scales", default="static", show_default=True,
+              help="sdllm: static (one fitted τ per site) or per-token (each token's min-max scale at run time, as "
+                   "SDLLM/QuaRot; eval/zeroshot only: no IR lowering).")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_placement_options
 def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
-            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress, device, dtype):
+            samples_per_site, weight_bits, membrane_clip, sdllm_scales, seed, json_path, progress, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .conversion.convert import ConvertOptions, convert as run_convert
 
@@ -135,7 +138,7 @@ def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, cal
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
-                             membrane_clip=membrane_clip, seed=seed)
+                             membrane_clip=membrane_clip, seed=seed, sdllm_scales=sdllm_scales)
     report = run_convert(model, output, options, progress=progress, placement=placement)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "

@@ -18,7 +18,7 @@ from ..loading import ModelSource, load_model, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
-from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
+from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
 from .prefix import PrefixCache, select_prefix
 from .rotation import rotate_llama
@@ -45,6 +45,7 @@ class ConvertOptions:
     weight_bits: int | None = None
     membrane_clip: float = 0.0
     seed: int = 0
+    sdllm_scales: str = "static"
 
     def validate(self) -> None:
         low, high = TIMESTEP_RANGE
@@ -61,6 +62,11 @@ class ConvertOptions:
         if self.membrane_clip and self.coding != "sdllm":
             raise SpikecompileError(f"--membrane-clip is SDLLM's membrane clipping; use it with --coding sdllm, "
                                     f"not {self.coding}")
+        if self.sdllm_scales not in SDLLM_SCALES:
+            raise SpikecompileError(f"--sdllm-scales {self.sdllm_scales!r}: choose one of {', '.join(SDLLM_SCALES)}")
+        if self.sdllm_scales == "per-token" and (self.coding != "sdllm" or self.membrane_clip):
+            raise SpikecompileError("--sdllm-scales per-token: SDLLM's run-time min-max scales; use it with --coding "
+                                    "sdllm and without --membrane-clip")
         if not 0 <= self.membrane_clip < 1:
             raise SpikecompileError(f"--membrane-clip {self.membrane_clip}: the share of zero counts to reach, in [0, 1)")
         if not low <= self.timesteps <= high:
@@ -174,7 +180,8 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
         "rotation": rotation,
         "weights": weights,
         "prefix": prefix,
-        "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
+        "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains,
+                   **({"scales": "per-token"} if options.sdllm_scales == "per-token" else {})},
         "sites": _site_table(sites, fit, bound, levels, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
@@ -287,6 +294,9 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
             site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
         except (KeyError, ValueError, TypeError) as error:
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    if record["coding"].get("scales") == "per-token":
+        for site in sites.values():
+            site.per_token_steps = record["coding"]["timesteps"]
     prefix = PrefixCache(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
     return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")
