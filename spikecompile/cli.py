@@ -126,13 +126,16 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--weight-bits", type=int, default=None, help="RTN-quantize the decoder weights to 4, 6 or 8 bits.")
 @click.option("--membrane-clip", default=0.0, show_default=True,
               help="sdllm: membrane clipping, the share of calibration values sent to a zero count (0: off).")
+@click.option("--sdllm-scales", default="static", show_default=True,
+              help="sdllm: static (one fitted τ per site) or per-token (each token's min-max scale at run time, as "
+                   "SDLLM/QuaRot; eval/zeroshot only: no IR lowering).")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_placement_options
 def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_mac, grains, coding, rotate, prefix,
-            calib, calib_windows, calib_seqlen, samples_per_site, weight_bits, membrane_clip, seed, json_path,
-            progress, device, dtype):
+            calib, calib_windows, calib_seqlen, samples_per_site, weight_bits, membrane_clip, sdllm_scales, seed,
+            json_path, progress, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .budget import LedgerCost
     from .conversion.convert import ConvertOptions, convert as run_convert
@@ -149,7 +152,7 @@ def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_m
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
                              membrane_clip=membrane_clip, seed=seed, spike_penalty=spike_penalty,
-                             energy_budget=energy_budget, spikes_per_mac=spikes_per_mac)
+                             energy_budget=energy_budget, spikes_per_mac=spikes_per_mac, sdllm_scales=sdllm_scales)
     report = run_convert(model, output, options, progress=progress, placement=placement, cost_model=LedgerCost)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     steps = "per site (budget)" if options.budget else timesteps
@@ -219,15 +222,19 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     _print_site_table(rows)
 
     ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
+    prefixed = (perplexity(spiking.prefixed_float_logits, windows, desc="float + prefix perplexity",
+                           progress=progress) if spiking.prefix else ann)  # no prefix: the float model is the ANN
     snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
     coding = spiking.record["coding"]
     click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
+    click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
             "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
-            "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
+            "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
+            "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),
         })
 

@@ -172,6 +172,13 @@ class Coding(Record):
     name: Literal[(*CODINGS, *SIGNED_CODINGS)]
     timesteps: Timesteps
     grains: Positive
+    scales: Literal["static", "per-token"] = "static"  # written only when per-token (sdllm's run-time min-max)
+
+    @model_validator(mode="after")
+    def _per_token_is_sdllm(self):
+        if self.scales == "per-token" and self.name != "sdllm":
+            raise FieldError("scales", f"per-token scales are sdllm's, got coding {self.name}")
+        return self
 
     @model_validator(mode="after")
     def _grains_fit(self):

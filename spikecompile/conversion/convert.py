@@ -19,7 +19,7 @@ from ..loading import ModelSource, load_model, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from .calibration import collect_samples
-from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
+from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps
 from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, site_curves, site_fisher
 from .fit import FITTED, FitConfig, SiteFit, fit_sites, lloyd_max_mse, spikes_per_activation
 from .prefix import PrefixCache, select_prefix
@@ -47,6 +47,7 @@ class ConvertOptions:
     weight_bits: int | None = None
     membrane_clip: float = 0.0
     seed: int = 0
+    sdllm_scales: str = "static"
     spike_penalty: float = 0.0
     energy_budget: float | None = None
     spikes_per_mac: float | None = None
@@ -64,7 +65,8 @@ class ConvertOptions:
         """The options as model.pt records them: the later options only where given, so a conversion without
         them writes the same model.pt as before they existed."""
         options = asdict(self)
-        for name, default in (("spike_penalty", 0.0), ("energy_budget", None), ("spikes_per_mac", None)):
+        for name, default in (("sdllm_scales", "static"), ("spike_penalty", 0.0), ("energy_budget", None),
+                              ("spikes_per_mac", None)):
             if options[name] == default:
                 del options[name]
         return options
@@ -101,6 +103,11 @@ class ConvertOptions:
         if self.membrane_clip and self.coding != "sdllm":
             raise SpikecompileError(f"--membrane-clip is SDLLM's membrane clipping; use it with --coding sdllm, "
                                     f"not {self.coding}")
+        if self.sdllm_scales not in SDLLM_SCALES:
+            raise SpikecompileError(f"--sdllm-scales {self.sdllm_scales!r}: choose one of {', '.join(SDLLM_SCALES)}")
+        if self.sdllm_scales == "per-token" and (self.coding != "sdllm" or self.membrane_clip):
+            raise SpikecompileError("--sdllm-scales per-token: SDLLM's run-time min-max scales; use it with --coding "
+                                    "sdllm and without --membrane-clip")
         if not 0 <= self.membrane_clip < 1:
             raise SpikecompileError(f"--membrane-clip {self.membrane_clip}: the share of zero counts to reach, in [0, 1)")
         if not low <= self.timesteps <= high:
@@ -160,6 +167,12 @@ class SpikingModel:
         """The float model's logits: every site off, no prefix (the baseline the SNN is measured against)."""
         with self.sites.all_off():
             return self.model(ids.to(self.model.device)).logits
+
+    def prefixed_float_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float model run as the spiking model runs: every site off, after the same KV prefix (without a
+        prefix, the ANN's logits). The stricter baseline: the SNN/this ratio is the conversion's own cost."""
+        with self.sites.all_off():
+            return self.logits(ids)
 
 
 def _created_utc() -> str:
@@ -221,7 +234,8 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
         "rotation": rotation,
         "weights": weights,
         "prefix": prefix,
-        "coding": {"name": options.coding, "timesteps": fit_config.T, "grains": rows[0][0].n_grains},
+        "coding": {"name": options.coding, "timesteps": fit_config.T, "grains": rows[0][0].n_grains,
+                   **({"scales": "per-token"} if options.sdllm_scales == "per-token" else {})},
         "sites": _site_table(sites, rows, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
@@ -397,6 +411,9 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
             site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
         except (KeyError, ValueError, TypeError) as error:
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    if record["coding"].get("scales") == "per-token":
+        for site in sites.values():
+            site.per_token_steps = record["coding"]["timesteps"]
     prefix = PrefixCache(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
     return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")

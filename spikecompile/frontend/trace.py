@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..conversion.codings import refuse_per_token_scales
 from ..conversion.convert import SpikingModel, site_neuron
 from ..conversion.rotation import OnlineHadamard
 from ..conversion.sites import site_name
@@ -57,6 +58,7 @@ MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 def trace(spiking: SpikingModel) -> tuple[Graph, dict[str, Tensor]]:
     """The IR graph of a converted model and its tensor store; SpikecompileError naming the module and op that
     the IR cannot represent."""
+    refuse_per_token_scales(spiking.record, "trace")
     prefix = spiking.record.get("prefix")
     if not prefix:
         return _Tracer(spiking, None).run()
