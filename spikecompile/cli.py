@@ -327,7 +327,8 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     # the checks that need model.pt's site table (site names, a fitted site's T, --layers) run before the source
     # model loads
     check_record = getattr(backend, "check_record", None)
-    result = run_build(model_file, options, check_record and (lambda record: check_record(record, prepared)))
+    result = run_build(model_file, options, check_record and (lambda record: check_record(record, prepared)),
+                       progress=prepared["progress"])
     with atomic_folder(output) as folder:  # the backend writes a temporary sibling, renamed when it is whole
         report = backend.build(result, folder, **prepared)
     for line in backend.report_lines(report, output):

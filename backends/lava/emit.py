@@ -54,6 +54,7 @@ from spikecompile.passes.deployment import (
     CalibrationRun, check_overflow, deployment_lines, formats_report, sample_saturation,
 )
 from spikecompile.passes.loihi_mapping import Formats, deployed_formats
+from spikecompile.progress import bar, shown
 
 FORMAT = "spikecompile.lava"
 FORMAT_VERSION = 1
@@ -97,7 +98,9 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seed: of the example token ids behind reference.npz. text: the fixed-point model's perplexity and saturations
     are measured on `windows` windows of `seqlen` tokens of it (default: saturations on the model's calibration
     text, when it can be read); an accumulator of the part that overflows there is a SpikecompileError unless
-    allow_saturation (deployment.check_overflow), raised before anything is written.
+    allow_saturation (deployment.check_overflow), raised before anything is written. progress: bars on a
+    terminal's stderr (progress.bar): the fixed-point run over the windows, the lowering per IR node, the write
+    per array file.
     """
     seconds = {}
     start = time.perf_counter()
@@ -107,10 +110,10 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     start = time.perf_counter()
     target = load_loihi2()
     formats = deployed_formats(part, result.store, target)
-    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, progress)
+    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, shown(progress))
     seconds["deployment"] = time.perf_counter() - start
     start = time.perf_counter()
-    program = lower(part, result.store, tokens, target, formats)
+    program = lower(part, result.store, tokens, target, formats, progress)
     seconds["lower"] = time.perf_counter() - start
     start = time.perf_counter()
     quantized = quantized_store(part, result.store, target.limits["weight_bits"])
@@ -118,7 +121,7 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seconds["reference"] = time.perf_counter() - start
     start = time.perf_counter()
     report = {**_report(part, label, tokens, program, reference), "deployment": deployment}
-    write_program(folder, program, reference, readme(report))
+    write_program(folder, program, reference, readme(report), progress)
     seconds["write"] = time.perf_counter() - start
     report["seconds"] = seconds
     report["bytes"] = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
@@ -161,12 +164,14 @@ def example_inputs(graph: Graph, store, feeds: dict[str, str], tokens: int, seed
 
 # ---- lowering -----------------------------------------------------------------------------------------------------
 
-def lower(part: Graph, store, tokens: int, target: Loihi2, formats: Formats | None = None) -> Program:
-    """The program of `part` run at `tokens` tokens (module docstring), in `formats` (default: deployed_formats)."""
+def lower(part: Graph, store, tokens: int, target: Loihi2, formats: Formats | None = None,
+          progress: bool = False) -> Program:
+    """The program of `part` run at `tokens` tokens (module docstring), in `formats` (default: deployed_formats);
+    progress: a bar per IR node on a terminal's stderr."""
     types = validate(part)
     shapes = {name: [bind(dim, {"batch": 1, "seq": tokens}) for dim in types[name].shape] for name in part}
     lowering = _Lowering(part, store, shapes, target, formats or deployed_formats(part, store, target))
-    for name in part.topological_order():
+    for name in bar(part.topological_order(), desc="lava: lower", unit="node", progress=progress):
         lowering.add(name)
     steps = max(lowering.start[name] + part[name].timesteps for name in part)
     fixed_steps = max(start + length for start, length in lowering.fixed.values())
@@ -475,8 +480,10 @@ def reference_arrays(part: Graph, store, inputs: dict[str, Tensor], quantized) -
 
 # ---- writing ------------------------------------------------------------------------------------------------------
 
-def write_program(folder: str | Path, program: Program, reference: dict[str, np.ndarray], readme_text: str) -> None:
-    """Write the program folder (created if absent; the files it names replaced), each file atomically."""
+def write_program(folder: str | Path, program: Program, reference: dict[str, np.ndarray], readme_text: str,
+                  progress: bool = False) -> None:
+    """Write the program folder (created if absent; the files it names replaced), each file atomically;
+    progress: a bar per array file on a terminal's stderr."""
     folder = Path(folder)
     try:
         for sub in ("weights", "arrays", PACKAGE):
@@ -487,7 +494,7 @@ def write_program(folder: str | Path, program: Program, reference: dict[str, np.
     for file in RUNTIME_FILES:
         text = (runtime / file).read_text(encoding="utf-8")
         atomic_write(folder / PACKAGE / file, lambda temp, text=text: Path(temp).write_text(text, encoding="utf-8"))
-    for path, array in program.arrays.items():
+    for path, array in bar(program.arrays.items(), desc="lava: write", unit="array", progress=progress):
         atomic_write(folder / path, lambda temp, array=array: _save_npy(temp, array))
     atomic_write(folder / "reference.npz", lambda temp: _save_npz(temp, reference))
     text = json.dumps(program.network, indent=1) + "\n"
