@@ -229,6 +229,7 @@ class _Lowering:
             "v0": float(node.v0)}
         return {"kind": "neuron", "site": node.site, "size": int(np.prod(self.shapes[name])),
                 "timesteps": node.timesteps, "fire_start": self.start[name], "max_spikes": node.max_spikes,
+                "signed_digits": node.signed_digits,
                 "input": {"start": port["start"], "steps": port["steps"],
                           "gain": {"floating_pt": gain["floating_pt"],
                                    "fixed_pt": (np.asarray(gain["fixed_pt"]) / unit).tolist()}},
@@ -474,7 +475,8 @@ def reference_arrays(part: Graph, store, inputs: dict[str, Tensor], quantized) -
                 arrays[f"{output_key}:{name}"] = values[name].numpy()
             elif isinstance(node, PhaseNeuron):
                 _, spikes = phase_encode(values[part.inputs(name)["x"]], node.params())
-                arrays[f"{counts_key}:{node.site}"] = spikes.sum(dim=0).reshape(-1).numpy().astype(np.int64)
+                fired = (spikes != 0).sum(dim=0)  # a signed digit −1 is one spike
+                arrays[f"{counts_key}:{node.site}"] = fired.reshape(-1).numpy().astype(np.int64)
     return arrays
 
 

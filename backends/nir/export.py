@@ -12,7 +12,7 @@ level, so the steps form a DAG. A segment's NIR graph has an Input node "input.<
 from outside and an Output node "output.<V>" for each value used outside; all other NIR names start with the IR
 node's name (lower.py). manifest.json:
 
-    {"format": "spikecompile.nir", "format_version": 2, "variant": "exact"|"approximate", "nir": <version>,
+    {"format": "spikecompile.nir", "format_version": 3, "variant": "exact"|"approximate", "nir": <version>,
      "files": {<path>: <sha256>},
      "steps": [{"segment": "segments/layers.0.mlp_norm.nir", "nodes": {<IR name>: [[<producer>, <port>], ...]},
                 "inputs": [<IR value>, ...], "outputs": [<IR value>, ...]},
@@ -48,8 +48,9 @@ from .lower import LOWERINGS, NOT_EXPRESSIBLE, VARIANTS, Lowered, NotExpressible
 from .records import describe
 
 FORMAT = "spikecompile.nir"
-FORMAT_VERSION = 2
-"""2: phase-neuron records carry v0 and max_spikes, and a spike budget unrolls into more stock nodes (lower.py);
+FORMAT_VERSION = 3
+"""3: phase-neuron records carry signed_digits (the signed-digit neuron lowers on one signed potential);
+2: phase-neuron records carry v0 and max_spikes, and a spike budget unrolls into more stock nodes (lower.py);
 1: every neuron 10T + 2 nodes with v0 = ½·τ·2^-T."""
 MANIFEST_FILE = "manifest.json"
 FIDELITY_FILE = "fidelity.json"

@@ -99,7 +99,10 @@ class SpikeTally:
 
     @classmethod
     def of(cls, events: Tensor) -> SpikeTally:
-        """The tally of spike planes (bool or 0./1.) or expected spikes [T, *shape]."""
+        """The tally of spike planes (bool or 0./1.; a signed-digit neuron's int8 s_t, each nonzero one spike) or
+        expected spikes [T, *shape]."""
+        if not events.is_floating_point():
+            events = events != 0
         exact = torch.int64 if not events.is_floating_point() else torch.float64
         dims = tuple(range(1, events.dim()))
         per_step = events.sum(dim=dims, dtype=exact) if dims else events.to(exact)

@@ -68,6 +68,9 @@ def reachable_levels(neuron: PhaseNeuronParams, low: float, high: float) -> Tens
     """
     if neuron.batch_shape != ():
         raise ValueError(f"reachable_levels: one site's neuron (batch shape ()), got {tuple(neuron.batch_shape)}")
+    if neuron.signed_digits:
+        raise ValueError("reachable_levels: the enumeration follows |x| through the unsigned neuron; a signed-digit "
+                         "neuron's potential keeps its sign")
     levels = [torch.zeros(1, dtype=neuron.tau.dtype)] if low <= 0 <= high else []
     if high > 0:
         levels.append(_magnitude_levels(neuron, max(low, 0.0), high))
@@ -145,6 +148,9 @@ def site_histogram(run: SimRun, site: str, samples: Tensor | None, neuron: Phase
         raise SpikecompileError(f"site {site!r} unknown: give one of {', '.join(sorted(run.sites)[:5])}, …")
     if samples is None or neuron is None:
         raise ValueError(f"site_histogram: site {site} needs its calibration samples and its neuron")
+    if neuron.signed_digits:  # checked before any output is written: the report folder is made whole or not at all
+        raise SpikecompileError(f"--site {site}: a signed-digit site (--coding phase-sd); the histogram's level "
+                                f"overlay enumerates the unsigned phase neuron only: report without --site")
     samples = samples.detach().flatten().float()
     if samples.numel() == 0 or not bool(torch.isfinite(samples).all()):
         raise SpikecompileError(f"site {site}: no finite calibration samples stored; re-convert the model")

@@ -10,7 +10,8 @@ computed exactly in float64.
 
     neuron   u = sat(rint(g·a)): a = Σ_t A_t with the synapse's per-row gain (hardware.loihi2.synapse_gain), or an
              op's value with g = gain(1/unit); σ = sign(u), r = |u|; for t < T: s_t = [r > θ'(t)] ∧ budget,
-             r ← r − h(t)·s_t; c = σ·Σ_t D_t·s_t; an op reads c·δ
+             r ← r − h(t)·s_t; c = σ·Σ_t D_t·s_t; an op reads c·δ (a signed-digit site: r = u, s_t ∈ {−1, 0, +1},
+             c = Σ_t D_t·s_t; fire_signed)
     synapse  Σ_t A_t = 2m @ c (float64, exact integers); an op reads (s_i·δ/2)·Σ_t A_t
     op       float64, the Lava program's numpy op (backends/lava/runtime/processes.py OPS) in torch, expression
              for expression (OPS below: change them together)
@@ -61,6 +62,8 @@ class FixedRun:
 def fire(u: Tensor, site) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(code c = σ·Σ_t D_t·s_t, spike count per neuron, final residual r, spikes per step) of integer potentials u
     (int64) under the site's integer thresholds, resets, payload and budget."""
+    if site.signed_digits:
+        return fire_signed(u, site)
     sign, residual = torch.sign(u), u.abs()
     code, count = torch.zeros_like(u), torch.zeros_like(u)
     per_step = torch.zeros(len(site.threshold), dtype=torch.int64)
@@ -75,6 +78,23 @@ def fire(u: Tensor, site) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         code += payload * spikes
         per_step[t] = spikes.sum()
     return sign * code, count, residual, per_step
+
+
+def fire_signed(u: Tensor, site) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fire() for a signed-digit site: r = u keeps its sign, s_t = [r > θ'(t)] − [−r > θ'(t)] (masked once K steps
+    were nonzero), r ← r − h(t)·s_t, c = Σ_t D_t·s_t; the count and the spikes per step count nonzero digits."""
+    residual, code, count = u.clone(), torch.zeros_like(u), torch.zeros_like(u)
+    per_step = torch.zeros(len(site.threshold), dtype=torch.int64)
+    for t, (threshold, reset, payload) in enumerate(zip(site.threshold.tolist(), site.reset.tolist(),
+                                                        site.payload.tolist())):
+        digits = (residual > threshold).long() - (-residual > threshold).long()
+        if site.max_spikes:
+            digits *= (count < site.max_spikes).long()
+        residual -= reset * digits
+        count += digits.abs()
+        code += payload * digits
+        per_step[t] = digits.abs().sum()
+    return code, count, residual, per_step
 
 
 @torch.no_grad()

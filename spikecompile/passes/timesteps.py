@@ -164,6 +164,7 @@ def _at_timesteps(neuron: PhaseNeuron, steps: int) -> PhaseNeuron:
     params = base2_params(neuron.tau.detach().clone(), steps, grains)
     if neuron.max_spikes:  # spikedattn, ttfs: the same budget at the new T
         params = dataclasses.replace(params, max_spikes=torch.tensor(neuron.max_spikes))
+    params = dataclasses.replace(params, signed_digits=neuron.signed_digits)  # phase-sd base 2: signed at any T
     return PhaseNeuron.from_params(neuron.site, params)
 
 
