@@ -17,7 +17,8 @@ from conftest import convert_tiny, requires_smollm2
 
 from spikecompile.backends.lava import build_lava
 from spikecompile.backends.lava.emit import example_inputs, select_part
-from spikecompile.passes.fixed_point import fire, firing_table, run_fixed
+from spikecompile.neuron import kernel
+from spikecompile.passes.fixed_point import fire, firing_table, integrate_and_fire, run_fixed
 from spikecompile.backends.sim.simulate import output_of, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
@@ -122,6 +123,26 @@ def test_fire_by_intervals_equals_stepping_the_integer_neuron(budget):
         for found, expected in zip(found, step_through(u, site)):
             assert torch.equal(found, expected)
         assert len(table.low) <= 2 * 2 ** 8 + 1 and table.count.max() <= (budget or 8)
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler: the fused kernel is not built")
+def test_fused_fixed_point_neuron_equals_its_torch_path():
+    """neuron.kernel.fire_fixed (one pass) gives the torch path's values, codes, intervals and saturation count bit
+    for bit: per-row gains and one gain, values that saturate both ways, halves that round to even, NaN-free."""
+    params = PhaseNeuronParams(tau=torch.tensor(1.3), genotype=torch.arange(8) // 4, d=torch.tensor([2.2, 1.9]),
+                               h=torch.tensor([2.1, 1.9]), theta=torch.tensor([2.4, 1.7]))
+    site = site_format(params, load_loihi2(), "s")
+    table = firing_table(site)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 40, dtype=torch.float64, generator=generator) * site.limit / 3
+    x[0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.0 * site.limit])
+    edges = torch.cat([table.low + offset for offset in (-1.0, -0.5, 0.0, 0.5, 1.0)]).clamp(-site.limit, site.limit)
+    for x, g in ((x, torch.rand(40, dtype=torch.float64, generator=generator) * 2), (x, 0.75), (edges, 1.0)):
+        fused = kernel.fire_fixed(x, g, site.limit, table.low, table.code, site.delta, intervals=True)
+        torch_path = integrate_and_fire(x, g, site, table)
+        assert fused[3] == torch_path[3] and (fused[3] > 0) == (x is not edges)
+        for found, expected in zip(fused[:3], torch_path[:3]):
+            assert torch.equal(found, expected)
 
 
 def test_fixed_point_mode_tracks_the_float_model(built):

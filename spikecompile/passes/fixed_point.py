@@ -31,6 +31,7 @@ from ..ir import (
     ResidualAdd, RoPE, Rotation, SplitHeads,
 )
 from ..ir.interpret import graph_inputs
+from ..neuron import kernel
 from .loihi_mapping import Formats
 
 NUMERICS = ("float", "loihi2")
@@ -38,11 +39,11 @@ NUMERICS = ("float", "loihi2")
 
 @dataclasses.dataclass
 class FixedRun:
-    """One fixed-point run. Always: the output's values, per neuron node its spikes per step, its saturations (by
-    site) and its neuron count (`sizes`), and per synapse its window sums Σ_t A_t beyond its accumulator's range
+    """One fixed-point run. Always: the output's values, per neuron node its saturations (by site) and its neuron
+    count (`sizes`), and per synapse its window sums Σ_t A_t beyond its accumulator's range
     (overflowed; held exactly, as Lava's fixed_pt holds them: the count says what a saturating accumulator would
     change), its largest |Σ_t A_t| (`peaks`) and its sum count (`sizes`). With records: every node's values
-    (float64), and per neuron node its spike count per neuron, integer potential u at the start of firing, residual
+    (float64), and per neuron node its spikes per step, its spike count per neuron, integer potential u at the start of firing, residual
     r at the end, and the integer codes it sends (`window_sums`, beside the synapses' Σ_t A_t)."""
 
     values: dict[str, Tensor]
@@ -162,7 +163,8 @@ def run_fixed(graph: Graph, store, inputs, formats: Formats, records: bool = Tru
 def _tally_synapse(name: str, window_sums: Tensor, formats: Formats, run: FixedRun) -> None:
     """Keep a synapse's peak |Σ_t A_t|, its sum count and how many sums overflow its accumulator."""
     limit = 2 ** (formats.synapses[name].accumulator_bits - 1) - 1
-    peak = int(window_sums.abs().max()) if window_sums.numel() else 0
+    low, high = torch.aminmax(window_sums) if window_sums.numel() else (0, 0)
+    peak = int(max(-low, high))
     run.peaks[name], run.sizes[name] = peak, window_sums.numel()
     run.overflowed[name] = int((window_sums.abs() > limit).sum()) if peak > limit else 0
 
@@ -184,27 +186,35 @@ def _synapse_gain(formats: Formats, synapse: str, receiver: str | None) -> Tenso
 def _neuron(name: str, source: str, formats: Formats, sums: dict, values: dict, run: FixedRun,
             records: bool) -> tuple[Tensor, Tensor]:
     """Integrate, round, saturate and fire one site; keep its record in `run`; return (c·δ, what an op reads; c, the
-    integer codes a synapse reads), both float64."""
+    integer codes a synapse reads), both float64. The fused kernel (neuron.kernel.fire_fixed) runs it in one pass
+    where it is available, else integrate_and_fire: the same float64 operations."""
     site = formats.sites[name]
-    if source in sums:
-        u = torch.round(sums[source] * _synapse_gain(formats, source, name))
-    else:
-        u = torch.round(values[source].double() * float(gain(1.0 / site.unit)))
-    low, high = torch.aminmax(u) if u.numel() else (u.new_zeros(()), u.new_zeros(()))
+    x, g = (sums[source], _synapse_gain(formats, source, name)) if source in sums else \
+        (values[source].double(), float(gain(1.0 / site.unit)))
+    table = _derived(formats, ("table", name), lambda: firing_table(site))
+    fired = kernel.fire_fixed(x, g, site.limit, table.low, table.code, site.delta, intervals=records)
+    value, code, interval, saturated = fired or integrate_and_fire(x, g, site, table)
+    run.saturated[site.site] = run.saturated.get(site.site, 0) + saturated
+    run.sizes[name] = x.numel()
+    if records:
+        interval = interval.reshape(-1)
+        run.per_step[name] = torch.bincount(interval, minlength=len(table.low)) @ table.pattern
+        u = torch.round(x * g).clamp(-site.limit, site.limit).reshape(-1).long()
+        run.counts[name], run.potentials[name] = table.count[interval], u
+        run.residuals[name] = u.abs() - table.reset_sum[interval]
+    return value, code
+
+
+def integrate_and_fire(x: Tensor, g: Tensor | float, site, table: FiringTable) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(c·δ, c, interval index, saturations) of u = rint(x·g) saturated to ±limit, in torch."""
+    u = torch.round(x * g)
+    low, high = torch.aminmax(u) if u.numel() else (0, 0)
     saturated = 0
     if low < -site.limit or high > site.limit:
         saturated = int((u.abs() > site.limit).sum())
         u = u.clamp_(-site.limit, site.limit)
-    run.saturated[site.site] = run.saturated.get(site.site, 0) + saturated
-    table = _derived(formats, ("table", name), lambda: firing_table(site))
-    code, interval = fire(u.reshape(-1), table)
-    run.per_step[name] = torch.bincount(interval, minlength=len(table.low)) @ table.pattern
-    run.sizes[name] = u.numel()
-    if records:
-        run.counts[name], run.potentials[name] = table.count[interval], u.reshape(-1).long()
-        run.residuals[name] = run.potentials[name].abs() - table.reset_sum[interval]
-    code = code.reshape(u.shape)
-    return code * site.delta, code
+    code, interval = fire(u, table)
+    return code * site.delta, code, interval, saturated
 
 
 # ---- the ops, as the Lava program's numpy OPS compute them (float64, same expressions) --------------------------
