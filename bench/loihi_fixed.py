@@ -62,7 +62,7 @@ def main() -> None:
         return lambda ids: output_of(graph, run(graph, weights, ids, "decoded", keep_values=False, spikes="tally"))
 
     steps = {"ann": ann(store), "ann_w8": ann(w8), "snn_float": snn(store), "snn_w8": snn(w8),
-             "snn_fixed": lambda ids: run_fixed(graph, store, ids, formats).output(graph)}
+             "snn_fixed": lambda ids: run_fixed(graph, store, ids, formats, records=False).output(graph)}
     figures = {}
     for label, forward in steps.items():
         start = time.perf_counter()

@@ -96,16 +96,16 @@ class CalibrationRun:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """The fixed-point logits of `ids` (a forward for evaluation.perplexity), tallied."""
-        run = run_fixed(self.graph, self.store, ids, self.formats)
+        run = run_fixed(self.graph, self.store, ids, self.formats, records=False)
         for name, count in run.saturated.items():
             self.saturated[name] += count
-        for name, potentials in run.potentials.items():
-            self.potentials[self.formats.sites[name].site] += potentials.numel()
-        for name, count in run.overflowed.items():
-            self.overflowed[name] += count
-            self.sums[name] += run.window_sums[name].numel()
-            sums = run.window_sums[name]
-            self.peak[name] = max(self.peak.get(name, 0), int(sums.abs().max()) if sums.numel() else 0)
+        for name, size in run.sizes.items():
+            if name in self.formats.synapses:
+                self.overflowed[name] += run.overflowed[name]
+                self.sums[name] += size
+                self.peak[name] = max(self.peak.get(name, 0), run.peaks[name])
+            else:
+                self.potentials[self.formats.sites[name].site] += size
         return run.output(self.graph)
 
     def report(self, only: Callable[[str], bool] = lambda name: True) -> dict:

@@ -133,6 +133,8 @@ class Formats:
     synapses: dict[str, SynapseFormat]
     sources: dict[str, str]
     op: dict = field(default_factory=lambda: dict(OP_FORMAT))
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    """Tensors computed from these formats once and reused by every run (passes.fixed_point)."""
 
 
 def is_synapse(graph: Graph, name: str) -> bool:
