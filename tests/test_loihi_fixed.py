@@ -4,6 +4,7 @@ residual at the end of each window, every output — on the tiny model (lava tes
 SmolLM2 (slow)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -182,8 +183,9 @@ def disagreements(result, folder, parts: dict, tokens: int = 4, timeout: int = 3
     what differs: spikes (Σ|Δcount|), integer potentials u, final residuals r, output elements."""
     lava = run_emitted(folder, timeout=timeout)
     part, feeds, _ = select_part(result.graph, parts.get("layers"), parts.get("block"))
+    fraction_bits = json.loads((Path(folder) / "network.json").read_text())["payload_fraction_bits"]
     sim = run_fixed(part, result.store, example_inputs(result.graph, result.store, feeds, tokens, 0),
-                    deployed_formats(part, result.store))
+                    deployed_formats(part, result.store, None, fraction_bits))
     by_site = {part[name].site: name for name in sim.counts}
     (output,) = [value for key, value in lava.items() if key.startswith("output:")]
     expected = sim.output(part).numpy()

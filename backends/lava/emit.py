@@ -51,7 +51,8 @@ from spikecompile.ir import (
 from spikecompile.ir.shapes import bind
 from spikecompile.neuron import phase_encode
 from spikecompile.passes.deployment import (
-    CalibrationRun, check_overflow, deployment_lines, formats_report, sample_saturation,
+    CalibrationRun, calibration_text, check_overflow, deployment_lines, fitted_fraction_bits, formats_report,
+    payload_grids_entry, sample_saturation,
 )
 from spikecompile.passes.loihi_mapping import Formats, deployed_formats
 from spikecompile.progress import bar, shown
@@ -109,11 +110,15 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seconds["select"] = time.perf_counter() - start
     start = time.perf_counter()
     target = load_loihi2()
-    formats = deployed_formats(part, result.store, target)
-    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, shown(progress))
+    fraction_bits = fitted_fraction_bits(result.graph, result.store, target, result.record, result.tokenizer)
+    formats = deployed_formats(part, result.store, target, fraction_bits)
+    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, shown(progress),
+                                   fraction_bits)
     seconds["deployment"] = time.perf_counter() - start
     start = time.perf_counter()
     program = lower(part, result.store, tokens, target, formats, progress)
+    program.network["payload_fraction_bits"] = {name: bits for name, bits in (fraction_bits or {}).items()
+                                                if name in part}
     seconds["lower"] = time.perf_counter() - start
     start = time.perf_counter()
     quantized = quantized_store(part, result.store, target.limits["weight_bits"])
@@ -411,13 +416,16 @@ def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
 # ---- deployment report ----------------------------------------------------------------------------------------------
 
 def deployment_report(result, part: Graph, formats: Formats, text: TextSource | None, windows: int,
-                      seqlen: int | None, allow_saturation: bool, progress: bool = False) -> dict:
+                      seqlen: int | None, allow_saturation: bool, progress: bool = False,
+                      fraction_bits: dict | None = None) -> dict:
     """The part's formats and headroom, its sites' saturations on the stored calibration samples, and the whole
-    fixed-point model run on `text` (or the model's calibration text): the part's saturations and overflows there
-    (an overflow refused unless allow_saturation), and with `text` the perplexity."""
+    fixed-point model (payload grids `fraction_bits`, passes.deployment.fitted_fraction_bits; None: not fitted) run
+    on `text` (or the model's calibration text): the part's saturations and overflows there (an overflow refused
+    unless allow_saturation), and with `text` the perplexity."""
     samples = {site: entry["samples"] for site, entry in result.record["sites"].items() if "samples" in entry}
     report = {"formats": formats_report(part, formats),
-              "sample_saturation": sample_saturation(part, formats, samples)}
+              "sample_saturation": sample_saturation(part, formats, samples),
+              "payload_grids": payload_grids_entry(formats, fraction_bits)}
     data = text or calibration_text(result.record)
     if data is None:
         report["calibration"] = {"checked": False, "why": f"the calibration text {result.record['calibration']['source']}"
@@ -425,7 +433,7 @@ def deployment_report(result, part: Graph, formats: Formats, text: TextSource | 
         return report
     length = seqlen or result.record["calibration"]["seqlen"]
     ids = token_windows(result.tokenizer, data, length, windows, "--text" if text else "calibration")
-    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store))
+    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store, None, fraction_bits))
     ppl = perplexity(run, ids, desc="running the fixed-point model", progress=progress)
     names = set(part) | {formats.sites[name].site for name in formats.sites}
     described = f"{data.name} ({len(ids)} x {length} tokens)"
@@ -436,16 +444,6 @@ def deployment_report(result, part: Graph, formats: Formats, text: TextSource | 
         report["perplexity"] = {"ppl": ppl, "text": data.name, "windows": len(ids), "seqlen": length,
                                 "model": "whole model, Loihi 2 fixed point"}
     return report
-
-
-def calibration_text(record: dict) -> TextSource | None:
-    """The text model.pt was calibrated on, when it can still be read unchanged (its sha256); else None."""
-    name = record["calibration"]["source"]
-    try:
-        text = load_text(BUILTIN, name.split(":", 1)[1]) if name.startswith(f"{BUILTIN}:") else load_text(name, "calib")
-    except SpikecompileError:
-        return None
-    return text if text.sha256 == record["calibration"]["sha256"] else None
 
 
 # ---- reference ----------------------------------------------------------------------------------------------------

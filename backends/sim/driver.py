@@ -10,7 +10,9 @@ import torch
 
 from spikecompile.data import load_text, token_windows
 from spikecompile.evaluation import perplexity
-from spikecompile.passes.deployment import CalibrationRun, check_overflow, saturation_lines
+from spikecompile.passes.deployment import (
+    CalibrationRun, check_overflow, fitted_fraction_bits, payload_grids_entry, saturation_lines,
+)
 from spikecompile.passes.loihi_mapping import deployed_formats
 from spikecompile.files import file_sha256
 from spikecompile.hardware.energy import load_target
@@ -48,9 +50,12 @@ def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen
     run, ppl = measure(result.graph, result.store, token_ids, mode, attention, mask_steps, dtype, progress)
     ppl_float, saturation = ppl, None
     if formats is not None:  # the counts stay the float run's; the perplexity is the deployed model's
+        fraction_bits = fitted_fraction_bits(result.graph, result.store, None, result.record, result.tokenizer)
+        formats = deployed_formats(result.graph, result.store, None, fraction_bits)
         fixed = CalibrationRun(result.graph, result.store, formats)
         ppl = perplexity(fixed, token_ids, desc="simulating (loihi2 fixed point)", progress=progress)
-        saturation = {"data": f"{text.name} ({len(token_ids)} x {seqlen} tokens)", **fixed.report()}
+        saturation = {"data": f"{text.name} ({len(token_ids)} x {seqlen} tokens)", **fixed.report(),
+                      "payload_grids": payload_grids_entry(formats, fraction_bits)}
         check_overflow(saturation["synapses"], allow_saturation, saturation["data"])
     folder = Path(folder)
     folder.mkdir(exist_ok=True)

@@ -285,22 +285,25 @@ def synapse_format(name: str, weights: np.ndarray, target: Loihi2) -> SynapseFor
 
 
 PAYLOAD_FRACTION_BITS = 4
-"""Bits of δ below the site's smallest d(t) when its d(t) are no exact multiples of one step (learned bases): D_t =
-rint(d(t)/δ), δ = min_t d(t)·2^-4, so each level is off by at most δ/2 = 2^-5 of the smallest. Source: spikecompile
-choice, trading the payload's precision against the accumulator's headroom (A_t grows with max_t D_t)."""
+"""The most bits of δ below the site's smallest d(t) when its d(t) are no exact multiples of one step (learned
+bases): D_t = rint(d(t)/δ), δ = min_t d(t)·2^-k, so each level is off by at most δ/2 = 2^-(k+1) of the smallest.
+Source: spikecompile choice, trading the payload's precision against the accumulator's headroom (the window sums
+grow with max_t D_t, 2^k): k = 4 unless calibration shows a synapse the site feeds would overflow
+(passes.deployment.fit_payload_grids lowers k per site)."""
 
 
-def payload_grid(d: np.ndarray, payload_bits: int, site: str) -> tuple[np.ndarray, float]:
-    """(D_t integers, δ) with d(t) ≈ D_t·δ: δ = min_t d(t)·2^-k for the smallest k ≤ PAYLOAD_FRACTION_BITS that makes
-    every D_t an integer (exact: base-2 levels), else k = PAYLOAD_FRACTION_BITS and D_t rounded; SpikecompileError
+def payload_grid(d: np.ndarray, payload_bits: int, site: str,
+                 fraction_bits: int = PAYLOAD_FRACTION_BITS) -> tuple[np.ndarray, float]:
+    """(D_t integers, δ) with d(t) ≈ D_t·δ: δ = min_t d(t)·2^-k for the smallest k ≤ fraction_bits that makes
+    every D_t an integer (exact: base-2 levels), else k = fraction_bits and D_t rounded; SpikecompileError
     naming the site when max_t D_t does not fit a signed payload_bits-bit graded payload."""
     d = np.asarray(d, dtype=np.float64)
     top = 2 ** (payload_bits - 1) - 1
     smallest = float(d[d > 0].min()) if (d > 0).any() else 1.0
-    for shift in range(PAYLOAD_FRACTION_BITS + 1):
+    for shift in range(fraction_bits + 1):
         delta = smallest * 2.0 ** -shift
         levels = np.rint(d / delta)
-        if np.array_equal(levels, d / delta) or shift == PAYLOAD_FRACTION_BITS:
+        if np.array_equal(levels, d / delta) or shift == fraction_bits:
             break
     if levels.max() > top:
         raise SpikecompileError(
@@ -309,9 +312,10 @@ def payload_grid(d: np.ndarray, payload_bits: int, site: str) -> tuple[np.ndarra
     return levels.astype(np.int64), delta
 
 
-def site_format(neuron: Neuron, target: Loihi2, site: str = "") -> SiteFormat:
-    """The deployed format of one site's neuron; SpikecompileError naming the site when its grid cannot hold the
-    thresholds it needs (grid_bits) or its d(t) (payload_grid)."""
+def site_format(neuron: Neuron, target: Loihi2, site: str = "",
+                fraction_bits: int = PAYLOAD_FRACTION_BITS) -> SiteFormat:
+    """The deployed format of one site's neuron (payload_grid with at most `fraction_bits`); SpikecompileError naming
+    the site when its grid cannot hold the thresholds it needs (grid_bits) or its d(t) (payload_grid)."""
     params = _params_of(neuron)
     site = site or getattr(neuron, "site", "") or "?"
     state_bits = target.limits["state_bits"]
@@ -322,7 +326,7 @@ def site_format(neuron: Neuron, target: Loihi2, site: str = "") -> SiteFormat:
         raise SpikecompileError(
             f"site {site}: the {state_bits}-bit potential leaves {exponent} fractional bits of τ, fewer than T = "
             f"{params.T}: its thresholds τ·2^-(t+1) are not on the grid; lower T or the site's level")
-    payload, delta = payload_grid(d, target.limits["payload_bits"], site)
+    payload, delta = payload_grid(d, target.limits["payload_bits"], site, fraction_bits)
     if params.signed_digits:  # θ_sd(t) onto the grid (exact with every base 2: (2M_t + 1)·τ·2^-(T+1))
         threshold = np.rint(params.signed_thresholds().double().numpy() / unit).astype(np.int64)
     else:
