@@ -78,6 +78,9 @@ PROGRESS = Option("progress", bool, True, "Progress bars on stderr: the model lo
                                          "the target's own stages (export per segment or node).")
 """Every target's: the load and trace bars of `spikecompile build` and the target's own."""
 
+LOIHI2_TARGET = Option("loihi2_target", str, None, "A Loihi 2 target file (TOML, as targets/loihi2.toml) instead of "
+                                                  "the packaged one (lava; sim with --numerics loihi2).",
+                       metavar="FILE")
 SIM = [
     Option("text", str, "builtin", "Text for the token windows, or 'builtin'."),
     Option("windows", int, 2, "Token windows to simulate.", parse=at_least_one("--windows")),
@@ -91,6 +94,7 @@ SIM = [
                                                      "model (hardware/loihi2.py formats; bit-exact with Lava fixed_pt)."),
     Option("allow_saturation", bool, False, "--numerics loihi2: build although an accumulator overflows on the "
                                             "text (then reported); without it, that is an error."),
+    LOIHI2_TARGET,
     Option("energy_target", str, "cmos45nm", "Energy target name or file."),
     PROGRESS,
 ]
@@ -110,6 +114,7 @@ LAVA = [
            parse=at_least("--seqlen", 2)),
     Option("allow_saturation", bool, False, "Build although an accumulator overflows on the text (then reported); "
                                             "without it, that is an error."),
+    LOIHI2_TARGET,
     PROGRESS,
 ]
 ONNX = [

@@ -5,6 +5,7 @@ through `build --target lava`, `build --target sim --numerics loihi2` and `inspe
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from conftest import convert_tiny, synthetic_text
 
+from spikecompile.backends.sim.simulate import output_of, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.errors import SpikecompileError
@@ -80,6 +82,7 @@ def test_lava_build_reports_formats_headroom_saturation_and_perplexity(model, tm
                                       "--text", str(text), "--seqlen", "32", "--windows", "2"])
     assert result.exit_code == 0, result.output
     assert "least worst-case headroom" in result.output and "accumulator overflows none" in result.output
+    assert "payload grids: fitted on 2 calibration windows (1 bit of accumulator headroom)" in result.output
     assert "fixed-point perplexity (whole model, Loihi 2 fixed point)" in result.output
     readme = (out / "README.md").read_text()
     assert "synapse layers.0.mlp.down_proj" in readme and "bit-exact" in readme and "flip allowance" not in readme
@@ -114,3 +117,92 @@ def test_inspect_states_the_formats(model, tmp_path):
     assert summary["formats"]["ops"]["Nonlinear"]["where"] == "host CPU"
     entry = summary["formats"]["synapses"]["layers.0.mlp.down_proj"]
     assert entry["weight_bits"] == 8 and entry["accumulator_bits"] == 24 and entry["row_scales"] == entry["shape"][0]
+
+
+# ---- payload grids fitted on calibration data, and custom targets through the CLI ---------------------------------
+
+def narrow_target(tmp_path, **limits) -> str:
+    """targets/loihi2.toml with some [limits.X] values replaced, written to a file; its path."""
+    from spikecompile.hardware.files import packaged_target
+
+    _, text = packaged_target("loihi2.toml")
+    for name, value in limits.items():
+        text, count = re.subn(rf"(\[limits\.{name}\]\s*\nvalue = )\d+", rf"\g<1>{value}", text)
+        assert count == 1, name
+    path = tmp_path / f"loihi2-{'-'.join(f'{k}{v}' for k, v in limits.items())}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_payload_grids_are_fitted_until_the_calibration_sums_fit_with_headroom(built):
+    """With a 20-bit accumulator the tiny model's window sums overflow at the most payload fraction bits; the fit
+    lowers the bits of the sites that feed them until every peak on the calibration windows is ≤ 2^18, and the
+    fitted model still tracks the float one."""
+    from spikecompile.passes.deployment import HEADROOM_BITS, fit_payload_grids
+    from spikecompile.hardware.loihi2 import PAYLOAD_FRACTION_BITS
+
+    target = load_loihi2()
+    narrow = dataclasses.replace(target, limits={**target.limits, "accumulator_bits": 20})
+    windows = [torch.randint(3, 120, (1, 32), generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+    before = CalibrationRun(built.graph, built.store, deployed_formats(built.graph, built.store, narrow))
+    for window in windows:
+        before(window)
+    assert any(count for count in before.overflowed.values())
+    fitted = fit_payload_grids(built.graph, built.store, narrow, windows)
+    assert fitted and all(0 <= bits < PAYLOAD_FRACTION_BITS for bits in fitted.values())
+    formats = deployed_formats(built.graph, built.store, narrow, fitted)
+    after = CalibrationRun(built.graph, built.store, formats)
+    logits = [after(window) for window in windows]
+    assert max(after.peak.values()) <= 2 ** (20 - 1 - HEADROOM_BITS)
+    assert sum(after.overflowed.values()) == 0
+    lowered = {formats.sources[name] for name, peak in before.peak.items() if peak > 2 ** (20 - 1 - HEADROOM_BITS)}
+    assert lowered <= set(fitted)
+    floating = [output_of(built.graph, run(built.graph, built.store, window, "decoded")).double() for window in windows]
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(logits, floating)) < 0.15
+
+
+@pytest.mark.parametrize("target", ["sim", "lava"])
+def test_a_target_file_whose_accumulator_overflows_is_refused_naming_the_matrix(model, tmp_path, target):
+    """--loihi2-target with a 9-bit accumulator: even at 0 payload fraction bits the calibration sums overflow, so
+    the build fails in one line naming the matrix and writes nothing; with --allow-saturation it is reported."""
+    narrow = narrow_target(tmp_path, accumulator_bits=9)
+    out = tmp_path / f"out-{target}"
+    extra = ["--numerics", "loihi2", "--windows", "1", "--seqlen", "16", "--mode", "decoded"] if target == "sim" \
+        else ["--block", "mlp"]
+    command = ["build", str(model), "--target", target, "-o", str(out), "--loihi2-target", narrow, "--no-progress",
+               *extra]
+    refused = CliRunner().invoke(cli, command)
+    assert refused.exit_code == 2, refused.output
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: matrix layers.") and "9-bit accumulator overflows" in \
+        lines[0] and "--allow-saturation" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(f".out-{target}*"))
+    allowed = CliRunner().invoke(cli, [*command, "--allow-saturation"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "accumulator overflows" in allowed.output and "accumulator overflows none" not in allowed.output
+
+
+@pytest.mark.parametrize("limits, fault", [
+    ({"weight_bits": 12}, "matrix layers.0.self_attn.q_proj: .*weight_bits 12"),
+    ({"state_bits": 8}, "site layers.0.attn_norm: the 8-bit potential leaves .* fewer than T = 6"),
+])
+def test_a_target_file_the_model_cannot_be_deployed_on_is_refused_and_nothing_is_written(model, tmp_path, limits,
+                                                                                         fault):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["build", str(model), "--target", "lava", "-o", str(out), "--loihi2-target",
+                                      narrow_target(tmp_path, **limits), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert re.match(f"error: {fault}", line), line
+    assert not out.exists()
+
+
+def test_a_damaged_target_file_and_a_float_sim_with_a_target_are_refused(model, tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[limits.weight_bits]\nvalue = 8\n")
+    for command, fault in (
+            (["--target", "lava", "--loihi2-target", str(broken)], "broken.toml: .*must give"),
+            (["--target", "sim", "--loihi2-target", str(broken)], "--loihi2-target .*add --numerics loihi2")):
+        result = CliRunner().invoke(cli, ["build", str(model), "-o", str(tmp_path / "out"), *command])
+        assert result.exit_code == 2 and re.search(fault, result.output), result.output
+        assert len([line for line in result.output.splitlines() if line.strip()]) == 1

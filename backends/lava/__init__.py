@@ -18,6 +18,7 @@ from pathlib import Path
 
 from spikecompile.data import load_text
 from spikecompile.errors import SpikecompileError
+from spikecompile.hardware.loihi2 import load_loihi2
 from spikecompile.passes.deployment import summary_lines
 
 from ..options import BY_TARGET, parse_options
@@ -45,6 +46,7 @@ def check(options: dict) -> dict:
     parsed = parse_options(OPTIONS, options)
     if parsed["text"] is not None:
         parsed["text"] = load_text(parsed["text"], split="eval")
+    parsed["loihi2_target"] = load_loihi2(parsed["loihi2_target"])
     layers, block = parsed["layers"], parsed["block"]
     if block and layers and len(layers) > 1:
         raise SpikecompileError(f"--block {block} --layers {layers[0]}-{layers[-1]}: a block is cut from one layer; "

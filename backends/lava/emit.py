@@ -91,8 +91,9 @@ class Program:
 
 def build_lava(result, folder: str | Path, layers=None, block: str | None = None, tokens: int = 4,
                seed: int = 0, text: TextSource | None = None, windows: int = 1, seqlen: int | None = None,
-               allow_saturation: bool = False, progress: bool = False) -> dict:
-    """Emit the Lava program of `result` (a build.BuildResult) into `folder`; return the report.
+               allow_saturation: bool = False, progress: bool = False, loihi2_target: Loihi2 | None = None) -> dict:
+    """Emit the Lava program of `result` (a build.BuildResult) into `folder` for `loihi2_target` (default: the
+    packaged targets/loihi2.toml); return the report.
 
     layers: None (the whole model) or consecutive decoder layer indices; block: "attn" or "mlp" for one block
     of the one layer given (layer 0 without layers). tokens: the sequence length the program runs (batch 1);
@@ -109,11 +110,11 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     inputs = example_inputs(result.graph, result.store, feeds, tokens, seed)
     seconds["select"] = time.perf_counter() - start
     start = time.perf_counter()
-    target = load_loihi2()
+    target = loihi2_target or load_loihi2()
     fraction_bits = fitted_fraction_bits(result.graph, result.store, target, result.record, result.tokenizer)
     formats = deployed_formats(part, result.store, target, fraction_bits)
     deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, shown(progress),
-                                   fraction_bits)
+                                   fraction_bits, target)
     seconds["deployment"] = time.perf_counter() - start
     start = time.perf_counter()
     program = lower(part, result.store, tokens, target, formats, progress)
@@ -417,7 +418,7 @@ def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
 
 def deployment_report(result, part: Graph, formats: Formats, text: TextSource | None, windows: int,
                       seqlen: int | None, allow_saturation: bool, progress: bool = False,
-                      fraction_bits: dict | None = None) -> dict:
+                      fraction_bits: dict | None = None, target: Loihi2 | None = None) -> dict:
     """The part's formats and headroom, its sites' saturations on the stored calibration samples, and the whole
     fixed-point model (payload grids `fraction_bits`, passes.deployment.fitted_fraction_bits; None: not fitted) run
     on `text` (or the model's calibration text): the part's saturations and overflows there (an overflow refused
@@ -433,7 +434,8 @@ def deployment_report(result, part: Graph, formats: Formats, text: TextSource | 
         return report
     length = seqlen or result.record["calibration"]["seqlen"]
     ids = token_windows(result.tokenizer, data, length, windows, "--text" if text else "calibration")
-    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store, None, fraction_bits))
+    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store, target,
+                                                                      fraction_bits))
     ppl = perplexity(run, ids, desc="running the fixed-point model", progress=progress)
     names = set(part) | {formats.sites[name].site for name in formats.sites}
     described = f"{data.name} ({len(ids)} x {length} tokens)"

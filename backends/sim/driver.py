@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 from spikecompile.data import load_text, token_windows
+from spikecompile.errors import SpikecompileError
 from spikecompile.evaluation import perplexity
-from spikecompile.passes.deployment import (
-    CalibrationRun, check_overflow, fitted_fraction_bits, payload_grids_entry, saturation_lines,
-)
-from spikecompile.passes.loihi_mapping import deployed_formats
 from spikecompile.files import file_sha256
 from spikecompile.hardware.energy import load_target
+from spikecompile.hardware.loihi2 import Loihi2, load_loihi2
+from spikecompile.passes.deployment import (
+    CalibrationRun, check_overflow, fitted_fraction_bits, payload_grid_line, payload_grids_entry, saturation_lines,
+)
+from spikecompile.passes.loihi_mapping import deployed_formats
 
 from .. import BuildResult, parse_options
 from ..options import BY_TARGET
@@ -33,25 +35,29 @@ def check(options: dict) -> dict:
     checked before the model is loaded."""
     check_attention(options.get("attention", "causal"))
     parsed = parse_options(OPTIONS, options)
+    if parsed["loihi2_target"] is not None and parsed["numerics"] != "loihi2":
+        raise SpikecompileError("--loihi2-target describes the chip --numerics loihi2 runs on; add --numerics loihi2")
     return {**parsed, "text": load_text(parsed["text"], split="eval"),
-            "energy_target": load_target(parsed["energy_target"])}
+            "energy_target": load_target(parsed["energy_target"]),
+            "loihi2_target": load_loihi2(parsed["loihi2_target"]) if parsed["numerics"] == "loihi2" else None}
 
 
 def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen: int, mode: str, attention: str,
           mask_steps: int | None, float64: bool, energy_target, progress: bool, numerics: str = "float",
-          allow_saturation: bool = False) -> dict:
+          allow_saturation: bool = False, loihi2_target: Loihi2 | None = None) -> dict:
     """Simulate `result` on `windows` windows of `seqlen` tokens of `text` (loaded by check); write sim.json and
     the energy report priced with `energy_target` into `folder`; return {"meta": sim.json's meta, "ledger": ...}.
     numerics "loihi2": the perplexity is the deployed fixed-point model's, and an accumulator that overflows on these
     windows is a SpikecompileError unless allow_saturation (then meta["loihi2"] reports it)."""
     token_ids = token_windows(result.tokenizer, text, seqlen, windows, "simulation")
     dtype = torch.float64 if float64 else None
-    formats = deployed_formats(result.graph, result.store) if numerics == "loihi2" else None  # bad formats: fail first
+    target = loihi2_target or (load_loihi2() if numerics == "loihi2" else None)
+    formats = deployed_formats(result.graph, result.store, target) if target else None  # bad formats: fail first
     run, ppl = measure(result.graph, result.store, token_ids, mode, attention, mask_steps, dtype, progress)
     ppl_float, saturation = ppl, None
     if formats is not None:  # the counts stay the float run's; the perplexity is the deployed model's
-        fraction_bits = fitted_fraction_bits(result.graph, result.store, None, result.record, result.tokenizer)
-        formats = deployed_formats(result.graph, result.store, None, fraction_bits)
+        fraction_bits = fitted_fraction_bits(result.graph, result.store, target, result.record, result.tokenizer)
+        formats = deployed_formats(result.graph, result.store, target, fraction_bits)
         fixed = CalibrationRun(result.graph, result.store, formats)
         ppl = perplexity(fixed, token_ids, desc="simulating (loihi2 fixed point)", progress=progress)
         saturation = {"data": f"{text.name} ({len(token_ids)} x {seqlen} tokens)", **fixed.report(),
@@ -87,7 +93,8 @@ def report_lines(report: dict, folder: str | Path) -> list[str]:
              f"perplexity {meta['ppl']:.4f}"]
     if meta.get("numerics") == "loihi2":
         lines[0] += f" (Loihi 2 fixed point; float {meta['ppl_float']:.4f}, ratio {meta['ppl'] / meta['ppl_float']:.4f})"
-        lines += ["  " + line for line in saturation_lines(meta["loihi2"], meta["loihi2"]["data"])]
+        lines += ["  " + line for line in (payload_grid_line(meta["loihi2"]["payload_grids"]),
+                                           *saturation_lines(meta["loihi2"], meta["loihi2"]["data"]))]
     for tier in ("compute", "neuron", "memory"):
         snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
         line = f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}"

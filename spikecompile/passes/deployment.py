@@ -173,6 +173,8 @@ def deployment_lines(report: dict) -> list[str]:
     """The whole deployment report as text: formats and headroom, saturations on the stored samples and on the
     calibration run, and the perplexity where measured."""
     lines = format_lines(report["formats"])
+    if "payload_grids" in report:
+        lines.append(payload_grid_line(report["payload_grids"]))
     samples = report.get("sample_saturation", {})
     if samples:
         lines += saturation_lines({"sites": {site: {"saturated": entry["saturated"], "potentials": entry["samples"]}
@@ -269,6 +271,16 @@ def payload_grids_entry(formats: Formats, fraction_bits: dict | None) -> dict:
     lowered = {formats.sites[name].site: bits for name, bits in fraction_bits.items() if name in formats.sites}
     return {"fitted": True, "fraction_bits": PAYLOAD_FRACTION_BITS, "windows": FIT_WINDOWS,
             "headroom_bits": HEADROOM_BITS, "lowered": lowered}
+
+
+def payload_grid_line(entry: dict) -> str:
+    """One line on the payload grids (payload_grids_entry)."""
+    if not entry["fitted"]:
+        return f"payload grids: not fitted, {entry['fraction_bits']} fraction bits everywhere ({entry['why']})"
+    lowered = Counter(entry["lowered"].values())
+    counts = ", ".join(f"{count} at {bits}" for bits, count in sorted(lowered.items(), reverse=True)) or "none"
+    return (f"payload grids: fitted on {entry['windows']} calibration windows ({entry['headroom_bits']} bit of "
+            f"accumulator headroom); sites given fewer than {entry['fraction_bits']} fraction bits: {counts}")
 
 
 def calibration_text(record: dict) -> TextSource | None:
