@@ -123,9 +123,11 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted conversion from its checkpoint (OUTPUT.checkpoint, "
+                                            "written after each layer); the options must be the same.")
 @_placement_options
 def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
-            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress, device, dtype):
+            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress, resume, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .conversion.convert import ConvertOptions, convert as run_convert
 
@@ -136,7 +138,7 @@ def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, cal
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
                              membrane_clip=membrane_clip, seed=seed)
-    report = run_convert(model, output, options, progress=progress, placement=placement)
+    report = run_convert(model, output, options, progress=progress, placement=placement, resume=resume)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "
                f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")

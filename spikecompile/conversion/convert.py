@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import os
 import time
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__, modelfile
 from ..data import load_text, token_windows
 from ..devices import Placement, peak_memory_mb
 from ..errors import SpikecompileError
 from ..files import check_writable
-from ..loading import ModelSource, load_model, resolve_source, verify_source
+from ..loading import ModelSource, load_model, open_layered, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
-from .calibration import collect_samples
+from .checkpoint import Checkpoint
 from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
 from .fit import FitConfig, fit_sites, lloyd_max_mse
-from .prefix import PrefixCache, select_prefix
-from .rotation import rotate_llama
-from .sites import SiteTable, install_sites
-from .weights import rtn_quantize_weights
+from .prefix import OUTLIER_ETA, PrefixCache, anchor_candidates, outlier_mask, prefix_record, probe_windows
+from .rotation import ResidualRotation, rotate_llama
+from .sites import SampleRecorder, SiteTable, SpikeSite, install_layer_sites, install_sites, site_name
+from .stream import LayerStream
+from .weights import rtn_quantize_layer, rtn_quantize_weights, rtn_record
 
 ROTATIONS = ("hadamard", "none")
 PREFIXES = ("auto", "none")
@@ -93,6 +97,9 @@ class ConversionReport:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float | None = None
     placement: dict = field(default_factory=lambda: asdict(Placement()))
+    layers: int = 0
+    layer_s: list = field(default_factory=list)
+    """seconds per calibrated decoder layer (build, rotate, run every window, checkpoint), in this run"""
 
 
 @dataclass
@@ -129,33 +136,50 @@ def _created_utc() -> str:
 
 
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
-            placement: Placement = Placement()) -> ConversionReport:
-    """Convert the source model into model.pt. placement: the device and dtype of the float forward (resolved
-    by devices.resolve_placement before this); the fit and everything model.pt holds stay fp32 on the CPU."""
+            placement: Placement = Placement(), resume: bool = False,
+            on_layer: Callable[[int], None] | None = None) -> ConversionReport:
+    """Convert the source model into model.pt, one decoder layer at a time (docs: "layer-sequential conversion").
+
+    placement: the device and dtype of the float forward (resolved by devices.resolve_placement before this); the
+    fit and everything model.pt holds stay fp32 on the CPU. A checkpoint beside the output (checkpoint.Checkpoint)
+    is written after each calibrated layer; resume continues from it (refused, before any weight is read, when it
+    was made with other options). on_layer(index): called after layer `index` is calibrated and checkpointed.
+    """
     options.validate()
     check_writable(output)
     calib_text = load_text(options.calib, split="calib")
     source = resolve_source(model_spec)
+    checkpoint = Checkpoint(output)
+    manifest = {"options": asdict(options), "placement": asdict(placement), "source": source.path,
+                "source_sha256": source.sha256, "calibration_sha256": calib_text.sha256, "spikecompile": __version__}
+    resumed = checkpoint.resume(manifest) if resume else checkpoint.start(manifest)
     torch.manual_seed(options.seed)
     timings = {}
 
     start = time.perf_counter()
-    model, tokenizer = load_model(source, placement, progress)
-    rotation = rotate_llama(model, seed=options.seed) if options.rotate == "hadamard" else None
-    weights = rtn_quantize_weights(model, options.weight_bits) if options.weight_bits else None
-    sites = install_sites(model)
-    timings["load"] = time.perf_counter() - start
+    with open_layered(source, progress) as layered:
+        stream = LayerStream(layered, placement)
+        layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
+        windows = token_windows(layered.tokenizer, calib_text, options.calib_seqlen, options.calib_windows,
+                                "calibration")
+        windows = [ids.to(placement.device) for ids in windows]
+        timings["load"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prefix = resumed.prefix
+        if not resumed.prefix_known:
+            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress) \
+                if options.prefix == "auto" else None
+            checkpoint.save_prefix(prefix)
+        timings["prefix"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
+                                        on_layer)
+        timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
-    windows = [ids.to(placement.device) for ids in windows]
-    prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
-    kv_prefix = PrefixCache(model, sites, prefix["token_ids"]) if prefix else None
-    forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
-    samples = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
-    timings["calibration"] = time.perf_counter() - start
-
-    start = time.perf_counter()
+    samples = calibrated.samples
     fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
                            membrane_clip=options.membrane_clip, seed=options.seed)
     fit = fit_sites(samples, fit_config, progress=progress)
@@ -165,11 +189,11 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
 
     record = {
         "source": source.to_dict(),
-        "rotation": rotation,
-        "weights": weights,
+        "rotation": calibrated.rotation,
+        "weights": rtn_record(options.weight_bits, stream.layers) if options.weight_bits else None,
         "prefix": prefix,
         "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
-        "sites": _site_table(sites, fit, bound, levels, samples),
+        "sites": _site_table(calibrated.names, fit, bound, levels, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
             "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
@@ -183,9 +207,177 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     if not placement.is_default:  # the default's model.pt is as it was before the option
         record["conversion"]["placement"] = asdict(placement)
     modelfile.save(record, output)
+    checkpoint.remove()
     peaks = peak_memory_mb()
-    return ConversionReport(output=str(output), sites=len(sites), timings_s=timings, peak_rss_mb=peaks["peak_rss_mb"],
-                            peak_gpu_mb=peaks.get("peak_gpu_mb"), placement=asdict(placement))
+    return ConversionReport(output=str(output), sites=len(calibrated.names), timings_s=timings,
+                            peak_rss_mb=peaks["peak_rss_mb"], peak_gpu_mb=peaks.get("peak_gpu_mb"),
+                            placement=asdict(placement), layers=stream.layers, layer_s=calibrated.layer_s)
+
+
+EMBEDDING_ALIAS = {"model.embed_tokens.weight": "lm_head.weight"}
+"""A tied embedding may be stored once, under lm_head's name (safetensors' save_model keeps one of tied tensors)."""
+
+
+def _new_rotation(stream: LayerStream, options: ConvertOptions) -> ResidualRotation | None:
+    if options.rotate != "hadamard":
+        return None
+    head_dim = stream.skeleton.model.layers[0].self_attn.head_dim
+    return ResidualRotation(stream.config.hidden_size, head_dim, options.seed, untied=stream.tied)
+
+
+def _prepared_layer(stream: LayerStream, index: int, rotation: ResidualRotation | None,
+                    options: ConvertOptions) -> tuple[torch.nn.Module, SiteTable]:
+    """Decoder layer `index` as the converted model has it: rotated, its weights RTN-quantized, its spike sites
+    installed (off: the float layer)."""
+    layer = stream.layer(index)
+    if rotation is not None:
+        rotation.rotate_layer(layer, f"model.layers.{index}")
+    if options.weight_bits:
+        rtn_quantize_layer(layer, options.weight_bits)
+    return layer, install_layer_sites(layer, index)
+
+
+def _embedding(stream: LayerStream, rotation: ResidualRotation | None) -> torch.nn.Embedding:
+    """The (rotated) embedding."""
+    embedding = stream.embedding()
+    if rotation is not None:
+        rotation.rotate_embedding(embedding, "model.embed_tokens")
+    return embedding
+
+
+def _final_norm(stream: LayerStream, rotation: ResidualRotation | None, head) -> torch.nn.Module:
+    norm = stream.norm()
+    if rotation is not None:
+        rotation.rotate_head(norm, head, "model.norm", "lm_head")
+    return norm
+
+
+def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.Tensor], options: ConvertOptions,
+                           progress: bool) -> dict:
+    """prefix.select_prefix, one layer at a time: every scan (the probe windows alone, and after each anchor) goes
+    through each layer before the next is built; the final norm and lm_head give their NLL at the end."""
+    probe, anchors = probe_windows(windows), anchor_candidates(tokenizer)
+    rotation = _new_rotation(stream, options)
+    embedding = _embedding(stream, rotation)
+    device = stream.placement.device
+    with torch.inference_mode():
+        scans = {None: [stream.start(ids, embedding(ids), use_cache=False) for ids in probe]}
+        prefixes = {}
+        for anchor in anchors:
+            anchor_ids = torch.tensor([[anchor]], device=device)
+            prefixes[anchor] = stream.start(anchor_ids, embedding(anchor_ids), is_prefix=True)
+            scans[anchor] = [stream.start(ids, embedding(ids), prefix=prefixes[anchor]) for ids in probe]
+    del embedding
+    peaks = {id(sequence): [] for sequences in scans.values() for sequence in sequences}
+    for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not progress):
+        layer, _ = _prepared_layer(stream, index, rotation, options)
+        running = []
+        layer.mlp.down_proj.register_forward_pre_hook(  # after the online Hadamard: it sees x·H_i
+            lambda module, inputs: running[0].append(inputs[0].detach().abs().amax(-1).flatten()))
+        for anchor, sequences in scans.items():
+            if anchor is not None:
+                running[:] = [[]]
+                stream.run(layer, prefixes[anchor])
+            for sequence in sequences:
+                running[:] = [peaks[id(sequence)]]
+                stream.run(layer, sequence)
+        del layer
+    head = stream.lm_head()  # built last: a tied one is a copy of the embedding before its rotation
+    norm = _final_norm(stream, rotation, head)
+    results = {}
+    with torch.inference_mode():
+        for anchor, sequences in scans.items():
+            masks, nll = [], 0.0
+            for sequence in sequences:
+                logits = head(norm(sequence.hidden))
+                nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], sequence.ids[0, 1:]))
+                masks.append(outlier_mask(peaks[id(sequence)], OUTLIER_ETA))
+            results[anchor] = (masks, nll / len(sequences))
+    return prefix_record(tokenizer, probe, results)
+
+
+@dataclass
+class Calibrated:
+    """The streamed calibration's result: site names and samples [S, N] in model order, the rotation record, and
+    the seconds each layer took (this run's layers only, when resumed)."""
+
+    names: list[str]
+    samples: torch.Tensor
+    rotation: dict | None
+    layer_s: list[float]
+
+
+def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None,
+                       options: ConvertOptions, checkpoint: Checkpoint, state: dict | None, progress: bool,
+                       on_layer: Callable[[int], None] | None = None) -> Calibrated:
+    """calibration.collect_samples, one layer at a time: the prefix and every window go through a layer (its sites
+    recording the windows), its samples are kept, the state is checkpointed, and the layer is freed.
+
+    Each site's recorder is seeded seed·100003 + its index in the model's site table and draws
+    ceil(N / windows) values per window, as collect_samples does on the whole model."""
+    per_call = math.ceil(options.samples_per_site / len(windows))
+    rotation = _new_rotation(stream, options)
+    if state is None:
+        embedding = _embedding(stream, rotation)
+        with torch.inference_mode():
+            hidden_prefix = embedding(torch.tensor([prefix["token_ids"]], device=stream.placement.device)) \
+                if prefix else None
+            hidden_windows = [embedding(ids) for ids in windows]
+        del embedding
+        first, names, chunks = 0, [], []
+    else:  # the checkpoint's layers are done: their samples, the rotation record so far, the hidden states after
+        first, names, chunks = state["after_layer"] + 1, state["names"], [state["samples"]]
+        hidden_prefix, hidden_windows = state["prefix"], state["windows"]
+        if rotation is not None:
+            rotation.record = state["rotation"]
+    prefix_sequence = stream.start(torch.tensor([prefix["token_ids"]]), hidden_prefix, is_prefix=True) \
+        if prefix else None
+    use_cache = bool(getattr(stream.config, "use_cache", True)) or prefix_sequence is not None
+    sequences = [stream.start(ids, hidden, prefix=prefix_sequence, use_cache=use_cache)
+                 for ids, hidden in zip(windows, hidden_windows, strict=True)]
+    layer_s = []
+    for index in tqdm(range(first, stream.layers), desc="calibrate", unit="layer", disable=not progress,
+                      initial=first, total=stream.layers):
+        began = time.perf_counter()
+        layer, sites = _prepared_layer(stream, index, rotation, options)
+        chunks.append(_recorded(sites, per_call, options, len(names), stream, prefix_sequence, sequences, layer))
+        names += list(sites)
+        del layer, sites
+        checkpoint.save_state({
+            "after_layer": index, "names": names, "samples": torch.cat(chunks), "rotation": rotation and rotation.record,
+            "prefix": prefix_sequence.hidden.cpu() if prefix_sequence else None,
+            "windows": [sequence.hidden.cpu() for sequence in sequences]})
+        chunks = [torch.cat(chunks)]
+        layer_s.append(time.perf_counter() - began)
+        if on_layer is not None:
+            on_layer(index)
+    norm = _final_norm(stream, rotation, None)
+    final = SiteTable({"final_norm": SpikeSite(site_name(None, "final_norm"))})
+    norm.register_forward_hook(lambda module, inputs, output: final["final_norm"](output))
+    chunks.append(_recorded(final, per_call, options, len(names), stream, None, sequences, norm))
+    return Calibrated([*names, "final_norm"], torch.cat(chunks), rotation and rotation.record, layer_s)
+
+
+def _recorded(sites: SiteTable, per_call: int, options: ConvertOptions, first_index: int, stream: LayerStream,
+              prefix_sequence, sequences, module) -> torch.Tensor:
+    """Run the prefix (sites off) and the windows (sites recording) through `module` (a decoder layer, or the
+    final norm: then the windows' hidden states stay); return the sites' samples [sites, N]."""
+    for offset, site in enumerate(sites.values()):
+        site.recorder = SampleRecorder(per_call, seed=options.seed * 100_003 + first_index + offset)
+    is_layer = module is not None and hasattr(module, "self_attn")
+    if prefix_sequence is not None and is_layer:
+        stream.run(module, prefix_sequence)
+    sites.set_mode("calibrate")
+    try:
+        with torch.inference_mode():
+            for sequence in sequences:
+                if is_layer:
+                    stream.run(module, sequence)
+                else:
+                    module(sequence.hidden)
+    finally:
+        sites.set_mode("off")
+    return torch.stack([site.recorder.samples()[:options.samples_per_site] for site in sites.values()])
 
 
 def _transformers_version() -> str:
