@@ -40,13 +40,15 @@ class Checkpoint:
     """The checkpoint folder of the conversion writing `output`."""
 
     def __init__(self, output: str | Path):
-        self.folder = Path(f"{output}.checkpoint")
+        self.folder = check_output_folder(Path(f"{output}.checkpoint"), option="-o")
+        self.active = False
+        """whether this conversion started or resumed it (only then does remove() delete it)"""
 
     def start(self, manifest: dict) -> Resumed:
         """A fresh checkpoint (an old one in its place is dropped)."""
-        check_output_folder(self.folder, option="-o")
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir()
+        self.active = True
         self._write_json(MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest})
         return Resumed()
 
@@ -62,7 +64,7 @@ class Checkpoint:
         if difference:
             raise SpikecompileError(f"--resume: {self.folder} was made {difference}; resume with the same options, "
                                     f"or run convert without --resume to start over")
-        resumed = Resumed()
+        resumed, self.active = Resumed(), True
         if (self.folder / PREFIX).exists():
             resumed.prefix_known, resumed.prefix = True, self._read_json(PREFIX)
         if (self.folder / STATE).exists():
@@ -80,7 +82,9 @@ class Checkpoint:
         atomic_write(self.folder / STATE, lambda temp: torch.save(state, temp))
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the checkpoint this conversion started or resumed (another one in its place stays)."""
+        if self.active:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _write_json(self, name: str, document) -> None:
         text = json.dumps(document, indent=1) + "\n"

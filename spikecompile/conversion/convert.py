@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -152,31 +153,15 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     checkpoint = Checkpoint(output)
     manifest = {"options": asdict(options), "placement": asdict(placement), "source": source.path,
                 "source_sha256": source.sha256, "calibration_sha256": calib_text.sha256, "spikecompile": __version__}
-    resumed = checkpoint.resume(manifest) if resume else checkpoint.start(manifest)
+    resumed = checkpoint.resume(manifest) if resume else None  # refused here: before any weight is read
     torch.manual_seed(options.seed)
     timings = {}
-
-    start = time.perf_counter()
-    with open_layered(source, progress) as layered:
-        stream = LayerStream(layered, placement)
-        layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
-        windows = token_windows(layered.tokenizer, calib_text, options.calib_seqlen, options.calib_windows,
-                                "calibration")
-        windows = [ids.to(placement.device) for ids in windows]
-        timings["load"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        prefix = resumed.prefix
-        if not resumed.prefix_known:
-            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress) \
-                if options.prefix == "auto" else None
-            checkpoint.save_prefix(prefix)
-        timings["prefix"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
-                                        on_layer)
-        timings["calibration"] = time.perf_counter() - start
+    try:
+        calibrated, prefix, windows, layers = _stream(source, calib_text, options, placement, checkpoint, manifest,
+                                                      resumed, timings, progress, on_layer)
+    except SpikecompileError:  # a user error: this checkpoint cannot be resumed into anything else
+        checkpoint.remove()
+        raise
 
     start = time.perf_counter()
     samples = calibrated.samples
@@ -189,9 +174,9 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
 
     record = {
         "source": source.to_dict(),
-        "rotation": calibrated.rotation,
-        "weights": rtn_record(options.weight_bits, stream.layers) if options.weight_bits else None,
-        "prefix": prefix,
+        "rotation": _canonical(calibrated.rotation),
+        "weights": rtn_record(options.weight_bits, layers) if options.weight_bits else None,
+        "prefix": _canonical(prefix),
         "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
         "sites": _site_table(calibrated.names, fit, bound, levels, samples),
         "calibration": {
@@ -211,7 +196,42 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     peaks = peak_memory_mb()
     return ConversionReport(output=str(output), sites=len(calibrated.names), timings_s=timings,
                             peak_rss_mb=peaks["peak_rss_mb"], peak_gpu_mb=peaks.get("peak_gpu_mb"),
-                            placement=asdict(placement), layers=stream.layers, layer_s=calibrated.layer_s)
+                            placement=asdict(placement), layers=layers, layer_s=calibrated.layer_s)
+
+
+def _canonical(document):
+    """A JSON-like record rebuilt from its JSON text: the same values whether it was made in this run or read back
+    from the checkpoint, and the same bytes in model.pt (pickle writes a string shared by two places once)."""
+    return json.loads(json.dumps(document))
+
+
+def _stream(source, calib_text, options: ConvertOptions, placement: Placement, checkpoint: Checkpoint,
+            manifest: dict, resumed, timings: dict, progress: bool, on_layer):
+    """Open the source, check its tensors, start the checkpoint (or go on from `resumed`), select the prefix and
+    calibrate, layer by layer; returns (Calibrated, the prefix record, the windows, the layer count)."""
+    start = time.perf_counter()
+    with open_layered(source, progress) as layered:
+        stream = LayerStream(layered, placement)
+        layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
+        windows = token_windows(layered.tokenizer, calib_text, options.calib_seqlen, options.calib_windows,
+                                "calibration")
+        windows = [ids.to(placement.device) for ids in windows]
+        resumed = resumed or checkpoint.start(manifest)
+        timings["load"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prefix = resumed.prefix
+        if not resumed.prefix_known:
+            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress) \
+                if options.prefix == "auto" else None
+            checkpoint.save_prefix(prefix)
+        timings["prefix"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
+                                        on_layer)
+        timings["calibration"] = time.perf_counter() - start
+    return calibrated, prefix, windows, stream.layers
 
 
 EMBEDDING_ALIAS = {"model.embed_tokens.weight": "lm_head.weight"}
