@@ -12,6 +12,7 @@ Each file is written atomically (files.atomic_write), so an interruption leaves 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class Checkpoint:
         self._write_json(PREFIX, prefix)
 
     def save_state(self, state: dict) -> None:
-        atomic_write(self.folder / STATE, lambda temp: torch.save(state, temp))
+        atomic_write(self.folder / STATE, lambda temp: _torch_save(state, temp))
 
     def remove(self) -> None:
         """Delete the checkpoint this conversion started or resumed (another one in its place stays)."""
@@ -99,6 +100,14 @@ class Checkpoint:
         except (OSError, ValueError) as error:
             raise SpikecompileError(f"--resume: {path}: unreadable ({error}); run convert without --resume to start "
                                     f"over") from None
+
+
+def _torch_save(state: dict, temp: str) -> None:
+    """torch.save into memory, then written by Python: a full disk is an OSError (atomic_write's one line), not
+    torch's zip writer's RuntimeError."""
+    image = io.BytesIO()
+    torch.save(state, image)
+    Path(temp).write_bytes(image.getbuffer())
 
 
 def manifest_difference(saved: dict, current: dict) -> str | None:
