@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import time
 import json
 import math
+import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
