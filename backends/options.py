@@ -74,6 +74,10 @@ def layer_range(layers: str | None) -> list[int] | None:
     return list(range(int(first), int(last or first) + 1))
 
 
+PROGRESS = Option("progress", bool, True, "Progress bars on stderr: the model load, the trace per decoder layer, "
+                                         "the target's own stages (export per segment or node).")
+"""Every target's: the load and trace bars of `spikecompile build` and the target's own."""
+
 SIM = [
     Option("text", str, "builtin", "Text for the token windows, or 'builtin'."),
     Option("windows", int, 2, "Token windows to simulate.", parse=at_least_one("--windows")),
@@ -88,11 +92,12 @@ SIM = [
     Option("allow_saturation", bool, False, "--numerics loihi2: build although an accumulator overflows on the "
                                             "text (then reported); without it, that is an error."),
     Option("energy_target", str, "cmos45nm", "Energy target name or file."),
-    Option("progress", bool, True, "Progress bars on stderr."),
+    PROGRESS,
 ]
 NIR = [
     Option("strict", bool, False, "Fail on an IR node with no NIR lowering and no manifest rule."),
     Option("approximate", bool, False, "Plain IF/Linear nodes for consumers without Threshold/Scale."),
+    PROGRESS,
 ]
 LAVA = [
     Option("layers", str, None, "One decoder layer or a range (default: all).", metavar="N|A-B", parse=layer_range),
@@ -105,12 +110,14 @@ LAVA = [
            parse=at_least("--seqlen", 2)),
     Option("allow_saturation", bool, False, "Build although an accumulator overflows on the text (then reported); "
                                             "without it, that is an error."),
+    PROGRESS,
 ]
 ONNX = [
     Option("onnx_form", ("decoded", "event", "both"), "both",
            "Decoded (each neuron an elementwise quantizer), event (the T phases explicit) or both."),
     Option("spike_outputs", bool, False, "The event form also outputs every neuron's spike planes."),
+    PROGRESS,
 ]
-BY_TARGET: dict[str, list[Option]] = {"ir": [], "sim": SIM, "nir": NIR, "lava": LAVA, "onnx": ONNX}
+BY_TARGET: dict[str, list[Option]] = {"ir": [PROGRESS], "sim": SIM, "nir": NIR, "lava": LAVA, "onnx": ONNX}
 """Each target's options, in the order --target lists the targets. Targets may share an option name (--text of sim
 and lava): the command line has one such option, and each target takes its own default when it is not given."""

@@ -57,12 +57,14 @@ def check_model(model_path: str | Path, options: BuildOptions) -> dict:
     """model.pt's record, once every site override names one of its sites and every site can run at the T asked
     for (a fitted neuron only at its own): what needs the site table but not the source model, checked before
     the source model loads. SpikecompileError naming the override (or -T) and the site otherwise."""
+    from .conversion.codings import refuse_per_token_scales
     from .conversion.convert import site_neuron
     from .ir import PhaseNeuron
     from .modelfile import load
     from .passes.timesteps import check_overrides
 
     record = load(model_path)
+    refuse_per_token_scales(record, str(model_path))
     neurons = {}
     for name, entry in record["sites"].items():
         try:
@@ -74,9 +76,10 @@ def check_model(model_path: str | Path, options: BuildOptions) -> dict:
 
 
 def build(model_path: str | Path, options: BuildOptions,
-          check_record: Callable[[dict], None] | None = None) -> BuildResult:
+          check_record: Callable[[dict], None] | None = None, progress: bool = False) -> BuildResult:
     """Trace model.pt and run the build passes on it. check_record(record), if given, checks more against
-    model.pt's record (e.g. a backend's options against its layers) before the source model loads."""
+    model.pt's record (e.g. a backend's options against its layers) before the source model loads. progress:
+    the source model's load (per tensor) and the trace (per decoder layer) show bars on a terminal's stderr."""
     from .conversion.convert import load_spiking_model
     from .frontend import trace
     from .passes import CompileInputs
@@ -87,10 +90,11 @@ def build(model_path: str | Path, options: BuildOptions,
         check_record(record)
     seconds = {}
     start = time.perf_counter()
-    spiking = load_spiking_model(str(model_path), options.source, rotations="explicit", record=record)
+    spiking = load_spiking_model(str(model_path), options.source, rotations="explicit", record=record,
+                                 progress=progress)
     seconds["load"] = time.perf_counter() - start
     start = time.perf_counter()
-    graph, store = trace(spiking)
+    graph, store = trace(spiking, progress)
     seconds["trace"] = time.perf_counter() - start
     record = spiking.record
     samples = {name: entry["samples"] for name, entry in record["sites"].items() if "samples" in entry}

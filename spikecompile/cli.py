@@ -105,6 +105,12 @@ def _write_json(path: str, payload: dict) -> None:
 @click.argument("model", required=False)
 @click.option("-o", "--output", default="model.pt", show_default=True, help="Where to write the spiking model.")
 @click.option("-T", "--timesteps", default=8, show_default=True, help="Timesteps per neuron (4..16).")
+@click.option("--spike-penalty", default=0.0, show_default=True,
+              help="phase, phase-sd: fit MSE/MSE_base2 + F·spikes per activation (0: MSE only).")
+@click.option("--energy-budget", type=float, default=None,
+              help="Choose each site's T (4..16) so the compute-tier energy is at most F of the ANN's (cmos45nm).")
+@click.option("--spikes-per-mac", type=float, default=None,
+              help="Choose each site's T (4..16) so the SNN does at most F accumulates per ANN MAC.")
 @click.option("-n", "--grains", default=2, show_default=True, help="Grains (base groups) per neuron (1..T/2).")
 @click.option("--coding", default="phase", show_default=True,
               help="phase (fitted, multi-granularity), las (base 2), spikedattn (base 2, ≤ 2 spikes), rate (T+1 "
@@ -120,16 +126,26 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--weight-bits", type=int, default=None, help="RTN-quantize the decoder weights to 4, 6 or 8 bits.")
 @click.option("--membrane-clip", default=0.0, show_default=True,
               help="sdllm: membrane clipping, the share of calibration values sent to a zero count (0: off).")
+@click.option("--sdllm-scales", default="static", show_default=True,
+              help="sdllm: static (one fitted τ per site) or per-token (each token's min-max scale at run time, as "
+                   "SDLLM/QuaRot; eval/zeroshot only: no IR lowering).")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion from its checkpoint (OUTPUT.checkpoint, "
                                             "written after each layer); the options must be the same.")
 @_placement_options
-def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, calib_windows, calib_seqlen,
-            samples_per_site, weight_bits, membrane_clip, seed, json_path, progress, resume, device, dtype):
+def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_mac, grains, coding, rotate, prefix,
+            calib, calib_windows, calib_seqlen, samples_per_site, weight_bits, membrane_clip, sdllm_scales, seed,
+            json_path, progress, resume, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
+    from .budget import LedgerCost
     from .conversion.convert import ConvertOptions, convert as run_convert
+
+    given_t = click.get_current_context().get_parameter_source("timesteps") == click.core.ParameterSource.COMMANDLINE
+    for option, value in (("--energy-budget", energy_budget), ("--spikes-per-mac", spikes_per_mac)):
+        if value is not None and given_t:
+            raise SpikecompileError(f"{option} chooses each site's T; drop -T/--timesteps {timesteps}")
 
     if json_path:
         check_writable(json_path)
@@ -137,10 +153,13 @@ def convert(model, output, timesteps, grains, coding, rotate, prefix, calib, cal
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
-                             membrane_clip=membrane_clip, seed=seed)
-    report = run_convert(model, output, options, progress=progress, placement=placement, resume=resume)
+                             membrane_clip=membrane_clip, seed=seed, spike_penalty=spike_penalty,
+                             energy_budget=energy_budget, spikes_per_mac=spikes_per_mac, sdllm_scales=sdllm_scales)
+    report = run_convert(model, output, options, progress=progress, placement=placement, resume=resume,
+                         cost_model=LedgerCost)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
-    click.echo(f"wrote {report.output}: {report.sites} spike sites, T={timesteps}, coding={coding}, "
+    steps = "per site (budget)" if options.budget else timesteps
+    click.echo(f"wrote {report.output}: {report.sites} spike sites, T={steps}, coding={coding}, "
                f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")
     if json_path:
         _write_json(json_path, asdict(report))
@@ -206,15 +225,19 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     _print_site_table(rows)
 
     ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
+    prefixed = (perplexity(spiking.prefixed_float_logits, windows, desc="float + prefix perplexity",
+                           progress=progress) if spiking.prefix else ann)  # no prefix: the float model is the ANN
     snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
     coding = spiking.record["coding"]
     click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
+    click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
             "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
-            "coding": coding, "ann_ppl": ann, "snn_ppl": snn, "ppl_ratio": snn / ann, "sites": rows,
+            "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
+            "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),
         })
 
@@ -307,7 +330,8 @@ def build(model_file, target, output, timesteps, site_timesteps, overrides_file,
     # the checks that need model.pt's site table (site names, a fitted site's T, --layers) run before the source
     # model loads
     check_record = getattr(backend, "check_record", None)
-    result = run_build(model_file, options, check_record and (lambda record: check_record(record, prepared)))
+    result = run_build(model_file, options, check_record and (lambda record: check_record(record, prepared)),
+                       progress=prepared["progress"])
     with atomic_folder(output) as folder:  # the backend writes a temporary sibling, renamed when it is whole
         report = backend.build(result, folder, **prepared)
     for line in backend.report_lines(report, output):

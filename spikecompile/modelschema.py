@@ -172,6 +172,13 @@ class Coding(Record):
     name: Literal[(*CODINGS, *SIGNED_CODINGS)]
     timesteps: Timesteps
     grains: Positive
+    scales: Literal["static", "per-token"] = "static"  # written only when per-token (sdllm's run-time min-max)
+
+    @model_validator(mode="after")
+    def _per_token_is_sdllm(self):
+        if self.scales == "per-token" and self.name != "sdllm":
+            raise FieldError("scales", f"per-token scales are sdllm's, got coding {self.name}")
+        return self
 
     @model_validator(mode="after")
     def _grains_fit(self):
@@ -246,6 +253,20 @@ class Conversion(Record):
     created_utc: str
 
 
+class Budget(Record):
+    """A per-site budget's record (conversion/budget.py): the budget, its measure on the analytic ledger with the
+    fitted neurons' calibration spikes, and each site's chosen T."""
+
+    kind: Literal["spikes_per_mac", "energy"]
+    value: Annotated[float, Field(gt=0, le=MAX_SCALE)]
+    seq_len: Positive
+    measured: Measure
+    target: str | None
+    timesteps: dict[str, Timesteps]
+    fisher: dict[str, Measure]
+    spikes_per_activation: dict[str, Measure]
+
+
 class ModelRecord(Record):
     source: Source
     rotation: Rotation | None
@@ -255,9 +276,17 @@ class ModelRecord(Record):
     sites: Annotated[dict[str, Site], AfterValidator(_some_sites)]
     calibration: Calibration
     conversion: Conversion
+    budget: Budget | None = None  # per-site T under a global budget; absent without one
 
     @model_validator(mode="after")
     def _sites_agree(self):
+        if self.budget is not None:
+            if set(self.budget.timesteps) != set(self.sites):
+                raise FieldError("budget.timesteps", "must name every spike site, and only those")
+            for name, steps in self.budget.timesteps.items():
+                if self.sites[name].timesteps != steps:
+                    raise FieldError(f"sites.{name}.timesteps", f"is {self.sites[name].timesteps}, the budget "
+                                                                f"allocated T={steps}")
         for name, site in self.sites.items():
             expected = "final_norm" if site.layer is None else f"layers.{site.layer}.{site.kind}"
             if name != expected or (site.layer is None) != (site.kind == "final_norm"):

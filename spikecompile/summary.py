@@ -102,9 +102,23 @@ def _site_row(name: str, neuron: PhaseNeuron, output: TensorType, bindings: dict
         "grains": grains,
         "tau": float(neuron.tau),
         "base2": bool((bases == 2).all()),
+        "K": int(neuron.max_spikes),
+        "coding": _coding_of(neuron, bases),
         "neurons_per_token": per_token(output.shape, bindings),
         "grows_with_context": sequence_dims(output.shape) > 1,
     }
+
+
+def _coding_of(neuron: PhaseNeuron, bases: torch.Tensor) -> str:
+    """The coding a site's parameters say (conversion/codings.py): phase-sd, las/ttfs/spikedattn (base 2 with
+    K = 0/1/2), rate or sdllm (bases 1), phase (fitted)."""
+    if getattr(neuron, "signed_digits", False):
+        return "phase-sd"
+    if bool((bases == 2).all()):
+        return {0: "las", 1: "ttfs", 2: "spikedattn"}.get(int(neuron.max_spikes), "base2")
+    if bool((bases == 1).all()):
+        return "sdllm" if neuron.max_spikes else "rate"
+    return "phase"
 
 
 def _neuron_totals(sites: list[dict]) -> dict:
@@ -248,20 +262,20 @@ def _memory_lines(memory: dict) -> list[str]:
             f"  by dtype: {dtypes or 'none'}"]
 
 
-SITE_COLUMNS = ("site", "layer", "kind", "T", "genotype", "n", "tau", "base2", "neurons/token")
+SITE_COLUMNS = ("site", "layer", "kind", "T", "K", "coding", "genotype", "n", "tau", "base2", "neurons/token")
 
 
 def _site_cells(site: dict) -> tuple[str, ...]:
     neurons = _count(site["neurons_per_token"]) + (" (context)" if site["grows_with_context"] else "")
     return (site["site"], "-" if site["layer"] is None else str(site["layer"]), site["kind"], str(site["T"]),
-            "+".join(map(str, site["genotype"])), str(site["grains"]), f"{site['tau']:.4g}",
+            str(site["K"]), site["coding"], "+".join(map(str, site["genotype"])), str(site["grains"]), f"{site['tau']:.4g}",
             "yes" if site["base2"] else "no", neurons)
 
 
 def _site_table(sites: list[dict]) -> list[str]:
     rows = [SITE_COLUMNS, *(_site_cells(site) for site in sites)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(SITE_COLUMNS))]
-    numeric = {"layer", "T", "n", "tau", "neurons/token"}
+    numeric = {"layer", "T", "K", "n", "tau", "neurons/token"}
     return ["  " + "  ".join(cell.rjust(width) if SITE_COLUMNS[column] in numeric else cell.ljust(width)
                              for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
             for row in rows]

@@ -12,7 +12,7 @@ import torch
 from spikecompile import ir
 from spikecompile.errors import SpikecompileError
 from spikecompile.hadamard import describe_hadamard
-from spikecompile.neuron import base2_params, initial_potential
+from spikecompile.neuron import base2_params, golden_signed_base2, initial_potential, phase_quantize, signed_base2_params
 
 
 def _subclasses(cls):
@@ -150,7 +150,7 @@ def _edge(document, source, target):
 
 
 def _set_version(document):
-    document["format_version"] = 3
+    document["format_version"] = 4
 
 
 def _unknown_type(document):
@@ -193,12 +193,20 @@ def _missing_tensor(document):
     _node(document, "layers.0.silu")["fields"]["genotype"]["tensor"] = "layers.0.silu.gene"
 
 
+def _without_signed_digits(document):  # a version-2 neuron record
+    del _node(document, "layers.0.silu")["fields"]["signed_digits"]
+
+
+def _signed_digits_not_a_bool(document):
+    _node(document, "layers.0.silu")["fields"]["signed_digits"] = 1
+
+
 def _construction_changed(document):
     _node(document, "layers.0.mlp.hadamard")["fields"]["construction"]["k_construction"] = "paley2(q=5)"
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set_version, r"graph\.json: IR graph format version 3, this spikecompile reads version 2"),
+    (_set_version, r"graph\.json: IR graph format version 4, this spikecompile reads version 3"),
     (_unknown_type, r"node layers\.0\.mlp\.act_fn: unknown node type 'Gelu'"),
     (_dangling_edge, r"edge layers\.0\.mlp\.down_proj → layers\.0\.mlp\.ghost: no node named layers\.0\.mlp\.ghost"),
     (_missing_input, r"node layers\.0\.mlp\.product: ElementwiseProduct lacks input b"),
@@ -209,6 +217,8 @@ def _construction_changed(document):
     (_invalid_field, r"node layers\.0\.mlp\.act_fn: Nonlinear: eps must be a number in \(0, 1\] for rmsnorm and None"),
     (_unknown_field, r"node layers\.0\.mlp\.act_fn: Nonlinear has no field slope"),
     (_missing_tensor, r"node layers\.0\.silu: tensor layers\.0\.silu\.gene is not in tensors\.safetensors"),
+    (_without_signed_digits, r"node layers\.0\.silu: PhaseNeuron lacks field signed_digits"),
+    (_signed_digits_not_a_bool, r"node layers\.0\.silu: PhaseNeuron: signed_digits must be a bool, got 1"),
     (_construction_changed, r"node layers\.0\.mlp\.hadamard: Rotation: construction .* is not what this spikecompile"),
 ], ids=lambda value: value.__name__.strip("_") if callable(value) else "")
 def test_inconsistent_file_is_refused(tmp_path, edit, message):
@@ -238,7 +248,7 @@ def test_tensors_from_another_write_are_refused(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "not valid JSON"), ('{"format": "spikecompile.model"}', "not a spikecompile IR graph"),
-    ('{"format": "spikecompile.ir", "format_version": 2}', "tensors_sha256 must be a sha256 string"),
+    ('{"format": "spikecompile.ir", "format_version": 3}', "tensors_sha256 must be a sha256 string"),
     ("[" * 100_000, "nested too deeply"), (b"\xff\xfe{}".decode("latin-1"), "not valid JSON"),
 ])
 def test_foreign_graph_json_is_refused(tmp_path, text, message):
@@ -277,6 +287,24 @@ def test_phase_neuron_converts_to_and_from_params():
     assert torch.equal(node.v0, initial_potential(params.tau, 6))
     for name in ("tau", "genotype", "d", "h", "theta"):
         assert torch.equal(getattr(node.params(), name), getattr(params, name))
+
+
+def test_signed_digit_neuron_keeps_its_flag_through_params_and_graph_json(tmp_path):
+    params = signed_base2_params(0.5, T=6, n=2)
+    node = ir.PhaseNeuron.from_params("layers.0.silu", params)
+    assert node.signed_digits and node.params().signed_digits and not node.is_phase_coded
+    graph = ir.Graph()
+    graph.add_node("x", ir.Input(shape=("tokens", 4), dtype="float32", timesteps=6))
+    graph.add_node("layers.0.silu", node)
+    graph.add_node("y", ir.Output(timesteps=6))
+    graph.add_edge("x", "layers.0.silu")
+    graph.add_edge("layers.0.silu", "y")
+    ir.write(graph, tmp_path / "g")
+    back = ir.read(tmp_path / "g")["layers.0.silu"]
+    assert back.signed_digits is True
+    x = torch.linspace(-0.6, 0.6, 1000).reshape(-1, 4)
+    assert torch.equal(ir.interpret(graph, {}, {"x": x}), phase_quantize(x, params))
+    assert torch.equal(ir.interpret(graph, {}, {"x": x}), golden_signed_base2(x, 0.5, 6)[0])
 
 
 @pytest.mark.parametrize("build, message", [

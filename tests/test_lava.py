@@ -149,12 +149,32 @@ def zoo_programs(zoo_built, tmp_path_factory):
     return _emit(zoo_built, tmp_path_factory.mktemp("zoo-programs"))
 
 
-@pytest.fixture(params=["phase", "zoo"])
+@pytest.fixture(scope="module")
+def sd_built(tmp_path_factory):
+    """The tiny model converted with --coding phase-sd (signed-digit neurons: a ±1 graded payload) and built."""
+    from test_signed_lowering import signed_built
+
+    return signed_built(tmp_path_factory.mktemp("lava-sd"))
+
+
+@pytest.fixture(scope="module")
+def sd_programs(sd_built, tmp_path_factory):
+    """The same parts of the phase-sd model."""
+    return _emit(sd_built, tmp_path_factory.mktemp("sd-programs"))
+
+
+@pytest.fixture(params=["phase", "zoo", "phase-sd"])
 def case(request):
-    """(the built model, its programs): the phase-coded tiny model, or its zoo variant."""
-    if request.param == "phase":
-        return request.getfixturevalue("built"), request.getfixturevalue("programs")
-    return request.getfixturevalue("zoo_built"), request.getfixturevalue("zoo_programs")
+    """(the built model, its programs): the phase-coded tiny model, its zoo variant, or the model converted with
+    --coding phase-sd."""
+    prefix = {"phase": "", "zoo": "zoo_", "phase-sd": "sd_"}[request.param]
+    return request.getfixturevalue(f"{prefix}built"), request.getfixturevalue(f"{prefix}programs")
+
+
+def test_phase_sd_program_marks_its_sites_signed(sd_built, sd_programs):
+    network = json.loads((sd_programs["model"][0] / "network.json").read_text())
+    neurons = [process for process in network["processes"] if process["kind"] == "neuron"]
+    assert neurons and all(process["signed_digits"] for process in neurons)
 
 
 def test_zoo_program_carries_budgets_and_thresholds_below_zero(zoo_built, zoo_programs):
@@ -233,7 +253,7 @@ def reference(part, store, inputs):
     recording = run(graph, store, values, "event")
     outputs = {name: recording.values[name].numpy() for name in graph if isinstance(graph[name], Output)}
     neurons = [name for name in graph if isinstance(graph[name], PhaseNeuron)]
-    counts = {graph[name].site: recording.spikes[name].sum(0).reshape(-1).numpy() for name in neurons}
+    counts = {graph[name].site: (recording.spikes[name] != 0).sum(0).reshape(-1).numpy() for name in neurons}
     sites = {graph[name].site: recording.values[graph.inputs(name)["x"]].sum(0) for name in neurons}
     return outputs, counts, sites
 
@@ -243,7 +263,7 @@ def _neuron(part, site):
 
 
 def _counts(x, neuron):
-    return phase_encode(x, neuron.params())[1].sum(dim=0).reshape(-1).numpy()
+    return (phase_encode(x, neuron.params())[1] != 0).sum(dim=0).reshape(-1).numpy()
 
 
 def run_program(folder: Path, tag: str) -> dict[str, np.ndarray]:

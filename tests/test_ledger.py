@@ -66,9 +66,11 @@ def test_shipped_target_loads_by_name_and_path():
     assert by_name.file == "targets/cmos45nm.toml" and by_path.file == str(SHIPPED)
     assert by_name.constants == by_path.constants
     assert {name: c.pj for name, c in by_name.constants.items() if name != "neuron"} == \
-        {"mac": 4.6, "ac": 0.9, "read": 5.0, "write": 5.0}
+        {"mac": 4.6, "ac": 0.9, "read": 5.0, "write": 5.0, "mac_int8": 0.3, "read_int8": 1.25}
     for constant in by_name.constants.values():
-        assert constant.unit == "pJ" and constant.bits == 32 and constant.source.strip()
+        assert constant.unit == "pJ" and constant.bits == (8 if "int8" in constant.name else 32)
+        assert constant.source.strip()
+    assert by_name.has_int8 and by_name.synop is None
     assert by_name.neuron.pj == pytest.approx(by_name.read.pj + by_name.write.pj + by_name.ac.pj)
 
 

@@ -4,6 +4,7 @@ residual at the end of each window, every output — on the tiny model (lava tes
 SmolLM2 (slow)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from conftest import convert_tiny, requires_smollm2
 
 from spikecompile.backends.lava import build_lava
 from spikecompile.backends.lava.emit import example_inputs, select_part
-from spikecompile.passes.fixed_point import run_fixed
+from spikecompile.neuron import kernel
+from spikecompile.passes.fixed_point import fire, firing_table, integrate_and_fire, run_fixed
 from spikecompile.backends.sim.simulate import output_of, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
@@ -82,6 +84,68 @@ def test_gain_is_a_24_bit_mantissa():
     assert np.allclose(value, [1 / 3, 12345.678], rtol=2 ** -24)
 
 
+def step_through(u: torch.Tensor, site, signed: bool = False) -> tuple:
+    """The integer neuron stepped t by t, as Lava's fixed_pt process model runs it: the golden model of fire()."""
+    sign, residual = (torch.ones_like(u), u.clone()) if signed else (torch.sign(u), u.abs())
+    code, count = torch.zeros_like(u), torch.zeros_like(u)
+    per_step = torch.zeros(len(site.threshold), dtype=torch.int64)
+    for t, (threshold, reset, payload) in enumerate(zip(site.threshold.tolist(), site.reset.tolist(),
+                                                        site.payload.tolist())):
+        digits = (residual > threshold).long() - ((-residual > threshold).long() if signed else 0)
+        if site.max_spikes:
+            digits *= (count < site.max_spikes).long()
+        residual, count, code = residual - reset * digits, count + digits.abs(), code + payload * digits
+        per_step[t] = digits.abs().sum()
+    return sign * code, count, residual, per_step
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("budget", [0, 3])
+def test_fire_by_intervals_equals_stepping_the_integer_neuron(budget, signed):
+    """fire() looks each potential up in its site's interval table; every code, count, residual and per-step count
+    equals stepping the neuron, on random potentials, every interval edge ±1 and the saturation limits, for fitted-
+    looking (non base-2) and base-2 grids."""
+    generator = torch.Generator().manual_seed(budget)
+    two_grains = torch.arange(8) // 4
+    for genotype, d, h, theta in ((torch.zeros(8, dtype=torch.int64), [2.0], [2.0], [2.0]),
+                                  (two_grains, [2.3, 1.7], [2.2, 1.8], [2.5, 1.6]),
+                                  (two_grains, [1.6, 2.4], [1.5, 2.6], [1.4, 2.1]),
+                                  (two_grains, [2.0, 1.8], [2.0, 1.9], [0.2, 0.3])):  # θ(t) < v0: r = 0 fires
+        params = PhaseNeuronParams(tau=torch.tensor(1.7), genotype=genotype, d=torch.tensor(d), h=torch.tensor(h),
+                                   theta=torch.tensor(theta), max_spikes=torch.tensor(budget), signed_digits=signed)
+        site = site_format(params, load_loihi2(), "s")
+        table = firing_table(site)
+        edges = torch.cat([table.low + offset for offset in (-1, 0, 1)])
+        u = torch.cat([torch.randint(-site.limit, site.limit + 1, (20000,), generator=generator), edges, -edges,
+                       torch.tensor([0, site.limit, -site.limit])]).clamp(-site.limit, site.limit)
+        code, interval = fire(u.double(), table)
+        found = (code.long(), table.count[interval], (u if signed else u.abs()) - table.reset_sum[interval],
+                 torch.bincount(interval, minlength=len(table.low)) @ table.pattern)
+        for found, expected in zip(found, step_through(u, site, signed)):
+            assert torch.equal(found, expected)
+        assert len(table.low) <= (3 ** 8 if signed else 2 * 2 ** 8 + 1) and table.count.max() <= (budget or 8)
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler: the fused kernel is not built")
+def test_fused_fixed_point_neuron_equals_its_torch_path():
+    """neuron.kernel.fire_fixed (one pass) gives the torch path's values, codes, intervals and saturation count bit
+    for bit: per-row gains and one gain, values that saturate both ways, halves that round to even, NaN-free."""
+    params = PhaseNeuronParams(tau=torch.tensor(1.3), genotype=torch.arange(8) // 4, d=torch.tensor([2.2, 1.9]),
+                               h=torch.tensor([2.1, 1.9]), theta=torch.tensor([2.4, 1.7]))
+    site = site_format(params, load_loihi2(), "s")
+    table = firing_table(site)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 40, dtype=torch.float64, generator=generator) * site.limit / 3
+    x[0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.0 * site.limit])
+    edges = torch.cat([table.low + offset for offset in (-1.0, -0.5, 0.0, 0.5, 1.0)]).clamp(-site.limit, site.limit)
+    for x, g in ((x, torch.rand(40, dtype=torch.float64, generator=generator) * 2), (x, 0.75), (edges, 1.0)):
+        fused = kernel.fire_fixed(x, g, site.limit, table.low, table.code, site.delta, intervals=True)
+        torch_path = integrate_and_fire(x, g, site, table)
+        assert fused[3] == torch_path[3] and (fused[3] > 0) == (x is not edges)
+        for found, expected in zip(fused[:3], torch_path[:3]):
+            assert torch.equal(found, expected)
+
+
 def test_fixed_point_mode_tracks_the_float_model(built):
     ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(1))
     formats = deployed_formats(built.graph, built.store)
@@ -119,8 +183,9 @@ def disagreements(result, folder, parts: dict, tokens: int = 4, timeout: int = 3
     what differs: spikes (Σ|Δcount|), integer potentials u, final residuals r, output elements."""
     lava = run_emitted(folder, timeout=timeout)
     part, feeds, _ = select_part(result.graph, parts.get("layers"), parts.get("block"))
+    fraction_bits = json.loads((Path(folder) / "network.json").read_text())["payload_fraction_bits"]
     sim = run_fixed(part, result.store, example_inputs(result.graph, result.store, feeds, tokens, 0),
-                    deployed_formats(part, result.store))
+                    deployed_formats(part, result.store, None, fraction_bits))
     by_site = {part[name].site: name for name in sim.counts}
     (output,) = [value for key, value in lava.items() if key.startswith("output:")]
     expected = sim.output(part).numpy()

@@ -157,14 +157,16 @@ def test_potential_level_holds_every_state_the_neuron_reaches(variant):
     assert 2 * level * 2.0 ** exponent / float(params.tau) <= 2 ** 23 - 1 < 2 * level * 2.0 ** (exponent + 1) / float(params.tau)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed_digits"])
 @pytest.mark.parametrize("variant", ZOO)
-def test_flip_level_is_the_largest_jump_of_the_output(variant):
+def test_flip_level_is_the_largest_jump_of_the_output(variant, signed):
     """flip_level against brute force: the largest step between neighbours of a dense grid through phase_quantize
-    (the grid has no 0, so a jump across x = 0 counts whole)."""
-    params = zoo_neurons(T=6)[variant]
+    (the grid has no 0, so a jump across x = 0 counts whole); for the unsigned neuron and as a signed-digit one."""
+    params = dataclasses.replace(zoo_neurons(T=6)[variant], signed_digits=signed)
     grid = torch.linspace(-1.2, 1.2, 600_000)
     jumps = phase_quantize(grid, params).double().diff().abs()
-    assert flip_level(_node(params)) == pytest.approx(float(jumps.max()), rel=1e-6)
+    # the grid's levels are float32 sums (|x̂| ≤ 1.2: a few ulps of 2^-23 each), flip_level sums in float64
+    assert flip_level(_node(params)) == pytest.approx(float(jumps.max()), rel=1e-6, abs=1e-6)
 
 
 def test_flip_level_of_base2_is_one_lsb_and_k_spikes_widen_it():

@@ -23,7 +23,7 @@ from spikecompile.cli import cli
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import evaluate, interpret
 from spikecompile.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, phase_encode, phase_quantize, step_schedule,
+    PhaseNeuronParams, base2_params, even_genotype, phase_encode, phase_quantize, signed_base2_params, step_schedule,
 )
 
 nir = pytest.importorskip("nir", reason="the NIR backend needs the nir extra: pip install 'spikecompile[nir]'")
@@ -93,7 +93,7 @@ def _neuron_inputs(params, width=16):
     generator = torch.Generator().manual_seed(1)
     d, h, _ = step_schedule(params)
     reach = d.sum()  # the largest output
-    thresholds = params.thresholds()
+    thresholds = params.signed_thresholds() if params.signed_digits else params.thresholds()
     cuts = torch.cat([thresholds, thresholds + torch.cat([torch.zeros(1), h.cumsum(0)[:-1]])])
     above = torch.nextafter(cuts, torch.tensor(float("inf")))
     special = torch.cat([cuts, above, torch.zeros(4), reach * torch.tensor([3.0, 1e-9, 0.5])])
@@ -110,9 +110,19 @@ NEURONS = {
                                              theta=torch.tensor([2.1, 2.6])),
     **{f"zoo.{variant}": params for variant, params in zoo_neurons(T=5).items()},
     "budget_at_T": dataclasses.replace(base2_params(0.5, 4), max_spikes=torch.tensor(4)),  # never binds
+    "signed.base2": signed_base2_params(0.5, 6),
+    "signed.fitted": PhaseNeuronParams(tau=torch.tensor(0.8), genotype=even_genotype(5, 2), d=torch.tensor([2.0, 1.93]),
+                                       h=torch.tensor([2.06, 1.97]), theta=torch.tensor([2.03, 1.98]),
+                                       signed_digits=True),
 }
 """Zoo neurons (test_budget_lowering.ZOO): spike budgets K = 1, 2, T − 1 and v0 negative, rate-like (½τ with
-bases 1) and above the late thresholds."""
+bases 1) and above the late thresholds; signed-digit neurons (--coding phase-sd), base 2 and fitted."""
+
+
+def signed_train(x, params):
+    """The reference's signed spike train σ·s_t, float [T, ...] (a signed-digit neuron's s_t carry their sign)."""
+    sign, spikes = phase_encode(x, params)
+    return (spikes if params.signed_digits else sign * spikes).float()
 
 
 # --- coverage and round trip ---------------------------------------------------------------------------------------
@@ -154,27 +164,29 @@ def test_unrolled_neuron_in_nirtorch_is_bit_exact(neuron, tmp_path):
     x = _neuron_inputs(params)
     consumer = NirtorchRunner()
     decoded = run(tmp_path, {"x": x}, consumer)["y"]
-    sign, spikes = phase_encode(x, params)
-    assert torch.equal(consumer.signed_spikes("layers.0.silu", params.T), (sign * spikes).float())
+    assert torch.equal(consumer.signed_spikes("layers.0.silu", params.T), signed_train(x, params))
     assert torch.equal(decoded, phase_quantize(x, params))
 
 
 @pytest.mark.parametrize("neuron", NEURONS)
 def test_unrolled_neuron_has_the_documented_node_count_and_round_trips(neuron, tmp_path):
-    """10T + 2 nodes without a binding budget, 18T − 6K − 2 with one (1 ≤ K < T); read back to the same node."""
+    """10T + 2 nodes without a binding budget, 18T − 6K − 2 with one (1 ≤ K < T), 9T − 1 for a signed-digit
+    neuron; read back to the same node."""
     params = NEURONS[neuron]
     graph = _neuron_graph(params)
     export(graph, {}, tmp_path)
     (path,) = _nir_files(tmp_path)
     nodes = [node for node in nir.read(path).nodes.values() if node.metadata.get("spikecompile.node") == "layers.0.silu"]
     T, K = params.T, int(params.max_spikes)
-    assert len(nodes) == (18 * T - 6 * K - 2 if 0 < K < T else 10 * T + 2)
+    expected = 9 * T - 1 if params.signed_digits else 18 * T - 6 * K - 2 if 0 < K < T else 10 * T + 2
+    assert len(nodes) == expected
     assert_same_export(graph, {}, tmp_path)
 
 
 @requires_norse
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # raised by norse's import
-@pytest.mark.parametrize("neuron", ["fitted", "thresholds_below_v0", "zoo.spikedattn", "zoo.sdllm", "zoo.large_v0"])
+@pytest.mark.parametrize("neuron", ["fitted", "thresholds_below_v0", "zoo.spikedattn", "zoo.sdllm", "zoo.large_v0",
+                                    "signed.fitted"])
 def test_approximate_variant_in_norse_if_neurons_is_labelled_and_exact_in_one_step(neuron, tmp_path):
     params = NEURONS[neuron]
     report = export(_neuron_graph(params), {}, tmp_path, variant="approximate")
@@ -185,8 +197,7 @@ def test_approximate_variant_in_norse_if_neurons_is_labelled_and_exact_in_one_st
     x = _neuron_inputs(params)
     consumer = _norse_consumer()
     decoded = run(tmp_path, {"x": x}, consumer)["y"]
-    sign, spikes = phase_encode(x, params)
-    assert torch.equal(consumer.signed_spikes("layers.0.silu", params.T), (sign * spikes).float())
+    assert torch.equal(consumer.signed_spikes("layers.0.silu", params.T), signed_train(x, params))
     assert torch.equal(decoded, phase_quantize(x, params))
 
 
@@ -321,7 +332,11 @@ def assert_whole_model_runs_in_nirtorch(result, folder, ids):
     assert lowered and {fidelity[name] for name in neurons} - {"exact"} <= {"not expressible in NIR"}
     assert {name for name in neurons if f"{name}.pos.spike0" in consumer.spikes} == set(lowered)
     for name in lowered:
-        assert torch.equal(consumer.spike_planes(name, graph[name].timesteps), recording.spikes[name]), name
+        steps = graph[name].timesteps
+        if graph[name].signed_digits:  # the simulator keeps the signed digits s_t themselves
+            assert torch.equal(consumer.signed_spikes(name, steps), recording.spikes[name].float()), name
+        else:
+            assert torch.equal(consumer.spike_planes(name, steps), recording.spikes[name]), name
     return values[output]
 
 
@@ -330,6 +345,19 @@ def test_whole_model_runs_in_nirtorch_equal_to_the_interpreter_and_simulator(bui
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
     logits = assert_whole_model_runs_in_nirtorch(built, tmp_path, ids)
     assert logits.shape == (1, 24, 128) and logits.isfinite().all()
+
+
+@requires_nirtorch
+def test_phase_sd_model_runs_in_nirtorch_equal_to_the_interpreter_and_simulator(tmp_path_factory, tmp_path):
+    """The tiny model converted with --coding phase-sd: every site lowered on its two Threshold channels, its
+    signed digits (−1 included) and every value the simulator's and interpreter's bit for bit."""
+    from test_signed_lowering import signed_built
+
+    result = signed_built(tmp_path_factory.mktemp("nir-sd"))
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = assert_whole_model_runs_in_nirtorch(result, tmp_path, ids)
+    assert logits.shape == (1, 24, 128) and logits.isfinite().all()
+    assert_same_export(result.graph, result.store, tmp_path)
 
 
 @requires_nirtorch
@@ -447,6 +475,6 @@ def test_an_export_of_another_format_version_asks_to_export_again(tmp_path):
     export(_neuron_graph(NEURONS["zoo.ttfs"]), {}, tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(SpikecompileError, match="NIR manifest format version 1, this spikecompile reads version 2; "
+    with pytest.raises(SpikecompileError, match="NIR manifest format version 1, this spikecompile reads version 3; "
                                                 "export again"):
         read(tmp_path)

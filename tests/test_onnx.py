@@ -1,6 +1,7 @@
 """The ONNX backend: valid models (onnx.checker), run by onnxruntime, equal to the reference simulator — within float
 tolerance on the tiny model, bit for bit (spike planes included) with dyadic weights — with dynamic batch and
-sequence axes, the KV prefix as an input, every IR node type lowered, and clear errors."""
+sequence axes, the KV prefix as an input, every IR node type lowered, and clear errors; the tiny model converted
+with --coding phase and with phase-sd (signed-digit neurons, int8 spike planes)."""
 
 import dataclasses
 import importlib
@@ -30,7 +31,9 @@ from spikecompile.ir import (
     NODE_TYPES, ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, KVPrefix, Linear, MergeHeads, Output,
     PhaseNeuron, ResidualAdd, Rotation, SplitHeads, TensorRef, tensor_refs, validate,
 )
-from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_encode, phase_quantize, step_schedule
+from spikecompile.neuron import (
+    PhaseNeuronParams, base2_params, phase_encode, phase_quantize, signed_base2_params, step_schedule,
+)
 
 export_module = importlib.import_module("spikecompile.backends.onnx.export")  # the package's `export` is the function
 TOLERANCE = 1e-5
@@ -47,9 +50,17 @@ def _relative_error(got, expected):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def phase_built(tmp_path_factory):
     """The tiny model converted (T=6, 2 grains, Hadamard rotation, KV prefix) and built."""
     return build(convert_tiny(tmp_path_factory.mktemp("onnx")), BuildOptions())
+
+
+@pytest.fixture(scope="module", params=["phase", "phase-sd"])
+def built(request, phase_built, tmp_path_factory):
+    """The tiny model converted with --coding phase, or with phase-sd (signed-digit neurons), and built."""
+    if request.param == "phase":
+        return phase_built
+    return build(convert_tiny(tmp_path_factory.mktemp("onnx-sd"), "sd", "--coding", "phase-sd"), BuildOptions())
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +126,24 @@ def test_teacher_forced_check_node_by_node(built, exported, form):
 
 
 @pytest.mark.parametrize("form", ["decoded", "event"])
-def test_batch_and_sequence_length_are_dynamic(built, sessions, form):
+def test_batch_and_sequence_length_are_dynamic(built, exported, sessions, form):
+    """Each row of a batch is the simulator's: node by node (teacher forcing, every coding), and free running for
+    the phase model. (Free running, the phase-sd model's batch of 2 flips one spike whose input ORT's batched
+    MatMul computes 1 ulp off the simulator's; with its input fed, the neuron agrees bit for bit.)"""
+    folder, _ = exported
+    model = onnx.load(str(folder / f"{form}.onnx"))
     for batch, length in ((1, 7), (1, 13), (2, 9)):
         ids = _ids(batch, length, seed=length)
         got = run(sessions[form], {"input_ids": ids}, ["logits"])["logits"]
         assert got.shape == (batch, length, 128)
-        for row in range(batch):
-            expected = simulate(built.graph, built.store, ids[row:row + 1], form).logits
-            assert _relative_error(got[row:row + 1], expected) <= TOLERANCE
+        recording = simulate_run(built.graph, built.store, ids, form)
+        figures = agreement(model, built.graph, {"input_ids": ids}, recording.values)
+        assert figures["input_difference"] <= TOLERANCE and figures["output_difference"] <= TOLERANCE, figures
+        assert figures["flipped_on_equal"] == 0, figures
+        if built.record["coding"]["name"] == "phase":
+            for row in range(batch):
+                expected = simulate(built.graph, built.store, ids[row:row + 1], form).logits
+                assert _relative_error(got[row:row + 1], expected) <= TOLERANCE
 
 
 def test_the_kv_prefix_is_an_input_defaulting_to_the_stored_cache(built, sessions):
@@ -267,15 +288,20 @@ def test_dyadic_weights_give_the_simulators_spike_planes_exactly(tmp_path):
 
 # the generalised neuron: a spike budget and any v0 (test_budget_lowering.ZOO)
 
-BUDGET_NEURONS = {**zoo_neurons(T=6), "budget_at_T": dataclasses.replace(base2_params(0.5, 4), max_spikes=torch.tensor(4))}
+BUDGET_NEURONS = {**zoo_neurons(T=6), "budget_at_T": dataclasses.replace(base2_params(0.5, 4), max_spikes=torch.tensor(4)),
+                  "signed.base2": signed_base2_params(0.5, 6),
+                  "signed.fitted": dataclasses.replace(zoo_neurons(T=6)["large_v0"], v0=None, signed_digits=True),
+                  "signed.budget": dataclasses.replace(signed_base2_params(0.5, 6), max_spikes=torch.tensor(2))}
+"""The zoo, and signed-digit neurons (--coding phase-sd): base 2, fitted bases, and base 2 with a budget K = 2."""
 
 
 def _zoo_inputs(params, generator):
     """[2, 40, 16]: random values up to past saturation, zeros, and every threshold and all-fire cut with its float
     neighbours, both signs."""
     d, h, _ = step_schedule(params)
-    cuts = params.thresholds() + torch.cat([torch.zeros(1), h.cumsum(0)[:-1]])
-    cuts = torch.cat([params.thresholds(), cuts])
+    thresholds = params.signed_thresholds() if params.signed_digits else params.thresholds()
+    cuts = thresholds + torch.cat([torch.zeros(1), h.cumsum(0)[:-1]])
+    cuts = torch.cat([thresholds, cuts])
     special = torch.cat([cuts, torch.nextafter(cuts, torch.tensor(float("inf"))),
                          torch.nextafter(cuts, torch.tensor(-float("inf"))), torch.zeros(3)])
     values = torch.cat([torch.randn(2 * 40 * 16 - 2 * len(special), generator=generator) * d.sum() * 0.7,
@@ -285,8 +311,9 @@ def _zoo_inputs(params, generator):
 
 @pytest.mark.parametrize("neuron", BUDGET_NEURONS)
 def test_budget_and_v0_neurons_are_bitwise_the_simulators(neuron, tmp_path):
-    """One zoo neuron (K = 1, 2, T − 1 or T; v0 negative, ½τ, above θ(t)): decoded x̂ and event spike planes of
-    onnxruntime equal the simulator's (phase_quantize, phase_encode) bit for bit."""
+    """One zoo neuron (K = 1, 2, T − 1 or T; v0 negative, ½τ, above θ(t)) or signed-digit neuron: decoded x̂ and
+    event spike planes (a signed neuron's int8 digits) of onnxruntime equal the simulator's (phase_quantize,
+    phase_encode) bit for bit."""
     params = BUDGET_NEURONS[neuron]
     graph = Graph()
     graph.add_node("x", Input(shape=(2, "seq", 16), dtype="float32", timesteps=params.T))
@@ -306,15 +333,17 @@ def test_budget_and_v0_neurons_are_bitwise_the_simulators(neuron, tmp_path):
     budget = int(params.max_spikes)
     if 0 < budget < params.T:  # the budget binds on these inputs: without it more spikes would fire
         unlimited = dataclasses.replace(params, max_spikes=torch.tensor(0))
-        assert int(spikes.sum(0).max()) == budget < int(phase_encode(x, unlimited)[1].sum(0).max())
+        fired = lambda planes: int((planes != 0).sum(0).max())  # noqa: E731  (a signed digit −1 is a spike too)
+        assert fired(spikes) == budget < fired(phase_encode(x, unlimited)[1])
 
 
 @pytest.mark.parametrize("form", ["decoded", "event"])
-def test_zoo_model_matches_the_simulator_node_by_node(built, form, tmp_path):
+def test_zoo_model_matches_the_simulator_node_by_node(phase_built, form, tmp_path):
     """The tiny model with its sites cycling through the zoo, checked as the SmolLM2 window is (teacher forcing):
     every neuron's input and the logits within float tolerance of the simulator's, and every neuron bit for bit
     the simulator's wherever its input is. (Free running, the rate-like sites' many thresholds catch 1-ulp
     differences of a summation order: a flipped spike then grows layer by layer.)"""
+    built = phase_built
     graph = zoo_graph(built.graph)
     export(graph, built.store, tmp_path, form)
     ids = _ids()

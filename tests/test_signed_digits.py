@@ -160,11 +160,3 @@ def test_convert_phase_sd_round_trips_through_model_pt(tiny_llama_dir, text_file
     assert all(entry["signed_digits"] for entry in record["sites"].values())
     model = load_spiking_model(str(out))
     assert model is not None
-
-
-def test_the_ir_refuses_a_signed_digit_site_naming_it():
-    from spikecompile.errors import SpikecompileError
-    from spikecompile.ir.neurons import PhaseNeuron
-
-    with pytest.raises(SpikecompileError, match=r"^site layers\.2\.silu: the signed-digit neuron"):
-        PhaseNeuron.from_params("layers.2.silu", signed_base2_params(1.0, 6))

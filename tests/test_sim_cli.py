@@ -110,3 +110,21 @@ def test_damaged_sim_json_is_one_line(simulated, tmp_path, edit, field):
     (line,) = result.output.strip().splitlines()
     assert re.search(rf"^error: {damaged}: {field}", line), line
     assert not (tmp_path / "report").exists()
+
+
+def test_phase_sd_model_simulates_and_its_site_overlay_is_one_error(tmp_path):
+    """build --target sim runs a model converted with --coding phase-sd; its report works, but the histogram's level
+    overlay (which enumerates the unsigned neuron) refuses a signed-digit site in one line naming --site, and
+    leaves no report folder."""
+    model = convert_tiny(tmp_path, "sd", "--coding", "phase-sd")
+    out = tmp_path / "sim"
+    result = _invoke("build", model, "--target", "sim", "-o", out, "--text", tmp_path / "calib.txt", "--windows", "1",
+                     "--seqlen", "24", "--no-progress")
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "sim.json").read_text())
+    assert all(site["firing_rate"] > 0 for site in run["sites"].values())
+    assert _invoke("report", out / "sim.json", "-o", tmp_path / "r").exit_code == 0
+    bad = _invoke("report", out / "sim.json", "-o", tmp_path / "h", "--site", "layers.1.silu", "--model", model)
+    assert bad.exit_code == 2 and not (tmp_path / "h").exists()
+    assert re.fullmatch(r"error: --site layers\.1\.silu: a signed-digit site \(--coding phase-sd\).*report without "
+                        r"--site\n", bad.output)

@@ -122,6 +122,7 @@ def test_resume_after_a_real_sigterm_gives_the_identical_model_pt(three_layers, 
     (("-T", "8"), "was made with --timesteps 6, not 8"),
     (("--seed", "3"), "was made with --seed 0, not 3"),
     (("--dtype", "bfloat16"), "was made with --dtype float32, not bfloat16"),
+    (("--spike-penalty", "0.5"), "was made with --spike-penalty 0.0, not 0.5"),
 ])
 def test_resume_with_other_options_is_refused_in_one_line(three_layers, tmp_path, changed, message):
     folder, text, _ = three_layers
@@ -140,6 +141,41 @@ def test_resume_with_other_options_is_refused_in_one_line(three_layers, tmp_path
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --resume: ") and message in lines[0], result.output
     assert (Path(f"{output}.checkpoint") / "state.pt").read_bytes() == before and not output.exists()
+
+
+def test_budgeted_conversion_resumes_to_the_identical_model_pt_and_refuses_another_budget(tmp_path, monkeypatch):
+    """A per-site budget keeps each layer's input hidden states in the checkpoint for its per-layer backward (the
+    site sensitivities): interrupted after layer 0, resumed with another budget (refused, checkpoint kept), then
+    with the same one, it writes the uninterrupted conversion's model.pt."""
+    from spikecompile.budget import LedgerCost
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
+    folder, text = save_case("llama_tied", tmp_path)
+    options = ConvertOptions(grains=2, calib=str(text), calib_windows=2, calib_seqlen=64, samples_per_site=512,
+                             spikes_per_mac=2.5)
+    whole = tmp_path / "whole" / "model.pt"
+    whole.parent.mkdir()
+    convert(str(folder), str(whole), options, progress=False, cost_model=LedgerCost)
+    output = tmp_path / "model.pt"
+    checkpoint = Path(f"{output}.checkpoint")
+
+    def stop(index):
+        if index == 0:
+            raise Interrupted(signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        convert(str(folder), str(output), options, progress=False, cost_model=LedgerCost, on_layer=stop)
+    assert sorted(path.name for path in checkpoint.glob("inputs.*.pt")) == ["inputs.0.pt"]
+    result = CliRunner().invoke(cli, ["convert", str(folder), "-o", str(output), "-n", "2", "--calib", str(text),
+                                      "--calib-windows", "2", "--calib-seqlen", "64", "--samples-per-site", "512",
+                                      "--no-progress", "--spikes-per-mac", "3", "--resume"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: --resume: ") and "with --spikes-per-mac 2.5, not 3.0" in result.output
+    assert (checkpoint / "state.pt").exists() and not output.exists()
+    convert(str(folder), str(output), options, progress=False, cost_model=LedgerCost, resume=True)
+    assert output.read_bytes() == whole.read_bytes()
+    record = torch.load(output, weights_only=True)
+    assert len(set(record["budget"]["timesteps"].values())) >= 2 and not checkpoint.exists()
 
 
 def test_resume_from_another_source_model_and_without_a_checkpoint(three_layers, tmp_path):

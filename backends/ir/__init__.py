@@ -19,12 +19,13 @@ REPORT_FILE = "build.json"
 
 
 def check(options: dict) -> dict:
-    """The IR folder takes no options of its own."""
+    """The IR folder takes no options of its own but --progress (of the load and trace)."""
     return parse_options(OPTIONS, options)
 
 
-def build(result: BuildResult, folder: str | Path) -> dict:
-    """Write the graph, its weights and build.json (what was built from what, and each pass's report)."""
+def build(result: BuildResult, folder: str | Path, progress: bool = True) -> dict:
+    """Write the graph, its weights and build.json (what was built from what, and each pass's report).
+    progress: the load and trace bars (drawn by spikecompile.build); the write is one step and has none."""
     start = time.perf_counter()
     write(result.graph, folder, result.store)
     seconds = {**result.seconds, "write": time.perf_counter() - start}

@@ -51,9 +51,11 @@ from spikecompile.ir import (
 from spikecompile.ir.shapes import bind
 from spikecompile.neuron import phase_encode
 from spikecompile.passes.deployment import (
-    CalibrationRun, check_overflow, deployment_lines, formats_report, sample_saturation,
+    CalibrationRun, calibration_text, check_overflow, deployment_lines, fitted_fraction_bits, formats_report,
+    payload_grids_entry, sample_saturation,
 )
 from spikecompile.passes.loihi_mapping import Formats, deployed_formats
+from spikecompile.progress import bar, shown
 
 FORMAT = "spikecompile.lava"
 FORMAT_VERSION = 1
@@ -97,7 +99,9 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seed: of the example token ids behind reference.npz. text: the fixed-point model's perplexity and saturations
     are measured on `windows` windows of `seqlen` tokens of it (default: saturations on the model's calibration
     text, when it can be read); an accumulator of the part that overflows there is a SpikecompileError unless
-    allow_saturation (deployment.check_overflow), raised before anything is written.
+    allow_saturation (deployment.check_overflow), raised before anything is written. progress: bars on a
+    terminal's stderr (progress.bar): the fixed-point run over the windows, the lowering per IR node, the write
+    per array file.
     """
     seconds = {}
     start = time.perf_counter()
@@ -106,11 +110,15 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seconds["select"] = time.perf_counter() - start
     start = time.perf_counter()
     target = load_loihi2()
-    formats = deployed_formats(part, result.store, target)
-    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, progress)
+    fraction_bits = fitted_fraction_bits(result.graph, result.store, target, result.record, result.tokenizer)
+    formats = deployed_formats(part, result.store, target, fraction_bits)
+    deployment = deployment_report(result, part, formats, text, windows, seqlen, allow_saturation, shown(progress),
+                                   fraction_bits)
     seconds["deployment"] = time.perf_counter() - start
     start = time.perf_counter()
-    program = lower(part, result.store, tokens, target, formats)
+    program = lower(part, result.store, tokens, target, formats, progress)
+    program.network["payload_fraction_bits"] = {name: bits for name, bits in (fraction_bits or {}).items()
+                                                if name in part}
     seconds["lower"] = time.perf_counter() - start
     start = time.perf_counter()
     quantized = quantized_store(part, result.store, target.limits["weight_bits"])
@@ -118,7 +126,7 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     seconds["reference"] = time.perf_counter() - start
     start = time.perf_counter()
     report = {**_report(part, label, tokens, program, reference), "deployment": deployment}
-    write_program(folder, program, reference, readme(report))
+    write_program(folder, program, reference, readme(report), progress)
     seconds["write"] = time.perf_counter() - start
     report["seconds"] = seconds
     report["bytes"] = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
@@ -161,12 +169,14 @@ def example_inputs(graph: Graph, store, feeds: dict[str, str], tokens: int, seed
 
 # ---- lowering -----------------------------------------------------------------------------------------------------
 
-def lower(part: Graph, store, tokens: int, target: Loihi2, formats: Formats | None = None) -> Program:
-    """The program of `part` run at `tokens` tokens (module docstring), in `formats` (default: deployed_formats)."""
+def lower(part: Graph, store, tokens: int, target: Loihi2, formats: Formats | None = None,
+          progress: bool = False) -> Program:
+    """The program of `part` run at `tokens` tokens (module docstring), in `formats` (default: deployed_formats);
+    progress: a bar per IR node on a terminal's stderr."""
     types = validate(part)
     shapes = {name: [bind(dim, {"batch": 1, "seq": tokens}) for dim in types[name].shape] for name in part}
     lowering = _Lowering(part, store, shapes, target, formats or deployed_formats(part, store, target))
-    for name in part.topological_order():
+    for name in bar(part.topological_order(), desc="lava: lower", unit="node", progress=progress):
         lowering.add(name)
     steps = max(lowering.start[name] + part[name].timesteps for name in part)
     fixed_steps = max(start + length for start, length in lowering.fixed.values())
@@ -224,6 +234,7 @@ class _Lowering:
             "v0": float(node.v0)}
         return {"kind": "neuron", "site": node.site, "size": int(np.prod(self.shapes[name])),
                 "timesteps": node.timesteps, "fire_start": self.start[name], "max_spikes": node.max_spikes,
+                "signed_digits": node.signed_digits,
                 "input": {"start": port["start"], "steps": port["steps"],
                           "gain": {"floating_pt": gain["floating_pt"],
                                    "fixed_pt": (np.asarray(gain["fixed_pt"]) / unit).tolist()}},
@@ -405,13 +416,16 @@ def _rope_tables(node: RoPE, length: int) -> dict[str, np.ndarray]:
 # ---- deployment report ----------------------------------------------------------------------------------------------
 
 def deployment_report(result, part: Graph, formats: Formats, text: TextSource | None, windows: int,
-                      seqlen: int | None, allow_saturation: bool, progress: bool = False) -> dict:
+                      seqlen: int | None, allow_saturation: bool, progress: bool = False,
+                      fraction_bits: dict | None = None) -> dict:
     """The part's formats and headroom, its sites' saturations on the stored calibration samples, and the whole
-    fixed-point model run on `text` (or the model's calibration text): the part's saturations and overflows there
-    (an overflow refused unless allow_saturation), and with `text` the perplexity."""
+    fixed-point model (payload grids `fraction_bits`, passes.deployment.fitted_fraction_bits; None: not fitted) run
+    on `text` (or the model's calibration text): the part's saturations and overflows there (an overflow refused
+    unless allow_saturation), and with `text` the perplexity."""
     samples = {site: entry["samples"] for site, entry in result.record["sites"].items() if "samples" in entry}
     report = {"formats": formats_report(part, formats),
-              "sample_saturation": sample_saturation(part, formats, samples)}
+              "sample_saturation": sample_saturation(part, formats, samples),
+              "payload_grids": payload_grids_entry(formats, fraction_bits)}
     data = text or calibration_text(result.record)
     if data is None:
         report["calibration"] = {"checked": False, "why": f"the calibration text {result.record['calibration']['source']}"
@@ -419,7 +433,7 @@ def deployment_report(result, part: Graph, formats: Formats, text: TextSource | 
         return report
     length = seqlen or result.record["calibration"]["seqlen"]
     ids = token_windows(result.tokenizer, data, length, windows, "--text" if text else "calibration")
-    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store))
+    run = CalibrationRun(result.graph, result.store, deployed_formats(result.graph, result.store, None, fraction_bits))
     ppl = perplexity(run, ids, desc="running the fixed-point model", progress=progress)
     names = set(part) | {formats.sites[name].site for name in formats.sites}
     described = f"{data.name} ({len(ids)} x {length} tokens)"
@@ -430,16 +444,6 @@ def deployment_report(result, part: Graph, formats: Formats, text: TextSource | 
         report["perplexity"] = {"ppl": ppl, "text": data.name, "windows": len(ids), "seqlen": length,
                                 "model": "whole model, Loihi 2 fixed point"}
     return report
-
-
-def calibration_text(record: dict) -> TextSource | None:
-    """The text model.pt was calibrated on, when it can still be read unchanged (its sha256); else None."""
-    name = record["calibration"]["source"]
-    try:
-        text = load_text(BUILTIN, name.split(":", 1)[1]) if name.startswith(f"{BUILTIN}:") else load_text(name, "calib")
-    except SpikecompileError:
-        return None
-    return text if text.sha256 == record["calibration"]["sha256"] else None
 
 
 # ---- reference ----------------------------------------------------------------------------------------------------
@@ -469,14 +473,17 @@ def reference_arrays(part: Graph, store, inputs: dict[str, Tensor], quantized) -
                 arrays[f"{output_key}:{name}"] = values[name].numpy()
             elif isinstance(node, PhaseNeuron):
                 _, spikes = phase_encode(values[part.inputs(name)["x"]], node.params())
-                arrays[f"{counts_key}:{node.site}"] = spikes.sum(dim=0).reshape(-1).numpy().astype(np.int64)
+                fired = (spikes != 0).sum(dim=0)  # a signed digit −1 is one spike
+                arrays[f"{counts_key}:{node.site}"] = fired.reshape(-1).numpy().astype(np.int64)
     return arrays
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
 
-def write_program(folder: str | Path, program: Program, reference: dict[str, np.ndarray], readme_text: str) -> None:
-    """Write the program folder (created if absent; the files it names replaced), each file atomically."""
+def write_program(folder: str | Path, program: Program, reference: dict[str, np.ndarray], readme_text: str,
+                  progress: bool = False) -> None:
+    """Write the program folder (created if absent; the files it names replaced), each file atomically;
+    progress: a bar per array file on a terminal's stderr."""
     folder = Path(folder)
     try:
         for sub in ("weights", "arrays", PACKAGE):
@@ -487,7 +494,7 @@ def write_program(folder: str | Path, program: Program, reference: dict[str, np.
     for file in RUNTIME_FILES:
         text = (runtime / file).read_text(encoding="utf-8")
         atomic_write(folder / PACKAGE / file, lambda temp, text=text: Path(temp).write_text(text, encoding="utf-8"))
-    for path, array in program.arrays.items():
+    for path, array in bar(program.arrays.items(), desc="lava: write", unit="array", progress=progress):
         atomic_write(folder / path, lambda temp, array=array: _save_npy(temp, array))
     atomic_write(folder / "reference.npz", lambda temp: _save_npz(temp, reference))
     text = json.dumps(program.network, indent=1) + "\n"

@@ -12,7 +12,7 @@ level, so the steps form a DAG. A segment's NIR graph has an Input node "input.<
 from outside and an Output node "output.<V>" for each value used outside; all other NIR names start with the IR
 node's name (lower.py). manifest.json:
 
-    {"format": "spikecompile.nir", "format_version": 2, "variant": "exact"|"approximate", "nir": <version>,
+    {"format": "spikecompile.nir", "format_version": 3, "variant": "exact"|"approximate", "nir": <version>,
      "files": {<path>: <sha256>},
      "steps": [{"segment": "segments/layers.0.mlp_norm.nir", "nodes": {<IR name>: [[<producer>, <port>], ...]},
                 "inputs": [<IR value>, ...], "outputs": [<IR value>, ...]},
@@ -42,13 +42,15 @@ from ...errors import SpikecompileError
 from ...files import atomic_write, check_writable, file_sha256
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
 from ...ir.serialize import json_text
+from ...progress import bar
 from .. import BuildResult
 from .lower import LOWERINGS, NOT_EXPRESSIBLE, VARIANTS, Lowered, NotExpressible, Variant, lower, vector_width
 from .records import describe
 
 FORMAT = "spikecompile.nir"
-FORMAT_VERSION = 2
-"""2: phase-neuron records carry v0 and max_spikes, and a spike budget unrolls into more stock nodes (lower.py);
+FORMAT_VERSION = 3
+"""3: phase-neuron records carry signed_digits (the signed-digit neuron lowers on one signed potential);
+2: phase-neuron records carry v0 and max_spikes, and a spike budget unrolls into more stock nodes (lower.py);
 1: every neuron 10T + 2 nodes with v0 = ½·τ·2^-T."""
 MANIFEST_FILE = "manifest.json"
 FIDELITY_FILE = "fidelity.json"
@@ -57,31 +59,35 @@ SEGMENTS_FOLDER = "segments"
 EXACT, APPROXIMATED, NOT_IN_NIR = "exact", "approximated", "not expressible in NIR"
 
 
-def build_nir(result: BuildResult, folder: str | Path, strict: bool = False, approximate: bool = False) -> dict:
+def build_nir(result: BuildResult, folder: str | Path, strict: bool = False, approximate: bool = False,
+              progress: bool = True) -> dict:
     """`spikecompile build --target nir`: export the built graph to `folder` (see export); the fidelity report."""
-    return export(result.graph, result.store, folder, strict=strict, variant="approximate" if approximate else "exact")
+    return export(result.graph, result.store, folder, strict=strict, variant="approximate" if approximate else "exact",
+                  progress=progress)
 
 
 def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool = False,
-           variant: str = "exact") -> dict:
+           variant: str = "exact", progress: bool = False) -> dict:
     """Write `graph` (weights from `store`) as a NIR export into `folder` and return its fidelity report.
 
     variant "exact" (stock Threshold/Scale) or "approximate" (IF/Linear, lower.py). strict: a node that NIR
     cannot express and no manifest rule describes is an error (raised before anything is written); otherwise it
-    is listed under "unsupported" in the report and recorded in the manifest all the same.
+    is listed under "unsupported" in the report and recorded in the manifest all the same. progress: bars on a
+    terminal's stderr (progress.bar), one step per IR node lowered, then one per step written (a segment file or
+    a manifest op).
     """
     if variant not in VARIANTS:
         raise SpikecompileError(f"NIR variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     chosen = VARIANTS[variant]
     types = validate(graph)
-    lowered, reasons = _lower_all(graph, types, store, chosen)
+    lowered, reasons = _lower_all(graph, types, store, chosen, progress)
     unsupported = [name for name, reason in reasons.items() if reason is None]
     if strict and unsupported:
         raise SpikecompileError(f"--strict: NIR cannot express, and no manifest rule describes, "
                                 f"{', '.join(f'{name} ({type(graph[name]).__name__})' for name in unsupported)}")
     folder = _prepare(folder)
     files, steps, located = {}, [], {}
-    for members in _steps(graph, set(lowered)):
+    for members in bar(_steps(graph, set(lowered)), desc="nir: write", unit="step", progress=progress):
         if members[0] not in lowered:
             steps.append({**describe(members[0], graph[members[0]]), "inputs": _wiring(graph, members[0])})
             continue
@@ -106,12 +112,12 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool
     return report
 
 
-def _lower_all(graph: Graph, types: dict[str, TensorType], store: TensorStore,
-               variant: Variant) -> tuple[dict[str, Lowered], dict[str, str | None]]:
+def _lower_all(graph: Graph, types: dict[str, TensorType], store: TensorStore, variant: Variant,
+               progress: bool = False) -> tuple[dict[str, Lowered], dict[str, str | None]]:
     """Each node NIR expresses, lowered; for every other node but the graph's inputs and outputs, why not (None:
     no lowering and no manifest rule)."""
     lowered, reasons = {}, {}
-    for name in graph.topological_order():
+    for name in bar(graph.topological_order(), desc="nir: lower", unit="node", progress=progress):
         node = graph[name]
         if type(node) in LOWERINGS:
             try:

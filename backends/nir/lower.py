@@ -42,6 +42,23 @@ earlier spikes k_t can reach K, fire only while k_t < K; in small integers, all 
 K − k_t > ½ ⟺ k_t ≤ K − 1, and −k_t > ½ never, so s_t = [r_t > c_t] ∧ [k_t < K], neuron.reference's budget
 (k_t ≤ K always: spikes stop at K). That adds 2·((T − 2) + 3·(T − K)) nodes: 18T − 6K − 2 in all.
 
+Signed-digit neuron (N.signed_digits, the phase-sd coding): one potential r that keeps its sign, r_0 = x, and the
+thresholds c_t = θ_sd(t) = (2·θ(t) + (−1)^(T−t)·v0)/3 (PhaseNeuronParams.signed_thresholds); its two Threshold
+channels fire on r and on −r:
+
+    N.r0          = Scale(1)(x)
+    N.pos.spike{t} = Threshold(c_t)(N.r{t})                       [r_t > c_t]
+    N.neg.r{t}     = Scale(−1)(N.r{t});  N.neg.spike{t} = Threshold(c_t)(N.neg.r{t})    [−r_t > c_t]
+    N.neg.minus{t} = Scale(−1)(N.neg.spike{t})
+    N.s{t}         = Scale(1)(N.pos.spike{t} + N.neg.minus{t})     s_t ∈ {−1, 0, +1}
+    N.reset{t}     = Scale(−h(t))(N.s{t});  N.r{t+1} = Scale(1)(N.r{t} + N.reset{t})    (t < T−1)
+    N.out{t}       = Scale(d(t))(N.s{t});   N.sum{t} = Scale(1)(N.sum{t−1} + N.out{t})  (N.sum0 is N.out0)
+    N              = Scale(1)(N.sum{T−1})                           x̂ = Σ_t d(t)·s_t
+
+−h(t)·s_t and d(t)·s_t are exact, so each r_{t+1} and sum is one rounding, as in neuron.reference; the signed
+train is N.pos.spike{t} − N.neg.spike{t} = s_t, as for the unsigned neuron: 9T − 1 nodes. A binding spike budget
+on a signed-digit neuron (no coding makes one) is not lowered: the node runs from its record.
+
 Synapse: IR Linear → Affine(W, b), or Linear(W) without bias. Residual add: Scale(1) fed by both inputs.
 The d(t) weights stay in the Scale nodes: folding them into the next synapse would store its weights T times.
 
@@ -148,8 +165,10 @@ X = Port("x")
 
 def lower_phase_neuron(name: str, node: PhaseNeuron, width: int, variant: Variant, store: TensorStore) -> Lowered:
     """The phase neuron unrolled over its T steps into two sign channels (the module docstring): 10T + 2 nodes,
-    18T − 6K − 2 with a spike budget 1 ≤ K < T."""
+    18T − 6K − 2 with a spike budget 1 ≤ K < T; a signed-digit neuron 9T − 1 on one signed potential."""
     params = node.params()
+    if params.signed_digits:
+        return _lower_signed_digits(name, params, width, variant)
     d, h, _ = step_schedule(params)
     thresholds, output_weights, resets = params.thresholds().tolist(), d.tolist(), h.tolist()
     budget = node.max_spikes if 0 < node.max_spikes < params.T else 0  # K ≥ T never binds
@@ -181,6 +200,32 @@ def lower_phase_neuron(name: str, node: PhaseNeuron, width: int, variant: Varian
                 potential = lowered.add(f"{channel}.r{t + 1}", variant.scale(1.0, width), potential, drop)
         totals.append(total)
     lowered.add(None, variant.scale(1.0, width), *totals)
+    return lowered
+
+
+def _lower_signed_digits(name: str, params, width: int, variant: Variant) -> Lowered:
+    """The signed-digit neuron unrolled over its T steps on one signed potential (the module docstring): 9T − 1
+    nodes."""
+    if 0 < int(params.max_spikes) < params.T:
+        raise NotExpressible(f"a signed-digit neuron with a spike budget K = {int(params.max_spikes)} < T: the "
+                             f"budget's count of nonzero digits is not lowered")
+    d, h, _ = step_schedule(params)
+    thresholds, output_weights, resets = params.signed_thresholds().tolist(), d.tolist(), h.tolist()
+    lowered = Lowered(name)
+    potential = lowered.add("r0", variant.scale(1.0, width), X)
+    total = None
+    for t in range(params.T):
+        up = lowered.add(f"pos.spike{t}", variant.threshold(thresholds[t], width), potential)
+        negated = lowered.add(f"neg.r{t}", variant.scale(-1.0, width), potential)
+        down = lowered.add(f"neg.spike{t}", variant.threshold(thresholds[t], width), negated)
+        minus = lowered.add(f"neg.minus{t}", variant.scale(-1.0, width), down)
+        digit = lowered.add(f"s{t}", variant.scale(1.0, width), up, minus)
+        out = lowered.add(f"out{t}", variant.scale(output_weights[t], width), digit)
+        total = out if total is None else lowered.add(f"sum{t}", variant.scale(1.0, width), total, out)
+        if t + 1 < params.T:
+            drop = lowered.add(f"reset{t}", variant.scale(-resets[t], width), digit)
+            potential = lowered.add(f"r{t + 1}", variant.scale(1.0, width), potential, drop)
+    lowered.add(None, variant.scale(1.0, width), total)
     return lowered
 
 

@@ -41,8 +41,10 @@ def write_reference_trace(folder: str | Path, inputs: dict[str, Tensor]) -> Path
         observed.update({f"output.{value}": _node_data(value=values[value]) for value in step["outputs"]})
         for name in step["nodes"]:
             if isinstance(graph[name], PhaseNeuron):
-                sign, spikes = phase_encode(values[graph.inputs(name)["x"]], graph[name].params())
-                observed[name] = _node_data(value=values[name], spikes=(sign * spikes).to(torch.int8))
+                params = graph[name].params()
+                sign, spikes = phase_encode(values[graph.inputs(name)["x"]], params)
+                train = spikes if params.signed_digits else sign * spikes  # signed digits carry their sign
+                observed[name] = _node_data(value=values[name], spikes=train.to(torch.int8))
     path = Path(folder) / TRACE_FILE
     data = nir.NIRGraphData(nodes=observed)
     atomic_write(path, lambda temp: write_hdf5(temp, lambda stream: nir.write_data(stream, data)))

@@ -40,9 +40,10 @@ def check(options: dict) -> dict:
     return parsed
 
 
-def build(result: BuildResult, folder: str | Path, *, onnx_form: str = "both", spike_outputs: bool = False) -> dict:
+def build(result: BuildResult, folder: str | Path, *, onnx_form: str = "both", spike_outputs: bool = False,
+          progress: bool = True) -> dict:
     """build_onnx under the option names of `spikecompile build`."""
-    return build_onnx(result, folder, onnx_form, spike_outputs)
+    return build_onnx(result, folder, onnx_form, spike_outputs, progress)
 
 
 def report_lines(report: dict, folder: str | Path) -> list[str]:

@@ -29,6 +29,7 @@ from ... import __version__
 from ...errors import SpikecompileError
 from ...files import atomic_write, check_writable
 from ...ir import Graph, TensorStore, validate
+from ...progress import bar
 from .. import BuildResult
 from .builder import GraphBuilder
 from .lower import FORMS, Context, lowering
@@ -51,16 +52,18 @@ def check_form(form: str) -> tuple[str, ...]:
     return FORMS if form == "both" else (form,)
 
 
-def build_onnx(result: BuildResult, folder: str | Path, form: str = "both", spike_outputs: bool = False) -> dict:
+def build_onnx(result: BuildResult, folder: str | Path, form: str = "both", spike_outputs: bool = False,
+               progress: bool = True) -> dict:
     """`spikecompile build --target onnx`: export the built graph to `folder` (see export); the report."""
-    return export(result.graph, result.store, folder, form, spike_outputs)
+    return export(result.graph, result.store, folder, form, spike_outputs, progress)
 
 
 def export(graph: Graph, store: TensorStore, folder: str | Path, form: str = "both",
-           spike_outputs: bool = False) -> dict:
+           spike_outputs: bool = False, progress: bool = False) -> dict:
     """Write `graph` (weights from `store`) as ONNX models of `form` into `folder` and return the report (also
     written as onnx.json). spike_outputs: the event form also outputs every neuron's spike planes. Every node's
-    lowering is looked up before anything is written; one form is held in memory at a time."""
+    lowering is looked up before anything is written; one form is held in memory at a time. progress: a bar per
+    form on a terminal's stderr, one step per IR node lowered (the write and check that follow are one step)."""
     forms = check_form(form)
     for name in graph:
         lowering(name, graph[name])
@@ -69,7 +72,7 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, form: str = "bo
               "ir_nodes": len(graph), "forms": {}}
     for name in forms:
         start = time.perf_counter()
-        model = to_onnx(graph, store, name, spike_outputs)
+        model = to_onnx(graph, store, name, spike_outputs, progress)
         lowered = time.perf_counter()
         files = write_model(model, folder / f"{name}.onnx")
         report["ir_version"] = model.ir_version
@@ -81,8 +84,10 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, form: str = "bo
     return report
 
 
-def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outputs: bool = False) -> onnx.ModelProto:
-    """The ONNX model of `graph` in one form (weights embedded); SpikecompileError naming the node at fault."""
+def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outputs: bool = False,
+            progress: bool = False) -> onnx.ModelProto:
+    """The ONNX model of `graph` in one form (weights embedded); SpikecompileError naming the node at fault.
+    progress: a bar on a terminal's stderr, one step per IR node."""
     if form not in FORMS:
         raise SpikecompileError(f"onnx form {form!r}: a model holds one form, {' or '.join(FORMS)}")
     types = validate(graph)
@@ -93,7 +98,7 @@ def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outpu
     builder = GraphBuilder(store)
     context = Context(builder, {}, event, spike_outputs and event)
     values = {}
-    for name in graph.topological_order():
+    for name in bar(graph.topological_order(), desc=f"onnx {form}: lower", unit="node", progress=progress):
         node = graph[name]
         lower = lowering(name, node)
         builder.scope = name

@@ -5,13 +5,16 @@ decoded  every value is the tensor the IR node's decoded equation gives ([batch,
          neuron.reference.magnitude_spikes runs them (so it is bitwise phase_quantize):
              r_0 = |x|;  s_t = [r_t > θ(t) − v0] ∧ [K = 0 ∨ Σ_{u<t} s_u < K];  r_{t+1} = r_t − h(t)·s_t;
              x̂ = sign(x)·(((d(0)s_0 + d(1)s_1) + …))
+         a signed-digit neuron (phase-sd) as neuron.reference.signed_spikes runs it, on the signed potential:
+             r_0 = x;  s_t = ([r_t > θ_sd(t)] − [−r_t > θ_sd(t)])·[K = 0 ∨ Σ_{u<t} |s_u| < K];  r_{t+1} = r_t − h(t)·s_t;
+             x̂ = ((d(0)s_0 + d(1)s_1) + …)   (no sign: each digit carries its own)
 event    every float value is a stack [T, batch, seq, ...] of its T per-step tensors (their sum is the decoded
          value), under the event rules of the IR docstrings, as backends.sim.simulate runs them: a linear node maps
          every step (a constant — bias, embedding row, prefix cache, graph input — enters at t = 0 only); a
          nonlinear node emits f(X_t) − f(X_{t−1}) on the running sums X_t (CumSum); an activation product emits
          S_A(t)·S_B(t) − S_A(t−1)·S_B(t−1) (the causal running-sum rule, one product per step); a phase neuron
          integrates its input window (ReduceSum over the steps), unrolls its T phases into the spike planes s_t,
-         and emits y_t = σ·d(t)·s_t. Token ids are not stepped. Products and nonlinearities keep the running sums
+         and emits y_t = σ·d(t)·s_t (signed digits: y_t = d(t)·s_t). Token ids are not stepped. Products and nonlinearities keep the running sums
          they compute (Context.running): their consumers read those (a neuron's window: the last step) rather
          than summing the per-step values again, as backends.sim.simulate does.
 
@@ -42,7 +45,8 @@ from .builder import GraphBuilder, element_type, tensor_proto, value_info
 
 FORMS = ("decoded", "event")
 SPIKES_SUFFIX = ".spikes"
-"""An event-form export with spike outputs adds, per phase neuron N, the output "N.spikes": bool [T, *shape]."""
+"""An event-form export with spike outputs adds, per phase neuron N, the output "N.spikes": bool [T, *shape] (a
+signed-digit neuron's: int8 s_t ∈ {−1, 0, +1}, as the simulator keeps them)."""
 
 
 @dataclasses.dataclass
@@ -312,21 +316,25 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
     [T, ...], and on request the spike planes s_t as the bool output "<name>.spikes"."""
     b, x = ctx.builder, inputs["x"]
     dtype = ctx.dtype(x)
+    signed = node.signed_digits
     window = ctx.window(x) if ctx.event else x  # integrate-then-fire
-    spikes = _spikes(ctx, name, node, b.op("Abs", window), dtype)
+    spikes = (_signed_spikes(ctx, name, node, window, dtype) if signed
+              else _spikes(ctx, name, node, b.op("Abs", window), dtype))
     weights, _, _ = (values.to(dtype) for values in step_schedule(node.params()))
-    sign = b.op("Sign", window)
     if not ctx.event:  # Σ_t d(t)·s_t accumulated in step order, as neuron.reference.weighted_spike_sum
         total = b.op("Mul", spikes[0], b.tensor(f"{name}.d.0", weights[0]))
         for t in range(1, node.timesteps):
             total = b.op("Add", total, b.op("Mul", spikes[t], b.tensor(f"{name}.d.{t}", weights[t])))
-        return b.op("Mul", sign, total)
+        return total if signed else b.op("Mul", b.op("Sign", window), total)
     planes = b.op("Concat", *(b.op("Unsqueeze", spike, b.ints(0)) for spike in spikes), axis=0)
     if ctx.spike_outputs:
-        b.op("Cast", planes, to=TensorProto.BOOL, output=name + SPIKES_SUFFIX)
-        b.outputs.append(value_info(name + SPIKES_SUFFIX, TensorType(ctx.types[x].shape, "bool"), (node.timesteps,)))
-    per_step = weights.view(-1, *[1] * (ctx.rank(x) - 1))
-    return b.op("Mul", b.op("Mul", sign, b.tensor(f"{name}.d", per_step)), planes)
+        kind = "int8" if signed else "bool"
+        b.op("Cast", planes, to=element_type(kind), output=name + SPIKES_SUFFIX)
+        b.outputs.append(value_info(name + SPIKES_SUFFIX, TensorType(ctx.types[x].shape, kind), (node.timesteps,)))
+    per_step = b.tensor(f"{name}.d", weights.view(-1, *[1] * (ctx.rank(x) - 1)))
+    if signed:
+        return b.op("Mul", per_step, planes)
+    return b.op("Mul", b.op("Mul", b.op("Sign", window), per_step), planes)
 
 
 def _spikes(ctx: Context, name: str, node: PhaseNeuron, magnitude: str, dtype: torch.dtype) -> list[str]:
@@ -352,6 +360,32 @@ def _spikes(ctx: Context, name: str, node: PhaseNeuron, magnitude: str, dtype: t
         if t + 1 < node.timesteps:
             reset = b.op("Mul", spikes[t], b.tensor(f"{name}.h.{t}", resets[t].to(dtype)))
             residual = b.op("Sub", residual, reset)
+    return spikes
+
+
+def _signed_spikes(ctx: Context, name: str, node: PhaseNeuron, x: str, dtype: torch.dtype) -> list[str]:
+    """s_0..s_{T−1} (−1./0./1. in dtype) of neuron.reference.signed_spikes: r_0 = x, s_t = [r_t > θ_sd(t)] −
+    [−r_t > θ_sd(t)], r_{t+1} = r_t − h(t)·s_t (h(t)·s_t exact: one rounding, as addcmul). With a spike budget
+    1 ≤ K < T the steps t ≥ K are masked by [k_t < K], k_t = Σ_{u<t} |s_u| (small integers, exact)."""
+    b = ctx.builder
+    params = node.params()
+    _, resets, _ = step_schedule(params)
+    thresholds = params.signed_thresholds().to(dtype)
+    budget = node.max_spikes if 0 < node.max_spikes < node.timesteps else 0
+    spikes, residual, count = [], x, None
+    for t in range(node.timesteps):
+        threshold = b.tensor(f"{name}.threshold.{t}", thresholds[t])
+        up = b.op("Cast", b.op("Greater", residual, threshold), to=element_type(dtype))
+        down = b.op("Cast", b.op("Greater", b.op("Neg", residual), threshold), to=element_type(dtype))
+        digit = b.op("Sub", up, down)
+        if budget and t >= budget:
+            open_ = b.op("Less", count, b.tensor(f"{name}.max_spikes", torch.tensor(float(budget), dtype=dtype)))
+            digit = b.op("Mul", digit, b.op("Cast", open_, to=element_type(dtype)))
+        spikes.append(digit)
+        if budget and t + 1 < node.timesteps:
+            count = b.op("Abs", digit) if count is None else b.op("Add", count, b.op("Abs", digit))
+        if t + 1 < node.timesteps:
+            residual = b.op("Sub", residual, b.op("Mul", digit, b.tensor(f"{name}.h.{t}", resets[t].to(dtype))))
     return spikes
 
 

@@ -19,7 +19,8 @@ from .counting import SpikeTally, check_attention, count
 from .results import SimRun
 
 def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attention: str = "causal") -> SimRun:
-    """Counts for one sequence of `seq_len` tokens with the firing rate rates[kind] at every site of that kind."""
+    """Counts for one sequence of `seq_len` tokens with the firing rate rates[kind] at every site of that kind
+    (rates[site], where given, at that one site: a per-site allocation)."""
     check_attention(attention)
     if not (isinstance(seq_len, int) and seq_len >= 1):
         raise SpikecompileError(f"sequence length {seq_len!r}: must be an int ≥ 1")
@@ -30,7 +31,7 @@ def analytic_run(graph: Graph, seq_len: int, rates: Mapping[str, float], attenti
         node = graph[name]
         if not isinstance(node, PhaseNeuron):
             continue
-        rate = _rate(rates, node.kind)
+        rate = _rate(rates, node.site if node.site in rates else node.kind)
         shape = shapes[name]
         elements = int(torch.Size(shape).numel())
         positions = shape[-2] if len(shape) >= 2 else 1

@@ -99,7 +99,10 @@ class SpikeTally:
 
     @classmethod
     def of(cls, events: Tensor) -> SpikeTally:
-        """The tally of spike planes (bool or 0./1.) or expected spikes [T, *shape]."""
+        """The tally of spike planes (bool or 0./1.; a signed-digit neuron's int8 s_t, each nonzero one spike) or
+        expected spikes [T, *shape]."""
+        if not events.is_floating_point():
+            events = events != 0
         exact = torch.int64 if not events.is_floating_point() else torch.float64
         dims = tuple(range(1, events.dim()))
         per_step = events.sum(dim=dims, dtype=exact) if dims else events.to(exact)
@@ -175,12 +178,17 @@ def _real(mac: float = 0.0, adds: float = 0.0, writes: float = 0.0) -> Counts:
     return Counts(mac=mac, ac=adds, reads=2 * (mac + adds), writes=writes)
 
 
+def _int8_matmul(macs: float, writes: float) -> Counts:
+    """An ANN matmul's real-valued work, its MACs marked as the ones an int8 ANN runs in 8 bit."""
+    return _real(mac=macs, writes=writes) + Counts(int8_mac=macs)
+
+
 def _linear(node: Linear, operands, out, steps, attention):
     x = operands["x"]
     rows, fan_in, fan_out = math.prod(out.shape[:-1]), x.shape[-1], out.shape[-1]
     outputs = rows * fan_out
     snn = _driven(x, x.total() * fan_out, outputs, steps) + Counts(writes=outputs * steps)
-    ann = _real(mac=rows * fan_in * fan_out, writes=outputs)
+    ann = _int8_matmul(rows * fan_in * fan_out, writes=outputs)
     if node.bias is not None:  # enters once, at t = 0
         snn, ann = snn + _real(adds=outputs), ann + _real(adds=outputs)
     return snn, ann
@@ -261,7 +269,7 @@ def _activation_matmul(node: ActivationMatmul, operands, out, steps, attention):
            + _running_sums(a) + _running_sums(b) + Counts(writes=outputs * steps))
     heads = math.prod(out.shape[:-2])
     pairs = float(_visible_keys(queries, keys, attention).sum()) * heads
-    return snn, _real(mac=pairs * depth, writes=outputs)
+    return snn, _int8_matmul(pairs * depth, writes=outputs)
 
 
 def _running_sums(operand: _Operand) -> Counts:

@@ -10,7 +10,9 @@ import torch
 
 from spikecompile.data import load_text, token_windows
 from spikecompile.evaluation import perplexity
-from spikecompile.passes.deployment import CalibrationRun, check_overflow, saturation_lines
+from spikecompile.passes.deployment import (
+    CalibrationRun, check_overflow, fitted_fraction_bits, payload_grids_entry, saturation_lines,
+)
 from spikecompile.passes.loihi_mapping import deployed_formats
 from spikecompile.files import file_sha256
 from spikecompile.hardware.energy import load_target
@@ -48,9 +50,12 @@ def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen
     run, ppl = measure(result.graph, result.store, token_ids, mode, attention, mask_steps, dtype, progress)
     ppl_float, saturation = ppl, None
     if formats is not None:  # the counts stay the float run's; the perplexity is the deployed model's
+        fraction_bits = fitted_fraction_bits(result.graph, result.store, None, result.record, result.tokenizer)
+        formats = deployed_formats(result.graph, result.store, None, fraction_bits)
         fixed = CalibrationRun(result.graph, result.store, formats)
         ppl = perplexity(fixed, token_ids, desc="simulating (loihi2 fixed point)", progress=progress)
-        saturation = {"data": f"{text.name} ({len(token_ids)} x {seqlen} tokens)", **fixed.report()}
+        saturation = {"data": f"{text.name} ({len(token_ids)} x {seqlen} tokens)", **fixed.report(),
+                      "payload_grids": payload_grids_entry(formats, fraction_bits)}
         check_overflow(saturation["synapses"], allow_saturation, saturation["data"])
     folder = Path(folder)
     folder.mkdir(exist_ok=True)
@@ -60,10 +65,18 @@ def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen
             "mask_steps": mask_steps, "dtype": "float64" if float64 else "float32", "ppl": ppl,
             "numerics": numerics, "ppl_float": ppl_float, "loihi2": saturation,
             "seed": result.record["conversion"]["seed"]}
-    save_run(run, folder / RUN_FILE, meta)
     energy = ledger(run, energy_target, attention)
+    save_run(run, folder / RUN_FILE, meta, energy_summary(energy))
     write_report(run, energy, folder)
     return {"meta": meta, "ledger": energy}
+
+
+def energy_summary(energy: dict) -> dict:
+    """What sim.json keeps of the ledger: the target, and per column (snn, ann, ann_int8) and tier the energy per
+    token and sequence with the SNN's ratios (report.json holds the whole ledger)."""
+    total = energy["total"]
+    return {"target": energy["target"]["name"], "unit": energy["unit"],
+            **{key: value for key, value in total.items() if key != "counts"}}
 
 
 def report_lines(report: dict, folder: str | Path) -> list[str]:
@@ -77,7 +90,11 @@ def report_lines(report: dict, folder: str | Path) -> list[str]:
         lines += ["  " + line for line in saturation_lines(meta["loihi2"], meta["loihi2"]["data"])]
     for tier in ("compute", "neuron", "memory"):
         snn, ann = (total[side]["per_token"][tier] for side in ("snn", "ann"))
-        lines.append(f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}")
+        line = f"  {tier:<8} per token: SNN {snn:.4g} J   ANN {ann:.4g} J   SNN/ANN {snn / ann:.3f}"
+        if "ann_int8" in total:
+            int8 = total["ann_int8"]["per_token"][tier]
+            line += f"   ANN int8 {int8:.4g} J   SNN/ANN int8 {snn / int8:.3f}"
+        lines.append(line)
     folder = Path(folder)
     lines.append(f"wrote {folder / RUN_FILE} and the report ({folder / 'report.md'})")
     return lines

@@ -59,9 +59,11 @@ def mean_run(runs: list[SimRun]) -> SimRun:
                   sites=sites)
 
 
-def save_run(run: SimRun, path: str | Path, meta: dict) -> None:
-    """Write the run (counts per node, sites) and `meta` (model, mode, windows, perplexity, ...) as JSON."""
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "tokens": run.tokens,
+def save_run(run: SimRun, path: str | Path, meta: dict, energy: dict | None = None) -> None:
+    """Write the run (counts per node, sites), `meta` (model, mode, windows, perplexity, ...) and, when given, the
+    ledger's `energy` summary (informational: report prices the counts again) as JSON."""
+    extra = {} if energy is None else {"energy": energy}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, **extra, "tokens": run.tokens,
                "layers": run.layers, "sites": run.sites,
                "snn": {name: counts.to_dict() for name, counts in run.snn.items()},
                "ann": {name: counts.to_dict() for name, counts in run.ann.items()}}

@@ -27,6 +27,7 @@ FORMAT = "spikecompile.report"
 FORMAT_VERSION = 1
 DPI = 100
 HISTOGRAM_BINS = 200
+SIDE_LABELS = {"snn": "SNN", "ann": "ANN", "ann_int8": "ANN int8"}
 
 
 def write_report(run: SimRun, ledger_dict: dict, folder: str | Path, site: str | None = None,
@@ -67,6 +68,9 @@ def reachable_levels(neuron: PhaseNeuronParams, low: float, high: float) -> Tens
     """
     if neuron.batch_shape != ():
         raise ValueError(f"reachable_levels: one site's neuron (batch shape ()), got {tuple(neuron.batch_shape)}")
+    if neuron.signed_digits:
+        raise ValueError("reachable_levels: the enumeration follows |x| through the unsigned neuron; a signed-digit "
+                         "neuron's potential keeps its sign")
     levels = [torch.zeros(1, dtype=neuron.tau.dtype)] if low <= 0 <= high else []
     if high > 0:
         levels.append(_magnitude_levels(neuron, max(low, 0.0), high))
@@ -144,6 +148,9 @@ def site_histogram(run: SimRun, site: str, samples: Tensor | None, neuron: Phase
         raise SpikecompileError(f"site {site!r} unknown: give one of {', '.join(sorted(run.sites)[:5])}, …")
     if samples is None or neuron is None:
         raise ValueError(f"site_histogram: site {site} needs its calibration samples and its neuron")
+    if neuron.signed_digits:  # checked before any output is written: the report folder is made whole or not at all
+        raise SpikecompileError(f"--site {site}: a signed-digit site (--coding phase-sd); the histogram's level "
+                                f"overlay enumerates the unsigned phase neuron only: report without --site")
     samples = samples.detach().flatten().float()
     if samples.numel() == 0 or not bool(torch.isfinite(samples).all()):
         raise SpikecompileError(f"site {site}: no finite calibration samples stored; re-convert the model")
@@ -180,16 +187,18 @@ def energy_figure(ledger_dict: dict) -> Figure:
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
     total = ledger_dict["total"]
-    width = 0.38
-    for offset, side in ((-width / 2, "ann"), (width / 2, "snn")):
+    sides = [side for side in ("ann_int8", "ann", "snn") if side in total]
+    width = 0.8 / len(sides)
+    for number, side in enumerate(sides):
+        offset = (number - (len(sides) - 1) / 2) * width
         values = [total[side]["per_sequence"][tier] for tier in TIERS]
-        bars = axes.bar([index + offset for index in range(len(TIERS))], values, width, label=side.upper())
+        bars = axes.bar([index + offset for index in range(len(TIERS))], values, width, label=SIDE_LABELS[side])
         if side == "snn":
             ratios = [total["snn_over_ann"][tier] for tier in TIERS]
             axes.bar_label(bars, [f"×{ratio:.2f}" if ratio is not None else "" for ratio in ratios], fontsize=8)
     axes.set_xticks(range(len(TIERS)), list(TIERS.values()))
     axes.set_ylabel(f"energy per sequence of {ledger_dict['tokens']} tokens ({ledger_dict['unit']})")
-    axes.set_title(f"Energy, ANN vs SNN ({ledger_dict['target']['name']}, attention {ledger_dict['attention']})")
+    axes.set_title(f"Energy, ANNs vs SNN ({ledger_dict['target']['name']}, attention {ledger_dict['attention']})")
     axes.legend()
     figure.tight_layout()
     return figure
@@ -237,12 +246,16 @@ def markdown(ledger_dict: dict, rates: dict, histogram: dict | None, images: dic
 
 
 def _tier_table(ledger_dict: dict) -> str:
+    """Per tier: each column's energy per sequence and per token, and the SNN over each ANN (fp32, int8)."""
     total = ledger_dict["total"]
-    rows = [[label, *(_joules(total[side][scope][tier]) for scope in ("per_sequence", "per_token")
-                      for side in ("ann", "snn")), _ratio(total["snn_over_ann"][tier])]
+    sides = [side for side in ("ann", "ann_int8", "snn") if side in total]
+    anns = [side for side in sides if side != "snn"]
+    rows = [[label, *(_joules(total[side][scope][tier]) for scope in ("per_sequence", "per_token") for side in sides),
+             *(_ratio(total[f"snn_over_{side}"][tier]) for side in anns)]
             for tier, label in TIERS.items()]
-    return _table(["tier", "ANN per sequence", "SNN per sequence", "ANN per token", "SNN per token", "SNN / ANN"],
-                  rows)
+    header = ["tier", *(f"{SIDE_LABELS[side]} per {scope}" for scope in ("sequence", "token") for side in sides),
+              *(f"SNN / {SIDE_LABELS[side]}" for side in anns)]
+    return _table(header, rows)
 
 
 def _counts_table(counts: dict) -> str:

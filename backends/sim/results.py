@@ -27,6 +27,9 @@ Counting convention (per sequence of L tokens, batch 1; SNN under the event rule
 * Memory: SNN — each AC reads one 32-bit word (the weight or running-sum entry) plus the 1-bit spike that drives
   it; real-valued ops read two 32-bit words per MAC; every real output written per step is a 32-bit write,
   every spike a 1-bit write. ANN — two 32-bit reads per MAC or add, one 32-bit write per output element.
+* int8 ANN (priced where the target gives mac_int8 and read_int8): the same ANN counts, with every matmul MAC
+  (Linear, QKᵀ, P·V: weight × activation or activation × activation) an 8-bit integer MAC into a 32-bit sum and
+  its two operand reads 8-bit (W8A8); norms, softmax, SiLU, RoPE, rotations, ⊙, adds and every write stay 32-bit.
 * Attention: "causal" counts only the query-key pairs a causal mask keeps (and the prefix keys); "full"
   counts every pair (hardware that computes the whole score matrix and masks it).
 """
@@ -50,6 +53,9 @@ class Counts:
     """32-bit words written (real outputs, running sums)"""
     spike_writes: float = 0.0
     """1-bit spike writes (one per spike emitted)"""
+    int8_mac: float = 0.0
+    """ANN only: of `mac`, the matmul MACs (Linear, QKᵀ, P·V) an int8 (W8A8) ANN runs as 8-bit integer MACs,
+    each with its two operand reads (2 of `reads`) 8-bit"""
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})

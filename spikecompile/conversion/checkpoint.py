@@ -6,6 +6,9 @@ continues from, removed once model.pt is written.
     prefix.json       the selected KV prefix (or null), once the prefix pass is done
     state.pt          after each calibrated layer: its index, every site sample so far, the rotation record so
                       far, and the hidden states of the prefix and the windows entering the next layer
+    inputs.<i>.pt     with a per-site budget only: the hidden states of the prefix and the windows entering layer
+                      i (i = the layer count: the final norm), which the budget's per-layer backward (the site
+                      sensitivities, conversion.budget.site_fisher_part) runs each layer on again
 
 Each file is written atomically (files.atomic_write), so an interruption leaves the last whole state.
 """
@@ -81,6 +84,17 @@ class Checkpoint:
 
     def save_state(self, state: dict) -> None:
         atomic_write(self.folder / STATE, lambda temp: _torch_save(state, temp))
+
+    def save_inputs(self, index: int, inputs: dict) -> None:
+        atomic_write(self.folder / f"inputs.{index}.pt", lambda temp: _torch_save(inputs, temp))
+
+    def load_inputs(self, index: int) -> dict:
+        path = self.folder / f"inputs.{index}.pt"
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as error:  # written atomically by this conversion: only a foreign or damaged file gets here
+            raise SpikecompileError(f"{path}: unreadable ({type(error).__name__}); run convert without --resume to "
+                                    f"start over") from None
 
     def remove(self) -> None:
         """Delete the checkpoint this conversion started or resumed (another one in its place stays)."""

@@ -17,6 +17,12 @@ budget K (neuron.py), each coding fixes:
                 symmetric b-bit integer count c_x = clamp(⌈(m − c)/τ − ½⌉, 0, K), unfolded into |c_x| ternary
                 spikes σ·s_t; c ≥ 0 is the membrane clipping (0: plain round to nearest)
 
+sdllm with --sdllm-scales per-token (SDLLM's and QuaRot's min-max scales): τ is not a site constant but each
+token's own, computed at run time: τ_row = max|x_row| / K over the last dim (a token's features; per head and
+token for q, k, v; per query row for the softmax probabilities), then the sdllm neuron at τ = 1 runs on x / τ_row
+and its output is scaled back by τ_row (sdllm_per_token). The max and the divide are real operations that
+no IR node expresses, so this option runs in the conversion path (eval, zeroshot) and build refuses it.
+
 τ is chosen per site by the error on its calibration samples (a grid search on the closed forms above, the
 same grid as the base-2 baseline), never by the raw maximum. The closed forms are used only to search;
 the fitted neuron's reported MSE is the real neuron's.
@@ -39,11 +45,15 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..errors import SpikecompileError
 from ..modelschema import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps  # the names model.pt may hold: its schema's
 from ..neuron import PhaseNeuronParams, base2_params, even_genotype
 
-__all__ = ["CODINGS", "SIGNED_CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip"]
+__all__ = ["CODINGS", "SIGNED_CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip",
+           "SDLLM_SCALES", "sdllm_per_token", "refuse_per_token_scales"]
 BUDGETS = {"spikedattn": 2, "ttfs": 1}
+SDLLM_SCALES = ("static", "per-token")
+"""--sdllm-scales: one τ per site fitted on calibration samples, or each token's min-max τ at run time."""
 
 
 def coding_params(coding: str, tau: Tensor, T: int, n_grains: int = 1, clip: Tensor | None = None,
@@ -95,3 +105,22 @@ def sdllm_clip(magnitude: Tensor, tau: Tensor, zero_share: float) -> Tensor:
         return torch.zeros_like(tau)
     quantile = torch.quantile(magnitude.float(), zero_share, dim=-1)
     return (quantile - tau / 2).clamp(min=0)
+
+
+def sdllm_per_token(x: Tensor, T: int) -> Tensor:
+    """x̂ of sdllm with per-token min-max scales: τ_row = max|x_row| / K (K = T − 1, the b-bit count's top) over
+    the last dim, x̂ = τ_row · neuron(x / τ_row) with the sdllm neuron at τ = 1 (a row of zeros stays zero)."""
+    from ..neuron import phase_quantize
+
+    scale = x.abs().amax(dim=-1, keepdim=True) / (T - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = coding_params("sdllm", torch.tensor(1.0, device=x.device), T)
+    return phase_quantize(x / scale, unit) * scale
+
+
+def refuse_per_token_scales(record: dict, where: str) -> None:
+    """A model converted with --sdllm-scales per-token has no IR lowering: one line naming the option."""
+    if record.get("coding", {}).get("scales") == "per-token":
+        raise SpikecompileError(f"{where}: converted with --sdllm-scales per-token, whose run-time per-token max and "
+                                f"divide no IR node expresses; evaluate it with spikecompile eval, or convert with "
+                                f"--sdllm-scales static to build it")

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -21,9 +21,10 @@ from ..files import check_writable
 from ..loading import ModelSource, load_model, open_layered, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
+from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, next_token_loss, site_curves, site_fisher_part
 from .checkpoint import Checkpoint
-from .codings import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps
-from .fit import FitConfig, fit_sites, lloyd_max_mse
+from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps
+from .fit import FITTED, FitConfig, SiteFit, fit_sites, lloyd_max_mse, spikes_per_activation
 from .prefix import OUTLIER_ETA, PrefixCache, anchor_candidates, outlier_mask, prefix_record, probe_windows
 from .rotation import ResidualRotation, rotate_llama
 from .sites import SampleRecorder, SiteTable, SpikeSite, install_layer_sites, install_sites, site_name
@@ -50,9 +51,49 @@ class ConvertOptions:
     weight_bits: int | None = None
     membrane_clip: float = 0.0
     seed: int = 0
+    sdllm_scales: str = "static"
+    spike_penalty: float = 0.0
+    energy_budget: float | None = None
+    spikes_per_mac: float | None = None
+    """A global budget (at most one; conversion/budget.py): each site then runs its own T, chosen under it, and
+    `timesteps` is not used."""
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """(kind, value) of the budget given, or None."""
+        if self.energy_budget is not None:
+            return "energy", self.energy_budget
+        return ("spikes_per_mac", self.spikes_per_mac) if self.spikes_per_mac is not None else None
+
+    def recorded(self) -> dict:
+        """The options as model.pt records them: the later options only where given, so a conversion without
+        them writes the same model.pt as before they existed."""
+        options = asdict(self)
+        for name, default in (("sdllm_scales", "static"), ("spike_penalty", 0.0), ("energy_budget", None),
+                              ("spikes_per_mac", None)):
+            if options[name] == default:
+                del options[name]
+        return options
 
     def validate(self) -> None:
         low, high = TIMESTEP_RANGE
+        if self.energy_budget is not None and self.spikes_per_mac is not None:
+            raise SpikecompileError("--energy-budget and --spikes-per-mac: give one budget, not both")
+        for option, value in (("--energy-budget", self.energy_budget), ("--spikes-per-mac", self.spikes_per_mac)):
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise SpikecompileError(f"{option} {value}: must be a number > 0")
+            if value is not None and self.grains > TIMESTEP_RANGE[0] // 2:
+                raise SpikecompileError(f"{option}: --grains {self.grains} cannot run at T = {TIMESTEP_RANGE[0]}, the "
+                                        f"lowest T a budget may choose; use --grains 1 or 2")
+            if value is not None and self.coding not in FITTED:
+                raise SpikecompileError(f"{option}: per-site budgets fit each site at its own T; use them with "
+                                        f"--coding {' or '.join(FITTED)}, not {self.coding}")
+        if not (isinstance(self.spike_penalty, int | float) and math.isfinite(self.spike_penalty)
+                and self.spike_penalty >= 0):
+            raise SpikecompileError(f"--spike-penalty {self.spike_penalty}: must be a number ≥ 0 (0: MSE only)")
+        if self.spike_penalty and self.coding not in FITTED:
+            raise SpikecompileError(f"--spike-penalty: only the fitted codings ({', '.join(FITTED)}) trade error "
+                                    f"for spikes; --coding {self.coding} fits nothing")
         if self.coding not in (*CODINGS, *SIGNED_CODINGS):
             raise SpikecompileError(f"--coding {self.coding!r}: unknown coding; choose one of "
                                     f"{', '.join((*CODINGS, *SIGNED_CODINGS))}")
@@ -66,6 +107,11 @@ class ConvertOptions:
         if self.membrane_clip and self.coding != "sdllm":
             raise SpikecompileError(f"--membrane-clip is SDLLM's membrane clipping; use it with --coding sdllm, "
                                     f"not {self.coding}")
+        if self.sdllm_scales not in SDLLM_SCALES:
+            raise SpikecompileError(f"--sdllm-scales {self.sdllm_scales!r}: choose one of {', '.join(SDLLM_SCALES)}")
+        if self.sdllm_scales == "per-token" and (self.coding != "sdllm" or self.membrane_clip):
+            raise SpikecompileError("--sdllm-scales per-token: SDLLM's run-time min-max scales; use it with --coding "
+                                    "sdllm and without --membrane-clip")
         if not 0 <= self.membrane_clip < 1:
             raise SpikecompileError(f"--membrane-clip {self.membrane_clip}: the share of zero counts to reach, in [0, 1)")
         if not low <= self.timesteps <= high:
@@ -129,6 +175,12 @@ class SpikingModel:
         with self.sites.all_off():
             return self.model(ids.to(self.model.device)).logits
 
+    def prefixed_float_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float model run as the spiking model runs: every site off, after the same KV prefix (without a
+        prefix, the ANN's logits). The stricter baseline: the SNN/this ratio is the conversion's own cost."""
+        with self.sites.all_off():
+            return self.logits(ids)
+
 
 def _created_utc() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -138,15 +190,21 @@ def _created_utc() -> str:
 
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
             placement: Placement = Placement(), resume: bool = False,
-            on_layer: Callable[[int], None] | None = None) -> ConversionReport:
+            on_layer: Callable[[int], None] | None = None, cost_model=None) -> ConversionReport:
     """Convert the source model into model.pt, one decoder layer at a time (docs: "layer-sequential conversion").
 
     placement: the device and dtype of the float forward (resolved by devices.resolve_placement before this); the
     fit and everything model.pt holds stay fp32 on the CPU. A checkpoint beside the output (checkpoint.Checkpoint)
     is written after each calibrated layer; resume continues from it (refused, before any weight is read, when it
     was made with other options). on_layer(index): called after layer `index` is calibrated and checkpointed.
+    cost_model (with a budget only): cost_model(config dict, kind, seq_len, grains) -> an object with `groups`
+    (the sites that must share T), `linear()` (a budget.LinearCost) and `measure(timesteps, spikes)`, the ledger's
+    (spikecompile.budget.LedgerCost; passed in because the ledger lives in a layer above conversion).
     """
     options.validate()
+    if options.budget and cost_model is None:
+        raise SpikecompileError(f"{BUDGET_KINDS[options.budget[0]]}: a budget needs the ledger's cost model; "
+                                f"pass cost_model=spikecompile.budget.LedgerCost")
     check_writable(output)
     calib_text = load_text(options.calib, split="calib")
     source = resolve_source(model_spec)
@@ -159,36 +217,34 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     try:
         calibrated, prefix, windows, layers = _stream(source, calib_text, options, placement, checkpoint, manifest,
                                                       resumed, timings, progress, on_layer)
-    except SpikecompileError:  # a user error: this checkpoint cannot be resumed into anything else
+        start = time.perf_counter()
+        fit_config, rows, budget = _fit(calibrated, options, cost_model, progress)
+        timings["fitting"] = time.perf_counter() - start
+    except SpikecompileError:  # a user error (an infeasible budget too): no resume of this checkpoint could help
         checkpoint.remove()
         raise
-
-    start = time.perf_counter()
     samples = calibrated.samples
-    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
-                           membrane_clip=options.membrane_clip, seed=options.seed)
-    fit = fit_sites(samples, fit_config, progress=progress)
-    levels = 2 ** (options.timesteps + 1) - 1
-    bound = lloyd_max_mse(samples, levels)
-    timings["fitting"] = time.perf_counter() - start
 
     record = {
         "source": source.to_dict(),
         "rotation": _canonical(calibrated.rotation),
         "weights": rtn_record(options.weight_bits, layers) if options.weight_bits else None,
         "prefix": _canonical(prefix),
-        "coding": {"name": options.coding, "timesteps": options.timesteps, "grains": fit.params.n_grains},
-        "sites": _site_table(calibrated.names, fit, bound, levels, samples),
+        "coding": {"name": options.coding, "timesteps": fit_config.T, "grains": rows[0][0].n_grains,
+                   **({"scales": "per-token"} if options.sdllm_scales == "per-token" else {})},
+        "sites": _site_table(calibrated.names, rows, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
             "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
         },
         "conversion": {
             "spikecompile": __version__, "torch": str(torch.__version__), "transformers": _transformers_version(),
-            "seed": options.seed, "fit": asdict(fit_config), "options": asdict(options),
+            "seed": options.seed, "fit": _recorded_fit(fit_config), "options": options.recorded(),
             "created_utc": _created_utc(),
         },
     }
+    if budget is not None:
+        record["budget"] = budget
     if not placement.is_default:  # the default's model.pt is as it was before the option
         record["conversion"]["placement"] = asdict(placement)
     modelfile.save(record, output)
@@ -197,6 +253,20 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     return ConversionReport(output=str(output), sites=len(calibrated.names), timings_s=timings,
                             peak_rss_mb=peaks["peak_rss_mb"], peak_gpu_mb=peaks.get("peak_gpu_mb"),
                             placement=asdict(placement), layers=layers, layer_s=calibrated.layer_s)
+
+
+def _fit(calibrated: Calibrated, options: ConvertOptions, cost_model, progress: bool):
+    """Fit every site: at options.timesteps, or with a budget at the T allocated to it (_fit_under_budget).
+    Returns (the FitConfig model.pt records, per site (neuron, calibration record), the budget record or None)."""
+    samples = calibrated.samples
+    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
+                           membrane_clip=options.membrane_clip, seed=options.seed, spike_penalty=options.spike_penalty)
+    if not options.budget:
+        return fit_config, _fit_rows(fit_sites(samples, fit_config, progress=progress), samples), None
+    cost = cost_model(calibrated.config, options.budget[0], options.calib_seqlen, options.grains)
+    rows, budget = _fit_under_budget(samples, calibrated.names, calibrated.fisher, cost, fit_config, options,
+                                     progress)
+    return replace(fit_config, T=max(budget["timesteps"].values())), rows, budget
 
 
 def _canonical(document):
@@ -208,7 +278,8 @@ def _canonical(document):
 def _stream(source, calib_text, options: ConvertOptions, placement: Placement, checkpoint: Checkpoint,
             manifest: dict, resumed, timings: dict, progress: bool, on_layer):
     """Open the source, check its tensors, start the checkpoint (or go on from `resumed`), select the prefix and
-    calibrate, layer by layer; returns (Calibrated, the prefix record, the windows, the layer count)."""
+    calibrate, layer by layer, and with a budget compute the site sensitivities (fisher_streamed); returns
+    (Calibrated, the prefix record, the windows, the layer count)."""
     start = time.perf_counter()
     with open_layered(source, progress) as layered:
         stream = LayerStream(layered, placement)
@@ -231,6 +302,13 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, c
         calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
                                         on_layer)
         timings["calibration"] = time.perf_counter() - start
+        calibrated.config = stream.config.to_dict()
+
+        if options.budget:
+            start = time.perf_counter()
+            calibrated.fisher = fisher_streamed(stream, windows, prefix, options, checkpoint, calibrated.names,
+                                                progress)
+            timings["sensitivity"] = time.perf_counter() - start
     return calibrated, prefix, windows, stream.layers
 
 
@@ -325,6 +403,10 @@ class Calibrated:
     samples: torch.Tensor
     rotation: dict | None
     layer_s: list[float]
+    config: dict = field(default_factory=dict)
+    """the model's config (its to_dict: the budget's cost model traces the model from it)"""
+    fisher: torch.Tensor | None = None
+    """with a budget: [S] each site's sensitivity (conversion.budget.site_fisher), from fisher_streamed"""
 
 
 def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None,
@@ -334,7 +416,8 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
     recording the windows), its samples are kept, the state is checkpointed, and the layer is freed.
 
     Each site's recorder is seeded seed·100003 + its index in the model's site table and draws
-    ceil(N / windows) values per window, as collect_samples does on the whole model."""
+    ceil(N / windows) values per window, as collect_samples does on the whole model. With a budget, the hidden
+    states entering each layer (and the final norm) are also kept in the checkpoint for fisher_streamed."""
     per_call = math.ceil(options.samples_per_site / len(windows))
     rotation = _new_rotation(stream, options)
     if state is None:
@@ -359,6 +442,8 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
     for index in tqdm(range(first, stream.layers), desc="calibrate", unit="layer", disable=not progress,
                       initial=first, total=stream.layers):
         began = time.perf_counter()
+        if options.budget:
+            _save_inputs(checkpoint, index, prefix_sequence, sequences)
         layer, sites = _prepared_layer(stream, index, rotation, options)
         chunks.append(_recorded(sites, per_call, options, len(names), stream, prefix_sequence, sequences, layer))
         names += list(sites)
@@ -371,11 +456,61 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
         layer_s.append(time.perf_counter() - began)
         if on_layer is not None:
             on_layer(index)
-    norm = _final_norm(stream, rotation, None)
-    final = SiteTable({"final_norm": SpikeSite(site_name(None, "final_norm"))})
-    norm.register_forward_hook(lambda module, inputs, output: final["final_norm"](output))
+    if options.budget:
+        _save_inputs(checkpoint, stream.layers, None, sequences)
+    norm, final = _final_norm_site(stream, rotation, None)
     chunks.append(_recorded(final, per_call, options, len(names), stream, None, sequences, norm))
     return Calibrated([*names, "final_norm"], torch.cat(chunks), rotation and rotation.record, layer_s)
+
+
+def _save_inputs(checkpoint: Checkpoint, index: int, prefix_sequence, sequences) -> None:
+    """The hidden states entering layer `index` (the final norm: index = the layer count) into the checkpoint."""
+    checkpoint.save_inputs(index, {"prefix": prefix_sequence.hidden.cpu() if prefix_sequence else None,
+                                   "windows": [sequence.hidden.cpu() for sequence in sequences]})
+
+
+def _final_norm_site(stream: LayerStream, rotation: ResidualRotation | None, head) -> tuple[torch.nn.Module, SiteTable]:
+    """The (folded) final norm with the final_norm site on its output, as install_sites puts it on a whole model."""
+    norm = _final_norm(stream, rotation, head)
+    final = SiteTable({"final_norm": SpikeSite(site_name(None, "final_norm"))})
+    norm.register_forward_hook(lambda module, inputs, output: final["final_norm"](output))
+    return norm, final
+
+
+def fisher_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None, options: ConvertOptions,
+                    checkpoint: Checkpoint, names: list[str], progress: bool) -> torch.Tensor:
+    """conversion.budget.site_fisher of the converted model (rotated, RTN-quantized, sites off, after the KV
+    prefix), one part at a time and backward: the final norm and lm_head give each window's loss and its gradient
+    at the last layer's output; then each layer, from the last, is built again, run with gradients on the inputs
+    calibrate_streamed kept in the checkpoint, and back-propagated (per-layer gradient checkpointing). Only one
+    layer and the windows' hidden states and gradients are held at a time. The chain rule makes it the whole
+    model's Fisher up to the order of float additions (tests/test_budget.py compares the two)."""
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    rotation = _new_rotation(stream, options)  # a fresh one: this pass needs its weights, not its record
+    head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as select_prefix_streamed's
+    norm, final = _final_norm_site(stream, rotation, head)
+    device = stream.placement.device
+    saved = checkpoint.load_inputs(stream.layers)
+    upstream = site_fisher_part(lambda k, hidden: next_token_loss(head(norm(hidden)), windows[k]), final,
+                                [hidden.to(device) for hidden in saved["windows"]], totals, names.index("final_norm"))
+    del head, norm
+    prefix_ids = torch.tensor([prefix["token_ids"]], device=device) if prefix else None
+    for index in tqdm(reversed(range(stream.layers)), desc="sensitivity", unit="layer", disable=not progress,
+                      total=stream.layers):
+        layer, sites = _prepared_layer(stream, index, rotation, options)
+        saved = checkpoint.load_inputs(index)
+        prefix_sequence = stream.start(prefix_ids, saved["prefix"], is_prefix=True) if prefix else None
+        if prefix_sequence is not None:  # its keys and values here, which the windows attend to (no gradient)
+            stream.run(layer, prefix_sequence)
+        use_cache = bool(getattr(stream.config, "use_cache", True)) or prefix_sequence is not None
+        with torch.no_grad():
+            sequences = [stream.begin(ids, hidden, prefix=prefix_sequence, use_cache=use_cache)
+                         for ids, hidden in zip(windows, saved["windows"], strict=True)]
+        upstream = site_fisher_part(lambda k, hidden: stream.forward(layer, sequences[k], hidden), sites,
+                                    [sequence.hidden for sequence in sequences], totals, names.index(next(iter(sites))),
+                                    upstream)
+        del layer, sites, sequences
+    return totals
 
 
 def _recorded(sites: SiteTable, per_call: int, options: ConvertOptions, first_index: int, stream: LayerStream,
@@ -406,23 +541,84 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _site_table(sites: SiteTable, fit, bound, levels, samples) -> dict:
+def _recorded_fit(fit_config: FitConfig) -> dict:
+    """The fit's settings as model.pt records them (spike_penalty only where given: see ConvertOptions.recorded)."""
+    settings = asdict(fit_config)
+    if not settings["spike_penalty"]:
+        del settings["spike_penalty"]
+    return settings
+
+
+def _fit_rows(fit: SiteFit, samples: torch.Tensor) -> list[tuple[PhaseNeuronParams, dict]]:
+    """Per site: its neuron (batch shape ()) and its calibration record (errors, the Lloyd-Max bound)."""
+    levels = 2 ** (fit.params.T + 1) - 1
+    bound = lloyd_max_mse(samples, levels)
+    rows = []
+    for index in range(len(samples)):
+        neuron = PhaseNeuronParams(**{name: getattr(fit.params, name)[index] for name in
+                                      ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")},
+                                   signed_digits=fit.params.signed_digits)
+        rows.append((neuron, {
+            "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
+            "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
+            "lloyd_max_levels": levels, "max_abs": float(fit.max_abs[index])}))
+    return rows
+
+
+def _fit_under_budget(samples, names, fisher, cost, fit_config: FitConfig, options: ConvertOptions,
+                      progress: bool, rounds: int = 3) -> tuple[list, dict]:
+    """Allocate each site's T under the budget (conversion/budget.py), fit every site at its T, and check the
+    fitted spikes on the exact ledger; where they cost more than the base-2 curves said, rescale those curves
+    by the fitted/base-2 spikes and allocate again, at most `rounds` times. Returns the rows and the record."""
+    kind, value = options.budget
+    curves = site_curves(samples, options.grains, signed=options.coding in SIGNED_CODINGS)
+    linear = cost.linear()
+    timesteps, fitted, rows = None, {}, {}
+    for _ in range(rounds):
+        try:
+            timesteps = allocate(names, cost.groups, curves, fisher, linear, value, start=timesteps)
+        except ValueError as floor:
+            raise SpikecompileError(f"{BUDGET_KINDS[kind]} {value:g}: infeasible; T = 4 at every site already "
+                                    f"costs {floor} (the least this model can cost); give a budget of at least "
+                                    f"that") from None
+        for steps in sorted(set(timesteps.values())):
+            wanted = [index for index, name in enumerate(names) if timesteps[name] == steps and
+                      fitted.get(name, (None,))[0] != steps]
+            if not wanted:
+                continue
+            fit = fit_sites(samples[wanted], replace(fit_config, T=steps),
+                            progress=progress, names=[names[index] for index in wanted])
+            spikes = spikes_per_activation(samples[wanted], fit.params)
+            for row, (index, entry) in enumerate(zip(wanted, _fit_rows(fit, samples[wanted]), strict=True)):
+                rows[index] = entry
+                fitted[names[index]] = (steps, float(spikes[row]))
+        measured = cost.measure(timesteps, {name: fitted[name][1] for name in names})
+        if measured <= value:
+            break
+        for index, name in enumerate(names):  # the fitted neuron fires otherwise than the base-2 curve said
+            column = TIMESTEP_CHOICES.index(timesteps[name])
+            ratio = fitted[name][1] / max(float(curves.spikes[index, column]), 1e-12)
+            curves.spikes[index] *= ratio
+    record = {"kind": kind, "value": float(value), "seq_len": options.calib_seqlen, "measured": float(measured),
+              "target": "cmos45nm" if kind == "energy" else None,
+              "timesteps": dict(timesteps), "fisher": {name: float(fisher[index]) for index, name in enumerate(names)},
+              "spikes_per_activation": {name: fitted[name][1] for name in names}}
+    return [rows[index] for index in range(len(names))], record
+
+
+def _site_table(sites: SiteTable, rows: list, samples) -> dict:
     table = {}
-    params = fit.params
     for index, name in enumerate(sites):
         layer, kind = _parse_site_name(name)
+        params, calibration = rows[index]
         table[name] = {
             "layer": layer, "kind": kind, "timesteps": params.T,
-            "genotype": params.genotype[index].clone(),
-            "tau": params.tau[index].clone(), "d": params.d[index].clone(),
-            "h": params.h[index].clone(), "theta": params.theta[index].clone(),
-            "v0": params.v0[index].clone(), "max_spikes": int(params.max_spikes[index]),
+            "genotype": params.genotype.clone(),
+            "tau": params.tau.clone(), "d": params.d.clone(),
+            "h": params.h.clone(), "theta": params.theta.clone(),
+            "v0": params.v0.clone(), "max_spikes": int(params.max_spikes),
             **({"signed_digits": True} if params.signed_digits else {}),
-            "calibration": {
-                "mse": float(fit.mse[index]), "base2_tau": float(fit.base2_tau[index]),
-                "base2_mse": float(fit.base2_mse[index]), "lloyd_max_mse": float(bound[index]),
-                "lloyd_max_levels": levels, "max_abs": float(fit.max_abs[index]),
-            },
+            "calibration": calibration,
             "samples": samples[index].clone(),
         }
     return table
@@ -493,6 +689,9 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
             site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
         except (KeyError, ValueError, TypeError) as error:
             raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    if record["coding"].get("scales") == "per-token":
+        for site in sites.values():
+            site.per_token_steps = record["coding"]["timesteps"]
     prefix = PrefixCache(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
     return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")

@@ -19,6 +19,14 @@ Per site, on all its samples, with the exact neuron of neuron.py (same v0, satur
    start, so Adam sees O(1) numbers at any scale. The best bases seen per site (the start included) are
    kept as copies, never views of the live parameters.
 4. The fitted neuron replaces base 2 at τ_2 only where its MSE is lower: mse ≤ base2_mse always.
+
+Spike penalty (spike_penalty λ > 0, `phase` and `phase-sd`): every stage above minimises
+J = MSE / MSE_2 + λ·E[spikes per activation] instead of the MSE, where MSE_2 is the site's base-2 MSE at τ_2, so
+λ reads the same at every site: the relative MSE one spike per activation is worth. The coupled search and the
+choices of steps 3-4 score J exactly; Algorithm 1's (h, θ) steps differentiate the spike count through the same
+surrogate as the MSE (Σ_t s_t, each s_t with the sigmoid backward); the d steps leave the spikes unchanged.
+Step 4 then keeps whichever of the fitted and the base-2 neuron has the lower J (so mse ≤ base2_mse no longer
+holds). λ = 0 runs exactly the MSE fit.
 """
 
 import math
@@ -31,7 +39,7 @@ from torch import Tensor
 
 from spikecompile.conversion.codings import CODINGS, SIGNED_CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, golden_base2, magnitude_spikes, phase_quantize, signed_spikes,
+    PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, golden_base2, magnitude_spikes, phase_quantize, signed_spikes,
     step_schedule,
 )
 
@@ -67,6 +75,7 @@ class FitConfig:
     tau_octaves, tau_per_octave: the base-2 τ grid max|x|·2^(-k/tau_per_octave), k = 0..octaves·per_octave.
     search_rounds, search_trials, search_radius: the coupled search (trials per round; the starting
     standard deviation of a trial in octaves of R and in p); seed: its random generator.
+    spike_penalty: λ of J = MSE/MSE_2 + λ·E[spikes per activation] (module docstring; 0: the MSE fit).
     """
 
     T: int
@@ -85,6 +94,7 @@ class FitConfig:
     search_radius: float = 0.25
     membrane_clip: float = 0.0
     seed: int = 0
+    spike_penalty: float = 0.0
 
     def __post_init__(self):
         if self.coding not in (*CODINGS, *SIGNED_CODINGS):
@@ -98,6 +108,10 @@ class FitConfig:
                       "tau_octaves": self.tau_octaves, "search_rounds": self.search_rounds}
         if any(value < 0 for value in counts.values()) or min(self.tau_per_octave, self.search_trials) < 1:
             raise ValueError(f"FitConfig: need {counts} ≥ 0 and tau_per_octave, search_trials ≥ 1")
+        if not (math.isfinite(self.spike_penalty) and self.spike_penalty >= 0) or (
+                self.spike_penalty and self.coding not in FITTED):
+            raise ValueError(f"FitConfig: spike_penalty must be a finite number ≥ 0, and only with a fitted coding "
+                             f"{FITTED}, got {self.spike_penalty!r} with {self.coding!r}")
         if min(self.lr_hw, self.lr_base, self.surrogate_beta, self.search_radius) <= 0:
             raise ValueError("FitConfig: lr_hw, lr_base, surrogate_beta and search_radius must be > 0")
 
@@ -121,6 +135,39 @@ class SiteFit:
 def quantizer_mse(samples: Tensor, params: PhaseNeuronParams) -> Tensor:
     """Mean over the last dim of (x̂ − x)² for samples [*B, N] and a neuron of batch shape B."""
     return (phase_quantize(samples, params) - samples).square().mean(-1)
+
+
+def quantizer_stats(samples: Tensor, params: PhaseNeuronParams) -> Tensor:
+    """[*B, 2]: (MSE, spikes per activation) of a neuron of batch shape B on samples [*B, N].
+
+    The MSE is quantizer_mse's, bit for bit; a spike is a nonzero step, as the simulator counts it (the
+    unsigned neuron's spikes come from |x|, as phase_encode's planes)."""
+    fired = []
+    xhat = phase_quantize(samples, params, _recording(fire_heaviside, fired))
+    mse = (xhat - samples).square().mean(-1)
+    return torch.stack([mse, sum(spikes.mean(-1) for spikes in fired)], dim=-1)
+
+
+def spikes_per_activation(samples: Tensor, params: PhaseNeuronParams) -> Tensor:
+    """[*B] mean nonzero steps per activation of samples [*B, N] (a few rows at a time)."""
+    return _chunked_stats(samples, params)[..., 1]
+
+
+def _recording(fire, fired: list):
+    """fire, appending each spike plane it returns to `fired` (a signed neuron calls it for +r and −r: both
+    planes are 0/1 and never 1 together, so their sum counts the nonzero digits)."""
+    def spike(residual, threshold, t):
+        value = fire(residual, threshold, t)
+        fired.append(value)
+        return value
+
+    return spike
+
+
+def _objective(stats: Tensor, cfg: FitConfig, reference: Tensor) -> Tensor:
+    """J = MSE/MSE_2 + λ·spikes for stats [S, *C, 2] and the base-2 MSE reference [S]."""
+    scale = reference.reshape(-1, *[1] * (stats.ndim - 2))
+    return stats[..., 0] / scale + cfg.spike_penalty * stats[..., 1]
 
 
 @_one_thread()
@@ -152,12 +199,20 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
         mse = base2_mse if cfg.coding == "las" else _chunked_mse(samples, params)
         return SiteFit(params=params, mse=mse, base2_tau=base2.tau, base2_mse=base2_mse, max_abs=max_abs)
     magnitude = samples.abs()
+    # J's unit (spike penalty only): the base-2 MSE, the same at every stage of the fit
+    reference = _chunked_mse(magnitude, base2).clamp(min=torch.finfo(torch.float32).tiny) if cfg.spike_penalty else None
     with _progress_callback(progress) as report:
-        fitted = _algorithm1(magnitude, _coupled_search(magnitude, base2.tau, genotypes, cfg), cfg, report)
+        start = _coupled_search(magnitude, base2.tau, genotypes, cfg, reference)
+        fitted = _algorithm1(magnitude, start, cfg, report, reference)
     both = PhaseNeuronParams(**{name: torch.stack([getattr(fitted, name), getattr(base2, name)], dim=1)
                                 for name in _FIELDS}, signed_digits=base2.signed_digits)
-    mse = _chunked_mse(samples[:, None].expand(-1, 2, -1), both)
-    sites, winner = torch.arange(len(mse), device=mse.device), mse.argmin(-1)
+    if reference is None:
+        mse = _chunked_mse(samples[:, None].expand(-1, 2, -1), both)
+        score = mse
+    else:
+        stats = _chunked_stats(samples[:, None].expand(-1, 2, -1), both)
+        mse, score = stats[..., 0], _objective(stats, cfg, reference)
+    sites, winner = torch.arange(len(mse), device=mse.device), score.argmin(-1)
     params = PhaseNeuronParams(**{name: getattr(both, name)[sites, winner] for name in _FIELDS},
                                signed_digits=both.signed_digits)
     return SiteFit(params=params, mse=mse[sites, winner], base2_tau=base2.tau, base2_mse=mse[:, 1],
@@ -241,24 +296,31 @@ def _fixed_coding(samples: Tensor, max_abs: Tensor, cfg: FitConfig, genotypes: T
     return coding_params(cfg.coding, tau, cfg.T, cfg.n_grains, clip(magnitude, tau), grain_genotypes)
 
 
-def _coupled_search(magnitude: Tensor, tau2: Tensor, genotypes: Tensor, cfg: FitConfig) -> PhaseNeuronParams:
+def _coupled_search(magnitude: Tensor, tau2: Tensor, genotypes: Tensor, cfg: FitConfig,
+                    reference: Tensor | None = None) -> PhaseNeuronParams:
     """Random search for the coupled neuron (d = h = θ per grain) with the lowest MSE on magnitude [S, N].
 
     A point is (log2(R/R_2), p_1..p_n), R_2 the base-2 neuron's largest output; point 0 is base 2 at τ_2.
     Each round tries search_trials Gaussian steps around the best point; the radius shrinks by 0.7 after
-    a round without improvement.
+    a round without improvement. With a spike penalty (reference: the base-2 MSE [S]) the score is J, not the MSE.
     """
+
+    def score(rows, neuron):
+        if reference is None:
+            return _chunked_mse(rows, neuron)
+        return _objective(_chunked_stats(rows, neuron), cfg, reference)
+
     sites, trials, n = len(magnitude), cfg.search_trials, cfg.n_grains
     generator = torch.Generator(device=magnitude.device).manual_seed(cfg.seed)
     reach2 = (tau2 * (1 - 2.0 ** -cfg.T))[:, None]
     point = torch.zeros(sites, 1, n + 1, device=magnitude.device)
     signed = cfg.coding == "phase-sd"
-    best = _chunked_mse(magnitude[:, None], _coupled_neuron(point, reach2, genotypes[:, None], signed))[:, 0]
+    best = score(magnitude[:, None], _coupled_neuron(point, reach2, genotypes[:, None], signed))[:, 0]
     radius = torch.full((sites, 1, 1), cfg.search_radius, device=magnitude.device)
     many, rows = magnitude[:, None].expand(-1, trials, -1), torch.arange(sites, device=magnitude.device)
     for _ in range(cfg.search_rounds):
         trial = point + radius * torch.randn(sites, trials, n + 1, generator=generator, device=magnitude.device)
-        mse = _chunked_mse(many, _coupled_neuron(trial, reach2, genotypes[:, None].expand(-1, trials, -1), signed))
+        mse = score(many, _coupled_neuron(trial, reach2, genotypes[:, None].expand(-1, trials, -1), signed))
         winner = mse.argmin(-1)
         found = mse[rows, winner] < best
         best = torch.where(found, mse[rows, winner], best)
@@ -293,28 +355,47 @@ class _SurrogateSpike(torch.autograd.Function):
         return grad_u, (-grad_u).sum_to_size(threshold.shape), None
 
 
-def _surrogate_mse(magnitude: Tensor, neuron: PhaseNeuronParams, beta: float) -> Tensor:
-    """[S] MSE of the real neuron on magnitude [S, N], differentiable in h, θ through the surrogate."""
+def _surrogate_mse(magnitude: Tensor, neuron: PhaseNeuronParams, beta: float,
+                   spikes: list | None = None) -> Tensor:
+    """[S] MSE of the real neuron on magnitude [S, N], differentiable in h, θ through the surrogate; with a list
+    `spikes`, appends [S] spikes per activation to it, differentiable through the same surrogate."""
     slope = (beta / step_schedule(neuron)[2].detach()).unsqueeze(-1)
 
     def fire(residual, threshold, t):
         return _SurrogateSpike.apply(residual, threshold, slope[:, t])
 
-    return (phase_quantize(magnitude, neuron, fire) - magnitude).square().mean(-1)
+    fired = []
+    mse = (phase_quantize(magnitude, neuron, fire if spikes is None else _recording(fire, fired))
+           - magnitude).square().mean(-1)
+    if spikes is not None:
+        spikes.append(sum(plane.mean(-1) for plane in fired))
+    return mse
 
 
 def _algorithm1(magnitude: Tensor, start: PhaseNeuronParams, cfg: FitConfig,
-                progress: Callable[[int, int], None] | None) -> PhaseNeuronParams:
-    """Algorithm 1 on magnitude [S, N] from start [S]; returns the best bases seen per site."""
+                progress: Callable[[int, int], None] | None, reference: Tensor | None = None) -> PhaseNeuronParams:
+    """Algorithm 1 on magnitude [S, N] from start [S]; returns the best bases seen per site.
+
+    reference (spike penalty only): the base-2 MSE [S]; the loss and the choice of the best bases are then
+    J = MSE/reference + λ·spikes (module docstring), else each site's MSE over its MSE at the start."""
     raw = {name: torch.log(getattr(start, name) - 1).requires_grad_() for name in BASES}
+    penalty = cfg.spike_penalty if reference is not None else 0.0
 
     def neuron(rows=slice(None), trained=()):
         return replace(_take(start, rows), **{
             name: 1 + torch.exp(raw[name][rows] if name in trained else raw[name][rows].detach()) for name in BASES})
 
+    def objective(mse, spikes):
+        return mse if not penalty else mse / scale + penalty * spikes
+
     with torch.no_grad():
-        scale = _chunked_mse(magnitude, neuron()).double()
-    best_mse, best = scale, {name: getattr(neuron(), name) for name in BASES}
+        if penalty:
+            scale = reference.double()
+            best_mse = _objective(_chunked_stats(magnitude, neuron()).double(), cfg, scale)
+        else:
+            scale = _chunked_mse(magnitude, neuron()).double()
+            best_mse = scale
+    best = {name: getattr(neuron(), name) for name in BASES}
     scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
 
     def track(mse, current):
@@ -330,30 +411,40 @@ def _algorithm1(magnitude: Tensor, start: PhaseNeuronParams, cfg: FitConfig,
     for _ in range(cfg.rounds):
         for _ in range(cfg.hw_steps):
             hw.zero_grad()
-            mse = []
+            mse, spikes = [], [] if penalty else None
             for rows in _row_chunks((len(magnitude),), magnitude.shape[-1]):
-                chunk_mse = _surrogate_mse(magnitude[rows], neuron(rows, trained=("h", "theta")), cfg.surrogate_beta)
-                (chunk_mse / scale[rows]).sum().backward()
+                chunk_mse = _surrogate_mse(magnitude[rows], neuron(rows, trained=("h", "theta")), cfg.surrogate_beta,
+                                           spikes)
+                loss = chunk_mse / scale[rows]
+                if penalty:
+                    loss = loss + penalty * spikes[-1]
+                    spikes[-1] = spikes[-1].detach()
+                loss.sum().backward()
                 mse.append(chunk_mse.detach())
-            track(torch.cat(mse).double(), neuron())
+            track(objective(torch.cat(mse).double(), torch.cat(spikes).double() if penalty else None), neuron())
             hw.step()
             done += 1
             if progress:
                 progress(done, total)
         with torch.no_grad():
             quadratic = _spike_moments(magnitude, neuron())
+            # the d steps leave every spike where it is: J's spike term is a constant of this phase
+            fixed_spikes = _chunked_stats(magnitude, neuron())[:, 1].double() if penalty else None
         for _ in range(cfg.base_steps):
             base.zero_grad()
             current = neuron(trained=("d",))
             mse = quadratic(step_schedule(current)[0].double())
-            track(mse.detach(), current)
+            track(objective(mse.detach(), fixed_spikes), current)
             (mse / scale).sum().backward()
             base.step()
             done += 1
             if progress:
                 progress(done, total)
     with torch.no_grad():
-        track(_chunked_mse(magnitude, neuron()).double(), neuron())
+        if penalty:
+            track(_objective(_chunked_stats(magnitude, neuron()).double(), cfg, scale), neuron())
+        else:
+            track(_chunked_mse(magnitude, neuron()).double(), neuron())
     return replace(start, **best)
 
 
@@ -399,6 +490,11 @@ def _chunked(fn, batch_shape: tuple[int, ...], row_elements: int, *args) -> Tens
     """fn applied to row chunks of args (tensors or neurons with leading batch_shape), reassembled."""
     out = torch.cat([fn(*(_take(arg, index) for arg in args)) for index in _row_chunks(batch_shape, row_elements)])
     return out.reshape(*batch_shape, *out.shape[1:])
+
+
+def _chunked_stats(samples: Tensor, params: PhaseNeuronParams) -> Tensor:
+    """quantizer_stats [*B, 2] of samples [*B, N], a few rows at a time."""
+    return _chunked(quantizer_stats, tuple(params.batch_shape), samples.shape[-1], samples, params)
 
 
 def _chunked_mse(samples: Tensor, params: PhaseNeuronParams) -> Tensor:

@@ -46,8 +46,14 @@ class SpikeSite(nn.Module):
         self.mode = "off"
         self.neuron: PhaseNeuronParams | None = None
         self.recorder: SampleRecorder | None = None
+        self.per_token_steps: int | None = None
+        """sdllm with per-token scales: its T (conversion.codings.sdllm_per_token); None: the fitted neuron."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "decoded" and self.per_token_steps is not None:
+            from .codings import sdllm_per_token
+
+            return sdllm_per_token(x.float(), self.per_token_steps).to(x.dtype)
         if self.mode == "decoded":  # the neuron runs in fp32 whatever the model's dtype (a no-op cast in fp32)
             return phase_quantize(x.float(), self.neuron).to(x.dtype)
         if self.mode == "calibrate":

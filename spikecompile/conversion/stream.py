@@ -105,6 +105,12 @@ class LayerStream:
         """A sequence of [1, L] ids whose hidden states [1, L, d] enter the next layer (the embedding's output
         before layer 0), after `prefix`'s tokens if given; is_prefix: later sequences attend to its keys and
         values."""
+        return self.begin(ids, hidden, prefix, use_cache, is_prefix)
+
+    def begin(self, ids: torch.Tensor, hidden: torch.Tensor, prefix: Sequence | None = None,
+              use_cache: bool = True, is_prefix: bool = False) -> Sequence:
+        """start, outside inference mode: the sequence's mask and rotary embeddings are ordinary tensors, which a
+        forward with gradients (forward) may save for its backward."""
         sequence = Sequence(ids, hidden.to(self.placement.device), use_cache, prefix, is_prefix)
         self._prepare(sequence)
         return sequence
@@ -136,11 +142,20 @@ class LayerStream:
         """sequence.hidden ← layer(sequence.hidden), with the cache the whole model's forward gives that layer:
         a fresh one for a prefix (kept in layer_cache for the windows after it), a copy of the prefix's for a
         window after one (the layer appends the window's keys and values to it)."""
+        sequence.hidden, cache = self._call(layer, sequence, sequence.hidden)
+        sequence.layer_cache = cache if sequence.is_prefix else None
+
+    def forward(self, layer: torch.nn.Module, sequence: Sequence, hidden: torch.Tensor) -> torch.Tensor:
+        """layer(hidden) as `run` calls it for `sequence` (a window, made by begin), in the current grad mode, and
+        without moving the sequence on: the per-layer backward of conversion.budget.site_fisher_part."""
+        return self._call(layer, sequence, hidden)[0]
+
+    def _call(self, layer: torch.nn.Module, sequence: Sequence, hidden: torch.Tensor):
+        """(layer output, the cache it was given)."""
         from transformers import DynamicCache
 
         if sequence.prefix is not None:
             cache = copy.deepcopy(sequence.prefix.layer_cache)
         else:
             cache = DynamicCache(config=self.config) if sequence.use_cache else None
-        sequence.hidden = layer(sequence.hidden, cache=cache, use_cache=sequence.use_cache, **sequence.layer_inputs)
-        sequence.layer_cache = cache if sequence.is_prefix else None
+        return layer(hidden, cache=cache, use_cache=sequence.use_cache, **sequence.layer_inputs), cache

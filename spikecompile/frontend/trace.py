@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..conversion.codings import refuse_per_token_scales
 from ..conversion.convert import SpikingModel, site_neuron
 from ..conversion.rotation import OnlineHadamard
 from ..conversion.sites import site_name
@@ -45,6 +46,7 @@ from ..ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, Input, IRNode, KVPrefix, Linear, MergeHeads, Nonlinear,
     Output, PhaseNeuron, ResidualAdd, RoPE, Rotation, SplitHeads, TensorRef, validate,
 )
+from ..progress import bar
 
 # rope types whose inv_freq is fixed at load time (the dynamic ones rescale it with the sequence length)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -54,17 +56,18 @@ ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "spike_sites"}
 MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
-def trace(spiking: SpikingModel) -> tuple[Graph, dict[str, Tensor]]:
+def trace(spiking: SpikingModel, progress: bool = False) -> tuple[Graph, dict[str, Tensor]]:
     """The IR graph of a converted model and its tensor store; SpikecompileError naming the module and op that
-    the IR cannot represent."""
+    the IR cannot represent. progress: a bar per decoder layer on a terminal's stderr (progress.bar)."""
+    refuse_per_token_scales(spiking.record, "trace")
     prefix = spiking.record.get("prefix")
     if not prefix:
-        return _Tracer(spiking, None).run()
+        return _Tracer(spiking, None, progress).run()
     if spiking.rotations == "applied":
         caches = [(layer.keys[0], layer.values[0]) for layer in spiking.prefix.cache.layers]
     else:
         caches = _prefix_caches(spiking, prefix["token_ids"])
-    return _Tracer(spiking, caches).run()
+    return _Tracer(spiking, caches, progress).run()
 
 
 def _prefix_caches(spiking: SpikingModel, token_ids: list[int]) -> list[tuple[Tensor, Tensor]]:
@@ -103,10 +106,12 @@ def _check_children(module: nn.Module, path: str, expected: set[str]) -> None:
 
 class _Tracer:
     """One walk; prefix_caches: each layer's (key, value) prefix cache [kv_heads, P, head_dim], or None to
-    trace without the prefix (positions from 0, no KVPrefix nodes)."""
+    trace without the prefix (positions from 0, no KVPrefix nodes); progress: a bar per decoder layer."""
 
-    def __init__(self, spiking: SpikingModel, prefix_caches: list[tuple[Tensor, Tensor]] | None):
+    def __init__(self, spiking: SpikingModel, prefix_caches: list[tuple[Tensor, Tensor]] | None,
+                 progress: bool = False):
         self.spiking = spiking
+        self.progress = progress
         self.model = spiking.model
         self.config = self.model.config
         self.paths = {module: name for name, module in self.model.named_modules()}
@@ -186,7 +191,7 @@ class _Tracer:
                           self.add("input_ids", Input(shape=("batch", "seq"), dtype="int64")))
         hidden = self.offline("embed_tokens.output_rotation", hidden, "residual", transpose=False)
         rope = self.rope(base.rotary_emb)
-        for index, layer in enumerate(base.layers):
+        for index, layer in enumerate(bar(base.layers, desc="trace", unit="layer", progress=self.progress)):
             hidden = self.decoder_layer(index, layer, hidden, rope)
         normed = self.site(None, "final_norm", self.rmsnorm(base.norm, hidden))
         normed = self.offline("lm_head.input_rotation", normed, "residual", transpose=True)

@@ -8,10 +8,16 @@ A target file holds `name`, `description` and a `constants` table; each constant
     bits = 32            # an integer ≥ 1: the width of the operation or access
     what = "..."         # optional: what one operation is
     source = "..."       # where the number comes from (a paper, a datasheet)
+    status = "..."       # optional: measured, pre-silicon or estimate, as the source says
 
-mac, ac, read and write are required. neuron (one neuron step: read v, compare with θ(t) and subtract h(t),
-write v) is optional; without it E_neuron = E_read + E_write + E_AC (see Target.neuron). Every fault is a
-one-line SpikecompileError naming the file and the field.
+mac, ac, read and write (32-bit) are required. Optional:
+* neuron: one neuron step (read v, compare with θ(t) and subtract h(t), write v); without it
+  E_neuron = E_read + E_write + E_AC (see Target.neuron).
+* mac_int8 and read_int8 (8-bit, both or neither): the int8 ANN baseline — one 8-bit × 8-bit multiply with its
+  accumulate, one 8-bit operand read. With them the ledger prices an int8-ANN column beside the fp32 ANN.
+* synop: one spike-driven synaptic operation on neuromorphic hardware (any width, priced per event); with it the
+  SNN's spike-driven accumulates are priced at E_synop instead of E_AC.
+Every fault is a one-line SpikecompileError naming the file and the field.
 """
 
 from __future__ import annotations
@@ -26,8 +32,12 @@ from .files import PACKAGE, packaged_target, parse_target, read_target_file
 
 UNITS_IN_PJ = {"pJ": 1.0, "fJ": 1e-3, "nJ": 1e3, "J": 1e12}
 REQUIRED_CONSTANTS = ("mac", "ac", "read", "write")
-OPTIONAL_CONSTANTS = ("neuron",)
-CONSTANT_FIELDS = ("value", "unit", "bits", "what", "source")
+INT8_CONSTANTS = ("mac_int8", "read_int8")
+OPTIONAL_CONSTANTS = ("neuron", "synop", *INT8_CONSTANTS)
+CONSTANT_FIELDS = ("value", "unit", "bits", "what", "source", "status")
+STATUSES = ("measured", "pre-silicon", "estimate")
+"""What a constant's source is: a measurement of fabricated silicon, a pre-silicon simulation, or an estimate
+(an energy model, or a figure borrowed from another technology)."""
 SUFFIXES = (".toml", ".json")
 
 
@@ -42,10 +52,12 @@ class Constant:
     bits: int
     what: str
     source: str
+    status: str = ""
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "unit": self.unit, "pJ": self.pj, "bits": self.bits, "what": self.what,
-                "source": self.source}
+        entry = {"value": self.value, "unit": self.unit, "pJ": self.pj, "bits": self.bits, "what": self.what,
+                 "source": self.source}
+        return {**entry, "status": self.status} if self.status else entry
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,14 @@ class Target:
     read: Constant
     write: Constant
     neuron_override: Constant | None = None
+    synop: Constant | None = None
+    mac_int8: Constant | None = None
+    read_int8: Constant | None = None
+
+    @property
+    def has_int8(self) -> bool:
+        """Whether the target prices the int8 ANN baseline (mac_int8 and read_int8 given)."""
+        return self.mac_int8 is not None
 
     @property
     def neuron(self) -> Constant:
@@ -73,7 +93,8 @@ class Target:
 
     @property
     def constants(self) -> dict[str, Constant]:
-        return {constant.name: constant for constant in (self.mac, self.ac, self.read, self.write, self.neuron)}
+        chosen = (self.mac, self.ac, self.read, self.write, self.neuron, self.synop, self.mac_int8, self.read_int8)
+        return {constant.name: constant for constant in chosen if constant is not None}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "file": self.file,
@@ -97,6 +118,11 @@ def load_target(name_or_path: str | Path) -> Target:
         if name not in table:
             raise SpikecompileError(f"{label}: constants.{name} missing: add a [constants.{name}] table with "
                                     f"value, unit, bits and source")
+    given_int8 = [name for name in INT8_CONSTANTS if name in table]
+    if len(given_int8) == 1:
+        missing = next(name for name in INT8_CONSTANTS if name not in table)
+        raise SpikecompileError(f"{label}: constants.{missing} missing: the int8 ANN baseline needs both "
+                                f"{' and '.join(INT8_CONSTANTS)}")
     constants = {name: _constant(label, name, entry) for name, entry in table.items()}
     fallback_name = Path(label).stem
     return Target(name=_text(document, "name", label, fallback_name), file=label,
@@ -162,7 +188,10 @@ def _constant(label: str, name: str, entry) -> Constant:
     what = entry.get("what", "")
     if not isinstance(what, str):
         raise SpikecompileError(f"{label}: {field}.what must be a string")
-    return Constant(name, float(value) * UNITS_IN_PJ[unit], float(value), unit, bits, what, source)
+    status = entry.get("status", "")
+    if status and status not in STATUSES:
+        raise SpikecompileError(f"{label}: {field}.status {status!r} unknown: give {', '.join(STATUSES)}")
+    return Constant(name, float(value) * UNITS_IN_PJ[unit], float(value), unit, bits, what, source, status)
 
 
 def _required(label: str, field: str, entry: dict, key: str, hint: str):

@@ -102,9 +102,12 @@ def _params_of(neuron: Neuron) -> PhaseNeuronParams:
 
 
 def residual_schedule(neuron: Neuron) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(d(t), h(t), θ(t), θ'(t) = θ(t) − v0) as float32 arrays, in neuron.magnitude_spikes' arithmetic."""
+    """(d(t), h(t), θ(t), θ'(t) = θ(t) − v0) as float32 arrays, in neuron.magnitude_spikes' arithmetic; for a
+    signed-digit neuron θ'(t) = θ_sd(t), its threshold against |r| (neuron.signed_spikes' arithmetic)."""
     params = _params_of(neuron)
     d, reset, theta = (values.numpy() for values in step_schedule(params))
+    if params.signed_digits:
+        return d, reset, theta, params.signed_thresholds().numpy()
     return d, reset, theta, theta - params.v0.numpy()
 
 
@@ -131,7 +134,8 @@ def grid_bits(neuron: Neuron) -> int:
     params = _params_of(neuron)
     ratio = Fraction(float(params.v0)) / Fraction(float(params.tau))
     power_of_two = ratio.denominator & (ratio.denominator - 1) == 0
-    return max(params.T, ratio.denominator.bit_length() - 1 if power_of_two else params.T + 1)
+    bits = max(params.T, ratio.denominator.bit_length() - 1 if power_of_two else params.T + 1)
+    return max(bits, params.T + 1) if params.signed_digits else bits  # θ_sd(t) = (M_t + ½)·τ·2^-T
 
 
 def budget_counter_bits(neuron: Neuron) -> int:
@@ -148,6 +152,8 @@ def flip_level(neuron: Neuron) -> float:
     x = 0, 2·x̂(0+) (nonzero only where some θ'(t) < 0: a large v0). What an input moved across one threshold
     changes (the Lava backend's flip allowance); cuts in float64."""
     params = _params_of(neuron)
+    if params.signed_digits:
+        return _signed_flip_level(params)
     d, reset, _, threshold = (values.astype(np.float64) for values in residual_schedule(params))
     budget = int(params.max_spikes)
     low, high = np.zeros(1), np.array([2.0 * potential_level(params)])  # above V the pattern no longer changes
@@ -164,6 +170,31 @@ def flip_level(neuron: Neuron) -> float:
         values = np.concatenate([values[quiet], values[firing] + d[t]])
     values = values[np.argsort(low, kind="stable")]
     return float(max(np.max(np.abs(np.diff(values)), initial=0.0), 2.0 * values[0]))
+
+
+def _signed_flip_level(params: PhaseNeuronParams) -> float:
+    """flip_level of a signed-digit neuron: the intervals of x on [−2V, 2V] with one digit pattern, split at each
+    step where r = x − R (R the resets so far) crosses ±θ_sd(t): s_t = −1 below the lower cut, +1 above the
+    upper, 0 between (with θ_sd(t) < 0 both channels fire there and cancel); a branch that spent K stays 0."""
+    d, reset, _, threshold = (values.astype(np.float64) for values in residual_schedule(params))
+    budget = int(params.max_spikes)
+    level = 2.0 * potential_level(params)
+    low, high = np.array([-level]), np.array([level])
+    resets, spent, values = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1)
+    for t in range(params.T):
+        cuts = np.sort(np.stack([resets - threshold[t], resets + threshold[t]]), axis=0)
+        if budget:
+            cuts = np.where(spent < budget, cuts, np.array([[-np.inf], [np.inf]]))
+        pieces = [(low, np.minimum(high, cuts[0]), -1), (np.maximum(low, cuts[0]), np.minimum(high, cuts[1]), 0),
+                  (np.maximum(low, cuts[1]), high, 1)]
+        kept = [(a, b, digit, b > a) for a, b, digit in pieces]
+        low = np.concatenate([a[keep] for a, _, _, keep in kept])
+        high = np.concatenate([b[keep] for _, b, _, keep in kept])
+        resets = np.concatenate([resets[keep] + reset[t] * digit for _, _, digit, keep in kept])
+        spent = np.concatenate([spent[keep] + abs(digit) for _, _, digit, keep in kept])
+        values = np.concatenate([values[keep] + d[t] * digit for _, _, digit, keep in kept])
+    values = values[np.argsort(low, kind="stable")]
+    return float(np.max(np.abs(np.diff(values)), initial=0.0))
 
 
 # ---- the deployed formats: one definition read by the mapping pass, the Lava emitter and the simulator ----------
@@ -224,6 +255,8 @@ class SiteFormat:
     delta: float
     payload_bits: int
     max_spikes: int
+    signed_digits: bool = False
+    """the signed-digit neuron: r = u keeps its sign, s_t = [r > θ'(t)] − [−r > θ'(t)] (θ'(t) = θ_sd(t))"""
 
     @property
     def limit(self) -> int:
@@ -252,22 +285,25 @@ def synapse_format(name: str, weights: np.ndarray, target: Loihi2) -> SynapseFor
 
 
 PAYLOAD_FRACTION_BITS = 4
-"""Bits of δ below the site's smallest d(t) when its d(t) are no exact multiples of one step (learned bases): D_t =
-rint(d(t)/δ), δ = min_t d(t)·2^-4, so each level is off by at most δ/2 = 2^-5 of the smallest. Source: spikecompile
-choice, trading the payload's precision against the accumulator's headroom (A_t grows with max_t D_t)."""
+"""The most bits of δ below the site's smallest d(t) when its d(t) are no exact multiples of one step (learned
+bases): D_t = rint(d(t)/δ), δ = min_t d(t)·2^-k, so each level is off by at most δ/2 = 2^-(k+1) of the smallest.
+Source: spikecompile choice, trading the payload's precision against the accumulator's headroom (the window sums
+grow with max_t D_t, 2^k): k = 4 unless calibration shows a synapse the site feeds would overflow
+(passes.deployment.fit_payload_grids lowers k per site)."""
 
 
-def payload_grid(d: np.ndarray, payload_bits: int, site: str) -> tuple[np.ndarray, float]:
-    """(D_t integers, δ) with d(t) ≈ D_t·δ: δ = min_t d(t)·2^-k for the smallest k ≤ PAYLOAD_FRACTION_BITS that makes
-    every D_t an integer (exact: base-2 levels), else k = PAYLOAD_FRACTION_BITS and D_t rounded; SpikecompileError
+def payload_grid(d: np.ndarray, payload_bits: int, site: str,
+                 fraction_bits: int = PAYLOAD_FRACTION_BITS) -> tuple[np.ndarray, float]:
+    """(D_t integers, δ) with d(t) ≈ D_t·δ: δ = min_t d(t)·2^-k for the smallest k ≤ fraction_bits that makes
+    every D_t an integer (exact: base-2 levels), else k = fraction_bits and D_t rounded; SpikecompileError
     naming the site when max_t D_t does not fit a signed payload_bits-bit graded payload."""
     d = np.asarray(d, dtype=np.float64)
     top = 2 ** (payload_bits - 1) - 1
     smallest = float(d[d > 0].min()) if (d > 0).any() else 1.0
-    for shift in range(PAYLOAD_FRACTION_BITS + 1):
+    for shift in range(fraction_bits + 1):
         delta = smallest * 2.0 ** -shift
         levels = np.rint(d / delta)
-        if np.array_equal(levels, d / delta) or shift == PAYLOAD_FRACTION_BITS:
+        if np.array_equal(levels, d / delta) or shift == fraction_bits:
             break
     if levels.max() > top:
         raise SpikecompileError(
@@ -276,9 +312,10 @@ def payload_grid(d: np.ndarray, payload_bits: int, site: str) -> tuple[np.ndarra
     return levels.astype(np.int64), delta
 
 
-def site_format(neuron: Neuron, target: Loihi2, site: str = "") -> SiteFormat:
-    """The deployed format of one site's neuron; SpikecompileError naming the site when its grid cannot hold the
-    thresholds it needs (grid_bits) or its d(t) (payload_grid)."""
+def site_format(neuron: Neuron, target: Loihi2, site: str = "",
+                fraction_bits: int = PAYLOAD_FRACTION_BITS) -> SiteFormat:
+    """The deployed format of one site's neuron (payload_grid with at most `fraction_bits`); SpikecompileError naming
+    the site when its grid cannot hold the thresholds it needs (grid_bits) or its d(t) (payload_grid)."""
     params = _params_of(neuron)
     site = site or getattr(neuron, "site", "") or "?"
     state_bits = target.limits["state_bits"]
@@ -289,11 +326,14 @@ def site_format(neuron: Neuron, target: Loihi2, site: str = "") -> SiteFormat:
         raise SpikecompileError(
             f"site {site}: the {state_bits}-bit potential leaves {exponent} fractional bits of τ, fewer than T = "
             f"{params.T}: its thresholds τ·2^-(t+1) are not on the grid; lower T or the site's level")
-    payload, delta = payload_grid(d, target.limits["payload_bits"], site)
-    threshold = np.rint((theta.astype(np.float64) - float(params.v0)) / unit).astype(np.int64)
+    payload, delta = payload_grid(d, target.limits["payload_bits"], site, fraction_bits)
+    if params.signed_digits:  # θ_sd(t) onto the grid (exact with every base 2: (2M_t + 1)·τ·2^-(T+1))
+        threshold = np.rint(params.signed_thresholds().double().numpy() / unit).astype(np.int64)
+    else:
+        threshold = np.rint((theta.astype(np.float64) - float(params.v0)) / unit).astype(np.int64)
     return SiteFormat(site, state_bits, exponent, unit, threshold,
                       np.rint(reset.astype(np.float64) / unit).astype(np.int64), payload, delta,
-                      target.limits["payload_bits"], int(params.max_spikes))
+                      target.limits["payload_bits"], int(params.max_spikes), params.signed_digits)
 
 
 def gain(value: np.ndarray | float) -> np.ndarray:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import SpikecompileError
 from ..hadamard import apply_hadamard
+from ..neuron import reference
 from ..neuron.kernel import Prepared, prepare, quantize
 from .base import IRNode, TensorStore
 from .graph import Graph
@@ -184,7 +185,10 @@ def neuron_of(node: PhaseNeuron) -> Prepared:
 
 
 def _phase_neuron(node: PhaseNeuron, inputs, store) -> Tensor:
-    """phase_quantize, in one fused pass (neuron.kernel; bitwise equal, the reference where it cannot run)."""
+    """phase_quantize, in one fused pass (neuron.kernel; bitwise equal, the reference where it cannot run; the
+    reference for a signed-digit neuron, which the kernel does not implement)."""
+    if node.signed_digits:
+        return reference.phase_quantize(inputs["x"], neuron_of(node).params)
     return quantize(inputs["x"], neuron_of(node))
 
 

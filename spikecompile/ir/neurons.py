@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from ..neuron import PhaseNeuronParams, initial_potential
-from ..errors import SpikecompileError
 from .base import IRNode, TensorType, is_count, node_type, require
 
 LAYER_SITE_KINDS = ("attn_norm", "q", "k", "v", "attn_probs", "o_proj_in", "mlp_norm", "silu", "down_proj_in")
@@ -26,12 +25,17 @@ class PhaseNeuron(IRNode):
         σ = sign(x);  v = |x| + v0;  s_t = [v > θ(t)] ∧ [K = 0 ∨ Σ_{u<t} s_u < K];  v ← v − h(t)·s_t
         decoded:  x̂ = σ·Σ_t d(t)·s_t
     (v0 = ½·τ·2^-T and K = 0 for the phase coding; conversion.codings gives the others.)
+    Signed digits (signed_digits, the phase-sd coding): the potential keeps its sign and s_t ∈ {−1, 0, +1},
+        θ_sd(t) = (2·θ(t) + (−1)^(T−t)·v0)/3;  r = x
+        s_t = (+1 if r > θ_sd(t), −1 if r < −θ_sd(t), else 0) ∧ [K = 0 ∨ Σ_{u<t} |s_u| < K];  r ← r − h(t)·s_t
+        decoded:  x̂ = Σ_t d(t)·s_t      (σ is not used: each step carries its own sign)
     Events (integrate-then-fire): the neuron integrates its whole input window X = Σ_t x_t, of any number of
-    steps, then emits y_t = σ·d(t)·s_t for t = 0..T−1, so Σ_t y_t = x̂.
+    steps, then emits y_t = σ·d(t)·s_t for t = 0..T−1 (signed digits: y_t = d(t)·s_t), so Σ_t y_t = x̂. Every
+    nonzero s_t is one spike (a −1 too), and each of its fan-outs one AC.
 
     site: the spike-site name ("layers.3.q", "final_norm"), its last part the site kind (conversion.sites).
     genotype: int64 [T];  tau: float [];  d, h, theta: float [n] like tau;  v0: float [] like tau;
-    max_spikes: the spike budget K (int ≥ 0, 0: none).
+    max_spikes: the spike budget K (int ≥ 0, 0: none);  signed_digits: bool, the signed-digit neuron above.
     """
 
     integrates_input: ClassVar[bool] = True
@@ -44,6 +48,7 @@ class PhaseNeuron(IRNode):
     theta: Tensor
     v0: Tensor
     max_spikes: int = 0
+    signed_digits: bool = False
 
     @property
     def kind(self) -> str:
@@ -57,21 +62,18 @@ class PhaseNeuron(IRNode):
     @property
     def is_phase_coded(self) -> bool:
         """No budget and the default v0: a phase neuron (fitted or base 2), not another coding."""
-        return self.max_spikes == 0 and self.has_default_v0
+        return self.max_spikes == 0 and self.has_default_v0 and not self.signed_digits
 
     def params(self) -> PhaseNeuronParams:
         return PhaseNeuronParams(tau=self.tau, genotype=self.genotype, d=self.d, h=self.h, theta=self.theta,
-                                 v0=self.v0, max_spikes=torch.tensor(self.max_spikes))
+                                 v0=self.v0, max_spikes=torch.tensor(self.max_spikes), signed_digits=self.signed_digits)
 
     @classmethod
     def from_params(cls, site: str, params: PhaseNeuronParams) -> PhaseNeuron:
         require(params.batch_shape == (), f"PhaseNeuron: one neuron per site, got batch shape {tuple(params.batch_shape)}")
-        if params.signed_digits:  # refused here, so no backend ever runs it as the unsigned neuron
-            raise SpikecompileError(f"site {site}: the signed-digit neuron (--coding phase-sd) has no IR node yet, so "
-                                    f"no backend (simulator, NIR, Lava, ONNX) can lower it; evaluate it with "
-                                    f"`spikecompile eval`, or convert with --coding phase")
         return cls(site=site, timesteps=params.T, genotype=params.genotype, tau=params.tau, d=params.d, h=params.h,
-                   theta=params.theta, v0=params.v0, max_spikes=int(params.max_spikes))
+                   theta=params.theta, v0=params.v0, max_spikes=int(params.max_spikes),
+                   signed_digits=params.signed_digits)
 
     def check(self):
         require(isinstance(self.site, str) and self.kind in SITE_KINDS,
@@ -80,6 +82,7 @@ class PhaseNeuron(IRNode):
                 "genotype, tau, d, h, theta and v0 must be tensors")
         # a budget of T or more never binds (the codings use 1, 2 and T − 1)
         require(is_count(self.timesteps), f"timesteps must be an int ≥ 1, got {self.timesteps!r}")
+        require(isinstance(self.signed_digits, bool), f"signed_digits must be a bool, got {self.signed_digits!r}")
         require(is_count(self.max_spikes, 0) and self.max_spikes <= self.timesteps,
                 f"max_spikes must be an int in 0..timesteps ({self.timesteps!r}), got {self.max_spikes!r}")
         require(self.tau.ndim == 0, f"tau must be a 0-d tensor (one neuron per site), got shape {list(self.tau.shape)}")

@@ -2,7 +2,7 @@
 
 graph.json (UTF-8; one node or edge per line):
 
-    {"format": "spikecompile.ir", "format_version": 2, "tensors_sha256": "<sha256 of tensors.safetensors>",
+    {"format": "spikecompile.ir", "format_version": 3, "tensors_sha256": "<sha256 of tensors.safetensors>",
      "nodes": [{"name": "layers.0.mlp.gate_proj", "type": "Linear", "fields": {"timesteps": null, ...}}, ...],
      "edges": [["layers.0.mlp_norm_site", "layers.0.mlp.gate_proj", null], ...]}
 
@@ -46,7 +46,7 @@ from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require
 from .graph import Graph, validate
 
 FORMAT = "spikecompile.ir"
-FORMAT_VERSION = 2  # 2: PhaseNeuron carries v0 and max_spikes
+FORMAT_VERSION = 3  # 2: PhaseNeuron carries v0 and max_spikes; 3: and signed_digits
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
 WEIGHTS_FILE = "weights.safetensors"

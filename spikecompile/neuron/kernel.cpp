@@ -1,3 +1,4 @@
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -199,3 +200,54 @@ template <typename F, typename I, int L, int U> static void fire(const Args<F> a
 
 ENTRY(spikecompile_fire_f32, float, int32_t, 16, 4)
 ENTRY(spikecompile_fire_f64, double, int64_t, 8, 4)
+
+// ---- the integer neuron of the Loihi 2 fixed-point run (passes/fixed_point.py) --------------------------------------
+// Per element, in one pass: u = rint(x·g) (g per position in the last dim, or one g), saturated to ±limit (counted);
+// k = the interval of u in the site's firing table (the last k with low[k] ≤ u); code = codes[k], value = code·delta.
+// The same float64 operations, one rounding each, as the torch path: x·g, rint half to even, code·delta.
+// The interval: a bucket table over [−limit, limit] (2^14 buckets) gives the interval of each bucket's first value,
+// and a short forward scan finds u's (low[] holds integers, so a bucket's first value is an integer too).
+
+static inline int64_t interval_of(const double* low, int64_t intervals, double u) {
+    int64_t first = 0, count = intervals;  // upper_bound(low, u) − 1
+    while (count > 0) {
+        const int64_t step = count / 2;
+        if (!(u < low[first + step])) { first += step + 1; count -= step + 1; } else count = step;
+    }
+    return first - 1;
+}
+
+#define BUCKET_BITS 14
+
+extern "C" int spikecompile_fire_fixed(const double* x, int64_t n, int64_t inner, const double* gain,
+                                       int64_t gain_len, int64_t limit, const double* low, const double* codes,
+                                       int64_t intervals, double delta, double* value, double* code,
+                                       int64_t* interval, int64_t* saturated, int32_t threads) {
+    if (intervals < 1 || inner < 1 || limit < 0 || (gain_len != 1 && gain_len != inner)) return 1;
+    int shift = 0;
+    while (((2 * limit) >> shift) >= ((int64_t)1 << BUCKET_BITS)) ++shift;
+    const int64_t buckets = ((2 * limit) >> shift) + 1;
+    int64_t* first = new int64_t[buckets];
+    for (int64_t b = 0; b < buckets; ++b) first[b] = interval_of(low, intervals, (double)((b << shift) - limit));
+    const double top = (double)limit;
+    int64_t total = 0;
+    const int count = n < 65536 ? 1 : (threads > 0 ? threads : 1);
+#pragma omp parallel for num_threads(count) reduction(+ : total) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        double u = nearbyint(x[i] * gain[gain_len == 1 ? 0 : i % inner]);
+        int64_t k;
+        if (u != u) {
+            k = intervals - 1;  // NaN: past every low, as torch.searchsorted places it
+        } else {
+            if (u > top) { u = top; ++total; } else if (u < -top) { u = -top; ++total; }
+            k = first[((int64_t)u + limit) >> shift];
+            while (k + 1 < intervals && low[k + 1] <= u) ++k;
+        }
+        code[i] = codes[k];
+        value[i] = codes[k] * delta;
+        if (interval) interval[i] = k;
+    }
+    delete[] first;
+    *saturated = total;
+    return 0;
+}

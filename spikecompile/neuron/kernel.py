@@ -208,6 +208,33 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
     return result
 
 
+def fire_fixed(x: Tensor, gain: Tensor | float, limit: int, low: Tensor, codes: Tensor, delta: float,
+               intervals: bool = False) -> tuple[Tensor, Tensor, Tensor | None, int] | None:
+    """The Loihi 2 fixed-point neuron in one pass (passes.fixed_point._neuron): u = rint(x·gain) saturated to ±limit,
+    k its interval in the firing table (low, codes), → (codes[k]·delta, codes[k], k if `intervals`, saturations).
+    x float64 [..., inner], gain float64 [inner] or one number. None when the kernel is not available (the caller
+    runs its torch path, bit for bit the same)."""
+    library = _library()
+    if library is None or x.dtype != torch.float64 or x.device.type != "cpu":
+        return None
+    source = x.contiguous()
+    gains = torch.as_tensor(gain, dtype=torch.float64).reshape(-1).contiguous()
+    inner = source.shape[-1] if source.dim() else 1
+    value, code = torch.empty_like(source), torch.empty_like(source)
+    interval = torch.empty(source.shape, dtype=torch.int64) if intervals else None
+    saturated = ctypes.c_int64(0)
+    low, codes = low.contiguous(), codes.contiguous()
+    status = library.spikecompile_fire_fixed(
+        _pointer(source), ctypes.c_int64(source.numel()), ctypes.c_int64(max(1, inner)), _pointer(gains),
+        ctypes.c_int64(gains.numel()), ctypes.c_int64(limit), _pointer(low), _pointer(codes),
+        ctypes.c_int64(low.numel()), ctypes.c_double(delta), _pointer(value), _pointer(code), _pointer(interval),
+        ctypes.byref(saturated), ctypes.c_int32(torch.get_num_threads()))
+    if status:
+        raise ValueError(f"fire_fixed: the kernel refused its arguments (gain of {gains.numel()} for a last dim of "
+                         f"{inner}, {low.numel()} intervals)")
+    return value, code, interval, saturated.value
+
+
 def _pointer(tensor: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else None)
 
@@ -309,7 +336,7 @@ def _load():
                 continue
             _state["compile_seconds"] = _state.get("compile_seconds", 0.0) + time.perf_counter() - start
             library = ctypes.CDLL(str(path))
-        for name in ("spikecompile_fire_f32", "spikecompile_fire_f64"):
+        for name in ("spikecompile_fire_f32", "spikecompile_fire_f64", "spikecompile_fire_fixed"):
             getattr(library, name).restype = ctypes.c_int
         _state["path"] = path
         return library

@@ -5,6 +5,8 @@ perplexity on a text (`build --target lava`, `build --target sim --numerics loih
     formats_report(graph, formats)            per synapse, site and op: its format; per synapse its headroom
     sample_saturation(graph, formats, samples) per site: potentials beyond the state on its stored samples
     CalibrationRun                            run_fixed over token windows: saturations, overflows, perplexity
+    fit_payload_grids(graph, store, target, windows)  per site, the payload grid its synapses' accumulators hold
+    calibration_text(record)                  the text model.pt was calibrated on, when it can still be read
     check_overflow(overflow, allow)           an accumulator that overflows on calibration data: one-line error
 
 The accumulator of a synapse row holds its window sum Σ_t A_t (the neuron's `acc`, rounded once by the gain): its
@@ -22,11 +24,14 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
+from ..data import BUILTIN, TextSource, load_text, token_windows
 from ..errors import SpikecompileError
-from ..hardware.loihi2 import OP_FORMAT, SiteFormat, SynapseFormat, accumulator_peak, gain, window_peak
+from ..hardware.loihi2 import (
+    OP_FORMAT, PAYLOAD_FRACTION_BITS, Loihi2, SiteFormat, SynapseFormat, accumulator_peak, gain, window_peak,
+)
 from ..ir import Graph, Input, PhaseNeuron
 from .fixed_point import run_fixed
-from .loihi_mapping import Formats
+from .loihi_mapping import Formats, deployed_formats
 
 
 def code_peak(site: SiteFormat) -> int:
@@ -96,16 +101,16 @@ class CalibrationRun:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """The fixed-point logits of `ids` (a forward for evaluation.perplexity), tallied."""
-        run = run_fixed(self.graph, self.store, ids, self.formats)
+        run = run_fixed(self.graph, self.store, ids, self.formats, records=False)
         for name, count in run.saturated.items():
             self.saturated[name] += count
-        for name, potentials in run.potentials.items():
-            self.potentials[self.formats.sites[name].site] += potentials.numel()
-        for name, count in run.overflowed.items():
-            self.overflowed[name] += count
-            self.sums[name] += run.window_sums[name].numel()
-            sums = run.window_sums[name]
-            self.peak[name] = max(self.peak.get(name, 0), int(sums.abs().max()) if sums.numel() else 0)
+        for name, size in run.sizes.items():
+            if name in self.formats.synapses:
+                self.overflowed[name] += run.overflowed[name]
+                self.sums[name] += size
+                self.peak[name] = max(self.peak.get(name, 0), run.peaks[name])
+            else:
+                self.potentials[self.formats.sites[name].site] += size
         return run.output(self.graph)
 
     def report(self, only: Callable[[str], bool] = lambda name: True) -> dict:
@@ -208,3 +213,69 @@ def summary_lines(report: dict) -> list[str]:
 def _headroom(entry: dict) -> float:
     """A synapse's headroom in bits (an all-zero matrix: infinite)."""
     return math.inf if entry["headroom_bits"] is None else entry["headroom_bits"]
+
+
+HEADROOM_BITS = 1
+"""Bits of accumulator range kept free above the largest window sum seen on calibration data (unseen text may
+reach further): fit_payload_grids keeps every peak ≤ 2^(b−1−1)."""
+
+
+def fit_payload_grids(graph: Graph, store, target: Loihi2 | None, windows) -> dict[str, int]:
+    """Per site node, the payload fraction bits k (hardware.loihi2.payload_grid) that keep the window sums of every
+    synapse it feeds within its accumulator, HEADROOM_BITS to spare, on `windows` (calibration token windows).
+
+    Runs the fixed-point model at k = PAYLOAD_FRACTION_BITS; one bit less halves a site's payloads D_t and so its
+    synapses' window sums, so a synapse whose peak is p over the allowed P takes ⌈log2(p/P)⌉ bits off its source
+    (sites whose grid is exact at fewer bits are unchanged). Runs again with the new grids (downstream values move a
+    little) until nothing is over, at most 3 rounds; the caller's calibration run then reports what remains."""
+    chosen: dict[str, int] = {}
+    for _ in range(3):
+        before = dict(chosen)
+        formats = deployed_formats(graph, store, target, chosen)
+        run = CalibrationRun(graph, store, formats)
+        for window in windows:
+            run(window[None] if window.dim() == 1 else window)
+        over = False
+        for name, peak in run.peak.items():
+            allowed = 2 ** (formats.synapses[name].accumulator_bits - 1 - HEADROOM_BITS)
+            if peak > allowed:
+                source = formats.sources[name]
+                bits = before.get(source, PAYLOAD_FRACTION_BITS) - math.ceil(math.log2(peak / allowed))
+                chosen[source], over = max(0, min(chosen.get(source, PAYLOAD_FRACTION_BITS), bits)), True
+        if not over:
+            break
+    return chosen
+
+
+FIT_WINDOWS = 2
+"""Calibration windows fit_payload_grids runs on (of the model's calibration text and length)."""
+
+
+def fitted_fraction_bits(graph: Graph, store, target: Loihi2 | None, record: dict, tokenizer) -> dict | None:
+    """fit_payload_grids on FIT_WINDOWS windows of the model's calibration text; None when that text cannot be read
+    (the grids then stay at PAYLOAD_FRACTION_BITS, and the deployment report says so)."""
+    text = calibration_text(record)
+    if text is None:
+        return None
+    windows = token_windows(tokenizer, text, record["calibration"]["seqlen"], FIT_WINDOWS, "calibration")
+    return fit_payload_grids(graph, store, target, windows)
+
+
+def payload_grids_entry(formats: Formats, fraction_bits: dict | None) -> dict:
+    """The deployment report's line on the payload grids: fitted or not, and the sites given fewer fraction bits."""
+    if fraction_bits is None:
+        return {"fitted": False, "fraction_bits": PAYLOAD_FRACTION_BITS,
+                "why": "the calibration text cannot be read: every site keeps the most fraction bits"}
+    lowered = {formats.sites[name].site: bits for name, bits in fraction_bits.items() if name in formats.sites}
+    return {"fitted": True, "fraction_bits": PAYLOAD_FRACTION_BITS, "windows": FIT_WINDOWS,
+            "headroom_bits": HEADROOM_BITS, "lowered": lowered}
+
+
+def calibration_text(record: dict) -> TextSource | None:
+    """The text model.pt was calibrated on, when it can still be read unchanged (its sha256); else None."""
+    name = record["calibration"]["source"]
+    try:
+        text = load_text(BUILTIN, name.split(":", 1)[1]) if name.startswith(f"{BUILTIN}:") else load_text(name, "calib")
+    except SpikecompileError:
+        return None
+    return text if text.sha256 == record["calibration"]["sha256"] else None

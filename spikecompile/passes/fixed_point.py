@@ -31,6 +31,7 @@ from ..ir import (
     ResidualAdd, RoPE, Rotation, SplitHeads,
 )
 from ..ir.interpret import graph_inputs
+from ..neuron import kernel
 from .loihi_mapping import Formats
 
 NUMERICS = ("float", "loihi2")
@@ -38,61 +39,113 @@ NUMERICS = ("float", "loihi2")
 
 @dataclasses.dataclass
 class FixedRun:
-    """One fixed-point run: node values (float64; a synapse's as the window sums Σ_t A_t), and per neuron node its
-    spike count per neuron, integer potential u at the start of firing, residual r at the end, the spike count
-    per step, and its saturations (by site); per synapse the window sums Σ_t A_t beyond its accumulator's range
+    """One fixed-point run. Always: the output's values, per neuron node its saturations (by site) and its neuron
+    count (`sizes`), and per synapse its window sums Σ_t A_t beyond its accumulator's range
     (overflowed; held exactly, as Lava's fixed_pt holds them: the count says what a saturating accumulator would
-    change)."""
+    change), its largest |Σ_t A_t| (`peaks`) and its sum count (`sizes`). With records: every node's values
+    (float64), and per neuron node its spikes per step, its spike count per neuron, integer potential u at the start of firing, residual
+    r at the end, and the integer codes it sends (`window_sums`, beside the synapses' Σ_t A_t)."""
 
     values: dict[str, Tensor]
-    counts: dict[str, Tensor]
-    potentials: dict[str, Tensor]
-    residuals: dict[str, Tensor]
-    per_step: dict[str, Tensor]
-    saturated: dict[str, int]
-    window_sums: dict[str, Tensor]
+    per_step: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    saturated: dict[str, int] = dataclasses.field(default_factory=dict)
     overflowed: dict[str, int] = dataclasses.field(default_factory=dict)
+    peaks: dict[str, int] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    counts: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    potentials: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    residuals: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    window_sums: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     def output(self, graph: Graph) -> Tensor:
         (name,) = [name for name in graph if isinstance(graph[name], Output)]
         return self.values[name]
 
 
-def fire(u: Tensor, site) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(code c = σ·Σ_t D_t·s_t, spike count per neuron, final residual r, spikes per step) of integer potentials u
-    (int64) under the site's integer thresholds, resets, payload and budget."""
-    sign, residual = torch.sign(u), u.abs()
-    code, count = torch.zeros_like(u), torch.zeros_like(u)
-    per_step = torch.zeros(len(site.threshold), dtype=torch.int64)
-    for t, (threshold, reset, payload) in enumerate(zip(site.threshold.tolist(), site.reset.tolist(),
-                                                        site.payload.tolist())):
-        spikes = residual > threshold
-        if site.max_spikes:
-            spikes &= count < site.max_spikes
-        spikes = spikes.long()
-        residual -= reset * spikes
-        count += spikes
-        code += payload * spikes
-        per_step[t] = spikes.sum()
-    return sign * code, count, residual, per_step
+@dataclasses.dataclass(frozen=True)
+class FiringTable:
+    """A site's whole integer firing rule as intervals of its potential u: u in [low[k], low[k+1]) fires the digit
+    pattern pattern[k] (T steps), sends the code c = code[k], has fired count[k] spikes and leaves the residual
+    |u| − reset_sum[k] (signed digits: u − reset_sum[k]).
+
+    Exact, not an approximation: each step's digit is a threshold test on the residual r_t = r − Σ_{t'<t} h(t')·s_t',
+    i.e. on r itself once the digits so far are known, so every digit pattern is an interval of r and splitting the
+    range step by step finds them in order (at most 2^T; 3^T signed).
+      unsigned  r = |u|: s_t = [r_t > θ'(t)] ∧ budget, c = σ·Σ_t D_t·s_t; split [0, limit], then u < 0 mirrors it with
+                c negated (u = 0 fires as r = 0 does, but sends σ·… = 0)
+      signed    r = u: s_t = [r_t > θ'(t)] − [−r_t > θ'(t)] (0 once K digits were nonzero), c = Σ_t D_t·s_t; split
+                [−limit, limit]
+    Lows and codes are float64 (exact: integers below 2^53), so a rounded float64 potential is looked up as it is."""
+
+    low: Tensor  # float64 [K], low[0] = −limit
+    code: Tensor  # float64 [K]
+    count: Tensor  # int64 [K]
+    reset_sum: Tensor  # int64 [K]
+    pattern: Tensor  # int64 [K, T], |s_t|
+    signed: bool = False
+
+
+def firing_table(site) -> FiringTable:
+    """The intervals of `site` (a hardware.loihi2.SiteFormat) over u in [−site.limit, site.limit]."""
+    thresholds, resets, payloads = site.threshold.tolist(), site.reset.tolist(), site.payload.tolist()
+    steps, budget, signed = len(thresholds), site.max_spikes, bool(getattr(site, "signed_digits", False))
+    leaves: list[tuple[int, int, int, int, int, tuple[int, ...]]] = []  # (low, high, code, count, resets, pattern)
+
+    def digit(value: int, t: int, reset_sum: int) -> int:
+        residual = value - reset_sum
+        return int(residual > thresholds[t]) - (int(-residual > thresholds[t]) if signed else 0)
+
+    def split(low: int, high: int, t: int, reset_sum: int, count: int, code: int, pattern: tuple[int, ...]):
+        if t == steps:
+            leaves.append((low, high, code, count, reset_sum, pattern))
+            return
+        if budget and count >= budget:
+            split(low, high, t + 1, reset_sum, count, code, pattern + (0,))
+            return
+        cut = thresholds[t] + reset_sum  # +1 from cut + 1 up; signed: −1 up to 2·reset_sum − cut − 1
+        cuts = (cut + 1, 2 * reset_sum - cut) if signed else (cut + 1,)
+        edges = sorted({low, *(edge for edge in cuts if low < edge <= high)})
+        for start, end in zip(edges, [*edges[1:], high + 1]):
+            s = digit(start, t, reset_sum)
+            split(start, end - 1, t + 1, reset_sum + resets[t] * s, count + abs(s), code + payloads[t] * s,
+                  pattern + (abs(s),))
+
+    if signed:
+        split(-site.limit, site.limit, 0, 0, 0, 0, ())
+        low, code, count, reset_sum, pattern = zip(*[(low, *rest) for low, high, *rest in leaves])
+    else:
+        split(0, site.limit, 0, 0, 0, 0, ())
+        mirrored = [(-high, -code, *rest) for low, high, code, *rest in reversed(leaves) if high > 0]  # u ≤ −1
+        _, high, code, *rest = leaves[0]
+        zero = [(0, 0, *rest)] + ([(1, code, *rest)] if high > 0 else [])  # σ = sign(0) = 0: u = 0 sends 0
+        low, code, count, reset_sum, pattern = zip(*mirrored, *zero, *[(low, code, *rest) for low, high, code, *rest
+                                                                        in leaves[1:]])
+    return FiringTable(torch.tensor(low, dtype=torch.float64), torch.tensor(code, dtype=torch.float64),
+                       *(torch.tensor(column, dtype=torch.int64) for column in (count, reset_sum, pattern)), signed)
+
+
+def fire(u: Tensor, table: FiringTable) -> tuple[Tensor, Tensor]:
+    """(code c = σ·Σ_t D_t·s_t as float64, interval index) of integer-valued float64 potentials u, |u| ≤ limit:
+    one lookup per neuron in its site's firing_table (the same integers as stepping r through the T steps)."""
+    interval = torch.searchsorted(table.low, u, right=True) - 1
+    return table.code[interval], interval
 
 
 @torch.no_grad()
-def run_fixed(graph: Graph, store, inputs, formats: Formats) -> FixedRun:
-    """Run `graph` on `inputs` (token ids, or values by Input name) in its deployed formats."""
+def run_fixed(graph: Graph, store, inputs, formats: Formats, records: bool = True) -> FixedRun:
+    """Run `graph` on `inputs` (token ids, or values by Input name) in its deployed formats; without `records`, keep
+    only what FixedRun always holds and free each value once its last reader has run."""
     _STORE[0] = store
     values = {name: value.double() if value.is_floating_point() else value
               for name, value in graph_inputs(graph, inputs).items()}
-    run = FixedRun(values, {}, {}, {}, {}, {}, {})
+    run = FixedRun(values)
+    codes: dict[str, Tensor] = {}  # neuron -> the integer codes c it sends
     sums: dict[str, Tensor] = {}  # synapse -> Σ_t A_t
+    readers = {name: len(graph.consumers(name)) for name in graph}
 
-    def value(source: str, receiver=None) -> Tensor:
-        """What `source` delivers to an op (receiver None) as a float64 value."""
-        if source in sums:
-            synapse = formats.synapses[source]
-            row_gain = torch.from_numpy(synapse_gain(synapse, formats.sites[formats.sources[source]], None))
-            return sums[source] * row_gain
-        return values[source]
+    def value(source: str) -> Tensor:
+        """What `source` delivers to an op as a float64 value."""
+        return sums[source] * _synapse_gain(formats, source, None) if source in sums else values[source]
 
     for name in graph.topological_order():
         if name in values:
@@ -101,37 +154,82 @@ def run_fixed(graph: Graph, store, inputs, formats: Formats) -> FixedRun:
         sources = graph.inputs(name)
         try:
             if isinstance(node, PhaseNeuron):
-                values[name] = _neuron(name, sources["x"], formats, sums, values, run)
+                values[name], codes[name] = _neuron(name, sources["x"], formats, sums, values, run, records)
             elif name in formats.synapses:
-                mantissa = torch.from_numpy(formats.synapses[name].mantissa.astype(np.float64) * 2)
-                sums[name] = torch.nn.functional.linear(run.window_sums[sources["x"]], mantissa)
-                limit = 2 ** (formats.synapses[name].accumulator_bits - 1) - 1
-                run.overflowed[name] = int((sums[name].abs() > limit).sum())
+                sums[name] = torch.nn.functional.linear(codes[sources["x"]], _derived(
+                    formats, ("2m", name), lambda: torch.from_numpy(formats.synapses[name].mantissa * 2.0)))
+                _tally_synapse(name, sums[name], formats, run)
             else:
                 values[name] = OPS[type(node)](node, *(value(source) for source in sources.values()))
         except (RuntimeError, ValueError) as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
-    run.window_sums.update(sums)
+        if not records:
+            for source in sources.values():
+                readers[source] -= 1
+                if readers[source] == 0:
+                    for held in (values, codes, sums):
+                        held.pop(source, None)
+    if records:
+        run.window_sums.update(codes)
+        run.window_sums.update(sums)
     return run
 
 
-def _neuron(name: str, source: str, formats: Formats, sums: dict, values: dict, run: FixedRun) -> Tensor:
-    """Integrate, round, saturate and fire one site; keep its record in `run`; return c·δ (what an op reads)."""
+def _tally_synapse(name: str, window_sums: Tensor, formats: Formats, run: FixedRun) -> None:
+    """Keep a synapse's peak |Σ_t A_t|, its sum count and how many sums overflow its accumulator."""
+    limit = 2 ** (formats.synapses[name].accumulator_bits - 1) - 1
+    low, high = torch.aminmax(window_sums) if window_sums.numel() else (0, 0)
+    peak = int(max(-low, high))
+    run.peaks[name], run.sizes[name] = peak, window_sums.numel()
+    run.overflowed[name] = int((window_sums.abs() > limit).sum()) if peak > limit else 0
+
+
+def _derived(formats: Formats, key: tuple, make) -> object:
+    """formats.derived[key], made on first use."""
+    if key not in formats.derived:
+        formats.derived[key] = make()
+    return formats.derived[key]
+
+
+def _synapse_gain(formats: Formats, synapse: str, receiver: str | None) -> Tensor:
+    """hardware.loihi2.synapse_gain of `synapse` into `receiver` (a site node; None: an op) as a tensor."""
+    return _derived(formats, ("gain", synapse, receiver), lambda: torch.from_numpy(synapse_gain(
+        formats.synapses[synapse], formats.sites[formats.sources[synapse]],
+        None if receiver is None else formats.sites[receiver])))
+
+
+def _neuron(name: str, source: str, formats: Formats, sums: dict, values: dict, run: FixedRun,
+            records: bool) -> tuple[Tensor, Tensor]:
+    """Integrate, round, saturate and fire one site; keep its record in `run`; return (c·δ, what an op reads; c, the
+    integer codes a synapse reads), both float64. The fused kernel (neuron.kernel.fire_fixed) runs it in one pass
+    where it is available, else integrate_and_fire: the same float64 operations."""
     site = formats.sites[name]
-    if source in sums:
-        synapse = formats.synapses[source]
-        scaled = sums[source] * torch.from_numpy(synapse_gain(synapse, formats.sites[formats.sources[source]], site))
-    else:
-        scaled = values[source].double() * float(gain(1.0 / site.unit))
-    u = torch.round(scaled)
-    run.saturated[site.site] = run.saturated.get(site.site, 0) + int((u.abs() > site.limit).sum())
-    u = u.clamp(-site.limit, site.limit).long()
-    code, count, residual, per_step = fire(u.reshape(-1), site)
-    run.counts[name], run.potentials[name], run.residuals[name], run.per_step[name] = count, u.reshape(-1), \
-        residual, per_step
-    code = code.reshape(u.shape).double()
-    run.window_sums[name] = code  # what a synapse reads: the integer codes
-    return code * site.delta
+    x, g = (sums[source], _synapse_gain(formats, source, name)) if source in sums else \
+        (values[source].double(), float(gain(1.0 / site.unit)))
+    table = _derived(formats, ("table", name), lambda: firing_table(site))
+    fired = kernel.fire_fixed(x, g, site.limit, table.low, table.code, site.delta, intervals=records)
+    value, code, interval, saturated = fired or integrate_and_fire(x, g, site, table)
+    run.saturated[site.site] = run.saturated.get(site.site, 0) + saturated
+    run.sizes[name] = x.numel()
+    if records:
+        interval = interval.reshape(-1)
+        run.per_step[name] = torch.bincount(interval, minlength=len(table.low)) @ table.pattern
+        u = torch.round(x * g).clamp(-site.limit, site.limit).reshape(-1).long()
+        run.counts[name], run.potentials[name] = table.count[interval], u
+        run.residuals[name] = (u if table.signed else u.abs()) - table.reset_sum[interval]
+    return value, code
+
+
+def integrate_and_fire(x: Tensor, g: Tensor | float, site, table: FiringTable) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(c·δ, c, interval index, saturations) of u = rint(x·g) saturated to ±limit, in torch."""
+    u = torch.round(x * g)
+    low, high = torch.aminmax(u) if u.numel() else (0, 0)
+    saturated = 0
+    if low < -site.limit or high > site.limit:
+        saturated = int((u.abs() > site.limit).sum())
+        u = u.clamp_(-site.limit, site.limit)
+    code, interval = fire(u, table)
+    return code * site.delta, code, interval, saturated
 
 
 # ---- the ops, as the Lava program's numpy OPS compute them (float64, same expressions) --------------------------

@@ -21,7 +21,7 @@ import networkx as nx
 from ..checks import is_count
 from ..errors import SpikecompileError
 from ..hardware.loihi2 import (
-    OP_FORMAT, SPIKE_PAYLOAD_BITS, Loihi2, SiteFormat, SynapseFormat, accumulator_peak, budget_counter_bits,
+    OP_FORMAT, PAYLOAD_FRACTION_BITS, SPIKE_PAYLOAD_BITS, Loihi2, SiteFormat, SynapseFormat, accumulator_peak, budget_counter_bits,
     grid_bits, load_loihi2, potential_exponent, quantize_rows, residual_schedule, site_format, synapse_format,
 )
 from ..ir import Graph, Linear, PhaseNeuron, validate
@@ -133,6 +133,8 @@ class Formats:
     synapses: dict[str, SynapseFormat]
     sources: dict[str, str]
     op: dict = field(default_factory=lambda: dict(OP_FORMAT))
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    """Tensors computed from these formats once and reused by every run (passes.fixed_point)."""
 
 
 def is_synapse(graph: Graph, name: str) -> bool:
@@ -140,15 +142,19 @@ def is_synapse(graph: Graph, name: str) -> bool:
     return isinstance(graph[name], Linear) and isinstance(graph[graph.inputs(name)["x"]], PhaseNeuron)
 
 
-def deployed_formats(graph: Graph, store: Mapping, target: Loihi2 | None = None) -> Formats:
-    """The formats `graph` (timesteps assigned) deploys in on `target` (default targets/loihi2.toml); a one-line
-    SpikecompileError naming the site or matrix that no format can hold."""
+def deployed_formats(graph: Graph, store: Mapping, target: Loihi2 | None = None,
+                     fraction_bits: Mapping[str, int] | None = None) -> Formats:
+    """The formats `graph` (timesteps assigned) deploys in on `target` (default targets/loihi2.toml), each site's
+    payload with at most fraction_bits[node] fraction bits (default hardware.loihi2.PAYLOAD_FRACTION_BITS;
+    passes.deployment.fit_payload_grids chooses them); a one-line SpikecompileError naming the site or matrix that
+    no format can hold."""
     target = target or load_loihi2()
+    fraction_bits = fraction_bits or {}
     sites, synapses, sources = {}, {}, {}
     for name in graph.topological_order():
         node = graph[name]
         if isinstance(node, PhaseNeuron):
-            sites[name] = site_format(node, target, node.site)
+            sites[name] = site_format(node, target, node.site, fraction_bits.get(name, PAYLOAD_FRACTION_BITS))
         elif is_synapse(graph, name):
             if node.bias is not None:
                 raise SpikecompileError(f"matrix {name}: a Linear with a bias; Loihi 2 synapses carry none, so it "

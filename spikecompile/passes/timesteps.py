@@ -164,7 +164,19 @@ def _at_timesteps(neuron: PhaseNeuron, steps: int) -> PhaseNeuron:
     params = base2_params(neuron.tau.detach().clone(), steps, grains)
     if neuron.max_spikes:  # spikedattn, ttfs: the same budget at the new T
         params = dataclasses.replace(params, max_spikes=torch.tensor(neuron.max_spikes))
+    params = dataclasses.replace(params, signed_digits=neuron.signed_digits)  # phase-sd base 2: signed at any T
     return PhaseNeuron.from_params(neuron.site, params)
+
+
+def lockstep_groups(graph: Graph) -> list[list[str]]:
+    """The spike sites that must run one T, one sorted list per group (their trains meet in a lockstep group),
+    in the graph's order of their first site."""
+    lockstep = _lockstep_graph(graph)
+    groups = [sorted(graph[name].site for name in group if isinstance(graph[name], PhaseNeuron))
+              for group in nx.connected_components(lockstep)]
+    order = {graph[name].site: index for index, name in enumerate(graph.topological_order())
+             if isinstance(graph[name], PhaseNeuron)}
+    return sorted((group for group in groups if group), key=lambda group: min(order[site] for site in group))
 
 
 def _lockstep_graph(graph: Graph) -> nx.Graph:

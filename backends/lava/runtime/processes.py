@@ -13,6 +13,9 @@ PhaseNeuronProcess (one spike site; spikes carry σ ∈ {−1, +1}, the receiver
 with θ'(t) = θ(t) − v0, the threshold against the residual r = v − v0 (neuron.reference.magnitude_spikes), of
 either sign (v0 < 0 raises it; v0 > θ(t) makes it negative), and K = max_spikes the spike budget: count, the
 per-neuron spike counter, is Σ_{u<t} s_u when step t fires (a neuron fires one window per run).
+A signed-digit site (signed_digits, the phase-sd coding) keeps the potential's sign: at start σ = 1, r = u; then
+s_t = ([r > θ'(t)] − [−r > θ'(t)])·[K = 0 ∨ count < K] ∈ {−1, 0, +1}, r ← r − h(t)·s_t, count ← count + |s_t|,
+send s_t (the ±1 graded payload), with θ'(t) = θ_sd(t) (neuron.reference.signed_spikes).
     floating_pt  u in float64, r, θ', h in float32: the decoded reference's arithmetic.
     fixed_pt     hardware.loihi2's formats: acc ← acc + a_t over the input window (exact integer synapse sums, or
                  one op message); at fire_start u = sat(rint(G·acc)) on the site's grid (unit τ·2^-F; G the
@@ -47,15 +50,15 @@ class PhaseNeuronProcess(AbstractProcess):
 
     size: neurons; threshold θ'(t), reset h(t): [T]; gain g(t_in): [steps of the input]; input_start, fire_start:
     Lava steps; limit: the largest |u| of the fixed_pt state (ignored in floating_pt); max_spikes: the spike
-    budget K (0: none).
+    budget K (0: none); signed_digits: the signed-digit neuron (s_t ∈ {−1, 0, +1}).
     Vars: u (integrated input), r (residual potential), sign, count (spikes per neuron: the budget's counter),
     saturated (per neuron).
     """
 
     def __init__(self, *, size: int, threshold, reset, gain, input_start: int, fire_start: int, limit: int = 0,
-                 max_spikes: int = 0, scale=None, payload=None, name: str | None = None):
+                 max_spikes: int = 0, scale=None, payload=None, signed_digits: bool = False, name: str | None = None):
         super().__init__(size=size, input_start=input_start, fire_start=fire_start, limit=limit,
-                         max_spikes=int(max_spikes), name=name)
+                         max_spikes=int(max_spikes), signed_digits=bool(signed_digits), name=name)
         self.a_in = InPort(shape=(size,))
         self.s_out = OutPort(shape=(size,))
         for var in ("u", "r", "sign", "count", "saturated", "acc"):
@@ -82,13 +85,24 @@ class _PhaseNeuronModel(PyLoihiProcessModel):
         if 0 <= t < self.threshold.shape[0]:
             budget = self.proc_params["max_spikes"]
             spikes = self.fire(t, self.count < budget if budget else True)
-            self.count += spikes
+            self.count += np.abs(spikes)  # a signed digit −1 is one spike
             spikes = spikes * self.payload[t]
         self.s_out.send(self.sign * spikes)
 
     def start_firing(self):
+        if self.proc_params["signed_digits"]:  # the potential keeps its sign; each digit carries its own
+            self.sign[:] = 1
+            self.r[:] = self.u
+            return
         self.sign[:] = np.sign(self.u)
         self.r[:] = np.abs(self.u)
+
+    def digits(self, residual, threshold, allowed):
+        """s_t: [r > θ'(t)] (0/1), or for a signed-digit site [r > θ'(t)] − [−r > θ'(t)]; masked by `allowed`."""
+        spikes = (residual > threshold).astype(np.int32)
+        if self.proc_params["signed_digits"]:
+            spikes -= (-residual > threshold).astype(np.int32)
+        return spikes * np.asarray(allowed, dtype=np.int32)
 
 
 @implements(proc=PhaseNeuronProcess, protocol=LoihiProtocol)
@@ -114,9 +128,9 @@ class PhaseNeuronFloatModel(_PhaseNeuronModel):
 
     def fire(self, t, allowed):
         residual = self.r.astype(np.float32)
-        spikes = (residual > np.float32(self.threshold[t])) & allowed
+        spikes = self.digits(residual, np.float32(self.threshold[t]), allowed)
         self.r[:] = residual - np.float32(self.reset[t]) * spikes.astype(np.float32)
-        return spikes.astype(np.int32)
+        return spikes
 
 
 @implements(proc=PhaseNeuronProcess, protocol=LoihiProtocol)
@@ -148,7 +162,7 @@ class PhaseNeuronFixedModel(_PhaseNeuronModel):
         super().start_firing()
 
     def fire(self, t, allowed):
-        spikes = ((self.r > self.threshold[t]) & allowed).astype(np.int32)
+        spikes = self.digits(self.r, self.threshold[t], allowed)
         self.r -= self.reset[t] * spikes
         return spikes
 

@@ -70,7 +70,8 @@ def _op(folder: Path, entry: dict, tag: str):
 
 def _neuron(folder: Path, entry: dict, tag: str, limit: int):
     common = {"size": entry["size"], "threshold": entry["threshold"][tag], "reset": entry["reset"][tag],
-              "limit": limit, "max_spikes": entry.get("max_spikes", 0), "name": entry["name"]}
+              "limit": limit, "max_spikes": entry.get("max_spikes", 0),
+              "signed_digits": bool(entry.get("signed_digits", False)), "name": entry["name"]}
     if tag == "fixed_pt":
         fixed = entry["fixed_pt"]
         return PhaseNeuronProcess(**common, gain=[1.0] * fixed["input"]["steps"], input_start=fixed["input"]["start"],
