@@ -205,10 +205,11 @@ def _print_site_table(rows: list[dict]) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_placement_options
 def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress, device, dtype):
-    """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt)."""
-    from .conversion.convert import load_spiking_model
-    from .data import load_text, token_windows
-    from .evaluation import perplexity
+    """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt), computed one
+    decoder layer at a time (memory: one layer and the windows' hidden states)."""
+    from . import modelfile
+    from .conversion.streamed_eval import streamed_perplexities
+    from .data import load_text
 
     if json_path:
         check_writable(json_path)
@@ -219,23 +220,19 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     if max_windows is not None and max_windows < 1:
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")
-    spiking = load_spiking_model(model_file, source_path=source, placement=placement, progress=progress)
-    windows = token_windows(spiking.tokenizer, text, seqlen, max_windows, "evaluation")
-    rows = site_error_rows(spiking.record)
+    record = modelfile.load(model_file)
+    figures = streamed_perplexities(model_file, record, text, seqlen, max_windows, source, placement, progress)
+    rows = site_error_rows(record)
     _print_site_table(rows)
-
-    ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
-    prefixed = (perplexity(spiking.prefixed_float_logits, windows, desc="float + prefix perplexity",
-                           progress=progress) if spiking.prefix else ann)  # no prefix: the float model is the ANN
-    snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
-    coding = spiking.record["coding"]
-    click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
+    ann, prefixed, snn = figures.ann, figures.prefixed_float, figures.snn  # no prefix: prefixed is the ANN
+    coding = record["coding"]
+    click.echo(f"perplexity on {text.name} ({figures.windows} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
     click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
-            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
+            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": figures.windows,
             "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
             "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),

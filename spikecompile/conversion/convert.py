@@ -651,6 +651,16 @@ def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:
                                           for name, value in moved.items()})
 
 
+def recorded_source(record: dict, path, source_path: str | None = None) -> ModelSource:
+    """model.pt's source model (at `source_path` when given: it moved since conversion), checked against the
+    recorded sha256 (one-line error naming `path`)."""
+    source = ModelSource(**record["source"])
+    if source_path is not None:
+        source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
+    verify_source(source, where=str(path))
+    return source
+
+
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied",
                        placement: Placement = Placement(), progress: bool = False,
                        record: dict | None = None) -> SpikingModel:
@@ -668,10 +678,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
         record = modelfile.load(path)  # checked against the model.pt schema: types, ranges, consistency
     if record.get("weights"):
         rotations = "applied"
-    source = ModelSource(**record["source"])
-    if source_path is not None:
-        source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
-    verify_source(source, where=str(path))
+    source = recorded_source(record, path, source_path)
     model, tokenizer = load_model(source, placement, progress)
     check_prefix_vocabulary(record, model.get_input_embeddings().num_embeddings, str(path), source.path)
     rotation = record["rotation"]
