@@ -626,11 +626,13 @@ def _zeroshot_module():
 @click.option("--batch-size", default=16, show_default=True, help="Requests per forward.")
 @click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON.")
-def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path):
+@_placement_options
+def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path, device, dtype):
     """Zero-shot multiple-choice accuracy of MODEL_FILE (a model.pt) through lm-eval: acc and acc_norm (± stderr)
     as lm-eval computes them, per task."""
     from .files import file_sha256
 
+    placement = resolve_placement(device, dtype)
     _check_model_file(model_file, "zeroshot")
     if json_path:
         check_writable(json_path)
@@ -641,7 +643,7 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
     module = _zeroshot_module()
     tasks = module.parse_task_specs(task_specs)
     modes = ("spiking", "ann") if mode == "both" else (mode,)
-    outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source)
+    outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source, device, dtype)
     coding = outcome["coding"]
     click.echo(f"zero-shot accuracy of {model_file} (coding={coding['name']} T={coding['timesteps']}; "
                f"lm-eval {outcome['lm_eval']}, 0-shot):")
@@ -652,7 +654,8 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
                        f"{row['acc_norm']:.4f} ± {row['acc_norm_stderr']:.4f}")
     if json_path:
         files = {name: {"file": str(path), "sha256": file_sha256(path)} for name, path in tasks.items()}
-        _write_json(json_path, {"model_file": model_file, "limit": limit, "tasks": files, **outcome})
+        _write_json(json_path, {"model_file": model_file, "limit": limit, "tasks": files, **outcome,
+                                "placement": asdict(placement), **peak_memory_mb()})
 
 
 @cli.command(name="tasks")

@@ -84,3 +84,17 @@ def test_a_site_table_of_other_layers_is_one_line_before_any_weight_is_read(tmp_
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and str(damaged) in lines[0] and "re-convert" in lines[0], result.output
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_eval_on_cuda_equals_the_whole_model_on_cuda(tmp_path, dtype):
+    model_pt, text_path, _ = _convert("llama_tied", tmp_path)
+    placement = resolve_placement("cuda", dtype)
+    text = load_text(str(text_path), split="eval")
+    whole = _whole_model_perplexities(model_pt, text, placement)
+    streamed = streamed_perplexities(model_pt, modelfile.load(model_pt), text, SEQLEN, WINDOWS,
+                                     placement=placement)
+    # the same kernels on the same shapes; a tolerance only in case cuBLAS picks another algorithm per call
+    assert (streamed.ann, streamed.prefixed_float, streamed.snn) == pytest.approx(whole, rel=1e-5)
