@@ -68,7 +68,8 @@ def _check_sites(record: dict, stream: LayerStream, path) -> None:
 
 
 class _Passes:
-    """The sequences of the three passes (ann, prefixed_float, snn: None where it is the ANN's) and the prefix."""
+    """Every window's sequence in the three passes (ann; prefixed_float, None without a prefix: then it is the
+    ANN; snn), entering the next layer, and the prefix's (None without one), from the (rotated) embedding."""
 
     def __init__(self, stream: LayerStream, windows: list[torch.Tensor], prefix_ids: list[int] | None, rotation):
         embedding = _embedding(stream, rotation)
