@@ -132,10 +132,12 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted conversion from its checkpoint (OUTPUT.checkpoint, "
+                                            "written after each layer); the options must be the same.")
 @_placement_options
 def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_mac, grains, coding, rotate, prefix,
             calib, calib_windows, calib_seqlen, samples_per_site, weight_bits, membrane_clip, sdllm_scales, seed,
-            json_path, progress, device, dtype):
+            json_path, progress, resume, device, dtype):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .budget import LedgerCost
     from .conversion.convert import ConvertOptions, convert as run_convert
@@ -153,7 +155,8 @@ def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_m
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
                              membrane_clip=membrane_clip, seed=seed, spike_penalty=spike_penalty,
                              energy_budget=energy_budget, spikes_per_mac=spikes_per_mac, sdllm_scales=sdllm_scales)
-    report = run_convert(model, output, options, progress=progress, placement=placement, cost_model=LedgerCost)
+    report = run_convert(model, output, options, progress=progress, placement=placement, resume=resume,
+                         cost_model=LedgerCost)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     steps = "per site (budget)" if options.budget else timesteps
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={steps}, coding={coding}, "
@@ -202,10 +205,11 @@ def _print_site_table(rows: list[dict]) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_placement_options
 def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress, device, dtype):
-    """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt)."""
-    from .conversion.convert import load_spiking_model
-    from .data import load_text, token_windows
-    from .evaluation import perplexity
+    """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt), computed one
+    decoder layer at a time (memory: one layer and the windows' hidden states)."""
+    from . import modelfile
+    from .conversion.streamed_eval import streamed_perplexities
+    from .data import load_text
 
     if json_path:
         check_writable(json_path)
@@ -216,23 +220,19 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     if max_windows is not None and max_windows < 1:
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")
-    spiking = load_spiking_model(model_file, source_path=source, placement=placement, progress=progress)
-    windows = token_windows(spiking.tokenizer, text, seqlen, max_windows, "evaluation")
-    rows = site_error_rows(spiking.record)
+    record = modelfile.load(model_file)
+    figures = streamed_perplexities(model_file, record, text, seqlen, max_windows, source, placement, progress)
+    rows = site_error_rows(record)
     _print_site_table(rows)
-
-    ann = perplexity(spiking.ann_logits, windows, desc="ANN perplexity", progress=progress)
-    prefixed = (perplexity(spiking.prefixed_float_logits, windows, desc="float + prefix perplexity",
-                           progress=progress) if spiking.prefix else ann)  # no prefix: the float model is the ANN
-    snn = perplexity(spiking.logits, windows, desc="SNN perplexity", progress=progress)
-    coding = spiking.record["coding"]
-    click.echo(f"perplexity on {text.name} ({len(windows)} windows x {seqlen} tokens), "
+    ann, prefixed, snn = figures.ann, figures.prefixed_float, figures.snn  # no prefix: prefixed is the ANN
+    coding = record["coding"]
+    click.echo(f"perplexity on {text.name} ({figures.windows} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={coding['timesteps']} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
     click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
-            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": len(windows),
+            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": figures.windows,
             "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
             "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),
@@ -626,11 +626,13 @@ def _zeroshot_module():
 @click.option("--batch-size", default=16, show_default=True, help="Requests per forward.")
 @click.option("--source", default=None, help="Path of the source model if it moved since conversion.")
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON.")
-def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path):
+@_placement_options
+def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path, device, dtype):
     """Zero-shot multiple-choice accuracy of MODEL_FILE (a model.pt) through lm-eval: acc and acc_norm (± stderr)
     as lm-eval computes them, per task."""
     from .files import file_sha256
 
+    placement = resolve_placement(device, dtype)
     _check_model_file(model_file, "zeroshot")
     if json_path:
         check_writable(json_path)
@@ -641,7 +643,7 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
     module = _zeroshot_module()
     tasks = module.parse_task_specs(task_specs)
     modes = ("spiking", "ann") if mode == "both" else (mode,)
-    outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source)
+    outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source, device, dtype)
     coding = outcome["coding"]
     click.echo(f"zero-shot accuracy of {model_file} (coding={coding['name']} T={coding['timesteps']}; "
                f"lm-eval {outcome['lm_eval']}, 0-shot):")
@@ -652,7 +654,8 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path)
                        f"{row['acc_norm']:.4f} ± {row['acc_norm_stderr']:.4f}")
     if json_path:
         files = {name: {"file": str(path), "sha256": file_sha256(path)} for name, path in tasks.items()}
-        _write_json(json_path, {"model_file": model_file, "limit": limit, "tasks": files, **outcome})
+        _write_json(json_path, {"model_file": model_file, "limit": limit, "tasks": files, **outcome,
+                                "placement": asdict(placement), **peak_memory_mb()})
 
 
 @cli.command(name="tasks")

@@ -461,3 +461,112 @@ def verify_source(source: ModelSource, where: str) -> None:
 
 def _exists(source: ModelSource) -> bool:
     return source.kind == "embedded" or Path(source.path).exists()
+
+
+class SourceWeights:
+    """The tensors of a folder of safetensors files (sharded with model.safetensors.index.json, or not), read
+    lazily: `read` opens only the shards holding the tensors asked for (safe_open, memory-mapped)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        index_path = folder / SHARD_INDEX
+        if index_path.exists():  # _check_safetensors checked it names only shards in the folder
+            weight_map = read_json_object(index_path, "safetensors index").get("weight_map") or {}
+            self.files = {name: folder / shard for name, shard in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as shard:
+                    self.files.update((name, path) for name in shard.keys())
+
+    def check_names(self, names: list[str], aliases: dict, where: str) -> None:
+        """SpikecompileError naming the first tensor of `names` the files lack (before any weight is read)."""
+        for name in names:
+            if name not in self.files and aliases.get(name) not in self.files:
+                raise SpikecompileError(f"{where}: the weights have no tensor {name}; the model's files are "
+                                        f"incomplete: download them again")
+
+    def read(self, names: list[str], dtype, aliases: dict) -> dict:
+        """{name: tensor in `dtype`} (a name absent from the files is read under its alias, e.g. a tied embedding
+        stored as lm_head.weight)."""
+        from safetensors import safe_open
+
+        stored = {name: name if name in self.files else aliases.get(name, name) for name in names}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if stored[name] not in self.files:
+                raise SpikecompileError(f"{self.folder}: the weights have no tensor {name}; download them again")
+            by_file.setdefault(self.files[stored[name]], []).append(name)
+        tensors = {}
+        for path, in_file in by_file.items():
+            try:
+                with safe_open(path, framework="pt") as shard:
+                    for name in in_file:
+                        tensors[name] = shard.get_tensor(stored[name]).to(dtype)
+            except SpikecompileError:
+                raise
+            except Exception as error:  # a shard changed or damaged since the checks
+                raise SpikecompileError(f"{path}: cannot read its tensors ({_describe(error)}); download it "
+                                        f"again") from None
+        return tensors
+
+
+@dataclass
+class LayeredSource:
+    """A source model opened for reading one part at a time: its config (full causal attention), tokenizer and
+    lazily read weights."""
+
+    config: object
+    tokenizer: object
+    weights: SourceWeights
+
+
+@contextlib.contextmanager
+def open_layered(source: ModelSource, progress: bool = False):
+    """Yield the LayeredSource of `source`, reading no weight yet. A Hugging Face folder is read in place; a GGUF
+    from its dequantized copy in the model cache, made first when absent (the GGUF is then dequantized whole, once),
+    or from a temporary copy deleted at the end when the cache is off or cannot be written."""
+    if source.kind == "hf_folder":
+        yield _layered(source, Path(source.path))
+        return
+    entry = cache_entry(source)
+    if entry is not None and cached_copy_is_whole(entry, source):
+        yield _layered(source, entry)
+        return
+    gguf_path = embedded_model_path() if source.kind == "embedded" else Path(source.path)
+    model, tokenizer = _load_pretrained(source, gguf_path.parent, {"gguf_file": gguf_path.name},
+                                        Placement().torch_dtype, progress and sys.stderr.isatty())
+    if entry is not None:
+        write_cached_copy(entry, source, model, tokenizer)
+        if cached_copy_is_whole(entry, source):
+            del model
+            yield _layered(source, entry)
+            return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="spikecompile-dequantized-") as scratch:
+        _write_copy_files(Path(scratch), model, tokenizer)
+        del model
+        yield _layered(source, Path(scratch))
+
+
+def _layered(source: ModelSource, folder: Path) -> LayeredSource:
+    """The tokenizer, config and weight index of a folder of safetensors (errors name the source)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    with _held_log(transformers_logging.get_logger()):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as error:
+            raise SpikecompileError(f"{source.path}: could not load the tokenizer ({_describe(error)})") from None
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except Exception as error:
+            raise SpikecompileError(f"{source.path}: could not load the model ({_describe(error)})") from None
+    check_attention_window(config, source.path)
+    if type(config).__name__.replace("Config", "ForCausalLM") not in SUPPORTED_MODEL_TYPES.values():
+        raise SpikecompileError(f"{source.path}: its config is {type(config).__name__}, not a LLaMA-family model")
+    return LayeredSource(full_attention_config(config), tokenizer, SourceWeights(folder))

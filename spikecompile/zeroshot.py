@@ -5,8 +5,10 @@ Two parts:
 * `SpikecompileLM`, an lm-eval model registered as "spikecompile": model_args `path` (model.pt, required),
   `mode` (`spiking`, the default: the spiking model after its KV prefix, `SpikingModel.logits`; `ann`: the
   float model with every site off and no prefix, `SpikingModel.ann_logits`, scored exactly the same way),
-  `source` (the source model's path if it moved since conversion) and `max_length`; `--batch_size` is
-  lm-eval's own option (`auto` = 16). lm-eval computes every metric (acc, acc_norm, ...) from what
+  `source` (the source model's path if it moved since conversion), `max_length` and `dtype` (float32, the
+  default, bfloat16 or float16: the source weights and the float forward; the neurons stay fp32); `--batch_size`
+  and `--device` are lm-eval's own options (`auto` batch = 16; device cpu, the default, cuda, cuda:N or auto:
+  CUDA when present, as `spikecompile --device`). lm-eval computes every metric (acc, acc_norm, ...) from what
   `loglikelihood` returns; nothing here re-implements a metric.
 * Tasks read from local JSON Lines files of {"query": str, "choices": [str, ...], "gold": int} records (the
   schema of ../shared/data/copa_val.jsonl and openbookqa_test.jsonl): `task_config(name, path)` is an lm-eval
@@ -43,6 +45,7 @@ import copy
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm-eval's own model table; its registry loads it only while empty)
@@ -233,18 +236,40 @@ def _batch_size(value) -> int:
     return size
 
 
+def lm_eval_placement(device: str | None, dtype: str | None):
+    """The devices.Placement of lm-eval's `device` and the `dtype` model argument (one-line errors as `--device`
+    and `--dtype` give them). None is the CPU, spikecompile's default. cuda:N keeps its index; where torch sees no
+    such device it falls back to auto with a warning, as lm-eval's HFLM does: `lm_eval` passes cuda:0 when the
+    user names no device. A plain `cuda` without CUDA is refused."""
+    from dataclasses import replace
+
+    import torch
+
+    from .devices import resolve_placement
+
+    device = "cpu" if device is None else str(device)
+    dtype = "float32" if dtype is None else str(dtype)
+    index = re.fullmatch(r"cuda:(\d+)", device)
+    if index and int(index[1]) >= torch.cuda.device_count():
+        warnings.warn(f"device {device}: torch sees {torch.cuda.device_count()} CUDA device(s); using auto "
+                      f"(CUDA when present, else the CPU)", stacklevel=2)
+        return resolve_placement("auto", dtype)
+    placement = resolve_placement("cuda" if index else device, dtype)
+    return replace(placement, device=device) if index else placement
+
+
 class SpikecompileLM(TemplateLM):
     """A spikecompile model.pt as an lm-eval LM (see the module docstring)."""
 
     def __init__(self, path: str | None = None, mode: str = "spiking", source: str | None = None,
                  max_length: int | None = None, batch_size=DEFAULT_BATCH_SIZE, max_batch_size=None, device=None,
-                 spiking=None, **unknown):
-        # max_batch_size and device come from lm-eval's own options: the model runs on the CPU, its batches are
-        # bounded by batch_size and TOKEN_BUDGET.
+                 dtype: str = "float32", spiking=None, **unknown):
+        # max_batch_size and device come from lm-eval's own options: batches are bounded by batch_size and
+        # TOKEN_BUDGET; device places the model (lm_eval_placement).
         super().__init__()
         if unknown:
             raise SpikecompileError(f"--model_args {', '.join(sorted(unknown))}: unknown to the spikecompile model; "
-                                    f"it takes path, mode ({'|'.join(MODES)}), source, max_length")
+                                    f"it takes path, mode ({'|'.join(MODES)}), source, max_length, dtype")
         if not path:
             raise SpikecompileError("--model_args: give path=model.pt (a model written by spikecompile convert)")
         from .conversion.convert import load_spiking_model
@@ -252,8 +277,12 @@ class SpikecompileLM(TemplateLM):
         self.mode = mode  # checked by the setter
         self.batch_size = _batch_size(batch_size)
         self.path = str(path)
-        # spiking: an already loaded SpikingModel (Python callers, e.g. with neurons a build pass refitted)
-        self.spiking = spiking if spiking is not None else load_spiking_model(self.path, source_path=source)
+        # spiking: an already loaded SpikingModel (Python callers, e.g. with neurons a build pass refitted), which
+        # stays where it is
+        placement = lm_eval_placement(device, dtype) if spiking is None else None
+        self.spiking = spiking if spiking is not None else load_spiking_model(self.path, source_path=source,
+                                                                              placement=placement)
+        self._device = self.spiking.model.device
         self.tokenizer = self.spiking.tokenizer
         prefix = self.spiking.prefix.length if self.spiking.prefix else 0
         limit = int(self.spiking.model.config.max_position_embeddings) - prefix
@@ -351,7 +380,7 @@ class SpikecompileLM(TemplateLM):
                 ids = torch.full((len(batch), len(batch[0])), pad, dtype=torch.long)
                 for row, tokens in enumerate(batch):
                     ids[row, :len(tokens)] = torch.tensor(tokens)
-                logits = self._logits(ids)
+                logits = self._logits(ids.to(self.device))
                 for row, tokens in enumerate(batch):
                     members = groups[tokens]
                     longest = max(len(requests[index][2]) for index in members)
@@ -359,7 +388,7 @@ class SpikecompileLM(TemplateLM):
                     greedy = scores.argmax(-1)
                     for index in members:
                         request, _, continuation = requests[index]
-                        target = torch.tensor(continuation)
+                        target = torch.tensor(continuation, device=scores.device)
                         tail = scores[longest - len(continuation):]
                         answer = (float(tail.gather(-1, target[:, None]).sum()),
                                   bool((greedy[longest - len(continuation):] == target).all()))
@@ -418,7 +447,7 @@ class SpikecompileLM(TemplateLM):
         cache = copy.deepcopy(spiking.prefix.cache) if spiking.prefix and not ann else None
         generated: list[int] = []
         with torch.inference_mode(), (spiking.sites.all_off() if ann else contextlib.nullcontext()):
-            output = spiking.model(torch.tensor([tokens]), cache=cache, use_cache=True)
+            output = spiking.model(torch.tensor([tokens], device=self.device), cache=cache, use_cache=True)
             while len(generated) < max_new:
                 token = int(output.logits[0, -1].argmax())
                 if token == self.eot_token_id:
@@ -427,7 +456,7 @@ class SpikecompileLM(TemplateLM):
                 text = self.tok_decode(generated)
                 if any(stop and stop in text for stop in until) or len(generated) == max_new:
                     break
-                output = spiking.model(torch.tensor([[token]]), cache=output.cache,
+                output = spiking.model(torch.tensor([[token]], device=self.device), cache=output.cache,
                                        use_cache=True)
         return generated
 
@@ -444,12 +473,15 @@ METRICS = ("acc", "acc_norm")
 
 
 def zeroshot_eval(model_file: str, tasks: dict[str, Path], modes=("spiking",), limit: int | None = None,
-                  batch_size=DEFAULT_BATCH_SIZE, source: str | None = None) -> dict:
-    """Run lm-eval on validated {query, choices, gold} tasks for each mode; one model load for all modes.
+                  batch_size=DEFAULT_BATCH_SIZE, source: str | None = None, device: str = "cpu",
+                  dtype: str = "float32") -> dict:
+    """Run lm-eval on validated {query, choices, gold} tasks for each mode; one model load for all modes; the
+    model on `device` with its weights in `dtype` (lm_eval_placement).
 
     Returns {"lm_eval": version, "results": {mode: {task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}}}.
     """
-    lm = SpikecompileLM(path=model_file, mode=modes[0], source=source, batch_size=batch_size)
+    lm = SpikecompileLM(path=model_file, mode=modes[0], source=source, batch_size=batch_size, device=device,
+                        dtype=dtype)
     return score_tasks(lm, tasks, modes, limit)
 
 

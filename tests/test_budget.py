@@ -146,3 +146,23 @@ def test_budget_bad_inputs(tmp_path, extra, needle):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and needle in result.output and result.output.count("\n") == 1
     assert not output.exists()
+
+
+def test_streamed_sensitivities_are_the_whole_model_fisher(budgeted):
+    """The conversion computes each site's Fisher one decoder layer at a time, backward, on the hidden states it
+    kept (conversion.convert.fisher_streamed); the same model in memory (rotated, sites off, after the KV prefix),
+    back-propagated whole by budget.site_fisher, gives the same values."""
+    from spikecompile.conversion.budget import site_fisher
+    from spikecompile.conversion.convert import load_spiking_model
+    from spikecompile.data import load_text, token_windows
+
+    root, path = budgeted
+    spiking = load_spiking_model(str(path))
+    assert spiking.prefix is not None  # the prefix's keys and values are part of the forward differentiated
+    spiking.sites.set_mode("off")
+    text = load_text(str(root / "calib.txt"), split="calib")
+    windows = token_windows(spiking.tokenizer, text, 64, 2, "calibration")
+    whole = site_fisher(spiking.logits, spiking.sites, spiking.model.get_input_embeddings(), windows)
+    streamed = torch.tensor([spiking.record["budget"]["fisher"][name] for name in spiking.sites], dtype=torch.float64)
+    assert (whole > 0).all()
+    assert torch.allclose(streamed, whole, rtol=1e-6, atol=0), (streamed / whole).tolist()

@@ -48,7 +48,7 @@ def test_convert_writes_a_complete_model_file(converted):
         assert entry["genotype"].tolist() == [0, 0, 0, 1, 1, 1]
         assert entry["samples"].shape == (512,)
     report = json.loads((root / "report.json").read_text())
-    assert set(report["timings_s"]) == {"load", "calibration", "fitting"}
+    assert set(report["timings_s"]) == {"load", "prefix", "calibration", "fitting"}
 
 
 def test_reloaded_model_runs_the_fitted_neurons(converted):

@@ -7,7 +7,8 @@ HAWQ-style mixed precision with T in the place of the bit width ("HAWQ-V2", Dong
    activation(T) on the site's calibration samples (signed digits for phase-sd).
 2. Sensitivity. The calibration loss (next-token NLL) grows by about ½·Σ_e H_ee·δ_e² when the site's values
    move by δ. With the empirical Fisher as H's diagonal and quantization noise of variance MSE(T), a site's
-   loss change is ½·F_s·MSE_s(T), F_s = Σ_e (∂L/∂x_e)² summed over the calibration windows (``site_fisher``).
+   loss change is ½·F_s·MSE_s(T), F_s = Σ_e (∂L/∂x_e)² summed over the calibration windows (``site_fisher``;
+   the streamed conversion computes it one decoder layer at a time, backward, with ``site_fisher_part``).
 3. Cost. The ledger (spikecompile.budget, from the sim backend's counting code) prices a site's spikes and a
    tie group's steps; sites whose spike trains meet must run one T (passes/timesteps.py), so the unit of the
    choice is a tie group.
@@ -64,10 +65,52 @@ def site_curves(samples: Tensor, grains: int, signed: bool = False) -> SiteCurve
 def site_fisher(forward: Callable[[Tensor], Tensor], sites: SiteTable, embedding: torch.nn.Module,
                 windows: Sequence[Tensor]) -> Tensor:
     """[S] F_s = Σ (∂L/∂x)² over every element of site s's activation and every window, sites off, with L the
-    window's mean next-token NLL under forward(ids) -> logits. Only activations get gradients (the embedding
-    output is made a leaf), no weight does."""
+    window's mean next-token NLL under forward(ids) -> logits, on a whole model in memory. Only activations get
+    gradients (the embedding output is made a leaf), no weight does. The conversion streams the model and uses
+    site_fisher_part, part by part, instead; this is its reference (tests/test_budget.py)."""
     totals = torch.zeros(len(sites), dtype=torch.float64)
     handles = [embedding.register_forward_hook(lambda module, args, output: output.detach().requires_grad_())]
+    handles += _watch_sites(sites, totals, 0)
+    try:
+        with torch.enable_grad():
+            for ids in windows:
+                next_token_loss(forward(ids), ids).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
+
+
+def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    """A window's mean next-token NLL (the calibration loss whose gradients give the Fisher)."""
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))
+
+
+def site_fisher_part(forward: Callable[[int, Tensor], Tensor], sites: SiteTable, inputs: Sequence[Tensor],
+                     totals: Tensor, first: int, upstream: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """site_fisher over one part of a model run part by part, backward from the last part (per-layer gradient
+    checkpointing): the part is run again on each window's saved input, with gradients, and back-propagated.
+
+    forward(k, x): the part on window k's input x (a leaf): its output, or for the last part the window's loss
+    (next_token_loss); upstream[k]: ∂L_k/∂(that output), from the part after it. Adds each of `sites`' Σ(∂L/∂x)²
+    to totals[first + i] (i: its place in `sites`) and returns ∂L_k/∂x per window, the upstream of the part
+    before. The chain rule makes the sum over parts site_fisher's (up to the order of float additions)."""
+    handles = _watch_sites(sites, totals, first)
+    gradients = []
+    try:
+        with torch.enable_grad():
+            for k, hidden in enumerate(inputs):
+                leaf = hidden.detach().requires_grad_()
+                forward(k, leaf).backward(None if upstream is None else upstream[k])
+                gradients.append(leaf.grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gradients
+
+
+def _watch_sites(sites: SiteTable, totals: Tensor, first: int) -> list:
+    """Forward hooks that add Σ grad² of each site's output to totals[first + its index] when it is back-propagated."""
 
     def watch(index):
         def hook(module, args, output):
@@ -75,17 +118,7 @@ def site_fisher(forward: Callable[[Tensor], Tensor], sites: SiteTable, embedding
                 output.register_hook(lambda grad: totals.__setitem__(index, totals[index] + grad.double().square().sum()))
         return hook
 
-    handles += [site.register_forward_hook(watch(index)) for index, site in enumerate(sites.values())]
-    try:
-        with torch.enable_grad():
-            for ids in windows:
-                logits = forward(ids)
-                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))
-                loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return totals
+    return [site.register_forward_hook(watch(first + index)) for index, site in enumerate(sites.values())]
 
 
 @dataclass(frozen=True)

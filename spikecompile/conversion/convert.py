@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__, modelfile
 from ..data import load_text, token_windows
 from ..devices import Placement, peak_memory_mb
 from ..errors import SpikecompileError
 from ..files import check_writable
-from ..loading import ModelSource, load_model, resolve_source, verify_source
+from ..loading import ModelSource, load_model, open_layered, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
-from .calibration import collect_samples
+from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, next_token_loss, site_curves, site_fisher_part
+from .checkpoint import Checkpoint
 from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps
-from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, site_curves, site_fisher
 from .fit import FITTED, FitConfig, SiteFit, fit_sites, lloyd_max_mse, spikes_per_activation
-from .prefix import PrefixCache, select_prefix
-from .rotation import rotate_llama
-from .sites import SiteTable, install_sites
-from .weights import rtn_quantize_weights
+from .prefix import OUTLIER_ETA, PrefixCache, anchor_candidates, outlier_mask, prefix_record, probe_windows
+from .rotation import ResidualRotation, rotate_llama
+from .sites import SampleRecorder, SiteTable, SpikeSite, install_layer_sites, install_sites, site_name
+from .stream import LayerStream
+from .weights import rtn_quantize_layer, rtn_quantize_weights, rtn_record
 
 ROTATIONS = ("hadamard", "none")
 PREFIXES = ("auto", "none")
@@ -140,6 +144,9 @@ class ConversionReport:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float | None = None
     placement: dict = field(default_factory=lambda: asdict(Placement()))
+    layers: int = 0
+    layer_s: list = field(default_factory=list)
+    """seconds per calibrated decoder layer (build, rotate, run every window, checkpoint), in this run"""
 
 
 @dataclass
@@ -182,61 +189,50 @@ def _created_utc() -> str:
 
 
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
-            placement: Placement = Placement(), cost_model=None) -> ConversionReport:
-    """Convert the source model into model.pt. placement: the device and dtype of the float forward (resolved
-    by devices.resolve_placement before this); the fit and everything model.pt holds stay fp32 on the CPU.
+            placement: Placement = Placement(), resume: bool = False,
+            on_layer: Callable[[int], None] | None = None, cost_model=None) -> ConversionReport:
+    """Convert the source model into model.pt, one decoder layer at a time (docs: "layer-sequential conversion").
+
+    placement: the device and dtype of the float forward (resolved by devices.resolve_placement before this); the
+    fit and everything model.pt holds stay fp32 on the CPU. A checkpoint beside the output (checkpoint.Checkpoint)
+    is written after each calibrated layer; resume continues from it (refused, before any weight is read, when it
+    was made with other options). on_layer(index): called after layer `index` is calibrated and checkpointed.
     cost_model (with a budget only): cost_model(config dict, kind, seq_len, grains) -> an object with `groups`
     (the sites that must share T), `linear()` (a budget.LinearCost) and `measure(timesteps, spikes)`, the ledger's
-    (spikecompile.budget.LedgerCost; passed in because the ledger lives in a layer above conversion)."""
+    (spikecompile.budget.LedgerCost; passed in because the ledger lives in a layer above conversion).
+    """
     options.validate()
+    if options.budget and cost_model is None:
+        raise SpikecompileError(f"{BUDGET_KINDS[options.budget[0]]}: a budget needs the ledger's cost model; "
+                                f"pass cost_model=spikecompile.budget.LedgerCost")
     check_writable(output)
     calib_text = load_text(options.calib, split="calib")
     source = resolve_source(model_spec)
+    checkpoint = Checkpoint(output)
+    manifest = {"options": asdict(options), "placement": asdict(placement), "source": source.path,
+                "source_sha256": source.sha256, "calibration_sha256": calib_text.sha256, "spikecompile": __version__}
+    resumed = checkpoint.resume(manifest) if resume else None  # refused here: before any weight is read
     torch.manual_seed(options.seed)
     timings = {}
-
-    start = time.perf_counter()
-    model, tokenizer = load_model(source, placement, progress)
-    rotation = rotate_llama(model, seed=options.seed) if options.rotate == "hadamard" else None
-    weights = rtn_quantize_weights(model, options.weight_bits) if options.weight_bits else None
-    sites = install_sites(model)
-    timings["load"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    windows = token_windows(tokenizer, calib_text, options.calib_seqlen, options.calib_windows, "calibration")
-    windows = [ids.to(placement.device) for ids in windows]
-    prefix = select_prefix(model, tokenizer, windows) if options.prefix == "auto" else None
-    kv_prefix = PrefixCache(model, sites, prefix["token_ids"]) if prefix else None
-    forward = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
-    samples = collect_samples(forward, sites, windows, options.samples_per_site, options.seed, progress)
-    timings["calibration"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
-                           membrane_clip=options.membrane_clip, seed=options.seed, spike_penalty=options.spike_penalty)
-    budget = None
-    if options.budget:
-        if cost_model is None:
-            raise SpikecompileError(f"{BUDGET_KINDS[options.budget[0]]}: a budget needs the ledger's cost model; "
-                                    f"pass cost_model=spikecompile.budget.LedgerCost")
-        forward_fn = SpikingModel(model, tokenizer, sites, {}, kv_prefix).logits
-        fisher = site_fisher(forward_fn, sites, model.get_input_embeddings(), windows)
-        cost = cost_model(model.config.to_dict(), options.budget[0], options.calib_seqlen, options.grains)
-        rows, budget = _fit_under_budget(samples, list(sites), fisher, cost, fit_config, options, progress)
-        fit_config = replace(fit_config, T=max(budget["timesteps"].values()))
-    else:
-        fit = fit_sites(samples, fit_config, progress=progress)
-        rows = _fit_rows(fit, samples)
-    timings["fitting"] = time.perf_counter() - start
+    try:
+        calibrated, prefix, windows, layers = _stream(source, calib_text, options, placement, checkpoint, manifest,
+                                                      resumed, timings, progress, on_layer)
+        start = time.perf_counter()
+        fit_config, rows, budget = _fit(calibrated, options, cost_model, progress)
+        timings["fitting"] = time.perf_counter() - start
+    except SpikecompileError:  # a user error (an infeasible budget too): no resume of this checkpoint could help
+        checkpoint.remove()
+        raise
+    samples = calibrated.samples
 
     record = {
         "source": source.to_dict(),
-        "rotation": rotation,
-        "weights": weights,
-        "prefix": prefix,
+        "rotation": _canonical(calibrated.rotation),
+        "weights": rtn_record(options.weight_bits, layers) if options.weight_bits else None,
+        "prefix": _canonical(prefix),
         "coding": {"name": options.coding, "timesteps": fit_config.T, "grains": rows[0][0].n_grains,
                    **({"scales": "per-token"} if options.sdllm_scales == "per-token" else {})},
-        "sites": _site_table(sites, rows, samples),
+        "sites": _site_table(calibrated.names, rows, samples),
         "calibration": {
             "source": calib_text.name, "sha256": calib_text.sha256, "windows": len(windows),
             "seqlen": options.calib_seqlen, "samples_per_site": options.samples_per_site,
@@ -252,9 +248,291 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     if not placement.is_default:  # the default's model.pt is as it was before the option
         record["conversion"]["placement"] = asdict(placement)
     modelfile.save(record, output)
+    checkpoint.remove()
     peaks = peak_memory_mb()
-    return ConversionReport(output=str(output), sites=len(sites), timings_s=timings, peak_rss_mb=peaks["peak_rss_mb"],
-                            peak_gpu_mb=peaks.get("peak_gpu_mb"), placement=asdict(placement))
+    return ConversionReport(output=str(output), sites=len(calibrated.names), timings_s=timings,
+                            peak_rss_mb=peaks["peak_rss_mb"], peak_gpu_mb=peaks.get("peak_gpu_mb"),
+                            placement=asdict(placement), layers=layers, layer_s=calibrated.layer_s)
+
+
+def _fit(calibrated: Calibrated, options: ConvertOptions, cost_model, progress: bool):
+    """Fit every site: at options.timesteps, or with a budget at the T allocated to it (_fit_under_budget).
+    Returns (the FitConfig model.pt records, per site (neuron, calibration record), the budget record or None)."""
+    samples = calibrated.samples
+    fit_config = FitConfig(T=options.timesteps, n_grains=options.grains, coding=options.coding,
+                           membrane_clip=options.membrane_clip, seed=options.seed, spike_penalty=options.spike_penalty)
+    if not options.budget:
+        return fit_config, _fit_rows(fit_sites(samples, fit_config, progress=progress), samples), None
+    cost = cost_model(calibrated.config, options.budget[0], options.calib_seqlen, options.grains)
+    rows, budget = _fit_under_budget(samples, calibrated.names, calibrated.fisher, cost, fit_config, options,
+                                     progress)
+    return replace(fit_config, T=max(budget["timesteps"].values())), rows, budget
+
+
+def _canonical(document):
+    """A JSON-like record rebuilt from its JSON text: the same values whether it was made in this run or read back
+    from the checkpoint, and the same bytes in model.pt (pickle writes a string shared by two places once)."""
+    return json.loads(json.dumps(document))
+
+
+def _stream(source, calib_text, options: ConvertOptions, placement: Placement, checkpoint: Checkpoint,
+            manifest: dict, resumed, timings: dict, progress: bool, on_layer):
+    """Open the source, check its tensors, start the checkpoint (or go on from `resumed`), select the prefix and
+    calibrate, layer by layer, and with a budget compute the site sensitivities (fisher_streamed); returns
+    (Calibrated, the prefix record, the windows, the layer count)."""
+    start = time.perf_counter()
+    with open_layered(source, progress) as layered:
+        stream = LayerStream(layered, placement)
+        layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
+        windows = token_windows(layered.tokenizer, calib_text, options.calib_seqlen, options.calib_windows,
+                                "calibration")
+        windows = [ids.to(placement.device) for ids in windows]
+        resumed = resumed or checkpoint.start(manifest)
+        timings["load"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prefix = resumed.prefix
+        if not resumed.prefix_known:
+            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress) \
+                if options.prefix == "auto" else None
+            checkpoint.save_prefix(prefix)
+        timings["prefix"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
+                                        on_layer)
+        timings["calibration"] = time.perf_counter() - start
+        calibrated.config = stream.config.to_dict()
+
+        if options.budget:
+            start = time.perf_counter()
+            calibrated.fisher = fisher_streamed(stream, windows, prefix, options, checkpoint, calibrated.names,
+                                                progress)
+            timings["sensitivity"] = time.perf_counter() - start
+    return calibrated, prefix, windows, stream.layers
+
+
+EMBEDDING_ALIAS = {"model.embed_tokens.weight": "lm_head.weight"}
+"""A tied embedding may be stored once, under lm_head's name (safetensors' save_model keeps one of tied tensors)."""
+
+
+def _new_rotation(stream: LayerStream, options: ConvertOptions) -> ResidualRotation | None:
+    if options.rotate != "hadamard":
+        return None
+    head_dim = stream.skeleton.model.layers[0].self_attn.head_dim
+    return ResidualRotation(stream.config.hidden_size, head_dim, options.seed, untied=stream.tied)
+
+
+def _prepared_layer(stream: LayerStream, index: int, rotation: ResidualRotation | None,
+                    options: ConvertOptions) -> tuple[torch.nn.Module, SiteTable]:
+    """Decoder layer `index` as the converted model has it: rotated, its weights RTN-quantized, its spike sites
+    installed (off: the float layer)."""
+    layer = stream.layer(index)
+    if rotation is not None:
+        rotation.rotate_layer(layer, f"model.layers.{index}")
+    if options.weight_bits:
+        rtn_quantize_layer(layer, options.weight_bits)
+    return layer, install_layer_sites(layer, index)
+
+
+def _embedding(stream: LayerStream, rotation: ResidualRotation | None) -> torch.nn.Embedding:
+    """The (rotated) embedding."""
+    embedding = stream.embedding()
+    if rotation is not None:
+        rotation.rotate_embedding(embedding, "model.embed_tokens")
+    return embedding
+
+
+def _final_norm(stream: LayerStream, rotation: ResidualRotation | None, head) -> torch.nn.Module:
+    norm = stream.norm()
+    if rotation is not None:
+        rotation.rotate_head(norm, head, "model.norm", "lm_head")
+    return norm
+
+
+def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.Tensor], options: ConvertOptions,
+                           progress: bool) -> dict:
+    """prefix.select_prefix, one layer at a time: every scan (the probe windows alone, and after each anchor) goes
+    through each layer before the next is built; the final norm and lm_head give their NLL at the end."""
+    probe, anchors = probe_windows(windows), anchor_candidates(tokenizer)
+    rotation = _new_rotation(stream, options)
+    embedding = _embedding(stream, rotation)
+    device = stream.placement.device
+    with torch.inference_mode():
+        scans = {None: [stream.start(ids, embedding(ids), use_cache=False) for ids in probe]}
+        prefixes = {}
+        for anchor in anchors:
+            anchor_ids = torch.tensor([[anchor]], device=device)
+            prefixes[anchor] = stream.start(anchor_ids, embedding(anchor_ids), is_prefix=True)
+            scans[anchor] = [stream.start(ids, embedding(ids), prefix=prefixes[anchor]) for ids in probe]
+    del embedding
+    peaks = {id(sequence): [] for sequences in scans.values() for sequence in sequences}
+    for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not progress):
+        layer, _ = _prepared_layer(stream, index, rotation, options)
+        running = []
+        layer.mlp.down_proj.register_forward_pre_hook(  # after the online Hadamard: it sees x·H_i
+            lambda module, inputs: running[0].append(inputs[0].detach().abs().amax(-1).flatten()))
+        for anchor, sequences in scans.items():
+            if anchor is not None:
+                running[:] = [[]]
+                stream.run(layer, prefixes[anchor])
+            for sequence in sequences:
+                running[:] = [peaks[id(sequence)]]
+                stream.run(layer, sequence)
+        del layer
+    head = stream.lm_head()  # built last: a tied one is a copy of the embedding before its rotation
+    norm = _final_norm(stream, rotation, head)
+    results = {}
+    with torch.inference_mode():
+        for anchor, sequences in scans.items():
+            masks, nll = [], 0.0
+            for sequence in sequences:
+                logits = head(norm(sequence.hidden))
+                nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], sequence.ids[0, 1:]))
+                masks.append(outlier_mask(peaks[id(sequence)], OUTLIER_ETA))
+            results[anchor] = (masks, nll / len(sequences))
+    return prefix_record(tokenizer, probe, results)
+
+
+@dataclass
+class Calibrated:
+    """The streamed calibration's result: site names and samples [S, N] in model order, the rotation record, and
+    the seconds each layer took (this run's layers only, when resumed)."""
+
+    names: list[str]
+    samples: torch.Tensor
+    rotation: dict | None
+    layer_s: list[float]
+    config: dict = field(default_factory=dict)
+    """the model's config (its to_dict: the budget's cost model traces the model from it)"""
+    fisher: torch.Tensor | None = None
+    """with a budget: [S] each site's sensitivity (conversion.budget.site_fisher), from fisher_streamed"""
+
+
+def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None,
+                       options: ConvertOptions, checkpoint: Checkpoint, state: dict | None, progress: bool,
+                       on_layer: Callable[[int], None] | None = None) -> Calibrated:
+    """calibration.collect_samples, one layer at a time: the prefix and every window go through a layer (its sites
+    recording the windows), its samples are kept, the state is checkpointed, and the layer is freed.
+
+    Each site's recorder is seeded seed·100003 + its index in the model's site table and draws
+    ceil(N / windows) values per window, as collect_samples does on the whole model. With a budget, the hidden
+    states entering each layer (and the final norm) are also kept in the checkpoint for fisher_streamed."""
+    per_call = math.ceil(options.samples_per_site / len(windows))
+    rotation = _new_rotation(stream, options)
+    if state is None:
+        embedding = _embedding(stream, rotation)
+        with torch.inference_mode():
+            hidden_prefix = embedding(torch.tensor([prefix["token_ids"]], device=stream.placement.device)) \
+                if prefix else None
+            hidden_windows = [embedding(ids) for ids in windows]
+        del embedding
+        first, names, chunks = 0, [], []
+    else:  # the checkpoint's layers are done: their samples, the rotation record so far, the hidden states after
+        first, names, chunks = state["after_layer"] + 1, state["names"], [state["samples"]]
+        hidden_prefix, hidden_windows = state["prefix"], state["windows"]
+        if rotation is not None:
+            rotation.record = state["rotation"]
+    prefix_sequence = stream.start(torch.tensor([prefix["token_ids"]]), hidden_prefix, is_prefix=True) \
+        if prefix else None
+    use_cache = bool(getattr(stream.config, "use_cache", True)) or prefix_sequence is not None
+    sequences = [stream.start(ids, hidden, prefix=prefix_sequence, use_cache=use_cache)
+                 for ids, hidden in zip(windows, hidden_windows, strict=True)]
+    layer_s = []
+    for index in tqdm(range(first, stream.layers), desc="calibrate", unit="layer", disable=not progress,
+                      initial=first, total=stream.layers):
+        began = time.perf_counter()
+        if options.budget:
+            _save_inputs(checkpoint, index, prefix_sequence, sequences)
+        layer, sites = _prepared_layer(stream, index, rotation, options)
+        chunks.append(_recorded(sites, per_call, options, len(names), stream, prefix_sequence, sequences, layer))
+        names += list(sites)
+        del layer, sites
+        checkpoint.save_state({
+            "after_layer": index, "names": names, "samples": torch.cat(chunks), "rotation": rotation and rotation.record,
+            "prefix": prefix_sequence.hidden.cpu() if prefix_sequence else None,
+            "windows": [sequence.hidden.cpu() for sequence in sequences]})
+        chunks = [torch.cat(chunks)]
+        layer_s.append(time.perf_counter() - began)
+        if on_layer is not None:
+            on_layer(index)
+    if options.budget:
+        _save_inputs(checkpoint, stream.layers, None, sequences)
+    norm, final = _final_norm_site(stream, rotation, None)
+    chunks.append(_recorded(final, per_call, options, len(names), stream, None, sequences, norm))
+    return Calibrated([*names, "final_norm"], torch.cat(chunks), rotation and rotation.record, layer_s)
+
+
+def _save_inputs(checkpoint: Checkpoint, index: int, prefix_sequence, sequences) -> None:
+    """The hidden states entering layer `index` (the final norm: index = the layer count) into the checkpoint."""
+    checkpoint.save_inputs(index, {"prefix": prefix_sequence.hidden.cpu() if prefix_sequence else None,
+                                   "windows": [sequence.hidden.cpu() for sequence in sequences]})
+
+
+def _final_norm_site(stream: LayerStream, rotation: ResidualRotation | None, head) -> tuple[torch.nn.Module, SiteTable]:
+    """The (folded) final norm with the final_norm site on its output, as install_sites puts it on a whole model."""
+    norm = _final_norm(stream, rotation, head)
+    final = SiteTable({"final_norm": SpikeSite(site_name(None, "final_norm"))})
+    norm.register_forward_hook(lambda module, inputs, output: final["final_norm"](output))
+    return norm, final
+
+
+def fisher_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None, options: ConvertOptions,
+                    checkpoint: Checkpoint, names: list[str], progress: bool) -> torch.Tensor:
+    """conversion.budget.site_fisher of the converted model (rotated, RTN-quantized, sites off, after the KV
+    prefix), one part at a time and backward: the final norm and lm_head give each window's loss and its gradient
+    at the last layer's output; then each layer, from the last, is built again, run with gradients on the inputs
+    calibrate_streamed kept in the checkpoint, and back-propagated (per-layer gradient checkpointing). Only one
+    layer and the windows' hidden states and gradients are held at a time. The chain rule makes it the whole
+    model's Fisher up to the order of float additions (tests/test_budget.py compares the two)."""
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    rotation = _new_rotation(stream, options)  # a fresh one: this pass needs its weights, not its record
+    head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as select_prefix_streamed's
+    norm, final = _final_norm_site(stream, rotation, head)
+    device = stream.placement.device
+    saved = checkpoint.load_inputs(stream.layers)
+    upstream = site_fisher_part(lambda k, hidden: next_token_loss(head(norm(hidden)), windows[k]), final,
+                                [hidden.to(device) for hidden in saved["windows"]], totals, names.index("final_norm"))
+    del head, norm
+    prefix_ids = torch.tensor([prefix["token_ids"]], device=device) if prefix else None
+    for index in tqdm(reversed(range(stream.layers)), desc="sensitivity", unit="layer", disable=not progress,
+                      total=stream.layers):
+        layer, sites = _prepared_layer(stream, index, rotation, options)
+        saved = checkpoint.load_inputs(index)
+        prefix_sequence = stream.start(prefix_ids, saved["prefix"], is_prefix=True) if prefix else None
+        if prefix_sequence is not None:  # its keys and values here, which the windows attend to (no gradient)
+            stream.run(layer, prefix_sequence)
+        use_cache = bool(getattr(stream.config, "use_cache", True)) or prefix_sequence is not None
+        with torch.no_grad():
+            sequences = [stream.begin(ids, hidden, prefix=prefix_sequence, use_cache=use_cache)
+                         for ids, hidden in zip(windows, saved["windows"], strict=True)]
+        upstream = site_fisher_part(lambda k, hidden: stream.forward(layer, sequences[k], hidden), sites,
+                                    [sequence.hidden for sequence in sequences], totals, names.index(next(iter(sites))),
+                                    upstream)
+        del layer, sites, sequences
+    return totals
+
+
+def _recorded(sites: SiteTable, per_call: int, options: ConvertOptions, first_index: int, stream: LayerStream,
+              prefix_sequence, sequences, module) -> torch.Tensor:
+    """Run the prefix (sites off) and the windows (sites recording) through `module` (a decoder layer, or the
+    final norm: then the windows' hidden states stay); return the sites' samples [sites, N]."""
+    for offset, site in enumerate(sites.values()):
+        site.recorder = SampleRecorder(per_call, seed=options.seed * 100_003 + first_index + offset)
+    is_layer = module is not None and hasattr(module, "self_attn")
+    if prefix_sequence is not None and is_layer:
+        stream.run(module, prefix_sequence)
+    sites.set_mode("calibrate")
+    try:
+        with torch.inference_mode():
+            for sequence in sequences:
+                if is_layer:
+                    stream.run(module, sequence)
+                else:
+                    module(sequence.hidden)
+    finally:
+        sites.set_mode("off")
+    return torch.stack([site.recorder.samples()[:options.samples_per_site] for site in sites.values()])
 
 
 def _transformers_version() -> str:
@@ -373,6 +651,16 @@ def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:
                                           for name, value in moved.items()})
 
 
+def recorded_source(record: dict, path, source_path: str | None = None) -> ModelSource:
+    """model.pt's source model (at `source_path` when given: it moved since conversion), checked against the
+    recorded sha256 (one-line error naming `path`)."""
+    source = ModelSource(**record["source"])
+    if source_path is not None:
+        source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
+    verify_source(source, where=str(path))
+    return source
+
+
 def load_spiking_model(path: str, source_path: str | None = None, rotations: str = "applied",
                        placement: Placement = Placement(), progress: bool = False,
                        record: dict | None = None) -> SpikingModel:
@@ -390,10 +678,7 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
         record = modelfile.load(path)  # checked against the model.pt schema: types, ranges, consistency
     if record.get("weights"):
         rotations = "applied"
-    source = ModelSource(**record["source"])
-    if source_path is not None:
-        source = ModelSource(source.kind if source.kind != "embedded" else "gguf", source_path, source.sha256)
-    verify_source(source, where=str(path))
+    source = recorded_source(record, path, source_path)
     model, tokenizer = load_model(source, placement, progress)
     check_prefix_vocabulary(record, model.get_input_embeddings().num_embeddings, str(path), source.path)
     rotation = record["rotation"]

@@ -47,27 +47,50 @@ def _scan(model, windows, eta: float, prefix_ids: list[int] | None) -> tuple[lis
             peaks.clear()
             logits = model(ids, cache=copy.deepcopy(cache), use_cache=cache is not None).logits
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
-            per_layer = torch.stack(peaks)  # [layers, tokens]
-            ratio = per_layer / per_layer.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
-            masks.append((ratio > eta).any(0))
+            masks.append(outlier_mask(peaks, eta))
     finally:
         for hook in hooks:
             hook.remove()
     return masks, nll / len(windows)
 
 
+def outlier_mask(peaks: list[torch.Tensor], eta: float) -> torch.Tensor:
+    """The outlier-token mask [tokens] of one window from its per-layer max|down_proj input| [tokens]."""
+    per_layer = torch.stack(peaks)  # [layers, tokens]
+    ratio = per_layer / per_layer.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
+    return (ratio > eta).any(0)
+
+
 def select_prefix(model, tokenizer, windows: list[torch.Tensor], max_tokens: int = 4, eta: float = OUTLIER_ETA) -> dict:
     """Return the prefix record {token_ids, tokens, eta, outlier_counts, anchor_scores}; every site must be off."""
-    probe = windows[:2]
-    counts: Counter = Counter()
-    for ids, mask in zip(probe, _scan(model, probe, eta, None)[0], strict=True):
-        counts.update(int(token) for token in ids[0][1:][mask[1:]])
-    scores = {}
-    for anchor in _anchor_candidates(tokenizer):
-        masks, nll = _scan(model, probe, eta, [anchor])
-        scores[anchor] = (int(sum(int(mask.sum()) for mask in masks)), nll)
-    if not scores:
+    probe = probe_windows(windows)
+    scans = {anchor: _scan(model, probe, eta, None if anchor is None else [anchor])
+             for anchor in [None, *anchor_candidates(tokenizer)]}
+    return prefix_record(tokenizer, probe, scans, max_tokens, eta)
+
+
+def probe_windows(windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The calibration windows the selection scans."""
+    return windows[:2]
+
+
+def anchor_candidates(tokenizer) -> list[int]:
+    """The anchors tried, in order; SpikecompileError when the tokenizer has none."""
+    candidates = _anchor_candidates(tokenizer)
+    if not candidates:
         raise SpikecompileError("--prefix auto: the tokenizer has no BOS/EOS token and no single-token '\\n' or '.'")
+    return candidates
+
+
+def prefix_record(tokenizer, probe: list[torch.Tensor], scans: dict, max_tokens: int = 4,
+                  eta: float = OUTLIER_ETA) -> dict:
+    """The prefix record from the scans of the probe windows: scans[None] without a prefix, scans[anchor] after
+    [anchor], each (per window its outlier-token mask, the mean NLL)."""
+    counts: Counter = Counter()
+    for ids, mask in zip(probe, scans[None][0], strict=True):
+        counts.update(int(token) for token in ids[0][1:][mask[1:]])
+    scores = {anchor: (int(sum(int(mask.sum()) for mask in masks)), nll)
+              for anchor, (masks, nll) in scans.items() if anchor is not None}
     anchor = min(scores, key=lambda token: scores[token])
     frequent = [token for token, count in counts.most_common() if count >= 2 and token != anchor]
     token_ids = [anchor, *frequent[:max_tokens - 1]]

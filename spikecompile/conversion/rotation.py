@@ -119,53 +119,90 @@ def rotate_llama(model, seed: int, apply: bool = True) -> dict:
     for norm in [*norms, _get(model, "model.norm")]:
         _check_rmsnorm(norm, names[norm])
     untied = _untie_lm_head(model)
+    embed = _get(model, "model.embed_tokens")
+    rotation = ResidualRotation(embed.weight.shape[1], _get(layers[0], "self_attn").head_dim, seed, untied, apply)
+    rotation.rotate_embedding(embed, names[embed])
+    for layer in layers:
+        rotation.rotate_layer(layer, names[layer])
+    rotation.rotate_head(model.model.norm, model.lm_head, names[model.model.norm], names[model.lm_head])
+    return rotation.record
 
-    hidden = _get(model, "model.embed_tokens").weight.shape[1]
-    h_resid, resid_desc = hadamard_matrix(hidden)
-    signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    q = h_resid * signs.double()
-    head_dim = _get(layers[0], "self_attn").head_dim
-    h_head, head_desc = hadamard_matrix(head_dim)
-    record = {
-        "method": "hadamard", "seed": seed,
-        "residual": {**resid_desc, "definition": "Q = H_n · diag(signs)", "signs": signs.tolist(),
-                     "weight_right_Q": [], "weight_left_QT": []},
-        "head": {**head_desc, "definition": "per head: v rows ← H_hᵀ·W, o columns ← W·H_h",
-                 "v_out": [], "o_in": []},
-        "online": [], "folded_norms": [], "untied_lm_head": untied,
-    }
 
-    def read_residual(norm, linears, left=None):
+class ResidualRotation:
+    """rotate_llama one part at a time (the embedding, each decoder layer, the head), for a model whose parts are
+    built one after another: Q is global (from the hidden size and the seed), each part's weights rotate on their
+    own. The parts must come in model order (embedding, layers 0, 1, …, head) for `record` to be rotate_llama's."""
+
+    def __init__(self, hidden: int, head_dim: int, seed: int, untied: bool, apply: bool = True):
+        h_resid, resid_desc = hadamard_matrix(hidden)
+        self.signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        self.q = h_resid * self.signs.double()
+        self.h_head, head_desc = hadamard_matrix(head_dim)
+        self.apply = apply
+        self.record = {
+            "method": "hadamard", "seed": seed,
+            "residual": {**resid_desc, "definition": "Q = H_n · diag(signs)", "signs": self.signs.tolist(),
+                         "weight_right_Q": [], "weight_left_QT": []},
+            "head": {**head_desc, "definition": "per head: v rows ← H_hᵀ·W, o columns ← W·H_h",
+                     "v_out": [], "o_in": []},
+            "online": [], "folded_norms": [], "untied_lm_head": untied,
+        }
+
+    @torch.no_grad()
+    def _read_residual(self, norm, linears, names, left=None):
         """Fold γ and Q into the linears reading this norm's output; left maps a linear to its output rotation."""
         gamma = norm.weight.double()
         for linear in linears:
-            if apply:
-                _rewrite(linear, left=(left or {}).get(linear), right=gamma[:, None] * q)
+            if self.apply:
+                _rewrite(linear, left=(left or {}).get(linear), right=gamma[:, None] * self.q)
             else:
                 _rewrite(linear, scale=gamma)
-        record["residual"]["weight_right_Q"] += [names[m] for m in linears]
-        record["folded_norms"].append({"norm": names[norm], "into": [names[m] for m in linears]})
+        self.record["residual"]["weight_right_Q"] += [names[m] for m in linears]
+        self.record["folded_norms"].append({"norm": names[norm], "into": [names[m] for m in linears]})
         norm.weight.fill_(1.0)
 
-    embed = model.model.embed_tokens
-    if apply:
-        embed.weight.copy_(embed.weight.double() @ q)
-    record["residual"]["weight_right_Q"].append(names[embed])
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        read_residual(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
-                      left={attn.v_proj: _per_head(h_head.T, attn.v_proj.out_features)})
-        if apply:
-            _rewrite(attn.o_proj, left=q.T, right=_per_head(h_head, attn.o_proj.in_features))
-        read_residual(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    @torch.no_grad()
+    def rotate_embedding(self, embed: torch.nn.Embedding, name: str) -> None:
+        """E ← E·Q."""
+        if self.apply:
+            embed.weight.copy_(embed.weight.double() @ self.q)
+        self.record["residual"]["weight_right_Q"].append(name)
+
+    @torch.no_grad()
+    def rotate_layer(self, layer: torch.nn.Module, name: str) -> None:
+        """Fold the layer's norms and rotate its linears (`name`: the layer's module name, model.layers.<i>);
+        registers the online Hadamard before down_proj."""
+        if any(isinstance(hook, OnlineHadamard) for hook in _get(layer, "mlp.down_proj")._forward_pre_hooks.values()):
+            raise SpikecompileError(f"rotate_llama: {name} is already rotated (down_proj has an online Hadamard hook)")
+        attn, mlp = _get(layer, "self_attn"), _get(layer, "mlp")
+        names = {module: f"{name}.{local}" for local, module in layer.named_modules() if local}
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            _check_rmsnorm(norm, names[norm])
+        self._read_residual(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], names,
+                            left={attn.v_proj: _per_head(self.h_head.T, attn.v_proj.out_features)})
+        if self.apply:
+            _rewrite(attn.o_proj, left=self.q.T, right=_per_head(self.h_head, attn.o_proj.in_features))
+        self._read_residual(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], names)
         h_inter, inter_desc = hadamard_matrix(mlp.down_proj.in_features)
-        if apply:
-            _rewrite(mlp.down_proj, left=q.T, right=h_inter)
+        if self.apply:
+            _rewrite(mlp.down_proj, left=self.q.T, right=h_inter)
         mlp.down_proj.register_forward_pre_hook(OnlineHadamard(mlp.down_proj.in_features))
-        record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
-        record["head"]["v_out"].append(names[attn.v_proj])
-        record["head"]["o_in"].append(names[attn.o_proj])
-        record["online"].append({"module": names[mlp.down_proj], "where": "input", **inter_desc,
-                                 "folded": "weight ← weight · H_n", "hook": "OnlineHadamard"})
-    read_residual(model.model.norm, [model.lm_head])
-    return record
+        self.record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
+        self.record["head"]["v_out"].append(names[attn.v_proj])
+        self.record["head"]["o_in"].append(names[attn.o_proj])
+        self.record["online"].append({"module": names[mlp.down_proj], "where": "input", **inter_desc,
+                                      "folded": "weight ← weight · H_n", "hook": "OnlineHadamard"})
+
+    @torch.no_grad()
+    def rotate_head(self, norm: torch.nn.Module, lm_head: torch.nn.Linear | None, norm_name: str,
+                    head_name: str) -> None:
+        """lm_head ← lm_head·diag(γ_final)·Q, γ_final ← 1 (lm_head already untied from the embedding). lm_head
+        None: a forward that ends at the final norm does not need it; only the norm is folded (γ_final ← 1) and
+        the record is the same."""
+        _check_rmsnorm(norm, norm_name)
+        if lm_head is not None:
+            self._read_residual(norm, [lm_head], {norm: norm_name, lm_head: head_name})
+            return
+        self.record["residual"]["weight_right_Q"].append(head_name)
+        self.record["folded_norms"].append({"norm": norm_name, "into": [head_name]})
+        norm.weight.fill_(1.0)

@@ -140,7 +140,7 @@ def spiking_attention(module, query, key, value, attention_mask, scaling, dropou
     return output, probs
 
 
-def _register_attention_implementation() -> None:
+def register_attention_implementation() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
@@ -156,6 +156,24 @@ def _input_hook(site: SpikeSite):
     return lambda module, inputs: (site(inputs[0]), *inputs[1:])
 
 
+def install_layer_sites(layer, index: int) -> SiteTable:
+    """Install decoder layer `index`'s nine spike sites on it (in place; all `off`), in LAYER_SITE_KINDS order.
+
+    Call after any rotation of the layer, so the down_proj site's pre-hook runs after the online Hadamard's.
+    The attention function the q/k/v/attn_probs sites need is registered here; the model's config must name it
+    (config._attn_implementation = ATTENTION_IMPLEMENTATION), as install_sites does."""
+    register_attention_implementation()
+    sites = SiteTable((kind, SpikeSite(site_name(index, kind))) for kind in LAYER_SITE_KINDS)
+    attention, mlp = layer.self_attn, layer.mlp
+    attention.spike_sites = nn.ModuleDict({kind: sites[kind] for kind in ("q", "k", "v", "attn_probs")})
+    layer.input_layernorm.register_forward_hook(_output_hook(sites["attn_norm"]))
+    layer.post_attention_layernorm.register_forward_hook(_output_hook(sites["mlp_norm"]))
+    attention.o_proj.register_forward_pre_hook(_input_hook(sites["o_proj_in"]))
+    mlp.down_proj.register_forward_pre_hook(_input_hook(sites["down_proj_in"]))
+    mlp.act_fn.register_forward_hook(_output_hook(sites["silu"]))
+    return SiteTable((site.name, site) for site in sites.values())
+
+
 def install_sites(model) -> SiteTable:
     """Install the reference spike sites on a transformers LLaMA model (in place); all start `off`.
 
@@ -163,22 +181,14 @@ def install_sites(model) -> SiteTable:
     """
     if getattr(model, "spike_sites", None) is not None:
         raise SpikecompileError("spike sites are already installed on this model")
-    _register_attention_implementation()
+    register_attention_implementation()
     table = SiteTable()
     activations_seen = set()
     for index, layer in enumerate(model.model.layers):
-        sites = {kind: SpikeSite(site_name(index, kind)) for kind in LAYER_SITE_KINDS}
-        attention, mlp = layer.self_attn, layer.mlp
-        attention.spike_sites = nn.ModuleDict({kind: sites[kind] for kind in ("q", "k", "v", "attn_probs")})
-        layer.input_layernorm.register_forward_hook(_output_hook(sites["attn_norm"]))
-        layer.post_attention_layernorm.register_forward_hook(_output_hook(sites["mlp_norm"]))
-        attention.o_proj.register_forward_pre_hook(_input_hook(sites["o_proj_in"]))
-        mlp.down_proj.register_forward_pre_hook(_input_hook(sites["down_proj_in"]))
-        if id(mlp.act_fn) in activations_seen:
+        if id(layer.mlp.act_fn) in activations_seen:
             raise SpikecompileError(f"model.layers.{index}.mlp.act_fn is shared between layers; cannot hook it")
-        activations_seen.add(id(mlp.act_fn))
-        mlp.act_fn.register_forward_hook(_output_hook(sites["silu"]))
-        table.update((site.name, site) for site in sites.values())
+        activations_seen.add(id(layer.mlp.act_fn))
+        table.update(install_layer_sites(layer, index))
     final = SpikeSite(site_name(None, "final_norm"))
     model.model.norm.register_forward_hook(_output_hook(final))
     table[final.name] = final

@@ -17,14 +17,23 @@ LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 @torch.no_grad()
 def rtn_quantize_weights(model, bits: int) -> dict:
     """Quantize the decoder layers' Linear weights in place; returns the record model.pt keeps."""
-    top = 2 ** (bits - 1) - 1
-    count = 0
     for layer in model.model.layers:
-        for path in LAYER_LINEARS:
-            linear = layer.get_submodule(path)
-            weight = linear.weight
-            scale = weight.abs().amax(dim=1, keepdim=True) / top
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            weight.copy_(torch.round(weight / scale).clamp(-top, top) * scale)
-            count += 1
-    return {"method": "rtn", "bits": bits, "grid": "symmetric, per output channel", "linears": count}
+        rtn_quantize_layer(layer, bits)
+    return rtn_record(bits, len(model.model.layers))
+
+
+@torch.no_grad()
+def rtn_quantize_layer(layer, bits: int) -> None:
+    """Quantize one decoder layer's Linear weights (LAYER_LINEARS) in place."""
+    top = 2 ** (bits - 1) - 1
+    for path in LAYER_LINEARS:
+        weight = layer.get_submodule(path).weight
+        scale = weight.abs().amax(dim=1, keepdim=True) / top
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        weight.copy_(torch.round(weight / scale).clamp(-top, top) * scale)
+
+
+def rtn_record(bits: int, layers: int) -> dict:
+    """The record model.pt keeps of the weights of `layers` decoder layers quantized to `bits`."""
+    return {"method": "rtn", "bits": bits, "grid": "symmetric, per output channel",
+            "linears": layers * len(LAYER_LINEARS)}

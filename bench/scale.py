@@ -1,0 +1,136 @@
+"""Scale benchmark (issue 15): the streamed `convert` of a LLaMA-2-7B-shaped model with few decoder layers.
+
+The bench writes the model itself: hidden 4096, intermediate 11008, 32 heads (no GQA), vocab 32000, random bf16
+weights (std 0.02, norms near 1), as sharded safetensors with an index (one shard per decoder layer, one for the
+embedding, final norm and lm_head) and a small BPE tokenizer trained on the builtin text. It then runs the CLI,
+`convert -T 8 --calib-windows 4 --calib-seqlen 512 --dtype bfloat16`, in its own process at each depth and reports
+its peak RSS (the --json report's ru_maxrss), wall time, seconds per calibrated layer, the ratio of the two
+depths' times, and the time extrapolated to 32 layers (a line through the two depths: fixed + per layer × 32).
+Writes bench/results/scale.json.
+
+    python bench/scale.py [--depths 4 8] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+         "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+"""LLaMA-2-7B's shape (its depth is 32)."""
+CONVERT = ("-T", "8", "--calib-windows", "4", "--calib-seqlen", "512", "--dtype", "bfloat16", "--no-progress")
+
+
+def _random(shape, generator, std=0.02, mean=0.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=generator) * std + mean).to(torch.bfloat16)
+
+
+def write_model(folder: Path, layers: int, seed: int = 0) -> None:
+    """config.json, one bf16 safetensors shard per decoder layer plus one for the rest, the index, a tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(**SHAPE, num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                dtype="bfloat16").save_pretrained(folder)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    weight_map = {}
+    shards = layers + 1
+
+    def save(index: int, tensors: dict) -> None:
+        name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+                  "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+        tensors = {f"{prefix}{name}.weight": _random(shape, generator) for name, shape in shapes.items()}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{prefix}{norm}.weight"] = _random((hidden,), generator, std=0.1, mean=1.0)
+        save(layer, tensors)
+    save(layers, {"model.embed_tokens.weight": _random((vocab, hidden), generator),
+                  "model.norm.weight": _random((hidden,), generator, std=0.1, mean=1.0),
+                  "lm_head.weight": _random((vocab, hidden), generator)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _tokenizer().save_pretrained(folder)
+
+
+def _tokenizer():
+    """A 4000-token BPE trained on the builtin text (token ids stay below the model's vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from spikecompile.data import load_text
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([load_text("builtin", "calib").text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def run(folder: Path, workdir: Path) -> dict:
+    """The CLI's convert of `folder` in its own process: its --json report and wall time."""
+    output, report = workdir / f"{folder.name}.pt", workdir / f"{folder.name}.json"
+    command = [sys.executable, "-m", "spikecompile", "convert", str(folder), "-o", str(output), "--json", str(report),
+               *CONVERT]
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    figures = json.loads(report.read_text())
+    figures["wall_s"] = time.perf_counter() - start
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", type=int, nargs=2, default=[2, 4], help="two depths (default 2 4; the issue: 4 8)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the models are written (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the written models")
+    arguments = parser.parse_args()
+    workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="scale-"))
+    runs = {}
+    for depth in arguments.depths:
+        folder = workdir / f"llama2-7b-shape-{depth}layers"
+        started = time.perf_counter()
+        write_model(folder, depth)
+        written_s = time.perf_counter() - started
+        figures = run(folder, workdir)
+        runs[depth] = {"layers": depth, "write_model_s": written_s, "wall_s": figures["wall_s"],
+                       "peak_rss_mb": figures["peak_rss_mb"], "timings_s": figures["timings_s"],
+                       "layer_s": figures["layer_s"],
+                       "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"])}
+        print(f"{depth} layers: wall {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB, "
+              f"per calibrated layer {runs[depth]['mean_layer_s']:.1f} s, stages "
+              + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in figures["timings_s"].items()), flush=True)
+        if not arguments.keep:
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+    low, high = (runs[depth] for depth in arguments.depths)
+    per_layer = (high["wall_s"] - low["wall_s"]) / (high["layers"] - low["layers"])
+    fixed = low["wall_s"] - per_layer * low["layers"]
+    summary = {"shape": SHAPE, "convert": " ".join(CONVERT), "device": "cpu", "torch_threads": torch.get_num_threads(),
+               "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
+               "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
+               "peak_rss_mb_max": max(run["peak_rss_mb"] for run in runs.values()), "peak_rss_target_mb": 6144}
+    print(f"depth ratio {summary['depth_ratio']:.2f} ({high['layers']}/{low['layers']} layers), "
+          f"{per_layer:.1f} s per layer, 32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
+          f"peak RSS ≤ {summary['peak_rss_mb_max']:.0f} MB")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

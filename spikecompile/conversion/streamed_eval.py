@@ -1,0 +1,158 @@
+"""`eval`'s perplexities of a converted model, one decoder layer at a time (as convert runs: conversion.stream).
+
+Each layer is built from its source tensors, rotated and RTN-quantized as model.pt records, its spike sites
+installed with model.pt's neurons; every window's hidden states go through it three ways, then it is freed:
+- the ANN: sites off, no prefix (SpikingModel.ann_logits);
+- the float model after the KV prefix: sites off (SpikingModel.prefixed_float_logits);
+- the SNN after the KV prefix: sites decoded (SpikingModel.logits).
+The prefix itself runs with every site off, as PrefixCache computes it. The final norm (with its final_norm site)
+and lm_head give the logits at the end. The layers are transformers' own, called as the whole model's forward
+calls them, so each perplexity is bit for bit load_spiking_model's (tests/test_streamed_eval.py). Memory: one
+layer, the embedding or lm_head while they run, and the hidden states of the windows (three copies with a prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import token_windows
+from ..devices import Placement
+from ..errors import SpikecompileError
+from ..evaluation import perplexity_of, window_nll
+from ..loading import open_layered
+from ..modelschema import check_prefix_vocabulary
+from .convert import (EMBEDDING_ALIAS, _canonical, _embedding, _final_norm_site, _on_device, recorded_source,
+                      site_neuron)
+from .rotation import ResidualRotation
+from .sites import LAYER_SITE_KINDS, SiteTable, install_layer_sites, site_name
+from .stream import LayerStream
+from .weights import rtn_quantize_layer, rtn_record
+
+
+@dataclass
+class Perplexities:
+    """eval's three perplexities over `windows` token windows (prefixed_float is ann without a prefix)."""
+
+    ann: float
+    prefixed_float: float
+    snn: float
+    windows: int
+
+
+def streamed_perplexities(path, record: dict, text, seqlen: int, max_windows: int | None,
+                          source_path: str | None = None, placement: Placement = Placement(),
+                          progress: bool = False) -> Perplexities:
+    """The ANN, float-after-prefix and SNN perplexities of model.pt (`path`, its checked `record`) on the token
+    windows of `text` (data.load_text), computed layer by layer; every check of model.pt against its source
+    (sha256, tensor names, site table, prefix vocabulary) comes before any weight is read."""
+    source = recorded_source(record, path, source_path)
+    with open_layered(source, progress) as layered:
+        stream = LayerStream(layered, placement)
+        layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
+        _check_sites(record, stream, path)
+        check_prefix_vocabulary(record, stream.skeleton.get_input_embeddings().num_embeddings, str(path),
+                                source.path)
+        windows = token_windows(layered.tokenizer, text, seqlen, max_windows, "evaluation")
+        windows = [ids.to(placement.device) for ids in windows]
+        return _run(stream, record, path, windows, progress)
+
+
+def _check_sites(record: dict, stream: LayerStream, path) -> None:
+    """model.pt's site table must be the one install_sites gives this source's layers."""
+    names = [site_name(index, kind) for index in range(stream.layers) for kind in LAYER_SITE_KINDS]
+    if [*names, site_name(None, "final_norm")] != list(record["sites"]):
+        raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")
+
+
+class _Passes:
+    """Every window's sequence in the three passes (ann; prefixed_float, None without a prefix: then it is the
+    ANN; snn), entering the next layer, and the prefix's (None without one), from the (rotated) embedding."""
+
+    def __init__(self, stream: LayerStream, windows: list[torch.Tensor], prefix_ids: list[int] | None, rotation):
+        embedding = _embedding(stream, rotation)
+        device = stream.placement.device
+        use_cache = bool(getattr(stream.config, "use_cache", True))  # what model(ids) gives its layers
+        with torch.inference_mode():
+            self.ann = [stream.start(ids, embedding(ids), use_cache=use_cache) for ids in windows]
+            self.prefix = None
+            if prefix_ids:
+                prefix = torch.tensor([prefix_ids], device=device)
+                self.prefix = stream.start(prefix, embedding(prefix), is_prefix=True)
+            after = {"prefix": self.prefix, "use_cache": True} if self.prefix else {"use_cache": use_cache}
+            self.prefixed_float = [stream.start(ids, embedding(ids), **after) for ids in windows] \
+                if self.prefix else None
+            self.snn = [stream.start(ids, embedding(ids), **after) for ids in windows]
+
+    def float_runs(self) -> list:
+        """The sequences run with every site off, in order: the ANN's, the prefix, the float-after-prefix ones."""
+        return [*self.ann, *([self.prefix] if self.prefix else []), *(self.prefixed_float or [])]
+
+
+def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], progress: bool) -> Perplexities:
+    rotation = None
+    if record["rotation"] is not None:
+        head_dim = stream.skeleton.model.layers[0].self_attn.head_dim
+        rotation = ResidualRotation(stream.config.hidden_size, head_dim, record["rotation"]["seed"],
+                                    untied=stream.tied)
+    passes = _Passes(stream, windows, (record["prefix"] or {}).get("token_ids"), rotation)
+    for index in tqdm(range(stream.layers), desc="eval (ANN, SNN)", unit="layer", disable=not progress):
+        layer, sites = _layer_as_converted(stream, index, rotation, record, path)
+        for sequence in passes.float_runs():
+            stream.run(layer, sequence)
+        sites.set_mode("decoded")
+        for sequence in passes.snn:
+            stream.run(layer, sequence)
+        del layer, sites
+    head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as the whole model's
+    norm, final = _final_norm_site(stream, rotation, head)
+    _check_rebuilt(record, rotation, stream.layers, path)
+    _fill_sites(final, record, path, stream.placement.device)
+
+    def perplexity(sequences) -> float:
+        with torch.inference_mode():
+            return perplexity_of([window_nll(head(norm(sequence.hidden)), sequence.ids) for sequence in sequences],
+                                 windows)
+
+    ann = perplexity(passes.ann)
+    prefixed = perplexity(passes.prefixed_float) if passes.prefixed_float else ann
+    final.set_mode("decoded")
+    return Perplexities(ann, prefixed, perplexity(passes.snn), len(windows))
+
+
+def _layer_as_converted(stream: LayerStream, index: int, rotation: ResidualRotation | None, record: dict, path):
+    """Decoder layer `index` as load_spiking_model rebuilds it: rotated, RTN-quantized, its sites installed with
+    model.pt's neurons (off)."""
+    layer = stream.layer(index)
+    if rotation is not None:
+        rotation.rotate_layer(layer, f"model.layers.{index}")
+    if record.get("weights"):
+        rtn_quantize_layer(layer, record["weights"]["bits"])
+    sites = install_layer_sites(layer, index)
+    _fill_sites(sites, record, path, stream.placement.device)
+    return layer, sites
+
+
+def _fill_sites(sites: SiteTable, record: dict, path, device: str) -> None:
+    """Each site's neuron, on `device`, from model.pt; sdllm per-token scales where recorded."""
+    coding = record["coding"]
+    for name, site in sites.items():
+        try:
+            site.neuron = _on_device(site_neuron(record["sites"][name]), device)
+        except (KeyError, ValueError, TypeError) as error:
+            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+        if coding.get("scales") == "per-token":
+            site.per_token_steps = coding["timesteps"]
+
+
+def _check_rebuilt(record: dict, rotation: ResidualRotation | None, layers: int, path) -> None:
+    """The rotation and weight quantization applied here must give model.pt's records (as load_spiking_model
+    checks them); the rotation's record is whole once the head is rotated."""
+    if rotation is not None and _canonical(rotation.record) != _canonical(record["rotation"]):
+        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
+    weights = record.get("weights")
+    if weights and rtn_record(weights["bits"], layers) != weights:
+        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
+                                f"re-convert")

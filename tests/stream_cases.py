@@ -1,0 +1,91 @@
+"""Tiny random models of each family, saved as sharded safetensors (an index and several shards), and the convert
+options each is converted with: the cases whose model.pt the streamed conversion must reproduce bit for bit.
+
+tests/data/stream_reference/<case>.pt were written by the in-memory conversion this streamed one replaced
+(spikecompile before the layer-sequential pipeline; `python tests/stream_cases.py` wrote them then)."""
+
+from pathlib import Path
+
+import torch
+from conftest import FAST_CONVERT, build_tiny_llama, build_tiny_tokenizer, synthetic_text
+
+REFERENCES = Path(__file__).parent / "data" / "stream_reference"
+SHARD_SIZE = "40KB"
+"""Small enough that a tiny model's layers spread over several shards (and a layer over two)."""
+
+
+def _with_biases(model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return _with_biases(Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True)))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return _with_biases(MistralForCausalLM(MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        sliding_window=None)))
+
+
+CASES = {
+    # name: (model builder, convert options after FAST_CONVERT and -T 6 -n 2)
+    "llama_tied": (lambda: build_tiny_llama(num_hidden_layers=3), ()),
+    "llama_untied_rtn": (lambda: build_tiny_llama(num_key_value_heads=4, tie_word_embeddings=False),
+                         ("--weight-bits", "4", "--prefix", "none")),
+    "llama_norotate_las": (lambda: build_tiny_llama(seed=3), ("--rotate", "none", "--coding", "las")),
+    "qwen2_bf16": (_qwen2, ("--dtype", "bfloat16")),
+    "mistral": (_mistral, ("--seed", "5")),
+}
+
+
+def save_case(name: str, root: Path) -> tuple[Path, Path]:
+    """The case's model folder (sharded safetensors + tokenizer) and calibration text under root."""
+    folder, text = root / name, root / "calib.txt"
+    if not (folder / "config.json").exists():
+        CASES[name][0]().save_pretrained(folder, max_shard_size=SHARD_SIZE)
+        build_tiny_tokenizer().save_pretrained(folder)
+    if not text.exists():
+        text.write_text(synthetic_text())
+    return folder, text
+
+
+def convert_arguments(name: str, folder: Path, text: Path, output: Path) -> list[str]:
+    return ["convert", str(folder), "-o", str(output), "-T", "6", "-n", "2", "--calib", str(text), *FAST_CONVERT,
+            *CASES[name][1]]
+
+
+if __name__ == "__main__":  # write the references (with the conversion of the time)
+    import os
+    import sys
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from spikecompile.cli import cli
+
+    os.environ["SOURCE_DATE_EPOCH"] = "0"
+    REFERENCES.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        for case in CASES:
+            folder, text = save_case(case, Path(scratch))
+            shards = sorted(path.name for path in folder.glob("*.safetensors"))
+            result = CliRunner().invoke(cli, convert_arguments(case, folder, text, REFERENCES / f"{case}.pt"))
+            print(case, result.exit_code, len(shards), "shards", result.output.strip()[-200:], file=sys.stderr)
