@@ -42,6 +42,25 @@ def convert(workdir: Path, timesteps: int, coding: str, grains: int, tag: str | 
     return output, figures
 
 
+def smollm2_arguments(description: str, windows: int) -> argparse.Namespace:
+    """--windows, --seqlen and --model, the options of the benches that run a converted SmolLM2 T=8."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--windows", type=int, default=windows)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--model", type=Path, help="a converted SmolLM2 T=8 model.pt (default: convert one)")
+    return parser.parse_args()
+
+
+def built_smollm2(model: Path | None, seqlen: int, windows: int):
+    """(build.BuildResult of `model` or of a fresh T=8 phase conversion, `windows` WikiText-2 test windows)."""
+    from spikecompile.build import BuildOptions, build
+    from spikecompile.data import load_text, token_windows
+
+    with tempfile.TemporaryDirectory() as workdir:
+        result = build(model or convert(Path(workdir), 8, "phase", 2)[0], BuildOptions())
+    return result, token_windows(result.tokenizer, load_text(str(TEST), split="eval"), seqlen, windows, "bench")
+
+
 def site_ratios(record: dict) -> dict:
     rows = site_error_rows(record)
     return {"median_fitted_over_lloyd_max": statistics.median(row["fitted_over_bound"] for row in rows),

@@ -11,37 +11,24 @@ not counted. Writes bench/results/loihi_fixed_speed.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from convert_smollm2 import ROOT, TEST, convert
+from convert_smollm2 import ROOT, built_smollm2, smollm2_arguments
 
 RESULTS = ROOT / "bench" / "results" / "loihi_fixed_speed.json"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--model", type=Path, help="a converted SmolLM2 T=8 model.pt (default: convert one)")
-    args = parser.parse_args()
+    args = smollm2_arguments(__doc__.splitlines()[0], windows=4)
     from spikecompile.backends.sim.simulate import output_of, run
-    from spikecompile.build import BuildOptions, build
-    from spikecompile.data import load_text, token_windows
     from spikecompile.passes.deployment import CalibrationRun, fitted_fraction_bits
     from spikecompile.passes.loihi_mapping import deployed_formats
 
-    with tempfile.TemporaryDirectory() as workdir:
-        model = args.model or convert(Path(workdir), 8, "phase", 2)[0]
-        result = build(model, BuildOptions())
+    result, windows = built_smollm2(args.model, args.seqlen, args.windows + 1)
     graph, store = result.graph, result.store
-    windows = token_windows(result.tokenizer, load_text(str(TEST), split="eval"), args.seqlen, args.windows + 1,
-                            "bench")
     formats = deployed_formats(graph, store, None, fitted_fraction_bits(graph, store, None, result.record,
                                                                           result.tokenizer))
     fixed = CalibrationRun(graph, store, formats)

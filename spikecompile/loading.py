@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from .devices import Placement
 from .errors import SpikecompileError
-from .files import atomic_folder
+from .files import atomic_folder, file_sha256
 from .modelschema import FieldError, Record, fault
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -360,19 +360,11 @@ def cached_copy_is_whole(entry: Path, source: ModelSource) -> bool:
             return False
         for name, expected in files.items():
             path = entry / name
-            if path.stat().st_size != expected["bytes"] or _file_sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
                 return False
         return CACHE_WEIGHTS in files
     except (OSError, ValueError, KeyError, TypeError):  # no entry, or a manifest that is not ours: rebuild
         return False
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_cached_copy(entry: Path, source: ModelSource, model, tokenizer) -> None:
@@ -382,7 +374,7 @@ def write_cached_copy(entry: Path, source: ModelSource, model, tokenizer) -> Non
     try:
         with atomic_folder(entry, parents=True) as temp:
             _write_copy_files(temp, model, tokenizer)
-            files = {path.name: {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+            files = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
                      for path in sorted(temp.iterdir()) if path.is_file()}
             manifest = {"source_sha256": source.sha256, "source": source.path, "versions": _cache_versions(),
                         "files": files}

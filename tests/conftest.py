@@ -169,3 +169,16 @@ def assert_same_neurons(graph, sites):
             a, b = (torch.as_tensor(getattr(p, field) if getattr(p, field) is not None else 0)
                     for p in (params, theirs[site]))
             assert torch.equal(a, b.to(a.dtype)), (site, field)
+
+
+def random_norms_and_biases(model):
+    """Non-trivial norm weights and biases (transformers initialises them to 1 and 0), so that folding and
+    rotating them is actually tested."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    return model.eval()

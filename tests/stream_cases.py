@@ -7,29 +7,18 @@ tests/data/stream_reference/<case>.pt were written by the in-memory conversion t
 from pathlib import Path
 
 import torch
-from conftest import FAST_CONVERT, build_tiny_llama, build_tiny_tokenizer, synthetic_text
+from conftest import FAST_CONVERT, build_tiny_llama, build_tiny_tokenizer, random_norms_and_biases, synthetic_text
 
 REFERENCES = Path(__file__).parent / "data" / "stream_reference"
 SHARD_SIZE = "40KB"
 """Small enough that a tiny model's layers spread over several shards (and a layer over two)."""
 
 
-def _with_biases(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return _with_biases(Qwen2ForCausalLM(Qwen2Config(
+    return random_norms_and_biases(Qwen2ForCausalLM(Qwen2Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=True)))
@@ -39,7 +28,7 @@ def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    return _with_biases(MistralForCausalLM(MistralConfig(
+    return random_norms_and_biases(MistralForCausalLM(MistralConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
         sliding_window=None)))

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST_CONVERT, assert_same_neurons, build_tiny_llama, build_tiny_tokenizer, synthetic_text
+from conftest import (
+    FAST_CONVERT, assert_same_neurons, build_tiny_llama, build_tiny_tokenizer, random_norms_and_biases, synthetic_text,
+)
 
 from spikecompile import ir
 from spikecompile.backends.sim.simulate import output_of, retyped, run
@@ -26,24 +28,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 """LLaMA-3's scaling with a 64-token original context: with head_dim 16 the frequencies j ≥ 2 are rescaled."""
 
 
-def _random_norms_and_biases(model):
-    """Non-trivial norm weights and biases (transformers initialises them to 1 and 0), so that folding and
-    rotating them is actually tested."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    return model.eval()
-
-
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    return _random_norms_and_biases(MistralForCausalLM(MistralConfig(**SHAPE, num_key_value_heads=2,
+    return random_norms_and_biases(MistralForCausalLM(MistralConfig(**SHAPE, num_key_value_heads=2,
                                                                      sliding_window=None)))
 
 
@@ -51,7 +40,7 @@ def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return _random_norms_and_biases(Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_key_value_heads=2,
+    return random_norms_and_biases(Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_key_value_heads=2,
                                                                  tie_word_embeddings=True)))
 
 
