@@ -7,6 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .progress import shown
+
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """The summed NLL of every predicted token of one window: logits [1, L, V] of its [1, L] ids."""
@@ -26,5 +28,5 @@ def perplexity_of(nll: list[float], windows: list[torch.Tensor]) -> float:
 def perplexity(forward, windows: list[torch.Tensor], desc: str = "perplexity", progress: bool = True) -> float:
     """exp(mean NLL of every predicted token over all windows); forward maps [1, L] ids to [1, L, V] logits."""
     nll = [window_nll(forward(ids), ids)
-           for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, leave=False)]
+           for ids in tqdm(windows, desc=desc, unit="window", disable=not shown(progress), leave=False)]
     return perplexity_of(nll, windows)

@@ -1,4 +1,4 @@
-"""Progress bars of the long stages that had none (build's load and trace, the nir, onnx and lava exports).
+"""Progress bars on stderr, for every long stage (convert's passes and fit, eval, build's load and trace, the exports).
 
 A bar is drawn on stderr only when it is a terminal, where tqdm redraws it in place and clears it when done
 (leave=False): a captured or redirected stderr holds the error line of a failed command and nothing else, as the

@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..progress import shown
 from .sites import SampleRecorder, SiteTable
 
 
@@ -24,7 +25,7 @@ def collect_samples(forward, sites: SiteTable, windows: list[torch.Tensor], samp
         site.recorder = SampleRecorder(per_call, seed=seed * 100_003 + index)
     sites.set_mode("calibrate")
     try:
-        for ids in tqdm(windows, desc="calibrate", unit="window", disable=not progress):
+        for ids in tqdm(windows, desc="calibrate", unit="window", disable=not shown(progress)):
             forward(ids)
     finally:
         sites.set_mode("off")

@@ -21,6 +21,7 @@ from ..files import check_writable
 from ..loading import ModelSource, load_model, open_layered, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
+from ..progress import shown
 from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, next_token_loss, site_curves, site_fisher_part
 from .checkpoint import Checkpoint
 from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps
@@ -367,7 +368,7 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
             scans[anchor] = [stream.start(ids, embedding(ids), prefix=prefixes[anchor]) for ids in probe]
     del embedding
     peaks = {id(sequence): [] for sequences in scans.values() for sequence in sequences}
-    for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not progress):
+    for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not shown(progress)):
         layer, _ = _prepared_layer(stream, index, rotation, options)
         running = []
         layer.mlp.down_proj.register_forward_pre_hook(  # after the online Hadamard: it sees x·H_i
@@ -439,7 +440,7 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
     sequences = [stream.start(ids, hidden, prefix=prefix_sequence, use_cache=use_cache)
                  for ids, hidden in zip(windows, hidden_windows, strict=True)]
     layer_s = []
-    for index in tqdm(range(first, stream.layers), desc="calibrate", unit="layer", disable=not progress,
+    for index in tqdm(range(first, stream.layers), desc="calibrate", unit="layer", disable=not shown(progress),
                       initial=first, total=stream.layers):
         began = time.perf_counter()
         if options.budget:
@@ -495,7 +496,7 @@ def fisher_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: di
                                 [hidden.to(device) for hidden in saved["windows"]], totals, names.index("final_norm"))
     del head, norm
     prefix_ids = torch.tensor([prefix["token_ids"]], device=device) if prefix else None
-    for index in tqdm(reversed(range(stream.layers)), desc="sensitivity", unit="layer", disable=not progress,
+    for index in tqdm(reversed(range(stream.layers)), desc="sensitivity", unit="layer", disable=not shown(progress),
                       total=stream.layers):
         layer, sites = _prepared_layer(stream, index, rotation, options)
         saved = checkpoint.load_inputs(index)

@@ -42,6 +42,7 @@ from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, golden_base2, magnitude_spikes, phase_quantize, signed_spikes,
     step_schedule,
 )
+from spikecompile.progress import shown
 
 BASES = ("d", "h", "theta")
 FITTED = ("phase", "phase-sd")  # the codings Algorithm 1 fits; the others are fixed (codings.py)
@@ -512,7 +513,7 @@ def _progress_callback(progress: Callable[[int, int], None] | bool | None):
         raise TypeError(f"fit_sites: progress must be a callable progress(done, total) or a bool, got {progress!r}")
     from tqdm.auto import tqdm
 
-    with tqdm(desc="fit", unit="step") as bar:
+    with tqdm(desc="fit", unit="step", disable=not shown(True)) as bar:
         def report(done, total):
             bar.total = total
             bar.update(done - bar.n)

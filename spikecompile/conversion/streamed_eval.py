@@ -24,6 +24,7 @@ from ..errors import SpikecompileError
 from ..evaluation import perplexity_of, window_nll
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
+from ..progress import shown
 from .convert import (EMBEDDING_ALIAS, _canonical, _embedding, _final_norm_site, _on_device, recorded_source,
                       site_neuron)
 from .rotation import ResidualRotation
@@ -98,7 +99,7 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
         rotation = ResidualRotation(stream.config.hidden_size, head_dim, record["rotation"]["seed"],
                                     untied=stream.tied)
     passes = _Passes(stream, windows, (record["prefix"] or {}).get("token_ids"), rotation)
-    for index in tqdm(range(stream.layers), desc="eval (ANN, SNN)", unit="layer", disable=not progress):
+    for index in tqdm(range(stream.layers), desc="eval (ANN, SNN)", unit="layer", disable=not shown(progress)):
         layer, sites = _layer_as_converted(stream, index, rotation, record, path)
         for sequence in passes.float_runs():
             stream.run(layer, sequence)
