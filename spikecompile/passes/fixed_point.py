@@ -88,7 +88,7 @@ class FiringTable:
 def firing_table(site) -> FiringTable:
     """The intervals of `site` (a hardware.loihi2.SiteFormat) over u in [−site.limit, site.limit]."""
     thresholds, resets, payloads = site.threshold.tolist(), site.reset.tolist(), site.payload.tolist()
-    steps, budget, signed = len(thresholds), site.max_spikes, bool(getattr(site, "signed_digits", False))
+    steps, budget, signed = len(thresholds), site.max_spikes, site.signed_digits
     leaves: list[tuple[int, int, int, int, int, tuple[int, ...]]] = []  # (low, high, code, count, resets, pattern)
 
     def digit(value: int, t: int, reset_sum: int) -> int:
