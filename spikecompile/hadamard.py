@@ -105,10 +105,16 @@ def describe_hadamard(n: int) -> dict:
     return dict(_factor(n)[2])
 
 
+def hadamard_factors(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_{2^a} / sqrt(2^a), H_K): the float64 Kronecker factors of H_n = hadamard_matrix(n), so that x·H_n costs
+    2^a + K multiply-adds per channel instead of n."""
+    pow2, block, _ = _factor(n)
+    return _sylvester(pow2) / math.sqrt(pow2), block
+
+
 def hadamard_matrix(n: int) -> tuple[torch.Tensor, dict]:
     """Dense orthonormal H_n = (H_{2^a} / sqrt(2^a)) ⊗ H_K (float64, n×n) and its description."""
-    pow2, block, _ = _factor(n)
-    return torch.kron(_sylvester(pow2) / math.sqrt(pow2), block), describe_hadamard(n)
+    return torch.kron(*hadamard_factors(n)), describe_hadamard(n)
 
 
 _CUDA_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from conftest import convert_tiny, requires_smollm2
 from spikecompile.backends.lava import build_lava
 from spikecompile.backends.lava.emit import example_inputs, select_part
 from spikecompile.neuron import kernel
-from spikecompile.passes.fixed_point import fire, firing_table, integrate_and_fire, run_fixed
+from spikecompile.passes.fixed_point import FiringTable, fire, firing_table, integrate_and_fire, run_fixed
 from spikecompile.backends.sim.simulate import output_of, run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
@@ -146,6 +147,45 @@ def test_fused_fixed_point_neuron_equals_its_torch_path():
             assert torch.equal(found, expected)
 
 
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler: the fused kernel is not built")
+def test_fused_neuron_digit_planes_int32_sums_and_in_place_values():
+    """The fast path of the fixed-point run: fire_fixed's int8 digit planes are the signed digits of the torch path's
+    codes, int32 window sums fire as their float64 values do, no values when none are asked for, and values written
+    over x equal fresh ones; T = 8, and T = 16, whose narrowest intervals are narrower than a bucket."""
+    from spikecompile.passes.fixed_point import digit_count, signed_digits
+
+    for steps in (8, 16):
+        params = PhaseNeuronParams(tau=torch.tensor(1.3), genotype=torch.arange(steps) // (steps // 2),
+                                   d=torch.tensor([2.2, 1.9]), h=torch.tensor([2.1, 1.9]), theta=torch.tensor([2.4, 1.7]))
+        site = site_format(params, load_loihi2(), "s")
+        table = firing_table(site)
+        digits = signed_digits(table.code, digit_count(float(table.code.abs().max())))
+        sums = torch.randint(-site.limit, site.limit + 1, (5, 33, 40), dtype=torch.int32,
+                             generator=torch.Generator().manual_seed(2)) // 2
+        g = torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
+        value, code, _, saturated = integrate_and_fire(sums.double(), g, site, table)
+        for x in (sums, sums.double()):
+            fused = kernel.fire_fixed(x, g, site.limit, table.low, table.code, site.delta, code_digits=digits)
+            assert torch.equal(fused[0], value) and fused[3] == saturated > 0
+            assert torch.equal(fused[1], signed_digits(code, len(digits)))
+        assert kernel.fire_fixed(sums, g, site.limit, table.low, table.code, site.delta, code_digits=digits,
+                                 values=False)[0] is None
+        x = sums.double()
+        fused = kernel.fire_fixed(x, g, site.limit, table.low, table.code, site.delta, code_digits=digits,
+                                  in_place=True)
+        assert fused[0] is x and torch.equal(x, value)
+    # a table with up to 40 intervals in one bucket of the 2^16 (as T ≥ 16 or a fine grid gives)
+    limit = 2 ** 23 - 1
+    low = torch.cat([torch.tensor([-limit]), torch.arange(-3000, 3000, 7), torch.tensor([40_000, 5_000_000])]).double()
+    dense = FiringTable(low, torch.arange(len(low)).double() - 400, *(torch.zeros(len(low), dtype=torch.int64),) * 2,
+                        torch.zeros(len(low), 8, dtype=torch.int64))
+    assert kernel.bucket_table(low, limit)[0].diff().max() >= 30
+    x = torch.cat([torch.arange(-3500.0, 3500.0, 0.5), torch.randn(5000, dtype=torch.float64) * limit]).reshape(-1, 19)
+    fused = kernel.fire_fixed(x, 1.0, limit, low, dense.code, 0.25, intervals=True)
+    torch_path = integrate_and_fire(x, 1.0, SimpleNamespace(limit=limit, delta=0.25), dense)
+    assert all(torch.equal(found, expected) for found, expected in zip(fused[:3], torch_path[:3]))
+
+
 def test_fixed_point_mode_tracks_the_float_model(built):
     ids = torch.randint(3, 120, (2, 8), generator=torch.Generator().manual_seed(1))
     formats = deployed_formats(built.graph, built.store)
@@ -230,3 +270,34 @@ def test_smollm2_lava_fixed_pt_equals_the_fixed_point_simulator(smollm2_t8_path,
           f"{time.perf_counter() - start:.1f} s (Lava run {found['seconds']:.1f} s, {found['steps_per_second']:.2f} "
           f"steps/s), disagreements {exact_part(found)}")
     assert exact_part(found) == EXACT and found["spike_total"] > 0
+
+
+@pytest.mark.parametrize("code_peak, weight_bits, dtype", [(100, 8, torch.int32), (3000, 8, torch.int32),
+                                                           (40000, 8, torch.float64), (3000, 12, torch.int32),
+                                                           (2 ** 22, 12, torch.float64)])
+def test_integer_synapse_sums_are_exact(code_peak, weight_bits, dtype, monkeypatch):
+    """synapse_sums (int8 digit GEMMs through torch._int_mm, recombined in int32 when a bound allows, else float64)
+    equals 2m @ c in int64: one to three code digits, 8- and 12-bit mantissas, a bound past int32 (float64), no
+    rows, and with torch._int_mm refusing (the float64 GEMM of the same digits)."""
+    from spikecompile.passes.fixed_point import IntegerWeights, digit_count, signed_digits, synapse_sums
+
+    generator = torch.Generator().manual_seed(code_peak)
+    limit = 2 ** (weight_bits - 1)
+    mantissa = torch.randint(-limit, limit, (40, 96), generator=generator)
+    mantissa[0, :] = -limit  # the widest row
+    codes = torch.randint(-code_peak, code_peak + 1, (2, 7, 96), generator=generator)
+    codes[0, 0, :] = code_peak
+    expected = codes @ (2 * mantissa).T
+    weights = IntegerWeights.of(mantissa.numpy().astype(np.int8 if weight_bits <= 8 else np.int32))
+    planes = signed_digits(codes.double(), digit_count(code_peak))
+    assert torch.equal((planes.long() * 256 ** torch.arange(len(planes)).reshape(-1, 1, 1, 1)).sum(0), codes)
+    peaks = tuple(int(peak) for peak in planes.long().abs().flatten(1).amax(-1))
+    found = synapse_sums(planes, peaks, weights)
+    assert found.dtype == dtype  # int32 where every partial sum provably fits it
+    assert torch.equal(found.long(), expected)
+    assert synapse_sums(planes[:, :0], peaks, weights).shape == (0, 7, 40)
+
+    def refuse(a, b):
+        raise RuntimeError("no int8 GEMM here")
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    assert torch.equal(synapse_sums(planes, peaks, weights).long(), expected)

@@ -167,3 +167,24 @@ def test_rotation_removes_planted_outlier_channel(where):
     rotate_llama(model, seed=0)
     after = _max_over_rms_at_q_proj(model, ids)
     assert before > 6.0 and after < before / 2
+
+
+@pytest.mark.parametrize("n", [8, 24, 20, 36])
+def test_rotation_factors_are_its_matrix(n):
+    """Rotation.factors() (what the fixed-point runs apply: Aᵀ·X·B per block, signs before or after) is matrix():
+    the Kronecker product exactly, and the factored product equal to x·matrix() up to float64 rounding, with and
+    without signs, transposed or not, on several blocks."""
+    from spikecompile.ir import Rotation
+    from spikecompile.hadamard import describe_hadamard
+    from spikecompile.passes.fixed_point import OPS
+
+    signs = torch.where(torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5, -1, 1).to(torch.int8)
+    x = torch.randn(3, 5, 2 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for transpose in (False, True):
+        for node_signs in (None, signs):
+            node = Rotation(n=n, where="online", construction=describe_hadamard(n), signs=node_signs,
+                            transpose=transpose)
+            before, left, right, after = node.factors()
+            assert torch.equal(before[:, None] * torch.kron(left, right) * after[None, :], node.matrix())
+            expected = (x.reshape(3, 5, 2, n) @ node.matrix()).reshape(x.shape)
+            assert torch.allclose(OPS[Rotation](node, x), expected, rtol=0, atol=1e-12)

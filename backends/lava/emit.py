@@ -353,7 +353,7 @@ def _kv_prefix(node: KVPrefix, store, input_shape) -> OpEntry:
 
 
 def _rotation(node: Rotation, store, input_shape) -> OpEntry:
-    return "rotation", {}, {"matrix": node.matrix().numpy()}
+    return "rotation", {}, dict(zip(("before", "left", "right", "after"), (f.numpy() for f in node.factors())))
 
 
 def _embedding(node: Embedding, store, input_shape) -> OpEntry:

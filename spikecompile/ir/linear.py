@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..hadamard import describe_hadamard, hadamard_matrix
+from ..hadamard import describe_hadamard, hadamard_factors, hadamard_matrix
 from .base import (
     MAX_INDEX, Dim, IRNode, TensorRef, TensorType, in_range, is_count, node_type, require, require_tensor, same_type,
 )
@@ -143,6 +143,17 @@ class Rotation(IRNode):
         if self.signs is not None:
             q = q * self.signs.double()
         return q.T if self.transpose else q
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(before, A, B, after), float64 [n], [2^a, 2^a], [K, K], [n], with
+        matrix() = diag(before)·(A ⊗ B)·diag(after) (signs on the side the transpose puts them, ones on the other): the
+        factored form the fixed-point runs apply (y = Aᵀ·X·B on each block's (2^a, K) view X)."""
+        left, right = hadamard_factors(self.n)
+        ones = torch.ones(self.n, dtype=torch.float64)
+        signs = ones if self.signs is None else self.signs.double()
+        if self.transpose:
+            return signs, left.T.contiguous(), right.T.contiguous(), ones
+        return ones, left, right, signs
 
     def check(self):
         require(self.kind == "hadamard", f"kind must be 'hadamard', got {self.kind!r}")

@@ -205,49 +205,61 @@ ENTRY(spikecompile_fire_f64, double, int64_t, 8, 4)
 // Per element, in one pass: u = rint(x·g) (g per position in the last dim, or one g), saturated to ±limit (counted);
 // k = the interval of u in the site's firing table (the last k with low[k] ≤ u); code = codes[k], value = code·delta.
 // The same float64 operations, one rounding each, as the torch path: x·g, rint half to even, code·delta.
-// The interval: a bucket table over [−limit, limit] (2^14 buckets) gives the interval of each bucket's first value,
-// and a short forward scan finds u's (low[] holds integers, so a bucket's first value is an integer too).
+// The interval: a bucket table over [−limit, limit] (first[b], b = (u + limit) >> shift, the interval of bucket b's
+// first value, built once per site by neuron.kernel.bucket_table) bounds u's interval to [first[b], first[b + 1]],
+// and a branchless binary search finds it there (low[] holds integers, so a bucket's first value is an integer too).
 
-static inline int64_t interval_of(const double* low, int64_t intervals, double u) {
-    int64_t first = 0, count = intervals;  // upper_bound(low, u) − 1
-    while (count > 0) {
-        const int64_t step = count / 2;
-        if (!(u < low[first + step])) { first += step + 1; count -= step + 1; } else count = step;
-    }
-    return first - 1;
-}
-
-#define BUCKET_BITS 14
-
-extern "C" int spikecompile_fire_fixed(const double* x, int64_t n, int64_t inner, const double* gain,
-                                       int64_t gain_len, int64_t limit, const double* low, const double* codes,
-                                       int64_t intervals, double delta, double* value, double* code,
-                                       int64_t* interval, int64_t* saturated, int32_t threads) {
-    if (intervals < 1 || inner < 1 || limit < 0 || (gain_len != 1 && gain_len != inner)) return 1;
-    int shift = 0;
-    while (((2 * limit) >> shift) >= ((int64_t)1 << BUCKET_BITS)) ++shift;
-    const int64_t buckets = ((2 * limit) >> shift) + 1;
-    int64_t* first = new int64_t[buckets];
-    for (int64_t b = 0; b < buckets; ++b) first[b] = interval_of(low, intervals, (double)((b << shift) - limit));
+template <typename In>
+static int fire_fixed(const In* x, int64_t n, int64_t inner, const double* gain, int64_t gain_len, int64_t limit,
+                      const double* low, const double* codes, int64_t intervals, const int64_t* first, int64_t shift,
+                      double delta, double* value, double* code, int64_t* interval, int64_t* saturated,
+                      int32_t threads, int64_t digit_count, const int8_t* code_digits, int8_t* digits) {
+    // digits (when digit_count > 0): digit plane d of each neuron's code, digits[d·n + i] = code_digits[d·intervals + k]
+    // (the int8 operands of the integer synapse GEMM, passes.fixed_point.synapse_sums). code, value, interval: each
+    // written only where not null.
+    if (intervals < 1 || inner < 1 || n % inner || limit < 0 || shift < 0 || (gain_len != 1 && gain_len != inner))
+        return 1;
     const double top = (double)limit;
+    const int64_t rows = n / inner;  // row-major [rows, inner]: the gain indexed by position, no modulo per element
     int64_t total = 0;
     const int count = n < 65536 ? 1 : (threads > 0 ? threads : 1);
 #pragma omp parallel for num_threads(count) reduction(+ : total) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-        double u = nearbyint(x[i] * gain[gain_len == 1 ? 0 : i % inner]);
-        int64_t k;
-        if (u != u) {
-            k = intervals - 1;  // NaN: past every low, as torch.searchsorted places it
-        } else {
-            if (u > top) { u = top; ++total; } else if (u < -top) { u = -top; ++total; }
-            k = first[((int64_t)u + limit) >> shift];
-            while (k + 1 < intervals && low[k + 1] <= u) ++k;
+    for (int64_t row = 0; row < rows; ++row) {
+        for (int64_t j = 0, i = row * inner; j < inner; ++j, ++i) {
+            double u = nearbyint((double)x[i] * gain[gain_len == 1 ? 0 : j]);  // int32 x: exact in double
+            int64_t k;
+            if (u != u) {
+                k = intervals - 1;  // NaN: past every low, as torch.searchsorted places it
+            } else {
+                if (u > top) { u = top; ++total; } else if (u < -top) { u = -top; ++total; }
+                const int64_t bucket = ((int64_t)u + limit) >> shift;
+                k = first[bucket];
+                for (int64_t count = first[bucket + 1] - k + 1; count > 1;) {  // the last k with low[k] ≤ u
+                    const int64_t half = count >> 1;
+                    k = low[k + half] <= u ? k + half : k;
+                    count -= half;
+                }
+            }
+            if (code) code[i] = codes[k];
+            if (value) value[i] = codes[k] * delta;
+            if (interval) interval[i] = k;
+            for (int64_t d = 0; d < digit_count; ++d) digits[d * n + i] = code_digits[d * intervals + k];
         }
-        code[i] = codes[k];
-        value[i] = codes[k] * delta;
-        if (interval) interval[i] = k;
     }
-    delete[] first;
     *saturated = total;
     return 0;
 }
+
+// x float64 (an op's value) or int32 (a synapse's exact integer window sums, passes.fixed_point.synapse_sums).
+#define FIXED_ENTRY(NAME, IN)                                                                                          \
+    extern "C" int NAME(const IN* x, int64_t n, int64_t inner, const double* gain, int64_t gain_len, int64_t limit,   \
+                        const double* low, const double* codes, int64_t intervals, const int64_t* first,             \
+                        int64_t shift, double delta, double* value, double* code, int64_t* interval,                 \
+                        int64_t* saturated, int32_t threads, int64_t digit_count, const int8_t* code_digits,         \
+                        int8_t* digits) {                                                                            \
+        return fire_fixed<IN>(x, n, inner, gain, gain_len, limit, low, codes, intervals, first, shift, delta, value, \
+                              code, interval, saturated, threads, digit_count, code_digits, digits);                 \
+    }
+
+FIXED_ENTRY(spikecompile_fire_fixed, double)
+FIXED_ENTRY(spikecompile_fire_fixed_i32, int32_t)

@@ -208,27 +208,58 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
     return result
 
 
+BUCKET_BITS = 16
+"""fire_fixed's bucket table spans [−limit, limit] in at most 2^16 buckets (512 KiB of int64: it stays in L2)."""
+
+
+def bucket_table(low: Tensor, limit: int) -> tuple[Tensor, int]:
+    """(first, shift) for fire_fixed: bucket b holds u with (u + limit) >> shift = b, and first[b] (int64, one more
+    than the buckets) is the interval of its first value, the last k with low[k] ≤ (b << shift) − limit."""
+    shift = 0
+    while (2 * limit) >> shift >= 1 << BUCKET_BITS:
+        shift += 1
+    starts = (torch.arange(((2 * limit) >> shift) + 2, dtype=torch.int64) << shift) - limit
+    return (torch.searchsorted(low, starts.double(), right=True) - 1).clamp_(min=0), shift
+
+
 def fire_fixed(x: Tensor, gain: Tensor | float, limit: int, low: Tensor, codes: Tensor, delta: float,
-               intervals: bool = False) -> tuple[Tensor, Tensor, Tensor | None, int] | None:
+               intervals: bool = False, code_digits: Tensor | None = None, values: bool = True,
+               buckets: tuple[Tensor, int] | None = None, in_place: bool = False
+               ) -> tuple[Tensor | None, Tensor, Tensor | None, int] | None:
     """The Loihi 2 fixed-point neuron in one pass (passes.fixed_point._neuron): u = rint(x·gain) saturated to ±limit,
     k its interval in the firing table (low, codes), → (codes[k]·delta, codes[k], k if `intervals`, saturations).
-    x float64 [..., inner], gain float64 [inner] or one number. None when the kernel is not available (the caller
-    runs its torch path, bit for bit the same)."""
+    With code_digits (int8 [D, intervals]) the second item is instead the int8 digit planes code_digits[:, k]
+    ([D, *x.shape]); without `values` the first is None (not computed). buckets: bucket_table(low, limit), made here
+    when not given (a caller firing one site many times keeps it). in_place: write the values into x (float64,
+    contiguous; each element is read before it is written), for a caller done with x. x float64 or int32 [...,
+    inner], gain float64 [inner] or one number. None when the kernel is not available (the caller runs its torch
+    path, bit for bit the same)."""
     library = _library()
-    if library is None or x.dtype != torch.float64 or x.device.type != "cpu":
+    if library is None or x.dtype not in (torch.float64, torch.int32) or x.device.type != "cpu":
         return None
     source = x.contiguous()
     gains = torch.as_tensor(gain, dtype=torch.float64).reshape(-1).contiguous()
     inner = source.shape[-1] if source.dim() else 1
-    value, code = torch.empty_like(source), torch.empty_like(source)
+    in_place = in_place and values and source is x and x.dtype == torch.float64
+    value = x if in_place else torch.empty(source.shape, dtype=torch.float64) if values else None
+    if code_digits is None:
+        code, digit_count, digit_table = torch.empty(source.shape, dtype=torch.float64), 0, None
+    else:
+        digit_table = code_digits.to(torch.int8).contiguous()
+        digit_count = digit_table.shape[0]
+        code = torch.empty((digit_count, *source.shape), dtype=torch.int8)
     interval = torch.empty(source.shape, dtype=torch.int64) if intervals else None
     saturated = ctypes.c_int64(0)
     low, codes = low.contiguous(), codes.contiguous()
-    status = library.spikecompile_fire_fixed(
+    first, shift = buckets or bucket_table(low, limit)
+    entry = library.spikecompile_fire_fixed if x.dtype == torch.float64 else library.spikecompile_fire_fixed_i32
+    status = entry(
         _pointer(source), ctypes.c_int64(source.numel()), ctypes.c_int64(max(1, inner)), _pointer(gains),
         ctypes.c_int64(gains.numel()), ctypes.c_int64(limit), _pointer(low), _pointer(codes),
-        ctypes.c_int64(low.numel()), ctypes.c_double(delta), _pointer(value), _pointer(code), _pointer(interval),
-        ctypes.byref(saturated), ctypes.c_int32(torch.get_num_threads()))
+        ctypes.c_int64(low.numel()), _pointer(first), ctypes.c_int64(shift), ctypes.c_double(delta), _pointer(value),
+        _pointer(None if digit_count else code),
+        _pointer(interval), ctypes.byref(saturated), ctypes.c_int32(torch.get_num_threads()),
+        ctypes.c_int64(digit_count), _pointer(digit_table), _pointer(code if digit_count else None))
     if status:
         raise ValueError(f"fire_fixed: the kernel refused its arguments (gain of {gains.numel()} for a last dim of "
                          f"{inner}, {low.numel()} intervals)")
@@ -336,7 +367,8 @@ def _load():
                 continue
             _state["compile_seconds"] = _state.get("compile_seconds", 0.0) + time.perf_counter() - start
             library = ctypes.CDLL(str(path))
-        for name in ("spikecompile_fire_f32", "spikecompile_fire_f64", "spikecompile_fire_fixed"):
+        for name in ("spikecompile_fire_f32", "spikecompile_fire_f64", "spikecompile_fire_fixed",
+                     "spikecompile_fire_fixed_i32"):
             getattr(library, name).restype = ctypes.c_int
         _state["path"] = path
         return library

@@ -210,9 +210,11 @@ def _kv_prefix(t, x, cache):
     return np.concatenate((cache, x), axis=-2)
 
 
-def _rotation(x, matrix):
-    n = matrix.shape[0]
-    return (x.reshape(*x.shape[:-1], -1, n) @ matrix).reshape(x.shape)
+def _rotation(x, before, left, right, after):
+    """x·diag(before)·(left ⊗ right)·diag(after) on each block: leftᵀ·X·right on its (a, k) view X."""
+    n = before.shape[0]
+    blocks = (x.reshape(*x.shape[:-1], -1, n) * before).reshape(*x.shape[:-1], -1, left.shape[0], right.shape[0])
+    return ((left.T @ (blocks @ right)).reshape(*x.shape[:-1], -1, n) * after).reshape(x.shape)
 
 
 def _embedding(t, ids, weight):
@@ -232,7 +234,7 @@ OPS = {
     "split_heads": ("per_step", lambda p: lambda t, x: _split_heads(x, p["heads"], p["head_dim"])),
     "merge_heads": ("per_step", lambda p: lambda t, x: _merge_heads(x, p["heads"], p["head_dim"])),
     "kv_prefix": ("per_step", lambda p: lambda t, x: _kv_prefix(t, x, p["cache"])),
-    "rotation": ("per_step", lambda p: lambda t, x: _rotation(x, p["matrix"])),
+    "rotation": ("per_step", lambda p: lambda t, x: _rotation(x, p["before"], p["left"], p["right"], p["after"])),
     "embedding": ("per_step", lambda p: lambda t, ids: _embedding(t, ids, p["weight"])),
     "add": ("per_step", lambda p: lambda t, a, b: a + b),
     "output": ("per_step", lambda p: lambda t, x: x),
