@@ -5,13 +5,13 @@ the Lava backend's fixed_pt program computes, run decoded-equivalent at torch sp
 Why decoded is exact here: a spike carries the graded payload σ·D_t (integers), so a synapse's window
 Σ_t A_t = Σ_j 2m_ij·σ_j·Σ_t D_t·s_j(t) = 2m @ c, c the integer code of each source neuron, whatever the step
 order; the receiver rounds once, at the end of its window (u = rint(g·Σ_t A_t), saturated), and every op runs once
-per window on its inputs' window values in float64 (hardware.loihi2.OP_FORMAT). 2m @ c stays below 2^53 and is
-computed exactly in float64.
+per window on its inputs' window values in float64 (hardware.loihi2.OP_FORMAT). 2m @ c is computed exactly as int8
+GEMMs of signed base-256 digits of c and m (synapse_sums).
 
     neuron   u = sat(rint(g·a)): a = Σ_t A_t with the synapse's per-row gain (hardware.loihi2.synapse_gain), or an
              op's value with g = gain(1/unit); σ = sign(u), r = |u|; for t < T: s_t = [r > θ'(t)] ∧ budget,
              r ← r − h(t)·s_t; c = σ·Σ_t D_t·s_t; an op reads c·δ
-    synapse  Σ_t A_t = 2m @ c (float64, exact integers); an op reads (s_i·δ/2)·Σ_t A_t
+    synapse  Σ_t A_t = 2m @ c (exact integers: int32, or float64 past int32's bound); an op reads (s_i·δ/2)·Σ_t A_t
     op       float64, the Lava program's numpy op (backends/lava/runtime/processes.py OPS) in torch, expression
              for expression (OPS below: change them together)
 """
