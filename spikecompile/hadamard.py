@@ -130,14 +130,30 @@ def _cuda_hadamard_transform():
 
 
 def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """x·H_m along dim −2 (m = x.shape[−2], a power of two), unnormalised, one butterfly stage per bit."""
+    """x·H_m along dim −2 (m = x.shape[−2], a power of two), unnormalised, one butterfly stage per bit.
+
+    Without autograd each stage writes its sums and differences straight into the halves of one of two reused
+    buffers (the same additions, so the same bits, as stacking them, at a fraction of the memory traffic)."""
     *lead, m, k = x.shape
-    h = 1
+    if m == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        h = 1
+        while h < m:
+            pairs = x.reshape(*lead, m // (2 * h), 2, h, k)
+            x = torch.stack((pairs[..., 0, :, :] + pairs[..., 1, :, :], pairs[..., 0, :, :] - pairs[..., 1, :, :]),
+                            -3)
+            h *= 2
+        return x.reshape(*lead, m, k)
+    buffers = [torch.empty(*lead, m, k, dtype=x.dtype, device=x.device) for _ in range(2)]
+    source, h, stage = x, 1, 0
     while h < m:
-        pairs = x.reshape(*lead, m // (2 * h), 2, h, k)
-        x = torch.stack((pairs[..., 0, :, :] + pairs[..., 1, :, :], pairs[..., 0, :, :] - pairs[..., 1, :, :]), -3)
-        h *= 2
-    return x.reshape(*lead, m, k)
+        pairs = source.reshape(*lead, m // (2 * h), 2, h, k)
+        target = buffers[stage % 2].view(*lead, m // (2 * h), 2, h, k)
+        torch.add(pairs[..., 0, :, :], pairs[..., 1, :, :], out=target[..., 0, :, :])
+        torch.sub(pairs[..., 0, :, :], pairs[..., 1, :, :], out=target[..., 1, :, :])
+        source, h, stage = buffers[stage % 2], h * 2, stage + 1
+    return source
 
 
 def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:

@@ -78,6 +78,27 @@ def test_fit_is_deterministic():
     assert torch.equal(first.mse, second.mse) and torch.equal(first.base2_mse, second.base2_mse)
 
 
+@pytest.mark.parametrize("penalty", [0.0, 0.05])
+def test_fitting_on_several_threads_is_fitting_on_one(penalty):
+    """fit_sites runs Algorithm 1 on one Python thread per torch thread the caller has, each on its own sites: the
+    result is bit for bit the one-thread fit (with and without the spike penalty), and torch's thread count is the
+    caller's again afterwards."""
+    samples = realistic_sites(seed=5)
+    cfg = FitConfig(T=6, n_grains=2, rounds=2, hw_steps=4, base_steps=4, spike_penalty=penalty)
+    threads = torch.get_num_threads()
+    try:
+        fits = {}
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            fits[count] = fit_sites(samples, cfg)
+            assert torch.get_num_threads() == count
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("tau", "genotype", "d", "h", "theta"):
+        assert torch.equal(getattr(fits[1].params, name), getattr(fits[3].params, name))
+    assert torch.equal(fits[1].mse, fits[3].mse)
+
+
 def test_genotypes_are_respected():
     samples = realistic_sites()[:3]
     genotypes = torch.stack([even_genotype(6, 2), torch.tensor([0, 1, 1, 1, 1, 1]), torch.tensor([0, 0, 0, 0, 0, 1])])

@@ -31,6 +31,7 @@ holds). λ = 0 runs exactly the MSE fit.
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
@@ -55,11 +56,12 @@ CHUNK_ELEMENTS = 1 << 16
 
 @contextmanager
 def _one_thread():
-    """Run on one torch thread, then restore the caller's count (usable as a decorator)."""
+    """Run on one torch thread (yielding the caller's count), then restore the caller's count (usable as a
+    decorator)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
@@ -171,7 +173,6 @@ def _objective(stats: Tensor, cfg: FitConfig, reference: Tensor) -> Tensor:
     return stats[..., 0] / scale + cfg.spike_penalty * stats[..., 1]
 
 
-@_one_thread()
 def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
               progress: Callable[[int, int], None] | bool | None = None,
               names: Sequence[str] | None = None) -> SiteFit:
@@ -180,8 +181,14 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
     τ minimises the error on these samples only, so they should hold each site's largest |x|: a value
     absent from them may be clipped at inference. progress: called as progress(done, total) after every
     Adam step; True shows a tqdm bar instead. names: the rows' site names, for the errors (default: row indices).
-    Runs on one torch thread (restored after): see CHUNK_ELEMENTS.
+    Runs on one torch thread (restored after): see CHUNK_ELEMENTS; Algorithm 1 on as many Python threads as the
+    caller had torch threads, each fitting its own sites (_algorithm1_in_parallel).
     """
+    with _one_thread() as threads:
+        return _fit_sites(samples, cfg, genotypes, progress, names, threads)
+
+
+def _fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None, progress, names, workers: int) -> SiteFit:
     samples = samples.to(torch.float32)
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"fit_sites: samples must be [S, N] with S, N ≥ 1, got {tuple(samples.shape)}")
@@ -204,7 +211,7 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
     reference = _chunked_mse(magnitude, base2).clamp(min=torch.finfo(torch.float32).tiny) if cfg.spike_penalty else None
     with _progress_callback(progress) as report:
         start = _coupled_search(magnitude, base2.tau, genotypes, cfg, reference)
-        fitted = _algorithm1(magnitude, start, cfg, report, reference)
+        fitted = _algorithm1_in_parallel(magnitude, start, cfg, report, reference, workers)
     both = PhaseNeuronParams(**{name: torch.stack([getattr(fitted, name), getattr(base2, name)], dim=1)
                                 for name in _FIELDS}, signed_digits=base2.signed_digits)
     if reference is None:
@@ -447,6 +454,29 @@ def _algorithm1(magnitude: Tensor, start: PhaseNeuronParams, cfg: FitConfig,
         else:
             track(_chunked_mse(magnitude, neuron()).double(), neuron())
     return replace(start, **best)
+
+
+def _algorithm1_in_parallel(magnitude: Tensor, start: PhaseNeuronParams, cfg: FitConfig,
+                            progress: Callable[[int, int], None] | None, reference: Tensor | None,
+                            workers: int) -> PhaseNeuronParams:
+    """_algorithm1 on `workers` contiguous groups of sites, one Python thread each (torch ops release the GIL; each
+    thread runs on one torch thread). Every step of Algorithm 1 is per site (losses summed over sites, Adam
+    elementwise), so the groups fit as the whole would."""
+    workers = min(workers, len(magnitude))
+    if workers <= 1 or magnitude.device.type != "cpu":
+        return _algorithm1(magnitude, start, cfg, progress, reference)
+    bounds = [len(magnitude) * worker // workers for worker in range(workers + 1)]
+    groups = [torch.arange(low, high) for low, high in zip(bounds, bounds[1:])]
+
+    def fit(worker: int) -> PhaseNeuronParams:
+        rows = (groups[worker],)
+        return _algorithm1(magnitude[rows], _take(start, rows), cfg, progress if worker == 0 else None,
+                           None if reference is None else reference[rows])
+
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(fit, range(workers)))
+    return PhaseNeuronParams(**{name: torch.cat([getattr(part, name) for part in parts]) for name in _FIELDS},
+                             signed_digits=start.signed_digits)
 
 
 def _spike_moments(magnitude: Tensor, neuron: PhaseNeuronParams) -> Callable[[Tensor], Tensor]:

@@ -12,7 +12,7 @@ The Hadamard matrices and their fast transform live in spikecompile.hadamard.
 import torch
 
 from spikecompile.errors import SpikecompileError
-from spikecompile.hadamard import apply_hadamard, hadamard_matrix
+from spikecompile.hadamard import apply_hadamard, describe_hadamard, hadamard_matrix
 
 
 class OnlineHadamard:
@@ -49,18 +49,18 @@ def _check_rmsnorm(norm: torch.nn.Module, name: str) -> None:
 
 
 @torch.no_grad()
-def _rewrite(linear: torch.nn.Linear, left: torch.Tensor | None = None, right: torch.Tensor | None = None,
-             scale: torch.Tensor | None = None) -> None:
-    """W ← left·W·right (or W·diag(scale)) and b ← left·b, in float64, cast back to the weight's dtype once."""
+def _rewrite(linear: torch.nn.Linear, left=None, right=None, scale: torch.Tensor | None = None) -> None:
+    """W ← left(W), then right(W) (or W·diag(scale)), and b ← left(b), in float64, cast back to the weight's dtype
+    once. left(X) computes L·X and right(X) computes X·R for float64 X (_Rotations: each as its factors)."""
     weight = linear.weight.double()
     if scale is not None:
         weight = weight * scale
     if left is not None:
-        weight = left @ weight
+        weight = left(weight)
         if linear.bias is not None:
-            linear.bias.copy_(left @ linear.bias.double())
+            linear.bias.copy_(left(linear.bias.double()[:, None])[:, 0])
     if right is not None:
-        weight = weight @ right
+        weight = right(weight)
     linear.weight.copy_(weight)
 
 
@@ -77,9 +77,14 @@ def _untie_lm_head(model) -> bool:
     return True
 
 
-def _per_head(matrix: torch.Tensor, width: int) -> torch.Tensor:
-    """blockdiag(matrix, …, matrix) of size width."""
-    return torch.block_diag(*[matrix] * (width // matrix.shape[0]))
+def _per_head_left(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """blockdiag(matrix, …, matrix)·x: `matrix` times each block of rows of x."""
+    return (matrix @ x.reshape(-1, matrix.shape[0], x.shape[-1])).reshape(x.shape)
+
+
+def _per_head_right(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """x·blockdiag(matrix, …, matrix): each block of columns of x times `matrix`."""
+    return (x.reshape(x.shape[0], -1, matrix.shape[0]) @ matrix).reshape(x.shape)
 
 
 @torch.no_grad()
@@ -97,8 +102,9 @@ def rotate_llama(model, seed: int, apply: bool = True) -> dict:
     * down_proj: W ← Qᵀ·W·H_i,  b ← Qᵀ·b, plus an ONLINE pre-hook x ← x·H_i (OnlineHadamard, no signs)
     * lm_head:   W ← W·diag(γ_final)·Q                     (γ_final ← 1; untied from embed_tokens first)
 
-    q/k biases and gate/up biases are unchanged (only their inputs rotate). Dense products are done in float64,
-    so the same model and seed give bitwise identical weights. Forward pre-hooks run in registration order:
+    q/k biases and gate/up biases are unchanged (only their inputs rotate). The products are done in float64, the
+    Hadamards as their factors (x·H_n through the (2^a, K) view), so the same model and seed give bitwise identical
+    weights. Forward pre-hooks run in registration order:
     a pre-hook registered on mlp.down_proj after this call (e.g. a spike site) sees the rotated input x·H_i.
     The online hooks are not part of the state dict: save_pretrained/from_pretrained drop them, so a reloaded
     model must get them back from the returned record ("online").
@@ -134,9 +140,9 @@ class ResidualRotation:
     own. The parts must come in model order (embedding, layers 0, 1, …, head) for `record` to be rotate_llama's."""
 
     def __init__(self, hidden: int, head_dim: int, seed: int, untied: bool, apply: bool = True):
-        h_resid, resid_desc = hadamard_matrix(hidden)
+        resid_desc = describe_hadamard(hidden)
+        self.hidden = hidden
         self.signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-        self.q = h_resid * self.signs.double()
         self.h_head, head_desc = hadamard_matrix(head_dim)
         self.apply = apply
         self.record = {
@@ -148,13 +154,23 @@ class ResidualRotation:
             "online": [], "folded_norms": [], "untied_lm_head": untied,
         }
 
+    def times_q(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Q = (x·H_n)·diag(signs) for float64 x [..., n], H_n applied as its factors (spikecompile.hadamard):
+        about (2^a + K)/n of a dense product's work, which at 7B widths is the difference between seconds and
+        minutes per layer."""
+        return apply_hadamard(x, self.hidden) * self.signs.double()
+
+    def q_transposed_times(self, x: torch.Tensor) -> torch.Tensor:
+        """Qᵀ·x = (xᵀ·Q)ᵀ for float64 x [n, m]."""
+        return self.times_q(x.T).T
+
     @torch.no_grad()
     def _read_residual(self, norm, linears, names, left=None):
         """Fold γ and Q into the linears reading this norm's output; left maps a linear to its output rotation."""
         gamma = norm.weight.double()
         for linear in linears:
             if self.apply:
-                _rewrite(linear, left=(left or {}).get(linear), right=gamma[:, None] * self.q)
+                _rewrite(linear, left=(left or {}).get(linear), right=lambda weight: self.times_q(weight * gamma))
             else:
                 _rewrite(linear, scale=gamma)
         self.record["residual"]["weight_right_Q"] += [names[m] for m in linears]
@@ -165,7 +181,7 @@ class ResidualRotation:
     def rotate_embedding(self, embed: torch.nn.Embedding, name: str) -> None:
         """E ← E·Q."""
         if self.apply:
-            embed.weight.copy_(embed.weight.double() @ self.q)
+            embed.weight.copy_(self.times_q(embed.weight.double()))
         self.record["residual"]["weight_right_Q"].append(name)
 
     @torch.no_grad()
@@ -179,13 +195,15 @@ class ResidualRotation:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             _check_rmsnorm(norm, names[norm])
         self._read_residual(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], names,
-                            left={attn.v_proj: _per_head(self.h_head.T, attn.v_proj.out_features)})
+                            left={attn.v_proj: lambda weight: _per_head_left(self.h_head.T, weight)})
         if self.apply:
-            _rewrite(attn.o_proj, left=self.q.T, right=_per_head(self.h_head, attn.o_proj.in_features))
+            _rewrite(attn.o_proj, left=self.q_transposed_times,
+                     right=lambda weight: _per_head_right(weight, self.h_head))
         self._read_residual(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], names)
-        h_inter, inter_desc = hadamard_matrix(mlp.down_proj.in_features)
+        inter = mlp.down_proj.in_features
+        inter_desc = describe_hadamard(inter)
         if self.apply:
-            _rewrite(mlp.down_proj, left=self.q.T, right=h_inter)
+            _rewrite(mlp.down_proj, left=self.q_transposed_times, right=lambda weight: apply_hadamard(weight, inter))
         mlp.down_proj.register_forward_pre_hook(OnlineHadamard(mlp.down_proj.in_features))
         self.record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
         self.record["head"]["v_out"].append(names[attn.v_proj])

@@ -80,12 +80,12 @@ class SampleRecorder:
 
     def record(self, site_name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
-        if not torch.isfinite(flat).all():
+        peak = flat.abs().argmax()  # a NaN wins argmax (torch propagates it), else an inf: one check covers all
+        if not torch.isfinite(flat[peak]):
             raise SpikecompileError(
                 f"site {site_name}: NaN/inf activations during calibration; check the model weights "
                 f"or the calibration text"
             )
-        peak = flat.abs().argmax()
         index = torch.randint(flat.numel(), (self.per_call - 1,), generator=self.generator).to(flat.device)
         self.chunks.append(torch.cat([flat[peak].reshape(1), flat[index]]).cpu())
 
