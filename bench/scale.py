@@ -8,7 +8,9 @@ its peak RSS (the --json report's ru_maxrss), wall time, seconds per calibrated 
 depths' times, and the time extrapolated to 32 layers (a line through the two depths: fixed + per layer × 32).
 Writes bench/results/scale.json.
 
-    python bench/scale.py [--depths 4 8] [--workdir DIR] [--keep]
+    python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep]
+
+--shape llama3-8b writes bench/results/scale_llama3_8b.json instead.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "scale.json"
-SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
-         "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
-"""LLaMA-2-7B's shape (its depth is 32)."""
+SHAPES = {
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+                  "rms_norm_eps": 1e-5},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+}
+"""LLaMA-2-7B's and LLaMA-3-8B's shapes (GQA with 8 KV heads, a 128256 vocabulary, llama3 RoPE scaling); the depth of
+both is 32."""
+RESULTS_OF = {"llama2-7b": RESULTS, "llama3-8b": ROOT / "bench" / "results" / "scale_llama3_8b.json"}
 CONVERT = ("-T", "8", "--calib-windows", "4", "--calib-seqlen", "512", "--dtype", "bfloat16", "--no-progress")
 
 
@@ -35,16 +47,18 @@ def _random(shape, generator, std=0.02, mean=0.0) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * std + mean).to(torch.bfloat16)
 
 
-def write_model(folder: Path, layers: int, seed: int = 0) -> None:
+def write_model(folder: Path, layers: int, seed: int = 0, shape: str = "llama2-7b") -> None:
     """config.json, one bf16 safetensors shard per decoder layer plus one for the rest, the index, a tokenizer."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(**SHAPE, num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    config = SHAPES[shape]
+    LlamaConfig(**config, num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                 dtype="bfloat16").save_pretrained(folder)
     generator = torch.Generator().manual_seed(seed)
-    hidden, inter, vocab = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
     weight_map = {}
     shards = layers + 1
 
@@ -55,8 +69,8 @@ def write_model(folder: Path, layers: int, seed: int = 0) -> None:
 
     for layer in range(layers):
         prefix = f"model.layers.{layer}."
-        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-                  "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                  "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
                   "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
         tensors = {f"{prefix}{name}.weight": _random(shape, generator) for name, shape in shapes.items()}
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -100,13 +114,14 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs=2, default=[2, 4], help="two depths (default 2 4; the issue: 4 8)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the models are written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written models")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     arguments = parser.parse_args()
     workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="scale-"))
     runs = {}
     for depth in arguments.depths:
-        folder = workdir / f"llama2-7b-shape-{depth}layers"
+        folder = workdir / f"{arguments.shape}-shape-{depth}layers"
         started = time.perf_counter()
-        write_model(folder, depth)
+        write_model(folder, depth, shape=arguments.shape)
         written_s = time.perf_counter() - started
         figures = run(folder, workdir)
         runs[depth] = {"layers": depth, "write_model_s": written_s, "wall_s": figures["wall_s"],
@@ -121,15 +136,16 @@ def main() -> None:
     low, high = (runs[depth] for depth in arguments.depths)
     per_layer = (high["wall_s"] - low["wall_s"]) / (high["layers"] - low["layers"])
     fixed = low["wall_s"] - per_layer * low["layers"]
-    summary = {"shape": SHAPE, "convert": " ".join(CONVERT), "device": "cpu", "torch_threads": torch.get_num_threads(),
+    summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape], "convert": " ".join(CONVERT), "device": "cpu", "torch_threads": torch.get_num_threads(),
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
                "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
                "peak_rss_mb_max": max(run["peak_rss_mb"] for run in runs.values()), "peak_rss_target_mb": 6144}
     print(f"depth ratio {summary['depth_ratio']:.2f} ({high['layers']}/{low['layers']} layers), "
           f"{per_layer:.1f} s per layer, 32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
           f"peak RSS ≤ {summary['peak_rss_mb_max']:.0f} MB")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    results = RESULTS_OF[arguments.shape]
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -172,5 +172,8 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     if cuda_transform is not None:
         grid = cuda_transform(grid.transpose(-1, -2).contiguous(), 1.0 / math.sqrt(pow2)).transpose(-1, -2)
     else:
-        grid = _fwht(grid) / math.sqrt(pow2)
+        transformed = _fwht(grid)
+        # the transform's own buffer is divided in place (the same division, one full-size temporary fewer)
+        grid = transformed / math.sqrt(pow2) if transformed is grid or transformed.requires_grad \
+            else transformed.div_(math.sqrt(pow2))
     return (grid @ block.to(device=x.device, dtype=x.dtype)).reshape(x.shape)

@@ -188,3 +188,17 @@ def test_rotation_factors_are_its_matrix(n):
             assert torch.equal(before[:, None] * torch.kron(left, right) * after[None, :], node.matrix())
             expected = (x.reshape(3, 5, 2, n) @ node.matrix()).reshape(x.shape)
             assert torch.allclose(OPS[Rotation](node, x), expected, rtol=0, atol=1e-12)
+
+
+def test_row_blocked_rewrites_equal_whole_ones(monkeypatch):
+    """Right-only weight rewrites (the embedding, q/k/gate/up, lm_head) run on blocks of rows so that a large
+    vocabulary never exists whole in float64 (rotation.CHUNK_BYTES): blocks of 3 rows give the same weights, bit for
+    bit, as one block."""
+    import spikecompile.conversion.rotation as rotation
+
+    whole, blocked = build_tiny_llama(seed=4), build_tiny_llama(seed=4)
+    rotate_llama(whole, seed=1)
+    monkeypatch.setattr(rotation, "CHUNK_BYTES", 3 * 8 * whole.config.hidden_size)
+    rotate_llama(blocked, seed=1)
+    for (name, expected), (_, found) in zip(whole.state_dict().items(), blocked.state_dict().items(), strict=True):
+        assert torch.equal(expected, found), name

@@ -48,20 +48,38 @@ def _check_rmsnorm(norm: torch.nn.Module, name: str) -> None:
         raise SpikecompileError(f"rotate_llama: {name} does not compute x / rms(x) · γ, so γ cannot be folded")
 
 
+CHUNK_BYTES = 256 << 20
+"""A right-only rewrite (W·R acts on each row alone) runs on blocks of rows of at most this many float64 bytes, so
+that a 128256 × 4096 embedding or lm_head (4.2 GB in float64) never exists whole in float64."""
+
+
 @torch.no_grad()
 def _rewrite(linear: torch.nn.Linear, left=None, right=None, scale: torch.Tensor | None = None) -> None:
     """W ← left(W), then right(W) (or W·diag(scale)), and b ← left(b), in float64, cast back to the weight's dtype
-    once. left(X) computes L·X and right(X) computes X·R for float64 X (_Rotations: each as its factors)."""
+    once. left(X) computes L·X and right(X) computes X·R for float64 X, each as its factors (ResidualRotation)."""
+    if left is None:
+        def transform(rows: torch.Tensor) -> torch.Tensor:
+            rows = rows if scale is None else rows * scale
+            return rows if right is None else right(rows)
+        _rows_times(linear.weight, transform)
+        return
     weight = linear.weight.double()
     if scale is not None:
         weight = weight * scale
-    if left is not None:
-        weight = left(weight)
-        if linear.bias is not None:
-            linear.bias.copy_(left(linear.bias.double()[:, None])[:, 0])
+    weight = left(weight)
+    if linear.bias is not None:
+        linear.bias.copy_(left(linear.bias.double()[:, None])[:, 0])
     if right is not None:
         weight = right(weight)
     linear.weight.copy_(weight)
+
+
+def _rows_times(weight: torch.Tensor, transform) -> None:
+    """weight ← transform(weight) in float64, for a row-wise transform, CHUNK_BYTES of rows at a time."""
+    step = max(1, CHUNK_BYTES // (8 * max(1, weight.shape[-1])))
+    for start in range(0, weight.shape[0], step):
+        block = weight[start:start + step]
+        block.copy_(transform(block.double()))
 
 
 def _untie_lm_head(model) -> bool:
@@ -158,7 +176,7 @@ class ResidualRotation:
         """x·Q = (x·H_n)·diag(signs) for float64 x [..., n], H_n applied as its factors (spikecompile.hadamard):
         about (2^a + K)/n of a dense product's work, which at 7B widths is the difference between seconds and
         minutes per layer."""
-        return apply_hadamard(x, self.hidden) * self.signs.double()
+        return apply_hadamard(x, self.hidden).mul_(self.signs.double())
 
     def q_transposed_times(self, x: torch.Tensor) -> torch.Tensor:
         """Qᵀ·x = (xᵀ·Q)ᵀ for float64 x [n, m]."""
@@ -181,7 +199,7 @@ class ResidualRotation:
     def rotate_embedding(self, embed: torch.nn.Embedding, name: str) -> None:
         """E ← E·Q."""
         if self.apply:
-            embed.weight.copy_(self.times_q(embed.weight.double()))
+            _rows_times(embed.weight, self.times_q)
         self.record["residual"]["weight_right_Q"].append(name)
 
     @torch.no_grad()
