@@ -32,12 +32,12 @@ SHAPES = {
                   "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
                   "rms_norm_eps": 1e-5},
     "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
                   "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
 }
-"""LLaMA-2-7B's and LLaMA-3-8B's shapes (GQA with 8 KV heads, a 128256 vocabulary, llama3 RoPE scaling); the depth of
+"""LLaMA-2-7B's and LLaMA-3.1-8B's shapes (GQA with 8 KV heads, a 128256 vocabulary, llama3 RoPE scaling); the depth of
 both is 32."""
 RESULTS_OF = {"llama2-7b": RESULTS, "llama3-8b": ROOT / "bench" / "results" / "scale_llama3_8b.json"}
 CONVERT = ("-T", "8", "--calib-windows", "4", "--calib-seqlen", "512", "--dtype", "bfloat16", "--no-progress")
@@ -126,7 +126,7 @@ def main() -> None:
         figures = run(folder, workdir)
         runs[depth] = {"layers": depth, "write_model_s": written_s, "wall_s": figures["wall_s"],
                        "peak_rss_mb": figures["peak_rss_mb"], "timings_s": figures["timings_s"],
-                       "layer_s": figures["layer_s"],
+                       "layer_s": figures["layer_s"], "prefix_layer_s": figures.get("prefix_layer_s", []),
                        "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"])}
         print(f"{depth} layers: wall {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB, "
               f"per calibrated layer {runs[depth]['mean_layer_s']:.1f} s, stages "

@@ -83,6 +83,8 @@ def test_bfloat16_convert_and_eval_on_the_cpu(tmp_path):
     assert site["samples"].dtype == torch.float32 and site["tau"].dtype == torch.float32
     report = json.loads((tmp_path / "convert.json").read_text())
     assert report["placement"] == {"device": "cpu", "dtype": "bfloat16"} and report["peak_rss_mb"] > 0
+    assert len(report["layer_s"]) == len(report["prefix_layer_s"]) == report["layers"] > 0  # both streamed passes
+    assert all(seconds > 0 for seconds in report["prefix_layer_s"])
     result = CliRunner().invoke(cli, ["eval", str(model_pt), "--ppl", str(tmp_path / "calib.txt"), "--seqlen", "64",
                                       "--max-windows", "2", "--no-progress", "--dtype", "bfloat16",
                                       "--json", str(tmp_path / "eval.json")])

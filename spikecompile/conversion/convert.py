@@ -148,6 +148,8 @@ class ConversionReport:
     layers: int = 0
     layer_s: list = field(default_factory=list)
     """seconds per calibrated decoder layer (build, rotate, run every window, checkpoint), in this run"""
+    prefix_layer_s: list = field(default_factory=list)
+    """seconds per decoder layer of the prefix selection's scan (build, rotate, run every probe), in this run"""
 
 
 @dataclass
@@ -253,7 +255,8 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     peaks = peak_memory_mb()
     return ConversionReport(output=str(output), sites=len(calibrated.names), timings_s=timings,
                             peak_rss_mb=peaks["peak_rss_mb"], peak_gpu_mb=peaks.get("peak_gpu_mb"),
-                            placement=asdict(placement), layers=layers, layer_s=calibrated.layer_s)
+                            placement=asdict(placement), layers=layers, layer_s=calibrated.layer_s,
+                            prefix_layer_s=timings.pop("prefix_layers", []))
 
 
 def _fit(calibrated: Calibrated, options: ConvertOptions, cost_model, progress: bool):
@@ -294,8 +297,9 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, c
         start = time.perf_counter()
         prefix = resumed.prefix
         if not resumed.prefix_known:
-            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress) \
-                if options.prefix == "auto" else None
+            timings["prefix_layers"] = []
+            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
+                                            timings["prefix_layers"]) if options.prefix == "auto" else None
             checkpoint.save_prefix(prefix)
         timings["prefix"] = time.perf_counter() - start
 
@@ -352,9 +356,10 @@ def _final_norm(stream: LayerStream, rotation: ResidualRotation | None, head) ->
 
 
 def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.Tensor], options: ConvertOptions,
-                           progress: bool) -> dict:
+                           progress: bool, layer_s: list | None = None) -> dict:
     """prefix.select_prefix, one layer at a time: every scan (the probe windows alone, and after each anchor) goes
-    through each layer before the next is built; the final norm and lm_head give their NLL at the end."""
+    through each layer before the next is built; the final norm and lm_head give their NLL at the end. layer_s:
+    gets the seconds each layer took."""
     probe, anchors = probe_windows(windows), anchor_candidates(tokenizer)
     rotation = _new_rotation(stream, options)
     embedding = _embedding(stream, rotation)
@@ -369,6 +374,7 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
     del embedding
     peaks = {id(sequence): [] for sequences in scans.values() for sequence in sequences}
     for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not shown(progress)):
+        began = time.perf_counter()
         layer, _ = _prepared_layer(stream, index, rotation, options)
         running = []
         layer.mlp.down_proj.register_forward_pre_hook(  # after the online Hadamard: it sees x·H_i
@@ -381,6 +387,8 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
                 running[:] = [peaks[id(sequence)]]
                 stream.run(layer, sequence)
         del layer
+        if layer_s is not None:
+            layer_s.append(time.perf_counter() - began)
     head = stream.lm_head()  # built last: a tied one is a copy of the embedding before its rotation
     norm = _final_norm(stream, rotation, head)
     results = {}
