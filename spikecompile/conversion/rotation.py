@@ -48,7 +48,7 @@ def _check_rmsnorm(norm: torch.nn.Module, name: str) -> None:
         raise SpikecompileError(f"rotate_llama: {name} does not compute x / rms(x) · γ, so γ cannot be folded")
 
 
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 """A right-only rewrite (W·R acts on each row alone) runs on blocks of rows of at most this many float64 bytes, so
 that a 128256 × 4096 embedding or lm_head (4.2 GB in float64) never exists whole in float64."""
 
