@@ -154,16 +154,20 @@ def run_fixed(graph: Graph, store, inputs, formats: Formats, records: bool = Tru
         sources = graph.inputs(name)
         try:
             if isinstance(node, PhaseNeuron):
-                value_of, codes[name] = _neuron(name, sources["x"], formats, sums, values, run, records, any(
-                    consumer not in formats.synapses for consumer in graph.consumers(name)), not records and isinstance(
-                    graph[sources["x"]], _FRESH) and graph.consumers(sources["x"]) == [name])
-                if value_of is not None:
-                    values[name] = value_of
+                source = sources["x"]
+                ops_read = any(consumer not in formats.synapses for consumer in graph.consumers(name))
+                # only this neuron reads a fresh input: its values may go where the input was
+                in_place = not records and isinstance(graph[source], _FRESH) and graph.consumers(source) == [name]
+                fired_value, codes[name] = _neuron(name, source, formats, sums, values, run, records, ops_read,
+                                                   in_place)
+                if fired_value is not None:
+                    values[name] = fired_value
             elif name in formats.synapses:
                 source = sources["x"]
-                sums[name] = synapse_sums(codes[source], _derived(formats, ("plane peaks", source), lambda: tuple(
-                    int(peak) for peak in _code_digits(formats, source).long().abs().amax(-1))), _derived(
-                    formats, ("m", name), lambda: IntegerWeights.of(formats.synapses[name].mantissa)))
+                plane_peaks = _derived(formats, ("plane peaks", source), lambda: tuple(
+                    int(peak) for peak in _code_digits(formats, source).long().abs().amax(-1)))
+                weights = _derived(formats, ("m", name), lambda: IntegerWeights.of(formats.synapses[name].mantissa))
+                sums[name] = synapse_sums(codes[source], plane_peaks, weights)
                 _tally_synapse(name, sums[name], formats, run)
             else:
                 values[name] = OPS[type(node)](node, *(value(source) for source in sources.values()))
