@@ -151,6 +151,19 @@ def one_thread():
 NEURON_FIELDS = ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")
 
 
+def assert_masking_fewer_spikes_same_in_both_modes(built, ids):
+    """--mask-steps 2 on a built model: fewer spikes than unmasked in event mode, and event and decoded logits agree
+    (the masking rule is the same in both modes)."""
+    from spikecompile.backends.sim import simulate
+
+    full = simulate(built.graph, built.store, ids, "event", dtype=torch.float64)
+    masked = simulate(built.graph, built.store, ids, "event", mask_steps=2, dtype=torch.float64)
+    masked_decoded = simulate(built.graph, built.store, ids, "decoded", mask_steps=2, dtype=torch.float64)
+    total = lambda result: sum(sum(site["spikes_per_step"]) for site in result.sites.values())  # noqa: E731
+    assert total(masked) < total(full)
+    assert torch.allclose(masked.logits, masked_decoded.logits, rtol=1e-9, atol=1e-9)
+
+
 def assert_same_neurons(graph, sites):
     """graph's PhaseNeurons are exactly `sites` (a SiteTable, or another IR graph): the same spike sites, each with
     bitwise the same neuron parameters. With the float functions compared sites off, this is the spiking check

@@ -7,7 +7,7 @@ signed_built below)."""
 
 import pytest
 import torch
-from conftest import convert_tiny
+from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tiny
 
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.simulate import mask_late_spikes, retyped, run
@@ -89,10 +89,4 @@ def test_counts_are_the_same_in_both_modes(built):
 def test_masking_counts_a_minus_one_as_a_spike_and_is_the_same_in_both_modes(built):
     digits = torch.tensor([[0, -1, 0], [1, 0, 0], [-1, 1, 0], [1, -1, 1]], dtype=torch.int8)
     assert mask_late_spikes(digits, 2).tolist() == [[0, -1, 0], [1, 0, 0], [-1, 0, 0], [0, 0, 1]]
-    ids = _ids()
-    full = simulate(built.graph, built.store, ids, "event", dtype=torch.float64)
-    masked = simulate(built.graph, built.store, ids, "event", mask_steps=2, dtype=torch.float64)
-    masked_decoded = simulate(built.graph, built.store, ids, "decoded", mask_steps=2, dtype=torch.float64)
-    total = lambda result: sum(sum(site["spikes_per_step"]) for site in result.sites.values())  # noqa: E731
-    assert total(masked) < total(full)
-    assert torch.allclose(masked.logits, masked_decoded.logits, rtol=1e-9, atol=1e-9)
+    assert_masking_fewer_spikes_same_in_both_modes(built, _ids())

@@ -3,7 +3,7 @@ and the counters follow results.CONVENTION (checked against brute-force enumerat
 
 import pytest
 import torch
-from conftest import convert_tiny
+from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tiny
 
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
@@ -131,13 +131,7 @@ def test_masking_drops_late_spikes_and_is_the_same_in_both_modes(built):
     spikes = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
     assert mask_late_spikes(spikes, 2).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert torch.equal(mask_late_spikes(spikes, 4), spikes)
-    ids = _ids()
-    full = simulate(built.graph, built.store, ids, "event", dtype=torch.float64)
-    masked = simulate(built.graph, built.store, ids, "event", mask_steps=2, dtype=torch.float64)
-    masked_decoded = simulate(built.graph, built.store, ids, "decoded", mask_steps=2, dtype=torch.float64)
-    total = lambda result: sum(sum(site["spikes_per_step"]) for site in result.sites.values())  # noqa: E731
-    assert total(masked) < total(full)
-    assert torch.allclose(masked.logits, masked_decoded.logits, rtol=1e-9, atol=1e-9)
+    assert_masking_fewer_spikes_same_in_both_modes(built, _ids())
 
 
 def test_bad_options(built):
