@@ -115,7 +115,7 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--coding", default="phase", show_default=True,
               help="phase (fitted, multi-granularity), las (base 2), spikedattn (base 2, ≤ 2 spikes), rate (T+1 "
                    "levels), ttfs (one spike), sdllm (ternary counts; -T 4|8|16 for 3|4|5-bit counts) or phase-sd (phase with "
-                   "signed digits ±1: fewer spikes; simulator decoded mode only so far).")
+                   "signed digits ±1: a later step can correct an earlier one).")
 @click.option("--rotate", default="hadamard", show_default=True, help="hadamard (QuaRot-style) or none.")
 @click.option("--prefix", default="auto", show_default=True,
               help="auto: prefixed outlier tokens with a full-precision KV cache (PrefixQuant); none.")
@@ -210,6 +210,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     from . import modelfile
     from .conversion.streamed_eval import streamed_perplexities
     from .data import load_text
+    from .files import file_sha256
 
     if json_path:
         check_writable(json_path)
@@ -232,7 +233,8 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
-            "model_file": model_file, "text": text.name, "seqlen": seqlen, "windows": figures.windows,
+            "model_file": model_file, "model_sha256": file_sha256(model_file), "text": text.name, "seqlen": seqlen,
+            "windows": figures.windows,
             "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
             "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),
@@ -598,6 +600,28 @@ def _site_data(site: str, model_file: str | None, meta: dict | None):
     if entry is None or "samples" not in entry:
         raise SpikecompileError(f"--site {site}: {model_file} has no such site with calibration samples")
     return entry["samples"], site_neuron(entry)
+
+
+@cli.command()
+@click.option("--point", "points", nargs=3, multiple=True, required=True, metavar="LABEL SIM_JSON EVAL_JSON",
+              help="One model: a label, its sim.json (build --target sim --mode decoded over the evaluation windows) "
+                   "and its eval --json on the same windows. Repeat for every point.")
+@click.option("-o", "--output", required=True, help="Folder for frontier.json, frontier.md and frontier.png.")
+@click.option("--energy-target", default="cmos45nm", show_default=True, help="Energy target name or file.")
+@click.option("--published/--no-published", default=True, show_default=True,
+              help="Also draw the papers' published points (other models, labelled so).")
+def frontier(points, output, energy_target, published):
+    """The accuracy-energy frontier: perplexity ratio against ACs per ANN MAC and SNN/ANN energy at each tier,
+    one point per model, each cost's Pareto set marked."""
+    from .backends.sim.frontier import measured_point, write_frontier
+    from .hardware.energy import load_target
+
+    check_output_folder(output)
+    target = load_target(energy_target)
+    measured = [measured_point(label, sim_file, eval_file, target) for label, sim_file, eval_file in points]
+    with atomic_folder(output) as folder:
+        write_frontier(measured, folder, published)
+    click.echo(f"wrote the frontier of {len(measured)} points to {output}")
 
 
 def _zeroshot_module():

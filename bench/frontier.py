@@ -1,0 +1,126 @@
+"""The accuracy–energy frontier on SmolLM2-135M-Instruct (issue 16, item 5).
+
+Every point is a conversion (the CLI, calibration on WikiText-2 valid, Hadamard rotation, prefix "."), measured,
+not estimated:
+  * `spikecompile build --target sim --mode decoded` over the first 64 windows × 512 tokens of WikiText-2 test:
+    the decoded perplexity and the counts of every window (ACs per ANN MAC; energy per tier, cmos45nm);
+  * `spikecompile eval --json` on the same windows: the ANN and the float model after the same prefix;
+and `spikecompile frontier` draws them with each cost's Pareto set and the papers' published points
+(bench/results/frontier/: frontier.json, frontier.md, frontier.png). `--zeroshot LABEL` also scores COPA (100)
+and OpenBookQA (500) through lm-eval for that point (both modes: the spiking model and the ANN).
+
+Each stage writes into out/frontier/<point>/ and is skipped when its output is there, so an interrupted run
+continues where it stopped (delete a point's folder to measure it again).
+
+    PYTHONPATH=. python bench/frontier.py [--points "phase T=8" ...] [--windows 64] [--zeroshot "phase T=8"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+CALIB = SHARED / "wikitext-2.wiki.valid.tokens"
+TEST = SHARED / "wikitext-2-raw.wiki.test.raw"
+TASKS = {"copa": SHARED / "copa_val.jsonl", "openbookqa": SHARED / "openbookqa_test.jsonl"}
+WORK = ROOT / "out" / "frontier"
+RESULTS = ROOT / "bench" / "results" / "frontier"
+
+# label: (convert options, simulator options). Every point: grains 2, Hadamard rotation, prefix auto (".").
+POINTS = {
+    "phase T=8": (["-T", "8"], []),
+    "phase T=6": (["-T", "6"], []),
+    "las T=8": (["-T", "8", "--coding", "las"], []),
+    "phase T=8, mask 4": (["-T", "8"], ["--mask-steps", "4"]),
+    "phase-sd T=8, λ=1": (["-T", "8", "--coding", "phase-sd", "--spike-penalty", "1"], []),
+    "phase, 1.9 ACs/MAC": (["--spikes-per-mac", "1.9"], []),
+    "phase-sd λ=1, 1.9 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.9"], []),
+    "phase-sd λ=1, 1.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.5"], []),
+}
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower().replace("λ", "lambda")).strip("-")
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run the CLI, its output into `log`; the wall time. Exits with the log's tail when it fails."""
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run([sys.executable, "-m", "spikecompile", *command], stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"error: {' '.join(command[:2])} failed; see {log}:\n{log.read_text()[-2000:]}")
+    return time.perf_counter() - start
+
+
+def measure(label: str, windows: int, seqlen: int, zeroshot: bool) -> dict:
+    """Convert, simulate and evaluate one point (each stage only when its output is missing); its file paths."""
+    convert_options, sim_options = POINTS[label]
+    folder = WORK / slug(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, sim, evaluation = folder / "model.pt", folder / "sim", folder / "eval.json"
+    walls = json.loads((folder / "walls.json").read_text()) if (folder / "walls.json").is_file() else {}
+    if not model.is_file():
+        walls["convert_s"] = run(["convert", "-o", str(model), *convert_options, "--calib", str(CALIB),
+                                  "--json", str(folder / "convert.json"), "--no-progress"], folder / "convert.log")
+    if not (sim / "sim.json").is_file():
+        walls["sim_s"] = run(["build", str(model), "--target", "sim", "-o", str(sim), "--mode", "decoded",
+                              "--text", str(TEST), "--windows", str(windows), "--seqlen", str(seqlen),
+                              "--no-progress", *sim_options], folder / "sim.log")
+    if not evaluation.is_file():
+        walls["eval_s"] = run(["eval", str(model), "--ppl", str(TEST), "--max-windows", str(windows),
+                               "--seqlen", str(seqlen), "--json", str(evaluation), "--no-progress"],
+                              folder / "eval.log")
+    if zeroshot and not (folder / "zeroshot.json").is_file():
+        tasks = [f"--task={name}={path}" for name, path in TASKS.items()]
+        walls["zeroshot_s"] = run(["zeroshot", str(model), *tasks, "--mode", "both",
+                                   "--json", str(folder / "zeroshot.json")], folder / "zeroshot.log")
+    (folder / "walls.json").write_text(json.dumps(walls, indent=1) + "\n")
+    return {"label": label, "sim": sim / "sim.json", "eval": evaluation, "folder": folder, "walls": walls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS), metavar="LABEL")
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--zeroshot", nargs="*", default=[], choices=list(POINTS), metavar="LABEL")
+    args = parser.parse_args()
+    for path in (CALIB, TEST, *TASKS.values()):
+        if not path.is_file():
+            sys.exit(f"error: {path} is missing; the benchmark reads ../shared/data")
+
+    from spikecompile.backends.sim.frontier import measured_point, write_frontier
+    from spikecompile.files import atomic_folder
+    from spikecompile.hardware.energy import load_target
+
+    target = load_target("cmos45nm")
+    measured, extra = [], {}
+    for label in args.points:
+        files = measure(label, args.windows, args.seqlen, label in args.zeroshot)
+        point = measured_point(label, files["sim"], files["eval"], target)
+        measured.append(point)
+        zeroshot_file = files["folder"] / "zeroshot.json"
+        extra[label] = {"walls_s": files["walls"], "convert_options": POINTS[label][0], "sim_options": POINTS[label][1],
+                        "zeroshot": json.loads(zeroshot_file.read_text())["results"] if zeroshot_file.is_file() else None}
+        print(f"{label:<28} ratio {point.ppl_ratio:.4f} (vs float + prefix {point.ppl_ratio_prefixed:.4f})  "
+              f"ACs/MAC {point.costs['acs_per_mac']:.3f}  SNN/ANN " +
+              " / ".join(f"{point.costs[tier]:.3f}" for tier in ("compute", "neuron", "memory")), flush=True)
+    with atomic_folder(RESULTS, parents=True) as folder:
+        write_frontier(measured, folder)
+        (folder / "runs.json").write_text(json.dumps({"windows": args.windows, "seqlen": args.seqlen,
+                                                      "calibration": CALIB.name, "evaluation": TEST.name,
+                                                      "points": extra}, indent=1, ensure_ascii=False) + "\n")
+    print((RESULTS / "frontier.md").read_text())
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
