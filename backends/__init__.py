@@ -16,7 +16,7 @@ and options.py import neither torch nor any backend, so the CLI reads every opti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import import_module
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -50,6 +50,15 @@ class BuildResult:
     options: dict = field(default_factory=dict)
 
 
+def widened_result(result: BuildResult) -> BuildResult:
+    """`result` with bf16/fp16 weights widened to float32 (ir.widened): every backend but the IR folder, which keeps
+    the source dtype, computes in float32 (or float64)."""
+    from spikecompile.ir import widened
+
+    graph, store = widened(result.graph, result.store)
+    return result if graph is result.graph else replace(result, graph=graph, store=store)
+
+
 def load(name: str) -> ModuleType:
     """The backend package of target `name`, imported now; SpikecompileError naming an unknown target, or the
     extra to install when the backend's optional package is missing."""
@@ -58,4 +67,4 @@ def load(name: str) -> ModuleType:
     return import_module(f"{__name__}.{name}")
 
 
-__all__ = ["BY_TARGET", "BuildResult", "Option", "TARGETS", "load", "parse_options"]
+__all__ = ["BY_TARGET", "BuildResult", "Option", "TARGETS", "load", "parse_options", "widened_result"]

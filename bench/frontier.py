@@ -9,8 +9,9 @@ and `spikecompile frontier` draws them with each cost's Pareto set and the paper
 (bench/results/frontier/: frontier.json, frontier.md, frontier.png). `--zeroshot LABEL` also scores COPA (100)
 and OpenBookQA (500) through lm-eval for that point (both modes: the spiking model and the ANN).
 
-Each stage writes into out/frontier/<point>/ and is skipped when its output is there, so an interrupted run
-continues where it stopped (delete a point's folder to measure it again).
+Each stage writes into out/frontier/ (model-<convert options>/: model.pt, eval.json; point-<label>/: sim/) and is
+skipped when its output is there, so an interrupted run continues where it stopped (delete a folder to measure
+it again).
 
     PYTHONPATH=. python bench/frontier.py [--points "phase T=8" ...] [--windows 64] [--zeroshot "phase T=8"]
 """
@@ -34,20 +35,21 @@ WORK = ROOT / "out" / "frontier"
 RESULTS = ROOT / "bench" / "results" / "frontier"
 
 # label: (convert options, simulator options). Every point: grains 2, Hadamard rotation, prefix auto (".").
+# Points with the same convert options share one conversion and its eval (masking only changes the simulator).
 POINTS = {
+    "phase-sd λ=1, 1.9 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.9"], []),
+    "phase, 1.9 ACs/MAC": (["--spikes-per-mac", "1.9"], []),
     "phase T=8": (["-T", "8"], []),
     "phase T=6": (["-T", "6"], []),
-    "las T=8": (["-T", "8", "--coding", "las"], []),
     "phase T=8, mask 4": (["-T", "8"], ["--mask-steps", "4"]),
     "phase-sd T=8, λ=1": (["-T", "8", "--coding", "phase-sd", "--spike-penalty", "1"], []),
-    "phase, 1.9 ACs/MAC": (["--spikes-per-mac", "1.9"], []),
-    "phase-sd λ=1, 1.9 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.9"], []),
+    "phase-sd λ=1, 2.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.5"], []),
     "phase-sd λ=1, 1.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.5"], []),
 }
 
 
-def slug(label: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", label.lower().replace("λ", "lambda")).strip("-")
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("λ", "lambda")).strip("-")
 
 
 def run(command: list[str], log: Path) -> float:
@@ -61,29 +63,38 @@ def run(command: list[str], log: Path) -> float:
 
 
 def measure(label: str, windows: int, seqlen: int, zeroshot: bool) -> dict:
-    """Convert, simulate and evaluate one point (each stage only when its output is missing); its file paths."""
+    """Convert and evaluate the point's model, and simulate the point (each stage only when its output is
+    missing); its file paths and the stages' wall times."""
     convert_options, sim_options = POINTS[label]
-    folder = WORK / slug(label)
-    folder.mkdir(parents=True, exist_ok=True)
-    model, sim, evaluation = folder / "model.pt", folder / "sim", folder / "eval.json"
-    walls = json.loads((folder / "walls.json").read_text()) if (folder / "walls.json").is_file() else {}
+    model_folder = WORK / ("model-" + slug(" ".join(convert_options)))
+    point_folder = WORK / ("point-" + slug(label))
+    for folder in (model_folder, point_folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    model, evaluation, sim = model_folder / "model.pt", model_folder / "eval.json", point_folder / "sim"
+    walls_file = model_folder / "walls.json"
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
     if not model.is_file():
         walls["convert_s"] = run(["convert", "-o", str(model), *convert_options, "--calib", str(CALIB),
-                                  "--json", str(folder / "convert.json"), "--no-progress"], folder / "convert.log")
-    if not (sim / "sim.json").is_file():
-        walls["sim_s"] = run(["build", str(model), "--target", "sim", "-o", str(sim), "--mode", "decoded",
-                              "--text", str(TEST), "--windows", str(windows), "--seqlen", str(seqlen),
-                              "--no-progress", *sim_options], folder / "sim.log")
+                                  "--json", str(model_folder / "convert.json"), "--no-progress"],
+                                 model_folder / "convert.log")
     if not evaluation.is_file():
         walls["eval_s"] = run(["eval", str(model), "--ppl", str(TEST), "--max-windows", str(windows),
                                "--seqlen", str(seqlen), "--json", str(evaluation), "--no-progress"],
-                              folder / "eval.log")
-    if zeroshot and not (folder / "zeroshot.json").is_file():
+                              model_folder / "eval.log")
+    if zeroshot and not (model_folder / "zeroshot.json").is_file():
         tasks = [f"--task={name}={path}" for name, path in TASKS.items()]
         walls["zeroshot_s"] = run(["zeroshot", str(model), *tasks, "--mode", "both",
-                                   "--json", str(folder / "zeroshot.json")], folder / "zeroshot.log")
-    (folder / "walls.json").write_text(json.dumps(walls, indent=1) + "\n")
-    return {"label": label, "sim": sim / "sim.json", "eval": evaluation, "folder": folder, "walls": walls}
+                                   "--json", str(model_folder / "zeroshot.json")], model_folder / "zeroshot.log")
+    walls_file.write_text(json.dumps(walls, indent=1) + "\n")
+    if not (sim / "sim.json").is_file():
+        sim_s = run(["build", str(model), "--target", "sim", "-o", str(sim), "--mode", "decoded",
+                     "--text", str(TEST), "--windows", str(windows), "--seqlen", str(seqlen),
+                     "--no-progress", *sim_options], point_folder / "sim.log")
+        (point_folder / "sim_s.json").write_text(json.dumps(sim_s) + "\n")
+    zeroshot_file = model_folder / "zeroshot.json"
+    return {"sim": sim / "sim.json", "eval": evaluation,
+            "walls_s": {**walls, "sim_s": json.loads((point_folder / "sim_s.json").read_text())},
+            "zeroshot": json.loads(zeroshot_file.read_text())["results"] if zeroshot_file.is_file() else None}
 
 
 def main() -> None:
@@ -107,9 +118,8 @@ def main() -> None:
         files = measure(label, args.windows, args.seqlen, label in args.zeroshot)
         point = measured_point(label, files["sim"], files["eval"], target)
         measured.append(point)
-        zeroshot_file = files["folder"] / "zeroshot.json"
-        extra[label] = {"walls_s": files["walls"], "convert_options": POINTS[label][0], "sim_options": POINTS[label][1],
-                        "zeroshot": json.loads(zeroshot_file.read_text())["results"] if zeroshot_file.is_file() else None}
+        extra[label] = {"walls_s": files["walls_s"], "convert_options": POINTS[label][0],
+                        "sim_options": POINTS[label][1], "zeroshot": files["zeroshot"]}
         print(f"{label:<28} ratio {point.ppl_ratio:.4f} (vs float + prefix {point.ppl_ratio_prefixed:.4f})  "
               f"ACs/MAC {point.costs['acs_per_mac']:.3f}  SNN/ANN " +
               " / ".join(f"{point.costs[tier]:.3f}" for tier in ("compute", "neuron", "memory")), flush=True)

@@ -3,6 +3,7 @@
 
 The model is loaded with its offline rotations left out of the weights (rotations="explicit"), so the traced
 graph shows every Hadamard rotation and fold_hadamard is the pass that folds them (disable it to keep them).
+The weights keep the dtype the model was converted in (`convert --dtype`): a bf16 conversion gives a bf16 IR.
 The pass manager is built, and so every pass name and option checked, before the model is loaded; then model.pt's
 site table is read (check_model: site names, the T each site can run at) before the source model is loaded.
 """
@@ -91,17 +92,27 @@ def build(model_path: str | Path, options: BuildOptions,
     seconds = {}
     start = time.perf_counter()
     spiking = load_spiking_model(str(model_path), options.source, rotations="explicit", record=record,
-                                 progress=progress)
+                                 progress=progress, placement=source_placement(record))
     seconds["load"] = time.perf_counter() - start
     start = time.perf_counter()
     graph, store = trace(spiking, progress)
     seconds["trace"] = time.perf_counter() - start
-    record = spiking.record
+    record, tokenizer = spiking.record, spiking.tokenizer
+    del spiking  # the store now holds the only references to the weights: fold_hadamard replaces them one by one
     samples = {name: entry["samples"] for name, entry in record["sites"].items() if "samples" in entry}
     start = time.perf_counter()
-    graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"]))
+    graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"],
+                                                     release_replaced=True))
     seconds["passes"] = time.perf_counter() - start
-    return BuildResult(graph, store, report, seconds, record, spiking.tokenizer, str(model_path), _recorded(options))
+    return BuildResult(graph, store, report, seconds, record, tokenizer, str(model_path), _recorded(options))
+
+
+def source_placement(record: dict):
+    """The CPU in the dtype the model was converted in (model.pt's conversion.placement; float32 when it has none):
+    the IR's weights stay in the source dtype (bf16/fp16 are not expanded to fp32 in memory or on disk)."""
+    from .devices import Placement
+
+    return Placement("cpu", record["conversion"].get("placement", {}).get("dtype", "float32"))
 
 
 def _recorded(options: BuildOptions) -> dict:

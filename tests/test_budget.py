@@ -130,6 +130,10 @@ def test_budget_model_builds_and_inspects_per_site_timesteps(budgeted, tmp_path)
     # the simulator's own counters on the calibration text: within the budget up to the calibration
     # samples' estimate of the firing rates
     assert snn.ac / ann.mac <= BUDGET * 1.05, snn.ac / ann.mac
+    result = _invoke("eval", path, "--ppl", root / "calib.txt", "--seqlen", "64", "--max-windows", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    top = max(record["budget"]["timesteps"].values())
+    assert f"T=per site (budget, at most {top})" in result.output  # not one T the model does not run at
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -4,15 +4,15 @@ import pytest
 import torch
 from conftest import assert_same_neurons, convert_tiny
 
-from spikecompile.backends.sim.simulate import retyped
+from spikecompile.ir import (
+    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef, interpret, retyped,
+    sites_off,
+)
 
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
 from spikecompile.hadamard import describe_hadamard
-from spikecompile.ir import (
-    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef, interpret, sites_off,
-)
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.fold_hadamard import FoldHadamard
 
@@ -141,3 +141,24 @@ def test_needs_the_store():
     graph, _ = _chain("embed")
     with pytest.raises(SpikecompileError, match="in pass fold_hadamard, .*needs the tensor store"):
         PassManager(["fold_hadamard"]).run(graph)
+
+
+def test_releasing_replaced_weights_keeps_the_folded_bits_and_drops_the_originals(model_file):
+    """A build's store (release_replaced): the same folded tensors, bit for bit, and no tensor left that the folded
+    graph does not reference, so a big model's weights are never held twice."""
+    from spikecompile.ir import tensor_refs
+
+    folded = {}
+    for release in (False, True):
+        graph, store = trace(load_spiking_model(str(model_file), rotations="explicit"))
+        before = dict(store)
+        result, _ = PassManager(["fold_hadamard"]).run(graph, CompileInputs(store, release_replaced=release))
+        referenced = set(tensor_refs(result))
+        folded[release] = {key: store[key] for key in referenced}
+        if release:
+            assert set(store) == referenced
+            assert any(key not in store for key in before)  # the unrotated originals left the store
+        else:
+            assert set(before) <= set(store) and set(store) - referenced
+    assert folded[False].keys() == folded[True].keys()
+    assert all(torch.equal(folded[False][key], folded[True][key]) for key in folded[False])

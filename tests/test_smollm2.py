@@ -32,11 +32,9 @@ def test_smollm2_folded_ir_computes_the_converted_model(smollm2_t8, smollm2_t8_p
     """Sites off, the folded graph is the converted float model (prefix included) within 1e-4. Sites on, float32
     rounding of the folded weights (~1e-7) flips a few quantization decisions, so the exact check of the fold
     runs in float64: the unfolded graph (rotations as explicit nodes) folded in float64 against itself unfolded."""
-    from spikecompile.backends.sim.simulate import output_of, retyped, run
+    from spikecompile.backends.sim.simulate import output_of, run
+    from spikecompile.ir import PhaseNeuron, interpret, retyped, sites_off
     from spikecompile.build import BuildOptions, build
-    from spikecompile.ir import interpret
-    from spikecompile.ir import sites_off
-    from spikecompile.ir import PhaseNeuron
     from spikecompile.passes import CompileInputs, PassManager
 
     ids = _window(smollm2_t8.tokenizer, 128)
@@ -53,7 +51,8 @@ def test_smollm2_folded_ir_computes_the_converted_model(smollm2_t8, smollm2_t8_p
 
 
 def test_smollm2_event_mode_equals_decoded_mode(smollm2_built):
-    from spikecompile.backends.sim.simulate import output_of, retyped, run
+    from spikecompile.backends.sim.simulate import output_of, run
+    from spikecompile.ir import retyped
 
     graph, store = retyped(smollm2_built.graph, smollm2_built.store, torch.float64)
     ids = _window(smollm2_built.tokenizer, 64)

@@ -57,6 +57,8 @@ from spikecompile.passes.deployment import (
 from spikecompile.passes.loihi_mapping import Formats, deployed_formats
 from spikecompile.progress import bar, shown
 
+from .. import widened_result
+
 FORMAT = "spikecompile.lava"
 FORMAT_VERSION = 1
 PACKAGE = "lava_program"
@@ -104,6 +106,7 @@ def build_lava(result, folder: str | Path, layers=None, block: str | None = None
     terminal's stderr (progress.bar): the fixed-point run over the windows, the lowering per IR node, the write
     per array file.
     """
+    result = widened_result(result)
     seconds = {}
     start = time.perf_counter()
     part, feeds, label = select_part(result.graph, layers, block)

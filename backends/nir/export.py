@@ -43,7 +43,7 @@ from ...files import atomic_write, check_writable, file_sha256
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
 from ...ir.serialize import json_text
 from ...progress import bar
-from .. import BuildResult
+from .. import BuildResult, widened_result
 from .lower import LOWERINGS, NOT_EXPRESSIBLE, VARIANTS, Lowered, NotExpressible, Variant, lower, vector_width
 from .records import describe
 
@@ -62,6 +62,7 @@ EXACT, APPROXIMATED, NOT_IN_NIR = "exact", "approximated", "not expressible in N
 def build_nir(result: BuildResult, folder: str | Path, strict: bool = False, approximate: bool = False,
               progress: bool = True) -> dict:
     """`spikecompile build --target nir`: export the built graph to `folder` (see export); the fidelity report."""
+    result = widened_result(result)
     return export(result.graph, result.store, folder, strict=strict, variant="approximate" if approximate else "exact",
                   progress=progress)
 

@@ -30,7 +30,7 @@ from ...errors import SpikecompileError
 from ...files import atomic_write, check_writable
 from ...ir import Graph, TensorStore, validate
 from ...progress import bar
-from .. import BuildResult
+from .. import BuildResult, widened_result
 from .builder import GraphBuilder
 from .lower import FORMS, Context, lowering
 
@@ -55,6 +55,7 @@ def check_form(form: str) -> tuple[str, ...]:
 def build_onnx(result: BuildResult, folder: str | Path, form: str = "both", spike_outputs: bool = False,
                progress: bool = True) -> dict:
     """`spikecompile build --target onnx`: export the built graph to `folder` (see export); the report."""
+    result = widened_result(result)
     return export(result.graph, result.store, folder, form, spike_outputs, progress)
 
 

@@ -13,11 +13,11 @@ import math
 import torch
 from torch import Tensor
 
-from spikecompile.ir import Graph, PhaseNeuron, layer_of
+from spikecompile.ir import Graph, PhaseNeuron, layer_of, retyped
 
 from .counting import check_attention, count
 from .results import SimRun
-from .simulate import output_of, retyped, run
+from .simulate import output_of, run
 
 
 def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "event", attention: str = "causal",

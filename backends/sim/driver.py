@@ -19,7 +19,7 @@ from spikecompile.passes.deployment import (
 )
 from spikecompile.passes.loihi_mapping import deployed_formats
 
-from .. import BuildResult, parse_options
+from .. import BuildResult, parse_options, widened_result
 from ..options import BY_TARGET
 from .counting import check_attention
 from .ledger import ledger
@@ -49,6 +49,7 @@ def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen
     the energy report priced with `energy_target` into `folder`; return {"meta": sim.json's meta, "ledger": ...}.
     numerics "loihi2": the perplexity is the deployed fixed-point model's, and an accumulator that overflows on these
     windows is a SpikecompileError unless allow_saturation (then meta["loihi2"] reports it)."""
+    result = widened_result(result)
     token_ids = token_windows(result.tokenizer, text, seqlen, windows, "simulation")
     dtype = torch.float64 if float64 else None
     target = loihi2_target or (load_loihi2() if numerics == "loihi2" else None)

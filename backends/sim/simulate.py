@@ -34,7 +34,7 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.heap import keep_large_allocations
 from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
-    PhaseNeuron, TensorRef,
+    PhaseNeuron,
 )
 from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
 from spikecompile.neuron import kernel, phase_decode, phase_encode, step_schedule
@@ -58,25 +58,6 @@ class Recording:
     shapes: dict[str, tuple[int, ...]]
     stepped: frozenset
     """the nodes whose event values carry a leading step dim (all float values but the summed Outputs)"""
-
-
-def retyped(graph: Graph, store, dtype: torch.dtype) -> tuple[Graph, dict[str, Tensor]]:
-    """The graph with every float TensorRef in `dtype` and a store holding those tensors cast (a copy)."""
-    name = str(dtype).removeprefix("torch.")
-    result, tensors = graph.copy(), {}
-    for node_name in graph:
-        node = graph[node_name]
-        changes = {}
-        for field in dataclasses.fields(node):
-            ref = getattr(node, field.name)
-            if isinstance(ref, TensorRef) and ref.resolve(store).is_floating_point():
-                tensors[ref.name] = ref.resolve(store).to(dtype)
-                changes[field.name] = dataclasses.replace(ref, dtype=name)
-            elif isinstance(ref, TensorRef):
-                tensors[ref.name] = ref.resolve(store)
-        if changes:
-            result.replace(node_name, dataclasses.replace(node, **changes))
-    return result, tensors
 
 
 def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:

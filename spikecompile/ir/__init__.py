@@ -16,7 +16,7 @@ passes rewrite it, backends lower it. Equations and formats: docs/ir.md.
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
-from .graph import Graph, validate
+from .graph import Graph, retyped, validate, widened
 from .interpret import evaluate, interpret, sites_off
 from .layers import decoder_block, decoder_layers, layer_indices, layer_of
 from .linear import Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads
@@ -25,7 +25,7 @@ from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 from .serialize import read, read_weights, tensor_refs, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "validate", "read", "read_weights",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "retyped", "validate", "widened", "read", "read_weights",
     "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads",
     "KVPrefix", "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct", "layer_of",
     "layer_indices", "decoder_block", "decoder_layers", "evaluate", "interpret", "sites_off",

@@ -9,10 +9,12 @@ rewrites a graph through Graph's methods, never through its networkx DiGraph `nx
 
 from __future__ import annotations
 
+import dataclasses
+
 import networkx as nx
 
 from ..errors import SpikecompileError
-from .base import NODE_TYPES, IRNode, TensorType
+from .base import NODE_TYPES, IRNode, TensorRef, TensorType, torch_dtype
 
 
 class Graph:
@@ -166,3 +168,35 @@ def validate(graph: Graph) -> dict[str, TensorType]:
         except ValueError as error:
             raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
     return types
+
+
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def retyped(graph: Graph, store, dtype) -> tuple[Graph, dict]:
+    """The graph with every float TensorRef in `dtype` (a torch dtype) and a store holding those tensors cast (a
+    copy; integer tensors are shared)."""
+    name = str(dtype).removeprefix("torch.")
+    result, tensors = graph.copy(), {}
+    for node_name in graph:
+        node = graph[node_name]
+        changes = {}
+        for field in dataclasses.fields(node):
+            ref = getattr(node, field.name)
+            if isinstance(ref, TensorRef) and ref.resolve(store).is_floating_point():
+                tensors[ref.name] = ref.resolve(store).to(dtype)
+                changes[field.name] = dataclasses.replace(ref, dtype=name)
+            elif isinstance(ref, TensorRef):
+                tensors[ref.name] = ref.resolve(store)
+        if changes:
+            result.replace(node_name, dataclasses.replace(node, **changes))
+    return result, tensors
+
+
+def widened(graph: Graph, store) -> tuple[Graph, dict]:
+    """(graph, store) with bf16/fp16 weights widened to float32 (a copy), or as they are when none is narrower:
+    the simulator and the exporters compute in float32 whatever dtype the IR keeps its weights in."""
+    refs = [getattr(graph[name], field.name) for name in graph for field in dataclasses.fields(graph[name])]
+    if not any(isinstance(ref, TensorRef) and ref.dtype in HALF_DTYPES for ref in refs):
+        return graph, store
+    return retyped(graph, store, torch_dtype("float32"))

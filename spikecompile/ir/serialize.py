@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from ..errors import SpikecompileError
-from ..files import atomic_write, read_document
+from ..files import atomic_write, file_sha256, read_document
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require
 from .graph import Graph, validate
 
@@ -62,19 +62,17 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) ->
     tensor_bytes = safetensors.torch.save(tensors)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest()}
-    weight_bytes = None
-    if store is not None:
-        weight_bytes = safetensors.torch.save(_weights(graph, store))
-        header["weights_sha256"] = hashlib.sha256(weight_bytes).hexdigest()
-    text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     folder = Path(folder)
     try:
         folder.mkdir(exist_ok=True)
     except OSError as error:
         raise SpikecompileError(f"{folder}: cannot create the graph folder ({error.strerror})") from None
     atomic_write(folder / TENSORS_FILE, lambda temp: Path(temp).write_bytes(tensor_bytes))
-    if weight_bytes is not None:
-        atomic_write(folder / WEIGHTS_FILE, lambda temp: Path(temp).write_bytes(weight_bytes))
+    if store is not None:  # straight to the file, in the store's dtypes: no second copy of the weights in memory
+        weights = _weights(graph, store)
+        atomic_write(folder / WEIGHTS_FILE, lambda temp: safetensors.torch.save_file(weights, temp))
+        header["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)
+    text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
@@ -107,17 +105,17 @@ def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
     folder = Path(folder)
     document = read_document(folder / GRAPH_FILE, "IR graph", FORMAT, FORMAT_VERSION,
                               "build the graph again with this version")
-    try:
-        data = (folder / WEIGHTS_FILE).read_bytes()
+    try:  # hashed in blocks, then loaded once: the file is never held twice
+        digest = file_sha256(folder / WEIGHTS_FILE)
     except OSError as error:
         raise SpikecompileError(f"{folder}: cannot read {WEIGHTS_FILE} ({error.strerror}); build with the weights "
                                 f"(spikecompile build -o)") from None
-    if hashlib.sha256(data).hexdigest() != document.get("weights_sha256"):
+    if digest != document.get("weights_sha256"):
         raise SpikecompileError(f"{folder}: {WEIGHTS_FILE} does not belong to this {GRAPH_FILE} (sha256 differs); "
                                 f"build again")
     try:
-        weights = safetensors.torch.load(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:  # safetensors' errors besides its own
+        weights = safetensors.torch.load_file(folder / WEIGHTS_FILE)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as error:  # safetensors' errors besides its own
         raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({first_line(error)})"
                                 ) from None
     try:

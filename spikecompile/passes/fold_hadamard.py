@@ -10,7 +10,8 @@ A Rotation y = x·M (M = Q or Qᵀ on each block of n channels, ir.Rotation.matr
 
 tried in that order. Products are taken in float64 and cast back to each weight's dtype once, after every
 rotation touching that weight is folded (down_proj takes one on each side). Folded weights go into the store
-under new keys "folded.<node name>.weight" / ".bias" (the store's existing tensors are never changed). An
+under new keys "folded.<node name>.weight" / ".bias" (the store's existing tensors are never changed; with
+CompileInputs.release_replaced, a replaced tensor that no node references any more is dropped from the store). An
 offline rotation that fits neither rule (e.g. between two nonlinear nodes) becomes where="online": the graph
 still computes the same, and the notes list it. Online rotations are left as they are.
 """
@@ -18,6 +19,7 @@ still computes the same, and the notes list it. Online rotations are left as the
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import torch
 from torch import Tensor
@@ -55,7 +57,7 @@ class FoldHadamard(Pass):
                                     "shared=CompileInputs(store=...)")
         store = context.shared.store
         result = graph.copy()
-        weights = _Weights(result, store)
+        weights = _Weights(result, store, release=context.shared.release_replaced)
         into_producer = into_consumers = 0
         made_online = []
         for name in _offline(result):
@@ -77,51 +79,62 @@ class FoldHadamard(Pass):
             bypass(result, name)
         weights.commit()
         notes = {"folded_into_producer": into_producer, "folded_into_consumers": into_consumers,
-                 "weights_rewritten": len(weights.working), "made_online": made_online}
+                 "weights_rewritten": len(weights.pending), "made_online": made_online}
         return PassResult(result, bool(into_producer or into_consumers or made_online), notes)
 
 
 class _Weights:
-    """float64 working copies of the synapse weights being rotated, written back as new store entries."""
+    """The synapse weights being rotated. Each node's rotations are recorded in order and applied at commit, in
+    float64, one node at a time: at most one node's float64 copies exist at once (a 7B down_proj is 0.36 GB)."""
 
-    def __init__(self, graph: Graph, store: dict[str, Tensor]):
-        self.graph, self.store = graph, store
-        self.working: dict[str, dict[str, Tensor]] = {}
-
-    def _get(self, name: str) -> dict[str, Tensor]:
-        if name not in self.working:
-            node = self.graph[name]
-            bias = getattr(node, "bias", None)
-            self.working[name] = {"weight": node.weight.resolve(self.store).double()}
-            if bias is not None:
-                self.working[name]["bias"] = bias.resolve(self.store).double()
-        return self.working[name]
+    def __init__(self, graph: Graph, store: dict[str, Tensor], release: bool = False):
+        self.graph, self.store, self.release = graph, store, release
+        self.pending: dict[str, list[tuple[str, Rotation]]] = {}
 
     def rotate_output(self, name: str, rotation: Rotation) -> None:
         """The synapse's output y becomes y·M (module docstring)."""
-        tensors, m, n = self._get(name), rotation.matrix(), rotation.n
-        weight = tensors["weight"]
-        if isinstance(self.graph[name], Embedding):
-            tensors["weight"] = (weight.reshape(weight.shape[0], -1, n) @ m).reshape(weight.shape)
-        else:
-            tensors["weight"] = torch.einsum("kn,bki->bni", m, weight.reshape(-1, n, weight.shape[1])).reshape(weight.shape)
-            if "bias" in tensors:
-                tensors["bias"] = (tensors["bias"].reshape(-1, n) @ m).reshape(-1)
+        self.pending.setdefault(name, []).append(("output", rotation))
 
     def rotate_input(self, name: str, rotation: Rotation) -> None:
         """The Linear's input x becomes x·M, absorbed as W ← W·Mᵀ."""
-        tensors = self._get(name)
-        weight = tensors["weight"]
-        tensors["weight"] = (weight.reshape(weight.shape[0], -1, rotation.n) @ rotation.matrix().T).reshape(weight.shape)
+        self.pending.setdefault(name, []).append(("input", rotation))
+
+    def _rotated(self, node: Linear | Embedding, steps: list[tuple[str, Rotation]]) -> dict[str, Tensor]:
+        tensors = {"weight": node.weight.resolve(self.store).double()}
+        if getattr(node, "bias", None) is not None:
+            tensors["bias"] = node.bias.resolve(self.store).double()
+        for side, rotation in steps:
+            weight, n, m = tensors["weight"], rotation.n, rotation.matrix()
+            if side == "input":
+                tensors["weight"] = (weight.reshape(weight.shape[0], -1, n) @ m.T).reshape(weight.shape)
+            elif isinstance(node, Embedding):
+                tensors["weight"] = (weight.reshape(weight.shape[0], -1, n) @ m).reshape(weight.shape)
+            else:
+                tensors["weight"] = torch.einsum("kn,bki->bni", m, weight.reshape(-1, n, weight.shape[1])
+                                                 ).reshape(weight.shape)
+                if "bias" in tensors:
+                    tensors["bias"] = (tensors["bias"].reshape(-1, n) @ m).reshape(-1)
+        return tensors
 
     def commit(self) -> None:
-        """Cast each rewritten tensor back to its dtype, store it under a new key and point the node there."""
-        for name, tensors in self.working.items():
+        """Per rotated node: its rotations in float64, the results cast back to each tensor's dtype and stored under
+        new keys, the node pointed there. With `release`, a replaced tensor no node references any more leaves the
+        store at once (its memory is freed when nothing else holds it)."""
+        users = Counter(ref.name for name in self.graph for ref in _refs(self.graph[name]))
+        for name, steps in self.pending.items():
             node = self.graph[name]
             refs = {}
-            for field, tensor in tensors.items():
+            for field, tensor in self._rotated(node, steps).items():
                 old: TensorRef = getattr(node, field)
                 key = f"folded.{name}.{field}"
                 self.store[key] = tensor.to(torch_dtype(old.dtype)).contiguous()
                 refs[field] = dataclasses.replace(old, name=key)
+                users[old.name] -= 1
+                if self.release and users[old.name] == 0:
+                    del self.store[old.name]
             self.graph.replace(name, dataclasses.replace(node, **refs))
+
+
+def _refs(node) -> list[TensorRef]:
+    return [value for value in (getattr(node, field.name) for field in dataclasses.fields(node))
+            if isinstance(value, TensorRef)]

@@ -1,0 +1,73 @@
+"""Build memory at 7B width (issue 15): `build --target ir` of a LLaMA-2-7B-shaped bf16 model with few layers.
+
+bench/scale.py's random bf16 model (hidden 4096, intermediate 11008, vocab 32000; sharded safetensors) is
+converted (`convert -T 8 --calib-windows 1 --calib-seqlen 128 --dtype bfloat16`: the build's memory does not
+depend on the calibration) and built to the IR, each command in its own process (/usr/bin/time: peak RSS, wall).
+With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same model.pt is also built
+by that version, side by side in the same run. Prints the figures and writes bench/results/build_scale.json.
+
+    PYTHONPATH=. python bench/build_scale.py [--layers 2] [--baseline /path/to/old/checkout] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from scale import SHAPES, write_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "build_scale.json"
+CONVERT = ("-T", "8", "--calib-windows", "1", "--calib-seqlen", "128", "--dtype", "bfloat16", "--no-progress")
+
+
+def timed(command: list[str], code: Path) -> dict:
+    """Run `python -m spikecompile ...` with `code` first on the path, under /usr/bin/time: peak RSS (MB), wall."""
+    environment = {**os.environ, "PYTHONPATH": str(code)}
+    done = subprocess.run(["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "spikecompile", *command],
+                          capture_output=True, text=True, env=environment)
+    if done.returncode:
+        sys.exit(f"error: {' '.join(command[:2])} failed:\n{done.stderr[-3000:]}")
+    peak_kb, wall = done.stderr.strip().splitlines()[-1].split()
+    return {"peak_rss_mb": int(peak_kb) / 1024, "wall_s": float(wall)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to build with, side by side")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="build-scale-"))
+    folder = workdir / f"llama2-7b-shape-{args.layers}layers"
+    if not (folder / "config.json").is_file():
+        write_model(folder, args.layers)
+    model = workdir / "model.pt"
+    results = {"shape": SHAPES["llama2-7b"], "layers": args.layers, "convert_options": " ".join(CONVERT)}
+    if not model.is_file():
+        results["convert_run"] = timed(["convert", str(folder), "-o", str(model), *CONVERT], ROOT)
+    parameters = sum(path.stat().st_size for path in folder.glob("*.safetensors")) // 2  # bf16: 2 bytes each
+    results["parameters"] = parameters
+    results["bf16_weights_mb"] = parameters * 2 / 2**20
+    builds = {"this version": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
+    for label, code in builds.items():
+        out = workdir / f"ir-{label.replace(' ', '-')}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        figures = timed(["build", str(model), "--target", "ir", "-o", str(out), "--no-progress"], code)
+        figures["weights_file_mb"] = (out / "weights.safetensors").stat().st_size / 2**20
+        results[label] = figures
+        print(f"{label:<13} build --target ir: peak RSS {figures['peak_rss_mb']:.0f} MB, wall {figures['wall_s']:.1f} s, "
+              f"weights.safetensors {figures['weights_file_mb']:.0f} MB (bf16 weights {results['bf16_weights_mb']:.0f} "
+              f"MB)", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
