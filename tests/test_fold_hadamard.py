@@ -162,3 +162,28 @@ def test_releasing_replaced_weights_keeps_the_folded_bits_and_drops_the_original
             assert set(before) <= set(store) and set(store) - referenced
     assert folded[False].keys() == folded[True].keys()
     assert all(torch.equal(folded[False][key], folded[True][key]) for key in folded[False])
+
+
+def test_folding_by_blocks_of_rows_is_folding_whole(explicit):
+    """Blocks of a few rows (each whole group of n rows for a Linear's output rotation) give the whole-matrix fold's
+    tensors bit for bit."""
+    from spikecompile.passes import fold_hadamard
+
+    _, graph, store = explicit
+    results = {}
+    for block_bytes in (1 << 40, 1):  # one block; the smallest blocks the rule allows
+        weights = fold_hadamard._Weights(graph.copy(), dict(store), block_bytes=block_bytes)
+        for name in fold_hadamard._offline(graph):
+            (producer,) = graph.inputs(name).values()
+            if isinstance(graph[producer], fold_hadamard.SYNAPSES) and len(graph.consumers(producer)) == 1:
+                weights.rotate_output(producer, graph[name])
+            else:
+                for consumer in graph.consumers(name):
+                    weights.rotate_input(consumer, graph[name])
+        results[block_bytes] = {name: weights._rotated(weights.graph[name], steps)
+                                for name, steps in weights.pending.items()}
+    whole, blocked = results.values()
+    assert whole.keys() == blocked.keys() and len(whole) > 5
+    for name in whole:
+        for field in whole[name]:
+            assert torch.equal(whole[name][field], blocked[name][field]), (name, field)

@@ -19,6 +19,7 @@ still computes the same, and the notes list it. Online rotations are left as the
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import torch
@@ -32,6 +33,8 @@ from .context import CompileInputs
 from .manager import Pass, PassContext, PassResult, register_pass
 
 SYNAPSES = (Linear, Embedding)
+BLOCK_BYTES = 64 * 2**20
+"""float64 rows rotated at a time (fold_hadamard's _Weights): blocks of rows, each cast back to the weight's dtype."""
 
 
 def _offline(graph: Graph) -> list[str]:
@@ -87,8 +90,8 @@ class _Weights:
     """The synapse weights being rotated. Each node's rotations are recorded in order and applied at commit, in
     float64, one node at a time: at most one node's float64 copies exist at once (a 7B down_proj is 0.36 GB)."""
 
-    def __init__(self, graph: Graph, store: dict[str, Tensor], release: bool = False):
-        self.graph, self.store, self.release = graph, store, release
+    def __init__(self, graph: Graph, store: dict[str, Tensor], release: bool = False, block_bytes: int = BLOCK_BYTES):
+        self.graph, self.store, self.release, self.block_bytes = graph, store, release, block_bytes
         self.pending: dict[str, list[tuple[str, Rotation]]] = {}
 
     def rotate_output(self, name: str, rotation: Rotation) -> None:
@@ -100,20 +103,26 @@ class _Weights:
         self.pending.setdefault(name, []).append(("input", rotation))
 
     def _rotated(self, node: Linear | Embedding, steps: list[tuple[str, Rotation]]) -> dict[str, Tensor]:
-        tensors = {"weight": node.weight.resolve(self.store).double()}
+        """The node's tensors with `steps` applied, in float64 by blocks of rows of at most BLOCK_BYTES and cast back
+        per block: a 128256-row vocabulary never exists whole in float64. A Linear's output rotation (W ← Mᵀ·W)
+        mixes each n rows, so its blocks hold whole groups of n rows; every other step is row by row."""
+        weight = node.weight.resolve(self.store)
+        group = math.lcm(1, *(rotation.n for side, rotation in steps if side == "output" and isinstance(node, Linear)))
+        rows = max(group, self.block_bytes // (8 * max(1, weight[0].numel())) // group * group)
+        rotated = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        matrices = [(side, rotation.matrix()) for side, rotation in steps]
+        for start in range(0, weight.shape[0], rows):
+            part = weight[start:start + rows].double()
+            for side, matrix in matrices:
+                part = _rotate_rows(node, side, matrix, part)
+            rotated[start:start + rows] = part.to(rotated.dtype)
+        tensors = {"weight": rotated}
         if getattr(node, "bias", None) is not None:
-            tensors["bias"] = node.bias.resolve(self.store).double()
-        for side, rotation in steps:
-            weight, n, m = tensors["weight"], rotation.n, rotation.matrix()
-            if side == "input":
-                tensors["weight"] = (weight.reshape(weight.shape[0], -1, n) @ m.T).reshape(weight.shape)
-            elif isinstance(node, Embedding):
-                tensors["weight"] = (weight.reshape(weight.shape[0], -1, n) @ m).reshape(weight.shape)
-            else:
-                tensors["weight"] = torch.einsum("kn,bki->bni", m, weight.reshape(-1, n, weight.shape[1])
-                                                 ).reshape(weight.shape)
-                if "bias" in tensors:
-                    tensors["bias"] = (tensors["bias"].reshape(-1, n) @ m).reshape(-1)
+            bias = node.bias.resolve(self.store).double()
+            for side, matrix in matrices:
+                if side == "output":
+                    bias = (bias.reshape(-1, matrix.shape[0]) @ matrix).reshape(-1)
+            tensors["bias"] = bias
         return tensors
 
     def commit(self) -> None:
@@ -133,6 +142,17 @@ class _Weights:
                 if self.release and users[old.name] == 0:
                     del self.store[old.name]
             self.graph.replace(name, dataclasses.replace(node, **refs))
+
+
+def _rotate_rows(node: Linear | Embedding, side: str, m: Tensor, weight: Tensor) -> Tensor:
+    """One step of the n×n rotation `m` on a block of whole rows (float64): input W·Mᵀ; output M on an Embedding's
+    columns, Mᵀ·W on a Linear's rows (each group of n)."""
+    n = m.shape[0]
+    if side == "input":
+        return (weight.reshape(weight.shape[0], -1, n) @ m.T).reshape(weight.shape)
+    if isinstance(node, Embedding):
+        return (weight.reshape(weight.shape[0], -1, n) @ m).reshape(weight.shape)
+    return torch.einsum("kn,bki->bni", m, weight.reshape(-1, n, weight.shape[1])).reshape(weight.shape)
 
 
 def _refs(node) -> list[TensorRef]:
