@@ -4,7 +4,8 @@ Every point is a conversion (the CLI, calibration on WikiText-2 valid, Hadamard 
 not estimated:
   * `spikecompile build --target sim --mode decoded` over the first 64 windows × 512 tokens of WikiText-2 test:
     the decoded perplexity and the counts of every window (ACs per ANN MAC; energy per tier, cmos45nm);
-  * `spikecompile eval --json` on the same windows: the ANN and the float model after the same prefix;
+  * `spikecompile eval --json` on the same windows: the ANN and the float model after the same prefix (neither
+    depends on the spike sites: one eval serves every conversion with the same prefix);
 and `spikecompile frontier` draws them with each cost's Pareto set and the papers' published points
 (bench/results/frontier/: frontier.json, frontier.md, frontier.png). `--zeroshot LABEL` also scores COPA (100)
 and OpenBookQA (500) through lm-eval for that point (both modes: the spiking model and the ANN).
@@ -77,10 +78,6 @@ def measure(label: str, windows: int, seqlen: int, zeroshot: bool) -> dict:
         walls["convert_s"] = run(["convert", "-o", str(model), *convert_options, "--calib", str(CALIB),
                                   "--json", str(model_folder / "convert.json"), "--no-progress"],
                                  model_folder / "convert.log")
-    if not evaluation.is_file():
-        walls["eval_s"] = run(["eval", str(model), "--ppl", str(TEST), "--max-windows", str(windows),
-                               "--seqlen", str(seqlen), "--json", str(evaluation), "--no-progress"],
-                              model_folder / "eval.log")
     if zeroshot and not (model_folder / "zeroshot.json").is_file():
         tasks = [f"--task={name}={path}" for name, path in TASKS.items()]
         walls["zeroshot_s"] = run(["zeroshot", str(model), *tasks, "--mode", "both",
@@ -92,9 +89,19 @@ def measure(label: str, windows: int, seqlen: int, zeroshot: bool) -> dict:
                      "--no-progress", *sim_options], point_folder / "sim.log")
         (point_folder / "sim_s.json").write_text(json.dumps(sim_s) + "\n")
     zeroshot_file = model_folder / "zeroshot.json"
-    return {"sim": sim / "sim.json", "eval": evaluation,
+    return {"sim": sim / "sim.json", "model": model, "eval": evaluation,
             "walls_s": {**walls, "sim_s": json.loads((point_folder / "sim_s.json").read_text())},
             "zeroshot": json.loads(zeroshot_file.read_text())["results"] if zeroshot_file.is_file() else None}
+
+
+def evaluate(files: dict, windows: int, seqlen: int) -> Path:
+    """The point's model evaluated (`eval --json`, once): its ANN and prefixed-float baselines."""
+    if not files["eval"].is_file():
+        wall = run(["eval", str(files["model"]), "--ppl", str(TEST), "--max-windows", str(windows),
+                    "--seqlen", str(seqlen), "--json", str(files["eval"]), "--no-progress"],
+                   files["eval"].with_suffix(".log"))
+        files["walls_s"]["eval_s"] = wall
+    return files["eval"]
 
 
 def main() -> None:
@@ -109,14 +116,19 @@ def main() -> None:
             sys.exit(f"error: {path} is missing; the benchmark reads ../shared/data")
 
     from spikecompile.backends.sim.frontier import measured_point, write_frontier
+    from spikecompile.errors import SpikecompileError
     from spikecompile.files import atomic_folder
     from spikecompile.hardware.energy import load_target
 
     target = load_target("cmos45nm")
-    measured, extra = [], {}
+    measured, extra, baseline = [], {}, None
     for label in args.points:
         files = measure(label, args.windows, args.seqlen, label in args.zeroshot)
-        point = measured_point(label, files["sim"], files["eval"], target)
+        try:  # the baselines depend on the source model and the prefix only: one eval serves them all
+            point = measured_point(label, files["sim"], baseline or evaluate(files, args.windows, args.seqlen), target)
+        except SpikecompileError:  # this conversion chose another prefix: its own eval
+            point = measured_point(label, files["sim"], evaluate(files, args.windows, args.seqlen), target)
+        baseline = baseline or files["eval"]
         measured.append(point)
         extra[label] = {"walls_s": files["walls_s"], "convert_options": POINTS[label][0],
                         "sim_options": POINTS[label][1], "zeroshot": files["zeroshot"]}

@@ -234,8 +234,9 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     click.echo(f"  float model with the same prefix {prefixed:.4f}   ratio SNN/(float + prefix) {snn / prefixed:.4f}")
     if json_path:
         _write_json(json_path, {
-            "model_file": model_file, "model_sha256": file_sha256(model_file), "text": text.name, "seqlen": seqlen,
-            "windows": figures.windows,
+            "model_file": model_file, "model_sha256": file_sha256(model_file), "source": record["source"],
+            "prefix_token_ids": record["prefix"]["token_ids"] if record["prefix"] else [], "text": text.name,
+            "seqlen": seqlen, "windows": figures.windows,
             "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
             "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),

@@ -187,3 +187,23 @@ def test_folding_by_blocks_of_rows_is_folding_whole(explicit):
     for name in whole:
         for field in whole[name]:
             assert torch.equal(whole[name][field], blocked[name][field]), (name, field)
+
+
+def test_factored_rotation_is_the_dense_product():
+    """_times by Kronecker factors equals x·M (and x·Mᵀ) with M = Rotation.matrix(), for sizes with a non-power-of-two
+    factor, with and without signs."""
+    from spikecompile.passes.fold_hadamard import _times
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (8, 12, 24, 40):
+        signs = torch.where(torch.rand(n, generator=generator) < 0.5, -1, 1).to(torch.int8)
+        for transpose in (False, True):
+            for sign in (None, signs):
+                rotation = Rotation(n=n, where="offline", construction=describe_hadamard(n), signs=sign,
+                                    transpose=transpose)
+                x = torch.randn(5, 3 * n, generator=generator, dtype=torch.float64)
+                m = rotation.matrix()
+                dense = (x.reshape(5, 3, n) @ m).reshape(x.shape)
+                torch.testing.assert_close(_times(x, rotation), dense, rtol=1e-12, atol=1e-12)
+                dense_t = (x.reshape(5, 3, n) @ m.T).reshape(x.shape)
+                torch.testing.assert_close(_times(x, rotation, transposed=True), dense_t, rtol=1e-12, atol=1e-12)

@@ -119,12 +119,23 @@ def test_frontier_cli_writes_table_plot_and_json(measured):
         assert image.size[0] > 600 and image.size[1] > 600
 
 
+def test_one_eval_serves_every_conversion_of_the_source_with_that_prefix(measured):
+    _, files = measured
+    sim6, eval6 = files["T=6"]
+    _, eval4 = files["T=4"]
+    target = load_target("cmos45nm")
+    own, shared = measured_point("x", sim6, eval6, target), measured_point("x", sim6, eval4, target)
+    # the baselines do not depend on the spike sites: T=4's eval gives T=6's ANN and prefixed float model exactly
+    assert (own.ann_ppl, own.prefixed_float_ppl) == (shared.ann_ppl, shared.prefixed_float_ppl)
+    assert own == shared
+
+
 def test_frontier_refuses_measurements_that_do_not_belong_together(measured):
     root, files = measured
     sim6, eval6 = files["T=6"]
-    _, eval4 = files["T=4"]
-    result = _invoke("frontier", "--point", "x", sim6, eval4, "-o", root / "bad")
-    assert result.exit_code != 0 and "evaluates" in result.output and str(eval4) in result.output
+    _, unprefixed = _measure(root, "noprefix", "--prefix", "none")
+    result = _invoke("frontier", "--point", "x", sim6, unprefixed, "-o", root / "bad")
+    assert result.exit_code != 0 and "KV prefix" in result.output and str(unprefixed) in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (root / "bad").exists()
     other = root / "other-windows.json"
     other.write_text(json.dumps({**json.loads(eval6.read_text()), "windows": WINDOWS + 1}))

@@ -71,7 +71,8 @@ def build(result: BuildResult, folder: str | Path, *, text, windows: int, seqlen
             "windows": len(token_ids), "seqlen": seqlen, "mode": mode, "attention": attention,
             "mask_steps": mask_steps, "dtype": "float64" if float64 else "float32", "ppl": ppl,
             "numerics": numerics, "ppl_float": ppl_float, "loihi2": saturation,
-            "seed": result.record["conversion"]["seed"]}
+            "seed": result.record["conversion"]["seed"],
+            "prefix_token_ids": result.record["prefix"]["token_ids"] if result.record["prefix"] else []}
     energy = ledger(run, energy_target, attention)
     save_run(run, folder / RUN_FILE, meta, energy_summary(energy))
     write_report(run, energy, folder)

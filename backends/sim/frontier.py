@@ -6,7 +6,8 @@ A measured point is one model.pt measured by the simulator and by `eval`:
     tiers, SNN over ANN, per token) and read as accumulates per ANN MAC (the SNN's #AC over the ANN's #MAC);
   * `spikecompile eval --json` on the same text, windows and sequence length: the two baselines, the float model
     without the prefix (the ANN) and the float model after the same KV prefix as the SNN (the conversion's own
-    cost, the stricter one).
+    cost, the stricter one). Neither depends on the spike sites, so the eval of any conversion of the same source
+    model with the same prefix serves.
 Each cost axis (ACs per ANN MAC, and SNN/ANN at each tier) has its own Pareto set: the measured points that no
 other measured point beats on that cost and on the ratio against the prefixed float model at once. Published
 points (other models, other counting conventions) are drawn for orientation only, never in a Pareto set.
@@ -127,10 +128,16 @@ def _read_eval(path: str | Path) -> dict:
 
 
 def _check_same_measurement(sim_file, meta: dict, eval_file, evaluation: dict) -> None:
-    """The baselines must come from the same model, text, windows and sequence length as the simulated perplexity."""
-    if evaluation.get("model_sha256") not in (None, meta["model"]["sha256"]):
-        raise SpikecompileError(f"{eval_file}: evaluates {evaluation.get('model_file')}, but {sim_file} simulated "
-                                f"another model ({meta['model']['path']}); evaluate that one")
+    """The baselines must be those of the simulated model: the same model file, or the same source model and KV
+    prefix (the ANN and the prefixed float model do not depend on the spike sites, so one eval serves every
+    conversion of a source with that prefix); and the same text, windows and sequence length."""
+    same_model = evaluation.get("model_sha256") == meta["model"]["sha256"]
+    same_baselines = ("source" in evaluation and "prefix_token_ids" in meta
+                      and evaluation["source"].get("sha256") == meta.get("source", {}).get("sha256")
+                      and list(evaluation.get("prefix_token_ids", [])) == list(meta["prefix_token_ids"]))
+    if not (same_model or same_baselines):
+        raise SpikecompileError(f"{eval_file}: evaluates {evaluation.get('model_file')}, whose source model or KV "
+                                f"prefix is not that of {meta['model']['path']} ({sim_file}); evaluate that one")
     for key in ("windows", "seqlen"):
         if meta.get(key) != evaluation[key]:
             raise SpikecompileError(f"{eval_file}: {key} {evaluation[key]}, but {sim_file} simulated "
