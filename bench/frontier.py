@@ -44,7 +44,6 @@ POINTS = {
     "phase T=6": (["-T", "6"], []),
     "phase T=8, mask 4": (["-T", "8"], ["--mask-steps", "4"]),
     "phase-sd T=8, λ=1": (["-T", "8", "--coding", "phase-sd", "--spike-penalty", "1"], []),
-    "phase-sd λ=1, 2.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.5"], []),
     "phase-sd λ=1, 1.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.5"], []),
 }
 
@@ -110,6 +109,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--zeroshot", nargs="*", default=[], choices=list(POINTS), metavar="LABEL")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an eval --json of a conversion of the same source with the same prefix (default: "
+                             "evaluate the first point's model)")
     args = parser.parse_args()
     for path in (CALIB, TEST, *TASKS.values()):
         if not path.is_file():
@@ -121,7 +123,7 @@ def main() -> None:
     from spikecompile.hardware.energy import load_target
 
     target = load_target("cmos45nm")
-    measured, extra, baseline = [], {}, None
+    measured, extra, baseline = [], {}, args.baseline
     for label in args.points:
         files = measure(label, args.windows, args.seqlen, label in args.zeroshot)
         try:  # the baselines depend on the source model and the prefix only: one eval serves them all

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -34,10 +35,15 @@ def chosen_sites(record: dict, layers: list[int]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="a converted SmolLM2 model.pt (any coding)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a converted SmolLM2 model.pt (default: convert one, T=8 phase, as bench/convert_smollm2.py)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
     parser.add_argument("--T", type=int, default=8)
     args = parser.parse_args()
+    if args.model is None:
+        from convert_smollm2 import convert
+
+        args.model = convert(Path(tempfile.mkdtemp(prefix="smollm2-")), 8, "phase", 2)[0]
     record = torch.load(args.model, weights_only=True)
     names = chosen_sites(record, args.layers)
     samples = torch.stack([record["sites"][name]["samples"].float() for name in names])

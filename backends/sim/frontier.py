@@ -209,10 +209,19 @@ def markdown(points: list[FrontierPoint], published: bool = True) -> str:
 
 def frontier_figure(points: list[FrontierPoint], published: bool = True) -> Figure:
     """One panel per cost: the ratio against the prefixed float model (filled) and against the ANN (hollow),
-    the Pareto set joined by a line, published points as labelled stars."""
-    figure = Figure(figsize=(13, 10))
+    the Pareto set joined by a line, published points as labelled stars. Labels never move the panels (out of
+    the layout, clipped to their axes); the ratio axis is logarithmic only when it spans more than 10×."""
+    figure = Figure(figsize=(13, 10), layout="constrained")
     axes = figure.subplots(2, 2).flatten()
-    others = PUBLISHED if published else ()
+    others = [point for point in (PUBLISHED if published else ()) if point.ppl_ratio is not None]
+    ratios = [ratio for point in [*points, *others] for ratio in (point.ppl_ratio, point.ppl_ratio_prefixed)
+              if ratio is not None]
+
+    def label(ax, text, x, y, **style):
+        note = ax.annotate(text, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", clip_on=True,
+                           **style)
+        note.set_in_layout(False)
+
     for ax, cost in zip(axes, COSTS):
         shown = [point for point in points if point.costs.get(cost) is not None]
         ax.scatter([point.costs[cost] for point in shown], [point.ppl_ratio_prefixed for point in shown],
@@ -220,23 +229,25 @@ def frontier_figure(points: list[FrontierPoint], published: bool = True) -> Figu
         ax.scatter([point.costs[cost] for point in shown], [point.ppl_ratio for point in shown],
                    facecolors="none", edgecolors="tab:blue", zorder=3, label="SNN / ANN (no prefix)")
         for point in shown:
-            ax.annotate(point.label, (point.costs[cost], point.ppl_ratio_prefixed), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+            label(ax, point.label, point.costs[cost], point.ppl_ratio_prefixed)
         front = pareto(points, cost)
         ax.plot([point.costs[cost] for point in front], [point.ppl_ratio_prefixed for point in front],
                 color="tab:red", linewidth=1.2, zorder=2, label="Pareto set")
-        for point in others:
-            if point.costs.get(cost) is not None and point.ppl_ratio is not None:
-                ax.scatter([point.costs[cost]], [point.ppl_ratio], marker="*", s=120, color="tab:gray", zorder=3)
-                ax.annotate(f"{point.label} ({point.model}, other model)", (point.costs[cost], point.ppl_ratio),
-                            fontsize=7, color="tab:gray", xytext=(4, -9), textcoords="offset points")
+        drawn = [point for point in others if point.costs.get(cost) is not None]
+        ax.scatter([point.costs[cost] for point in drawn], [point.ppl_ratio for point in drawn], marker="*", s=120,
+                   color="tab:gray", zorder=3, label="published (other models, vs their ANN)")
+        for point in drawn:
+            label(ax, f"{point.label}, {point.model}", point.costs[cost], point.ppl_ratio, color="tab:gray")
+        if cost != "acs_per_mac":
+            ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":", label="SNN energy = ANN energy")
         ax.set_xlabel(COST_LABELS[cost])
         ax.set_ylabel("perplexity ratio")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper right")
+        if ratios and max(ratios) > 10 * min(ratios):
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    axes[1].legend(fontsize=8, loc="best", handles=[line for line in axes[1].get_lines() if line.get_linestyle() == ":"])
     figure.suptitle("Accuracy–energy frontier (WikiText-2 perplexity; ledger per docs/method.md §7)")
-    figure.tight_layout()
     return figure
 
 
