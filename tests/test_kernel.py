@@ -2,6 +2,7 @@
 weighted_spike_sum): random and fitted-like schedules, budgets, v0 of both signs, base 1 (rate), ties on the
 thresholds, float32 and float64 (and promotion), odd shapes and layouts; and it falls back to the reference."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from spikecompile.neuron import (
     PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, kernel, magnitude_spikes, phase_decode,
-    phase_encode, phase_quantize, step_schedule, weighted_spike_sum,
+    phase_encode, phase_quantize, signed_spikes, step_schedule, weighted_spike_sum,
 )
 
 OUTPUTS = dict(out=True, spikes=True, events=True, code=True, popcount=True, rows=True)
@@ -237,3 +238,70 @@ def test_builds_into_a_fresh_cache(monkeypatch, tmp_path):
         assert_bitwise(kernel.quantize(x, params), reference(x, params)[0])
     finally:
         kernel._reset()
+
+
+def signed_reference(x, params):
+    """The signed-digit neuron written out: (x̂ = Σ_t d(t)·s_t, int8 digit planes [T, *x.shape])."""
+    planes = list(signed_spikes(x, params))
+    return weighted_spike_sum(params, planes, x), torch.stack(planes).to(torch.int8)
+
+
+def signed_values_around(params, dtype, count=4000, seed=1):
+    """values_around with the signed thresholds' ties: ±θ_sd(t), shifted by resets, and their neighbours."""
+    gen = torch.Generator().manual_seed(seed)
+    tau = float(params.tau.max())
+    x = (torch.rand(count, generator=gen, dtype=torch.float64) * 2.4 - 1.2) * tau
+    thresholds = params.signed_thresholds().reshape(-1).double()
+    resets = step_schedule(params)[1].reshape(-1).double()
+    ties = torch.cat([thresholds, thresholds + resets[0], resets[0] - thresholds, thresholds + resets[:1] - resets[1:2]])
+    ties = ties.to(dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    near = torch.cat([ties, torch.nextafter(ties, inf), torch.nextafter(ties, -inf)])
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, 1e30, -1e30], dtype=dtype)
+    return torch.cat([x.to(dtype), near, -near, specials])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("budget", [0, 1, 2, 7])
+@pytest.mark.parametrize("v0", [None, -0.3, 0.02])
+@pytest.mark.parametrize("base", [None, 2.0])
+def test_signed_digits_bitwise_equal_to_the_reference(dtype, budget, v0, base):
+    """The signed-digit neuron in the kernel: x̂, int8 digit planes, counts of nonzero digits (per step, per row,
+    popcount) and the event form, bit for bit the reference's; a code is refused (digits are no bit code)."""
+    for seed, T in enumerate((1, 3, 8, 11)):
+        params = dataclasses.replace(params_for(T, n=min(2, T), base=base, v0=v0, budget=budget, dtype=dtype,
+                                                seed=seed), signed_digits=True)
+        for x in (signed_values_around(params, dtype, seed=seed), torch.randn(37, 13, dtype=dtype) * 0.7):
+            fired = kernel.fire(x, params, out=True, spikes=True, events=True, popcount=True, rows=True)
+            out, planes = signed_reference(x, params)
+            assert_bitwise(fired.out, out)
+            assert_bitwise(fired.spikes, planes)
+            assert int((planes == -1).sum()) > 0 and int((planes == 1).sum()) > 0
+            nonzero = planes != 0
+            dims = tuple(range(1, planes.dim()))
+            assert torch.equal(fired.per_step, nonzero.sum(dim=dims, dtype=torch.int64))
+            counts = nonzero.sum(0, dtype=torch.int64)
+            assert torch.equal(fired.popcount, counts.to(torch.uint8))
+            assert torch.equal(fired.rows, counts.sum(-1) if x.dim() > 1 else counts.sum())
+            weights = step_schedule(params)[0].to(x.dtype).reshape(params.T, *[1] * x.dim())
+            if fired.out.dtype == x.dtype:
+                assert_bitwise(fired.events, weights * planes.to(x.dtype))
+            if budget:
+                assert int(counts.max()) <= budget
+            # the library entry points take the fused path, bitwise
+            assert_bitwise(phase_quantize(x, params), out)
+            sign, spikes = phase_encode(x, params)
+            assert torch.equal(spikes, planes) and torch.equal(sign, torch.sign(x).to(torch.int8))
+            with pytest.raises(ValueError, match="no bit code"):
+                kernel.fire(x, params, code=True)
+
+
+def test_signed_digits_fallback_is_the_reference(monkeypatch):
+    """Without the compiled kernel, fire() answers a signed-digit neuron from the reference, the same fields."""
+    params = dataclasses.replace(params_for(8, n=2, budget=3), signed_digits=True)
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    fused = kernel.fire(x, params, out=True, spikes=True, events=True, popcount=True, rows=True)
+    monkeypatch.setattr(kernel, "_library", lambda: None)
+    eager = kernel.fire(x, params, out=True, spikes=True, events=True, popcount=True, rows=True)
+    for field in ("out", "spikes", "events", "popcount", "rows", "per_step"):
+        assert_bitwise(getattr(eager, field), getattr(fused, field))

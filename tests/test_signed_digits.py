@@ -98,13 +98,15 @@ def test_surrogate_gradient_is_two_sided():
         assert theta.grad is not None and float(theta.grad.abs()) > 0
 
 
-def test_kernel_refuses_signed_neurons_and_dispatch_uses_the_reference():
+def test_the_kernel_runs_signed_neurons_as_the_golden_quantizer():
+    """Dispatch takes the fused kernel for a signed-digit neuron too (tests/test_kernel.py: bit for bit the
+    reference), and its base-2 x̂ is the golden signed quantizer's; a bit code of its digits is refused."""
     params = signed_base2_params(1.0, 4)
     x = torch.randn(64)
-    assert not kernel.applies(x, params)
-    with pytest.raises(ValueError, match="signed-digit"):
-        kernel.fire(x, params)
+    assert kernel.applies(x, params)
     assert torch.equal(phase_quantize(x, params), golden_signed_base2(x, 1.0, 4)[0])
+    with pytest.raises(ValueError, match="signed-digit"):
+        kernel.fire(x, params, code=True)
 
 
 def test_signed_digits_must_be_a_bool():

@@ -188,7 +188,7 @@ def _fire(node: PhaseNeuron, window: Tensor, mode: str, mask_steps: int | None,
     mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
     neuron = neuron_of(node)
     params = neuron.params
-    if mask_steps is None and not params.signed_digits:  # one fused pass (neuron.kernel), bitwise the rule below
+    if mask_steps is None:  # one fused pass (neuron.kernel), bitwise the rule below (signed digits included)
         fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event",
                             spikes=form == "planes", rows=form == "tally")
         spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from ..errors import SpikecompileError
 from ..hadamard import apply_hadamard
-from ..neuron import reference
 from ..neuron.kernel import Prepared, prepare, quantize
 from .base import IRNode, TensorStore
 from .graph import Graph
@@ -185,14 +184,11 @@ def neuron_of(node: PhaseNeuron) -> Prepared:
 
 
 def _phase_neuron(node: PhaseNeuron, inputs, store) -> Tensor:
-    """phase_quantize, in one fused pass (neuron.kernel; bitwise equal, the reference where it cannot run; the
-    reference for a signed-digit neuron, which the kernel does not implement). A bf16/fp16 graph's neurons run
-    in float32, as the converted model's sites do (conversion.sites)."""
+    """phase_quantize, in one fused pass (neuron.kernel; bitwise equal, the reference where it cannot run). A
+    bf16/fp16 graph's neurons run in float32, as the converted model's sites do (conversion.sites)."""
     x = inputs["x"]
     if x.dtype in (torch.bfloat16, torch.float16):
         return _phase_neuron(node, {"x": x.float()}, store).to(x.dtype)
-    if node.signed_digits:
-        return reference.phase_quantize(x, neuron_of(node).params)
     return quantize(x, neuron_of(node))
 
 

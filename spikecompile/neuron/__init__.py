@@ -5,8 +5,8 @@
     kernel      builds kernel.cpp once with the system compiler, loads it and runs it (eager fallback)
 
 phase_encode and phase_quantize dispatch: the kernel wherever it applies (inference on CPU float tensors),
-the reference otherwise (autograd, other devices, another spike function, and every signed-digit neuron, which
-kernel.cpp does not implement yet); both give the same bits.
+the reference otherwise (autograd, other devices, another spike function); both give the same bits, for the
+unsigned and the signed-digit neuron alike.
 """
 
 from __future__ import annotations

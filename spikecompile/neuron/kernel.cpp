@@ -17,7 +17,7 @@ template <typename F> struct Args {
     const F* x; int64_t sites, inner; int32_t T;
     const F* thr; const F* reset; const F* weight; const int64_t* budget;
     F* out; F* events; uint8_t* planes; void* code; int32_t code_bytes; uint8_t* popcount;
-    int64_t* per_step; int64_t* rows; int64_t row_len; int32_t threads;
+    int64_t* per_step; int64_t* rows; int64_t row_len; int32_t threads; int32_t signed_digits;
 };
 
 template <typename V, typename T> static inline void store(T* to, const V& v, int64_t len, int64_t full) {
@@ -41,6 +41,7 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
     void* const codes = a.code;
     int64_t* const rows = a.rows;
     const int code_bytes = a.code_bytes;
+    const bool signed_digits = a.signed_digits != 0;
     const int64_t inner = a.inner, per_site = (inner + G - 1) / G, n = a.sites * inner, row_len = a.row_len;
     const int T = a.T;
     vi totals[MAX_STEPS];
@@ -69,13 +70,46 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
             if (lens[u] == L) memcpy(&x, xs + g0 + u * L, sizeof(vf));
             else if (lens[u] > 0) memcpy(&x, xs + g0 + u * L, (size_t)lens[u] * sizeof(F));
             valid[u] = lanes < (I)lens[u];
-            sign[u] = ((zero < x) ? one : zero) - ((x < zero) ? one : zero);
-            r[u] = x < zero ? -x : x;
+            if (signed_digits) {  // the potential keeps its sign; each digit carries its own (σ = 1)
+                sign[u] = one;
+                r[u] = x;
+            } else {
+                sign[u] = ((zero < x) ? one : zero) - ((x < zero) ? one : zero);
+                r[u] = x < zero ? -x : x;
+            }
             acc[u] = zero;
             count[u] = vi{};
             code[u] = vi{};
         }
-        if (budget == 0 && len == G && !planes && !events && !codes) {  // the common case
+        if (signed_digits) {  // s_t = [r > θ(t)] − [−r > θ(t)] (masked once K digits were nonzero), r ← r − h(t)·s_t
+            for (int t = 0; t < T; ++t) {
+                const F th = thr[t], h = reset[t], d = weight[t];
+                vi step = vi{};
+                #pragma GCC unroll 8
+                for (int u = 0; u < U; ++u) {
+                    vi up = r[u] > th, down = -r[u] > th;
+                    vi fired = up ^ down;  // both only below a negative threshold: the reference's 1 − 1 = 0
+                    if (budget) fired &= count[u] < budget;
+                    if (len != G) fired &= valid[u];
+                    up &= fired;
+                    down &= fired;
+                    const vf digit = (up ? one : zero) - (down ? one : zero);
+                    r[u] = r[u] - h * digit;  // h·s_t is exact: one rounding, as the reference's addcmul
+                    acc[u] = acc[u] + d * digit;
+                    count[u] -= fired;
+                    step -= fired;
+                    if (planes) {  // int8 digits: up (−1 mask) → +1, down → −1
+                        vb bits = __builtin_convertvector(down - up, vb);
+                        store<vb, uint8_t>(planes + t * n + g0 + u * L, bits, lens[u], L);
+                    }
+                    if (events) {
+                        vf y = d * digit;
+                        store<vf, F>(events + t * n + g0 + u * L, y, lens[u], L);
+                    }
+                }
+                totals[t] += step;
+            }
+        } else if (budget == 0 && len == G && !planes && !events && !codes) {  // the common case
             for (int t = 0; t < T; ++t) {
                 const F th = thr[t], h = reset[t], d = weight[t];
                 vi step = vi{};
@@ -190,10 +224,10 @@ template <typename F, typename I, int L, int U> static void fire(const Args<F> a
     extern "C" int NAME(const F* x, int64_t sites, int64_t inner, int32_t T, const F* thr, const F* reset,           \
                         const F* weight, const int64_t* budget, F* out, F* events, uint8_t* planes, void* code,      \
                         int32_t code_bytes, uint8_t* popcount, int64_t* per_step, int64_t* rows, int64_t row_len,    \
-                        int32_t threads) {                                                                           \
-        if (T < 1 || T > MAX_STEPS) return 1;                                                                        \
+                        int32_t threads, int32_t signed_digits) {                                                    \
+        if (T < 1 || T > MAX_STEPS || (signed_digits && code)) return 1;                                             \
         Args<F> a = {x, sites, inner, T, thr, reset, weight, budget, out, events, planes, code, code_bytes,          \
-                     popcount, per_step, rows, row_len, threads};                                                    \
+                     popcount, per_step, rows, row_len, threads, signed_digits};                                     \
         fire<F, I, L, U>(a);                                                                                            \
         return 0;                                                                                                    \
     }

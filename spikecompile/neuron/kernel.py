@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .reference import PhaseNeuronParams, fire_heaviside, magnitude_spikes, step_schedule, weighted_spike_sum
+from .reference import (
+    PhaseNeuronParams, fire_heaviside, magnitude_spikes, signed_spikes, step_schedule, weighted_spike_sum,
+)
 
 MAX_STEPS = 64
 """The most steps the kernel runs (its per-step counters live on the stack)."""
@@ -114,7 +116,8 @@ class Prepared:
             sites = math.prod(params.batch_shape)
             with torch.no_grad():
                 d, h, _ = step_schedule(params)
-                parts = [part.to(dtype).reshape(sites, params.T).contiguous() for part in (params.thresholds(), h, d)]
+                thresholds = params.signed_thresholds() if params.signed_digits else params.thresholds()
+                parts = [part.to(dtype).reshape(sites, params.T).contiguous() for part in (thresholds, h, d)]
                 budget = params.max_spikes.reshape(sites).to(torch.int64).contiguous()
             self._schedules[dtype] = (*parts, budget)
         return self._schedules[dtype]
@@ -138,9 +141,9 @@ def fire(x: Tensor, neuron: PhaseNeuronParams | Prepared, *, out: bool = True, s
     the weights d(t) cast to it (as the simulator's event rule computes them)."""
     prepared = neuron if isinstance(neuron, Prepared) else None
     params = prepared.params if prepared is not None else neuron
-    if params.signed_digits:
-        raise ValueError("kernel.fire: signed-digit neurons are not implemented by the kernel (nor its eager "
-                         "fallback); run neuron.phase_quantize / phase_encode, which route them to the reference")
+    if params.signed_digits and code:
+        raise ValueError("kernel.fire: a signed-digit neuron's spike train is no bit code (its digits are −1, 0, +1): "
+                         "ask for spikes (int8 planes) instead of code")
     batch = tuple(params.batch_shape)
     if tuple(x.shape[:len(batch)]) != batch:
         raise ValueError(f"neuron batch shape {batch} must be a prefix of the input shape {tuple(x.shape)}")
@@ -156,9 +159,8 @@ def fire(x: Tensor, neuron: PhaseNeuronParams | Prepared, *, out: bool = True, s
 
 
 def applies(x: Tensor, params: PhaseNeuronParams) -> bool:
-    """Whether the kernel may run the neuron: inference (no gradient can flow) on a float input, and not a
-    signed-digit neuron (kernel.cpp does not implement it yet: the reference runs it)."""
-    if not x.is_floating_point() or params.signed_digits:
+    """Whether the kernel may run the neuron: inference (no gradient can flow) on a float input."""
+    if not x.is_floating_point():
         return False
     if not torch.is_grad_enabled():
         return True
@@ -177,8 +179,8 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
     result = Fired(per_step=torch.zeros(*batch, T, dtype=torch.int64))
     if out:
         result.out = torch.empty(x.shape, dtype=compute)
-    if spikes:
-        result.spikes = torch.empty((T, *x.shape), dtype=torch.bool)
+    if spikes:  # int8 digits −1, 0, +1 for a signed-digit neuron, else bool
+        result.spikes = torch.empty((T, *x.shape), dtype=torch.int8 if params.signed_digits else torch.bool)
     if events:
         result.events = torch.empty((T, *x.shape), dtype=compute)
     if code:
@@ -202,7 +204,7 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
         pointer(result.out), pointer(result.events), pointer(result.spikes), pointer(result.code),
         ctypes.c_int32(result.code.element_size() if code else 0), pointer(result.popcount),
         pointer(result.per_step), pointer(result.rows), ctypes.c_int64(max(1, row_len)),
-        ctypes.c_int32(torch.get_num_threads()))
+        ctypes.c_int32(torch.get_num_threads()), ctypes.c_int32(int(params.signed_digits)))
     if status != 0:
         raise RuntimeError(f"neuron kernel failed (status {status})")
     return result
@@ -272,25 +274,30 @@ def _pointer(tensor: Tensor | None) -> ctypes.c_void_p:
 
 def _reference(x, params, out, spikes, events, code, popcount, rows) -> Fired:
     """The same results from the reference functions (neuron.reference, eager PyTorch)."""
-    magnitude = x.abs()
-    planes = list(magnitude_spikes(magnitude, params, fire_heaviside))
+    signed = params.signed_digits
+    magnitude = x if signed else x.abs()
+    planes = list(signed_spikes(x, params) if signed else magnitude_spikes(magnitude, params, fire_heaviside))
     batch = len(params.batch_shape)
     dims = tuple(range(batch, x.dim()))
-    per_step = torch.stack([plane.sum(dim=dims, dtype=torch.int64) if dims else plane.to(torch.int64)
+    per_step = torch.stack([(plane != 0).sum(dim=dims, dtype=torch.int64) if dims else (plane != 0).to(torch.int64)
                             for plane in planes], dim=-1)
     result = Fired(per_step=per_step)
     if out:
-        result.out = torch.sign(x) * weighted_spike_sum(params, planes, magnitude)
+        total = weighted_spike_sum(params, planes, magnitude)
+        result.out = total if signed else torch.sign(x) * total
     if not (spikes or events or code or popcount or rows):
         return result
     stacked = torch.stack(planes)
     if spikes:
-        result.spikes = stacked.bool()
+        result.spikes = stacked.to(torch.int8) if signed else stacked.bool()
     if events:
         weights = step_schedule(params)[0].to(x.dtype).movedim(-1, 0)
         weights = weights.reshape(*weights.shape, *[1] * (x.dim() - batch))
-        result.events = torch.sign(x).to(torch.int8).to(x.dtype) * weights * stacked.to(x.dtype)
-    counts = stacked.sum(0, dtype=torch.int64)
+        if signed:  # through the int8 digits, as the simulator: a masked −1 digit (−1·0 = −0.0) gives +0.0
+            result.events = weights * stacked.to(torch.int8).to(x.dtype)
+        else:
+            result.events = torch.sign(x).to(torch.int8).to(x.dtype) * weights * stacked.to(x.dtype)
+    counts = (stacked != 0).sum(0, dtype=torch.int64)
     if code:
         steps = torch.arange(params.T, dtype=torch.int64).reshape(-1, *[1] * x.dim())
         result.code = (stacked.to(torch.int64) << steps).sum(0).to(code_dtype(params.T))
