@@ -18,6 +18,11 @@ acc ← acc + d(t) where s_t (addcmul from zeros), x̂ = sign(x)·acc with sign(
 computes it — in the dtype the reference's type promotion gives (x's and the parameters' promoted), compiled
 with -ffp-contract=off and without fast-math. Integer counts make it deterministic under any thread split.
 
+A signed-digit neuron (signed_digits) runs the same pass on r = x with its signed thresholds θ_sd(t): s_t =
+[r > θ_sd(t)] − [−r > θ_sd(t)] (∧ budget, on nonzero digits), r ← r − h(t)·s_t, acc ← acc + d(t)·s_t, x̂ = acc
+(σ = 1: each digit carries its sign); spikes are int8 digits −1/0/+1, every count counts nonzero digits, and a
+bit code is refused (a digit is not a bit).
+
 The kernel is plain C++ (GCC vector extensions, OpenMP) built with the system compiler ($CXX or g++) into
 $SPIKECOMPILE_KERNEL_CACHE (default ~/.cache/spikecompile/kernels), keyed by source, flags, compiler and CPU;
 built once (about a second), then loaded. Without a compiler, or with SPIKECOMPILE_NO_KERNEL=1, fire() runs the
