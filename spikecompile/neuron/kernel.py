@@ -59,6 +59,9 @@ CODE_DTYPES = ((8, torch.uint8), (15, torch.int16), (31, torch.int32))
 """Spike code dtype by T: bit t of an element's code is s_t."""
 
 SOURCE_FILE = Path(__file__).with_name("kernel.cpp")
+SOURCE = SOURCE_FILE.read_text(encoding="utf-8")
+"""The source this module's calls were written for, read at import: a kernel.cpp changed while a process runs (an
+upgrade, an edit) must not give it a library whose entry points take other arguments."""
 """The kernel's C++ source, shipped as package data and compiled as it is (compiler errors name its lines)."""
 
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c++17"]
@@ -362,8 +365,7 @@ def _load():
     attempts = [_FLAGS + _TUNE + _OPENMP, _FLAGS + _OPENMP, _FLAGS]
     failures = []
     for flags in attempts:
-        source = SOURCE_FILE.read_text(encoding="utf-8")
-        key = hashlib.sha256("\0".join([source, *flags, version, platform.machine(), _cpu_signature()]).encode())
+        key = hashlib.sha256("\0".join([SOURCE, *flags, version, platform.machine(), _cpu_signature()]).encode())
         path = _cache_dir() / f"neuron-{key.hexdigest()[:20]}.so"
         library = None
         if path.is_file():
@@ -388,11 +390,13 @@ def _load():
 
 
 def _build(compiler: str, flags: list[str], path: Path) -> str | None:
-    """Compile SOURCE_FILE into `path` (atomically: concurrent builders each write a temp file); an error or None."""
+    """Compile SOURCE (as read at import, into a kernel.cpp of its own) into `path` (atomically: concurrent builders
+    each write a temp file); an error or None."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        built = Path(work) / path.name
-        done = subprocess.run([compiler, *flags, str(SOURCE_FILE), "-o", str(built)], capture_output=True, text=True,
+        built, source = Path(work) / path.name, Path(work) / SOURCE_FILE.name
+        source.write_text(SOURCE, encoding="utf-8")
+        done = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             return f"{' '.join(flags)}: {done.stderr.strip()[-600:]}"
