@@ -87,13 +87,19 @@ def assert_matches_reference(x, params):
 
 def values_around(params, dtype, count=4000, seed=1):
     """Random values of both signs over the whole range, every threshold and reset-shifted threshold exactly
-    (ties), their float neighbours, and specials."""
+    (ties), their float neighbours, and specials. A signed-digit neuron's ties are those of ±θ_sd(t)."""
     gen = torch.Generator().manual_seed(seed)
     tau = float(params.tau.max())
     x = (torch.rand(count, generator=gen, dtype=torch.float64) * 2.4 - 1.2) * tau
-    thresholds = params.thresholds().reshape(-1).double()
     resets = step_schedule(params)[1].reshape(-1).double()
-    ties = torch.cat([thresholds, thresholds + resets[0], thresholds + resets[:1] + resets[1:2]]).to(dtype)
+    if params.signed_digits:
+        thresholds = params.signed_thresholds().reshape(-1).double()
+        ties = torch.cat([thresholds, thresholds + resets[0], resets[0] - thresholds,
+                          thresholds + resets[:1] - resets[1:2]])
+    else:
+        thresholds = params.thresholds().reshape(-1).double()
+        ties = torch.cat([thresholds, thresholds + resets[0], thresholds + resets[:1] + resets[1:2]])
+    ties = ties.to(dtype)
     inf = torch.tensor(math.inf, dtype=dtype)
     near = torch.cat([ties, torch.nextafter(ties, inf), torch.nextafter(ties, -inf)])
     specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, 1e30, -1e30], dtype=dtype)
@@ -246,21 +252,6 @@ def signed_reference(x, params):
     return weighted_spike_sum(params, planes, x), torch.stack(planes).to(torch.int8)
 
 
-def signed_values_around(params, dtype, count=4000, seed=1):
-    """values_around with the signed thresholds' ties: ±θ_sd(t), shifted by resets, and their neighbours."""
-    gen = torch.Generator().manual_seed(seed)
-    tau = float(params.tau.max())
-    x = (torch.rand(count, generator=gen, dtype=torch.float64) * 2.4 - 1.2) * tau
-    thresholds = params.signed_thresholds().reshape(-1).double()
-    resets = step_schedule(params)[1].reshape(-1).double()
-    ties = torch.cat([thresholds, thresholds + resets[0], resets[0] - thresholds, thresholds + resets[:1] - resets[1:2]])
-    ties = ties.to(dtype)
-    inf = torch.tensor(math.inf, dtype=dtype)
-    near = torch.cat([ties, torch.nextafter(ties, inf), torch.nextafter(ties, -inf)])
-    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, 1e30, -1e30], dtype=dtype)
-    return torch.cat([x.to(dtype), near, -near, specials])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("budget", [0, 1, 2, 7])
 @pytest.mark.parametrize("v0", [None, -0.3, 0.02])
@@ -271,7 +262,7 @@ def test_signed_digits_bitwise_equal_to_the_reference(dtype, budget, v0, base):
     for seed, T in enumerate((1, 3, 8, 11)):
         params = dataclasses.replace(params_for(T, n=min(2, T), base=base, v0=v0, budget=budget, dtype=dtype,
                                                 seed=seed), signed_digits=True)
-        for x in (signed_values_around(params, dtype, seed=seed), torch.randn(37, 13, dtype=dtype) * 0.7):
+        for x in (values_around(params, dtype, seed=seed), torch.randn(37, 13, dtype=dtype) * 0.7):
             fired = kernel.fire(x, params, out=True, spikes=True, events=True, popcount=True, rows=True)
             out, planes = signed_reference(x, params)
             assert_bitwise(fired.out, out)
