@@ -14,10 +14,10 @@ from conftest import (
 
 from spikecompile import ir
 from spikecompile.backends.sim.simulate import output_of, run
-from spikecompile.ir import PhaseNeuron, interpret, retyped, sites_off
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import load_spiking_model
+from spikecompile.ir import PhaseNeuron, interpret, retyped, sites_off
 from spikecompile.passes import CompileInputs, PassManager
 
 SITES_OFF = {PhaseNeuron: sites_off}

@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 from conftest import assert_same_neurons, convert_tiny
 
-from spikecompile.ir import PhaseNeuron, Rotation, interpret, read, read_weights, retyped, sites_off
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import load_spiking_model
+from spikecompile.ir import PhaseNeuron, Rotation, interpret, read, read_weights, retyped, sites_off
 from spikecompile.passes import CompileInputs, PassManager
 
 SITES_OFF = {PhaseNeuron: sites_off}

@@ -4,16 +4,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import assert_same_neurons, convert_tiny
-from spikecompile.backends.sim.simulate import run
-from spikecompile.ir import Output, PhaseNeuron, interpret, retyped, sites_off
 
 from spikecompile import modelfile
+from spikecompile.backends.sim.simulate import run
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.conversion.codings import CODINGS, closed_form, coding_params, sdllm_clip
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.conversion.fit import FitConfig, fit_sites
 from spikecompile.conversion.weights import rtn_quantize_weights
+from spikecompile.ir import Output, PhaseNeuron, interpret, retyped, sites_off
 from spikecompile.neuron import phase_encode, phase_quantize
 
 FIXED = CODINGS[1:]

@@ -4,15 +4,14 @@ import pytest
 import torch
 from conftest import assert_same_neurons, convert_tiny
 
-from spikecompile.ir import (
-    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef, interpret, retyped,
-    sites_off,
-)
-
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
 from spikecompile.hadamard import describe_hadamard
+from spikecompile.ir import (
+    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, Rotation, TensorRef, interpret, retyped,
+    sites_off,
+)
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.fold_hadamard import FoldHadamard
 

@@ -22,11 +22,11 @@ from spikecompile.backends.lava.emit import LOWERINGS, quantized_store, select_p
 from spikecompile.backends.lava.runtime import compat
 
 from spikecompile.backends.sim.simulate import run
-from spikecompile.ir import NODE_TYPES, Output, PhaseNeuron, retyped
 from spikecompile.build import BuildOptions, build
 from spikecompile.cli import cli
 from spikecompile.errors import SpikecompileError
 from spikecompile.hardware.loihi2 import quantize_weights
+from spikecompile.ir import NODE_TYPES, Output, PhaseNeuron, retyped
 from spikecompile.neuron import phase_encode
 
 requires_lava = pytest.mark.skipif(importlib.util.find_spec("lava") is None,

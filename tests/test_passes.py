@@ -4,15 +4,15 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 
-from spikecompile.ir import (
-    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, ResidualAdd, Rotation, TensorRef, interpret,
-    retyped, validate,
-)
 from spikecompile.conversion.convert import SpikingModel
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
 from spikecompile.hadamard import describe_hadamard
+from spikecompile.ir import (
+    Embedding, Graph, Input, Linear, Nonlinear, Output, PhaseNeuron, ResidualAdd, Rotation, TensorRef, interpret,
+    retyped, validate,
+)
 from spikecompile.neuron import base2_params
 from spikecompile.passes import PassContext, PassManager
 from spikecompile.passes.cleanup import Cleanup, dead_nodes, is_identity, is_inverse_pair

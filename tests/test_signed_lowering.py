@@ -11,8 +11,8 @@ from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tin
 
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.simulate import mask_late_spikes, run
-from spikecompile.ir import Output, PhaseNeuron, interpret, retyped
 from spikecompile.build import BuildOptions, build
+from spikecompile.ir import Output, PhaseNeuron, interpret, retyped
 from spikecompile.neuron import phase_encode, phase_quantize
 
 

@@ -8,9 +8,9 @@ from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tin
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
 from spikecompile.backends.sim.simulate import mask_late_spikes, run
-from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron, interpret, retyped
 from spikecompile.build import BuildOptions, build
 from spikecompile.errors import SpikecompileError
+from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron, interpret, retyped
 from spikecompile.neuron import base2_params, phase_encode
 
 
