@@ -31,6 +31,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -70,10 +72,23 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) ->
     atomic_write(folder / TENSORS_FILE, lambda temp: Path(temp).write_bytes(tensor_bytes))
     if store is not None:  # straight to the file, in the store's dtypes: no second copy of the weights in memory
         weights = _weights(graph, store)
-        atomic_write(folder / WEIGHTS_FILE, lambda temp: safetensors.torch.save_file(weights, temp))
+        atomic_write(folder / WEIGHTS_FILE, lambda temp: _save_file(weights, temp))
         header["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)
     text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
+def _save_file(tensors: dict[str, Tensor], path) -> None:
+    """safetensors.torch.save_file, whose Rust writer reports an I/O failure (a full disk...) as a SafetensorError:
+    raised here as the OSError it is, so atomic_write gives its one-line error."""
+    try:
+        safetensors.torch.save_file(tensors, path)
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number)) from None
 
 
 def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
