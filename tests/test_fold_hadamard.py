@@ -189,8 +189,10 @@ def test_folding_by_blocks_of_rows_is_folding_whole(explicit):
 
 
 def test_factored_rotation_is_the_dense_product():
-    """_times by Kronecker factors equals x·M (and x·Mᵀ) with M = Rotation.matrix(), for sizes with a non-power-of-two
-    factor, with and without signs."""
+    """Both factored products (the fold's and ir.linear.rotate_by_factors, the fixed-point run's) with
+    Rotation.factors, and factors(transposed=True), equal x·M and x·Mᵀ with M = Rotation.matrix(), for sizes with a
+    non-power-of-two factor, with and without signs."""
+    from spikecompile.ir.linear import rotate_by_factors
     from spikecompile.passes.fold_hadamard import _times
 
     generator = torch.Generator().manual_seed(0)
@@ -202,7 +204,8 @@ def test_factored_rotation_is_the_dense_product():
                                     transpose=transpose)
                 x = torch.randn(5, 3 * n, generator=generator, dtype=torch.float64)
                 m = rotation.matrix()
-                dense = (x.reshape(5, 3, n) @ m).reshape(x.shape)
-                torch.testing.assert_close(_times(x, rotation), dense, rtol=1e-12, atol=1e-12)
-                dense_t = (x.reshape(5, 3, n) @ m.T).reshape(x.shape)
-                torch.testing.assert_close(_times(x, rotation, transposed=True), dense_t, rtol=1e-12, atol=1e-12)
+                for transposed, dense in ((False, m), (True, m.T)):
+                    expected = (x.reshape(5, 3, n) @ dense).reshape(x.shape)
+                    for product in (_times, rotate_by_factors):
+                        torch.testing.assert_close(product(x, rotation.factors(transposed=transposed)), expected,
+                                                   rtol=1e-12, atol=1e-12)

@@ -7,26 +7,26 @@ passes rewrite it, backends lower it. Equations and formats: docs/ir.md.
     linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
     nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
     neurons    PhaseNeuron
-    graph      Graph (nodes, edges and the rewrites passes make), validate
+    graph      Graph (nodes, edges and the rewrites passes make), validate, tensor_refs, retyped, widened
     layers     layer_of, layer_indices, decoder_block, decoder_layers: decoder layers by node name
-    serialize  write, read, read_weights, tensor_refs
+    serialize  write, read, read_weights
     interpret  interpret(graph, store, ids) -> logits: the decoded-mode semantics, one function per node type
                (evaluate: every node's value; sites_off: the override that runs the float model), the reference
                every pass and backend is checked against
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
-from .graph import Graph, retyped, validate, widened
+from .graph import Graph, retyped, tensor_refs, validate, widened
 from .interpret import evaluate, interpret, sites_off
 from .layers import decoder_block, decoder_layers, layer_indices, layer_of
 from .linear import Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads
 from .neurons import PhaseNeuron
 from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
-from .serialize import read, read_weights, tensor_refs, write
+from .serialize import read, read_weights, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "retyped", "validate", "widened", "read", "read_weights",
-    "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "Graph", "retyped", "validate", "widened",
+    "read", "read_weights", "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads",
     "KVPrefix", "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct", "layer_of",
     "layer_indices", "decoder_block", "decoder_layers", "evaluate", "interpret", "sites_off",
 ]

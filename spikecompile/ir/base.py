@@ -153,6 +153,11 @@ class IRNode:
     def check(self) -> None:
         """Raise ValueError if the fields are inconsistent (runs on construction)."""
 
+    def tensor_refs(self) -> dict[str, TensorRef]:
+        """The node's TensorRefs (the weights it names), by field name."""
+        return {field.name: value for field in dataclasses.fields(self)
+                if isinstance(value := getattr(self, field.name), TensorRef)}
+
     def infer(self, inputs: dict[str, TensorType]) -> TensorType:
         """The output type for these input types (one per port); ValueError if they do not fit the node."""
         return inputs["x"]

@@ -170,6 +170,11 @@ def validate(graph: Graph) -> dict[str, TensorType]:
     return types
 
 
+def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
+    """Every TensorRef the graph's nodes hold, by tensor name."""
+    return {ref.name: ref for name in graph for ref in graph[name].tensor_refs().values()}
+
+
 HALF_DTYPES = ("bfloat16", "float16")
 
 
@@ -181,13 +186,13 @@ def retyped(graph: Graph, store, dtype) -> tuple[Graph, dict]:
     for node_name in graph:
         node = graph[node_name]
         changes = {}
-        for field in dataclasses.fields(node):
-            ref = getattr(node, field.name)
-            if isinstance(ref, TensorRef) and ref.resolve(store).is_floating_point():
-                tensors[ref.name] = ref.resolve(store).to(dtype)
-                changes[field.name] = dataclasses.replace(ref, dtype=name)
-            elif isinstance(ref, TensorRef):
-                tensors[ref.name] = ref.resolve(store)
+        for field, ref in node.tensor_refs().items():
+            tensor = ref.resolve(store)
+            if tensor.is_floating_point():
+                tensors[ref.name] = tensor.to(dtype)
+                changes[field] = dataclasses.replace(ref, dtype=name)
+            else:
+                tensors[ref.name] = tensor
         if changes:
             result.replace(node_name, dataclasses.replace(node, **changes))
     return result, tensors
@@ -196,7 +201,6 @@ def retyped(graph: Graph, store, dtype) -> tuple[Graph, dict]:
 def widened(graph: Graph, store) -> tuple[Graph, dict]:
     """(graph, store) with bf16/fp16 weights widened to float32 (a copy), or as they are when none is narrower:
     the simulator and the exporters compute in float32 whatever dtype the IR keeps its weights in."""
-    refs = [getattr(graph[name], field.name) for name in graph for field in dataclasses.fields(graph[name])]
-    if not any(isinstance(ref, TensorRef) and ref.dtype in HALF_DTYPES for ref in refs):
+    if not any(ref.dtype in HALF_DTYPES for ref in tensor_refs(graph).values()):
         return graph, store
     return retyped(graph, store, torch_dtype("float32"))

@@ -144,14 +144,15 @@ class Rotation(IRNode):
             q = q * self.signs.double()
         return q.T if self.transpose else q
 
-    def factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def factors(self, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(before, A, B, after), float64 [n], [2^a, 2^a], [K, K], [n], with
         matrix() = diag(before)·(A ⊗ B)·diag(after) (signs on the side the transpose puts them, ones on the other): the
-        factored form the fixed-point runs apply (y = Aᵀ·X·B on each block's (2^a, K) view X)."""
+        factored form the fixed-point runs and fold_hadamard apply (rotate_by_factors). transposed: the factors of
+        matrix()ᵀ = diag(after)·(Aᵀ ⊗ Bᵀ)·diag(before)."""
         left, right = hadamard_factors(self.n)
         ones = torch.ones(self.n, dtype=torch.float64)
         signs = ones if self.signs is None else self.signs.double()
-        if self.transpose:
+        if self.transpose != transposed:
             return signs, left.T.contiguous(), right.T.contiguous(), ones
         return ones, left, right, signs
 
@@ -178,6 +179,16 @@ class Rotation(IRNode):
         signs = torch.tensor([1, -1, -1, 1], dtype=torch.int8)
         node = cls(n=4, where="offline", construction=describe_hadamard(4), signs=signs, transpose=True)
         return node, {"x": TensorType(("seq", 8), "float32")}
+
+
+def rotate_by_factors(x: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """x·M on each block of n entries of x's last dim, M given as Rotation.factors (before, A, B, after): Aᵀ·(X·B)
+    on each block's (2^a, K) view X, scaled by before and after. No n×n matrix: (2^a + K)/n of the dense product's
+    work. Factors in float64, so x in float64 (the fixed-point run, fold_hadamard)."""
+    before, left, right, after = factors
+    n = before.numel()
+    blocks = (x.reshape(*x.shape[:-1], -1, n) * before).reshape(*x.shape[:-1], -1, left.shape[0], right.shape[0])
+    return ((left.T @ (blocks @ right)).reshape(*x.shape[:-1], -1, n) * after).reshape(x.shape)
 
 
 @node_type

@@ -45,7 +45,7 @@ from torch import Tensor
 from ..errors import SpikecompileError
 from ..files import atomic_write, file_sha256, read_document
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require
-from .graph import Graph, validate
+from .graph import Graph, tensor_refs, validate
 
 FORMAT = "spikecompile.ir"
 FORMAT_VERSION = 3  # 2: PhaseNeuron carries v0 and max_spikes; 3: and signed_digits
@@ -89,18 +89,6 @@ def _save_file(tensors: dict[str, Tensor], path) -> None:
             raise
         number = int(found.group(1))
         raise OSError(number, os.strerror(number)) from None
-
-
-def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
-    """Every TensorRef the graph's nodes hold, by tensor name."""
-    refs = {}
-    for name in graph:
-        node = graph[name]
-        for field in dataclasses.fields(node):
-            value = getattr(node, field.name)
-            if isinstance(value, TensorRef):
-                refs[value.name] = value
-    return refs
 
 
 def _weights(graph: Graph, store: TensorStore) -> dict[str, Tensor]:

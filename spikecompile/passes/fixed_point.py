@@ -31,6 +31,7 @@ from ..ir import (
     ResidualAdd, RoPE, Rotation, SplitHeads,
 )
 from ..ir.interpret import graph_inputs
+from ..ir.linear import rotate_by_factors
 from ..neuron import kernel
 from .loihi_mapping import Formats
 
@@ -387,9 +388,7 @@ def _rope(node: RoPE, x: Tensor) -> Tensor:
 
 
 def _rotation(node: Rotation, x: Tensor) -> Tensor:
-    before, left, right, after = node.factors()
-    blocks = (x.reshape(*x.shape[:-1], -1, node.n) * before).reshape(*x.shape[:-1], -1, left.shape[0], right.shape[0])
-    return ((left.T @ (blocks @ right)).reshape(*x.shape[:-1], -1, node.n) * after).reshape(x.shape)
+    return rotate_by_factors(x, node.factors())
 
 
 def _kv_prefix(node: KVPrefix, x: Tensor) -> Tensor:

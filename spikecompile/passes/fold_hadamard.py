@@ -111,17 +111,23 @@ class _Weights:
         group = math.lcm(1, *(rotation.n for side, rotation in steps if side == "output" and isinstance(node, Linear)))
         rows = max(group, self.block_bytes // (8 * max(1, weight[0].numel())) // group * group)
         rotated = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        # input: W·Mᵀ; output: E·M on an Embedding's columns, Mᵀ·W = (Wᵀ·M)ᵀ on each n rows of a Linear
+        factored = [(side, rotation.factors(transposed=side == "input")) for side, rotation in steps]
         for start in range(0, weight.shape[0], rows):
             part = weight[start:start + rows].double()
-            for side, rotation in steps:
-                part = _rotate_rows(node, side, rotation, part)
+            for side, factors in factored:
+                if side == "output" and isinstance(node, Linear):
+                    groups = part.reshape(-1, factors[0].numel(), part.shape[1]).transpose(1, 2)
+                    part = _times(groups, factors).transpose(1, 2).reshape(part.shape)
+                else:
+                    part = _times(part, factors)
             rotated[start:start + rows] = part.to(rotated.dtype)
         tensors = {"weight": rotated}
         if getattr(node, "bias", None) is not None:
             bias = node.bias.resolve(self.store).double()
-            for side, rotation in steps:
+            for side, factors in factored:
                 if side == "output":
-                    bias = _times(bias, rotation)
+                    bias = _times(bias, factors)
             tensors["bias"] = bias
         return tensors
 
@@ -129,7 +135,7 @@ class _Weights:
         """Per rotated node: its rotations in float64, the results cast back to each tensor's dtype and stored under
         new keys, the node pointed there. With `release`, a replaced tensor no node references any more leaves the
         store at once (its memory is freed when nothing else holds it)."""
-        users = Counter(ref.name for name in self.graph for ref in _refs(self.graph[name]))
+        users = Counter(ref.name for name in self.graph for ref in self.graph[name].tensor_refs().values())
         for name, steps in self.pending.items():
             node = self.graph[name]
             refs = {}
@@ -144,29 +150,11 @@ class _Weights:
             self.graph.replace(name, dataclasses.replace(node, **refs))
 
 
-def _rotate_rows(node: Linear | Embedding, side: str, rotation: Rotation, weight: Tensor) -> Tensor:
-    """One step on a block of whole rows (float64): input W·Mᵀ; output M on an Embedding's columns, Mᵀ·W on a
-    Linear's rows (each group of n: (Mᵀ·G)ᵀ = Gᵀ·M)."""
-    if side == "input":
-        return _times(weight, rotation, transposed=True)
-    if isinstance(node, Embedding):
-        return _times(weight, rotation)
-    groups = weight.reshape(-1, rotation.n, weight.shape[1]).transpose(1, 2)
-    return _times(groups, rotation).transpose(1, 2).reshape(weight.shape)
-
-
-def _times(rows: Tensor, rotation: Rotation, transposed: bool = False) -> Tensor:
-    """rows·M (rows·Mᵀ when transposed) on each block of n = 2^a·K entries of the last dim, by M's Kronecker factors
-    (Rotation.factors: M = diag(before)·(A ⊗ B)·diag(after), and x·(A ⊗ B) = Aᵀ·X·B on x's (2^a, K) view X): no n×n
-    matrix, about (2^a + K)/n of the dense product's work (11008 = 128·86 at 7B: 2 % of it)."""
-    before, left, right, after = rotation.factors()
-    if transposed:  # Mᵀ = diag(after)·(Aᵀ ⊗ Bᵀ)·diag(before)
-        before, left, right, after = after, left.T, right.T, before
-    blocks = rows.reshape(-1, left.shape[0], right.shape[0]) * before.view(left.shape[0], right.shape[0])
-    product = torch.matmul(torch.matmul(left.T, blocks), right)
-    return (product * after.view(left.shape[0], right.shape[0])).reshape(rows.shape)
-
-
-def _refs(node) -> list[TensorRef]:
-    return [value for value in (getattr(node, field.name) for field in dataclasses.fields(node))
-            if isinstance(value, TensorRef)]
+def _times(rows: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """rows·M on each block of n entries of the last dim, M given as Rotation.factors (before, A, B, after): (Aᵀ·X)·B
+    on each block's (2^a, K) view X, no n×n matrix. ir.linear.rotate_by_factors computes Aᵀ·(X·B), the order the
+    fixed-point run shares with the Lava runtime; the fold keeps its own order so that built IRs keep their bits."""
+    before, left, right, after = factors
+    shape = (left.shape[0], right.shape[0])
+    blocks = rows.reshape(-1, *shape) * before.view(shape)
+    return (torch.matmul(torch.matmul(left.T, blocks), right) * after.view(shape)).reshape(rows.shape)
