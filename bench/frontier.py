@@ -63,8 +63,8 @@ def run(command: list[str], log: Path) -> float:
 
 
 def measure(label: str, windows: int, seqlen: int, zeroshot: bool) -> dict:
-    """Convert and evaluate the point's model, and simulate the point (each stage only when its output is
-    missing); its file paths and the stages' wall times."""
+    """Convert the point's model (and score it zero-shot when asked) and simulate the point, each stage only when
+    its output is missing; its file paths and the stages' wall times (evaluate() writes its eval.json)."""
     convert_options, sim_options = POINTS[label]
     model_folder = WORK / ("model-" + slug(" ".join(convert_options)))
     point_folder = WORK / ("point-" + slug(label))

@@ -227,7 +227,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     _print_site_table(rows)
     ann, prefixed, snn = figures.ann, figures.prefixed_float, figures.snn  # no prefix: prefixed is the ANN
     coding = record["coding"]
-    steps = "per site (budget, at most {})".format(coding["timesteps"]) if record.get("budget") else coding["timesteps"]
+    steps = f"per site (budget, at most {coding['timesteps']})" if record.get("budget") else coding["timesteps"]
     click.echo(f"perplexity on {text.name} ({figures.windows} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={steps} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")

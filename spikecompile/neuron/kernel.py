@@ -59,10 +59,10 @@ CODE_DTYPES = ((8, torch.uint8), (15, torch.int16), (31, torch.int32))
 """Spike code dtype by T: bit t of an element's code is s_t."""
 
 SOURCE_FILE = Path(__file__).with_name("kernel.cpp")
+"""The kernel's C++ source, shipped as package data and compiled as it is (compiler errors name its lines)."""
 SOURCE = SOURCE_FILE.read_text(encoding="utf-8")
 """The source this module's calls were written for, read at import: a kernel.cpp changed while a process runs (an
 upgrade, an edit) must not give it a library whose entry points take other arguments."""
-"""The kernel's C++ source, shipped as package data and compiled as it is (compiler errors name its lines)."""
 
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c++17"]
 _TUNE = ["-march=native"]
@@ -283,15 +283,15 @@ def _pointer(tensor: Tensor | None) -> ctypes.c_void_p:
 def _reference(x, params, out, spikes, events, code, popcount, rows) -> Fired:
     """The same results from the reference functions (neuron.reference, eager PyTorch)."""
     signed = params.signed_digits
-    magnitude = x if signed else x.abs()
-    planes = list(signed_spikes(x, params) if signed else magnitude_spikes(magnitude, params, fire_heaviside))
+    potential = x if signed else x.abs()  # the signed-digit potential keeps its sign
+    planes = list(signed_spikes(x, params) if signed else magnitude_spikes(potential, params, fire_heaviside))
     batch = len(params.batch_shape)
     dims = tuple(range(batch, x.dim()))
     per_step = torch.stack([(plane != 0).sum(dim=dims, dtype=torch.int64) if dims else (plane != 0).to(torch.int64)
                             for plane in planes], dim=-1)
     result = Fired(per_step=per_step)
     if out:
-        total = weighted_spike_sum(params, planes, magnitude)
+        total = weighted_spike_sum(params, planes, potential)
         result.out = total if signed else torch.sign(x) * total
     if not (spikes or events or code or popcount or rows):
         return result
