@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spikecompile.neuron import (
-    PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, kernel, magnitude_spikes, phase_decode,
-    phase_encode, phase_quantize, signed_spikes, step_schedule, weighted_spike_sum,
+    PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, kernel, magnitude_spikes, mask_late_spikes,
+    phase_decode, phase_encode, phase_quantize, signed_spikes, step_schedule, weighted_spike_sum,
 )
 
 OUTPUTS = dict(out=True, spikes=True, events=True, code=True, popcount=True, rows=True)
@@ -296,3 +296,50 @@ def test_signed_digits_fallback_is_the_reference(monkeypatch):
     eager = kernel.fire(x, params, out=True, spikes=True, events=True, popcount=True, rows=True)
     for field in ("out", "spikes", "events", "popcount", "rows", "per_step"):
         assert_bitwise(getattr(eager, field), getattr(fused, field))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("budget", [0, 2, 5])
+@pytest.mark.parametrize("mask_steps", [1, 2, 3, 8])
+def test_late_spike_masking_bitwise_equal_to_the_reference(signed, dtype, budget, mask_steps):
+    """Masking in the kernel (keep the spikes at steps < first spike + m): x̂, planes, events and every count are
+    the reference's spikes (budget included) masked by mask_late_spikes, then decoded, bit for bit; the eager
+    fallback gives the same; masking only removes spikes."""
+    for seed, T in enumerate((3, 8, 11)):
+        params = dataclasses.replace(params_for(T, n=min(2, T), budget=budget, dtype=dtype, seed=seed),
+                                     signed_digits=signed)
+        for x in (values_around(params, dtype, seed=seed), torch.randn(37, 13, dtype=dtype) * 0.7):
+            fired = kernel.fire(x, params, mask_steps=mask_steps, **{**OUTPUTS, "code": not signed})
+            if signed:
+                planes = mask_late_spikes(torch.stack(list(signed_spikes(x, params))).to(torch.int8), mask_steps)
+                out = weighted_spike_sum(params, list(planes.to(x.dtype)), x)
+                events = step_schedule(params)[0].to(x.dtype).reshape(T, *[1] * x.dim()) * planes.to(x.dtype)
+            else:
+                planes = mask_late_spikes(reference(x, params)[1], mask_steps)
+                out = torch.sign(x) * weighted_spike_sum(params, list(planes.to(x.dtype)), x.abs())
+                events = (torch.sign(x).to(torch.int8).to(x.dtype)
+                          * step_schedule(params)[0].to(x.dtype).reshape(T, *[1] * x.dim()) * planes.to(x.dtype))
+            assert_bitwise(fired.out, out)
+            assert_bitwise(fired.spikes, planes)
+            assert_bitwise(fired.events, events)
+            nonzero = planes != 0
+            counts = nonzero.sum(0, dtype=torch.int64)
+            assert torch.equal(fired.per_step, nonzero.sum(dim=tuple(range(1, planes.dim())), dtype=torch.int64))
+            assert torch.equal(fired.popcount, counts.to(torch.uint8))
+            assert torch.equal(fired.rows, counts.sum(-1) if x.dim() > 1 else counts.sum())
+            if not signed:
+                steps = torch.arange(T).reshape(-1, *[1] * x.dim())
+                assert torch.equal(fired.code.long(), (planes.long() << steps).sum(0))
+            unmasked = kernel.fire(x, params, spikes=True).spikes
+            assert int(counts.sum()) <= int((unmasked != 0).sum())
+            if mask_steps <= 2 and budget != 1:
+                assert int(counts.sum()) < int((unmasked != 0).sum())  # late spikes were there to drop
+            eager = kernel._reference(x, params, True, True, True, not signed, True, True, mask_steps)
+            for field in ("out", "spikes", "events", "popcount", "rows", "per_step"):
+                assert_bitwise(getattr(eager, field), getattr(fired, field))
+
+
+def test_mask_steps_below_one_is_refused():
+    with pytest.raises(ValueError, match="mask_steps must be at least 1"):
+        kernel.fire(torch.ones(3), params_for(4), mask_steps=0)

@@ -10,7 +10,8 @@ import torch
 from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tiny
 
 from spikecompile.backends.sim import simulate
-from spikecompile.backends.sim.simulate import mask_late_spikes, run
+from spikecompile.backends.sim.simulate import run
+from spikecompile.neuron import mask_late_spikes
 from spikecompile.build import BuildOptions, build
 from spikecompile.ir import Output, PhaseNeuron, interpret, retyped
 from spikecompile.neuron import phase_encode, phase_quantize

@@ -7,7 +7,8 @@ from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tin
 
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
-from spikecompile.backends.sim.simulate import mask_late_spikes, run
+from spikecompile.backends.sim.simulate import run
+from spikecompile.neuron import mask_late_spikes
 from spikecompile.build import BuildOptions, build
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron, interpret, retyped

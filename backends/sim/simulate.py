@@ -37,7 +37,7 @@ from spikecompile.ir import (
     PhaseNeuron,
 )
 from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
-from spikecompile.neuron import kernel, phase_decode, phase_encode, step_schedule
+from spikecompile.neuron import kernel
 
 from .counting import SpikeTally, structure
 
@@ -58,17 +58,6 @@ class Recording:
     shapes: dict[str, tuple[int, ...]]
     stepped: frozenset
     """the nodes whose event values carry a leading step dim (all float values but the summed Outputs)"""
-
-
-def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
-    """Drop every spike at a step ≥ t0 + keep_steps, t0 the neuron's first spike (spikes [T, ...] bool, or a
-    signed-digit neuron's int8 s_t ∈ {−1, 0, +1}: a −1 is a spike)."""
-    if keep_steps is None:
-        return spikes
-    fired_before = (spikes != 0).int().cumsum(0)
-    first = torch.where(fired_before > 0, 0, 1).sum(0)  # steps before the first spike = t0
-    steps = torch.arange(spikes.shape[0], device=spikes.device).view(-1, *[1] * (spikes.dim() - 1))
-    return torch.where(steps < first + keep_steps, spikes, torch.zeros((), dtype=spikes.dtype))
 
 
 @torch.no_grad()
@@ -187,21 +176,11 @@ def _fire(node: PhaseNeuron, window: Tensor, mode: str, mask_steps: int | None,
     """The neuron on its input `window` (the decoded input, or in event mode Σ_t x_t): (its value — x̂, or in event
     mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
     neuron = neuron_of(node)
-    params = neuron.params
-    if mask_steps is None:  # one fused pass (neuron.kernel), bitwise the rule below (signed digits included)
-        fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event",
-                            spikes=form == "planes", rows=form == "tally")
-        spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)
-        return (fired.out if mode == "decoded" else fired.events), spikes
-    sign, spikes = phase_encode(window, params)
-    spikes = mask_late_spikes(spikes, mask_steps)
-    record = spikes if form == "planes" else SpikeTally.of(spikes != 0)  # a signed digit −1 is one spike too
-    if mode == "decoded":
-        return phase_decode(sign, spikes, params, dtype=window.dtype), record
-    weights = step_schedule(params)[0].to(window.dtype).view(-1, *[1] * window.dim())
-    if params.signed_digits:  # y_t = d(t)·s_t: each digit carries its sign
-        return weights * spikes.to(window.dtype), record
-    return sign.to(window.dtype) * weights * spikes.to(window.dtype), record
+    # one fused pass (neuron.kernel), late-spike masking and signed digits included
+    fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event", spikes=form == "planes",
+                        rows=form == "tally", mask_steps=mask_steps)
+    spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)
+    return (fired.out if mode == "decoded" else fired.events), spikes
 
 
 # event rules for the nodes whose decoded rule does not apply to every step as is

@@ -17,7 +17,7 @@ template <typename F> struct Args {
     const F* x; int64_t sites, inner; int32_t T;
     const F* thr; const F* reset; const F* weight; const int64_t* budget;
     F* out; F* events; uint8_t* planes; void* code; int32_t code_bytes; uint8_t* popcount;
-    int64_t* per_step; int64_t* rows; int64_t row_len; int32_t threads; int32_t signed_digits;
+    int64_t* per_step; int64_t* rows; int64_t row_len; int32_t threads; int32_t signed_digits; int32_t mask_steps;
 };
 
 template <typename V, typename T> static inline void store(T* to, const V& v, int64_t len, int64_t full) {
@@ -42,6 +42,7 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
     int64_t* const rows = a.rows;
     const int code_bytes = a.code_bytes;
     const bool signed_digits = a.signed_digits != 0;
+    const I mask = (I)(a.mask_steps > 0 ? a.mask_steps : 0);  // late-spike masking: keep steps < t0 + mask
     const int64_t inner = a.inner, per_site = (inner + G - 1) / G, n = a.sites * inner, row_len = a.row_len;
     const int T = a.T;
     vi totals[MAX_STEPS];
@@ -62,7 +63,7 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
         const int64_t g0 = s * inner + j0;
         int64_t lens[U];
         vf sign[U], r[U], acc[U];
-        vi count[U], code[U], valid[U];
+        vi count[U], code[U], valid[U], encoded[U], first[U];
         #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
             lens[u] = len - u * L > L ? L : (len - u * L > 0 ? len - u * L : 0);
@@ -80,6 +81,8 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
             acc[u] = zero;
             count[u] = vi{};
             code[u] = vi{};
+            encoded[u] = vi{};
+            first[u] = vi{} + (I)T;
         }
         if (signed_digits) {  // s_t = [r > θ(t)] − [−r > θ(t)] (masked once K digits were nonzero), r ← r − h(t)·s_t
             for (int t = 0; t < T; ++t) {
@@ -89,12 +92,20 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
                 for (int u = 0; u < U; ++u) {
                     vi up = r[u] > th, down = -r[u] > th;
                     vi fired = up ^ down;  // both only below a negative threshold: the reference's 1 − 1 = 0
-                    if (budget) fired &= count[u] < budget;
+                    if (budget) fired &= (mask ? encoded[u] : count[u]) < budget;
                     if (len != G) fired &= valid[u];
                     up &= fired;
                     down &= fired;
-                    const vf digit = (up ? one : zero) - (down ? one : zero);
+                    vf digit = (up ? one : zero) - (down ? one : zero);
                     r[u] = r[u] - h * digit;  // h·s_t is exact: one rounding, as the reference's addcmul
+                    if (mask) {  // the potential moved on every digit; only the output drops the late ones
+                        encoded[u] -= fired;
+                        first[u] = (fired & (first[u] == (I)T)) ? vi{} + (I)t : first[u];
+                        fired &= (I)t < first[u] + mask;
+                        up &= fired;
+                        down &= fired;
+                        digit = (up ? one : zero) - (down ? one : zero);
+                    }
                     acc[u] = acc[u] + d * digit;
                     count[u] -= fired;
                     step -= fired;
@@ -109,7 +120,7 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
                 }
                 totals[t] += step;
             }
-        } else if (budget == 0 && len == G && !planes && !events && !codes) {  // the common case
+        } else if (budget == 0 && len == G && !planes && !events && !codes && !mask) {  // the common case
             for (int t = 0; t < T; ++t) {
                 const F th = thr[t], h = reset[t], d = weight[t];
                 vi step = vi{};
@@ -130,9 +141,14 @@ static void fire_range(const Args<F>& a, int64_t begin, int64_t end) {
                 #pragma GCC unroll 8
                 for (int u = 0; u < U; ++u) {
                     vi fired = r[u] > th;
-                    if (budget) fired &= count[u] < budget;
+                    if (budget) fired &= (mask ? encoded[u] : count[u]) < budget;
                     if (len != G) fired &= valid[u];
                     r[u] = fired ? r[u] - h : r[u];
+                    if (mask) {  // the potential moved on every spike; only the output drops the late ones
+                        encoded[u] -= fired;
+                        first[u] = (fired & (first[u] == (I)T)) ? vi{} + (I)t : first[u];
+                        fired &= (I)t < first[u] + mask;
+                    }
                     acc[u] = fired ? acc[u] + d : acc[u];
                     count[u] -= fired;
                     step -= fired;
@@ -224,10 +240,10 @@ template <typename F, typename I, int L, int U> static void fire(const Args<F> a
     extern "C" int NAME(const F* x, int64_t sites, int64_t inner, int32_t T, const F* thr, const F* reset,           \
                         const F* weight, const int64_t* budget, F* out, F* events, uint8_t* planes, void* code,      \
                         int32_t code_bytes, uint8_t* popcount, int64_t* per_step, int64_t* rows, int64_t row_len,    \
-                        int32_t threads, int32_t signed_digits) {                                                    \
-        if (T < 1 || T > MAX_STEPS || (signed_digits && code)) return 1;                                             \
+                        int32_t threads, int32_t signed_digits, int32_t mask_steps) {                                \
+        if (T < 1 || T > MAX_STEPS || (signed_digits && code) || mask_steps < 0) return 1;                           \
         Args<F> a = {x, sites, inner, T, thr, reset, weight, budget, out, events, planes, code, code_bytes,          \
-                     popcount, per_step, rows, row_len, threads, signed_digits};                                     \
+                     popcount, per_step, rows, row_len, threads, signed_digits, mask_steps};                         \
         fire<F, I, L, U>(a);                                                                                            \
         return 0;                                                                                                    \
     }

@@ -23,6 +23,10 @@ A signed-digit neuron (signed_digits) runs the same pass on r = x with its signe
 (σ = 1: each digit carries its sign); spikes are int8 digits −1/0/+1, every count counts nonzero digits, and a
 bit code is refused (a digit is not a bit).
 
+Late-spike masking (mask_steps = m, the paper's D.7) keeps only the spikes at steps < t0 + m, t0 the element's first
+spike (reference.mask_late_spikes): the potential runs as without it (and a budget K counts the spikes it encoded),
+but every output — x̂, planes, events, code and counts — sees only the kept spikes.
+
 The kernel is plain C++ (GCC vector extensions, OpenMP) built with the system compiler ($CXX or g++) into
 $SPIKECOMPILE_KERNEL_CACHE (default ~/.cache/spikecompile/kernels), keyed by source, flags, compiler and CPU;
 built once (about a second), then loaded. Without a compiler, or with SPIKECOMPILE_NO_KERNEL=1, fire() runs the
@@ -50,7 +54,8 @@ import torch
 from torch import Tensor
 
 from .reference import (
-    PhaseNeuronParams, fire_heaviside, magnitude_spikes, signed_spikes, step_schedule, weighted_spike_sum,
+    PhaseNeuronParams, fire_heaviside, magnitude_spikes, mask_late_spikes, signed_spikes, step_schedule,
+    weighted_spike_sum,
 )
 
 MAX_STEPS = 64
@@ -141,9 +146,11 @@ def quantize(x: Tensor, params: PhaseNeuronParams | Prepared) -> Tensor:
 
 
 def fire(x: Tensor, neuron: PhaseNeuronParams | Prepared, *, out: bool = True, spikes: bool = False,
-         events: bool = False, code: bool = False, popcount: bool = False, rows: bool = False) -> Fired:
+         events: bool = False, code: bool = False, popcount: bool = False, rows: bool = False,
+         mask_steps: int | None = None) -> Fired:
     """Run the neuron on x (shape (*B, *rest) against the parameters' batch shape B) once; see the module
-    docstring. neuron: the parameters, or prepare(parameters) to reuse their schedule across calls.
+    docstring. neuron: the parameters, or prepare(parameters) to reuse their schedule across calls. mask_steps:
+    late-spike masking (keep the spikes at steps < first spike + mask_steps), None for none.
 
     out is in the reference's promoted dtype (x's and the parameters' float types); events in x's dtype with
     the weights d(t) cast to it (as the simulator's event rule computes them)."""
@@ -159,11 +166,14 @@ def fire(x: Tensor, neuron: PhaseNeuronParams | Prepared, *, out: bool = True, s
         raise ValueError(f"neuron input must be a float tensor, got {x.dtype}")
     if code:
         code_dtype(params.T)
+    if mask_steps is not None and mask_steps < 1:
+        raise ValueError(f"kernel.fire: mask_steps must be at least 1, got {mask_steps}")
     compute = torch.promote_types(x.dtype, params.tau.dtype)
     library = _library() if _kernel_fits(x, params, compute, events) else None
     if library is None:
-        return _reference(x, params, out, spikes, events, code, popcount, rows)
-    return _kernel(library, x, prepared or Prepared(params), compute, out, spikes, events, code, popcount, rows)
+        return _reference(x, params, out, spikes, events, code, popcount, rows, mask_steps)
+    return _kernel(library, x, prepared or Prepared(params), compute, out, spikes, events, code, popcount, rows,
+                   mask_steps)
 
 
 def applies(x: Tensor, params: PhaseNeuronParams) -> bool:
@@ -181,7 +191,7 @@ def _kernel_fits(x: Tensor, params: PhaseNeuronParams, compute: torch.dtype, eve
             and (not events or x.dtype == compute))
 
 
-def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, popcount, rows) -> Fired:
+def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, popcount, rows, mask_steps) -> Fired:
     params = prepared.params
     T, batch = params.T, tuple(params.batch_shape)
     result = Fired(per_step=torch.zeros(*batch, T, dtype=torch.int64))
@@ -212,7 +222,8 @@ def _kernel(library, x, prepared: Prepared, compute, out, spikes, events, code, 
         pointer(result.out), pointer(result.events), pointer(result.spikes), pointer(result.code),
         ctypes.c_int32(result.code.element_size() if code else 0), pointer(result.popcount),
         pointer(result.per_step), pointer(result.rows), ctypes.c_int64(max(1, row_len)),
-        ctypes.c_int32(torch.get_num_threads()), ctypes.c_int32(int(params.signed_digits)))
+        ctypes.c_int32(torch.get_num_threads()), ctypes.c_int32(int(params.signed_digits)),
+        ctypes.c_int32(mask_steps or 0))
     if status != 0:
         raise RuntimeError(f"neuron kernel failed (status {status})")
     return result
@@ -280,11 +291,13 @@ def _pointer(tensor: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else None)
 
 
-def _reference(x, params, out, spikes, events, code, popcount, rows) -> Fired:
+def _reference(x, params, out, spikes, events, code, popcount, rows, mask_steps=None) -> Fired:
     """The same results from the reference functions (neuron.reference, eager PyTorch)."""
     signed = params.signed_digits
     potential = x if signed else x.abs()  # the signed-digit potential keeps its sign
     planes = list(signed_spikes(x, params) if signed else magnitude_spikes(potential, params, fire_heaviside))
+    if mask_steps is not None:
+        planes = list(mask_late_spikes(torch.stack(planes), mask_steps))
     batch = len(params.batch_shape)
     dims = tuple(range(batch, x.dim()))
     per_step = torch.stack([(plane != 0).sum(dim=dims, dtype=torch.int64) if dims else (plane != 0).to(torch.int64)

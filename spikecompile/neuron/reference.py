@@ -211,6 +211,17 @@ def _spike_train(values: Tensor, params: PhaseNeuronParams, thresholds: Tensor, 
             residual = torch.addcmul(residual, reset[t], spikes, value=-1)
 
 
+def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
+    """Late-spike masking (the paper's D.7): drop every spike at a step ≥ t0 + keep_steps, t0 the neuron's first spike (spikes [T, ...] bool, or a
+    signed-digit neuron's int8 s_t ∈ {−1, 0, +1}: a −1 is a spike)."""
+    if keep_steps is None:
+        return spikes
+    fired_before = (spikes != 0).int().cumsum(0)
+    first = torch.where(fired_before > 0, 0, 1).sum(0)  # steps before the first spike = t0
+    steps = torch.arange(spikes.shape[0], device=spikes.device).view(-1, *[1] * (spikes.dim() - 1))
+    return torch.where(steps < first + keep_steps, spikes, torch.zeros((), dtype=spikes.dtype))
+
+
 def weighted_spike_sum(params: PhaseNeuronParams, spikes: Iterable[Tensor], like: Tensor) -> Tensor:
     """Σ_t d(t)·s_t accumulated in step order, so every mode rounds identically (d(t)·s_t is exact)."""
     weights = _per_step(step_schedule(params)[0], like)
