@@ -227,7 +227,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     _print_site_table(rows)
     ann, prefixed, snn = figures.ann, figures.prefixed_float, figures.snn  # no prefix: prefixed is the ANN
     coding = record["coding"]
-    steps = f"per site (budget, at most {coding['timesteps']})" if record.get("budget") else coding["timesteps"]
+    steps = _steps_text(coding, record.get("budget"))
     click.echo(f"perplexity on {text.name} ({figures.windows} windows x {seqlen} tokens), "
                f"coding={coding['name']} T={steps} grains={coding['grains']}:")
     click.echo(f"  ANN {ann:.4f}   SNN {snn:.4f}   ratio SNN/ANN {snn / ann:.4f}")
@@ -241,6 +241,11 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
             "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
             "placement": asdict(placement), **peak_memory_mb(),
         })
+
+
+def _steps_text(coding: dict, budget: dict | None) -> str:
+    """T as eval and zeroshot print it: the one T, or, for a budget model, per site and at most the coding's T."""
+    return f"per site (budget, at most {coding['timesteps']})" if budget else str(coding["timesteps"])
 
 
 class _TargetSections(_Command):
@@ -671,7 +676,8 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path,
     modes = ("spiking", "ann") if mode == "both" else (mode,)
     outcome = module.zeroshot_eval(model_file, tasks, modes, limit, batch_size, source, device, dtype)
     coding = outcome["coding"]
-    click.echo(f"zero-shot accuracy of {model_file} (coding={coding['name']} T={coding['timesteps']}; "
+    click.echo(f"zero-shot accuracy of {model_file} (coding={coding['name']} "
+               f"T={_steps_text(coding, outcome['budget'])}; "
                f"lm-eval {outcome['lm_eval']}, 0-shot):")
     click.echo(f"  {'task':<16}{'mode':<9}{'n':>6}  {'acc':<15}  {'acc_norm'}")
     for mode_name, rows in outcome["results"].items():

@@ -508,4 +508,6 @@ def score_tasks(lm: SpikecompileLM, tasks: dict[str, Path], modes=("spiking",), 
                 stderr = row.get(f"{metric}_stderr,none")
                 entry[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, int | float) else math.nan
             results[mode][name] = entry
-    return {"lm_eval": lm_eval.__version__, "coding": lm.spiking.record["coding"], "results": results}
+    record = lm.spiking.record
+    return {"lm_eval": lm_eval.__version__, "coding": record["coding"], "budget": record.get("budget"),
+            "results": results}

@@ -136,6 +136,22 @@ def test_budget_model_builds_and_inspects_per_site_timesteps(budgeted, tmp_path)
     assert f"T=per site (budget, at most {top})" in result.output  # not one T the model does not run at
 
 
+def test_budget_model_zeroshot_header_says_per_site(budgeted, tmp_path):
+    """zeroshot names a budget model's T as eval does: per site, at most the largest (not the coding's nominal T)."""
+    pytest.importorskip("lm_eval", reason="lm-eval (the eval extra) is not installed")
+    root, path = budgeted
+    words = synthetic_text(words=60, seed=5).split()
+    records = [{"query": " ".join(words[i:i + 5]), "choices": [words[i + 6], words[i + 7]], "gold": i % 2}
+               for i in range(0, 30, 10)]
+    tasks = tmp_path / "mc.jsonl"
+    tasks.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = _invoke("zeroshot", path, "--task", f"mc={tasks}", "--json", tmp_path / "zeroshot.json")
+    assert result.exit_code == 0, result.output
+    top = max(modelfile.load(path)["budget"]["timesteps"].values())
+    assert f"T=per site (budget, at most {top})" in result.output
+    assert json.loads((tmp_path / "zeroshot.json").read_text())["budget"]["kind"] == "spikes_per_mac"
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--spikes-per-mac", "0.5"], "--spikes-per-mac 0.5: infeasible"),
     (["--energy-budget", "0.5", "-T", "8"], "--energy-budget chooses each site's T"),
