@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 
-from spikecompile.conversion.fit import FitConfig, _base2_tau, lloyd_max_mse, quantizer_stats
-from spikecompile.neuron import base2_params
+from spikecompile.conversion.fit import FitConfig, best_base2, lloyd_max_mse, quantizer_stats
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def base2_stats(samples: torch.Tensor, T: int) -> torch.Tensor:
     """[S, 2]: MSE and spikes per activation of each row's base-2 neuron at its error-minimising τ."""
-    cfg = FitConfig(T=T, n_grains=2)
-    neuron = base2_params(_base2_tau(samples, samples.abs().amax(-1), cfg), T, 2)
+    neuron = best_base2(samples, FitConfig(T=T, n_grains=2))
     return quantizer_stats(samples, neuron)
 
 

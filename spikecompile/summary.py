@@ -23,7 +23,7 @@ from torch import Tensor
 from .errors import SpikecompileError
 from .files import atomic_write
 from .ir import (
-    ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorRef, TensorType, layer_indices, layer_of,
+    ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorType, layer_indices, layer_of, tensor_refs,
     validate,
 )
 from .ir.base import torch_dtype
@@ -155,14 +155,8 @@ def _matmul_ops(graph: Graph, types: dict[str, TensorType], bindings: dict[str, 
 
 
 def _memory(graph: Graph) -> dict:
-    weights: dict[str, TensorRef] = {}
-    node_tensors: list[Tensor] = []
-    for name in graph:
-        for value in _field_values(graph[name]):
-            if isinstance(value, TensorRef):
-                weights.setdefault(value.name, value)
-            elif isinstance(value, Tensor):
-                node_tensors.append(value)
+    weights = tensor_refs(graph)
+    node_tensors = [value for name in graph for value in _field_values(graph[name]) if isinstance(value, Tensor)]
     by_dtype: Counter[str] = Counter()
     for ref in weights.values():
         by_dtype[ref.dtype] += math.prod(ref.shape) * torch_dtype(ref.dtype).itemsize

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...errors import SpikecompileError
 from ...files import file_sha256, read_document
-from ...ir import Graph, IRNode, TensorRef, TensorType, validate
+from ...ir import Graph, IRNode, TensorType, validate
 from ...ir.serialize import first_line
 from .export import FORMAT, FORMAT_VERSION, MANIFEST_FILE, OPS_FILE
 from .lower import VARIANTS, NotExpressible, Variant, lower
@@ -130,8 +130,8 @@ def _fold(segment: nir.NIRGraph, name: str, variant: Variant) -> tuple[IRNode, d
     if carrier is None or "spikecompile.ir" not in carrier.metadata:
         raise SpikecompileError(f"node {name}: not in its segment, or without its spikecompile.ir metadata")
     node = rebuild(json.loads(carrier.metadata["spikecompile.ir"]))
-    weights = {ref.name: torch.from_numpy(np.asarray(getattr(carrier, field.name)))
-               for field in dataclasses.fields(node) if isinstance(ref := getattr(node, field.name), TensorRef)}
+    weights = {ref.name: torch.from_numpy(np.asarray(getattr(carrier, field_name)))
+               for field_name, ref in node.tensor_refs().items()}
     width = int(carrier.output_type["output"][-1])
     try:
         expected = lower(name, node, TensorType((width,), "float32"), variant, weights)

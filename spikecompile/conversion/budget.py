@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from ..modelschema import TIMESTEP_RANGE
-from ..neuron import base2_params
-from .fit import FitConfig, _base2_tau, _chunked_stats
+from .fit import FitConfig, _chunked_stats, best_base2
 from .sites import SiteTable
 
 TIMESTEP_CHOICES = tuple(range(TIMESTEP_RANGE[0], TIMESTEP_RANGE[1] + 1))
@@ -52,8 +51,7 @@ def site_curves(samples: Tensor, grains: int, signed: bool = False) -> SiteCurve
     max_abs = samples.abs().amax(-1)
     mse, spikes = [], []
     for steps in TIMESTEP_CHOICES:
-        cfg = FitConfig(T=steps, n_grains=grains)
-        neuron = base2_params(_base2_tau(samples, max_abs, cfg), steps, cfg.n_grains)
+        neuron = best_base2(samples, FitConfig(T=steps, n_grains=grains), max_abs=max_abs)
         if signed:
             neuron = replace(neuron, signed_digits=True)
         stats = _chunked_stats(samples, neuron)

@@ -198,7 +198,7 @@ def _fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None, progre
         raise ValueError(f"fit_sites: samples of sites {which} are not all finite; drop or clean them")
     genotypes = _site_genotypes(genotypes, cfg, samples.shape[0], samples.device)
     max_abs = samples.abs().amax(-1)
-    base2 = base2_params(_base2_tau(samples, max_abs, cfg), cfg.T, cfg.n_grains, genotypes)
+    base2 = best_base2(samples, cfg, genotypes, max_abs)
     if cfg.coding == "phase-sd":  # the same levels off ties (golden_signed_base2), so the same τ_2
         base2 = replace(base2, signed_digits=True)
     if cfg.coding not in FITTED:
@@ -268,6 +268,15 @@ def _companded_quantiles(x: Tensor, levels: int) -> Tensor:
 def _base2_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig) -> Tensor:
     """[S] τ with the lowest base-2 MSE: the grid max|x|·2^(-k/q), then 8x finer within one grid step."""
     return _grid_tau(samples, max_abs, cfg, lambda rows, tau: golden_base2(rows, tau, cfg.T))
+
+
+def best_base2(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
+               max_abs: Tensor | None = None) -> PhaseNeuronParams:
+    """The base-2 neurons [S] (every base 2, cfg.T steps, cfg.n_grains grains) at the τ with each site's lowest
+    MSE on its samples [S, N]: the baseline the fit starts from, and the per-T neuron of the budget curves.
+    max_abs: the samples' max |x| per site, when the caller has it."""
+    max_abs = samples.abs().amax(-1) if max_abs is None else max_abs
+    return base2_params(_base2_tau(samples, max_abs, cfg), cfg.T, cfg.n_grains, genotypes)
 
 
 def _grid_tau(samples: Tensor, max_abs: Tensor, cfg: FitConfig, quantize, octaves_above: int = 0) -> Tensor:
