@@ -10,7 +10,9 @@ from conftest import convert_tiny
 from safetensors import safe_open
 
 from spikecompile.cli import cli
-from spikecompile.ir import PhaseNeuron, interpret, read, read_weights, sites_off, tensor_refs, widened
+from spikecompile.ir import (
+    CastStore, PhaseNeuron, interpret, read, read_weights, retyped, sites_off, tensor_refs, widened,
+)
 from spikecompile.ir.base import torch_dtype
 
 SEQLEN, WINDOWS = 48, 2
@@ -59,6 +61,33 @@ def test_the_bf16_ir_computes_the_fp32_irs_function(built):
     assert wide.dtype == torch.float32
     for logits, bound in ((wide, 5e-3), (native.float(), 1e-2)):  # bf16 keeps 8 bits of each weight
         assert 0 < (logits - expected).abs().max() <= bound * expected.abs().max()
+
+
+def test_widening_is_a_view_that_casts_each_tensor_when_used(built):
+    """widened/retyped copy no weight up front (a 7B model's fp32 copy would be 27 GB): the view hands out each
+    tensor cast when it is asked for, keeps writes and deletions to itself, and leaves the store under it as it was."""
+    _, _, folders = built
+    graph = read(folders["bfloat16"])
+    store = read_weights(folders["bfloat16"], graph)
+    before = {name: (tensor.dtype, tensor.data_ptr()) for name, tensor in store.items()}
+    wide_graph, wide = widened(graph, store)
+    assert isinstance(wide, CastStore) and sorted(wide) == sorted(store) and len(wide) == len(store)
+    refs = tensor_refs(wide_graph)
+    half = [name for name in refs if store[name].dtype == torch.bfloat16]
+    assert half and all(refs[name].dtype == "float32" for name in half)
+    for name in half:
+        assert wide[name].dtype == torch.float32 and torch.equal(wide[name], store[name].float())
+        assert refs[name].resolve(wide).dtype == torch.float32
+    wide[half[0]] = torch.zeros_like(wide[half[0]])
+    del wide[half[1]]
+    assert not wide[half[0]].any() and half[1] not in wide and half[1] not in list(wide)
+    with pytest.raises(KeyError):
+        wide[half[1]]
+    assert {name: (tensor.dtype, tensor.data_ptr()) for name, tensor in store.items()} == before
+    wide[half[1]] = store[half[1]].float()
+    deep_graph, deep = retyped(wide_graph, wide, torch.float64)  # a view of a view: cast on the way, once per use
+    name = half[2]
+    assert tensor_refs(deep_graph)[name].dtype == "float64" and torch.equal(deep[name], store[name].double())
 
 
 @pytest.mark.parametrize("target", ["sim", "nir", "onnx"])

@@ -10,8 +10,10 @@ rewrites a graph through Graph's methods, never through its networkx DiGraph `nx
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, MutableMapping
 
 import networkx as nx
+import torch
 
 from ..errors import SpikecompileError
 from .base import NODE_TYPES, IRNode, TensorRef, TensorType, torch_dtype
@@ -178,29 +180,69 @@ def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-def retyped(graph: Graph, store, dtype) -> tuple[Graph, dict]:
-    """The graph with every float TensorRef in `dtype` (a torch dtype) and a store holding those tensors cast (a
-    copy; integer tensors are shared)."""
+class CastStore(MutableMapping):
+    """A view of a TensorStore in which the tensors named in `cast` read in their new dtype, each cast when it is
+    asked for: a retyped or widened IR holds its weights once, in their own dtype, plus the tensor in use in the new
+    one (a copy of every weight would be 27 GB in fp32 for a 7B model, 54 GB in float64). Writes and deletions (a
+    pass replacing weights) stay in the view: the store under it is never changed."""
+
+    def __init__(self, store, cast: dict[str, torch.dtype]):
+        self._store, self._cast = store, cast
+        self._written: dict = {}
+        self._deleted: set[str] = set()
+
+    def __getitem__(self, name: str):
+        if name in self._written:
+            return self._written[name]
+        if name in self._deleted:
+            raise KeyError(name)
+        tensor = self._store[name]
+        dtype = self._cast.get(name)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def __setitem__(self, name: str, tensor) -> None:
+        self._written[name] = tensor
+        self._deleted.discard(name)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._written.pop(name, None)
+        self._deleted.add(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._written or (name not in self._deleted and name in self._store)
+
+    def __iter__(self):
+        yield from self._written
+        yield from (name for name in self._store if name not in self._written and name not in self._deleted)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def retyped(graph: Graph, store, dtype) -> tuple[Graph, CastStore]:
+    """The graph with every float TensorRef in `dtype` (a torch dtype), and a view of the store that reads those
+    tensors cast (CastStore: each cast when used; integer tensors as they are). Every TensorRef is checked against
+    the store here, as resolve() checks it."""
     name = str(dtype).removeprefix("torch.")
-    result, tensors = graph.copy(), {}
+    result, cast = graph.copy(), {}
     for node_name in graph:
         node = graph[node_name]
         changes = {}
         for field, ref in node.tensor_refs().items():
-            tensor = ref.resolve(store)
-            if tensor.is_floating_point():
-                tensors[ref.name] = tensor.to(dtype)
+            if ref.resolve(store).is_floating_point():
+                cast[ref.name] = dtype
                 changes[field] = dataclasses.replace(ref, dtype=name)
-            else:
-                tensors[ref.name] = tensor
         if changes:
             result.replace(node_name, dataclasses.replace(node, **changes))
-    return result, tensors
+    return result, CastStore(store, cast)
 
 
-def widened(graph: Graph, store) -> tuple[Graph, dict]:
-    """(graph, store) with bf16/fp16 weights widened to float32 (a copy), or as they are when none is narrower:
-    the simulator and the exporters compute in float32 whatever dtype the IR keeps its weights in."""
+def widened(graph: Graph, store) -> tuple[Graph, Mapping]:
+    """(graph, store) with bf16/fp16 weights widened to float32 (retyped: a view that widens each tensor when it is
+    used), or as they are when none is narrower: the simulator and the exporters compute in float32 whatever dtype
+    the IR keeps its weights in."""
     if not any(ref.dtype in HALF_DTYPES for ref in tensor_refs(graph).values()):
         return graph, store
     return retyped(graph, store, torch_dtype("float32"))
