@@ -1,12 +1,16 @@
-"""Build memory at 7B width (issue 15): `build --target ir` of a LLaMA-2-7B-shaped bf16 model with few layers.
+"""Build memory at 7B width (issue 15): `build --target ir` and `--target sim` of a LLaMA-2-7B-shaped bf16 model
+with few layers.
 
 bench/scale.py's random bf16 model (hidden 4096, intermediate 11008, vocab 32000; sharded safetensors) is
 converted (`convert -T 8 --calib-windows 1 --calib-seqlen 128 --dtype bfloat16`: the build's memory does not
-depend on the calibration) and built to the IR, each command in its own process (/usr/bin/time: peak RSS, wall).
+depend on the calibration), built to the IR, and built and simulated (decoded mode, one window of 64 tokens of the
+built-in text: the simulator's weights, not its activations, dominate), each command in its own process
+(/usr/bin/time: peak RSS, wall).
 With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same model.pt is also built
 by that version, side by side in the same run. Prints the figures and writes bench/results/build_scale.json.
 
-    PYTHONPATH=. python bench/build_scale.py [--layers 2] [--baseline /path/to/old/checkout] [--workdir DIR]
+    PYTHONPATH=. python bench/build_scale.py [--layers 2] [--targets ir sim] [--baseline /path/to/old/checkout]
+                                             [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from scale import SHAPES, write_model
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "build_scale.json"
 CONVERT = ("-T", "8", "--calib-windows", "1", "--calib-seqlen", "128", "--dtype", "bfloat16", "--no-progress")
+TARGET_OPTIONS = {"ir": (), "sim": ("--mode", "decoded", "--windows", "1", "--seqlen", "64")}
 
 
 def timed(command: list[str], code: Path) -> dict:
@@ -42,6 +47,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to build with, side by side")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--targets", nargs="+", default=list(TARGET_OPTIONS), choices=list(TARGET_OPTIONS))
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="build-scale-"))
     folder = workdir / f"llama2-7b-shape-{args.layers}layers"
@@ -56,14 +62,19 @@ def main() -> None:
     results["bf16_weights_mb"] = parameters * 2 / 2**20
     builds = {"this version": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
     for label, code in builds.items():
-        out = workdir / f"ir-{label.replace(' ', '-')}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        figures = timed(["build", str(model), "--target", "ir", "-o", str(out), "--no-progress"], code)
-        figures["weights_file_mb"] = (out / "weights.safetensors").stat().st_size / 2**20
-        results[label] = figures
-        print(f"{label:<13} build --target ir: peak RSS {figures['peak_rss_mb']:.0f} MB, wall {figures['wall_s']:.1f} s, "
-              f"weights.safetensors {figures['weights_file_mb']:.0f} MB (bf16 weights {results['bf16_weights_mb']:.0f} "
-              f"MB)", flush=True)
+        results[label] = {}
+        for target in args.targets:
+            out = workdir / f"{target}-{label.replace(' ', '-')}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            figures = timed(["build", str(model), "--target", target, "-o", str(out), "--no-progress",
+                             *TARGET_OPTIONS[target]], code)
+            if target == "ir":
+                figures["weights_file_mb"] = (out / "weights.safetensors").stat().st_size / 2**20
+            results[label][target] = figures
+            print(f"{label:<13} build --target {target}: peak RSS {figures['peak_rss_mb']:.0f} MB, wall "
+                  f"{figures['wall_s']:.1f} s" + (f", weights.safetensors {figures['weights_file_mb']:.0f} MB"
+                                                 if target == "ir" else "") +
+                  f" (bf16 weights {results['bf16_weights_mb']:.0f} MB)", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS}")
