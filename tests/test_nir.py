@@ -340,6 +340,35 @@ def assert_whole_model_runs_in_nirtorch(result, folder, ids):
     return values[output]
 
 
+def test_export_holds_one_segments_nir_arrays_at_a_time(built, tmp_path, monkeypatch):
+    """The whole-model export lowers each segment with its weights only when it writes it (a first pass lowers
+    against placeholder weights): when a node is lowered with its weights, the only such lowerings still alive are
+    earlier nodes of its own segment (lowering everything first, as before, kept all of them). The files are those
+    of lowering everything first (the read-back tests check them)."""
+    import gc
+    import weakref
+
+    export_module = importlib.import_module("spikecompile.backends.nir.export")
+    alive, live_before = [], []
+    real_lower = export_module.lower
+
+    def recording_lower(name, node, value, variant, store):
+        if isinstance(store, export_module._Placeholders):
+            return real_lower(name, node, value, variant, store)
+        gc.collect()
+        live_before.append(sum(ref() is not None for ref in alive))
+        lowered = real_lower(name, node, value, variant, store)
+        alive.append(weakref.ref(lowered))
+        return lowered
+
+    monkeypatch.setattr(export_module, "lower", recording_lower)
+    export(built.graph, built.store, tmp_path)
+    steps = json.loads((tmp_path / "manifest.json").read_text())["steps"]
+    sizes = [len(step["nodes"]) for step in steps if "segment" in step]
+    assert live_before == [index for size in sizes for index in range(size)]
+    assert len(sizes) > 4 and max(sizes) < len(alive) / 4
+
+
 @requires_nirtorch
 def test_whole_model_runs_in_nirtorch_equal_to_the_interpreter_and_simulator(built, tmp_path):
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))

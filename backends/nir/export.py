@@ -37,10 +37,12 @@ import networkx as nx
 import nir
 import numpy as np
 import safetensors.torch
+import torch
 
 from ...errors import SpikecompileError
 from ...files import atomic_write, check_writable, file_sha256
 from ...ir import Graph, Input, Output, TensorStore, TensorType, tensor_refs, validate
+from ...ir.base import torch_dtype
 from ...ir.serialize import json_text
 from ...progress import bar
 from .. import BuildResult, widened_result
@@ -81,7 +83,7 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool
         raise SpikecompileError(f"NIR variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     chosen = VARIANTS[variant]
     types = validate(graph)
-    lowered, reasons = _lower_all(graph, types, store, chosen, progress)
+    lowered, reasons = _classify(graph, types, chosen, progress)
     unsupported = [name for name, reason in reasons.items() if reason is None]
     if strict and unsupported:
         raise SpikecompileError(f"--strict: NIR cannot express, and no manifest rule describes, "
@@ -93,7 +95,9 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool
             steps.append({**describe(members[0], graph[members[0]]), "inputs": _wiring(graph, members[0])})
             continue
         path = f"{SEGMENTS_FOLDER}/{members[0]}.nir"
-        segment, inputs, outputs = _segment(graph, members, lowered, types, chosen)
+        parts = {name: lower(name, graph[name], types[name], chosen, store) for name in members}
+        segment, inputs, outputs = _segment(graph, members, parts, types, chosen)
+        del parts  # one segment's weights at a time
         files[path] = _write(folder / path, lambda temp, segment=segment: write_hdf5(
             temp, lambda stream: nir.write(stream, segment, compression=None)))
         steps.append({"segment": path, "nodes": {name: _wiring(graph, name) for name in members},
@@ -113,21 +117,38 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, *, strict: bool
     return report
 
 
-def _lower_all(graph: Graph, types: dict[str, TensorType], store: TensorStore, variant: Variant,
-               progress: bool = False) -> tuple[dict[str, Lowered], dict[str, str | None]]:
-    """Each node NIR expresses, lowered; for every other node but the graph's inputs and outputs, why not (None:
-    no lowering and no manifest rule)."""
+def _classify(graph: Graph, types: dict[str, TensorType], variant: Variant, progress: bool = False
+              ) -> tuple[dict[str, bool], dict[str, str | None]]:
+    """Which nodes NIR expresses ({name: whether approximated}), and for every other node but the graph's inputs and
+    outputs, why not (None: no lowering and no manifest rule). Each node is lowered against placeholder weights
+    (_Placeholders: no memory) and the result dropped: the export lowers each segment again, with its weights, only
+    when it writes it, so the whole model's NIR arrays are never held at once."""
     lowered, reasons = {}, {}
+    placeholders = _Placeholders(graph)
     for name in bar(graph.topological_order(), desc="nir: lower", unit="node", progress=progress):
         node = graph[name]
         if type(node) in LOWERINGS:
             try:
-                lowered[name] = lower(name, node, types[name], variant, store)
+                nodes = lower(name, node, types[name], variant, placeholders).nodes.values()
             except NotExpressible as error:
                 reasons[name] = f"{type(node).__name__}: {error}"
+            else:
+                lowered[name] = any(isinstance(part, nir.IF) for part in nodes)
         elif not isinstance(node, Input | Output):
             reasons[name] = NOT_EXPRESSIBLE.get(type(node))
     return lowered, reasons
+
+
+class _Placeholders:
+    """A TensorStore that answers each of the graph's TensorRefs with zeros of its shape and dtype, broadcast from
+    one element (no memory)."""
+
+    def __init__(self, graph: Graph):
+        self._refs = tensor_refs(graph)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        ref = self._refs[name]
+        return torch.zeros((), dtype=torch_dtype(ref.dtype)).expand(ref.shape)
 
 
 def _steps(graph: Graph, lowered: set[str]) -> list[list[str]]:
@@ -156,13 +177,13 @@ def _steps(graph: Graph, lowered: set[str]) -> list[list[str]]:
     return [members_of[first] for first in nx.lexicographical_topological_sort(quotient, key=position.get)]
 
 
-def _segment(graph: Graph, members: list[str], lowered: dict[str, Lowered], types: dict[str, TensorType],
+def _segment(graph: Graph, members: list[str], parts: dict[str, Lowered], types: dict[str, TensorType],
              variant: Variant) -> tuple[nir.NIRGraph, list[str], list[str]]:
     """The NIR graph of one segment, the IR values it reads from outside and those it gives out."""
     inside = set(members)
     inputs, nodes, edges = [], {}, []
     for name in members:
-        part = lowered[name]
+        part = parts[name]
         nodes.update(part.nodes)
         edges.extend(part.edges)
         for port, source in graph.inputs(name).items():
@@ -183,14 +204,15 @@ def _segment(graph: Graph, members: list[str], lowered: dict[str, Lowered], type
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata), inputs, outputs
 
 
-def _fidelity(graph: Graph, lowered: dict[str, Lowered], reasons: dict[str, str | None], located: dict[str, str],
+def _fidelity(graph: Graph, lowered: dict[str, bool], reasons: dict[str, str | None], located: dict[str, str],
               variant: Variant) -> dict:
-    """The fidelity report: counts by level, the nodes without a rule, and one entry per IR node in graph order."""
+    """The fidelity report: counts by level, the nodes without a rule, and one entry per IR node in graph order
+    (lowered: {name: whether approximated})."""
     nodes = []
     for name in graph.topological_order():
         kind = type(graph[name]).__name__
         if name in lowered:
-            approximated = any(isinstance(node, nir.IF) for node in lowered[name].nodes.values())
+            approximated = lowered[name]
             entry = {"fidelity": APPROXIMATED if approximated else EXACT, "file": located[name]}
             if approximated:
                 entry["reason"] = variant.approximates
