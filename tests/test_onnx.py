@@ -389,6 +389,31 @@ def test_external_data_past_the_protobuf_limit(built, exported, monkeypatch, tmp
     assert np.array_equal(got, expected)
 
 
+def test_weights_stream_to_the_data_file_as_they_are_lowered(built, monkeypatch, tmp_path):
+    """Past the limit on the graph's own weights, every initializer is written to the data file as it is made (the
+    model reaches write_model with no weight bytes inline): the files are byte for byte those of lowering the whole
+    model first and moving its weights out afterwards."""
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 2**16)
+    monkeypatch.setattr(export_module, "HEADROOM", 0)
+    assert export_module.weight_bytes(built.graph) > 2**16
+    inline_at_write = []
+    real_write_model = export_module.write_model
+
+    def watching(model, path, data_written=False):
+        inline_at_write.append(max(len(tensor.raw_data) for tensor in model.graph.initializer))
+        return real_write_model(model, path, data_written)
+
+    monkeypatch.setattr(export_module, "write_model", watching)
+    streamed = build_onnx(built, tmp_path / "streamed", "decoded")
+    assert inline_at_write[-1] < export_module.EXTERNAL_MIN_BYTES  # nothing big was held until the end
+    monkeypatch.setattr(export_module, "weight_bytes", lambda graph: 0)  # the whole model first, then moved out
+    afterwards = build_onnx(built, tmp_path / "afterwards", "decoded")
+    assert inline_at_write[-1] >= export_module.EXTERNAL_MIN_BYTES
+    for name in ("decoded.onnx", "decoded.onnx.data"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "afterwards" / name).read_bytes()
+    assert streamed["forms"]["decoded"]["data"] == afterwards["forms"]["decoded"]["data"] == "decoded.onnx.data"
+
+
 def test_a_node_without_lowering_is_named_with_its_type(built, monkeypatch, tmp_path):
     monkeypatch.delitem(LOWERINGS, Rotation)
     with pytest.raises(SpikecompileError, match="node layers.0.mlp.online_hadamard: the onnx backend has no lowering "

@@ -10,6 +10,7 @@ value ("const/<k>").
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -49,10 +50,12 @@ def value_info(name: str, of: TensorType, leading: tuple[int | str, ...] = ()) -
 
 
 class GraphBuilder:
-    """scope: the IR node being lowered (the prefix of every name made meanwhile)."""
+    """scope: the IR node being lowered (the prefix of every name made meanwhile). place: applied to every
+    initializer as it is made (export.ExternalData.place: its bytes go to the data file at once), or None."""
 
-    def __init__(self, store: TensorStore):
+    def __init__(self, store: TensorStore, place: Callable[[TensorProto], TensorProto] | None = None):
         self.store = store
+        self._place = place or (lambda proto: proto)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -96,7 +99,7 @@ class GraphBuilder:
         """The store's tensor `ref` as an initializer named ref.name (shape and dtype checked by resolve)."""
         if ref.name not in self.initializers:
             self._claim(ref.name)
-            self.initializers[ref.name] = tensor_proto(ref.name, ref.resolve(self.store))
+            self.initializers[ref.name] = self._place(tensor_proto(ref.name, ref.resolve(self.store)))
         return ref.name
 
     def tensor(self, name: str, tensor: torch.Tensor) -> str:
@@ -106,7 +109,7 @@ class GraphBuilder:
         key = (proto.data_type, tuple(proto.dims), proto.raw_data)
         if key not in self._derived:
             self._claim(name)
-            self.initializers[name] = proto
+            self.initializers[name] = self._place(proto)
             self._derived[key] = name
         return self._derived[key]
 

@@ -11,14 +11,18 @@ is the stored prefix (an initializer of the same name): leave it out to run the 
 another prefix of P tokens. Outputs: the Output nodes by name ("logits": [batch, seq, vocab]).
 
 A model whose weights would pass protobuf's 2 GiB limit keeps them in "<form>.onnx.data" (ONNX external data,
-offsets aligned to 4 KiB for memory mapping), written before the model. Every file is written atomically and
-checked with onnx.checker (full check, from the written file). Writing is deterministic.
+offsets aligned to 4 KiB for memory mapping), written before the model. When the graph's own weights already pass
+it (any model of a few billion parameters), each initializer goes to the data file as it is made (ExternalData),
+so the export holds one tensor at a time, not the model's weights in fp32 (27 GB for 7B); the files are those of
+writing the whole model out afterwards. Every file is written atomically and checked with onnx.checker (full
+check, from the written file). Writing is deterministic.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,7 +32,8 @@ from onnx import TensorProto, external_data_helper, helper
 from ... import __version__
 from ...errors import SpikecompileError
 from ...files import atomic_write, check_writable
-from ...ir import Graph, TensorStore, validate
+from ...ir import Graph, TensorStore, tensor_refs, validate
+from ...ir.base import torch_dtype
 from ...progress import bar
 from .. import BuildResult, widened_result
 from .builder import GraphBuilder
@@ -71,11 +76,23 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, form: str = "bo
     folder = _prepare(folder)
     report = {"format": "spikecompile.onnx", "opset": OPSET, "onnx": onnx.__version__, "spike_outputs": spike_outputs,
               "ir_nodes": len(graph), "forms": {}}
+    streamed = weight_bytes(graph) > PROTOBUF_LIMIT - HEADROOM
     for name in forms:
         start = time.perf_counter()
-        model = to_onnx(graph, store, name, spike_outputs, progress)
+        path = folder / f"{name}.onnx"
+        if streamed:  # the weights go to the data file as they are lowered
+            data, made = path.with_name(path.name + ".data"), []
+
+            def lower_into(temp, name=name, data=data, made=made):
+                with ExternalData(temp, data.name) as external:
+                    made.append(to_onnx(graph, store, name, spike_outputs, progress, external=external))
+
+            atomic_write(data, lower_into)
+            model = made[0]
+        else:
+            model = to_onnx(graph, store, name, spike_outputs, progress)
         lowered = time.perf_counter()
-        files = write_model(model, folder / f"{name}.onnx")
+        files = write_model(model, path, data_written=streamed)
         report["ir_version"] = model.ir_version
         report["forms"][name] = {**files, **describe(model), "seconds": {
             "lower": lowered - start, "write_and_check": time.perf_counter() - lowered}}
@@ -85,10 +102,16 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, form: str = "bo
     return report
 
 
+def weight_bytes(graph: Graph) -> int:
+    """Bytes of the weights the graph's TensorRefs name (each once), in their IR dtypes."""
+    return sum(math.prod(ref.shape) * torch_dtype(ref.dtype).itemsize for ref in tensor_refs(graph).values())
+
+
 def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outputs: bool = False,
-            progress: bool = False) -> onnx.ModelProto:
-    """The ONNX model of `graph` in one form (weights embedded); SpikecompileError naming the node at fault.
-    progress: a bar on a terminal's stderr, one step per IR node."""
+            progress: bool = False, external: ExternalData | None = None) -> onnx.ModelProto:
+    """The ONNX model of `graph` in one form (weights embedded, or with `external` written to its data file as
+    they are made); SpikecompileError naming the node at fault. progress: a bar on a terminal's stderr, one step
+    per IR node."""
     if form not in FORMS:
         raise SpikecompileError(f"onnx form {form!r}: a model holds one form, {' or '.join(FORMS)}")
     types = validate(graph)
@@ -96,7 +119,7 @@ def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outpu
     unassigned = [name for name in graph if graph[name].timesteps is None]
     if event and unassigned:
         raise SpikecompileError(f"node {unassigned[0]}: no timesteps; run the assign_timesteps pass first")
-    builder = GraphBuilder(store)
+    builder = GraphBuilder(store, external.place if external else None)
     context = Context(builder, {}, event, spike_outputs and event)
     values = {}
     for name in bar(graph.topological_order(), desc=f"onnx {form}: lower", unit="node", progress=progress):
@@ -122,11 +145,13 @@ def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outpu
     return model
 
 
-def write_model(model: onnx.ModelProto, path: Path) -> dict:
-    """Write `model` to `path` (its weights to "<path>.data" past the protobuf limit) and check the written file."""
+def write_model(model: onnx.ModelProto, path: Path, data_written: bool = False) -> dict:
+    """Write `model` to `path` (its weights to "<path>.data" past the protobuf limit, unless data_written: they are
+    there already, ExternalData) and check the written file."""
     data = path.with_name(path.name + ".data")
-    external = sum(len(tensor.raw_data) for tensor in model.graph.initializer) > PROTOBUF_LIMIT - HEADROOM
-    if external:
+    external = data_written or sum(len(tensor.raw_data) for tensor in model.graph.initializer) > \
+        PROTOBUF_LIMIT - HEADROOM
+    if external and not data_written:
         _write_external_data(model, data)
     atomic_write(path, lambda temp: Path(temp).write_bytes(model.SerializeToString()))
     if not external:
@@ -141,26 +166,43 @@ def write_model(model: onnx.ModelProto, path: Path) -> dict:
 
 
 def _write_external_data(model: onnx.ModelProto, data: Path) -> None:
-    """Move the bytes of every initializer of EXTERNAL_MIN_BYTES or more into `data`, each at an offset aligned to
-    DATA_ALIGNMENT (the small ones — shapes, axes, scalars — stay inline, where shape inference reads them)."""
-    tensors = [tensor for tensor in model.graph.initializer if len(tensor.raw_data) >= EXTERNAL_MIN_BYTES]
-    offsets, end = [], 0
-    for tensor in tensors:
-        offset = -(-end // DATA_ALIGNMENT) * DATA_ALIGNMENT
-        offsets.append(offset)
-        end = offset + len(tensor.raw_data)
+    """Move the bytes of every initializer into `data` as ExternalData places them."""
 
     def write(temp):
-        with open(temp, "wb") as stream:
-            for tensor, offset in zip(tensors, offsets, strict=True):
-                stream.write(bytes(offset - stream.tell()))
-                stream.write(tensor.raw_data)
+        with ExternalData(temp, data.name) as external:
+            for tensor in model.graph.initializer:
+                external.place(tensor)
 
     atomic_write(data, write)
-    for tensor, offset in zip(tensors, offsets, strict=True):
-        external_data_helper.set_external_data(tensor, data.name, offset, len(tensor.raw_data))
+
+
+class ExternalData:
+    """A data file (ONNX external data) that initializers are moved into as they are made: each of
+    EXTERNAL_MIN_BYTES or more at the next offset aligned to DATA_ALIGNMENT, its TensorProto left pointing there
+    (location: the file's final name). The small ones — shapes, axes, scalars — stay inline, where shape inference
+    reads them."""
+
+    def __init__(self, path, location: str):
+        self.path, self.location = path, location
+
+    def __enter__(self) -> ExternalData:
+        self.stream = open(self.path, "wb")  # noqa: SIM115 (closed on exit)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+    def place(self, tensor: TensorProto) -> TensorProto:
+        size = len(tensor.raw_data)
+        if size < EXTERNAL_MIN_BYTES:
+            return tensor
+        offset = -(-self.stream.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
+        self.stream.write(bytes(offset - self.stream.tell()))
+        self.stream.write(tensor.raw_data)
+        external_data_helper.set_external_data(tensor, self.location, offset, size)
         tensor.data_location = TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
+        return tensor
 
 
 def describe(model: onnx.ModelProto) -> dict:
