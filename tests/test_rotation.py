@@ -7,7 +7,7 @@ import torch
 
 from spikecompile.conversion.rotation import OnlineHadamard, rotate_llama
 from spikecompile.errors import SpikecompileError
-from spikecompile.hadamard import apply_hadamard, hadamard_matrix
+from spikecompile.hadamard import _gemm_factors, apply_hadamard, apply_hadamard_gemm, hadamard_matrix
 from conftest import build_tiny_llama
 
 WIDTHS = (4, 8, 12, 16, 20, 24, 28, 36, 64, 96, 576, 1536)
@@ -41,6 +41,33 @@ def test_apply_hadamard_equals_dense_product(n):
     assert torch.allclose(apply_hadamard(x, n), x @ hadamard_matrix(n)[0], atol=1e-12)
     x32 = x.float()
     assert torch.allclose(apply_hadamard(x32), x32 @ hadamard_matrix(n)[0].float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", (*WIDTHS, 1, 2, 14, 52, 128, 896, 1536, 4096, 11008, 14336))
+def test_gemm_hadamard_equals_dense_product(n):
+    """The conversion's weight rotations (apply_hadamard_gemm): the Kronecker factors' product is √(2^a)·H_n, no
+    factor is wider than GEMM_FACTOR unless it is the K block, and x·H_n matches the dense product and the
+    butterfly to float64 rounding (not bit for bit: the forward passes keep apply_hadamard)."""
+    import math
+
+    from spikecompile.hadamard import GEMM_FACTOR, _factor
+
+    factors = _gemm_factors(n)
+    pow2, block, _ = _factor(n)
+    assert all(f.shape[0] <= GEMM_FACTOR for f in factors[:len(factors) - (block.shape[0] > 1)])
+    if n <= 1536:
+        product = torch.ones(1, 1, dtype=torch.float64)
+        for factor in factors:
+            product = torch.kron(product, factor)
+        assert torch.allclose(product / math.sqrt(pow2), hadamard_matrix(n)[0], atol=1e-12)
+    x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    rotated = apply_hadamard_gemm(x, n)
+    assert rotated.shape == x.shape
+    assert torch.allclose(rotated, apply_hadamard(x, n), atol=1e-12)
+    if n <= 1536:
+        assert torch.allclose(rotated, x @ hadamard_matrix(n)[0], atol=1e-12)
+    with pytest.raises(SpikecompileError, match="last dim of the input is"):
+        apply_hadamard_gemm(x, n + 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,7 +12,7 @@ The Hadamard matrices and their fast transform live in spikecompile.hadamard.
 import torch
 
 from spikecompile.errors import SpikecompileError
-from spikecompile.hadamard import apply_hadamard, describe_hadamard, hadamard_matrix
+from spikecompile.hadamard import apply_hadamard, apply_hadamard_gemm, describe_hadamard, hadamard_matrix
 
 
 class OnlineHadamard:
@@ -173,10 +173,10 @@ class ResidualRotation:
         }
 
     def times_q(self, x: torch.Tensor) -> torch.Tensor:
-        """x·Q = (x·H_n)·diag(signs) for float64 x [..., n], H_n applied as its factors (spikecompile.hadamard):
-        about (2^a + K)/n of a dense product's work, which at 7B widths is the difference between seconds and
-        minutes per layer."""
-        return apply_hadamard(x, self.hidden).mul_(self.signs.double())
+        """x·Q = (x·H_n)·diag(signs) for float64 x [..., n], H_n applied as its Kronecker factors, each a small
+        dense product (spikecompile.hadamard.apply_hadamard_gemm): a few hundredths of a dense product's work,
+        at GEMM speed."""
+        return apply_hadamard_gemm(x, self.hidden).mul_(self.signs.double())
 
     def q_transposed_times(self, x: torch.Tensor) -> torch.Tensor:
         """Qᵀ·x = (xᵀ·Q)ᵀ for float64 x [n, m]."""
@@ -221,7 +221,7 @@ class ResidualRotation:
         inter = mlp.down_proj.in_features
         inter_desc = describe_hadamard(inter)
         if self.apply:
-            _rewrite(mlp.down_proj, left=self.q_transposed_times, right=lambda weight: apply_hadamard(weight, inter))
+            _rewrite(mlp.down_proj, left=self.q_transposed_times, right=lambda weight: apply_hadamard_gemm(weight, inter))
         mlp.down_proj.register_forward_pre_hook(OnlineHadamard(mlp.down_proj.in_features))
         self.record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
         self.record["head"]["v_out"].append(names[attn.v_proj])
