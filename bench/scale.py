@@ -6,9 +6,11 @@ embedding, final norm and lm_head) and a small BPE tokenizer trained on the buil
 `convert -T 8 --calib-windows 4 --calib-seqlen 512 --dtype bfloat16`, in its own process at each depth and reports
 its peak RSS (the --json report's ru_maxrss), wall time, seconds per calibrated layer, the ratio of the two
 depths' times, and the time extrapolated to 32 layers (a line through the two depths: fixed + per layer × 32).
+With --baseline DIR (a checkout of an earlier spikecompile, e.g. a git worktree) each depth is also converted by
+that version, right after this one on the same files, and the two times are compared side by side.
 Writes bench/results/scale.json.
 
-    python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep]
+    python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep] [--baseline DIR]
 
 --shape llama3-8b writes bench/results/scale_llama3_8b.json instead.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -97,13 +100,16 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def run(folder: Path, workdir: Path) -> dict:
-    """The CLI's convert of `folder` in its own process: its --json report and wall time."""
-    output, report = workdir / f"{folder.name}.pt", workdir / f"{folder.name}.json"
+def run(folder: Path, workdir: Path, code: Path | None = None) -> dict:
+    """The CLI's convert of `folder` in its own process (with the spikecompile of checkout `code` when given): its
+    --json report and wall time."""
+    tag = "-baseline" if code else ""
+    output, report = workdir / f"{folder.name}{tag}.pt", workdir / f"{folder.name}{tag}.json"
     command = [sys.executable, "-m", "spikecompile", "convert", str(folder), "-o", str(output), "--json", str(report),
                *CONVERT]
+    environment = {**os.environ, "PYTHONPATH": str(code)} if code else None
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=environment)
     figures = json.loads(report.read_text())
     figures["wall_s"] = time.perf_counter() - start
     return figures
@@ -115,6 +121,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the models are written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written models")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to convert with, side by side")
     arguments = parser.parse_args()
     workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="scale-"))
     runs = {}
@@ -131,6 +138,13 @@ def main() -> None:
         print(f"{depth} layers: wall {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB, "
               f"per calibrated layer {runs[depth]['mean_layer_s']:.1f} s, stages "
               + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in figures["timings_s"].items()), flush=True)
+        if arguments.baseline:
+            before = run(folder, workdir, arguments.baseline)
+            runs[depth]["baseline"] = {"wall_s": before["wall_s"], "timings_s": before["timings_s"],
+                                       "peak_rss_mb": before["peak_rss_mb"]}
+            print(f"{depth} layers, baseline {arguments.baseline}: wall {before['wall_s']:.1f} s, stages "
+                  + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in before["timings_s"].items()),
+                  flush=True)
         if not arguments.keep:
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     low, high = (runs[depth] for depth in arguments.depths)
@@ -140,6 +154,14 @@ def main() -> None:
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
                "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
                "peak_rss_mb_max": max(run["peak_rss_mb"] for run in runs.values()), "peak_rss_target_mb": 6144}
+    if arguments.baseline:
+        walls = [runs[depth]["baseline"]["wall_s"] for depth in arguments.depths]
+        summary["baseline"] = {"checkout": str(arguments.baseline), "depth_ratio": walls[1] / walls[0],
+                               "speedup": {depth: runs[depth]["baseline"]["wall_s"] / runs[depth]["wall_s"]
+                                           for depth in arguments.depths}}
+        print(f"baseline depth ratio {summary['baseline']['depth_ratio']:.2f}; this version is "
+              + ", ".join(f"{speed:.2f}x as fast at {depth} layers"
+                          for depth, speed in summary["baseline"]["speedup"].items()))
     print(f"depth ratio {summary['depth_ratio']:.2f} ({high['layers']}/{low['layers']} layers), "
           f"{per_layer:.1f} s per layer, 32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
           f"peak RSS ≤ {summary['peak_rss_mb_max']:.0f} MB")

@@ -23,16 +23,82 @@ def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """(p, m) with q = p^m, p prime and m ≥ 2; None for a prime or anything else."""
+    for p in range(2, math.isqrt(q) + 1):
+        if q % p == 0:
+            m, rest = 0, q
+            while rest % p == 0:
+                rest, m = rest // p, m + 1
+            return (p, m) if rest == 1 and _is_prime(p) else None
+    return None
+
+
+def _poly_mod(dividend: list[int], divisor: list[int], p: int) -> list[int]:
+    """dividend mod a monic divisor over GF(p); coefficients lowest degree first."""
+    rest = list(dividend)
+    degree = len(divisor) - 1
+    for top in range(len(rest) - 1, degree - 1, -1):
+        factor = rest[top] % p
+        if factor:
+            for index, coefficient in enumerate(divisor):
+                rest[top - degree + index] = (rest[top - degree + index] - factor * coefficient) % p
+    return [c % p for c in rest[:degree]]
+
+
+def _monic(p: int, degree: int):
+    """Every monic polynomial of `degree` over GF(p), lowest coefficients first, in counting order."""
+    for number in range(p ** degree):
+        yield [(number // p ** index) % p for index in range(degree)] + [1]
+
+
+@functools.lru_cache(maxsize=None)
+def _irreducible(p: int, m: int) -> tuple[int, ...]:
+    """The first monic irreducible polynomial of degree m over GF(p) in counting order (no monic factor of degree
+    1..m/2), lowest coefficient first: GF(p^m) = GF(p)[x]/(f), a fixed choice so that H_n is always one matrix."""
+    for candidate in _monic(p, m):
+        if all(any(_poly_mod(candidate, factor, p)) for degree in range(1, m // 2 + 1)
+               for factor in _monic(p, degree)):
+            return tuple(candidate)
+    raise AssertionError(f"no irreducible polynomial of degree {m} over GF({p})")  # one always exists
+
+
+def _field_squares(p: int, m: int) -> set[int]:
+    """The nonzero squares of GF(p^m), each element the integer Σ c_i·p^i of its coefficients mod f."""
+    modulus = list(_irreducible(p, m))
+    squares = set()
+    for number in range(1, p ** m):
+        digits = [(number // p ** index) % p for index in range(m)]
+        product = [0] * (2 * m - 1)
+        for i, a in enumerate(digits):
+            for j, b in enumerate(digits):
+                product[i + j] += a * b
+        square = _poly_mod(product, modulus, p) if 2 * m - 1 >= m else product
+        squares.add(sum(c * p ** index for index, c in enumerate(square)))
+    return squares
+
+
 def _jacobsthal(q: int) -> torch.Tensor:
-    """Q[i, j] = χ(j − i), χ the quadratic character mod the prime q (0 at 0, +1 on squares, −1 else)."""
-    squares = {(x * x) % q for x in range(1, q)}
-    chi = [0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)]
-    idx = torch.arange(q)
-    return torch.tensor(chi, dtype=torch.float64)[(idx[None, :] - idx[:, None]) % q]
+    """Q[i, j] = χ(a_j − a_i), χ the quadratic character of GF(q) (0 at 0, +1 on squares, −1 else). For a prime q,
+    a_i = i mod q; for a prime power q = p^m, a_i is the polynomial whose coefficients are i's base-p digits, in
+    GF(p)[x]/(f) with f = _irreducible(p, m)."""
+    power = _prime_power(q)
+    if power is None:
+        squares = {(x * x) % q for x in range(1, q)}
+        chi = [0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)]
+        idx = torch.arange(q)
+        return torch.tensor(chi, dtype=torch.float64)[(idx[None, :] - idx[:, None]) % q]
+    p, m = power
+    squares = _field_squares(p, m)
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    weights = p ** torch.arange(m)
+    digits = (torch.arange(q)[:, None] // weights) % p  # [q, m]
+    difference = (digits[None, :, :] - digits[:, None, :]) % p  # a_j − a_i, digit by digit
+    return chi[(difference * weights).sum(-1)]
 
 
 def _paley1(q: int) -> torch.Tensor:
-    """Paley I, order q+1 for a prime q ≡ 3 (mod 4): H = I + S, S = [[0, 1ᵀ], [−1, Q]] (S skew)."""
+    """Paley I, order q+1 for a prime power q ≡ 3 (mod 4): H = I + S, S = [[0, 1ᵀ], [−1, Q]] (S skew)."""
     s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
     s[0, 1:] = 1.0
     s[1:, 0] = -1.0
@@ -41,7 +107,7 @@ def _paley1(q: int) -> torch.Tensor:
 
 
 def _paley2(q: int) -> torch.Tensor:
-    """Paley II, order 2(q+1) for a prime q ≡ 1 (mod 4): with C = [[0, 1ᵀ], [1, Q]] (C symmetric),
+    """Paley II, order 2(q+1) for a prime power q ≡ 1 (mod 4): with C = [[0, 1ᵀ], [1, Q]] (C symmetric),
     H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]."""
     c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
     c[0, 1:] = 1.0
@@ -53,13 +119,23 @@ def _paley2(q: int) -> torch.Tensor:
 
 
 def _paley_block(k: int) -> tuple[torch.Tensor, str] | None:
-    """An unnormalised ±1 Hadamard matrix of order k, or None when neither Paley construction gives k."""
+    """An unnormalised ±1 Hadamard matrix of order k, or None when no Paley construction gives k. Over a prime
+    field first (the constructions every earlier version used, so those widths keep their matrices), then over
+    GF(p^m): LLaMA-2-7B's 11008 = 32·344 needs GF(7³), where a prime field only gives 2·5504."""
     if k == 1:
         return torch.ones(1, 1, dtype=torch.float64), "trivial"
     if _is_prime(k - 1) and (k - 1) % 4 == 3:
         return _paley1(k - 1), f"paley1(q={k - 1})"
     if k % 2 == 0 and _is_prime(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
         return _paley2(k // 2 - 1), f"paley2(q={k // 2 - 1})"
+    for q, build, name, residue in ((k - 1, _paley1, "paley1", 3), (k // 2 - 1, _paley2, "paley2", 1)):
+        power = _prime_power(q) if q > 1 and (name == "paley1" or k % 2 == 0) else None
+        if power is not None and q % 4 == residue:
+            p, m = power
+            terms = [(index, c) for index, c in enumerate(_irreducible(p, m)) if c][::-1]
+            polynomial = " + ".join((f"{c}" if c > 1 or not index else "") + ("x" if index else "") +
+                                    (f"^{index}" if index > 1 else "") for index, c in terms)
+            return build(q), f"{name}(q={q}={p}^{m}, GF({p})[x]/({polynomial}))"
     return None
 
 

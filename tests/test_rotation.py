@@ -1,13 +1,16 @@
 """Hadamard construction, the online transform, and rotate_llama's computational invariance."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from spikecompile.conversion.rotation import OnlineHadamard, rotate_llama
 from spikecompile.errors import SpikecompileError
-from spikecompile.hadamard import _gemm_factors, apply_hadamard, apply_hadamard_gemm, hadamard_matrix
+from spikecompile.hadamard import (
+    _gemm_factors, apply_hadamard, apply_hadamard_gemm, describe_hadamard, hadamard_matrix,
+)
 from conftest import build_tiny_llama
 
 WIDTHS = (4, 8, 12, 16, 20, 24, 28, 36, 64, 96, 576, 1536)
@@ -27,7 +30,34 @@ def test_smollm2_widths_use_largest_power_of_two():
     assert hadamard_matrix(1536)[1] == {"n": 1536, "pow2": 128, "k": 12, "k_construction": "paley1(q=11)"}
 
 
-@pytest.mark.parametrize("n", (14, 52))
+@pytest.mark.parametrize("n, pow2, q", [(52, 1, "25=5^2"), (100, 1, "49=7^2"), (344, 1, "343=7^3"),
+                                        (11008, 32, "343=7^3"), (3200, 32, "49=7^2")])
+def test_paley_over_prime_power_fields(n, pow2, q):
+    """Widths whose K needs GF(p^m): a true Hadamard matrix (±1/√n entries, orthonormal). LLaMA-2-7B's
+    intermediate 11008 becomes H_32 ⊗ H_344 (GF(7³)) instead of H_2 ⊗ H_5504: 376 multiply-adds per element
+    instead of 5506, in the online Hadamard and in the down_proj fold."""
+    h, desc = hadamard_matrix(n)
+    assert desc["pow2"] == pow2 and desc["k"] == n // pow2 and f"(q={q}," in desc["k_construction"]
+    if n <= 3200:
+        assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(h.abs(), torch.full_like(h, n ** -0.5), atol=1e-12)
+    else:  # the K block (the Sylvester factor is Hadamard by construction)
+        from spikecompile.hadamard import hadamard_factors
+
+        block = hadamard_factors(n)[1] * math.sqrt(desc["k"])
+        assert torch.equal(block.round(), block) and torch.equal(block.abs(), torch.ones_like(block))
+        assert torch.allclose(block @ block.T, desc["k"] * torch.eye(desc["k"], dtype=torch.float64), atol=1e-9)
+
+
+def test_prime_field_widths_keep_their_matrices():
+    """A width that a prime-field Paley construction already served keeps it (models converted before the GF(p^m)
+    constructions keep their rotations): K = 28 is paley2(13), not paley1 over GF(27)."""
+    assert hadamard_matrix(28)[1]["k_construction"] == "paley2(q=13)"
+    assert describe_hadamard(14336) == {"n": 14336, "pow2": 512, "k": 28, "k_construction": "paley2(q=13)"}
+    assert describe_hadamard(4864) == {"n": 4864, "pow2": 64, "k": 76, "k_construction": "paley2(q=37)"}
+
+
+@pytest.mark.parametrize("n", (14, 172))
 def test_fallback_block_is_orthonormal_and_labelled_random(n):
     h, desc = hadamard_matrix(n)
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
@@ -48,8 +78,6 @@ def test_gemm_hadamard_equals_dense_product(n):
     """The conversion's weight rotations (apply_hadamard_gemm): the Kronecker factors' product is √(2^a)·H_n, no
     factor is wider than GEMM_FACTOR unless it is the K block, and x·H_n matches the dense product and the
     butterfly to float64 rounding (not bit for bit: the forward passes keep apply_hadamard)."""
-    import math
-
     from spikecompile.hadamard import GEMM_FACTOR, _factor
 
     factors = _gemm_factors(n)
