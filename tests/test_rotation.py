@@ -257,3 +257,28 @@ def test_row_blocked_rewrites_equal_whole_ones(monkeypatch):
     rotate_llama(blocked, seed=1)
     for (name, expected), (_, found) in zip(whole.state_dict().items(), blocked.state_dict().items(), strict=True):
         assert torch.equal(expected, found), name
+
+
+def test_a_model_converted_with_another_hadamard_matrix_is_refused(tmp_path):
+    """A model.pt whose rotation record names another construction for a width (an earlier version's matrix, e.g.
+    LLaMA-2-7B's 11008 before GF(7³)) is refused by eval and build with one line that says to re-convert: never
+    run with a matrix it was not calibrated with."""
+    from click.testing import CliRunner
+
+    from conftest import convert_tiny
+    from spikecompile import modelfile
+    from spikecompile.cli import cli
+
+    path = convert_tiny(tmp_path)
+    record = modelfile.load(path)
+    record["rotation"]["residual"]["k_construction"] = "paley1(q=5503)"
+    stale = tmp_path / "stale.pt"
+    modelfile.save(record, stale)
+    for command in (["eval", str(stale), "--ppl", str(tmp_path / "calib.txt"), "--seqlen", "32", "--max-windows",
+                     "1", "--no-progress"],
+                    ["build", str(stale), "--target", "ir", "-o", str(tmp_path / "ir"), "--no-progress"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code != 0
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "re-convert" in lines[0] and "stale.pt" in lines[0], result.output
+    assert not (tmp_path / "ir").exists()
