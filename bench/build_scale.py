@@ -6,8 +6,9 @@ converted (`convert -T 8 --calib-windows 1 --calib-seqlen 128 --dtype bfloat16`:
 depend on the calibration), built to the IR, and built and simulated (decoded mode, one window of 64 tokens of the
 built-in text: the simulator's weights, not its activations, dominate), each command in its own process
 (/usr/bin/time: peak RSS, wall).
-With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same model.pt is also built
-by that version, side by side in the same run. Prints the figures and writes bench/results/build_scale.json.
+With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same source model is also
+converted and built by that version, side by side in the same run (each version builds its own conversion: a
+model.pt records its rotation matrices, and a version refuses one made with other matrices). Prints the figures and writes bench/results/build_scale.json.
 
     PYTHONPATH=. python bench/build_scale.py [--layers 2] [--targets ir sim] [--baseline /path/to/old/checkout]
                                              [--workdir DIR]
@@ -53,16 +54,16 @@ def main() -> None:
     folder = workdir / f"llama2-7b-shape-{args.layers}layers"
     if not (folder / "config.json").is_file():
         write_model(folder, args.layers)
-    model = workdir / "model.pt"
     results = {"shape": SHAPES["llama2-7b"], "layers": args.layers, "convert_options": " ".join(CONVERT)}
-    if not model.is_file():
-        results["convert_run"] = timed(["convert", str(folder), "-o", str(model), *CONVERT], ROOT)
     parameters = sum(path.stat().st_size for path in folder.glob("*.safetensors")) // 2  # bf16: 2 bytes each
     results["parameters"] = parameters
     results["bf16_weights_mb"] = parameters * 2 / 2**20
     builds = {"this version": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
     for label, code in builds.items():
         results[label] = {}
+        model = workdir / f"model-{label.replace(' ', '-')}.pt"
+        if not model.is_file():
+            results[label]["convert"] = timed(["convert", str(folder), "-o", str(model), *CONVERT], code)
         for target in args.targets:
             out = workdir / f"{target}-{label.replace(' ', '-')}"
             subprocess.run(["rm", "-rf", str(out)], check=True)

@@ -8,11 +8,10 @@ from conftest import assert_masking_fewer_spikes_same_in_both_modes, convert_tin
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.counting import count
 from spikecompile.backends.sim.simulate import run
-from spikecompile.neuron import mask_late_spikes
 from spikecompile.build import BuildOptions, build
 from spikecompile.errors import SpikecompileError
 from spikecompile.ir import ActivationMatmul, Graph, Input, Output, PhaseNeuron, interpret, retyped
-from spikecompile.neuron import base2_params, phase_encode
+from spikecompile.neuron import base2_params, mask_late_spikes, phase_encode
 
 
 def _ids(length=20, seed=0):
@@ -87,6 +86,28 @@ def test_linear_counts_one_ac_per_spike_and_fan_out(built):
     assert gate.mac == rows * out_features * 6  # the step gain d(t): one per output per step
     ann = result.ann["layers.0.mlp.gate_proj"]
     assert ann.mac == rows * out_features * built.graph["layers.0.mlp.gate_proj"].weight.shape[1]
+
+
+def test_online_hadamard_counts_the_factors_it_runs(built):
+    """The online Hadamard before down_proj costs, per element and step, one add per butterfly stage of its 2^a
+    factor and K multiply-adds for its K block, with n = 2^a·K as its construction splits n (not n's whole power of
+    two: 11008 runs as 32·344, not 256·43, which has no Hadamard block)."""
+    from spikecompile.backends.sim.counting import rotation_ops_per_element
+    from spikecompile.hadamard import describe_hadamard, hadamard_factors
+    from spikecompile.ir import Rotation
+
+    ids = _ids()
+    result = simulate(built.graph, built.store, ids, "decoded")
+    name = "layers.0.mlp.online_hadamard"
+    node = built.graph[name]
+    sylvester, block = hadamard_factors(node.n)
+    per_element = (sylvester.shape[0].bit_length() - 1) + (block.shape[0] if block.shape[0] > 1 else 0)
+    assert rotation_ops_per_element(node) == per_element
+    assert result.snn[name].mac == ids.shape[1] * node.n * per_element * node.timesteps
+    assert result.ann[name].mac == ids.shape[1] * node.n * per_element
+    for width, expected in ((4096, 12), (576, 4 + 36), (1536, 7 + 12), (11008, 5 + 344), (14336, 9 + 28)):
+        rotation = Rotation(n=width, where="online", construction=describe_hadamard(width))
+        assert rotation_ops_per_element(rotation) == expected
 
 
 def _matmul_graph(which, shape_a, shape_b, groups=1):

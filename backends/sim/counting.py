@@ -200,10 +200,16 @@ def _embedding(node, operands, out, steps, attention):
     return lookup, lookup
 
 
+def rotation_ops_per_element(node: Rotation) -> int:
+    """Operations per output element of x·H_n as the backends compute it, with n = 2^a·K as the node's construction
+    factors it (describe_hadamard: 2^a is the largest power of two with a Hadamard K, not n's whole power of two):
+    a butterfly stages (one add or subtract each) and K multiply-adds."""
+    pow2, k = node.construction["pow2"], node.construction["k"]
+    return (pow2.bit_length() - 1) + (k if k > 1 else 0)
+
+
 def _rotation(node: Rotation, operands, out, steps, attention):
-    blocks = node.n
-    power = (blocks & -blocks).bit_length() - 1  # n = 2^a · K
-    per_element = power + blocks // 2 ** power
+    per_element = rotation_ops_per_element(node)
     elements = math.prod(out.shape)
     return (_real(mac=elements * per_element * steps, writes=elements * steps),
             _real(mac=elements * per_element, writes=elements))
