@@ -98,37 +98,33 @@ def fetch_gguf(cache: Path) -> Path:
     return target
 
 
-def convert(gguf: Path, output: Path, timesteps: int, calib_windows: int) -> dict:
-    """`spikecompile convert` in its own process (skipped when `output` and its report are already there);
-    its --json report plus the process wall time."""
-    report = output.with_suffix(".json")
-    if not (output.is_file() and report.is_file()):
-        command = [sys.executable, "-m", "spikecompile", "convert", str(gguf), "-o", str(output), "--timesteps",
-                   str(timesteps), "--calib", str(CALIB), "--calib-windows", str(calib_windows), "--json",
-                   str(report), "--no-progress"]
+def cli_report(arguments: list[str], report: Path, skip: bool) -> dict:
+    """`spikecompile ARGUMENTS` (which writes its --json to `report`) in its own process, its wall time added to the
+    report as process_wall_s; not run again when `skip` (its earlier report is read)."""
+    if not skip:
         start = time.perf_counter()
-        subprocess.run(command, check=True)
-        wall_s = time.perf_counter() - start
+        subprocess.run([sys.executable, "-m", "spikecompile", *arguments], check=True)
         figures = json.loads(report.read_text())
-        figures["process_wall_s"] = wall_s
+        figures["process_wall_s"] = time.perf_counter() - start
         report.write_text(json.dumps(figures, indent=2) + "\n")
     return json.loads(report.read_text())
 
 
+def convert(gguf: Path, output: Path, timesteps: int, calib_windows: int) -> dict:
+    """`spikecompile convert` (skipped when `output` and its report are already there): its --json report plus the
+    process wall time."""
+    report = output.with_suffix(".json")
+    return cli_report(["convert", str(gguf), "-o", str(output), "--timesteps", str(timesteps), "--calib", str(CALIB),
+                       "--calib-windows", str(calib_windows), "--json", str(report), "--no-progress"],
+                      report, skip=output.is_file() and report.is_file())
+
+
 def evaluate(model_file: Path, windows_wanted: int, seqlen: int) -> dict:
-    """`spikecompile eval --json` in its own process (streamed one decoder layer at a time): the ANN's, the
-    prefixed float model's and the SNN's perplexity on the first windows of WikiText-2 test, with its wall time."""
+    """`spikecompile eval --json` (streamed one decoder layer at a time; skipped when its report is there): the ANN's,
+    the prefixed float model's and the SNN's perplexity on the first windows of WikiText-2 test, with its wall time."""
     report = model_file.with_name(f"eval-{windows_wanted}x{seqlen}.json")
-    if not report.is_file():
-        command = [sys.executable, "-m", "spikecompile", "eval", str(model_file), "--ppl", str(TEST), "--seqlen",
-                   str(seqlen), "--max-windows", str(windows_wanted), "--json", str(report), "--no-progress"]
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        wall_s = time.perf_counter() - start
-        figures = json.loads(report.read_text())
-        figures["process_wall_s"] = wall_s
-        report.write_text(json.dumps(figures, indent=2) + "\n")
-    figures = json.loads(report.read_text())
+    figures = cli_report(["eval", str(model_file), "--ppl", str(TEST), "--seqlen", str(seqlen), "--max-windows",
+                          str(windows_wanted), "--json", str(report), "--no-progress"], report, skip=report.is_file())
     return {"windows": figures["windows"], "seqlen": seqlen, "ann_ppl": figures["ann_ppl"],
             "prefixed_float_ppl": figures["prefixed_float_ppl"], "snn_ppl": figures["snn_ppl"],
             "ppl_ratio": figures["ppl_ratio"], "ppl_ratio_prefixed": figures["ppl_ratio_prefixed"],
