@@ -237,15 +237,35 @@ GEMM_FACTOR = 64
 
 
 @functools.lru_cache(maxsize=None)
-def _gemm_factors(n: int) -> tuple[torch.Tensor, ...]:
-    """The float64 matrices whose Kronecker product is √(2^a)·H_n: unnormalised Sylvester factors of widths
-    2^b ≤ GEMM_FACTOR (as even as possible) for the 2^a part, then the orthonormal K×K block (none when K = 1)."""
-    pow2, block, _ = _factor(n)
+def _sylvester_factors(pow2: int) -> tuple[torch.Tensor, ...]:
+    """Unnormalised Sylvester matrices of widths 2^b ≤ GEMM_FACTOR (as even as possible) whose Kronecker product is
+    the unnormalised H_pow2 (none for pow2 = 1)."""
     bits = pow2.bit_length() - 1
     parts = max(1, -(-bits // (GEMM_FACTOR.bit_length() - 1)))
     widths = [1 << (bits // parts + (index < bits % parts)) for index in range(parts)]
-    factors = [_sylvester(width) for width in widths if width > 1]
-    return (*factors, block) if block.shape[0] > 1 else tuple(factors)
+    return tuple(_sylvester(width) for width in widths if width > 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_factors(n: int) -> tuple[torch.Tensor, ...]:
+    """The float64 matrices whose Kronecker product is √(2^a)·H_n: _sylvester_factors(2^a), then the orthonormal
+    K×K block (none when K = 1)."""
+    pow2, block, _ = _factor(n)
+    factors = _sylvester_factors(pow2)
+    return (*factors, block) if block.shape[0] > 1 else factors
+
+
+def sylvester_rows(x: torch.Tensor) -> torch.Tensor:
+    """x·(H_m/√m) along the last dim (m = x.shape[−1], a power of two; Sylvester's H_m is symmetric, so this is also
+    (H_m/√m)ᵀ applied to x's rows) as one batched GEMM per Sylvester factor of at most GEMM_FACTOR: (Σ widths)
+    multiply-adds per element instead of m."""
+    width = x.shape[-1]
+    if width & (width - 1):
+        raise SpikecompileError(f"sylvester_rows: the last dim {width} is not a power of two")
+    factors = tuple(factor.to(device=x.device, dtype=x.dtype) for factor in _sylvester_factors(width))
+    rows = x.reshape(-1, width)
+    rows = _kron_rows(rows, factors) if factors else rows.clone()
+    return rows.div_(math.sqrt(width)).reshape(x.shape)
 
 
 def _kron_rows(rows: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:

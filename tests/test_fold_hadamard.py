@@ -188,15 +188,19 @@ def test_folding_by_blocks_of_rows_is_folding_whole(explicit):
             assert torch.equal(whole[name][field], blocked[name][field]), (name, field)
 
 
-def test_factored_rotation_is_the_dense_product():
+@pytest.mark.parametrize("dense_up_to", [128, 2])
+def test_factored_rotation_is_the_dense_product(dense_up_to, monkeypatch):
     """Both factored products (the fold's and ir.linear.rotate_by_factors, the fixed-point run's) with
     Rotation.factors, and factors(transposed=True), equal x·M and x·Mᵀ with M = Rotation.matrix(), for sizes with a
-    non-power-of-two factor, with and without signs."""
+    non-power-of-two factor, with and without signs; the fold's Sylvester factor applied densely (up to
+    DENSE_SYLVESTER) or by its own Kronecker factors (above it: dense_up_to=2 makes every size take that path)."""
     from spikecompile.ir.linear import rotate_by_factors
+    from spikecompile.passes import fold_hadamard
     from spikecompile.passes.fold_hadamard import _times
 
+    monkeypatch.setattr(fold_hadamard, "DENSE_SYLVESTER", dense_up_to)
     generator = torch.Generator().manual_seed(0)
-    for n in (8, 12, 24, 40):
+    for n in (8, 12, 24, 40, 256, 768):
         signs = torch.where(torch.rand(n, generator=generator) < 0.5, -1, 1).to(torch.int8)
         for transpose in (False, True):
             for sign in (None, signs):
@@ -209,3 +213,18 @@ def test_factored_rotation_is_the_dense_product():
                     for product in (_times, rotate_by_factors):
                         torch.testing.assert_close(product(x, rotation.factors(transposed=transposed)), expected,
                                                    rtol=1e-12, atol=1e-12)
+
+
+def test_wide_sylvester_factors_fold_like_the_dense_product():
+    """At LLaMA widths (4096 = one 4096-wide Sylvester factor) the fold applies it as 64·64 factors: the same
+    product as the dense one to float64 rounding."""
+    from spikecompile.passes.fold_hadamard import DENSE_SYLVESTER, _times
+
+    n = 4096
+    assert n > DENSE_SYLVESTER
+    signs = torch.where(torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.5, -1, 1).to(torch.int8)
+    rotation = Rotation(n=n, where="offline", construction=describe_hadamard(n), signs=signs)
+    x = torch.randn(6, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for transposed, dense in ((False, rotation.matrix()), (True, rotation.matrix().T)):
+        torch.testing.assert_close(_times(x, rotation.factors(transposed=transposed)), x @ dense, rtol=1e-12,
+                                   atol=1e-12)

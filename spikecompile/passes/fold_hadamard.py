@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SpikecompileError
+from ..hadamard import sylvester_rows
 from ..ir import Embedding, Graph, Linear, Rotation, TensorRef, validate
 from ..ir.base import torch_dtype
 from .cleanup import bypass
@@ -150,11 +151,22 @@ class _Weights:
             self.graph.replace(name, dataclasses.replace(node, **refs))
 
 
+DENSE_SYLVESTER = 128
+"""Up to this width the Sylvester factor A is applied as one dense product (SmolLM2's 16 and 128: the bits every
+earlier build folded); above it as its own Kronecker factors (hadamard.sylvester_rows): at 4096, 128
+multiply-adds per element instead of 4096."""
+
+
 def _times(rows: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
     """rows·M on each block of n entries of the last dim, M given as Rotation.factors (before, A, B, after): (Aᵀ·X)·B
     on each block's (2^a, K) view X, no n×n matrix. ir.linear.rotate_by_factors computes Aᵀ·(X·B), the order the
-    fixed-point run shares with the Lava runtime; the fold keeps its own order so that built IRs keep their bits."""
+    fixed-point run shares with the Lava runtime; the fold keeps its own order so that built IRs keep their bits.
+    A is Sylvester's (symmetric) H_{2^a}/√2^a: wider than DENSE_SYLVESTER, Aᵀ·X = (Xᵀ·A)ᵀ by its factors."""
     before, left, right, after = factors
     shape = (left.shape[0], right.shape[0])
     blocks = rows.reshape(-1, *shape) * before.view(shape)
-    return (torch.matmul(torch.matmul(left.T, blocks), right) * after.view(shape)).reshape(rows.shape)
+    if shape[0] > DENSE_SYLVESTER:
+        mixed = sylvester_rows(blocks.transpose(1, 2)).transpose(1, 2)
+    else:
+        mixed = torch.matmul(left.T, blocks)
+    return (torch.matmul(mixed, right) * after.view(shape)).reshape(rows.shape)
