@@ -2,8 +2,9 @@
 the IR's Rotation nodes and every backend apply them).
 
 Hadamard matrices of width n = 2^a·K are H_n = H_{2^a} ⊗ H_K / sqrt(n), with H_{2^a} Sylvester's and H_K
-from a Paley construction (a fixed random orthogonal block where none exists), so that x·H_n costs one fast
-Walsh–Hadamard transform plus a K×K matmul. On CUDA the transform is fast-hadamard-transform's kernel when that
+from a Paley construction over a prime or prime-power field (a fixed random orthogonal block where none exists),
+so that x·H_n costs one fast Walsh–Hadamard transform plus a K×K matmul (or, for float64 weights, one small
+GEMM per Sylvester factor: apply_hadamard_gemm). On CUDA the transform is fast-hadamard-transform's kernel when that
 package imports, the pure-torch butterfly otherwise.
 """
 
@@ -73,8 +74,7 @@ def _field_squares(p: int, m: int) -> set[int]:
         for i, a in enumerate(digits):
             for j, b in enumerate(digits):
                 product[i + j] += a * b
-        square = _poly_mod(product, modulus, p) if 2 * m - 1 >= m else product
-        squares.add(sum(c * p ** index for index, c in enumerate(square)))
+        squares.add(sum(c * p ** index for index, c in enumerate(_poly_mod(product, modulus, p))))
     return squares
 
 
