@@ -98,6 +98,18 @@ def test_gemm_hadamard_equals_dense_product(n):
         apply_hadamard_gemm(x, n + 1)
 
 
+@pytest.mark.parametrize("m", (1, 2, 64, 128, 4096))
+def test_sylvester_rows_is_the_normalised_sylvester_product(m):
+    """fold_hadamard's wide Sylvester factor: x·(H_m/√m) by factors of at most 64, the dense product to rounding;
+    a width that is not a power of two is refused."""
+    from spikecompile.hadamard import _sylvester, sylvester_rows
+
+    x = torch.randn(3, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    torch.testing.assert_close(sylvester_rows(x), x @ _sylvester(m) / math.sqrt(m), rtol=1e-12, atol=1e-12)
+    with pytest.raises(SpikecompileError, match="not a power of two"):
+        sylvester_rows(torch.ones(2, 12, dtype=torch.float64))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_apply_hadamard_on_cuda_matches_cpu():
     x = torch.randn(4, 576)
