@@ -262,10 +262,15 @@ def sylvester_rows(x: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1]
     if width & (width - 1):
         raise SpikecompileError(f"sylvester_rows: the last dim {width} is not a power of two")
-    factors = tuple(factor.to(device=x.device, dtype=x.dtype) for factor in _sylvester_factors(width))
-    rows = x.reshape(-1, width)
+    return _by_factors(x, _sylvester_factors(width), width)
+
+
+def _by_factors(x: torch.Tensor, factors: tuple[torch.Tensor, ...], pow2: int) -> torch.Tensor:
+    """x·(F_1 ⊗ F_2 ⊗ …)/√pow2 along the last dim (x itself, divided, when there are no factors)."""
+    factors = tuple(factor.to(device=x.device, dtype=x.dtype) for factor in factors)
+    rows = x.reshape(-1, x.shape[-1])
     rows = _kron_rows(rows, factors) if factors else rows.clone()
-    return rows.div_(math.sqrt(width)).reshape(x.shape)
+    return rows.div_(math.sqrt(pow2)).reshape(x.shape)
 
 
 def _kron_rows(rows: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -282,22 +287,16 @@ def _kron_rows(rows: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.T
 
 def apply_hadamard_gemm(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """x·H_n along the last dim as small dense matrix products: H_{2^a} split into Sylvester factors of at most
-    GEMM_FACTOR columns (4096 = 64·64; 11008 = 16·16·43 with its K block), one batched GEMM each, then the
+    GEMM_FACTOR columns (4096 = 64·64; 11008 = 32 and its 344 block), one batched GEMM each, then the
     normalisation 1/√(2^a) once. (Σ factor widths) multiply-adds per element against the butterfly's log2(2^a)
-    passes over memory with short strides: for the float64 weight rotations of a conversion several times faster
-    on a CPU (at 7B width, seconds per decoder layer). Equal to apply_hadamard up to float rounding, not bit for
-    bit, so the forward passes (OnlineHadamard, the IR's Rotation nodes, the backends) keep apply_hadamard."""
+    passes over memory with short strides: for an 11008 × 4096 float64 weight about 3× faster on a busy 2-core
+    CPU (on a quiet one a 7B-shaped conversion took the same time either way: bench/results/scale.json). Used for
+    the conversion's weight rotations. Equal to apply_hadamard up to float rounding, not bit for bit, so the
+    forward passes (OnlineHadamard, the IR's Rotation nodes, the backends) keep apply_hadamard."""
     n = x.shape[-1] if n is None else n
     if x.shape[-1] != n:
         raise SpikecompileError(f"apply_hadamard_gemm: last dim of the input is {x.shape[-1]}, expected {n}")
-    factors = tuple(factor.to(device=x.device, dtype=x.dtype) for factor in _gemm_factors(n))
-    rows = x.reshape(-1, n)
-    if factors:
-        rows = _kron_rows(rows, factors)
-    else:  # n = 1
-        rows = rows.clone()
-    pow2 = _factor(n)[0]
-    return rows.div_(math.sqrt(pow2)).reshape(x.shape) if pow2 > 1 else rows.reshape(x.shape)
+    return _by_factors(x, _gemm_factors(n), _factor(n)[0])
 
 
 def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:

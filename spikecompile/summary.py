@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from .ir import (
     ActivationMatmul, Graph, IRNode, Linear, PhaseNeuron, Rotation, TensorType, layer_indices, layer_of, tensor_refs,
     validate,
 )
-from .ir.base import torch_dtype
 from .ir.neurons import SITE_KINDS
 from .ir.shapes import bind, per_token, sequence_dims
 
@@ -159,7 +157,7 @@ def _memory(graph: Graph) -> dict:
     node_tensors = [value for name in graph for value in _field_values(graph[name]) if isinstance(value, Tensor)]
     by_dtype: Counter[str] = Counter()
     for ref in weights.values():
-        by_dtype[ref.dtype] += math.prod(ref.shape) * torch_dtype(ref.dtype).itemsize
+        by_dtype[ref.dtype] += ref.nbytes
     weight_bytes = sum(by_dtype.values())
     for tensor in node_tensors:
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from ... import __version__
 from ...errors import SpikecompileError
 from ...files import atomic_write, check_writable
 from ...ir import Graph, TensorStore, tensor_refs, validate
-from ...ir.base import torch_dtype
 from ...progress import bar
 from .. import BuildResult, widened_result
 from .builder import GraphBuilder
@@ -104,7 +102,7 @@ def export(graph: Graph, store: TensorStore, folder: str | Path, form: str = "bo
 
 def weight_bytes(graph: Graph) -> int:
     """Bytes of the weights the graph's TensorRefs name (each once), in their IR dtypes."""
-    return sum(math.prod(ref.shape) * torch_dtype(ref.dtype).itemsize for ref in tensor_refs(graph).values())
+    return sum(ref.nbytes for ref in tensor_refs(graph).values())
 
 
 def to_onnx(graph: Graph, store: TensorStore, form: str = "decoded", spike_outputs: bool = False,

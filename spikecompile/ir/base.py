@@ -10,6 +10,7 @@ running sum. A node names its input ports (`inputs`) and has one output, which m
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, Protocol
 
 import torch
@@ -104,6 +105,11 @@ class TensorRef:
         require(isinstance(self.shape, tuple) and all(is_count(dim, 0) for dim in self.shape),
                 f"tensor {self.name}: shape must be a tuple of sizes ≥ 0, got {self.shape!r}")
         torch_dtype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """The tensor's size in bytes, in its own dtype."""
+        return math.prod(self.shape) * torch_dtype(self.dtype).itemsize
 
     def resolve(self, store: TensorStore) -> Tensor:
         """The tensor itself; SpikecompileError if the store lacks it or holds another shape or dtype."""
