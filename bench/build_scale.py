@@ -8,7 +8,8 @@ built-in text: the simulator's weights, not its activations, dominate), each com
 (/usr/bin/time: peak RSS, wall).
 With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same source model is also
 converted and built by that version, side by side in the same run (each version builds its own conversion: a
-model.pt records its rotation matrices, and a version refuses one made with other matrices). Prints the figures and writes bench/results/build_scale.json.
+model.pt records its rotation matrices, and a version refuses one made with other matrices). Prints the figures
+and writes bench/results/build_scale.json.
 
     PYTHONPATH=. python bench/build_scale.py [--layers 2] [--targets ir sim] [--baseline /path/to/old/checkout]
                                              [--workdir DIR]

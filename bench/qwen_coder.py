@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the wheels and the GGUF are kept")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "qwen_coder",
-                        help="where model.pt and the eval report are kept; a rerun reuses them (default out/qwen_coder)")
+                        help="where model.pt and the eval report are kept; a rerun reuses them "
+                             "(default out/qwen_coder)")
     parser.add_argument("--fetch-only", action="store_true", help="fetch and check the GGUF, print its path")
     args = parser.parse_args()
     start = time.perf_counter()

@@ -256,9 +256,9 @@ def _gemm_factors(n: int) -> tuple[torch.Tensor, ...]:
 
 
 def sylvester_rows(x: torch.Tensor) -> torch.Tensor:
-    """x·(H_m/√m) along the last dim (m = x.shape[−1], a power of two; Sylvester's H_m is symmetric, so this is also
-    (H_m/√m)ᵀ applied to x's rows) as one batched GEMM per Sylvester factor of at most GEMM_FACTOR: (Σ widths)
-    multiply-adds per element instead of m."""
+    """x·(H_m/√m) along the last dim (m = x.shape[−1], a power of two; Sylvester's H_m is symmetric, so this is
+    also (H_m/√m)ᵀ applied to x's rows) as one batched GEMM per Sylvester factor of at most GEMM_FACTOR:
+    (Σ widths) multiply-adds per element instead of m."""
     width = x.shape[-1]
     if width & (width - 1):
         raise SpikecompileError(f"sylvester_rows: the last dim {width} is not a power of two")

@@ -19,9 +19,9 @@ Counting convention (per sequence of L tokens, batch 1; SNN under the event rule
   sums of real inputs, the differential rule's subtraction, a neuron integrating its input steps).
 * MAC (32-bit multiply-accumulate): every real-valued product — dense matmuls with a real operand, RMSNorm,
   softmax and SiLU evaluations (MAC-equivalents per element: rmsnorm 2, softmax 3, silu 3), RoPE (2 per
-  element), ⊙ with a real operand, online Hadamard rotations (a + K per element for n = 2^a·K as its construction splits n; K = 1: a), and the
-  receiver-side per-step gain: the weight d(t) of step t is applied once per output element per step
-  (one MAC per output per step and spiking operand).
+  element), ⊙ with a real operand, online Hadamard rotations (a + K per element for n = 2^a·K as its
+  construction splits n; K = 1: a), and the receiver-side per-step gain: the weight d(t) of step t is applied
+  once per output element per step (one MAC per output per step and spiking operand).
 * A ternary spike (sign × {0, 1}) costs what a binary one does: one event, 1 bit; its sign selects add/subtract.
 * Neuron state: one neuron step per neuron per fire step (read v, compare with θ(t), subtract h(t), write v).
 * Memory: SNN — each AC reads one 32-bit word (the weight or running-sum entry) plus the 1-bit spike that drives

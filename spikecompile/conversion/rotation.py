@@ -221,7 +221,8 @@ class ResidualRotation:
         inter = mlp.down_proj.in_features
         inter_desc = describe_hadamard(inter)
         if self.apply:
-            _rewrite(mlp.down_proj, left=self.q_transposed_times, right=lambda weight: apply_hadamard_gemm(weight, inter))
+            _rewrite(mlp.down_proj, left=self.q_transposed_times,
+                     right=lambda weight: apply_hadamard_gemm(weight, inter))
         mlp.down_proj.register_forward_pre_hook(OnlineHadamard(mlp.down_proj.in_features))
         self.record["residual"]["weight_left_QT"] += [names[attn.o_proj], names[mlp.down_proj]]
         self.record["head"]["v_out"].append(names[attn.v_proj])

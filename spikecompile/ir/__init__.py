@@ -7,7 +7,8 @@ passes rewrite it, backends lower it. Equations and formats: docs/ir.md.
     linear     Input, Output, Embedding, Linear, Rotation, RoPE, SplitHeads, MergeHeads, KVPrefix, ResidualAdd
     nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
     neurons    PhaseNeuron
-    graph      Graph (nodes, edges and the rewrites passes make), validate, tensor_refs, retyped and widened (CastStore views)
+    graph      Graph (nodes, edges and the rewrites passes make), validate, tensor_refs, retyped and widened
+               (CastStore views)
     layers     layer_of, layer_indices, decoder_block, decoder_layers: decoder layers by node name
     serialize  write, read, read_weights
     interpret  interpret(graph, store, ids) -> logits: the decoded-mode semantics, one function per node type
@@ -25,8 +26,9 @@ from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 from .serialize import read, read_weights, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "CastStore", "Graph", "retyped", "validate", "widened",
-    "read", "read_weights", "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation", "RoPE", "SplitHeads", "MergeHeads",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "CastStore", "Graph", "retyped", "validate",
+    "widened", "read", "read_weights", "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation",
+    "RoPE", "SplitHeads", "MergeHeads",
     "KVPrefix", "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct", "layer_of",
     "layer_indices", "decoder_block", "decoder_layers", "evaluate", "interpret", "sites_off",
 ]

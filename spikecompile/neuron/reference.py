@@ -212,8 +212,8 @@ def _spike_train(values: Tensor, params: PhaseNeuronParams, thresholds: Tensor, 
 
 
 def mask_late_spikes(spikes: Tensor, keep_steps: int | None) -> Tensor:
-    """Late-spike masking (the paper's D.7): drop every spike at a step ≥ t0 + keep_steps, t0 the neuron's first spike (spikes [T, ...] bool, or a
-    signed-digit neuron's int8 s_t ∈ {−1, 0, +1}: a −1 is a spike)."""
+    """Late-spike masking (the paper's D.7): drop every spike at a step ≥ t0 + keep_steps, t0 the neuron's first
+    spike (spikes [T, ...] bool, or a signed-digit neuron's int8 s_t ∈ {−1, 0, +1}: a −1 is a spike)."""
     if keep_steps is None:
         return spikes
     fired_before = (spikes != 0).int().cumsum(0)
