@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -250,3 +251,41 @@ def read_document(path: str | Path, kind: str, format_name: str, version: int, r
         raise SpikecompileError(f"{path}: {kind} format version {document.get('format_version')}, this spikecompile "
                                 f"reads version {version}; {remedy}")
     return document
+
+
+def write_safetensors(path: str | Path, layout: dict[str, tuple[tuple[int, ...], object]], tensor_of) -> str:
+    """Write a safetensors file one tensor at a time: layout {name: (shape, torch dtype)} first, in the header, then
+    each tensor_of(name)'s bytes, read when its turn comes (a 7B model's weights are never in memory together).
+    The file is byte for byte what safetensors.torch.save_file writes for the same tensors: the library itself
+    orders the names (it is given empty tensors of the same dtypes), and the header is its compact JSON padded
+    with spaces to 8 bytes. Returns the file's sha256, hashed as it is written. OSError on a failed write."""
+    import safetensors.torch
+    import torch
+
+    probe = safetensors.torch.save({name: torch.empty(0, dtype=dtype) for name, (_, dtype) in layout.items()})
+    probed = json.loads(probe[8:8 + int.from_bytes(probe[:8], "little")])
+    order = [name for name in probed if name != "__metadata__"]
+    header, offset = {}, 0
+    for name in order:
+        shape, dtype = layout[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": probed[name]["dtype"],
+                        "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as stream:
+        for block in (len(text).to_bytes(8, "little"), text):
+            stream.write(block)
+            digest.update(block)
+        for name in order:
+            shape, dtype = layout[name]
+            tensor = tensor_of(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"tensor {name}: {tensor.dtype} {list(tensor.shape)} where the header has "
+                                 f"{dtype} {list(shape)}")
+            data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            stream.write(data)
+            digest.update(data)
+    return digest.hexdigest()

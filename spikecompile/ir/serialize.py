@@ -31,8 +31,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import re
 import types
 import typing
 from pathlib import Path
@@ -43,8 +41,8 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from ..errors import SpikecompileError
-from ..files import atomic_write, file_sha256, read_document
-from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require
+from ..files import atomic_write, file_sha256, read_document, write_safetensors
+from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require, torch_dtype
 from .graph import Graph, tensor_refs, validate
 
 FORMAT = "spikecompile.ir"
@@ -70,37 +68,15 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) ->
     except OSError as error:
         raise SpikecompileError(f"{folder}: cannot create the graph folder ({error.strerror})") from None
     atomic_write(folder / TENSORS_FILE, lambda temp: Path(temp).write_bytes(tensor_bytes))
-    if store is not None:  # straight to the file, in the store's dtypes: no second copy of the weights in memory
-        weights = _weights(graph, store)
-        atomic_write(folder / WEIGHTS_FILE, lambda temp: _save_file(weights, temp))
-        header["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)
+    if store is not None:  # one tensor at a time, in the store's dtypes: the weights are never in memory together
+        refs = tensor_refs(graph)
+        layout = {key: (ref.shape, torch_dtype(ref.dtype)) for key, ref in refs.items()}
+        digest = {}
+        atomic_write(folder / WEIGHTS_FILE, lambda temp: digest.setdefault(
+            "sha256", write_safetensors(temp, layout, lambda key: refs[key].resolve(store))))
+        header["weights_sha256"] = digest["sha256"]
     text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
-
-
-def _save_file(tensors: dict[str, Tensor], path) -> None:
-    """safetensors.torch.save_file, whose Rust writer reports an I/O failure (a full disk...) as a SafetensorError:
-    raised here as the OSError it is, so atomic_write gives its one-line error."""
-    try:
-        safetensors.torch.save_file(tensors, path)
-    except SafetensorError as error:
-        found = re.search(r"os error (\d+)", str(error))
-        if found is None:
-            raise
-        number = int(found.group(1))
-        raise OSError(number, os.strerror(number)) from None
-
-
-def _weights(graph: Graph, store: TensorStore) -> dict[str, Tensor]:
-    """The referenced tensors, resolved (shape and dtype checked); a tensor aliased under two names (tied
-    weights) is copied for the second, since a safetensors file holds no aliases."""
-    weights, seen = {}, set()
-    for key, ref in sorted(tensor_refs(graph).items()):
-        tensor = ref.resolve(store).detach().cpu().contiguous()
-        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        weights[key] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return weights
 
 
 def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
