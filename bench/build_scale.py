@@ -1,17 +1,19 @@
 """Build memory at 7B width (issue 15): `build --target ir` and `--target sim` of a LLaMA-2-7B-shaped bf16 model
-with few layers.
+at a few depths.
 
 bench/scale.py's random bf16 model (hidden 4096, intermediate 11008, vocab 32000; sharded safetensors) is
 converted (`convert -T 8 --calib-windows 1 --calib-seqlen 128 --dtype bfloat16`: the build's memory does not
 depend on the calibration), built to the IR, and built and simulated (decoded mode, one window of 64 tokens of the
 built-in text: the simulator's weights, not its activations, dominate), each command in its own process
-(/usr/bin/time: peak RSS, wall).
+(/usr/bin/time: peak RSS, wall), at each depth of --layers. The build reads the model one part at a time
+(conversion.layered), so its peak RSS should not grow with depth; the depths show whether it does.
 With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same source model is also
 converted and built by that version, side by side in the same run (each version builds its own conversion: a
-model.pt records its rotation matrices, and a version refuses one made with other matrices). Prints the figures
-and writes bench/results/build_scale.json.
+model.pt records its rotation matrices, and a version refuses one made with other matrices); when both versions
+wrote the same model.pt, the two IR weight files are compared byte for byte. Prints the figures and writes
+bench/results/build_scale.json.
 
-    PYTHONPATH=. python bench/build_scale.py [--layers 2] [--targets ir sim] [--baseline /path/to/old/checkout]
+    PYTHONPATH=. python bench/build_scale.py [--layers 2 4] [--targets ir sim] [--baseline /path/to/old/checkout]
                                              [--workdir DIR]
 """
 
@@ -35,7 +37,7 @@ TARGET_OPTIONS = {"ir": (), "sim": ("--mode", "decoded", "--windows", "1", "--se
 
 def timed(command: list[str], code: Path) -> dict:
     """Run `python -m spikecompile ...` with `code` first on the path, under /usr/bin/time: peak RSS (MB), wall."""
-    environment = {**os.environ, "PYTHONPATH": str(code)}
+    environment = {**os.environ, "PYTHONPATH": str(code), "SOURCE_DATE_EPOCH": "0"}  # model.pt byte-reproducible
     done = subprocess.run(["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "spikecompile", *command],
                           capture_output=True, text=True, env=environment)
     if done.returncode:
@@ -46,40 +48,58 @@ def timed(command: list[str], code: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2])
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to build with, side by side")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--targets", nargs="+", default=list(TARGET_OPTIONS), choices=list(TARGET_OPTIONS))
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="build-scale-"))
-    folder = workdir / f"llama2-7b-shape-{args.layers}layers"
+    results = {"shape": SHAPES["llama2-7b"], "convert_options": " ".join(CONVERT), "runs": []}
+    for layers in args.layers:
+        results["runs"].append(measure(workdir, layers, args.targets, args.baseline))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+def measure(workdir: Path, layers: int, targets: list[str], baseline: Path | None) -> dict:
+    """Convert and build the model of `layers` decoder layers with this version (and the baseline)."""
+    folder = workdir / f"llama2-7b-shape-{layers}layers"
     if not (folder / "config.json").is_file():
-        write_model(folder, args.layers)
-    results = {"shape": SHAPES["llama2-7b"], "layers": args.layers, "convert_options": " ".join(CONVERT)}
+        write_model(folder, layers)
     parameters = sum(path.stat().st_size for path in folder.glob("*.safetensors")) // 2  # bf16: 2 bytes each
-    results["parameters"] = parameters
-    results["bf16_weights_mb"] = parameters * 2 / 2**20
-    builds = {"this version": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
+    run = {"layers": layers, "parameters": parameters, "bf16_weights_mb": parameters * 2 / 2**20}
+    builds = {"this version": ROOT, **({"baseline": baseline} if baseline else {})}
     for label, code in builds.items():
-        results[label] = {}
-        model = workdir / f"model-{label.replace(' ', '-')}.pt"
+        run[label] = {}
+        tag = f"{layers}layers-{label.replace(' ', '-')}"
+        model = workdir / f"model-{tag}.pt"
         if not model.is_file():
-            results[label]["convert"] = timed(["convert", str(folder), "-o", str(model), *CONVERT], code)
-        for target in args.targets:
-            out = workdir / f"{target}-{label.replace(' ', '-')}"
+            run[label]["convert"] = timed(["convert", str(folder), "-o", str(model), *CONVERT], code)
+        for target in targets:
+            out = workdir / f"{target}-{tag}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             figures = timed(["build", str(model), "--target", target, "-o", str(out), "--no-progress",
                              *TARGET_OPTIONS[target]], code)
             if target == "ir":
                 figures["weights_file_mb"] = (out / "weights.safetensors").stat().st_size / 2**20
-            results[label][target] = figures
-            print(f"{label:<13} build --target {target}: peak RSS {figures['peak_rss_mb']:.0f} MB, wall "
-                  f"{figures['wall_s']:.1f} s" + (f", weights.safetensors {figures['weights_file_mb']:.0f} MB"
-                                                 if target == "ir" else "") +
-                  f" (bf16 weights {results['bf16_weights_mb']:.0f} MB)", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+            run[label][target] = figures
+            print(f"{layers} layers, {label:<13} build --target {target}: peak RSS {figures['peak_rss_mb']:.0f} MB, "
+                  f"wall {figures['wall_s']:.1f} s" + (f", weights.safetensors {figures['weights_file_mb']:.0f} MB"
+                                                       if target == "ir" else "") +
+                  f" (bf16 weights {run['bf16_weights_mb']:.0f} MB)", flush=True)
+    if baseline and "ir" in targets:
+        same_model = _bytes_equal(*(workdir / f"model-{layers}layers-{label}.pt" for label in ("this-version", "baseline")))
+        run["same_model_pt"] = same_model
+        if same_model:
+            run["same_ir_weights"] = _bytes_equal(*(workdir / f"ir-{layers}layers-{label}" / "weights.safetensors"
+                                                    for label in ("this-version", "baseline")))
+            print(f"{layers} layers: the same model.pt; IR weights byte for byte equal: {run['same_ir_weights']}")
+    return run
+
+
+def _bytes_equal(first: Path, second: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(first), str(second)]).returncode == 0
 
 
 if __name__ == "__main__":

@@ -78,10 +78,13 @@ def check_model(model_path: str | Path, options: BuildOptions) -> dict:
 
 def build(model_path: str | Path, options: BuildOptions,
           check_record: Callable[[dict], None] | None = None, progress: bool = False) -> BuildResult:
-    """Trace model.pt and run the build passes on it. check_record(record), if given, checks more against
-    model.pt's record (e.g. a backend's options against its layers) before the source model loads. progress:
-    the source model's load (per tensor) and the trace (per decoder layer) show bars on a terminal's stderr."""
-    from .conversion.convert import load_spiking_model
+    """Trace model.pt and run the build passes on it, the source model read one part at a time
+    (conversion.layered: the result's store reads each weight when a backend asks for it). check_record(record), if
+    given, checks more against model.pt's record (e.g. a backend's options against its layers) before the source
+    model is opened. progress: bars on a terminal's stderr for the trace (per decoder layer), and for the parts of
+    the source read to compute the prefix's KV cache and by the passes (one step per layer, embedding and head)."""
+    from .conversion.convert import recorded_source
+    from .conversion.layered import open_converted
     from .frontend import trace
     from .passes import CompileInputs
 
@@ -91,18 +94,19 @@ def build(model_path: str | Path, options: BuildOptions,
         check_record(record)
     seconds = {}
     start = time.perf_counter()
-    spiking = load_spiking_model(str(model_path), options.source, rotations="explicit", record=record,
-                                 progress=progress, placement=source_placement(record))
+    spiking, store = open_converted(model_path, record, recorded_source(record, model_path, options.source),
+                                    source_placement(record))
     seconds["load"] = time.perf_counter() - start
     start = time.perf_counter()
-    graph, store = trace(spiking, progress)
+    with store.reading("prefix cache", progress and bool(record["prefix"])):  # trace computes the prefix's KV
+        graph, _ = trace(spiking, progress)
     seconds["trace"] = time.perf_counter() - start
     record, tokenizer = spiking.record, spiking.tokenizer
-    del spiking  # the store now holds the only references to the weights: fold_hadamard replaces them one by one
     samples = {name: entry["samples"] for name, entry in record["sites"].items() if "samples" in entry}
     start = time.perf_counter()
-    graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"],
-                                                     release_replaced=True))
+    with store.reading("passes", progress):
+        graph, report = manager.run(graph, CompileInputs(store, samples, record["conversion"]["seed"],
+                                                         release_replaced=True))
     seconds["passes"] = time.perf_counter() - start
     return BuildResult(graph, store, report, seconds, record, tokenizer, str(model_path), _recorded(options))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import (
-    FAST_CONVERT, assert_same_neurons, build_tiny_llama, build_tiny_tokenizer, random_norms_and_biases, synthetic_text,
+    FAST_CONVERT, assert_layered_build_is_whole_model_build, assert_same_neurons, build_tiny_llama, build_tiny_tokenizer, random_norms_and_biases, synthetic_text,
 )
 
 from spikecompile import ir
@@ -214,3 +214,7 @@ def test_qwen2_in_lava_is_refused_in_one_line(qwen2_built, tmp_path):
     with pytest.raises(SpikecompileError, match="matrix layers.0.self_attn.q_proj: a Linear with a bias") as error:
         lower(block, qwen2_built.store, 4, load_loihi2())
     assert "\n" not in str(error.value)
+
+
+def test_the_layered_build_is_the_whole_model_build(family, built):
+    assert_layered_build_is_whole_model_build(family[2], built)

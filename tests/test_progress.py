@@ -1,5 +1,5 @@
-"""Progress of `spikecompile build`'s long stages: the model load, the trace per decoder layer, and the nir, onnx
-and lava exports per step, node or array file.
+"""Progress of `spikecompile build`'s long stages: the trace per decoder layer, the parts of the source read for
+the prefix's KV cache and by the passes, and the ir, nir, onnx and lava exports per tensor, step, node or array file.
 
 The CLI runs as a real subprocess whose stderr is a pseudo-terminal (the bars are drawn on a terminal only):
 with --progress the bars are there, with one step per segment, node or layer; with --no-progress, or with stderr
@@ -25,7 +25,8 @@ from spikecompile.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-BAR_NAMES = ("Loading weights", "trace", "nir: lower", "nir: write", "onnx decoded: lower", "lava: lower", "lava: write")
+BAR_NAMES = ("trace", "prefix cache", "passes", "ir weights", "nir: lower", "nir: write", "onnx decoded: lower",
+             "lava: lower", "lava: write")
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +87,10 @@ def test_nir_export_shows_each_stage_per_step_and_no_progress_shows_none(tiny_mo
     status, shown = _in_terminal([*build, "-o", str(tmp_path / "shown")])
     assert status == 0, shown
     steps = len(json.loads((tmp_path / "shown" / "manifest.json").read_text())["steps"])
-    assert _bars(shown) == ["Loading weights", "trace", "nir: lower", "nir: write"]
-    assert "0/20 [" in shown.split("Loading weights:")[1]  # transformers' bar, one step per tensor
+    assert _bars(shown) == ["trace", "prefix cache", "passes", "nir: lower", "nir: write"]
     assert "0/2 [" in shown.split("trace:")[1]  # one step per decoder layer of the tiny model
+    for stage in ("prefix cache", "passes"):  # one step per part read from the source: 2 layers, embedding, head
+        assert "0/4 [" in shown.split(f"{stage}:")[1]
     assert f"0/{steps} [" in shown.split("nir: write:")[1]  # one step per segment or manifest op
     status, silent = _in_terminal([*build, "-o", str(tmp_path / "silent"), "--no-progress"])
     assert status == 0, silent
@@ -101,9 +103,10 @@ def test_nir_export_shows_each_stage_per_step_and_no_progress_shows_none(tiny_mo
 
 
 @pytest.mark.parametrize(("target", "options", "expected", "unstamped"), [
-    ("onnx", ("--onnx-form", "decoded"), ["Loading weights", "trace", "onnx decoded: lower"], ()),
+    ("ir", (), ["trace", "prefix cache", "passes", "ir weights"], ()),
+    ("onnx", ("--onnx-form", "decoded"), ["trace", "prefix cache", "passes", "onnx decoded: lower"], ()),
     # reference.npz is a zip archive whose entries carry the time they were written: compared by its arrays
-    ("lava", ("--layers", "0"), ["Loading weights", "trace", "lava: lower", "lava: write"], ("reference.npz",)),
+    ("lava", ("--layers", "0"), ["trace", "prefix cache", "passes", "lava: lower", "lava: write"], ("reference.npz",)),
 ])
 def test_export_progress_leaves_the_output_unchanged(tiny_model, tmp_path, target, options, expected, unstamped):
     status, shown = _in_terminal(["build", str(tiny_model), "--target", target, *options, "-o",

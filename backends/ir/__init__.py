@@ -25,9 +25,9 @@ def check(options: dict) -> dict:
 
 def build(result: BuildResult, folder: str | Path, progress: bool = True) -> dict:
     """Write the graph, its weights and build.json (what was built from what, and each pass's report).
-    progress: the load and trace bars (drawn by spikecompile.build); the write is one step and has none."""
+    progress: a bar per weight tensor written (the build's own bars are drawn by spikecompile.build)."""
     start = time.perf_counter()
-    write(result.graph, folder, result.store)
+    write(result.graph, folder, result.store, progress)
     seconds = {**result.seconds, "write": time.perf_counter() - start}
     report = {
         "model": {"path": result.model_path, "sha256": file_sha256(result.model_path)},

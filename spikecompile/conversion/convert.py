@@ -164,6 +164,9 @@ class SpikingModel:
     rotations: str = "applied"
     """"applied": the offline rotations are in the weights; "explicit": left out of them (rotate_llama with
     apply=False) for frontend.trace to emit as Rotation nodes, so the model itself cannot run."""
+    store: object = None
+    """a weightless model's tensors (conversion.layered.LayeredStore, read a part at a time), for frontend.trace;
+    None: the model's own state_dict"""
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The spiking model's logits for [1, L] ids (after the KV prefix, if the model has one)."""

@@ -40,6 +40,8 @@ def _check_rmsnorm(norm: torch.nn.Module, name: str) -> None:
     weight = getattr(norm, "weight", None)
     if weight is None or weight.dim() != 1 or getattr(norm, "bias", None) is not None:
         raise SpikecompileError(f"rotate_llama: {name} is not an RMSNorm with a weight vector and no bias")
+    if weight.is_meta:  # a weightless model (conversion.layered): each real part is checked when it is built
+        return
     probe = (torch.randn(2, weight.numel(), generator=torch.Generator().manual_seed(0)) + 1.0).to(weight.device)
     expected = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True)) * weight.detach().float()
     with torch.no_grad():
@@ -85,7 +87,9 @@ def _rows_times(weight: torch.Tensor, transform) -> None:
 def _untie_lm_head(model) -> bool:
     """Give lm_head its own Parameter and stop transformers from re-tying it (config and tie mapping)."""
     lm_head, embed = _get(model, "lm_head"), _get(model, "model.embed_tokens")
-    if lm_head.weight.data_ptr() != embed.weight.data_ptr():
+    # the same Parameter, or two sharing memory (a weightless meta model's are tied only by being one object)
+    if lm_head.weight is not embed.weight and (lm_head.weight.is_meta or
+                                               lm_head.weight.data_ptr() != embed.weight.data_ptr()):
         return False
     lm_head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
     model.config.tie_word_embeddings = False

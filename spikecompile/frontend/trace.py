@@ -63,7 +63,9 @@ def trace(spiking: SpikingModel, progress: bool = False) -> tuple[Graph, dict[st
     prefix = spiking.record.get("prefix")
     if not prefix:
         return _Tracer(spiking, None, progress).run()
-    if spiking.rotations == "applied":
+    if spiking.rotations == "applied" and spiking.store is not None:
+        caches = spiking.store.prefix_caches(prefix["token_ids"])
+    elif spiking.rotations == "applied":
         caches = [(layer.keys[0], layer.values[0]) for layer in spiking.prefix.cache.layers]
     else:
         caches = _prefix_caches(spiking, prefix["token_ids"])
@@ -115,9 +117,11 @@ class _Tracer:
         self.model = spiking.model
         self.config = self.model.config
         self.paths = {module: name for name, module in self.model.named_modules()}
-        self.store: dict[str, Tensor] = dict(self.model.state_dict())
+        # the shapes and dtypes of the model's tensors; a weightless (meta) model's tensors are in spiking.store
+        self.tensors: dict[str, Tensor] = dict(self.model.state_dict())
+        self.store = self.tensors if spiking.store is None else spiking.store
         parameters = dict(self.model.named_parameters(remove_duplicate=False))
-        self.identities = {key: _identity(tensor, parameters.get(key)) for key, tensor in self.store.items()}
+        self.identities = {key: _identity(tensor, parameters.get(key)) for key, tensor in self.tensors.items()}
         self.canonical_keys = {}
         for key, identity in self.identities.items():
             self.canonical_keys.setdefault(identity, key)
@@ -139,8 +143,12 @@ class _Tracer:
 
     def ref(self, key: str) -> TensorRef:
         """A reference to store[key], by the first key holding the same tensor (tied weights: one name)."""
-        tensor = self.store[key]
-        key = self.canonical_keys.setdefault(self.identities.get(key) or _identity(tensor), key)
+        if key in self.tensors:
+            tensor = self.tensors[key]
+            identity = self.identities.get(key) or _identity(tensor)
+        else:  # written to a weightless model's store (a prefix cache): its own tensor, which the store may reload
+            tensor, identity = self.store[key], ("written", key)
+        key = self.canonical_keys.setdefault(identity, key)
         return TensorRef(key, tuple(tensor.shape), _dtype_name(tensor))
 
     def node_name(self, module: nn.Module) -> str:

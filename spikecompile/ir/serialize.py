@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..errors import SpikecompileError
 from ..files import atomic_write, file_sha256, read_document, write_safetensors
+from ..progress import bar
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require, torch_dtype
 from .graph import Graph, tensor_refs, validate
 
@@ -52,9 +53,9 @@ TENSORS_FILE = "tensors.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) -> None:
+def write(graph: Graph, folder: str | Path, store: TensorStore | None = None, progress: bool = False) -> None:
     """Validate `graph` and write it to `folder` (created if absent; its files replaced), with the weights its
-    TensorRefs name when `store` is given."""
+    TensorRefs name when `store` is given, read from it one at a time (progress: a bar per tensor on a terminal)."""
     validate(graph)
     tensors: dict[str, Tensor] = {}
     nodes = [{"name": name, "type": type(graph[name]).__name__, "fields": encode_fields(graph[name], name, tensors)}
@@ -72,8 +73,13 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None) ->
         refs = tensor_refs(graph)
         layout = {key: (ref.shape, torch_dtype(ref.dtype)) for key, ref in refs.items()}
         digest = {}
-        atomic_write(folder / WEIGHTS_FILE, lambda temp: digest.setdefault(
-            "sha256", write_safetensors(temp, layout, lambda key: refs[key].resolve(store))))
+        with bar(total=len(layout), desc="ir weights", unit="tensor", progress=progress) as written:
+            def tensor_of(key: str) -> Tensor:
+                written.update()
+                return refs[key].resolve(store)
+
+            atomic_write(folder / WEIGHTS_FILE, lambda temp: digest.setdefault(
+                "sha256", write_safetensors(temp, layout, tensor_of)))
         header["weights_sha256"] = digest["sha256"]
     text = json_text(header, {"nodes": nodes, "edges": [list(edge) for edge in graph.edges()]})
     atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,254 @@
+"""A converted model opened for the build one part at a time: a weightless skeleton to trace, and a LayeredStore
+whose tensors are read from the source only when a pass or a backend asks for them.
+
+load_spiking_model rebuilds the whole model in memory (a 7B model's 13.5 GB in bf16, and more while it is
+rotated). The build needs the module structure only to trace, and each weight only while a pass or a writer uses
+it. So `open_converted` gives:
+
+- a SpikingModel whose transformers model is the source config's model on PyTorch's meta device (no memory),
+  with model.pt's sites, the same norm folding and online Hadamard hooks as load_spiking_model's (rotate_llama
+  with apply=False, whose record is checked against model.pt's), and the real rotary embedding;
+- a LayeredStore: a MutableMapping from the model's state_dict keys to tensors. Reading a key builds its part
+  (the embedding; a decoder layer; the final norm with lm_head) from the source's tensors exactly as
+  load_spiking_model has it (conversion.stream's parts, the same rotation and weight rounding). The parts used
+  most recently are kept while they fit in `memory_bytes` (a small model's all stay; a 7B model keeps one or two
+  decoder layers), so a reader in model order (the prefix pass, fold_hadamard, the writers, the simulator) builds
+  each part about once per pass over the model.
+
+Tensors written to the store (fold_hadamard's rotated weights, the prefix caches) stay in memory up to another
+`memory_bytes`; beyond that each goes to a scratch folder (under TMPDIR), one safetensors file each: the folded
+copy of a 7B model is on disk, not in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import tempfile
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import MutableMapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..devices import Placement
+from ..errors import SpikecompileError
+from ..loading import open_layered
+from ..modelschema import check_prefix_vocabulary
+from ..progress import bar
+from .convert import SpikingModel, _on_device, site_neuron
+from .rotation import ResidualRotation, rotate_llama
+from .sites import install_layer_sites, install_sites
+from .stream import LayerStream
+from .weights import rtn_quantize_layer, rtn_record
+
+MEMORY_BYTES = 1 << 30
+"""What a LayeredStore keeps in memory, twice: the parts it built most recently, and the tensors written to it
+(beyond this, each written tensor goes to its scratch folder)."""
+
+
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(tensor.nbytes for tensor in tensors.values())
+
+
+def part_of(key: str) -> int | str:
+    """The part holding state_dict key `key`: a decoder layer's index, "embedding" or "head" (final norm, lm_head)."""
+    if key.startswith("model.layers."):
+        return int(key.split(".")[2])
+    return "embedding" if key.startswith("model.embed_tokens.") else "head"
+
+
+class LayeredStore(MutableMapping):
+    """The build's tensor store (module docstring). keys: the skeleton's state_dict keys; rotations: "applied" (the
+    offline rotations in the weights, as model.pt's RTN weights need) or "explicit" (norms folded only)."""
+
+    def __init__(self, stream: LayerStream, record: dict, rotations: str, keys, scratch: Path,
+                 memory_bytes: int | None = None):
+        self.stream, self.record = stream, record
+        self.rotation = None
+        if record["rotation"] is not None:
+            head_dim = stream.skeleton.model.layers[0].self_attn.head_dim
+            self.rotation = ResidualRotation(stream.config.hidden_size, head_dim, record["rotation"]["seed"],
+                                             untied=stream.tied, apply=rotations == "applied")
+        self.weight_bits = (record.get("weights") or {}).get("bits")
+        self.scratch, self.memory_bytes = scratch, MEMORY_BYTES if memory_bytes is None else memory_bytes
+        self._source_keys = dict.fromkeys(keys)
+        self._written: dict[str, Tensor | Path] = {}
+        self._written_bytes = self._files = 0
+        self._deleted: set[str] = set()
+        self._parts: OrderedDict[int | str, dict[str, Tensor]] = OrderedDict()  # least recently used first
+        self._part_bytes = 0
+        self._closer = None
+        self._bar = None
+        self.parts_built: Counter = Counter()
+        """how many times each part was built from the source (a reader out of model order builds parts again)"""
+
+    def close(self) -> None:
+        """Close the source and remove the scratch folder now (else when the store is collected, or at exit)."""
+        if self._closer is not None:
+            self._closer()
+
+    @contextlib.contextmanager
+    def reading(self, desc: str, progress: bool):
+        """Within: a bar `desc` with a step per part built from the source (a stage reading in model order builds
+        each part once: layers + 2 steps)."""
+        with bar(total=self.stream.layers + 2, desc=desc, unit="part", progress=progress) as self._bar:
+            try:
+                yield
+            finally:
+                self._bar = None
+
+    # ---- the parts, as load_spiking_model has them -----------------------------------------------------------------
+
+    def layer(self, index: int) -> torch.nn.Module:
+        """Decoder layer `index` as converted: rotated, RTN-rounded, its sites installed (off)."""
+        layer = self.stream.layer(index)
+        if self.rotation is not None:
+            self.rotation.rotate_layer(layer, f"model.layers.{index}")
+        if self.weight_bits:
+            rtn_quantize_layer(layer, self.weight_bits)
+        install_layer_sites(layer, index)
+        return layer
+
+    def embedding(self) -> torch.nn.Embedding:
+        embedding = self.stream.embedding()
+        if self.rotation is not None:
+            self.rotation.rotate_embedding(embedding, "model.embed_tokens")
+        return embedding
+
+    def _build(self, part: int | str) -> dict[str, Tensor]:
+        self.parts_built[part] += 1
+        if self._bar is not None:
+            self._bar.update()
+        if isinstance(part, int):
+            return {f"model.layers.{part}.{key}": tensor for key, tensor in self.layer(part).state_dict().items()}
+        if part == "embedding":
+            return {f"model.embed_tokens.{key}": tensor for key, tensor in self.embedding().state_dict().items()}
+        head, norm = self.stream.lm_head(), self.stream.norm()  # a tied head: a copy of the unrotated embedding
+        if self.rotation is not None:
+            self.rotation.rotate_head(norm, head, "model.norm", "lm_head")
+        return {**{f"model.norm.{key}": tensor for key, tensor in norm.state_dict().items()},
+                **{f"lm_head.{key}": tensor for key, tensor in head.state_dict().items()}}
+
+    @torch.inference_mode()
+    def prefix_caches(self, token_ids: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's float keys and values on the prefix tokens, sites off: the whole model's PrefixCache, one
+        layer at a time (conversion.stream: bitwise the whole model's forward)."""
+        ids = torch.tensor([token_ids], device=self.stream.placement.device)
+        sequence = self.stream.start(ids, self.embedding()(ids), is_prefix=True)
+        caches = []
+        for index in range(self.stream.layers):
+            self.stream.run(self.layer(index), sequence)
+            cached = sequence.layer_cache.layers[index]
+            caches.append((cached.keys[0], cached.values[0]))
+        return caches
+
+    # ---- the mapping ------------------------------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key in self._written:
+            held = self._written[key]
+            if isinstance(held, Path):
+                from safetensors.torch import load_file
+
+                return load_file(held)["tensor"]
+            return held
+        if key in self._deleted or key not in self._source_keys:
+            raise KeyError(key)
+        part = part_of(key)
+        if part not in self._parts:
+            # the least recently used parts are freed first, so that the new one fits beside those kept
+            while self._parts and sum(map(_nbytes, self._parts.values())) + self._part_bytes > self.memory_bytes:
+                self._parts.popitem(last=False)
+            self._parts[part] = self._build(part)
+            self._part_bytes = max(self._part_bytes, _nbytes(self._parts[part]))
+        self._parts.move_to_end(part)
+        return self._parts[part][key]
+
+    def __setitem__(self, key: str, tensor: Tensor) -> None:
+        self._discard(key)
+        if self._written_bytes + tensor.nbytes > self.memory_bytes:
+            from safetensors.torch import save_file
+
+            self._files += 1
+            path = self.scratch / f"{self._files}.safetensors"
+            save_file({"tensor": tensor.detach().cpu().contiguous()}, path)
+            self._written[key] = path
+        else:
+            self._written[key] = tensor
+            self._written_bytes += tensor.nbytes
+        self._deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._discard(key)
+        self._deleted.add(key)
+
+    def _discard(self, key: str) -> None:
+        held = self._written.pop(key, None)
+        if isinstance(held, Path):
+            held.unlink(missing_ok=True)
+        elif held is not None:
+            self._written_bytes -= held.nbytes
+
+    def __contains__(self, key) -> bool:
+        return key in self._written or (key not in self._deleted and key in self._source_keys)
+
+    def __iter__(self):
+        yield from self._written
+        yield from (key for key in self._source_keys if key not in self._written and key not in self._deleted)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def open_converted(path, record: dict, source, placement: Placement,
+                   memory_bytes: int | None = None) -> tuple[SpikingModel, LayeredStore]:
+    """(SpikingModel on the meta device with model.pt's sites, its LayeredStore) for model.pt at `path` (its record
+    read and checked by the caller; `source` its verified ModelSource). One-line SpikecompileError naming `path`
+    when model.pt does not match the source (its prefix vocabulary, site table, rotation or weight record). The
+    store holds the source open (and any temporary copy of a GGUF) and its scratch folder until store.close(),
+    or until it is garbage-collected or the interpreter exits (weakref.finalize)."""
+    resources = contextlib.ExitStack()
+    try:
+        stream = LayerStream(resources.enter_context(open_layered(source)), placement)
+        spiking = _skeleton(path, record, stream, placement, source.path)
+        scratch = Path(tempfile.mkdtemp(prefix="spikecompile-build-"))
+        resources.callback(shutil.rmtree, scratch, ignore_errors=True)
+    except BaseException:
+        resources.close()
+        raise
+    store = LayeredStore(stream, record, spiking.rotations, spiking.model.state_dict(), scratch, memory_bytes)
+    store._closer = weakref.finalize(store, resources.close)
+    spiking.store = store
+    return spiking, store
+
+
+def _skeleton(path, record: dict, stream: LayerStream, placement: Placement, source_path: str) -> SpikingModel:
+    """The source's model on the meta device as load_spiking_model rebuilds it, checked against model.pt."""
+    skeleton = copy.deepcopy(stream.skeleton)  # the stream builds its parts from its own, untouched skeleton
+    skeleton.model.rotary_emb = stream.rotary
+    skeleton.to(placement.torch_dtype)
+    check_prefix_vocabulary(record, skeleton.get_input_embeddings().num_embeddings, str(path), source_path)
+    rotation = record["rotation"]
+    if rotation is not None and rotate_llama(skeleton, seed=rotation["seed"], apply=False) != rotation:
+        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
+    weights = record.get("weights")
+    if weights and rtn_record(weights["bits"], stream.layers) != weights:
+        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
+                                f"re-convert")
+    sites = install_sites(skeleton)
+    if list(sites) != list(record["sites"]):
+        raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")
+    for name, site in sites.items():
+        try:
+            site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
+        except (KeyError, ValueError, TypeError) as error:
+            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    sites.set_mode("decoded")
+    rotations = "explicit" if rotation is not None and not weights else "applied"
+    return SpikingModel(skeleton, stream.source.tokenizer, sites, record, None, rotations)
