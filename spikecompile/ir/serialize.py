@@ -33,11 +33,12 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import SpikecompileError
@@ -85,12 +86,13 @@ def write(graph: Graph, folder: str | Path, store: TensorStore | None = None, pr
     atomic_write(folder / GRAPH_FILE, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
-def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
-    """The weights written beside `graph` (read from `folder`), every TensorRef of the graph checked."""
+def read_weights(folder: str | Path, graph: Graph) -> WeightsFile:
+    """The weights written beside `graph` (read from `folder`), every TensorRef of the graph checked: a mapping that
+    reads each tensor from the file when it is asked for (a 7B IR's weights are never in memory together)."""
     folder = Path(folder)
     document = read_document(folder / GRAPH_FILE, "IR graph", FORMAT, FORMAT_VERSION,
                               "build the graph again with this version")
-    try:  # hashed in blocks, then loaded once: the file is never held twice
+    try:  # hashed in blocks: the file is never held whole
         digest = file_sha256(folder / WEIGHTS_FILE)
     except OSError as error:
         raise SpikecompileError(f"{folder}: cannot read {WEIGHTS_FILE} ({error.strerror}); build with the weights "
@@ -99,16 +101,35 @@ def read_weights(folder: str | Path, graph: Graph) -> dict[str, Tensor]:
         raise SpikecompileError(f"{folder}: {WEIGHTS_FILE} does not belong to this {GRAPH_FILE} (sha256 differs); "
                                 f"build again")
     try:
-        weights = safetensors.torch.load_file(folder / WEIGHTS_FILE)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as error:  # safetensors' errors besides its own
-        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({first_line(error)})"
-                                ) from None
-    try:
-        for ref in tensor_refs(graph).values():
+        weights = WeightsFile(folder / WEIGHTS_FILE)
+        for ref in tensor_refs(graph).values():  # each tensor read and checked once here, then dropped
             ref.resolve(weights)
     except SpikecompileError as error:
         raise SpikecompileError(f"{folder / WEIGHTS_FILE}: {error}") from None
+    except (SafetensorError, ValueError, RuntimeError, OSError) as error:  # safetensors' errors besides its own
+        raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({first_line(error)})"
+                                ) from None
     return weights
+
+
+class WeightsFile(Mapping):
+    """The tensors of a safetensors file, each read from it (safe_open) when asked for."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = safe_open(path, framework="pt")
+        self._keys = set(self._file.keys())
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def read(folder: str | Path) -> Graph:
