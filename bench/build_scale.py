@@ -11,7 +11,7 @@ With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktre
 converted and built by that version, side by side in the same run (each version builds its own conversion: a
 model.pt records its rotation matrices, and a version refuses one made with other matrices); when both versions
 wrote the same model.pt, the two IR weight files are compared byte for byte. Prints the figures and writes
-bench/results/build_scale.json.
+bench/results/build_scale.json (a depth measured in an earlier run is kept there unless measured again).
 
     PYTHONPATH=. python bench/build_scale.py [--layers 2 4] [--targets ir sim] [--baseline /path/to/old/checkout]
                                              [--workdir DIR]
@@ -55,8 +55,12 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="build-scale-"))
     results = {"shape": SHAPES["llama2-7b"], "convert_options": " ".join(CONVERT), "runs": []}
+    if RESULTS.is_file():  # the depths measured before (in another run) are kept, unless measured again
+        kept = json.loads(RESULTS.read_text()).get("runs", [])
+        results["runs"] = [run for run in kept if run["layers"] not in args.layers]
     for layers in args.layers:
         results["runs"].append(measure(workdir, layers, args.targets, args.baseline))
+    results["runs"].sort(key=lambda run: run["layers"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS}")

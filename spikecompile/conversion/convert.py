@@ -331,15 +331,15 @@ def _new_rotation(stream: LayerStream, options: ConvertOptions) -> ResidualRotat
     return ResidualRotation(stream.config.hidden_size, head_dim, options.seed, untied=stream.tied)
 
 
-def _prepared_layer(stream: LayerStream, index: int, rotation: ResidualRotation | None,
-                    options: ConvertOptions) -> tuple[torch.nn.Module, SiteTable]:
-    """Decoder layer `index` as the converted model has it: rotated, its weights RTN-quantized, its spike sites
-    installed (off: the float layer)."""
+def converted_layer(stream: LayerStream, index: int, rotation: ResidualRotation | None,
+                    weight_bits: int | None) -> tuple[torch.nn.Module, SiteTable]:
+    """Decoder layer `index` as the converted model has it: rotated, its weights RTN-quantized to `weight_bits`
+    (None: float), its spike sites installed (off: the float layer)."""
     layer = stream.layer(index)
     if rotation is not None:
         rotation.rotate_layer(layer, f"model.layers.{index}")
-    if options.weight_bits:
-        rtn_quantize_layer(layer, options.weight_bits)
+    if weight_bits:
+        rtn_quantize_layer(layer, weight_bits)
     return layer, install_layer_sites(layer, index)
 
 
@@ -378,7 +378,7 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
     peaks = {id(sequence): [] for sequences in scans.values() for sequence in sequences}
     for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not shown(progress)):
         began = time.perf_counter()
-        layer, _ = _prepared_layer(stream, index, rotation, options)
+        layer, _ = converted_layer(stream, index, rotation, options.weight_bits)
         running = []
         layer.mlp.down_proj.register_forward_pre_hook(  # after the online Hadamard: it sees x·H_i
             lambda module, inputs: running[0].append(inputs[0].detach().abs().amax(-1).flatten()))
@@ -456,7 +456,7 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
         began = time.perf_counter()
         if options.budget:
             _save_inputs(checkpoint, index, prefix_sequence, sequences)
-        layer, sites = _prepared_layer(stream, index, rotation, options)
+        layer, sites = converted_layer(stream, index, rotation, options.weight_bits)
         chunks.append(_recorded(sites, per_call, options, len(names), stream, prefix_sequence, sequences, layer))
         names += list(sites)
         del layer, sites
@@ -509,7 +509,7 @@ def fisher_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: di
     prefix_ids = torch.tensor([prefix["token_ids"]], device=device) if prefix else None
     for index in tqdm(reversed(range(stream.layers)), desc="sensitivity", unit="layer", disable=not shown(progress),
                       total=stream.layers):
-        layer, sites = _prepared_layer(stream, index, rotation, options)
+        layer, sites = converted_layer(stream, index, rotation, options.weight_bits)
         saved = checkpoint.load_inputs(index)
         prefix_sequence = stream.start(prefix_ids, saved["prefix"], is_prefix=True) if prefix else None
         if prefix_sequence is not None:  # its keys and values here, which the windows attend to (no gradient)
@@ -663,6 +663,29 @@ def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:
                                           for name, value in moved.items()})
 
 
+def fill_sites(sites: SiteTable, record: dict, path, device: str) -> None:
+    """Each site's neuron, on `device`, from model.pt; sdllm per-token scales where recorded. One line naming
+    `path` and the site for an invalid neuron."""
+    coding = record["coding"]
+    for name, site in sites.items():
+        try:
+            site.neuron = _on_device(site_neuron(record["sites"][name]), device)
+        except (KeyError, ValueError, TypeError) as error:
+            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+        if coding.get("scales") == "per-token":
+            site.per_token_steps = coding["timesteps"]
+
+
+def check_rebuilt(record: dict, rotation: dict | None, weights: dict | None, path) -> None:
+    """The rotation record and weight-quantization record that re-applying model.pt's options gave (None: not
+    applied) must be model.pt's: a model.pt made with other matrices or rounding is refused in one line."""
+    if rotation is not None and _canonical(rotation) != _canonical(record["rotation"]):
+        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
+    if weights is not None and weights != record.get("weights"):
+        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
+                                f"re-convert")
+
+
 def recorded_source(record: dict, path, source_path: str | None = None) -> ModelSource:
     """model.pt's source model (at `source_path` when given: it moved since conversion), checked against the
     recorded sha256 (one-line error naming `path`)."""
@@ -694,23 +717,13 @@ def load_spiking_model(path: str, source_path: str | None = None, rotations: str
     model, tokenizer = load_model(source, placement, progress)
     check_prefix_vocabulary(record, model.get_input_embeddings().num_embeddings, str(path), source.path)
     rotation = record["rotation"]
-    if rotation is not None and rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") != rotation:
-        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
+    rotated = rotate_llama(model, seed=rotation["seed"], apply=rotations == "applied") if rotation is not None else None
     weights = record.get("weights")
-    if weights and rtn_quantize_weights(model, weights["bits"]) != weights:
-        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
-                                f"re-convert")
+    check_rebuilt(record, rotated, rtn_quantize_weights(model, weights["bits"]) if weights else None, path)
     sites = install_sites(model)
     if list(sites) != list(record["sites"]):
         raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")
-    for name, site in sites.items():
-        try:
-            site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
-        except (KeyError, ValueError, TypeError) as error:
-            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
-    if record["coding"].get("scales") == "per-token":
-        for site in sites.values():
-            site.per_token_steps = record["coding"]["timesteps"]
+    fill_sites(sites, record, path, placement.device)
     prefix = PrefixCache(model, sites, record["prefix"]["token_ids"]) if record["prefix"] else None
     sites.set_mode("decoded")
     return SpikingModel(model, tokenizer, sites, record, prefix, rotations if rotation is not None else "applied")

@@ -39,11 +39,11 @@ from ..errors import SpikecompileError
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
 from ..progress import bar
-from .convert import SpikingModel, _on_device, site_neuron
+from .convert import SpikingModel, check_rebuilt, converted_layer, fill_sites
 from .rotation import ResidualRotation, rotate_llama
-from .sites import install_layer_sites, install_sites
+from .sites import install_sites
 from .stream import LayerStream
-from .weights import rtn_quantize_layer, rtn_record
+from .weights import rtn_record
 
 MEMORY_BYTES = 1 << 30
 """What a LayeredStore keeps in memory, twice: the parts it built most recently, and the tensors written to it
@@ -105,13 +105,7 @@ class LayeredStore(MutableMapping):
 
     def layer(self, index: int) -> torch.nn.Module:
         """Decoder layer `index` as converted: rotated, RTN-rounded, its sites installed (off)."""
-        layer = self.stream.layer(index)
-        if self.rotation is not None:
-            self.rotation.rotate_layer(layer, f"model.layers.{index}")
-        if self.weight_bits:
-            rtn_quantize_layer(layer, self.weight_bits)
-        install_layer_sites(layer, index)
-        return layer
+        return converted_layer(self.stream, index, self.rotation, self.weight_bits)[0]
 
     def embedding(self) -> torch.nn.Embedding:
         embedding = self.stream.embedding()
@@ -234,21 +228,13 @@ def _skeleton(path, record: dict, stream: LayerStream, placement: Placement, sou
     skeleton.model.rotary_emb = stream.rotary
     skeleton.to(placement.torch_dtype)
     check_prefix_vocabulary(record, skeleton.get_input_embeddings().num_embeddings, str(path), source_path)
-    rotation = record["rotation"]
-    if rotation is not None and rotate_llama(skeleton, seed=rotation["seed"], apply=False) != rotation:
-        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
-    weights = record.get("weights")
-    if weights and rtn_record(weights["bits"], stream.layers) != weights:
-        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
-                                f"re-convert")
+    rotation, weights = record["rotation"], record.get("weights")
+    check_rebuilt(record, rotate_llama(skeleton, seed=rotation["seed"], apply=False) if rotation is not None else None,
+                  rtn_record(weights["bits"], stream.layers) if weights else None, path)
     sites = install_sites(skeleton)
     if list(sites) != list(record["sites"]):
         raise SpikecompileError(f"{path}: its spike-site table does not match the model's layers; re-convert")
-    for name, site in sites.items():
-        try:
-            site.neuron = _on_device(site_neuron(record["sites"][name]), placement.device)
-        except (KeyError, ValueError, TypeError) as error:
-            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
+    fill_sites(sites, record, path, placement.device)
     sites.set_mode("decoded")
     rotations = "explicit" if rotation is not None and not weights else "applied"
     return SpikingModel(skeleton, stream.source.tokenizer, sites, record, None, rotations)

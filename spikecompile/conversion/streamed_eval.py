@@ -25,12 +25,12 @@ from ..evaluation import perplexity_of, window_nll
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
 from ..progress import shown
-from .convert import (EMBEDDING_ALIAS, _canonical, _embedding, _final_norm_site, _on_device, recorded_source,
-                      site_neuron)
+from .convert import (EMBEDDING_ALIAS, _embedding, _final_norm_site, check_rebuilt, converted_layer, fill_sites,
+                      recorded_source)
 from .rotation import ResidualRotation
-from .sites import LAYER_SITE_KINDS, SiteTable, install_layer_sites, site_name
+from .sites import LAYER_SITE_KINDS, site_name
 from .stream import LayerStream
-from .weights import rtn_quantize_layer, rtn_record
+from .weights import rtn_record
 
 
 @dataclass
@@ -100,7 +100,8 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
                                     untied=stream.tied)
     passes = _Passes(stream, windows, (record["prefix"] or {}).get("token_ids"), rotation)
     for index in tqdm(range(stream.layers), desc="eval (ANN, SNN)", unit="layer", disable=not shown(progress)):
-        layer, sites = _layer_as_converted(stream, index, rotation, record, path)
+        layer, sites = converted_layer(stream, index, rotation, (record.get("weights") or {}).get("bits"))
+        fill_sites(sites, record, path, stream.placement.device)
         for sequence in passes.float_runs():
             stream.run(layer, sequence)
         sites.set_mode("decoded")
@@ -109,8 +110,10 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
         del layer, sites
     head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as the whole model's
     norm, final = _final_norm_site(stream, rotation, head)
-    _check_rebuilt(record, rotation, stream.layers, path)
-    _fill_sites(final, record, path, stream.placement.device)
+    weights = record.get("weights")
+    check_rebuilt(record, rotation.record if rotation is not None else None,
+                  rtn_record(weights["bits"], stream.layers) if weights else None, path)
+    fill_sites(final, record, path, stream.placement.device)
 
     def perplexity(sequences) -> float:
         with torch.inference_mode():
@@ -121,39 +124,3 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
     prefixed = perplexity(passes.prefixed_float) if passes.prefixed_float else ann
     final.set_mode("decoded")
     return Perplexities(ann, prefixed, perplexity(passes.snn), len(windows))
-
-
-def _layer_as_converted(stream: LayerStream, index: int, rotation: ResidualRotation | None, record: dict, path):
-    """Decoder layer `index` as load_spiking_model rebuilds it: rotated, RTN-quantized, its sites installed with
-    model.pt's neurons (off)."""
-    layer = stream.layer(index)
-    if rotation is not None:
-        rotation.rotate_layer(layer, f"model.layers.{index}")
-    if record.get("weights"):
-        rtn_quantize_layer(layer, record["weights"]["bits"])
-    sites = install_layer_sites(layer, index)
-    _fill_sites(sites, record, path, stream.placement.device)
-    return layer, sites
-
-
-def _fill_sites(sites: SiteTable, record: dict, path, device: str) -> None:
-    """Each site's neuron, on `device`, from model.pt; sdllm per-token scales where recorded."""
-    coding = record["coding"]
-    for name, site in sites.items():
-        try:
-            site.neuron = _on_device(site_neuron(record["sites"][name]), device)
-        except (KeyError, ValueError, TypeError) as error:
-            raise SpikecompileError(f"{path}: site {name} has an invalid neuron ({error})") from None
-        if coding.get("scales") == "per-token":
-            site.per_token_steps = coding["timesteps"]
-
-
-def _check_rebuilt(record: dict, rotation: ResidualRotation | None, layers: int, path) -> None:
-    """The rotation and weight quantization applied here must give model.pt's records (as load_spiking_model
-    checks them); the rotation's record is whole once the head is rotated."""
-    if rotation is not None and _canonical(rotation.record) != _canonical(record["rotation"]):
-        raise SpikecompileError(f"{path}: re-applying the recorded rotation gave a different record; re-convert")
-    weights = record.get("weights")
-    if weights and rtn_record(weights["bits"], layers) != weights:
-        raise SpikecompileError(f"{path}: re-applying the recorded weight quantization gave a different record; "
-                                f"re-convert")

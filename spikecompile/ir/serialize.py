@@ -44,7 +44,7 @@ from torch import Tensor
 from ..errors import SpikecompileError
 from ..files import atomic_write, file_sha256, read_document, write_safetensors
 from ..progress import bar
-from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, require, torch_dtype
+from .base import NODE_TYPES, IRNode, TensorStore, require, torch_dtype
 from .graph import Graph, tensor_refs, validate
 
 FORMAT = "spikecompile.ir"
