@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from scale import SHAPES, write_model
+from scale import SHAPES, spikecompile_of, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "build_scale.json"
@@ -37,8 +36,8 @@ TARGET_OPTIONS = {"ir": (), "sim": ("--mode", "decoded", "--windows", "1", "--se
 
 def timed(command: list[str], code: Path) -> dict:
     """Run `python -m spikecompile ...` with `code` first on the path, under /usr/bin/time: peak RSS (MB), wall."""
-    environment = {**os.environ, "PYTHONPATH": str(code), "SOURCE_DATE_EPOCH": "0"}  # model.pt byte-reproducible
-    done = subprocess.run(["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "spikecompile", *command],
+    prefix, environment = spikecompile_of(code)
+    done = subprocess.run(["/usr/bin/time", "-f", "%M %e", *prefix, *command],
                           capture_output=True, text=True, env=environment)
     if done.returncode:
         sys.exit(f"error: {' '.join(command[:2])} failed:\n{done.stderr[-3000:]}")

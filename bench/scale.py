@@ -100,14 +100,26 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def spikecompile_of(code: Path) -> tuple[list[str], dict]:
+    """The command prefix that runs checkout `code`'s spikecompile, and its environment. `python -P`: without -P,
+    `python -m` puts the working directory first on sys.path, so run from this checkout it imports this checkout's
+    package whatever PYTHONPATH says (the baselines of earlier runs were this version). Exits if the import does not
+    come from `code`. SOURCE_DATE_EPOCH: model.pt's creation time, so that two versions can write the same bytes."""
+    environment = {**os.environ, "PYTHONPATH": str(code), "SOURCE_DATE_EPOCH": "0"}
+    found = subprocess.run([sys.executable, "-P", "-c", "import spikecompile; print(spikecompile.__file__)"],
+                           env=environment, capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(Path(code).resolve()):
+        sys.exit(f"error: PYTHONPATH={code} imports spikecompile from {found}")
+    return [sys.executable, "-P", "-m", "spikecompile"], environment
+
+
 def run(folder: Path, workdir: Path, code: Path | None = None) -> dict:
     """The CLI's convert of `folder` in its own process (with the spikecompile of checkout `code` when given): its
     --json report and wall time."""
     tag = "-baseline" if code else ""
     output, report = workdir / f"{folder.name}{tag}.pt", workdir / f"{folder.name}{tag}.json"
-    command = [sys.executable, "-m", "spikecompile", "convert", str(folder), "-o", str(output), "--json", str(report),
-               *CONVERT]
-    environment = {**os.environ, "PYTHONPATH": str(code)} if code else None
+    prefix, environment = spikecompile_of(code or ROOT)
+    command = [*prefix, "convert", str(folder), "-o", str(output), "--json", str(report), *CONVERT]
     start = time.perf_counter()
     subprocess.run(command, check=True, env=environment)
     figures = json.loads(report.read_text())
