@@ -15,7 +15,9 @@ in the same order, so interpret(trace(m)) reproduces m.logits to float rounding:
 Node names are module paths without the leading "model." ("layers.3.self_attn.q_proj"); a spike site's node
 is its site name ("layers.3.attn_norm", "final_norm"); the few nodes without a module get a name under the
 module they belong to ("layers.3.self_attn.scores"). Weights are TensorRefs to the model's state_dict keys;
-the returned store is the state_dict itself plus the prefix caches ("prefix.layers.{i}.key" / ".value").
+the returned store is the state_dict itself plus the prefix caches ("prefix.layers.{i}.key" / ".value"), or, for
+a weightless model on the meta device (build's: conversion.layered), its SpikingModel.store, which reads each part
+of the model from the source when a tensor of it is asked for.
 
 Rotations (conversion.rotation.rotate_llama): the online Hadamard before down_proj is always an explicit
 Rotation(where="online"). The offline ones (residual stream Q, per-head H_h, the down_proj input side of H_i)
