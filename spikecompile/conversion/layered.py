@@ -39,7 +39,7 @@ from ..errors import SpikecompileError
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
 from ..progress import bar
-from .convert import SpikingModel, check_rebuilt, converted_layer, fill_sites
+from .convert import SpikingModel, _embedding, _final_norm, check_rebuilt, converted_layer, fill_sites
 from .rotation import ResidualRotation, rotate_llama
 from .sites import install_sites
 from .stream import LayerStream
@@ -67,7 +67,7 @@ class LayeredStore(MutableMapping):
 
     def __init__(self, stream: LayerStream, record: dict, rotations: str, keys, scratch: Path,
                  memory_bytes: int | None = None):
-        self.stream, self.record = stream, record
+        self.stream = stream
         self.rotation = None
         if record["rotation"] is not None:
             head_dim = stream.skeleton.model.layers[0].self_attn.head_dim
@@ -103,39 +103,46 @@ class LayeredStore(MutableMapping):
 
     # ---- the parts, as load_spiking_model has them -----------------------------------------------------------------
 
-    def layer(self, index: int) -> torch.nn.Module:
-        """Decoder layer `index` as converted: rotated, RTN-rounded, its sites installed (off)."""
-        return converted_layer(self.stream, index, self.rotation, self.weight_bits)[0]
-
-    def embedding(self) -> torch.nn.Embedding:
-        embedding = self.stream.embedding()
-        if self.rotation is not None:
-            self.rotation.rotate_embedding(embedding, "model.embed_tokens")
-        return embedding
-
-    def _build(self, part: int | str) -> dict[str, Tensor]:
+    def _build(self, part: int | str) -> tuple[torch.nn.Module, dict[str, Tensor]]:
+        """The part's module (a decoder layer, the embedding, or the final norm) and its tensors under their
+        state_dict keys, as load_spiking_model has them; counted, and a step of the current bar."""
         self.parts_built[part] += 1
         if self._bar is not None:
             self._bar.update()
         if isinstance(part, int):
-            return {f"model.layers.{part}.{key}": tensor for key, tensor in self.layer(part).state_dict().items()}
+            layer = converted_layer(self.stream, part, self.rotation, self.weight_bits)[0]
+            return layer, {f"model.layers.{part}.{key}": tensor for key, tensor in layer.state_dict().items()}
         if part == "embedding":
-            return {f"model.embed_tokens.{key}": tensor for key, tensor in self.embedding().state_dict().items()}
-        head, norm = self.stream.lm_head(), self.stream.norm()  # a tied head: a copy of the unrotated embedding
-        if self.rotation is not None:
-            self.rotation.rotate_head(norm, head, "model.norm", "lm_head")
-        return {**{f"model.norm.{key}": tensor for key, tensor in norm.state_dict().items()},
-                **{f"lm_head.{key}": tensor for key, tensor in head.state_dict().items()}}
+            embedding = _embedding(self.stream, self.rotation)
+            return embedding, {f"model.embed_tokens.{key}": tensor for key, tensor in embedding.state_dict().items()}
+        head = self.stream.lm_head()  # a tied head: a copy of the unrotated embedding
+        norm = _final_norm(self.stream, self.rotation, head)
+        return norm, {**{f"model.norm.{key}": tensor for key, tensor in norm.state_dict().items()},
+                      **{f"lm_head.{key}": tensor for key, tensor in head.state_dict().items()}}
+
+    def _module(self, part: int | str) -> torch.nn.Module:
+        """The part's module, built now; its tensors are kept as the mapping keeps a part it built."""
+        module, tensors = self._build(part)
+        if part not in self._parts:
+            self._keep(part, tensors)
+        return module
+
+    def _keep(self, part: int | str, tensors: dict[str, Tensor]) -> None:
+        # the least recently used parts are freed first, so that the new one fits beside those kept
+        while self._parts and sum(map(_nbytes, self._parts.values())) + self._part_bytes > self.memory_bytes:
+            self._parts.popitem(last=False)
+        self._parts[part] = tensors
+        self._part_bytes = max(self._part_bytes, _nbytes(tensors))
 
     @torch.inference_mode()
     def prefix_caches(self, token_ids: list[int]) -> list[tuple[Tensor, Tensor]]:
         """Each layer's float keys and values on the prefix tokens, sites off: the whole model's PrefixCache, one
         layer at a time (conversion.stream: bitwise the whole model's forward)."""
         ids = torch.tensor([token_ids], device=self.stream.placement.device)
-        sequence = self.stream.start(ids, self.embedding()(ids), is_prefix=True)
+        sequence = self.stream.start(ids, self._module("embedding")(ids), is_prefix=True)
         caches = []
         for index in range(self.stream.layers):
-            self.stream.run(self.layer(index), sequence)
+            self.stream.run(self._module(index), sequence)
             cached = sequence.layer_cache.layers[index]
             caches.append((cached.keys[0], cached.values[0]))
         return caches
@@ -154,11 +161,7 @@ class LayeredStore(MutableMapping):
             raise KeyError(key)
         part = part_of(key)
         if part not in self._parts:
-            # the least recently used parts are freed first, so that the new one fits beside those kept
-            while self._parts and sum(map(_nbytes, self._parts.values())) + self._part_bytes > self.memory_bytes:
-                self._parts.popitem(last=False)
-            self._parts[part] = self._build(part)
-            self._part_bytes = max(self._part_bytes, _nbytes(self._parts[part]))
+            self._keep(part, self._build(part)[1])
         self._parts.move_to_end(part)
         return self._parts[part][key]
 
