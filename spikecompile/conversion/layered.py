@@ -28,7 +28,6 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from ..devices import Placement
 from ..errors import SpikecompileError
+from ..ir import StoreView
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
 from ..progress import bar
@@ -61,7 +61,7 @@ def part_of(key: str) -> int | str:
     return "embedding" if key.startswith("model.embed_tokens.") else "head"
 
 
-class LayeredStore(MutableMapping):
+class LayeredStore(StoreView):
     """The build's tensor store (module docstring). keys: the skeleton's state_dict keys; rotations: "applied" (the
     offline rotations in the weights, as model.pt's RTN weights need) or "explicit" (norms folded only)."""
 
@@ -74,11 +74,9 @@ class LayeredStore(MutableMapping):
             self.rotation = ResidualRotation(stream.config.hidden_size, head_dim, record["rotation"]["seed"],
                                              untied=stream.tied, apply=rotations == "applied")
         self.weight_bits = (record.get("weights") or {}).get("bits")
+        super().__init__(dict.fromkeys(keys))  # the source's keys: their tensors are built by _read
         self.scratch, self.memory_bytes = scratch, MEMORY_BYTES if memory_bytes is None else memory_bytes
-        self._source_keys = dict.fromkeys(keys)
-        self._written: dict[str, Tensor | Path] = {}
         self._written_bytes = self._files = 0
-        self._deleted: set[str] = set()
         self._parts: OrderedDict[int | str, dict[str, Tensor]] = OrderedDict()  # least recently used first
         self._part_bytes = 0
         self._closer = None
@@ -147,60 +145,39 @@ class LayeredStore(MutableMapping):
             caches.append((cached.keys[0], cached.values[0]))
         return caches
 
-    # ---- the mapping ------------------------------------------------------------------------------------------------
+    # ---- the view: source tensors read by part, written ones stashed ------------------------------------------------
 
-    def __getitem__(self, key: str) -> Tensor:
-        if key in self._written:
-            held = self._written[key]
-            if isinstance(held, Path):
-                from safetensors.torch import load_file
-
-                return load_file(held)["tensor"]
-            return held
-        if key in self._deleted or key not in self._source_keys:
-            raise KeyError(key)
+    def _read(self, key: str) -> Tensor:
         part = part_of(key)
         if part not in self._parts:
             self._keep(part, self._build(part)[1])
         self._parts.move_to_end(part)
         return self._parts[part][key]
 
-    def __setitem__(self, key: str, tensor: Tensor) -> None:
-        self._discard(key)
-        if self._written_bytes + tensor.nbytes > self.memory_bytes:
-            from safetensors.torch import save_file
-
-            self._files += 1
-            path = self.scratch / f"{self._files}.safetensors"
-            save_file({"tensor": tensor.detach().cpu().contiguous()}, path)
-            self._written[key] = path
-        else:
-            self._written[key] = tensor
+    def _stash(self, key: str, tensor: Tensor) -> Tensor | Path:
+        """The tensor itself while the written ones fit in memory_bytes, else the scratch file it is saved to."""
+        if self._written_bytes + tensor.nbytes <= self.memory_bytes:
             self._written_bytes += tensor.nbytes
-        self._deleted.discard(key)
+            return tensor
+        from safetensors.torch import save_file
 
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self._discard(key)
-        self._deleted.add(key)
+        self._files += 1
+        path = self.scratch / f"{self._files}.safetensors"
+        save_file({"tensor": tensor.detach().cpu().contiguous()}, path)
+        return path
 
-    def _discard(self, key: str) -> None:
-        held = self._written.pop(key, None)
-        if isinstance(held, Path):
-            held.unlink(missing_ok=True)
-        elif held is not None:
-            self._written_bytes -= held.nbytes
+    def _unstash(self, kept: Tensor | Path) -> Tensor:
+        if isinstance(kept, Path):
+            from safetensors.torch import load_file
 
-    def __contains__(self, key) -> bool:
-        return key in self._written or (key not in self._deleted and key in self._source_keys)
+            return load_file(kept)["tensor"]
+        return kept
 
-    def __iter__(self):
-        yield from self._written
-        yield from (key for key in self._source_keys if key not in self._written and key not in self._deleted)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+    def _release(self, kept: Tensor | Path) -> None:
+        if isinstance(kept, Path):
+            kept.unlink(missing_ok=True)
+        else:
+            self._written_bytes -= kept.nbytes
 
 
 def open_converted(path, record: dict, source, placement: Placement,

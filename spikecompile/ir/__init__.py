@@ -8,7 +8,7 @@ passes rewrite it, backends lower it. Equations and formats: docs/ir.md.
     nonlinear  Nonlinear (rmsnorm, softmax, silu), ActivationMatmul, ElementwiseProduct
     neurons    PhaseNeuron
     graph      Graph (nodes, edges and the rewrites passes make), validate, tensor_refs, retyped and widened
-               (CastStore views)
+               (CastStore views, on StoreView: a view of a store whose writes stay in the view)
     layers     layer_of, layer_indices, decoder_block, decoder_layers: decoder layers by node name
     serialize  write, read, read_weights
     interpret  interpret(graph, store, ids) -> logits: the decoded-mode semantics, one function per node type
@@ -17,7 +17,7 @@ passes rewrite it, backends lower it. Equations and formats: docs/ir.md.
 """
 
 from .base import NODE_TYPES, IRNode, TensorRef, TensorStore, TensorType
-from .graph import CastStore, Graph, retyped, tensor_refs, validate, widened
+from .graph import CastStore, Graph, StoreView, retyped, tensor_refs, validate, widened
 from .interpret import evaluate, interpret, sites_off
 from .layers import decoder_block, decoder_layers, layer_indices, layer_of
 from .linear import Embedding, Input, KVPrefix, Linear, MergeHeads, Output, ResidualAdd, RoPE, Rotation, SplitHeads
@@ -26,9 +26,9 @@ from .nonlinear import ActivationMatmul, ElementwiseProduct, Nonlinear
 from .serialize import read, read_weights, write
 
 __all__ = [
-    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "CastStore", "Graph", "retyped", "validate",
-    "widened", "read", "read_weights", "tensor_refs", "write", "Input", "Output", "Embedding", "Linear", "Rotation",
-    "RoPE", "SplitHeads", "MergeHeads",
+    "NODE_TYPES", "IRNode", "TensorRef", "TensorStore", "TensorType", "CastStore", "StoreView", "Graph", "retyped",
+    "validate", "widened", "read", "read_weights", "tensor_refs", "write", "Input", "Output", "Embedding", "Linear",
+    "Rotation", "RoPE", "SplitHeads", "MergeHeads",
     "KVPrefix", "ResidualAdd", "PhaseNeuron", "Nonlinear", "ActivationMatmul", "ElementwiseProduct", "layer_of",
     "layer_indices", "decoder_block", "decoder_layers", "evaluate", "interpret", "sites_off",
 ]

@@ -180,35 +180,49 @@ def tensor_refs(graph: Graph) -> dict[str, TensorRef]:
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-class CastStore(MutableMapping):
-    """A view of a TensorStore in which the tensors named in `cast` read in their new dtype, each cast when it is
-    asked for: a retyped or widened IR holds its weights once, in their own dtype, plus the tensor in use in the new
-    one (a copy of every weight would be 27 GB in fp32 for a 7B model, 54 GB in float64). Writes and deletions (a
-    pass replacing weights) stay in the view: the store under it is never changed."""
+class StoreView(MutableMapping):
+    """A view of a TensorStore whose writes and deletions stay in the view: the store under it is never changed.
+    A subclass may change how the store's tensors read (_read) and where a written tensor is kept (_stash; given
+    back by _unstash, let go by _release)."""
 
-    def __init__(self, store, cast: dict[str, torch.dtype]):
-        self._store, self._cast = store, cast
+    def __init__(self, store):
+        self._store = store
         self._written: dict = {}
         self._deleted: set[str] = set()
 
+    def _read(self, name: str):
+        return self._store[name]
+
+    def _stash(self, name: str, tensor):
+        return tensor
+
+    def _unstash(self, kept):
+        return kept
+
+    def _release(self, kept) -> None:
+        pass
+
     def __getitem__(self, name: str):
         if name in self._written:
-            return self._written[name]
-        if name in self._deleted:
+            return self._unstash(self._written[name])
+        if name in self._deleted or name not in self._store:
             raise KeyError(name)
-        tensor = self._store[name]
-        dtype = self._cast.get(name)
-        return tensor if dtype is None else tensor.to(dtype)
+        return self._read(name)
 
     def __setitem__(self, name: str, tensor) -> None:
-        self._written[name] = tensor
+        self._discard(name)
+        self._written[name] = self._stash(name, tensor)
         self._deleted.discard(name)
 
     def __delitem__(self, name: str) -> None:
         if name not in self:
             raise KeyError(name)
-        self._written.pop(name, None)
+        self._discard(name)
         self._deleted.add(name)
+
+    def _discard(self, name: str) -> None:
+        if name in self._written:
+            self._release(self._written.pop(name))
 
     def __contains__(self, name) -> bool:
         return name in self._written or (name not in self._deleted and name in self._store)
@@ -219,6 +233,22 @@ class CastStore(MutableMapping):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class CastStore(StoreView):
+    """A view of a TensorStore in which the tensors named in `cast` read in their new dtype, each cast when it is
+    asked for: a retyped or widened IR holds its weights once, in their own dtype, plus the tensor in use in the new
+    one (a copy of every weight would be 27 GB in fp32 for a 7B model, 54 GB in float64). Writes and deletions (a
+    pass replacing weights) stay in the view: the store under it is never changed."""
+
+    def __init__(self, store, cast: dict[str, torch.dtype]):
+        super().__init__(store)
+        self._cast = cast
+
+    def _read(self, name: str):
+        tensor = self._store[name]
+        dtype = self._cast.get(name)
+        return tensor if dtype is None else tensor.to(dtype)
 
 
 def retyped(graph: Graph, store, dtype) -> tuple[Graph, CastStore]:
