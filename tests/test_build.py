@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from conftest import assert_same_neurons, convert_tiny
 
 from spikecompile.cli import cli
+from spikecompile.errors import SpikecompileError
 from spikecompile.conversion.convert import load_spiking_model
 from spikecompile.ir import PhaseNeuron, Rotation, interpret, read, read_weights, retyped, sites_off
 from spikecompile.passes import CompileInputs, PassManager
@@ -145,3 +146,44 @@ def test_edited_ir_is_refused_by_inspect(models, tmp_path):
     result = _invoke("inspect", out)
     assert result.exit_code == 2 and "unknown node type 'Residual'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape", "missing"])
+def test_weights_that_do_not_match_the_graph_are_refused_from_the_header(models, tmp_path, change):
+    """read_weights checks every tensor's shape and dtype against the file's header (the sha256 vouches for the
+    bytes): a weights file rewritten with one tensor of another dtype or shape, or without it, and its sha256
+    recorded in graph.json as if it were the right one, is refused naming that tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from spikecompile.files import file_sha256
+
+    _, out = _read_built(models["phase"], tmp_path / "ir")
+    tensors = load_file(out / "weights.safetensors")
+    name = sorted(tensors)[0]
+    if change == "dtype":
+        tensors[name] = tensors[name].double()
+    elif change == "shape":
+        tensors[name] = tensors[name].flatten()[:-1]
+    else:
+        del tensors[name]
+    save_file(tensors, out / "weights.safetensors")
+    document = json.loads((out / "graph.json").read_text())
+    document["weights_sha256"] = file_sha256(out / "weights.safetensors")
+    (out / "graph.json").write_text(json.dumps(document))
+    expected = "not in the tensor store" if change == "missing" else "the graph expects"
+    with pytest.raises(SpikecompileError, match=f"weights.safetensors: tensor {name}: .*{expected}"):
+        read_weights(out, read(out))
+
+
+def test_the_header_gives_each_tensor_its_own_shape_and_dtype(tmp_path):
+    from safetensors.torch import save_file
+
+    from spikecompile.ir.serialize import SAFETENSORS_DTYPES, WeightsFile
+
+    tensors = {f"t.{index}": torch.zeros(index + 1, 2, dtype=dtype)
+               for index, dtype in enumerate(SAFETENSORS_DTYPES.values())}
+    tensors["empty"] = torch.zeros(0, 3, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "w.safetensors")
+    weights = WeightsFile(tmp_path / "w.safetensors")
+    assert {name: weights.header(name) for name in weights} == {
+        name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}

@@ -117,10 +117,14 @@ class TensorRef:
             tensor = store[self.name]
         except KeyError:
             raise SpikecompileError(f"tensor {self.name}: not in the tensor store") from None
-        if tuple(tensor.shape) != self.shape or tensor.dtype != torch_dtype(self.dtype):
-            raise SpikecompileError(f"tensor {self.name}: the store holds {tensor.dtype} {list(tensor.shape)}, "
-                                    f"the graph expects {self.dtype} {list(self.shape)}")
+        self.check(tuple(tensor.shape), tensor.dtype)
         return tensor
+
+    def check(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """SpikecompileError unless a stored tensor of this shape and dtype is the one the graph expects."""
+        if tuple(shape) != self.shape or dtype != torch_dtype(self.dtype):
+            raise SpikecompileError(f"tensor {self.name}: the store holds {dtype} {list(shape)}, "
+                                    f"the graph expects {self.dtype} {list(self.shape)}")
 
     def __str__(self) -> str:
         return f"{self.name} [{', '.join(map(str, self.shape))}] {self.dtype}"

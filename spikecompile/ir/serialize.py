@@ -102,14 +102,22 @@ def read_weights(folder: str | Path, graph: Graph) -> WeightsFile:
                                 f"build again")
     try:
         weights = WeightsFile(folder / WEIGHTS_FILE)
-        for ref in tensor_refs(graph).values():  # each tensor read and checked once here, then dropped
-            ref.resolve(weights)
+        for ref in tensor_refs(graph).values():  # checked against the file's header: the sha256 above vouches for
+            if ref.name not in weights:          # the bytes, so no tensor is read here
+                raise SpikecompileError(f"tensor {ref.name}: not in the tensor store")
+            ref.check(*weights.header(ref.name))
     except SpikecompileError as error:
         raise SpikecompileError(f"{folder / WEIGHTS_FILE}: {error}") from None
     except (SafetensorError, ValueError, RuntimeError, OSError) as error:  # safetensors' errors besides its own
         raise SpikecompileError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({first_line(error)})"
                                 ) from None
     return weights
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+"""The safetensors header's dtype names (its format's spec) of the dtypes an IR holds."""
 
 
 class WeightsFile(Mapping):
@@ -124,6 +132,15 @@ class WeightsFile(Mapping):
         if key not in self._keys:
             raise KeyError(key)
         return self._file.get_tensor(key)
+
+    def header(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype the file's header gives `key`, read without its bytes (a dtype no IR holds is read
+        from the tensor itself)."""
+        view = self._file.get_slice(key)
+        dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+        if dtype is None:
+            return tuple(self[key].shape), self[key].dtype
+        return tuple(view.get_shape()), dtype
 
     def __iter__(self):
         return iter(sorted(self._keys))
