@@ -215,3 +215,25 @@ def test_a_truncated_shard_is_one_line_before_any_weight_is_read(tmp_path):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert shard.name in result.output and "truncated" in result.output, result.output
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "model.pt.checkpoint").exists()
+
+
+def test_the_embedding_is_built_and_rotated_once_and_its_kept_rows_are_its_own(tmp_path, monkeypatch):
+    """The prefix pass keeps the rotated embedding's rows of every window token and anchor (EmbeddedRows), so the
+    calibration pass does not build and rotate the whole embedding again; the rows are embedding(ids) bit for bit
+    (model.pt itself is the reference's: test_streamed_conversion_gives_the_in_memory_model_pt)."""
+    from spikecompile.conversion import convert as conversion
+    from spikecompile.conversion.rotation import ResidualRotation
+
+    rotated = []
+    original = ResidualRotation.rotate_embedding
+    monkeypatch.setattr(ResidualRotation, "rotate_embedding",
+                        lambda self, embed, name: rotated.append(embed is not None) or original(self, embed, name))
+    folder, text = save_case("llama_tied", tmp_path)
+    _convert(convert_arguments("llama_tied", folder, text, tmp_path / "model.pt"), monkeypatch)
+    assert rotated == [True, False]  # rotated by the prefix pass; the calibration pass only records it
+
+    embedding = torch.nn.Embedding(50, 8)
+    rows = conversion.EmbeddedRows(embedding, torch.tensor([7, 3, 3, 41, 0]))
+    ids = torch.tensor([[41, 3, 0, 7, 7]])
+    assert rows.covers(ids) and not rows.covers(torch.tensor([[3, 4]]))
+    assert torch.equal(rows(ids), embedding(ids))

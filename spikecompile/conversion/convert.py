@@ -298,17 +298,20 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, c
         timings["load"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        prefix = resumed.prefix
+        prefix, embedded = resumed.prefix, None
         if not resumed.prefix_known:
             timings["prefix_layers"] = []
-            prefix = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
-                                            timings["prefix_layers"]) if options.prefix == "auto" else None
+            if options.prefix == "auto":
+                prefix, embedded = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
+                                                          timings["prefix_layers"])
+            else:
+                prefix = None
             checkpoint.save_prefix(prefix)
         timings["prefix"] = time.perf_counter() - start
 
         start = time.perf_counter()
         calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
-                                        on_layer)
+                                        on_layer, embedded)
         timings["calibration"] = time.perf_counter() - start
         calibrated.config = stream.config.to_dict()
 
@@ -358,15 +361,35 @@ def _final_norm(stream: LayerStream, rotation: ResidualRotation | None, head) ->
     return norm
 
 
+class EmbeddedRows:
+    """Rows of the (rotated) embedding kept for a later pass, so that it need not build and rotate the whole
+    embedding again (a 128256 × 4096 one is seconds of float64 work on a CPU): rows(ids) is embedding(ids), the
+    same bits, for the token ids it was built with."""
+
+    def __init__(self, embedding: torch.nn.Embedding, token_ids: torch.Tensor):
+        self.token_ids = torch.unique(token_ids.flatten())  # sorted
+        with torch.inference_mode():
+            self.rows = embedding(self.token_ids)
+
+    def covers(self, ids: torch.Tensor) -> bool:
+        return bool(torch.isin(ids.to(self.token_ids.device), self.token_ids).all())
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[torch.searchsorted(self.token_ids, ids)]
+
+
 def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.Tensor], options: ConvertOptions,
-                           progress: bool, layer_s: list | None = None) -> dict:
+                           progress: bool, layer_s: list | None = None) -> tuple[dict, EmbeddedRows]:
     """prefix.select_prefix, one layer at a time: every scan (the probe windows alone, and after each anchor) goes
     through each layer before the next is built; the final norm and lm_head give their NLL at the end. layer_s:
-    gets the seconds each layer took."""
+    gets the seconds each layer took. Returns the prefix record and the embedding's rows of every window token and
+    anchor (the prefix's tokens are among them), for calibrate_streamed."""
     probe, anchors = probe_windows(windows), anchor_candidates(tokenizer)
     rotation = _new_rotation(stream, options)
     embedding = _embedding(stream, rotation)
     device = stream.placement.device
+    embedded = EmbeddedRows(embedding, torch.cat([*(ids.flatten() for ids in windows),
+                                                  torch.tensor(anchors, device=device)]))
     with torch.inference_mode():
         scans = {None: [stream.start(ids, embedding(ids), use_cache=False) for ids in probe]}
         prefixes = {}
@@ -403,7 +426,7 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
                 nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], sequence.ids[0, 1:]))
                 masks.append(outlier_mask(peaks[id(sequence)], OUTLIER_ETA))
             results[anchor] = (masks, nll / len(sequences))
-    return prefix_record(tokenizer, probe, results)
+    return prefix_record(tokenizer, probe, results), embedded
 
 
 @dataclass
@@ -423,17 +446,25 @@ class Calibrated:
 
 def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None,
                        options: ConvertOptions, checkpoint: Checkpoint, state: dict | None, progress: bool,
-                       on_layer: Callable[[int], None] | None = None) -> Calibrated:
+                       on_layer: Callable[[int], None] | None = None,
+                       embedded: EmbeddedRows | None = None) -> Calibrated:
     """calibration.collect_samples, one layer at a time: the prefix and every window go through a layer (its sites
     recording the windows), its samples are kept, the state is checkpointed, and the layer is freed.
 
     Each site's recorder is seeded seed·100003 + its index in the model's site table and draws
     ceil(N / windows) values per window, as collect_samples does on the whole model. With a budget, the hidden
-    states entering each layer (and the final norm) are also kept in the checkpoint for fisher_streamed."""
+    states entering each layer (and the final norm) are also kept in the checkpoint for fisher_streamed. embedded:
+    the prefix pass's embedding rows; the embedding is built again when they do not cover the tokens."""
     per_call = math.ceil(options.samples_per_site / len(windows))
     rotation = _new_rotation(stream, options)
     if state is None:
-        embedding = _embedding(stream, rotation)
+        prefix_ids = torch.tensor(prefix["token_ids"] if prefix else [], dtype=torch.int64)
+        if embedded is not None and embedded.covers(torch.cat([prefix_ids, *(ids.flatten().cpu() for ids in windows)])):
+            embedding = embedded
+            if rotation is not None:
+                rotation.rotate_embedding(None, "model.embed_tokens")
+        else:
+            embedding = _embedding(stream, rotation)
         with torch.inference_mode():
             hidden_prefix = embedding(torch.tensor([prefix["token_ids"]], device=stream.placement.device)) \
                 if prefix else None

@@ -200,9 +200,10 @@ class ResidualRotation:
         norm.weight.fill_(1.0)
 
     @torch.no_grad()
-    def rotate_embedding(self, embed: torch.nn.Embedding, name: str) -> None:
-        """E ← E·Q."""
-        if self.apply:
+    def rotate_embedding(self, embed: torch.nn.Embedding | None, name: str) -> None:
+        """E ← E·Q. embed None: only recorded (its rows were rotated by a rotation of the same seed, in an earlier
+        pass of the conversion)."""
+        if self.apply and embed is not None:
             _rows_times(embed.weight, self.times_q)
         self.record["residual"]["weight_right_Q"].append(name)
 
