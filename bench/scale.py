@@ -5,7 +5,9 @@ weights (std 0.02, norms near 1), as sharded safetensors with an index (one shar
 embedding, final norm and lm_head) and a small BPE tokenizer trained on the builtin text. It then runs the CLI,
 `convert -T 8 --calib-windows 4 --calib-seqlen 512 --dtype bfloat16`, in its own process at each depth and reports
 its peak RSS (the --json report's ru_maxrss), wall time, seconds per calibrated layer, the ratio of the two
-depths' times, and the time extrapolated to 32 layers (a line through the two depths: fixed + per layer × 32).
+depths' times (the whole process, and the per-layer loops of the prefix scan and the calibration alone, without
+the fixed costs: process start, imports, hashing, the embedding and lm_head), and the time extrapolated to 32
+layers (a line through the two depths: fixed + per layer × 32).
 With --baseline DIR (a checkout of an earlier spikecompile, e.g. a git worktree) each depth is also converted by
 that version, right after this one on the same files, and the two times are compared side by side.
 Writes bench/results/scale.json.
@@ -146,7 +148,8 @@ def main() -> None:
         runs[depth] = {"layers": depth, "write_model_s": written_s, "wall_s": figures["wall_s"],
                        "peak_rss_mb": figures["peak_rss_mb"], "timings_s": figures["timings_s"],
                        "layer_s": figures["layer_s"], "prefix_layer_s": figures.get("prefix_layer_s", []),
-                       "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"])}
+                       "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"]),
+                       "layer_loop_s": sum(figures["layer_s"]) + sum(figures.get("prefix_layer_s", []))}
         print(f"{depth} layers: wall {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB, "
               f"per calibrated layer {runs[depth]['mean_layer_s']:.1f} s, stages "
               + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in figures["timings_s"].items()), flush=True)
@@ -164,6 +167,7 @@ def main() -> None:
     fixed = low["wall_s"] - per_layer * low["layers"]
     summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape], "convert": " ".join(CONVERT), "device": "cpu", "torch_threads": torch.get_num_threads(),
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
+               "layer_loop_ratio": high["layer_loop_s"] / low["layer_loop_s"],
                "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
                "peak_rss_mb_max": max(run["peak_rss_mb"] for run in runs.values()), "peak_rss_target_mb": 6144}
     if arguments.baseline:
@@ -174,7 +178,8 @@ def main() -> None:
         print(f"baseline depth ratio {summary['baseline']['depth_ratio']:.2f}; this version is "
               + ", ".join(f"{speed:.2f}x as fast at {depth} layers"
                           for depth, speed in summary["baseline"]["speedup"].items()))
-    print(f"depth ratio {summary['depth_ratio']:.2f} ({high['layers']}/{low['layers']} layers), "
+    print(f"depth ratio {summary['depth_ratio']:.2f} ({high['layers']}/{low['layers']} layers; the layer loops "
+          f"alone {summary['layer_loop_ratio']:.2f}), "
           f"{per_layer:.1f} s per layer, 32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
           f"peak RSS ≤ {summary['peak_rss_mb_max']:.0f} MB")
     results = RESULTS_OF[arguments.shape]
