@@ -45,6 +45,8 @@ POINTS = {
     "phase T=8, mask 4": (["-T", "8"], ["--mask-steps", "4"]),
     "phase-sd T=8, λ=1": (["-T", "8", "--coding", "phase-sd", "--spike-penalty", "1"], []),
     "phase-sd λ=1, 1.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.5"], []),
+    "sdllm T=8, per-token": (["-T", "8", "--coding", "sdllm", "--sdllm-scales", "per-token"], []),
+    "sdllm T=8, static": (["-T", "8", "--coding", "sdllm"], []),
 }
 
 

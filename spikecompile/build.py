@@ -58,18 +58,16 @@ def check_model(model_path: str | Path, options: BuildOptions) -> dict:
     """model.pt's record, once every site override names one of its sites and every site can run at the T asked
     for (a fitted neuron only at its own): what needs the site table but not the source model, checked before
     the source model loads. SpikecompileError naming the override (or -T) and the site otherwise."""
-    from .conversion.codings import refuse_per_token_scales
-    from .conversion.convert import site_neuron
+    from .conversion.convert import recorded_site_neuron
     from .ir import PhaseNeuron
     from .modelfile import load
     from .passes.timesteps import check_overrides
 
     record = load(model_path)
-    refuse_per_token_scales(record, str(model_path))
     neurons = {}
-    for name, entry in record["sites"].items():
+    for name in record["sites"]:
         try:
-            neurons[name] = PhaseNeuron.from_params(name, site_neuron(entry))
+            neurons[name] = PhaseNeuron.from_params(name, *recorded_site_neuron(record, name))
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise SpikecompileError(f"{model_path}: site {name} has an invalid neuron ({error})") from None
     check_overrides(neurons, options.site_timesteps, options.timesteps, where=str(model_path))

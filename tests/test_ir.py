@@ -150,7 +150,7 @@ def _edge(document, source, target):
 
 
 def _set_version(document):
-    document["format_version"] = 4
+    document["format_version"] = 5
 
 
 def _unknown_type(document):
@@ -206,7 +206,7 @@ def _construction_changed(document):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set_version, r"graph\.json: IR graph format version 4, this spikecompile reads version 3"),
+    (_set_version, r"graph\.json: IR graph format version 5, this spikecompile reads version 4"),
     (_unknown_type, r"node layers\.0\.mlp\.act_fn: unknown node type 'Gelu'"),
     (_dangling_edge, r"edge layers\.0\.mlp\.down_proj → layers\.0\.mlp\.ghost: no node named layers\.0\.mlp\.ghost"),
     (_missing_input, r"node layers\.0\.mlp\.product: ElementwiseProduct lacks input b"),
@@ -248,7 +248,7 @@ def test_tensors_from_another_write_are_refused(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "not valid JSON"), ('{"format": "spikecompile.model"}', "not a spikecompile IR graph"),
-    ('{"format": "spikecompile.ir", "format_version": 3}', "tensors_sha256 must be a sha256 string"),
+    ('{"format": "spikecompile.ir", "format_version": 4}', "tensors_sha256 must be a sha256 string"),
     ("[" * 100_000, "nested too deeply"), (b"\xff\xfe{}".decode("latin-1"), "not valid JSON"),
 ])
 def test_foreign_graph_json_is_refused(tmp_path, text, message):

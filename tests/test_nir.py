@@ -507,3 +507,27 @@ def test_an_export_of_another_format_version_asks_to_export_again(tmp_path):
     with pytest.raises(SpikecompileError, match="NIR manifest format version 1, this spikecompile reads version 3; "
                                                 "export again"):
         read(tmp_path)
+
+
+@requires_nirtorch
+def test_per_token_scales_run_from_their_records_and_say_why(tmp_path_factory, tmp_path):
+    """sdllm with per-token scales: NIR has no reduction for the row's max, so every neuron is "not expressible in
+    NIR" with that reason and runs from its IR record (our interpreter); the rest is lowered, and every value that
+    leaves a segment is the interpreter's bit for bit."""
+    from test_sdllm_per_token import per_token_built
+
+    result = per_token_built(tmp_path_factory.mktemp("nir-per-token"))
+    report = build_nir(result, tmp_path)
+    graph = result.graph
+    neurons = [name for name in graph if isinstance(graph[name], ir.PhaseNeuron)]
+    entries = {entry["node"]: entry for entry in report["nodes"]}
+    assert neurons and all(entries[name]["fidelity"] == "not expressible in NIR" for name in neurons)
+    # the attention probabilities have no fixed width: refused for that first, as every coding's are
+    assert all("per-token scales" in entries[name]["reason"] for name in neurons
+               if graph[name].kind != "attn_probs")
+    assert report["counts"]["exact"] > 0 and report["unsupported"] == []
+    (source,) = [name for name in graph if isinstance(graph[name], ir.Input)]
+    ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    values = run(tmp_path, {source: ids}, NirtorchRunner())
+    expected = evaluate(graph, result.store, ids)
+    assert values and [name for name in values if not torch.equal(values[name], expected[name])] == []

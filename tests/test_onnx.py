@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import convert_tiny, requires_smollm2
 from test_budget_lowering import zoo_graph, zoo_neurons
+from test_sdllm_per_token import per_token_built
 
 EXTRA = "needs the onnx extra: pip install 'spikecompile[onnx]'"
 onnx = pytest.importorskip("onnx", reason=EXTRA)
@@ -25,6 +26,7 @@ from spikecompile.backends.onnx import (
 from spikecompile.backends.sim import simulate
 from spikecompile.backends.sim.simulate import output_of, run as simulate_run
 from spikecompile.build import BuildOptions, build
+from spikecompile.conversion.codings import sdllm_per_token, sdllm_unit
 from spikecompile.errors import SpikecompileError
 from spikecompile.hadamard import describe_hadamard
 from spikecompile.ir import (
@@ -55,11 +57,14 @@ def phase_built(tmp_path_factory):
     return build(convert_tiny(tmp_path_factory.mktemp("onnx")), BuildOptions())
 
 
-@pytest.fixture(scope="module", params=["phase", "phase-sd"])
+@pytest.fixture(scope="module", params=["phase", "phase-sd", "sdllm-per-token"])
 def built(request, phase_built, tmp_path_factory):
-    """The tiny model converted with --coding phase, or with phase-sd (signed-digit neurons), and built."""
+    """The tiny model converted with --coding phase, with phase-sd (signed-digit neurons), or with sdllm's per-token
+    scales (a run-time max and divide at every site), and built."""
     if request.param == "phase":
         return phase_built
+    if request.param == "sdllm-per-token":
+        return per_token_built(tmp_path_factory.mktemp("onnx-per-token"))
     return build(convert_tiny(tmp_path_factory.mktemp("onnx-sd"), "sd", "--coding", "phase-sd"), BuildOptions())
 
 
@@ -335,6 +340,30 @@ def test_budget_and_v0_neurons_are_bitwise_the_simulators(neuron, tmp_path):
         unlimited = dataclasses.replace(params, max_spikes=torch.tensor(0))
         fired = lambda planes: int((planes != 0).sum(0).max())  # noqa: E731  (a signed digit −1 is a spike too)
         assert fired(spikes) == budget < fired(phase_encode(x, unlimited)[1])
+
+
+def test_per_token_neuron_is_bitwise_the_simulators(tmp_path):
+    """An sdllm neuron with per-token scales (ReduceMax, Div, Where in the graph): decoded x̂ is
+    codings.sdllm_per_token and the simulator's, and the event spike planes and outputs the simulator's, bit for
+    bit, on rows of every scale and a row of zeros."""
+    node = dataclasses.replace(PhaseNeuron.from_params("layers.0.silu", sdllm_unit(8)), token_levels=7)
+    graph = Graph()
+    graph.add_node("x", Input(shape=(2, "seq", 16), dtype="float32", timesteps=8))
+    graph.add_node("layers.0.silu", node)
+    graph.add_node("y", Output(timesteps=8))
+    graph.add_edge("x", "layers.0.silu")
+    graph.add_edge("layers.0.silu", "y")
+    export(graph, {}, tmp_path, "both", spike_outputs=True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 16, generator=generator) * torch.logspace(-3, 2, 40).view(1, 40, 1)
+    x[1, 7] = 0.0
+    decoded = torch.from_numpy(run(tmp_path / "decoded.onnx", {"x": x}, threads=1)["y"])
+    assert torch.equal(decoded, sdllm_per_token(x, 8))
+    assert torch.equal(decoded, output_of(graph, simulate_run(graph, {}, {"x": x}, "decoded")))
+    event = run(tmp_path / "event.onnx", {"x": x}, threads=1)
+    recording = simulate_run(graph, {}, {"x": x}, "event")
+    assert torch.equal(torch.from_numpy(event["layers.0.silu.spikes"]), recording.spikes["layers.0.silu"])
+    assert torch.equal(torch.from_numpy(event["y"]), output_of(graph, recording))
 
 
 @pytest.mark.parametrize("form", ["decoded", "event"])

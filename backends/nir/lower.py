@@ -165,7 +165,11 @@ X = Port("x")
 
 def lower_phase_neuron(name: str, node: PhaseNeuron, width: int, variant: Variant, store: TensorStore) -> Lowered:
     """The phase neuron unrolled over its T steps into two sign channels (the module docstring): 10T + 2 nodes,
-    18T − 6K − 2 with a spike budget 1 ≤ K < T; a signed-digit neuron 9T − 1 on one signed potential."""
+    18T − 6K − 2 with a spike budget 1 ≤ K < T; a signed-digit neuron 9T − 1 on one signed potential. A neuron
+    with per-token scales is not expressible: NIR has no reduction over a vector for the row's max."""
+    if node.token_levels:
+        raise NotExpressible("per-token scales (--sdllm-scales per-token): τ_row = max|x_row| / L is a run-time "
+                             "reduction over the row, which no NIR primitive computes")
     params = node.params()
     if params.signed_digits:
         return _lower_signed_digits(name, params, width, variant)

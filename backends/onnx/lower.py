@@ -8,6 +8,8 @@ decoded  every value is the tensor the IR node's decoded equation gives ([batch,
          a signed-digit neuron (phase-sd) as neuron.reference.signed_spikes runs it, on the signed potential:
              r_0 = x;  s_t = ([r_t > θ_sd(t)] − [−r_t > θ_sd(t)])·[K = 0 ∨ Σ_{u<t} |s_u| < K];  r_{t+1} = r_t − h(t)·s_t;
              x̂ = ((d(0)s_0 + d(1)s_1) + …)   (no sign: each digit carries its own)
+         per-token scales (token_levels L): τ_row = Where(s > 0, s, 1), s = ReduceMax(|x|, last dim) / L; the
+         neuron runs on x / τ_row and its output is multiplied by τ_row (in both forms)
 event    every float value is a stack [T, batch, seq, ...] of its T per-step tensors (their sum is the decoded
          value), under the event rules of the IR docstrings, as backends.sim.simulate runs them: a linear node maps
          every step (a constant — bias, embedding row, prefix cache, graph input — enters at t = 0 only); a
@@ -318,6 +320,9 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
     dtype = ctx.dtype(x)
     signed = node.signed_digits
     window = ctx.window(x) if ctx.event else x  # integrate-then-fire
+    scale = _token_scales(ctx, name, node, window, dtype) if node.token_levels else None
+    if scale is not None:
+        window = b.op("Div", window, scale)
     spikes = (_signed_spikes(ctx, name, node, window, dtype) if signed
               else _spikes(ctx, name, node, b.op("Abs", window), dtype))
     weights, _, _ = (values.to(dtype) for values in step_schedule(node.params()))
@@ -325,16 +330,27 @@ def _phase_neuron(ctx: Context, name: str, node: PhaseNeuron, inputs) -> str:
         total = b.op("Mul", spikes[0], b.tensor(f"{name}.d.0", weights[0]))
         for t in range(1, node.timesteps):
             total = b.op("Add", total, b.op("Mul", spikes[t], b.tensor(f"{name}.d.{t}", weights[t])))
-        return total if signed else b.op("Mul", b.op("Sign", window), total)
+        value = total if signed else b.op("Mul", b.op("Sign", window), total)
+        return value if scale is None else b.op("Mul", value, scale)
     planes = b.op("Concat", *(b.op("Unsqueeze", spike, b.ints(0)) for spike in spikes), axis=0)
     if ctx.spike_outputs:
         kind = "int8" if signed else "bool"
         b.op("Cast", planes, to=element_type(kind), output=name + SPIKES_SUFFIX)
         b.outputs.append(value_info(name + SPIKES_SUFFIX, TensorType(ctx.types[x].shape, kind), (node.timesteps,)))
     per_step = b.tensor(f"{name}.d", weights.view(-1, *[1] * (ctx.rank(x) - 1)))
-    if signed:
-        return b.op("Mul", per_step, planes)
-    return b.op("Mul", b.op("Mul", b.op("Sign", window), per_step), planes)
+    events = (b.op("Mul", per_step, planes) if signed
+              else b.op("Mul", b.op("Mul", b.op("Sign", window), per_step), planes))
+    return events if scale is None else b.op("Mul", events, scale)
+
+
+def _token_scales(ctx: Context, name: str, node: PhaseNeuron, x: str, dtype: torch.dtype) -> str:
+    """τ_row = max|x_row| / L over the last dim, kept as [..., 1], and 1 where it is 0 (neuron.token_scales, op for
+    op: the divide and the choice are exact, so the runtime gives the same bits)."""
+    b = ctx.builder
+    peak = b.op("ReduceMax", b.op("Abs", x), axes=[-1], keepdims=1)  # opset 17: axes is an attribute
+    scale = b.op("Div", peak, b.tensor(f"{name}.token_levels", torch.tensor(float(node.token_levels), dtype=dtype)))
+    zero, one = (b.tensor(f"{name}.token_scale.{value}", torch.tensor(float(value), dtype=dtype)) for value in (0, 1))
+    return b.op("Where", b.op("Greater", scale, zero), scale, one)
 
 
 def _spikes(ctx: Context, name: str, node: PhaseNeuron, magnitude: str, dtype: torch.dtype) -> list[str]:

@@ -292,13 +292,24 @@ def _elementwise_product(node, operands, out, steps, attention):
     return snn, _real(mac=elements, writes=elements)
 
 
+RECIPROCAL_MACS = 6
+"""MAC-equivalents of one 32-bit reciprocal: a table seed and three Newton–Raphson steps r ← r·(2 − τ·r), two
+multiply-adds each (the usual way hardware without a divider divides; an estimate, not a measured figure)."""
+
+
 def _phase_neuron(node: PhaseNeuron, operands, out, steps, attention):
-    """Integrate every input step into the membrane, then T fire steps; one 1-bit write per spike."""
+    """Integrate every input step into the membrane, then T fire steps; one 1-bit write per spike. Per-token scales
+    (token_levels) add, per row of N elements: the max of |x| (N compares, counted as adds), one reciprocal
+    (RECIPROCAL_MACS) and 1/L, N multiplies x·(1/τ_row) with their writes, and T multiplies τ_row·d(t) for the
+    step gains the receivers apply (the receivers' own MAC per output and step, _driven, is counted there)."""
     x = operands["x"]
-    integrate = math.prod(out.shape) * x.steps
-    return (Counts(ac=integrate, reads=integrate, neuron_steps=math.prod(out.shape) * node.timesteps,
-                   spike_writes=out.total()),
-            Counts())
+    elements = math.prod(out.shape)
+    integrate = elements * x.steps
+    snn = Counts(ac=integrate, reads=integrate, neuron_steps=elements * node.timesteps, spike_writes=out.total())
+    if node.token_levels:
+        rows = elements // out.shape[-1] if out.shape else 1
+        snn += _real(adds=elements, mac=elements + rows * (RECIPROCAL_MACS + 1 + node.timesteps), writes=elements)
+    return snn, Counts()
 
 
 def _output(node, operands, out, steps, attention):

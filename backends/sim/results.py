@@ -24,6 +24,8 @@ Counting convention (per sequence of L tokens, batch 1; SNN under the event rule
   once per output element per step (one MAC per output per step and spiking operand).
 * A ternary spike (sign × {0, 1}) costs what a binary one does: one event, 1 bit; its sign selects add/subtract.
 * Neuron state: one neuron step per neuron per fire step (read v, compare with θ(t), subtract h(t), write v).
+* Per-token scales (sdllm --sdllm-scales per-token), per row of N neurons: N compares for max|x| (as adds), one
+  reciprocal (6 MAC-equivalents, an estimate), N MACs for x·(1/τ_row) and T for the step gains τ_row·d(t).
 * Memory: SNN — each AC reads one 32-bit word (the weight or running-sum entry) plus the 1-bit spike that drives
   it; real-valued ops read two 32-bit words per MAC; every real output written per step is a 32-bit write,
   every spike a 1-bit write. ANN — two 32-bit reads per MAC or add, one 32-bit write per output element.

@@ -37,7 +37,7 @@ from spikecompile.ir import (
     PhaseNeuron,
 )
 from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
-from spikecompile.neuron import kernel
+from spikecompile.neuron import kernel, token_scales
 
 from .counting import SpikeTally, structure
 
@@ -174,13 +174,16 @@ def _arrive_at_t0(value: Tensor, steps: int | None) -> Tensor:
 def _fire(node: PhaseNeuron, window: Tensor, mode: str, mask_steps: int | None,
           form: str = "planes") -> tuple[Tensor, Tensor | SpikeTally]:
     """The neuron on its input `window` (the decoded input, or in event mode Σ_t x_t): (its value — x̂, or in event
-    mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`)."""
+    mode y_t = σ·d(t)·s_t [T, ...] —, its spikes in `form`). Per-token scales: the neuron fires on window / τ_row
+    and its value is scaled back by τ_row (ir.PhaseNeuron)."""
     neuron = neuron_of(node)
+    scale = token_scales(window, node.token_levels) if node.token_levels else None
     # one fused pass (neuron.kernel), late-spike masking and signed digits included
-    fired = kernel.fire(window, neuron, out=mode == "decoded", events=mode == "event", spikes=form == "planes",
-                        rows=form == "tally", mask_steps=mask_steps)
+    fired = kernel.fire(window if scale is None else window / scale, neuron, out=mode == "decoded",
+                        events=mode == "event", spikes=form == "planes", rows=form == "tally", mask_steps=mask_steps)
     spikes = fired.spikes if form == "planes" else SpikeTally.of_rows(fired.per_step, fired.rows)
-    return (fired.out if mode == "decoded" else fired.events), spikes
+    value = fired.out if mode == "decoded" else fired.events
+    return (value if scale is None else value * scale), spikes
 
 
 # event rules for the nodes whose decoded rule does not apply to every step as is

@@ -5,8 +5,7 @@ budget K (neuron.py), each coding fixes:
 
     phase       fitted bases d, h, θ per grain (fit.py, Algorithm 1), v0 = ½·τ·2^-T, K = 0      (SpikingLLM)
     phase-sd    phase with signed digits (neuron/reference.py): s_t ∈ {−1, 0, +1}, thresholds (2θ(t) ± v0)/3;
-                with every base 2 a nearest-level quantizer in non-adjacent form (golden_signed_base2). Only
-                the simulator's decoded mode runs it so far; every other backend refuses it, naming the site
+                with every base 2 a nearest-level quantizer in non-adjacent form (golden_signed_base2)
     las         every base 2, v0 = ½·τ·2^-T, K = 0: x̂ = σ·Δ·clamp(⌈m/Δ − ½⌉, 0, 2^T − 1), Δ = τ·2^-T
     spikedattn  las with K = 2: the first two spikes of the base-2 code (SpikedAttention-style)
     ttfs        las with K = 1: one spike, at the first step t with m + v0 > τ·2^-(t+1), read as τ·2^-(t+1)
@@ -20,15 +19,16 @@ budget K (neuron.py), each coding fixes:
 sdllm with --sdllm-scales per-token (SDLLM's and QuaRot's min-max scales): τ is not a site constant but each
 token's own, computed at run time: τ_row = max|x_row| / K over the last dim (a token's features; per head and
 token for q, k, v; per query row for the softmax probabilities), then the sdllm neuron at τ = 1 runs on x / τ_row
-and its output is scaled back by τ_row (sdllm_per_token). The max and the divide are real operations that
-no IR node expresses, so this option runs in the conversion path (eval, zeroshot) and build refuses it.
+and its output is scaled back by τ_row (sdllm_per_token). In the IR it is the PhaseNeuron's token_levels (L = K): the
+simulator and ONNX run it, the ledger counts the max, the divide and the rescale, and NIR, Lava and the Loihi 2
+mapping refuse it, naming the site and the option.
 
 τ is chosen per site by the error on its calibration samples (a grid search on the closed forms above, the
 same grid as the base-2 baseline), never by the raw maximum. The closed forms are used only to search;
 the fitted neuron's reported MSE is the real neuron's.
 
-Lowering: every coding is the IR's one PhaseNeuron node (fields v0, max_spikes), so every backend lowers all of
-them, exactly, and no fidelity report needs a "cannot express" entry:
+Lowering: every coding is the IR's one PhaseNeuron node (fields v0, max_spikes, signed_digits), so every backend
+lowers all of them exactly (but per-token scales, above):
     sim    the same neuron (decoded and event mode); a spike costs the same in every coding
     NIR    stock Threshold/Scale nodes over two sign channels: 10T + 2 nodes, 18T − 6K − 2 with a budget
            1 ≤ K < T (a running spike count and a Threshold gate ANDed into every step t ≥ K)
@@ -45,12 +45,11 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..errors import SpikecompileError
 from ..modelschema import CODINGS, SDLLM_COUNT_BITS, SIGNED_CODINGS, sdllm_steps  # the names model.pt may hold: its schema's
 from ..neuron import PhaseNeuronParams, base2_params, even_genotype
 
 __all__ = ["CODINGS", "SIGNED_CODINGS", "SDLLM_COUNT_BITS", "BUDGETS", "sdllm_steps", "coding_params", "closed_form", "sdllm_clip",
-           "SDLLM_SCALES", "sdllm_per_token", "refuse_per_token_scales"]
+           "SDLLM_SCALES", "sdllm_per_token", "sdllm_unit"]
 BUDGETS = {"spikedattn": 2, "ttfs": 1}
 SDLLM_SCALES = ("static", "per-token")
 """--sdllm-scales: one τ per site fitted on calibration samples, or each token's min-max τ at run time."""
@@ -110,17 +109,12 @@ def sdllm_clip(magnitude: Tensor, tau: Tensor, zero_share: float) -> Tensor:
 def sdllm_per_token(x: Tensor, T: int) -> Tensor:
     """x̂ of sdllm with per-token min-max scales: τ_row = max|x_row| / K (K = T − 1, the b-bit count's top) over
     the last dim, x̂ = τ_row · neuron(x / τ_row) with the sdllm neuron at τ = 1 (a row of zeros stays zero)."""
-    from ..neuron import phase_quantize
+    from ..neuron import phase_quantize, token_scales
 
-    scale = x.abs().amax(dim=-1, keepdim=True) / (T - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    unit = coding_params("sdllm", torch.tensor(1.0, device=x.device), T)
-    return phase_quantize(x / scale, unit) * scale
+    scale = token_scales(x, T - 1)
+    return phase_quantize(x / scale, sdllm_unit(T, x.device)) * scale
 
 
-def refuse_per_token_scales(record: dict, where: str) -> None:
-    """A model converted with --sdllm-scales per-token has no IR lowering: one line naming the option."""
-    if record.get("coding", {}).get("scales") == "per-token":
-        raise SpikecompileError(f"{where}: converted with --sdllm-scales per-token, whose run-time per-token max and "
-                                f"divide no IR node expresses; evaluate it with spikecompile eval, or convert with "
-                                f"--sdllm-scales static to build it")
+def sdllm_unit(T: int, device=None) -> PhaseNeuronParams:
+    """The sdllm neuron at τ = 1 that per-token scales run (on x / τ_row)."""
+    return coding_params("sdllm", torch.tensor(1.0, device=device), T)

@@ -24,7 +24,7 @@ from ..neuron import PhaseNeuronParams
 from ..progress import shown
 from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, next_token_loss, site_curves, site_fisher_part
 from .checkpoint import Checkpoint
-from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps
+from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps, sdllm_unit
 from .fit import FITTED, FitConfig, SiteFit, fit_sites, lloyd_max_mse, spikes_per_activation
 from .prefix import OUTLIER_ETA, PrefixCache, anchor_candidates, outlier_mask, prefix_record, probe_windows
 from .rotation import ResidualRotation, rotate_llama
@@ -681,6 +681,16 @@ def site_neuron(entry: dict) -> PhaseNeuronParams:
                              theta=entry["theta"], v0=entry.get("v0"),
                              max_spikes=None if budget is None else torch.as_tensor(budget, dtype=torch.int64),
                              signed_digits=bool(entry.get("signed_digits", False)))
+
+
+def recorded_site_neuron(record: dict, name: str) -> tuple[PhaseNeuronParams, int]:
+    """Site `name`'s neuron as model.pt runs it, with the L of its per-token scales (0: its τ is the site's
+    constant): converted with --sdllm-scales per-token, the sdllm neuron at τ = 1 with L = K = T − 1
+    (codings.sdllm_per_token)."""
+    coding = record.get("coding", {})
+    if coding.get("scales") == "per-token":
+        return sdllm_unit(coding["timesteps"]), coding["timesteps"] - 1
+    return site_neuron(record["sites"][name]), 0
 
 
 def _on_device(neuron: PhaseNeuronParams, device: str) -> PhaseNeuronParams:

@@ -38,8 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..conversion.codings import refuse_per_token_scales
-from ..conversion.convert import SpikingModel, site_neuron
+from ..conversion.convert import SpikingModel, recorded_site_neuron
 from ..conversion.rotation import OnlineHadamard
 from ..conversion.sites import site_name
 from ..errors import SpikecompileError
@@ -61,7 +60,6 @@ MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 def trace(spiking: SpikingModel, progress: bool = False) -> tuple[Graph, dict[str, Tensor]]:
     """The IR graph of a converted model and its tensor store; SpikecompileError naming the module and op that
     the IR cannot represent. progress: a bar per decoder layer on a terminal's stderr (progress.bar)."""
-    refuse_per_token_scales(spiking.record, "trace")
     prefix = spiking.record.get("prefix")
     if not prefix:
         return _Tracer(spiking, None, progress).run()
@@ -158,7 +156,7 @@ class _Tracer:
 
     def site(self, layer: int | None, kind: str, source: str) -> str:
         name = site_name(layer, kind)
-        neuron = PhaseNeuron.from_params(name, site_neuron(self.spiking.record["sites"][name]))
+        neuron = PhaseNeuron.from_params(name, *recorded_site_neuron(self.spiking.record, name))
         return self.add(name, neuron, source)
 
     def linear(self, module: nn.Module, source: str) -> str:

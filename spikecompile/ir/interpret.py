@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import SpikecompileError
 from ..hadamard import apply_hadamard
+from ..neuron import token_scales
 from ..neuron.kernel import Prepared, prepare, quantize
 from .base import IRNode, TensorStore
 from .graph import Graph
@@ -189,6 +190,9 @@ def _phase_neuron(node: PhaseNeuron, inputs, store) -> Tensor:
     x = inputs["x"]
     if x.dtype in (torch.bfloat16, torch.float16):
         return _phase_neuron(node, {"x": x.float()}, store).to(x.dtype)
+    if node.token_levels:
+        scale = token_scales(x, node.token_levels)
+        return quantize(x / scale, neuron_of(node)) * scale
     return quantize(x, neuron_of(node))
 
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import SpikecompileError
 from ..neuron import PhaseNeuronParams, initial_potential
 from .base import IRNode, TensorType, is_count, node_type, require
 
@@ -29,13 +30,21 @@ class PhaseNeuron(IRNode):
         θ_sd(t) = (2·θ(t) + (−1)^(T−t)·v0)/3;  r = x
         s_t = (+1 if r > θ_sd(t), −1 if r < −θ_sd(t), else 0) ∧ [K = 0 ∨ Σ_{u<t} |s_u| < K];  r ← r − h(t)·s_t
         decoded:  x̂ = Σ_t d(t)·s_t      (σ is not used: each step carries its own sign)
+    Per-token scales (token_levels L ≥ 1, sdllm with --sdllm-scales per-token): τ is not a constant but each row's
+    own, from the input at run time, over the last dim (a token's features; per head for q, k, v; per query for
+    the attention probabilities):
+        τ_row = max|x_row| / L  (1 for a row of zeros);  x̂ = τ_row · x̂₁(x / τ_row)
+    with x̂₁ the neuron above (its own parameters, τ = 1 for sdllm). The max, the divide and the rescale are
+    real operations the ledger counts; backends without a run-time reduction (NIR, Lava, Loihi 2) refuse it.
     Events (integrate-then-fire): the neuron integrates its whole input window X = Σ_t x_t, of any number of
-    steps, then emits y_t = σ·d(t)·s_t for t = 0..T−1 (signed digits: y_t = d(t)·s_t), so Σ_t y_t = x̂. Every
-    nonzero s_t is one spike (a −1 too), and each of its fan-outs one AC.
+    steps, then emits y_t = σ·d(t)·s_t for t = 0..T−1 (signed digits: y_t = d(t)·s_t; per-token scales:
+    y_t = τ_row·σ·d(t)·s_t, τ_row from X), so Σ_t y_t = x̂. Every nonzero s_t is one spike (a −1 too), and each
+    of its fan-outs one AC.
 
     site: the spike-site name ("layers.3.q", "final_norm"), its last part the site kind (conversion.sites).
     genotype: int64 [T];  tau: float [];  d, h, theta: float [n] like tau;  v0: float [] like tau;
-    max_spikes: the spike budget K (int ≥ 0, 0: none);  signed_digits: bool, the signed-digit neuron above.
+    max_spikes: the spike budget K (int ≥ 0, 0: none);  signed_digits: bool, the signed-digit neuron above;
+    token_levels: L of the per-token scales (int ≥ 0, 0: none, τ is the site's constant).
     """
 
     integrates_input: ClassVar[bool] = True
@@ -49,6 +58,7 @@ class PhaseNeuron(IRNode):
     v0: Tensor
     max_spikes: int = 0
     signed_digits: bool = False
+    token_levels: int = 0
 
     @property
     def kind(self) -> str:
@@ -62,18 +72,26 @@ class PhaseNeuron(IRNode):
     @property
     def is_phase_coded(self) -> bool:
         """No budget and the default v0: a phase neuron (fitted or base 2), not another coding."""
-        return self.max_spikes == 0 and self.has_default_v0 and not self.signed_digits
+        return self.max_spikes == 0 and self.has_default_v0 and not self.signed_digits and not self.token_levels
 
     def params(self) -> PhaseNeuronParams:
         return PhaseNeuronParams(tau=self.tau, genotype=self.genotype, d=self.d, h=self.h, theta=self.theta,
                                  v0=self.v0, max_spikes=torch.tensor(self.max_spikes), signed_digits=self.signed_digits)
 
+    def refuse_token_scales(self, backend: str) -> None:
+        """One line naming the site and the option, where `backend` has no run-time max and divide."""
+        if self.token_levels:
+            raise SpikecompileError(
+                f"site {self.site}: {backend} cannot lower per-token scales (--sdllm-scales per-token: each token's "
+                f"max and divide at run time); build it with --target sim or onnx, or convert with --sdllm-scales "
+                f"static")
+
     @classmethod
-    def from_params(cls, site: str, params: PhaseNeuronParams) -> PhaseNeuron:
+    def from_params(cls, site: str, params: PhaseNeuronParams, token_levels: int = 0) -> PhaseNeuron:
         require(params.batch_shape == (), f"PhaseNeuron: one neuron per site, got batch shape {tuple(params.batch_shape)}")
         return cls(site=site, timesteps=params.T, genotype=params.genotype, tau=params.tau, d=params.d, h=params.h,
                    theta=params.theta, v0=params.v0, max_spikes=int(params.max_spikes),
-                   signed_digits=params.signed_digits)
+                   signed_digits=params.signed_digits, token_levels=token_levels)
 
     def check(self):
         require(isinstance(self.site, str) and self.kind in SITE_KINDS,
@@ -83,6 +101,7 @@ class PhaseNeuron(IRNode):
         # a budget of T or more never binds (the codings use 1, 2 and T − 1)
         require(is_count(self.timesteps), f"timesteps must be an int ≥ 1, got {self.timesteps!r}")
         require(isinstance(self.signed_digits, bool), f"signed_digits must be a bool, got {self.signed_digits!r}")
+        require(is_count(self.token_levels, 0), f"token_levels must be an int ≥ 0, got {self.token_levels!r}")
         require(is_count(self.max_spikes, 0) and self.max_spikes <= self.timesteps,
                 f"max_spikes must be an int in 0..timesteps ({self.timesteps!r}), got {self.max_spikes!r}")
         require(self.tau.ndim == 0, f"tau must be a 0-d tensor (one neuron per site), got shape {list(self.tau.shape)}")

@@ -48,7 +48,7 @@ from .base import NODE_TYPES, IRNode, TensorStore, require, torch_dtype
 from .graph import Graph, tensor_refs, validate
 
 FORMAT = "spikecompile.ir"
-FORMAT_VERSION = 3  # 2: PhaseNeuron carries v0 and max_spikes; 3: and signed_digits
+FORMAT_VERSION = 4  # 2: PhaseNeuron carries v0 and max_spikes; 3: and signed_digits; 4: and token_levels
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
 WEIGHTS_FILE = "weights.safetensors"

@@ -18,14 +18,14 @@ from . import kernel, reference
 from .reference import (
     Fire, PhaseNeuronParams, base2_params, even_genotype, fire_heaviside, golden_base2, golden_signed_base2,
     initial_potential, magnitude_spikes, mask_late_spikes, naf_boundaries, phase_decode, signed_base2_params,
-    signed_spikes, step_schedule, weighted_spike_sum,
+    signed_spikes, step_schedule, token_scales, weighted_spike_sum,
 )
 
 __all__ = [
     "Fire", "PhaseNeuronParams", "base2_params", "even_genotype", "fire_heaviside", "golden_base2",
     "initial_potential", "magnitude_spikes", "mask_late_spikes", "phase_decode", "phase_encode", "phase_quantize",
     "step_schedule", "weighted_spike_sum", "firing_rate", "golden_signed_base2", "naf_boundaries",
-    "signed_base2_params", "signed_spikes", "kernel", "reference",
+    "signed_base2_params", "signed_spikes", "token_scales", "kernel", "reference",
 ]
 
 

@@ -260,6 +260,14 @@ def phase_quantize(x: Tensor, params: PhaseNeuronParams, fire: Fire = fire_heavi
     return torch.sign(x) * weighted_spike_sum(params, magnitude_spikes(magnitude, params, fire), magnitude)
 
 
+def token_scales(x: Tensor, levels: int) -> Tensor:
+    """Each row's run-time scale over the last dim (SDLLM's and QuaRot's per-token min-max): τ_row = max|x_row| /
+    levels, kept as [..., 1]; 1 for a row of zeros (it stays zero). A neuron with per-token scales runs on x / τ_row
+    at τ = 1 and its output is scaled back: x̂ = τ_row · x̂₁(x / τ_row)."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / levels
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def golden_base2(x: Tensor, tau, T: int) -> Tensor:
     """The all-base-2 neuron in closed form: σ·q·Δ, Δ = τ·2^-T, q = clamp(⌈|x|/Δ − ½⌉, 0, 2^T − 1).
 

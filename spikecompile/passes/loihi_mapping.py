@@ -89,6 +89,7 @@ def _units(graph: Graph, store: Mapping | None, context: int, target: Loihi2) ->
     for name in graph.topological_order():
         node = graph[name]
         if isinstance(node, PhaseNeuron):
+            node.refuse_token_scales("the Loihi 2 mapping")
             neurons = per_token(types[name].shape, {"batch": 1, "seq": context})
             if neurons is None:
                 raise SpikecompileError(f"node {name}: shape {types[name]} has no sequence dim to map per token")
@@ -154,6 +155,7 @@ def deployed_formats(graph: Graph, store: Mapping, target: Loihi2 | None = None,
     for name in graph.topological_order():
         node = graph[name]
         if isinstance(node, PhaseNeuron):
+            node.refuse_token_scales("Loihi 2's fixed-point formats")
             sites[name] = site_format(node, target, node.site, fraction_bits.get(name, PAYLOAD_FRACTION_BITS))
         elif is_synapse(graph, name):
             if node.bias is not None:
