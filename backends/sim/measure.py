@@ -3,6 +3,7 @@ of the simulated logits; saved as JSON (sim.json) for `spikecompile report` and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -30,9 +31,10 @@ def measure(graph, store, windows: list[torch.Tensor], mode: str = "event", atte
         raise SpikecompileError("simulation: no token windows to run")
     runs: list[SimRun] = []
 
-    def forward(ids):
-        runs.append(simulate(graph, store, ids, mode, attention, mask_steps, dtype))
-        return runs[-1].logits
+    def forward(ids):  # the counts are kept, the logits only until their NLL is taken (a window's are seq × vocab)
+        result = simulate(graph, store, ids, mode, attention, mask_steps, dtype)
+        runs.append(dataclasses.replace(result, logits=None))
+        return result.logits
 
     ppl = perplexity(forward, windows, desc=f"simulating ({mode})", progress=progress)
     return mean_run(runs), ppl

@@ -35,7 +35,8 @@ class PhaseNeuron(IRNode):
     the attention probabilities):
         τ_row = max|x_row| / L  (1 for a row of zeros);  x̂ = τ_row · x̂₁(x / τ_row)
     with x̂₁ the neuron above (its own parameters, τ = 1 for sdllm). The max, the divide and the rescale are
-    real operations the ledger counts; backends without a run-time reduction (NIR, Lava, Loihi 2) refuse it.
+    real operations the ledger counts; NIR, which has no reduction over a vector, runs such a neuron from its
+    record, and Lava and the Loihi 2 mapping refuse it.
     Events (integrate-then-fire): the neuron integrates its whole input window X = Σ_t x_t, of any number of
     steps, then emits y_t = σ·d(t)·s_t for t = 0..T−1 (signed digits: y_t = d(t)·s_t; per-token scales:
     y_t = τ_row·σ·d(t)·s_t, τ_row from X), so Σ_t y_t = x̂. Every nonzero s_t is one spike (a −1 too), and each
