@@ -147,3 +147,20 @@ def test_frontier_refuses_measurements_that_do_not_belong_together(measured):
     result = _invoke("frontier", "--point", "x", sim6, missing, "-o", root / "bad")
     assert result.exit_code != 0 and str(missing) in result.output
 
+
+
+def test_ratios_above_the_cap_are_drawn_at_it_with_their_value():
+    """A coding that loses the model (ratio 1000) is drawn at RATIO_CAP as ▲ and labelled with its ratio, so the
+    usable points keep a linear axis; points under the cap are drawn where they are."""
+    from spikecompile.backends.sim.frontier import RATIO_CAP, frontier_figure
+
+    costs = {"acs_per_mac": 2.0, "compute": 0.5, "neuron": 0.55, "memory": 0.9}
+    points = [FrontierPoint("usable", "m", 1.01, 1.02, costs),
+              FrontierPoint("collapsed", "m", 1000.0, 1012.5, {cost: value + 0.1 for cost, value in costs.items()})]
+    figure = frontier_figure(points, published=False)
+    for ax in figure.axes:
+        assert ax.get_yscale() == "linear"
+        drawn = sorted(float(y) for collection in ax.collections for _, y in collection.get_offsets())
+        assert drawn == [1.01, 1.02, RATIO_CAP, RATIO_CAP]
+        texts = [text.get_text() for text in ax.texts]
+        assert "usable" in texts and "collapsed: ratio 1.01e+03" in texts

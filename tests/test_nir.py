@@ -355,7 +355,7 @@ def test_export_holds_one_segments_nir_arrays_at_a_time(built, tmp_path, monkeyp
     def recording_lower(name, node, value, variant, store):
         if isinstance(store, export_module._Placeholders):
             return real_lower(name, node, value, variant, store)
-        gc.collect()
+        gc.collect(0)  # the youngest generation: a full collection per node took minutes in a long test run
         live_before.append(sum(ref() is not None for ref in alive))
         lowered = real_lower(name, node, value, variant, store)
         alive.append(weakref.ref(lowered))

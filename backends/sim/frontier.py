@@ -207,37 +207,57 @@ def markdown(points: list[FrontierPoint], published: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+RATIO_CAP = 3.0
+"""Ratios above this are drawn at it, as ▲ with their value in the label: a coding that loses the model (a ratio
+of 1000) would otherwise squeeze every usable point into one line. The table and frontier.json keep the values."""
+
+
 def frontier_figure(points: list[FrontierPoint], published: bool = True) -> Figure:
     """One panel per cost: the ratio against the prefixed float model (filled) and against the ANN (hollow),
-    the Pareto set joined by a line, published points as labelled stars. Labels never move the panels (out of
-    the layout, clipped to their axes); the ratio axis is logarithmic only when it spans more than 10×."""
+    the Pareto set joined by a line, published points as labelled stars; ratios above RATIO_CAP at the cap, as ▲.
+    Labels never move the panels (out of the layout, clipped to their axes); the ratio axis is logarithmic only
+    when the drawn ratios span more than 10×."""
     figure = Figure(figsize=(13, 10), layout="constrained")
     axes = figure.subplots(2, 2).flatten()
     others = [point for point in (PUBLISHED if published else ()) if point.ppl_ratio is not None]
-    ratios = [ratio for point in [*points, *others] for ratio in (point.ppl_ratio, point.ppl_ratio_prefixed)
-              if ratio is not None]
+    ratios = [min(ratio, RATIO_CAP) for point in [*points, *others]
+              for ratio in (point.ppl_ratio, point.ppl_ratio_prefixed) if ratio is not None]
 
-    def label(ax, text, x, y, **style):
-        note = ax.annotate(text, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points", clip_on=True,
+    def label(ax, text, x, y, offset=(4, 3), **style):
+        note = ax.annotate(text, (x, y), fontsize=7, xytext=offset, textcoords="offset points", clip_on=True,
                            **style)
         note.set_in_layout(False)
 
+    def drawn(ratio: float) -> float:
+        return min(ratio, RATIO_CAP)
+
     for ax, cost in zip(axes, COSTS):
         shown = [point for point in points if point.costs.get(cost) is not None]
-        ax.scatter([point.costs[cost] for point in shown], [point.ppl_ratio_prefixed for point in shown],
-                   color="tab:blue", zorder=3, label="SNN / (float + same prefix)")
-        ax.scatter([point.costs[cost] for point in shown], [point.ppl_ratio for point in shown],
-                   facecolors="none", edgecolors="tab:blue", zorder=3, label="SNN / ANN (no prefix)")
-        for point in shown:
-            label(ax, point.label, point.costs[cost], point.ppl_ratio_prefixed)
+        for hollow, ratio_of in ((False, lambda point: point.ppl_ratio_prefixed), (True, lambda point: point.ppl_ratio)):
+            for capped in (False, True):
+                group = [point for point in shown if (ratio_of(point) > RATIO_CAP) == capped]
+                style = {"facecolors": "none", "edgecolors": "tab:blue"} if hollow else {"color": "tab:blue"}
+                name = "SNN / ANN (no prefix)" if hollow else "SNN / (float + same prefix)"
+                if capped:
+                    name = f"ratio > {RATIO_CAP:g}, drawn at it (value in its label)" if group and not hollow else None
+                ax.scatter([point.costs[cost] for point in group], [drawn(ratio_of(point)) for point in group],
+                           marker="^" if capped else "o", zorder=3, label=name, **style)
+        off_scale = 0
+        for point in sorted(shown, key=lambda point: point.costs[cost]):
+            if point.ppl_ratio_prefixed > RATIO_CAP:  # stacked below the cap, so that neighbours do not overlap
+                off_scale += 1
+                label(ax, f"{point.label}: ratio {point.ppl_ratio_prefixed:.3g}", point.costs[cost], RATIO_CAP,
+                      offset=(4, -4 - 9 * off_scale))
+            else:
+                label(ax, point.label, point.costs[cost], point.ppl_ratio_prefixed)
         front = pareto(points, cost)
-        ax.plot([point.costs[cost] for point in front], [point.ppl_ratio_prefixed for point in front],
+        ax.plot([point.costs[cost] for point in front], [drawn(point.ppl_ratio_prefixed) for point in front],
                 color="tab:red", linewidth=1.2, zorder=2, label="Pareto set")
-        drawn = [point for point in others if point.costs.get(cost) is not None]
-        ax.scatter([point.costs[cost] for point in drawn], [point.ppl_ratio for point in drawn], marker="*", s=120,
-                   color="tab:gray", zorder=3, label="published (other models, vs their ANN)")
-        for point in drawn:
-            label(ax, f"{point.label}, {point.model}", point.costs[cost], point.ppl_ratio, color="tab:gray")
+        listed = [point for point in others if point.costs.get(cost) is not None]
+        ax.scatter([point.costs[cost] for point in listed], [drawn(point.ppl_ratio) for point in listed], marker="*",
+                   s=120, color="tab:gray", zorder=3, label="published (other models, vs their ANN)")
+        for point in listed:
+            label(ax, f"{point.label}, {point.model}", point.costs[cost], drawn(point.ppl_ratio), color="tab:gray")
         if cost != "acs_per_mac":
             ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":", label="SNN energy = ANN energy")
         ax.set_xlabel(COST_LABELS[cost])
