@@ -224,7 +224,6 @@ class _Lowering:
                 "gain": self.gains.get(source)}
 
     def neuron(self, name: str, node: PhaseNeuron, source: str) -> dict:
-        node.refuse_token_scales("the Lava backend")
         d, reset, theta, threshold = residual_schedule(node)
         exponent = potential_exponent(node, self.target.limits["state_bits"], self.target.guard_bits)
         unit = float(node.tau) * 2.0 ** -exponent

@@ -220,28 +220,33 @@ def frontier_figure(points: list[FrontierPoint], published: bool = True) -> Figu
     figure = Figure(figsize=(13, 10), layout="constrained")
     axes = figure.subplots(2, 2).flatten()
     others = [point for point in (PUBLISHED if published else ()) if point.ppl_ratio is not None]
-    ratios = [min(ratio, RATIO_CAP) for point in [*points, *others]
+
+    def drawn(ratio: float) -> float:
+        return min(ratio, RATIO_CAP)
+
+    ratios = [drawn(ratio) for point in [*points, *others]
               for ratio in (point.ppl_ratio, point.ppl_ratio_prefixed) if ratio is not None]
+    # (the ratio, its marker style, its legend entry, the legend entry of its points above the cap)
+    series = ((lambda point: point.ppl_ratio_prefixed, {"color": "tab:blue"}, "SNN / (float + same prefix)",
+               f"ratio > {RATIO_CAP:g}, drawn at it (value in its label)"),
+              (lambda point: point.ppl_ratio, {"facecolors": "none", "edgecolors": "tab:blue"}, "SNN / ANN (no prefix)",
+               None))
 
     def label(ax, text, x, y, offset=(4, 3), **style):
         note = ax.annotate(text, (x, y), fontsize=7, xytext=offset, textcoords="offset points", clip_on=True,
                            **style)
         note.set_in_layout(False)
 
-    def drawn(ratio: float) -> float:
-        return min(ratio, RATIO_CAP)
-
     for ax, cost in zip(axes, COSTS):
         shown = [point for point in points if point.costs.get(cost) is not None]
-        for hollow, ratio_of in ((False, lambda point: point.ppl_ratio_prefixed), (True, lambda point: point.ppl_ratio)):
-            for capped in (False, True):
-                group = [point for point in shown if (ratio_of(point) > RATIO_CAP) == capped]
-                style = {"facecolors": "none", "edgecolors": "tab:blue"} if hollow else {"color": "tab:blue"}
-                name = "SNN / ANN (no prefix)" if hollow else "SNN / (float + same prefix)"
-                if capped:
-                    name = f"ratio > {RATIO_CAP:g}, drawn at it (value in its label)" if group and not hollow else None
-                ax.scatter([point.costs[cost] for point in group], [drawn(ratio_of(point)) for point in group],
-                           marker="^" if capped else "o", zorder=3, label=name, **style)
+        for ratio_of, style, name, capped_name in series:
+            below = [point for point in shown if ratio_of(point) <= RATIO_CAP]
+            above = [point for point in shown if ratio_of(point) > RATIO_CAP]
+            ax.scatter([point.costs[cost] for point in below], [ratio_of(point) for point in below], zorder=3,
+                       label=name, **style)
+            if above:
+                ax.scatter([point.costs[cost] for point in above], [RATIO_CAP] * len(above), marker="^", zorder=3,
+                           label=capped_name, **style)
         off_scale = 0
         for point in sorted(shown, key=lambda point: point.costs[cost]):
             if point.ppl_ratio_prefixed > RATIO_CAP:  # stacked below the cap, so that neighbours do not overlap

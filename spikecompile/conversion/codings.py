@@ -20,8 +20,8 @@ sdllm with --sdllm-scales per-token (SDLLM's and QuaRot's min-max scales): τ is
 token's own, computed at run time: τ_row = max|x_row| / K over the last dim (a token's features; per head and
 token for q, k, v; per query row for the softmax probabilities), then the sdllm neuron at τ = 1 runs on x / τ_row
 and its output is scaled back by τ_row (sdllm_per_token). In the IR it is the PhaseNeuron's token_levels (L = K): the
-simulator and ONNX run it, the ledger counts the max, the divide and the rescale, and NIR, Lava and the Loihi 2
-mapping refuse it, naming the site and the option.
+simulator and ONNX run it, the ledger counts the max, the divide and the rescale, NIR runs such neurons from their
+IR records, and Lava and the Loihi 2 mapping refuse it, naming the site and the option.
 
 τ is chosen per site by the error on its calibration samples (a grid search on the closed forms above, the
 same grid as the base-2 baseline), never by the raw maximum. The closed forms are used only to search;
