@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spikecompile.devices import peak_rss_mb
 
 from convert_smollm2 import CALIB, ROOT, SHARED, TEST, convert
 
@@ -142,7 +143,7 @@ def main() -> None:
                     entry["tasks"] = zero_shot(model_path, "spiking", args.task_limit, built.graph if search else None)
                     del built, run
                 entry["row_wall_s"] = time.perf_counter() - start
-                entry["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                entry["peak_rss_mb"] = peak_rss_mb()
                 results["runs"].append(entry)
                 print(json.dumps(entry), flush=True)
                 save()

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spikecompile.devices import peak_rss_mb
 
 from convert_smollm2 import CALIB, ROOT, TEST, convert
 
@@ -93,7 +94,7 @@ def main() -> None:
                 run[search] = {"pass_s": grains["seconds"], "build_and_ppl_s": time.perf_counter() - start,
                                "notes": notes, "ppl": ppl, "ppl_ratio": ppl / results["ann_ppl"]}
                 del built
-            run["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            run["peak_rss_mb"] = peak_rss_mb()
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
             save()

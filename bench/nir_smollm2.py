@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spikecompile.devices import peak_rss_mb
 
 from convert_smollm2 import CALIB, ROOT, convert
 
@@ -97,7 +98,7 @@ def main() -> None:
                                        "total_mib": sum(folder_bytes(workdir / which).values()) / 2**20,
                                        "max_abs_diff": (got - expected).abs().max().item(),
                                        "max_abs_output": expected.abs().max().item()}
-        results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results["peak_rss_mb"] = peak_rss_mb()
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS, lambda temp: Path(temp).write_text(json.dumps(results, indent=2) + "\n"))

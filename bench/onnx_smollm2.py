@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spikecompile.devices import peak_rss_mb
 
 from convert_smollm2 import CALIB, ROOT, TEST, convert
 
@@ -117,7 +118,7 @@ def main() -> None:
                "opset": report["opset"],
                "onnxruntime": onnxruntime.__version__, "build_s": build_seconds, "export_s": export_seconds,
                "ir_nodes": report["ir_nodes"], "forms": forms,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               "peak_rss_mb": peak_rss_mb()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS, lambda temp: Path(temp).write_text(json.dumps(results, indent=2) + "\n"))
 

@@ -4,7 +4,7 @@ The bench writes the model itself: hidden 4096, intermediate 11008, 32 heads (no
 weights (std 0.02, norms near 1), as sharded safetensors with an index (one shard per decoder layer, one for the
 embedding, final norm and lm_head) and a small BPE tokenizer trained on the builtin text. It then runs the CLI,
 `convert -T 8 --calib-windows 4 --calib-seqlen 512 --dtype bfloat16`, in its own process at each depth and reports
-its peak RSS (the --json report's ru_maxrss), wall time, seconds per calibrated layer, the ratio of the two
+its peak RSS (the --json report's: the process's VmHWM), wall time, seconds per calibrated layer, the ratio of the two
 depths' times (the whole process, and the per-layer loops of the prefix scan and the calibration alone, without
 the fixed costs: process start, imports, hashing, the embedding and lm_head), and the time extrapolated to 32
 layers (a line through the two depths: fixed + per layer × 32).

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from spikecompile.devices import peak_rss_mb
 
 from convert_smollm2 import CALIB, ROOT, TEST, convert
 
@@ -73,7 +74,7 @@ def time_forward(model_path: str, mode: str, windows: int, seqlen: int, out: str
                 runs[-1].logits = None
     seconds = time.perf_counter() - start
     figures = {"mode": mode, "seconds": seconds, "tokens_per_s": windows * seqlen / seconds,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mb": peak_rss_mb(),
                "threads": torch.get_num_threads(), "kernel": kernel_figures, "heap_reuse": heap_reuse}
     if runs:
         run = mean_run(runs)

@@ -78,11 +78,29 @@ def dtype_problem(device: str, dtype) -> str | None:
 
 def peak_memory_mb() -> dict:
     """Peak resident memory of this process (MB), and peak CUDA memory allocated by torch when CUDA is in use."""
-    import resource
-
     import torch
 
-    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peaks = {"peak_rss_mb": peak_rss_mb()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return peaks
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MB): the kernel's high-water mark of its own address space (VmHWM).
+
+    Not getrusage's ru_maxrss: on Linux that survives exec, so a process started by a large one (a benchmark that
+    has just written a model's weights, a test runner) reports its parent's peak as its own. VmHWM belongs to the
+    address space that exec made. ru_maxrss only where /proc is absent (macOS: bytes, not KiB)."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024

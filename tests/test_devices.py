@@ -2,6 +2,8 @@
 dtype with the neurons in fp32, and (with a GPU) the CUDA path."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,6 +105,19 @@ def test_eval_json_reports_peak_memory_in_float32(tmp_path):
     assert evaluation["placement"] == {"device": "cpu", "dtype": "float32"}
     assert evaluation["peak_rss_mb"] == pytest.approx(peak_memory_mb()["peak_rss_mb"], rel=0.5)
 
+
+
+def test_a_child_process_reports_its_own_peak_not_its_parents():
+    """getrusage's ru_maxrss survives exec: a convert started by a process that had just held a model's weights
+    reported that process's peak as its own (the scale bench's "3 GB more on freshly written files")."""
+    held = bytearray(1536 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: resident
+    parent = peak_memory_mb()["peak_rss_mb"]
+    del held
+    probe = "from spikecompile.devices import peak_memory_mb; print(peak_memory_mb()['peak_rss_mb'])"
+    child = float(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                                 text=True).stdout)
+    assert parent >= 1536 and 0 < child < parent - 1024
 
 @cuda
 @needs_cuda
