@@ -3,8 +3,9 @@ at a few depths.
 
 bench/scale.py's random bf16 model (hidden 4096, intermediate 11008, vocab 32000; sharded safetensors) is
 converted (`convert -T 8 --calib-windows 1 --calib-seqlen 128 --dtype bfloat16`: the build's memory does not
-depend on the calibration), built to the IR, and built and simulated (decoded mode, one window of 64 tokens of the
-built-in text: the simulator's weights, not its activations, dominate), each command in its own process
+depend on the calibration), built to the IR, and built and simulated (decoded mode, --sim-windows windows of 64
+tokens of the built-in text, default 1: the simulator's weights, not its activations, dominate), each command in
+its own process
 (/usr/bin/time: peak RSS, wall), at each depth of --layers. The build reads the model one part at a time
 (conversion.layered), so its peak RSS should not grow with depth; the depths show whether it does.
 With `--baseline DIR` (a checkout of an earlier spikecompile, e.g. a git worktree) the same source model is also
@@ -14,7 +15,7 @@ wrote the same model.pt, the two IR weight files are compared byte for byte. Pri
 bench/results/build_scale.json (a depth measured in an earlier run is kept there unless measured again).
 
     PYTHONPATH=. python bench/build_scale.py [--layers 2 4] [--targets ir sim] [--baseline /path/to/old/checkout]
-                                             [--workdir DIR]
+                                             [--workdir DIR] [--sim-windows N]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from scale import SHAPES, spikecompile_of, write_model
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "build_scale.json"
 CONVERT = ("-T", "8", "--calib-windows", "1", "--calib-seqlen", "128", "--dtype", "bfloat16", "--no-progress")
-TARGET_OPTIONS = {"ir": (), "sim": ("--mode", "decoded", "--windows", "1", "--seqlen", "64")}
+TARGET_OPTIONS = {"ir": (), "sim": ("--mode", "decoded", "--seqlen", "64")}
 
 
 def timed(command: list[str], code: Path) -> dict:
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to build with, side by side")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--targets", nargs="+", default=list(TARGET_OPTIONS), choices=list(TARGET_OPTIONS))
+    parser.add_argument("--sim-windows", type=int, default=1, help="windows of 64 tokens the sim target runs")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="build-scale-"))
     results = {"shape": SHAPES["llama2-7b"], "convert_options": " ".join(CONVERT), "runs": []}
@@ -58,20 +60,21 @@ def main() -> None:
         kept = json.loads(RESULTS.read_text()).get("runs", [])
         results["runs"] = [run for run in kept if run["layers"] not in args.layers]
     for layers in args.layers:
-        results["runs"].append(measure(workdir, layers, args.targets, args.baseline))
+        results["runs"].append(measure(workdir, layers, args.targets, args.baseline, args.sim_windows))
     results["runs"].sort(key=lambda run: run["layers"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 
 
-def measure(workdir: Path, layers: int, targets: list[str], baseline: Path | None) -> dict:
+def measure(workdir: Path, layers: int, targets: list[str], baseline: Path | None, sim_windows: int = 1) -> dict:
     """Convert and build the model of `layers` decoder layers with this version (and the baseline)."""
     folder = workdir / f"llama2-7b-shape-{layers}layers"
     if not (folder / "config.json").is_file():
         write_model(folder, layers)
     parameters = sum(path.stat().st_size for path in folder.glob("*.safetensors")) // 2  # bf16: 2 bytes each
-    run = {"layers": layers, "parameters": parameters, "bf16_weights_mb": parameters * 2 / 2**20}
+    run = {"layers": layers, "parameters": parameters, "bf16_weights_mb": parameters * 2 / 2**20,
+           "sim_windows": sim_windows}
     builds = {"this version": ROOT, **({"baseline": baseline} if baseline else {})}
     for label, code in builds.items():
         run[label] = {}
@@ -82,22 +85,30 @@ def measure(workdir: Path, layers: int, targets: list[str], baseline: Path | Non
         for target in targets:
             out = workdir / f"{target}-{tag}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
+            windows = ("--windows", str(sim_windows)) if target == "sim" else ()
             figures = timed(["build", str(model), "--target", target, "-o", str(out), "--no-progress",
-                             *TARGET_OPTIONS[target]], code)
+                             *TARGET_OPTIONS[target], *windows], code)
             if target == "ir":
                 figures["weights_file_mb"] = (out / "weights.safetensors").stat().st_size / 2**20
+            if target == "sim":
+                simulated = json.loads((out / "sim.json").read_text())
+                figures["ppl"], figures["snn"] = simulated["meta"]["ppl"], simulated["snn"]
             run[label][target] = figures
             print(f"{layers} layers, {label:<13} build --target {target}: peak RSS {figures['peak_rss_mb']:.0f} MB, "
                   f"wall {figures['wall_s']:.1f} s" + (f", weights.safetensors {figures['weights_file_mb']:.0f} MB"
                                                        if target == "ir" else "") +
                   f" (bf16 weights {run['bf16_weights_mb']:.0f} MB)", flush=True)
-    if baseline and "ir" in targets:
+    if baseline:
         same_model = _bytes_equal(*(workdir / f"model-{layers}layers-{label}.pt" for label in ("this-version", "baseline")))
         run["same_model_pt"] = same_model
-        if same_model:
+        if same_model and "ir" in targets:
             run["same_ir_weights"] = _bytes_equal(*(workdir / f"ir-{layers}layers-{label}" / "weights.safetensors"
                                                     for label in ("this-version", "baseline")))
             print(f"{layers} layers: the same model.pt; IR weights byte for byte equal: {run['same_ir_weights']}")
+        if same_model and "sim" in targets:
+            run["same_sim"] = all(run["baseline"]["sim"][key] == run["this version"]["sim"][key]
+                                  for key in ("ppl", "snn"))
+            print(f"{layers} layers: the same model.pt; the same simulated perplexity and counts: {run['same_sim']}")
     return run
 
 

@@ -68,3 +68,25 @@ def test_a_build_with_no_memory_to_spare_holds_one_part_and_spills_every_weight(
     assert_layered_build_is_whole_model_build(path, built)
     written = [key for key in built.store if key.startswith(("folded.", "prefix."))]  # weights, prefix caches
     assert written and len(list(built.store.scratch.iterdir())) == len(written)
+
+
+def test_the_simulator_builds_each_part_once_for_all_windows(converted, monkeypatch):
+    """build --target sim of a model that does not fit the store's memory (here: none to spare) goes through the
+    windows layer by layer: each part is built once for all of them, not once per window (32 decoder layers
+    read and rotated again for each window of a 7B model). The counts and perplexity are those of simulating
+    each window alone."""
+    import spikecompile.conversion.layered as layered
+    from spikecompile.backends.sim import simulate
+    from spikecompile.backends.sim.measure import mean_run, measure
+    from spikecompile.evaluation import perplexity_of, window_nll
+
+    monkeypatch.setattr(layered, "MEMORY_BYTES", 0)
+    built = build(converted["rotated, KV prefix"], BuildOptions())
+    windows = [torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    built.store.parts_built.clear()
+    run, ppl = measure(built.graph, built.store, windows, "decoded", progress=False)
+    assert dict(built.store.parts_built) == {0: 1, 1: 1, "head": 1}  # the embedding's table: a written tensor
+    alone = [simulate(built.graph, built.store, ids, "decoded") for ids in windows]
+    assert built.store.parts_built[0] == 1 + len(windows)  # window by window: each part again for each window
+    assert ppl == perplexity_of([window_nll(result.logits, ids) for result, ids in zip(alone, windows)], windows)
+    assert run == mean_run(alone)

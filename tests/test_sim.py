@@ -259,13 +259,30 @@ def test_measure_keeps_no_windows_logits(built, monkeypatch):
     produced, alive = [], []
 
     def simulate_and_watch(*args, **kwargs):
-        gc.collect()
-        alive.append(sum(ref() is not None for ref in produced))  # earlier windows' logits still held
-        result = sim.simulate(*args, **kwargs)
-        produced.append(weakref.ref(result.logits))
-        return result
+        for result in sim.simulate_windows(*args, **kwargs):
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in produced))  # earlier windows' logits still held
+            produced.append(weakref.ref(result.logits))
+            yield result
 
-    monkeypatch.setattr(measuring, "simulate", simulate_and_watch)
+    monkeypatch.setattr(measuring, "simulate_windows", simulate_and_watch)
     windows = [_ids(seed=seed) for seed in range(3)]
     result, ppl = measuring.measure(built.graph, built.store, windows, "decoded", progress=False)
     assert alive == [0, 0, 0] and result.logits is None and ppl > 0
+
+
+@pytest.mark.parametrize("mode", ["decoded", "event"])
+@pytest.mark.parametrize("held_bytes", [0, 1 << 30], ids=["groups of one window", "one group"])
+def test_windows_run_layer_by_layer_are_each_window_run_alone(built, mode, held_bytes):
+    """run_windows takes every window of a group through one layer before the next: each window's outputs, spike
+    tallies and shapes are bitwise those of running it alone."""
+    from spikecompile.backends.sim.simulate import layer_segments, output_of, run_windows
+
+    windows = [_ids(seed=seed) for seed in range(3)]
+    assert len(layer_segments(built.graph)) == 4  # the embedding, two decoder layers, the head
+    together = list(run_windows(built.graph, built.store, windows, mode, held_bytes=held_bytes))
+    assert len(together) == len(windows)
+    for ids, recording in zip(windows, together, strict=True):
+        alone = run(built.graph, built.store, ids, mode, keep_values=False, spikes="tally")
+        assert torch.equal(output_of(built.graph, recording), output_of(built.graph, alone))
+        assert recording.spikes == alone.spikes and recording.shapes == alone.shapes

@@ -2,6 +2,7 @@
 memory traffic (results.CONVENTION) and prices them with a target's energy constants (ledger).
 
     simulate(graph, store, ids, mode="event") -> SimRun     one sequence: logits, counts, site activity
+    simulate_windows(graph, store, windows, ...)             each window's SimRun, computed layer by layer
     simulate.run / counting.count / ledger.ledger           the three steps, usable on their own
     OPTIONS, check, build, report_lines                      `spikecompile build --target sim` (driver.py)
 """
@@ -9,6 +10,7 @@ memory traffic (results.CONVENTION) and prices them with a target's energy const
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -17,7 +19,7 @@ from spikecompile.ir import Graph, PhaseNeuron, layer_of, retyped
 
 from .counting import check_attention, count
 from .results import SimRun
-from .simulate import output_of, run
+from .simulate import output_of, run, run_windows
 
 
 def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "event", attention: str = "causal",
@@ -27,7 +29,23 @@ def simulate(graph: Graph, store, ids: Tensor | dict[str, Tensor], mode: str = "
     check_attention(attention)
     if dtype is not None:
         graph, store = retyped(graph, store, dtype)
-    recording = run(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
+    return counted(graph, run(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally"), attention)
+
+
+def simulate_windows(graph: Graph, store, windows: list[Tensor], mode: str = "event", attention: str = "causal",
+                     mask_steps: int | None = None, dtype: torch.dtype | None = None,
+                     progress: Callable[[int], None] | None = None) -> Iterator[SimRun]:
+    """simulate() of each window, yielded in order, computed layer by layer over the windows (simulate.run_windows:
+    each part of a model read from its source is built once per group of windows, not once per window)."""
+    check_attention(attention)
+    if dtype is not None:
+        graph, store = retyped(graph, store, dtype)
+    for recording in run_windows(graph, store, windows, mode, mask_steps, progress=progress):
+        yield counted(graph, recording, attention)
+
+
+def counted(graph: Graph, recording, attention: str) -> SimRun:
+    """The SimRun of one sequence's recording (spikes as tallies): counts, site activity, logits."""
     shapes = recording.shapes
     snn, ann = count(graph, shapes, recording.spikes, attention)
     sites = {}
@@ -51,7 +69,7 @@ def _tokens(graph: Graph, shapes) -> int:
     return int(shapes[name][-1] if graph[name].dtype.startswith("int") else shapes[name][-2])
 
 
-# Last: the driver's measure.py takes `simulate` (the function above) from this package.
+# Last: the driver's measure.py takes `simulate_windows` (the function above) from this package.
 from .driver import OPTIONS, build, check, report_lines  # noqa: E402
 
-__all__ = ["OPTIONS", "SimRun", "build", "check", "count", "report_lines", "run", "simulate"]
+__all__ = ["OPTIONS", "SimRun", "build", "check", "count", "report_lines", "run", "simulate", "simulate_windows"]

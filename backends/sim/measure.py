@@ -12,11 +12,13 @@ import torch
 from pydantic import Field, model_validator
 
 from spikecompile.errors import SpikecompileError
-from spikecompile.evaluation import perplexity
+from spikecompile.evaluation import perplexity_of, window_nll
 from spikecompile.files import atomic_write, read_document
 from spikecompile.modelschema import FieldError, Record, fault
+from spikecompile.progress import bar
 
-from . import simulate
+from . import simulate_windows
+from .simulate import layer_segments
 from .results import Counts, SimRun
 
 FORMAT = "spikecompile.sim"
@@ -26,18 +28,22 @@ FORMAT_VERSION = 1
 def measure(graph, store, windows: list[torch.Tensor], mode: str = "event", attention: str = "causal",
             mask_steps: int | None = None, dtype: torch.dtype | None = None,
             progress: bool = True) -> tuple[SimRun, float]:
-    """(the mean SimRun per sequence over `windows`, the perplexity of the simulated logits)."""
+    """(the mean SimRun per sequence over `windows`, the perplexity of the simulated logits). The windows go
+    through the graph layer by layer (simulate_windows); each window's counts are kept, its logits only until
+    their NLL is taken (a window's are seq × vocab)."""
     if not windows:
         raise SpikecompileError("simulation: no token windows to run")
     runs: list[SimRun] = []
-
-    def forward(ids):  # the counts are kept, the logits only until their NLL is taken (a window's are seq × vocab)
-        result = simulate(graph, store, ids, mode, attention, mask_steps, dtype)
-        runs.append(dataclasses.replace(result, logits=None))
-        return result.logits
-
-    ppl = perplexity(forward, windows, desc=f"simulating ({mode})", progress=progress)
-    return mean_run(runs), ppl
+    nll: list[float] = []
+    layers = max(len(layer_segments(graph)) - 2, 0)  # the decoder layers: all segments but the embedding, the head
+    with bar(total=layers * len(windows), desc=f"simulating ({mode})", unit="layer", progress=progress) as shown:
+        results = simulate_windows(graph, store, windows, mode, attention, mask_steps, dtype, progress=shown.update)
+        for ids in windows:  # not zip or enumerate: their reused tuple would hold the last window's logits
+            result = next(results)
+            nll.append(window_nll(result.logits, ids))
+            runs.append(dataclasses.replace(result, logits=None))
+            del result
+    return mean_run(runs), perplexity_of(nll, windows)
 
 
 def mean_run(runs: list[SimRun]) -> SimRun:

@@ -25,7 +25,7 @@ so both give the same spike planes bit for bit — change them together.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
     PhaseNeuron,
 )
+from spikecompile.ir import layer_of
 from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
 from spikecompile.neuron import kernel, token_scales
 
@@ -44,6 +45,10 @@ from .counting import SpikeTally, structure
 MODES = ("decoded", "event")
 SPIKE_FORMS = ("planes", "tally")
 """How a Recording keeps each neuron's spikes: bool planes [T, *shape], or a SpikeTally (what the counters read)."""
+HELD_BYTES = 1 << 30
+"""run_windows: what a group of windows may hold between two layers. A window holds its residual stream there:
+seq × d floats, T times in event mode (512 tokens of SmolLM2 at T = 8: 1.2 MB decoded, 9.4 MB event; of
+LLaMA-2-7B: 8.4 MB and 67 MB), so 64 SmolLM2 windows are one group and a 7B model's are about 16 per group."""
 
 
 @dataclasses.dataclass
@@ -67,75 +72,148 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
     keep_values=False drops each value once its last consumer has run (event mode on a 512-token window of a
     real model would otherwise hold every node's T steps at once). spikes: keep each neuron's spikes as bool
     planes, or as a SpikeTally (totals per step and per position: all the counters read, without the T planes)."""
-    if mode not in MODES:
-        raise SpikecompileError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
-    if spikes not in SPIKE_FORMS:
-        raise SpikecompileError(f"spikes {spikes!r}: choose one of {', '.join(SPIKE_FORMS)}")
-    missing = [name for name in graph if graph[name].timesteps is None]
-    if mode == "event" and missing:
-        raise SpikecompileError(f"node {missing[0]}: no timesteps; run the assign_timesteps pass first")
-    values = graph_inputs(graph, inputs)
-    if mode == "event":
-        keep_large_allocations()  # the [T, ...] stacks outgrow glibc's mmap threshold: see spikecompile.heap
-        values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
-    fired: dict[str, Tensor | SpikeTally] = {}
-    running: dict[str, Tensor] = {}  # event mode: the running sums X_t a product or nonlinearity made
-    stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
-    shapes = {name: tuple(value.shape[1:] if name in stepped else value.shape) for name, value in values.items()}
-    wiring = structure(graph)
-    waiting = dict(wiring.consumers)
-    rules = EVENT_RULES if mode == "event" else {}
-    summed = readout_only(graph) if mode == "event" and not keep_values else frozenset()
+    execution = Execution(graph, store, inputs, mode, mask_steps, keep_values, spikes)
+    execution.advance(structure(graph).order)
+    return execution.recording()
 
-    def events(source: str) -> Tensor:
+
+class Execution:
+    """One sequence's run of `graph`, resumable: advance(names) runs the next nodes of the topological order.
+    `run` advances through the whole order at once; run_windows takes every window of a group through one decoder
+    layer's nodes before the next layer's, so a store that builds each part from its source when it is read (a
+    7B model's LayeredStore) builds it once per group, not once per window. The same operations in the same order
+    on each window either way: the same bits."""
+
+    def __init__(self, graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
+                 mask_steps: int | None = None, keep_values: bool = True, spikes: str = "planes"):
+        if mode not in MODES:
+            raise SpikecompileError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+        if spikes not in SPIKE_FORMS:
+            raise SpikecompileError(f"spikes {spikes!r}: choose one of {', '.join(SPIKE_FORMS)}")
+        missing = [name for name in graph if graph[name].timesteps is None]
+        if mode == "event" and missing:
+            raise SpikecompileError(f"node {missing[0]}: no timesteps; run the assign_timesteps pass first")
+        self.graph, self.store, self.mode, self.mask_steps = graph, store, mode, mask_steps
+        self.keep_values, self.spike_form = keep_values, spikes
+        values = graph_inputs(graph, inputs)
+        if mode == "event":
+            keep_large_allocations()  # the [T, ...] stacks outgrow glibc's mmap threshold: see spikecompile.heap
+            values = {name: _arrive_at_t0(value, graph[name].timesteps) for name, value in values.items()}
+        self.values = values
+        self.fired: dict[str, Tensor | SpikeTally] = {}
+        self.running: dict[str, Tensor] = {}  # event mode: the running sums X_t a product or nonlinearity made
+        self.stepped = {name for name, value in values.items() if mode == "event" and value.is_floating_point()}
+        self.shapes = {name: tuple(value.shape[1:] if name in self.stepped else value.shape)
+                       for name, value in values.items()}
+        self.wiring = structure(graph)
+        self.waiting = dict(self.wiring.consumers)
+        self.rules = EVENT_RULES if mode == "event" else {}
+        self.summed = readout_only(graph) if mode == "event" and not keep_values else frozenset()
+
+    def events(self, source: str) -> Tensor:
         """The source's per-step values (a running-sum node's: the differences of its sums, made once)."""
-        if source not in values:
-            values[source] = _differences(running[source].clone())
-        return values[source]
+        if source not in self.values:
+            self.values[source] = _differences(self.running[source].clone())
+        return self.values[source]
 
-    def window(source: str) -> Tensor:
+    def window(self, source: str) -> Tensor:
         """What the source delivers over the whole window, Σ_t x_t: a running-sum node's last step."""
-        if source not in stepped:
-            return values[source]
-        return running[source][-1] if source in running else events(source).sum(0)
+        if source not in self.stepped:
+            return self.values[source]
+        return self.running[source][-1] if source in self.running else self.events(source).sum(0)
 
-    for name in wiring.order:
-        if name in shapes:
-            continue
-        node = graph[name]
-        sources = wiring.inputs[name]
-        try:
-            if isinstance(node, PhaseNeuron):  # integrate-then-fire: the whole input window
-                x = window(sources["x"]) if mode == "event" else values[sources["x"]]
-                values[name], fired[name] = _fire(node, x, mode, mask_steps, spikes)
-            elif mode == "event" and (name in summed or isinstance(node, Output)):
-                # only the sum of the steps is ever read: the decoded rule on the inputs' windows
-                values[name] = RUNNERS[type(node)](node, {port: window(source) for port, source in sources.items()},
-                                                   store)
-            elif mode == "event" and type(node) in RUNNING_RULES:
-                sums = {port: (running[source], False) if source in running else (_running_sums(events(source)), True)
-                        for port, source in sources.items()}
-                running[name] = RUNNING_RULES[type(node)](node, sums, store)
-            else:
-                rule = rules.get(type(node)) or RUNNERS[type(node)]
-                node_inputs = {port: events(source) if mode == "event" else values[source]
-                               for port, source in sources.items()}
-                values[name] = rule(node, node_inputs, store)
-        except (RuntimeError, ValueError) as error:
-            raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
-        made = running[name] if name in running else values[name]
-        is_stepped = (mode == "event" and made.is_floating_point() and not isinstance(node, Output)
-                      and name not in summed)
-        stepped.update([name] if is_stepped else [])
-        shapes[name] = tuple(made.shape[1:] if is_stepped else made.shape)
-        for source in sources.values():
-            waiting[source] -= 1
-            if not keep_values and waiting[source] == 0:
-                values.pop(source, None)
-                running.pop(source, None)
-    for name in list(running):  # kept values: every node's per-step values
-        events(name)
-    return Recording(values, fired, mode, shapes, frozenset(stepped))
+    @torch.no_grad()
+    def advance(self, names) -> None:
+        """Run the nodes `names`, the next ones of the topological order (wiring.order) in that order."""
+        graph, mode, values, running = self.graph, self.mode, self.values, self.running
+        for name in names:
+            if name in self.shapes:
+                continue
+            node = graph[name]
+            sources = self.wiring.inputs[name]
+            try:
+                if isinstance(node, PhaseNeuron):  # integrate-then-fire: the whole input window
+                    x = self.window(sources["x"]) if mode == "event" else values[sources["x"]]
+                    values[name], self.fired[name] = _fire(node, x, mode, self.mask_steps, self.spike_form)
+                elif mode == "event" and (name in self.summed or isinstance(node, Output)):
+                    # only the sum of the steps is ever read: the decoded rule on the inputs' windows
+                    values[name] = RUNNERS[type(node)](
+                        node, {port: self.window(source) for port, source in sources.items()}, self.store)
+                elif mode == "event" and type(node) in RUNNING_RULES:
+                    sums = {port: (running[source], False) if source in running
+                            else (_running_sums(self.events(source)), True) for port, source in sources.items()}
+                    running[name] = RUNNING_RULES[type(node)](node, sums, self.store)
+                else:
+                    rule = self.rules.get(type(node)) or RUNNERS[type(node)]
+                    node_inputs = {port: self.events(source) if mode == "event" else values[source]
+                                   for port, source in sources.items()}
+                    values[name] = rule(node, node_inputs, self.store)
+            except (RuntimeError, ValueError) as error:
+                raise SpikecompileError(f"node {name}: {type(node).__name__}: {error}") from None
+            made = running[name] if name in running else values[name]
+            is_stepped = (mode == "event" and made.is_floating_point() and not isinstance(node, Output)
+                          and name not in self.summed)
+            self.stepped.update([name] if is_stepped else [])
+            self.shapes[name] = tuple(made.shape[1:] if is_stepped else made.shape)
+            for source in sources.values():
+                self.waiting[source] -= 1
+                if not self.keep_values and self.waiting[source] == 0:
+                    values.pop(source, None)
+                    running.pop(source, None)
+
+    def held_bytes(self) -> int:
+        """The bytes of the values this run holds now (between two layers: what the next one reads)."""
+        return sum(value.nbytes for held in (self.values, self.running) for value in held.values())
+
+    def recording(self) -> Recording:
+        """The run so far (the whole order advanced: the graph's Recording)."""
+        for name in list(self.running):  # kept values: every node's per-step values
+            self.events(name)
+        return Recording(self.values, self.fired, self.mode, self.shapes, frozenset(self.stepped))
+
+
+def layer_segments(graph: Graph) -> list[tuple[str, ...]]:
+    """The topological order cut where the decoder layer (ir.layer_of) changes: the embedding's nodes, each
+    layer's, the head's (in the LLaMA graphs each layer's nodes are contiguous in the order)."""
+    segments: list[list[str]] = []
+    for name in structure(graph).order:
+        if not segments or layer_of(name) != layer_of(segments[-1][-1]):
+            segments.append([])
+        segments[-1].append(name)
+    return [tuple(segment) for segment in segments]
+
+
+def run_windows(graph: Graph, store, windows: list[Tensor], mode: str = "decoded", mask_steps: int | None = None,
+                held_bytes: int = HELD_BYTES, progress: Callable[[int], None] | None = None) -> Iterator[Recording]:
+    """run(..., keep_values=False, spikes="tally") of each window, yielded in window order, computed layer by layer:
+    windows go through the first layer segment one by one into a group until the values they hold reach
+    `held_bytes` (at least one), then the whole group goes through each later segment before the next, and each
+    window's run is yielded as it leaves the last (its logits are freed before the next window's are made).
+    progress: called with the number of windows that have just gone through one more layer segment."""
+    segments = layer_segments(graph)
+    pending = iter(windows)
+    while True:
+        group, held = [], 0
+        for ids in pending:
+            execution = Execution(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
+            execution.advance(segments[0])
+            group.append(execution)
+            held += execution.held_bytes()
+            if held >= held_bytes:
+                break
+        if not group:
+            return
+        for segment in segments[1:-1]:
+            for execution in group:
+                execution.advance(segment)
+            if progress is not None:
+                progress(len(group))
+        group.reverse()  # popped from the end: the first window leaves first
+        while group:
+            execution = group.pop()
+            execution.advance(segments[-1] if len(segments) > 1 else ())
+            yield execution.recording()
+            del execution
 
 
 def readout_only(graph: Graph) -> frozenset[str]:
