@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .backends import BY_TARGET, TARGETS, Option
-from .devices import DEVICES, DTYPES, peak_memory_mb, resolve_placement
+from .devices import DEVICES, DTYPES, part_memory_bytes, peak_memory_mb, resolve_placement
 from .errors import Interrupted, SpikecompileError
 from .files import atomic_folder, atomic_write, check_not_interrupted, check_output_folder, check_writable, interrupt
 
@@ -92,6 +92,13 @@ def _placement_options(command):
                         help="Where the float forward runs: cpu, cuda, or auto (CUDA when present).")(command)
 
 
+def _part_memory_option(command):
+    return click.option("--part-memory", default=None, metavar="SIZE",
+                        help="Most of one part (a decoder layer, the embedding, lm_head) held on the device, e.g. "
+                             "4GiB; the rest of a larger part waits off it (CPU memory for cuda, disk for cpu) and "
+                             "accelerate's hooks bring it in for each forward. Default: no limit.")(command)
+
+
 def _write_json(path: str, payload: dict) -> None:
     def write(temp):
         with open(temp, "w") as stream:
@@ -135,9 +142,10 @@ def _write_json(path: str, payload: dict) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion from its checkpoint (OUTPUT.checkpoint, "
                                             "written after each layer); the options must be the same.")
 @_placement_options
+@_part_memory_option
 def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_mac, grains, coding, rotate, prefix,
             calib, calib_windows, calib_seqlen, samples_per_site, weight_bits, membrane_clip, sdllm_scales, seed,
-            json_path, progress, resume, device, dtype):
+            json_path, progress, resume, device, dtype, part_memory):
     """Convert MODEL (HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct) into model.pt."""
     from .budget import LedgerCost
     from .conversion.convert import ConvertOptions, convert as run_convert
@@ -150,13 +158,14 @@ def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_m
     if json_path:
         check_writable(json_path)
     placement = resolve_placement(device, dtype)
+    part_bytes = part_memory_bytes(part_memory)
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
                              membrane_clip=membrane_clip, seed=seed, spike_penalty=spike_penalty,
                              energy_budget=energy_budget, spikes_per_mac=spikes_per_mac, sdllm_scales=sdllm_scales)
     report = run_convert(model, output, options, progress=progress, placement=placement, resume=resume,
-                         cost_model=LedgerCost)
+                         cost_model=LedgerCost, part_memory=part_bytes)
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     steps = "per site (budget)" if options.budget else timesteps
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={steps}, coding={coding}, "
@@ -204,7 +213,8 @@ def _print_site_table(rows: list[dict]) -> None:
 @click.option("--json", "json_path", default=None, help="Also write everything as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @_placement_options
-def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress, device, dtype):
+@_part_memory_option
+def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progress, device, dtype, part_memory):
     """Print ANN and SNN perplexity and the per-site conversion error of MODEL_FILE (a model.pt), computed one
     decoder layer at a time (memory: one layer and the windows' hidden states)."""
     from . import modelfile
@@ -215,6 +225,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
     if json_path:
         check_writable(json_path)
     placement = resolve_placement(device, dtype)
+    part_bytes = part_memory_bytes(part_memory)
     _check_model_file(model_file, "eval")
     if seqlen < 2:
         raise SpikecompileError(f"--seqlen {seqlen}: must be at least 2")
@@ -222,7 +233,8 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
         raise SpikecompileError(f"--max-windows {max_windows}: must be at least 1")
     text = load_text(ppl_text, split="eval")
     record = modelfile.load(model_file)
-    figures = streamed_perplexities(model_file, record, text, seqlen, max_windows, source, placement, progress)
+    figures = streamed_perplexities(model_file, record, text, seqlen, max_windows, source, placement, progress,
+                                    part_bytes)
     rows = site_error_rows(record)
     _print_site_table(rows)
     ann, prefixed, snn = figures.ann, figures.prefixed_float, figures.snn  # no prefix: prefixed is the ANN

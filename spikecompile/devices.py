@@ -57,6 +57,22 @@ def resolve_placement(device: str = "cpu", dtype: str = "float32") -> Placement:
     return Placement(resolved, dtype)
 
 
+def part_memory_bytes(size: str | None) -> int | None:
+    """`--part-memory` in bytes ("4GiB", "500MB", "2048"; None: no limit); SpikecompileError naming the option."""
+    if size is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    text = size.strip()
+    try:
+        value = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except (ValueError, TypeError, AttributeError):
+        value = None
+    if value is None or value <= 0:
+        raise SpikecompileError(f"--part-memory {size!r}: give a size such as 4GiB, 500MB or a number of bytes (> 0)")
+    return value
+
+
 def dtype_problem(device: str, dtype) -> str | None:
     """None when `device` runs a LLaMA forward's operations (matmul, softmax, rsqrt, SiLU, embedding) in
     `dtype` (a torch dtype), else what failed."""

@@ -196,7 +196,8 @@ def _created_utc() -> str:
 
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
             placement: Placement = Placement(), resume: bool = False,
-            on_layer: Callable[[int], None] | None = None, cost_model=None) -> ConversionReport:
+            on_layer: Callable[[int], None] | None = None, cost_model=None,
+            part_memory: int | None = None) -> ConversionReport:
     """Convert the source model into model.pt, one decoder layer at a time (docs: "layer-sequential conversion").
 
     placement: the device and dtype of the float forward (resolved by devices.resolve_placement before this); the
@@ -206,8 +207,13 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     cost_model (with a budget only): cost_model(config dict, kind, seq_len, grains) -> an object with `groups`
     (the sites that must share T), `linear()` (a budget.LinearCost) and `measure(timesteps, spikes)`, the ledger's
     (spikecompile.budget.LedgerCost; passed in because the ledger lives in a layer above conversion).
+    part_memory: bytes of one part the device may hold (LayerStream.dispatched: a larger one runs through
+    accelerate's offload); not an option of the model: model.pt and the checkpoint's options do not record it.
     """
     options.validate()
+    if part_memory is not None and options.budget:
+        raise SpikecompileError(f"--part-memory with {BUDGET_KINDS[options.budget[0]]}: the budget's sensitivity pass "
+                                f"runs each layer backward whole; drop --part-memory or the budget")
     if options.budget and cost_model is None:
         raise SpikecompileError(f"{BUDGET_KINDS[options.budget[0]]}: a budget needs the ledger's cost model; "
                                 f"pass cost_model=spikecompile.budget.LedgerCost")
@@ -221,8 +227,8 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     torch.manual_seed(options.seed)
     timings = {}
     try:
-        calibrated, prefix, windows, layers = _stream(source, calib_text, options, placement, checkpoint, manifest,
-                                                      resumed, timings, progress, on_layer)
+        calibrated, prefix, windows, layers = _stream(source, calib_text, options, placement, part_memory, checkpoint,
+                                                      manifest, resumed, timings, progress, on_layer)
         start = time.perf_counter()
         fit_config, rows, budget = _fit(calibrated, options, cost_model, progress)
         timings["fitting"] = time.perf_counter() - start
@@ -282,14 +288,14 @@ def _canonical(document):
     return json.loads(json.dumps(document))
 
 
-def _stream(source, calib_text, options: ConvertOptions, placement: Placement, checkpoint: Checkpoint,
-            manifest: dict, resumed, timings: dict, progress: bool, on_layer):
+def _stream(source, calib_text, options: ConvertOptions, placement: Placement, part_memory: int | None,
+            checkpoint: Checkpoint, manifest: dict, resumed, timings: dict, progress: bool, on_layer):
     """Open the source, check its tensors, start the checkpoint (or go on from `resumed`), select the prefix and
     calibrate, layer by layer, and with a budget compute the site sensitivities (fisher_streamed); returns
     (Calibrated, the prefix record, the windows, the layer count)."""
     start = time.perf_counter()
     with open_layered(source, progress) as layered:
-        stream = LayerStream(layered, placement)
+        stream = LayerStream(layered, placement, part_memory)
         layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
         windows = token_windows(layered.tokenizer, calib_text, options.calib_seqlen, options.calib_windows,
                                 "calibration")
@@ -343,7 +349,8 @@ def converted_layer(stream: LayerStream, index: int, rotation: ResidualRotation 
         rotation.rotate_layer(layer, f"model.layers.{index}")
     if weight_bits:
         rtn_quantize_layer(layer, weight_bits)
-    return layer, install_layer_sites(layer, index)
+    sites = install_layer_sites(layer, index)
+    return stream.dispatched(layer), sites
 
 
 def _embedding(stream: LayerStream, rotation: ResidualRotation | None) -> torch.nn.Embedding:
@@ -351,14 +358,17 @@ def _embedding(stream: LayerStream, rotation: ResidualRotation | None) -> torch.
     embedding = stream.embedding()
     if rotation is not None:
         rotation.rotate_embedding(embedding, "model.embed_tokens")
-    return embedding
+    return stream.dispatched(embedding)
 
 
 def _final_norm(stream: LayerStream, rotation: ResidualRotation | None, head) -> torch.nn.Module:
+    """The (folded) final norm; `head` (lm_head, or None) is rotated in place and dispatched with it."""
     norm = stream.norm()
     if rotation is not None:
         rotation.rotate_head(norm, head, "model.norm", "lm_head")
-    return norm
+    if head is not None:
+        stream.dispatched(head)  # in place: dispatch_model hooks the module it is given
+    return stream.dispatched(norm)
 
 
 class EmbeddedRows:

@@ -44,10 +44,13 @@ class LayerStream:
     """Builds the model's parts on the placement from the source's tensors: embedding, decoder layers, final norm,
     lm_head; and runs sequences through a decoder layer."""
 
-    def __init__(self, source: LayeredSource, placement: Placement):
+    def __init__(self, source: LayeredSource, placement: Placement, part_memory: int | None = None):
         from transformers import AutoModelForCausalLM
 
         self.source, self.placement, self.config = source, placement, source.config
+        self.part_memory = part_memory
+        """bytes of one part (a decoder layer, the embedding, lm_head) the device may hold; None: no limit.
+        A larger part is built and converted in CPU memory, then dispatched (dispatched)."""
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, attn_implementation="eager")
         # the layers call the attention function (and the mask function) the config names: the sites' one, whose
@@ -58,8 +61,56 @@ class LayerStream:
         self.rotary = self._place(type(self.skeleton.model.rotary_emb)(config=self.config))
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The module on the placement, as load_model places a whole model (parameters and float buffers cast)."""
-        return module.to(device=self.placement.device, dtype=self.placement.torch_dtype).eval()
+        """The module on the placement, as load_model places a whole model (parameters and float buffers cast); a
+        part larger than part_memory is cast but stays in CPU memory until it is dispatched."""
+        device = self.placement.device if self.fits(module) else "cpu"
+        return module.to(device=device, dtype=self.placement.torch_dtype).eval()
+
+    def fits(self, module: torch.nn.Module) -> bool:
+        """Whether the module's parameters and buffers, in the placement's dtype, fit part_memory."""
+        if self.part_memory is None:
+            return True
+        size = self.placement.torch_dtype.itemsize
+        return sum(tensor.numel() * (size if tensor.is_floating_point() else tensor.element_size())
+                   for tensor in (*module.parameters(), *module.buffers())) <= self.part_memory
+
+    def dispatched(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The part ready to run on the placement: itself when it fits part_memory. A larger one goes through
+        accelerate's big-model machinery: infer_auto_device_map puts the submodules that fit on the device and the
+        rest off it (in CPU memory when the device is CUDA; in a folder on disk when it is the CPU, freed with the
+        module), and dispatch_model's hooks bring each one's weights in for its forward and out after it. The
+        forward is the same operations on the same device: the same bits."""
+        if self.fits(module):
+            return module
+        import logging
+        import shutil
+        import tempfile
+        import weakref
+
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_max_memory
+
+        cuda = self.placement.device == "cuda"
+        main = torch.cuda.current_device() if cuda else "cpu"
+        max_memory = {main: self.part_memory}
+        if cuda:  # what does not fit the GPU waits in CPU memory (as much as is free now), then on disk
+            max_memory["cpu"] = get_max_memory()["cpu"]
+        # dispatched inside a holder: accelerate maps submodules by name, and a part with weights of its own (an
+        # embedding, lm_head, a norm) has no name of its own at the top
+        holder = torch.nn.ModuleDict({"part": module})
+        device_map = infer_auto_device_map(holder, max_memory=max_memory)
+        if "" in device_map:  # the whole part in one place: named, as dispatch_model finds weights by name
+            device_map = {"part": device_map[""]}
+        folder = tempfile.mkdtemp(prefix="spikecompile-offload-")
+        weakref.finalize(module, shutil.rmtree, folder, ignore_errors=True)
+        big_modeling = logging.getLogger("accelerate.big_modeling")
+        level = big_modeling.level
+        big_modeling.setLevel(logging.ERROR)  # its warning that weights are offloaded: what was asked for, each part
+        try:
+            dispatch_model(holder, device_map, main_device=main, offload_dir=folder)
+        finally:
+            big_modeling.setLevel(level)
+        return module  # hooked in place
 
     def _built(self, meta_module: torch.nn.Module, prefix: str, aliases: dict | None = None) -> torch.nn.Module:
         """A fresh copy of a meta module, filled with the source tensors under `prefix` (read now)."""
@@ -159,3 +210,4 @@ class LayerStream:
         else:
             cache = DynamicCache(config=self.config) if sequence.use_cache else None
         return layer(hidden, cache=cache, use_cache=sequence.use_cache, **sequence.layer_inputs), cache
+

@@ -45,13 +45,14 @@ class Perplexities:
 
 def streamed_perplexities(path, record: dict, text, seqlen: int, max_windows: int | None,
                           source_path: str | None = None, placement: Placement = Placement(),
-                          progress: bool = False) -> Perplexities:
+                          progress: bool = False, part_memory: int | None = None) -> Perplexities:
     """The ANN, float-after-prefix and SNN perplexities of model.pt (`path`, its checked `record`) on the token
     windows of `text` (data.load_text), computed layer by layer; every check of model.pt against its source
-    (sha256, tensor names, site table, prefix vocabulary) comes before any weight is read."""
+    (sha256, tensor names, site table, prefix vocabulary) comes before any weight is read. part_memory: bytes of
+    one part the device may hold (LayerStream.dispatched)."""
     source = recorded_source(record, path, source_path)
     with open_layered(source, progress) as layered:
-        stream = LayerStream(layered, placement)
+        stream = LayerStream(layered, placement, part_memory)
         layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
         _check_sites(record, stream, path)
         check_prefix_vocabulary(record, stream.skeleton.get_input_embeddings().num_embeddings, str(path),
