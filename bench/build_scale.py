@@ -21,6 +21,7 @@ bench/results/build_scale.json (a depth measured in an earlier run is kept there
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -56,11 +57,11 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="build-scale-"))
     results = {"shape": SHAPES["llama2-7b"], "convert_options": " ".join(CONVERT), "runs": []}
-    if RESULTS.is_file():  # the depths measured before (in another run) are kept, unless measured again
-        kept = json.loads(RESULTS.read_text()).get("runs", [])
-        results["runs"] = [run for run in kept if run["layers"] not in args.layers]
-    for layers in args.layers:
-        results["runs"].append(measure(workdir, layers, args.targets, args.baseline, args.sim_windows))
+    kept = {run["layers"]: run for run in json.loads(RESULTS.read_text()).get("runs", [])} if RESULTS.is_file() else {}
+    for layers in args.layers:  # a depth or target measured before (in another run) is kept unless measured again
+        kept[layers] = merged(kept.get(layers, {}), measure(workdir, layers, args.targets, args.baseline,
+                                                            args.sim_windows))
+    results["runs"] = list(kept.values())
     results["runs"].sort(key=lambda run: run["layers"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
@@ -88,11 +89,14 @@ def measure(workdir: Path, layers: int, targets: list[str], baseline: Path | Non
             windows = ("--windows", str(sim_windows)) if target == "sim" else ()
             figures = timed(["build", str(model), "--target", target, "-o", str(out), "--no-progress",
                              *TARGET_OPTIONS[target], *windows], code)
+            if label == "baseline":
+                figures["checkout"] = _revision(code)
             if target == "ir":
                 figures["weights_file_mb"] = (out / "weights.safetensors").stat().st_size / 2**20
             if target == "sim":
                 simulated = json.loads((out / "sim.json").read_text())
-                figures["ppl"], figures["snn"] = simulated["meta"]["ppl"], simulated["snn"]
+                counts = json.dumps(simulated["snn"], sort_keys=True).encode()
+                figures["ppl"], figures["snn_counts_sha256"] = simulated["meta"]["ppl"], hashlib.sha256(counts).hexdigest()
             run[label][target] = figures
             print(f"{layers} layers, {label:<13} build --target {target}: peak RSS {figures['peak_rss_mb']:.0f} MB, "
                   f"wall {figures['wall_s']:.1f} s" + (f", weights.safetensors {figures['weights_file_mb']:.0f} MB"
@@ -107,9 +111,25 @@ def measure(workdir: Path, layers: int, targets: list[str], baseline: Path | Non
             print(f"{layers} layers: the same model.pt; IR weights byte for byte equal: {run['same_ir_weights']}")
         if same_model and "sim" in targets:
             run["same_sim"] = all(run["baseline"]["sim"][key] == run["this version"]["sim"][key]
-                                  for key in ("ppl", "snn"))
+                                  for key in ("ppl", "snn_counts_sha256"))
             print(f"{layers} layers: the same model.pt; the same simulated perplexity and counts: {run['same_sim']}")
     return run
+
+
+def merged(before: dict, now: dict) -> dict:
+    """A depth's run: `now`'s figures over `before`'s, per version and target (a run of the sim target alone keeps
+    the IR build's figures measured before)."""
+    run = {**before, **now}
+    for label in ("this version", "baseline"):
+        if isinstance(before.get(label), dict) and label in now:
+            run[label] = {**before[label], **now[label]}
+    return run
+
+
+def _revision(code: Path) -> str:
+    """The commit a checkout is at (its path when it is not a git checkout)."""
+    done = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or str(code)
 
 
 def _bytes_equal(first: Path, second: Path) -> bool:
