@@ -100,3 +100,23 @@ def test_part_memory_with_a_budget_is_refused_before_any_weight_is_read(tmp_path
                                       *FAST_CONVERT])
     assert result.exit_code != 0 and "--part-memory with --spikes-per-mac" in result.output
     assert not Path(tmp_path / "m.pt").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_on_cuda_a_layer_over_the_limit_waits_in_cpu_memory_with_the_same_bits(tmp_path, dispatches):
+    save_tiny_llama(tmp_path / "tiny")
+    with open_layered(resolve_source(str(tmp_path / "tiny")), progress=False) as layered:
+        placement = Placement("cuda", "float32")
+        whole = LayerStream(layered, placement)
+        layer, _ = converted_layer(whole, 1, None, None)
+        size = sum(tensor.nbytes for tensor in layer.state_dict().values())
+        limited = LayerStream(layered, placement, part_memory=size // 3)
+        offloaded, _ = converted_layer(limited, 1, None, None)
+        assert dispatches and "cpu" in dispatches[0]  # what does not fit the GPU waits in CPU memory
+        hidden = torch.randn(1, 12, whole.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        ids = torch.zeros(1, 12, dtype=torch.int64, device="cuda")
+        expected, got = whole.start(ids, hidden), limited.start(ids, hidden)
+        whole.run(layer, expected)
+        limited.run(offloaded, got)
+        assert got.hidden.device.type == "cuda" and torch.equal(got.hidden, expected.hidden)

@@ -286,3 +286,25 @@ def test_windows_run_layer_by_layer_are_each_window_run_alone(built, mode, held_
         alone = run(built.graph, built.store, ids, mode, keep_values=False, spikes="tally")
         assert torch.equal(output_of(built.graph, recording), output_of(built.graph, alone))
         assert recording.spikes == alone.spikes and recording.shapes == alone.shapes
+
+
+def test_windows_in_a_group_read_each_weight_once(built):
+    """run_windows reads each tensor from the store once per group and layer segment (SegmentReads), however many
+    windows the group has; window by window, each window read every weight again."""
+    from collections import Counter
+
+    from spikecompile.backends.sim.simulate import run_windows
+
+    class CountingStore(dict):
+        reads: Counter = Counter()
+
+        def __getitem__(self, name):
+            self.reads[name] += 1
+            return super().__getitem__(name)
+
+    store = CountingStore(built.store.items())
+    windows = [_ids(seed=seed) for seed in range(3)]
+    for held_bytes, reads_per_tensor in ((1 << 30, {1}), (0, {3})):  # one group of three; three groups of one
+        store.reads.clear()
+        list(run_windows(built.graph, store, windows, "decoded", held_bytes=held_bytes))
+        assert set(store.reads.values()) == reads_per_tensor and len(store.reads) > 10

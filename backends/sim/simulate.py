@@ -25,7 +25,7 @@ so both give the same spike planes bit for bit — change them together.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -188,24 +188,28 @@ def run_windows(graph: Graph, store, windows: list[Tensor], mode: str = "decoded
     """run(..., keep_values=False, spikes="tally") of each window, yielded in window order, computed layer by layer:
     windows go through the first layer segment one by one into a group until the values they hold reach
     `held_bytes` (at least one), then the whole group goes through each later segment before the next, and each
-    window's run is yielded as it leaves the last (its logits are freed before the next window's are made).
+    window's run is yielded as it leaves the last (its logits are freed before the next window's are made). Each
+    weight is read from the store once per group and segment (SegmentReads).
     progress: called with the number of windows that have just gone through one more layer segment."""
     segments = layer_segments(graph)
+    reads = SegmentReads(store)
     pending = iter(windows)
     while True:
         group, held = [], 0
         for ids in pending:
-            execution = Execution(graph, store, ids, mode, mask_steps, keep_values=False, spikes="tally")
+            execution = Execution(graph, reads, ids, mode, mask_steps, keep_values=False, spikes="tally")
             execution.advance(segments[0])
             group.append(execution)
             held += execution.held_bytes()
             if held >= held_bytes:
                 break
+        reads.forget()
         if not group:
             return
         for segment in segments[1:-1]:
             for execution in group:
                 execution.advance(segment)
+            reads.forget()
             if progress is not None:
                 progress(len(group))
         group.reverse()  # popped from the end: the first window leaves first
@@ -214,6 +218,34 @@ def run_windows(graph: Graph, store, windows: list[Tensor], mode: str = "decoded
             execution.advance(segments[-1] if len(segments) > 1 else ())
             yield execution.recording()
             del execution
+        reads.forget()
+
+
+class SegmentReads(Mapping):
+    """The store as run_windows reads it: a tensor read in a layer segment is kept until forget() (at the end of
+    the segment), so the windows of a group read and cast each weight once, not once each (a 7B model's weights
+    come back from the build's scratch files and are widened from bf16 every time they are read). Holds one
+    segment's weights: a decoder layer of a 7B model in float32, 0.8 GB."""
+
+    def __init__(self, store):
+        self.store, self.kept = store, {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.kept:
+            self.kept[name] = self.store[name]
+        return self.kept[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.store
+
+    def __iter__(self):
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def forget(self) -> None:
+        self.kept.clear()
 
 
 def readout_only(graph: Graph) -> frozenset[str]:
