@@ -72,9 +72,8 @@ def test_a_build_with_no_memory_to_spare_holds_one_part_and_spills_every_weight(
 
 def test_the_simulator_builds_each_part_once_for_all_windows(converted, monkeypatch):
     """build --target sim of a model that does not fit the store's memory (here: none to spare) goes through the
-    windows layer by layer: each part is built once for all of them, not once per window (32 decoder layers
-    read and rotated again for each window of a 7B model). The counts and perplexity are those of simulating
-    each window alone."""
+    windows layer by layer: a part the simulator reads from the source is built once for all of them, not once
+    per window. The counts and perplexity are those of simulating each window alone."""
     import spikecompile.conversion.layered as layered
     from spikecompile.backends.sim import simulate
     from spikecompile.backends.sim.measure import mean_run, measure

@@ -101,11 +101,13 @@ def _untie_lm_head(model) -> bool:
 
 def _per_head_left(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """blockdiag(matrix, …, matrix)·x: `matrix` times each block of rows of x."""
+    matrix = matrix.to(device=x.device, dtype=x.dtype)  # the rotation's matrices live on the CPU; x may not
     return (matrix @ x.reshape(-1, matrix.shape[0], x.shape[-1])).reshape(x.shape)
 
 
 def _per_head_right(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """x·blockdiag(matrix, …, matrix): each block of columns of x times `matrix`."""
+    matrix = matrix.to(device=x.device, dtype=x.dtype)
     return (x.reshape(x.shape[0], -1, matrix.shape[0]) @ matrix).reshape(x.shape)
 
 
@@ -180,7 +182,7 @@ class ResidualRotation:
         """x·Q = (x·H_n)·diag(signs) for float64 x [..., n], H_n applied as its Kronecker factors, each a small
         dense product (spikecompile.hadamard.apply_hadamard_gemm): a few hundredths of a dense product's work,
         at GEMM speed."""
-        return apply_hadamard_gemm(x, self.hidden).mul_(self.signs.double())
+        return apply_hadamard_gemm(x, self.hidden).mul_(self.signs.to(device=x.device, dtype=torch.float64))
 
     def q_transposed_times(self, x: torch.Tensor) -> torch.Tensor:
         """Qᵀ·x = (xᵀ·Q)ᵀ for float64 x [n, m]."""
