@@ -331,7 +331,16 @@ def test_atomic_folder_refuses_the_current_folder_and_a_file(tmp_path, monkeypat
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["file"]
 
 
-def test_signals_held_delivers_sigint_after_the_block():
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test: a runner started in the background by a shell without job
+    control inherits SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_signals_held_delivers_sigint_after_the_block(default_sigint):
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with signals_held():
