@@ -432,8 +432,9 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
         for anchor, sequences in scans.items():
             masks, nll = [], 0.0
             for sequence in sequences:
-                logits = head(norm(sequence.hidden))
-                nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], sequence.ids[0, 1:]))
+                if anchor is not None:  # the scan without a prefix gives only outlier masks (prefix_record)
+                    logits = head(norm(sequence.hidden))
+                    nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], sequence.ids[0, 1:]))
                 masks.append(outlier_mask(peaks[id(sequence)], OUTLIER_ETA))
             results[anchor] = (masks, nll / len(sequences))
     return prefix_record(tokenizer, probe, results), embedded

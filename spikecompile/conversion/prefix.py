@@ -85,7 +85,7 @@ def anchor_candidates(tokenizer) -> list[int]:
 def prefix_record(tokenizer, probe: list[torch.Tensor], scans: dict, max_tokens: int = 4,
                   eta: float = OUTLIER_ETA) -> dict:
     """The prefix record from the scans of the probe windows: scans[None] without a prefix, scans[anchor] after
-    [anchor], each (per window its outlier-token mask, the mean NLL)."""
+    [anchor], each (per window its outlier-token mask, the mean NLL; scans[None]'s NLL is not read)."""
     counts: Counter = Counter()
     for ids, mask in zip(probe, scans[None][0], strict=True):
         counts.update(int(token) for token in ids[0][1:][mask[1:]])
