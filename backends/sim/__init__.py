@@ -36,7 +36,7 @@ def simulate_windows(graph: Graph, store, windows: list[Tensor], mode: str = "ev
                      mask_steps: int | None = None, dtype: torch.dtype | None = None,
                      progress: Callable[[int], None] | None = None) -> Iterator[SimRun]:
     """simulate() of each window, yielded in order, computed layer by layer over the windows (simulate.run_windows:
-    each part of a model read from its source is built once per group of windows, not once per window)."""
+    a group of windows reads each weight once per layer, not once per window)."""
     check_attention(attention)
     if dtype is not None:
         graph, store = retyped(graph, store, dtype)
