@@ -49,12 +49,24 @@ class _Command(click.Command):
     def invoke(self, ctx):
         outputs = [ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)]
         before = {path: _identity(path) for path in outputs}
+
+        def untouched() -> list[str]:
+            return [path for path in outputs if _identity(path) == before[path]]
+
         try:
             value = super().invoke(ctx)
             check_not_interrupted()  # a signal whose exception Python swallowed (files.interrupt)
             return value
         except KeyboardInterrupt as interruption:
-            _interrupted(interruption, [path for path in outputs if _identity(path) == before[path]])
+            _interrupted(interruption, untouched())
+        except Exception:
+            # a signal whose exception some code turned into another error: a C extension's module init, when the
+            # signal came during an import, reports "ImportError: initialization failed" (scipy's highspy did)
+            try:
+                check_not_interrupted()
+            except Interrupted as interruption:
+                _interrupted(interruption, untouched())
+            raise
 
 
 class _Group(click.Group):

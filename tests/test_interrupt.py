@@ -331,6 +331,39 @@ def test_atomic_folder_refuses_the_current_folder_and_a_file(tmp_path, monkeypat
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["file"]
 
 
+def test_an_interruption_turned_into_another_error_is_still_one_line(monkeypatch):
+    """A signal that arrives during an import can come out of a C extension's module init as "ImportError:
+    initialization failed" (scipy's highspy, in a clean-clone CI run): the command still ends with the
+    interruption's one line and exit status, not a traceback."""
+    import click
+
+    from spikecompile import cli as cli_module
+    from spikecompile import files
+
+    monkeypatch.setattr(files, "_interruptions", [])  # this process's record of signals received, fresh
+
+    @click.group(cls=cli_module._Group)
+    def group():
+        pass
+
+    @group.command()
+    def work():
+        try:
+            files.interrupt(signal.SIGTERM)
+        except KeyboardInterrupt as error:
+            raise ImportError("initialization failed") from error
+
+    @group.command()
+    def fail():
+        raise ImportError("a real import error")
+
+    result = CliRunner().invoke(group, ["work"])
+    assert result.exit_code == 143 and result.output.strip() == "error: interrupted by SIGTERM"
+    files._interruptions.clear()
+    result = CliRunner().invoke(group, ["fail"])  # without a signal, an error stays the error it is
+    assert isinstance(result.exception, ImportError) and str(result.exception) == "a real import error"
+
+
 @pytest.fixture
 def default_sigint():
     """Python's own SIGINT handler for the test: a runner started in the background by a shell without job
