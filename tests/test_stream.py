@@ -75,8 +75,11 @@ def three_layers(tmp_path, monkeypatch):
     return folder, text, whole.read_bytes()
 
 
+@pytest.mark.parametrize("resume_options", [(), ("--part-memory", "4KB")], ids=["as before", "with --part-memory"])
 def test_resume_after_an_interruption_after_layer_0_gives_the_identical_model_pt(three_layers, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, resume_options):
+    """--part-memory is where the weights wait, not an option of the model: a conversion stopped without it may
+    resume with it (after an out-of-memory stop, the point of the option), to the same bytes."""
     folder, text, whole = three_layers
     output = tmp_path / "model.pt"
 
@@ -90,28 +93,10 @@ def test_resume_after_an_interruption_after_layer_0_gives_the_identical_model_pt
         convert(str(folder), str(output), options, progress=False, on_layer=stop)
     state = torch.load(Path(f"{output}.checkpoint") / "state.pt", weights_only=True)
     assert state["after_layer"] == 0 and len(state["names"]) == 9 and not output.exists()
-    result = _convert([*convert_arguments("llama_tied", folder, text, output), "--resume"], monkeypatch)
-    assert output.read_bytes() == whole, result.output
-    assert not Path(f"{output}.checkpoint").exists()
-
-
-def test_a_resume_may_change_part_memory_and_gives_the_identical_model_pt(three_layers, tmp_path, monkeypatch):
-    """--part-memory is where the weights wait, not an option of the model: a conversion stopped without it
-    resumes with it (after an out-of-memory stop, the point of the option), to the same bytes."""
-    folder, text, whole = three_layers
-    output = tmp_path / "model.pt"
-
-    def stop(index):
-        if index == 0:
-            raise Interrupted(signal.SIGTERM)
-
-    options = ConvertOptions(timesteps=6, grains=2, calib=str(text), calib_windows=2, calib_seqlen=64,
-                             samples_per_site=512)
-    with pytest.raises(Interrupted):
-        convert(str(folder), str(output), options, progress=False, on_layer=stop)
-    result = _convert([*convert_arguments("llama_tied", folder, text, output), "--resume", "--part-memory", "4KB"],
+    result = _convert([*convert_arguments("llama_tied", folder, text, output), "--resume", *resume_options],
                       monkeypatch)
     assert output.read_bytes() == whole, result.output
+    assert not Path(f"{output}.checkpoint").exists()
 
 
 def test_resume_after_a_real_sigterm_gives_the_identical_model_pt(three_layers, tmp_path):
