@@ -14,11 +14,11 @@ from pydantic import Field, model_validator
 from spikecompile.errors import SpikecompileError
 from spikecompile.evaluation import perplexity_of, window_nll
 from spikecompile.files import atomic_write, read_document
+from spikecompile.ir import layer_indices
 from spikecompile.modelschema import FieldError, Record, fault
 from spikecompile.progress import bar
 
 from . import simulate_windows
-from .simulate import layer_segments
 from .results import Counts, SimRun
 
 FORMAT = "spikecompile.sim"
@@ -35,7 +35,7 @@ def measure(graph, store, windows: list[torch.Tensor], mode: str = "event", atte
         raise SpikecompileError("simulation: no token windows to run")
     runs: list[SimRun] = []
     nll: list[float] = []
-    layers = max(len(layer_segments(graph)) - 2, 0)  # the decoder layers: all segments but the embedding, the head
+    layers = len(layer_indices(graph))
     with bar(total=layers * len(windows), desc=f"simulating ({mode})", unit="layer", progress=progress) as shown:
         results = simulate_windows(graph, store, windows, mode, attention, mask_steps, dtype, progress=shown.update)
         for ids in windows:  # not zip or enumerate: their reused tuple would hold the last window's logits

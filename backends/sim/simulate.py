@@ -34,9 +34,8 @@ from spikecompile.errors import SpikecompileError
 from spikecompile.heap import keep_large_allocations
 from spikecompile.ir import (
     ActivationMatmul, ElementwiseProduct, Embedding, Graph, IRNode, KVPrefix, Linear, Nonlinear, Output,
-    PhaseNeuron,
+    PhaseNeuron, layer_of,
 )
-from spikecompile.ir import layer_of
 from spikecompile.ir.interpret import NONLINEAR_FUNCTIONS, RUNNERS, graph_inputs, neuron_of
 from spikecompile.neuron import kernel, token_scales
 
@@ -80,9 +79,8 @@ def run(graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "de
 class Execution:
     """One sequence's run of `graph`, resumable: advance(names) runs the next nodes of the topological order.
     `run` advances through the whole order at once; run_windows takes every window of a group through one decoder
-    layer's nodes before the next layer's, so a store that builds each part from its source when it is read (a
-    7B model's LayeredStore) builds it once per group, not once per window. The same operations in the same order
-    on each window either way: the same bits."""
+    layer's nodes before the next layer's, reading each weight once for the group (SegmentReads). The same
+    operations in the same order on each window either way: the same bits."""
 
     def __init__(self, graph: Graph, store, inputs: Tensor | dict[str, Tensor], mode: str = "decoded",
                  mask_steps: int | None = None, keep_values: bool = True, spikes: str = "planes"):
