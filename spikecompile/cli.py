@@ -21,6 +21,7 @@ from .backends import BY_TARGET, TARGETS, Option
 from .devices import DEVICES, DTYPES, part_memory_bytes, peak_memory_mb, resolve_placement
 from .errors import Interrupted, SpikecompileError
 from .files import atomic_folder, atomic_write, check_not_interrupted, check_output_folder, check_writable, interrupt
+from .parallel import launched_ranks
 
 OUTPUT_PARAMS = ("output", "json_path", "draw_path")
 """The parameters that name what a command writes (a message after an interruption names those left untouched)."""
@@ -43,10 +44,17 @@ def _identity(path: str) -> tuple | None:
     return status.st_ino, status.st_mtime_ns
 
 
+PARALLEL_COMMANDS = ("convert",)
+"""the commands that run data-parallel under torchrun (spikecompile.parallel)"""
+
+
 class _Command(click.Command):
     """A command that ends an interruption with one line naming the outputs it left as they were."""
 
     def invoke(self, ctx):
+        if ctx.command.name not in PARALLEL_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SpikecompileError(f"{ctx.command_path}: runs in one process (WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                                    f"started by torchrun?); only convert runs data-parallel; start it without torchrun")
         outputs = [ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)]
         before = {path: _identity(path) for path in outputs}
 
@@ -176,8 +184,11 @@ def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_m
                              samples_per_site=samples_per_site, weight_bits=weight_bits,
                              membrane_clip=membrane_clip, seed=seed, spike_penalty=spike_penalty,
                              energy_budget=energy_budget, spikes_per_mac=spikes_per_mac, sdllm_scales=sdllm_scales)
+    ranks = launched_ranks(placement.device)
     report = run_convert(model, output, options, progress=progress, placement=placement, resume=resume,
-                         cost_model=LedgerCost, part_memory=part_bytes)
+                         cost_model=LedgerCost, part_memory=part_bytes, ranks=ranks)
+    if report is None:  # a data-parallel rank other than 0: rank 0 reports
+        return
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
     steps = "per site (budget)" if options.budget else timesteps
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={steps}, coding={coding}, "

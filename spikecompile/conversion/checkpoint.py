@@ -10,7 +10,9 @@ continues from, removed once model.pt is written.
                       i (i = the layer count: the final norm), which the budget's per-layer backward (the site
                       sensitivities, conversion.budget.site_fisher_part) runs each layer on again
 
-Each file is written atomically (files.atomic_write), so an interruption leaves the last whole state.
+Each file is written atomically (files.atomic_write), so an interruption leaves the last whole state. Under data
+parallelism (spikecompile.parallel) only rank 0 writes it; every rank reads it to resume, and its state is the one
+process's, so a conversion resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -43,13 +45,18 @@ class Resumed:
 class Checkpoint:
     """The checkpoint folder of the conversion writing `output`."""
 
-    def __init__(self, output: str | Path):
+    def __init__(self, output: str | Path, writes: bool = True):
         self.folder = check_output_folder(Path(f"{output}.checkpoint"), option="-o")
         self.active = False
         """whether this conversion started or resumed it (only then does remove() delete it)"""
+        self.writes = writes
+        """False: this process reads the checkpoint but never writes or removes it (a data-parallel rank other
+        than 0)"""
 
     def start(self, manifest: dict) -> Resumed:
         """A fresh checkpoint (an old one in its place is dropped)."""
+        if not self.writes:
+            return Resumed()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir()
         self.active = True
@@ -68,7 +75,7 @@ class Checkpoint:
         if difference:
             raise SpikecompileError(f"--resume: {self.folder} was made {difference}; resume with the same options, "
                                     f"or run convert without --resume to start over")
-        resumed, self.active = Resumed(), True
+        resumed, self.active = Resumed(), self.writes
         if (self.folder / PREFIX).exists():
             resumed.prefix_known, resumed.prefix = True, self._read_json(PREFIX)
         if (self.folder / STATE).exists():
@@ -83,7 +90,8 @@ class Checkpoint:
         self._write_json(PREFIX, prefix)
 
     def save_state(self, state: dict) -> None:
-        atomic_write(self.folder / STATE, lambda temp: _torch_save(state, temp))
+        if self.writes:
+            atomic_write(self.folder / STATE, lambda temp: _torch_save(state, temp))
 
     def save_inputs(self, index: int, inputs: dict) -> None:
         atomic_write(self.folder / f"inputs.{index}.pt", lambda temp: _torch_save(inputs, temp))
@@ -102,6 +110,8 @@ class Checkpoint:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _write_json(self, name: str, document) -> None:
+        if not self.writes:
+            return
         text = json.dumps(document, indent=1) + "\n"
         atomic_write(self.folder / name, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 

@@ -21,6 +21,7 @@ from ..files import check_writable
 from ..loading import ModelSource, load_model, open_layered, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
+from ..parallel import Ranks
 from ..progress import shown
 from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, next_token_loss, site_curves, site_fisher_part
 from .checkpoint import Checkpoint
@@ -197,7 +198,7 @@ def _created_utc() -> str:
 def convert(model_spec: str | None, output: str, options: ConvertOptions, progress: bool = True,
             placement: Placement = Placement(), resume: bool = False,
             on_layer: Callable[[int], None] | None = None, cost_model=None,
-            part_memory: int | None = None) -> ConversionReport:
+            part_memory: int | None = None, ranks: Ranks = Ranks()) -> ConversionReport | None:
     """Convert the source model into model.pt, one decoder layer at a time (docs: "layer-sequential conversion").
 
     placement: the device and dtype of the float forward (resolved by devices.resolve_placement before this); the
@@ -209,8 +210,15 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     (spikecompile.budget.LedgerCost; passed in because the ledger lives in a layer above conversion).
     part_memory: bytes of one part the device may hold (LayerStream.dispatched: a larger one runs through
     accelerate's offload); not an option of the model: model.pt and the checkpoint's options do not record it.
+    ranks: this process's place among torchrun's processes (spikecompile.parallel). Each rank calibrates its share
+    of the windows and scans its share of the prefix candidates; rank 0 writes the checkpoint and model.pt, the
+    same bytes as one process's, and returns the report (the others return None).
     """
     options.validate()
+    if ranks.world > 1 and options.budget:
+        raise SpikecompileError(f"{BUDGET_KINDS[options.budget[0]]} with {ranks.world} processes: the budget's "
+                                f"sensitivity pass runs in one process; start convert without torchrun")
+    progress = progress and ranks.is_main
     if part_memory is not None and options.budget:
         raise SpikecompileError(f"--part-memory with {BUDGET_KINDS[options.budget[0]]}: the budget's sensitivity pass "
                                 f"runs each layer backward whole; drop --part-memory or the budget")
@@ -220,7 +228,7 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     check_writable(output)
     calib_text = load_text(options.calib, split="calib")
     source = resolve_source(model_spec)
-    checkpoint = Checkpoint(output)
+    checkpoint = Checkpoint(output, writes=ranks.is_main)
     manifest = {"options": asdict(options), "placement": asdict(placement), "source": source.path,
                 "source_sha256": source.sha256, "calibration_sha256": calib_text.sha256, "spikecompile": __version__}
     resumed = checkpoint.resume(manifest) if resume else None  # refused here: before any weight is read
@@ -228,7 +236,9 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     timings = {}
     try:
         calibrated, prefix, windows, layers = _stream(source, calib_text, options, placement, part_memory, checkpoint,
-                                                      manifest, resumed, timings, progress, on_layer)
+                                                      manifest, resumed, timings, progress, on_layer, ranks)
+        if not ranks.is_main:  # rank 0 fits and writes model.pt
+            return None
         start = time.perf_counter()
         fit_config, rows, budget = _fit(calibrated, options, cost_model, progress)
         timings["fitting"] = time.perf_counter() - start
@@ -289,7 +299,8 @@ def _canonical(document):
 
 
 def _stream(source, calib_text, options: ConvertOptions, placement: Placement, part_memory: int | None,
-            checkpoint: Checkpoint, manifest: dict, resumed, timings: dict, progress: bool, on_layer):
+            checkpoint: Checkpoint, manifest: dict, resumed, timings: dict, progress: bool, on_layer,
+            ranks: Ranks = Ranks()):
     """Open the source, check its tensors, start the checkpoint (or go on from `resumed`), select the prefix and
     calibrate, layer by layer, and with a budget compute the site sensitivities (fisher_streamed); returns
     (Calibrated, the prefix record, the windows, the layer count)."""
@@ -299,6 +310,9 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
         layered.weights.check_names(stream.tensor_names(), EMBEDDING_ALIAS, source.path)
         windows = token_windows(layered.tokenizer, calib_text, options.calib_seqlen, options.calib_windows,
                                 "calibration")
+        if len(windows) < ranks.world:
+            raise SpikecompileError(f"--calib-windows: {len(windows)} calibration windows for {ranks.world} "
+                                    f"processes; give at least one window per process, or fewer processes")
         windows = [ids.to(placement.device) for ids in windows]
         resumed = resumed or checkpoint.start(manifest)
         timings["load"] = time.perf_counter() - start
@@ -309,7 +323,7 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
             timings["prefix_layers"] = []
             if options.prefix == "auto":
                 prefix, embedded = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
-                                                          timings["prefix_layers"])
+                                                          timings["prefix_layers"], ranks)
             else:
                 prefix = None
             checkpoint.save_prefix(prefix)
@@ -317,7 +331,7 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
 
         start = time.perf_counter()
         calibrated = calibrate_streamed(stream, windows, prefix, options, checkpoint, resumed.state, progress,
-                                        on_layer, embedded)
+                                        on_layer, embedded, ranks)
         timings["calibration"] = time.perf_counter() - start
         calibrated.config = stream.config.to_dict()
 
@@ -389,21 +403,26 @@ class EmbeddedRows:
 
 
 def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.Tensor], options: ConvertOptions,
-                           progress: bool, layer_s: list | None = None) -> tuple[dict, EmbeddedRows]:
+                           progress: bool, layer_s: list | None = None,
+                           ranks: Ranks = Ranks()) -> tuple[dict, EmbeddedRows]:
     """prefix.select_prefix, one layer at a time: every scan (the probe windows alone, and after each anchor) goes
     through each layer before the next is built; the final norm and lm_head give their NLL at the end. layer_s:
     gets the seconds each layer took. Returns the prefix record and the embedding's rows of every window token and
-    anchor (the prefix's tokens are among them), for calibrate_streamed."""
+    anchor (the prefix's tokens are among them), for calibrate_streamed. ranks: each rank runs its share of the
+    scans; their masks and NLLs are gathered, in scan order."""
     probe, anchors = probe_windows(windows), anchor_candidates(tokenizer)
     rotation = _new_rotation(stream, options)
     embedding = _embedding(stream, rotation)
     device = stream.placement.device
     embedded = EmbeddedRows(embedding, torch.cat([*(ids.flatten() for ids in windows),
                                                   torch.tensor(anchors, device=device)]))
+    every_scan = [None, *anchors]  # None: the probe windows without a prefix
+    scans, prefixes = {}, {}
     with torch.inference_mode():
-        scans = {None: [stream.start(ids, embedding(ids), use_cache=False) for ids in probe]}
-        prefixes = {}
-        for anchor in anchors:
+        for anchor in (every_scan[k] for k in ranks.share(len(every_scan))):
+            if anchor is None:
+                scans[None] = [stream.start(ids, embedding(ids), use_cache=False) for ids in probe]
+                continue
             anchor_ids = torch.tensor([[anchor]], device=device)
             prefixes[anchor] = stream.start(anchor_ids, embedding(anchor_ids), is_prefix=True)
             scans[anchor] = [stream.start(ids, embedding(ids), prefix=prefixes[anchor]) for ids in probe]
@@ -435,9 +454,10 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
                 if anchor is not None:  # the scan without a prefix gives only outlier masks (prefix_record)
                     logits = head(norm(sequence.hidden))
                     nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], sequence.ids[0, 1:]))
-                masks.append(outlier_mask(peaks[id(sequence)], OUTLIER_ETA))
+                masks.append(outlier_mask(peaks[id(sequence)], OUTLIER_ETA).cpu())
             results[anchor] = (masks, nll / len(sequences))
-    return prefix_record(tokenizer, probe, results), embedded
+    gathered = {anchor: result for part in ranks.gather(results) for anchor, result in part.items()}
+    return prefix_record(tokenizer, probe, {anchor: gathered[anchor] for anchor in every_scan}), embedded
 
 
 @dataclass
@@ -458,15 +478,18 @@ class Calibrated:
 def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: dict | None,
                        options: ConvertOptions, checkpoint: Checkpoint, state: dict | None, progress: bool,
                        on_layer: Callable[[int], None] | None = None,
-                       embedded: EmbeddedRows | None = None) -> Calibrated:
+                       embedded: EmbeddedRows | None = None, ranks: Ranks = Ranks()) -> Calibrated:
     """calibration.collect_samples, one layer at a time: the prefix and every window go through a layer (its sites
     recording the windows), its samples are kept, the state is checkpointed, and the layer is freed.
 
     Each site's recorder is seeded seed·100003 + its index in the model's site table and draws
     ceil(N / windows) values per window, as collect_samples does on the whole model. With a budget, the hidden
     states entering each layer (and the final norm) are also kept in the checkpoint for fisher_streamed. embedded:
-    the prefix pass's embedding rows; the embedding is built again when they do not cover the tokens."""
+    the prefix pass's embedding rows; the embedding is built again when they do not cover the tokens. ranks: each
+    rank runs its share of the windows; the samples and the checkpoint's hidden states are gathered in window order.
+    """
     per_call = math.ceil(options.samples_per_site / len(windows))
+    mine = ranks.share(len(windows))
     rotation = _new_rotation(stream, options)
     if state is None:
         prefix_ids = torch.tensor(prefix["token_ids"] if prefix else [], dtype=torch.int64)
@@ -479,19 +502,19 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
         with torch.inference_mode():
             hidden_prefix = embedding(torch.tensor([prefix["token_ids"]], device=stream.placement.device)) \
                 if prefix else None
-            hidden_windows = [embedding(ids) for ids in windows]
+            hidden_windows = [embedding(windows[k]) for k in mine]
         del embedding
         first, names, chunks = 0, [], []
     else:  # the checkpoint's layers are done: their samples, the rotation record so far, the hidden states after
         first, names, chunks = state["after_layer"] + 1, state["names"], [state["samples"]]
-        hidden_prefix, hidden_windows = state["prefix"], state["windows"]
+        hidden_prefix, hidden_windows = state["prefix"], [state["windows"][k] for k in mine]
         if rotation is not None:
             rotation.record = state["rotation"]
     prefix_sequence = stream.start(torch.tensor([prefix["token_ids"]]), hidden_prefix, is_prefix=True) \
         if prefix else None
     use_cache = bool(getattr(stream.config, "use_cache", True)) or prefix_sequence is not None
-    sequences = [stream.start(ids, hidden, prefix=prefix_sequence, use_cache=use_cache)
-                 for ids, hidden in zip(windows, hidden_windows, strict=True)]
+    sequences = [stream.start(windows[k], hidden, prefix=prefix_sequence, use_cache=use_cache)
+                 for k, hidden in zip(mine, hidden_windows, strict=True)]
     layer_s = []
     for index in tqdm(range(first, stream.layers), desc="calibrate", unit="layer", disable=not shown(progress),
                       initial=first, total=stream.layers):
@@ -499,13 +522,15 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
         if options.budget:
             _save_inputs(checkpoint, index, prefix_sequence, sequences)
         layer, sites = converted_layer(stream, index, rotation, options.weight_bits)
-        chunks.append(_recorded(sites, per_call, options, len(names), stream, prefix_sequence, sequences, layer))
+        chunks.append(_recorded(sites, per_call, options, len(names), stream, prefix_sequence, sequences, layer,
+                                ranks, mine.start))
         names += list(sites)
         del layer, sites
         checkpoint.save_state({
             "after_layer": index, "names": names, "samples": torch.cat(chunks), "rotation": rotation and rotation.record,
             "prefix": prefix_sequence.hidden.cpu() if prefix_sequence else None,
-            "windows": [sequence.hidden.cpu() for sequence in sequences]})
+            "windows": [hidden for part in ranks.gather([sequence.hidden.cpu() for sequence in sequences])
+                        for hidden in part]})
         chunks = [torch.cat(chunks)]
         layer_s.append(time.perf_counter() - began)
         if on_layer is not None:
@@ -513,7 +538,7 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
     if options.budget:
         _save_inputs(checkpoint, stream.layers, None, sequences)
     norm, final = _final_norm_site(stream, rotation, None)
-    chunks.append(_recorded(final, per_call, options, len(names), stream, None, sequences, norm))
+    chunks.append(_recorded(final, per_call, options, len(names), stream, None, sequences, norm, ranks, mine.start))
     return Calibrated([*names, "final_norm"], torch.cat(chunks), rotation and rotation.record, layer_s)
 
 
@@ -568,11 +593,14 @@ def fisher_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: di
 
 
 def _recorded(sites: SiteTable, per_call: int, options: ConvertOptions, first_index: int, stream: LayerStream,
-              prefix_sequence, sequences, module) -> torch.Tensor:
+              prefix_sequence, sequences, module, ranks: Ranks = Ranks(), first_window: int = 0) -> torch.Tensor:
     """Run the prefix (sites off) and the windows (sites recording) through `module` (a decoder layer, or the
-    final norm: then the windows' hidden states stay); return the sites' samples [sites, N]."""
+    final norm: then the windows' hidden states stay); return the sites' samples [sites, N]. With several ranks,
+    `sequences` are windows first_window, first_window + 1, ... of them all, and every rank's samples are gathered
+    in window order: each site's the same values as one process's."""
     for offset, site in enumerate(sites.values()):
-        site.recorder = SampleRecorder(per_call, seed=options.seed * 100_003 + first_index + offset)
+        site.recorder = SampleRecorder(per_call, seed=options.seed * 100_003 + first_index + offset,
+                                       skipped_calls=first_window)
     is_layer = module is not None and hasattr(module, "self_attn")
     if prefix_sequence is not None and is_layer:
         stream.run(module, prefix_sequence)
@@ -586,7 +614,8 @@ def _recorded(sites: SiteTable, per_call: int, options: ConvertOptions, first_in
                     module(sequence.hidden)
     finally:
         sites.set_mode("off")
-    return torch.stack([site.recorder.samples()[:options.samples_per_site] for site in sites.values()])
+    parts = ranks.gather([site.recorder.samples() for site in sites.values()])
+    return torch.stack([torch.cat([part[k] for part in parts])[:options.samples_per_site] for k in range(len(sites))])
 
 
 def _transformers_version() -> str:

@@ -73,10 +73,13 @@ class SampleRecorder:
     extreme that a uniform draw misses would be clipped at inference without the fit ever seeing it.
     """
 
-    def __init__(self, per_call: int, seed: int):
+    def __init__(self, per_call: int, seed: int, skipped_calls: int = 0):
         self.per_call = per_call
         self.generator = torch.Generator().manual_seed(seed)
         self.chunks: list[torch.Tensor] = []
+        self.skipped_calls = skipped_calls
+        """calls of earlier windows that another process records (data parallelism, spikecompile.parallel): their
+        draws are made and dropped before the first call here, so this process's draws are the one process's"""
 
     def record(self, site_name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
@@ -86,6 +89,9 @@ class SampleRecorder:
                 f"site {site_name}: NaN/inf activations during calibration; check the model weights "
                 f"or the calibration text"
             )
+        for _ in range(self.skipped_calls):  # every window has the same length: the same draw each
+            torch.randint(flat.numel(), (self.per_call - 1,), generator=self.generator)
+        self.skipped_calls = 0
         index = torch.randint(flat.numel(), (self.per_call - 1,), generator=self.generator).to(flat.device)
         self.chunks.append(torch.cat([flat[peak].reshape(1), flat[index]]).cpu())
 
