@@ -13,8 +13,13 @@ that version, right after this one on the same files, and the two times are comp
 Writes bench/results/scale.json.
 
     python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep] [--baseline DIR]
+                          [--dtype bfloat16|float32] [--repeats R]
 
---shape llama3-8b writes bench/results/scale_llama3_8b.json instead.
+--shape llama3-8b writes bench/results/scale_llama3_8b.json instead. --dtype float32 (convert's --dtype: the
+weights on disk stay bf16) appends _float32 to the file name: for a CPU whose bf16 matrix products are emulated
+(AVX2 without AVX512-BF16/AMX, where they run several times slower than float32). --repeats R converts the two depths
+alternately R times (4, 8, 4, 8, ...) and keeps each depth's fastest run: this machine's speed drifts by tens of
+percent over minutes, and alternating puts both depths through the same drift.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ SHAPES = {
 """LLaMA-2-7B's and LLaMA-3.1-8B's shapes (GQA with 8 KV heads, a 128256 vocabulary, llama3 RoPE scaling); the depth of
 both is 32."""
 RESULTS_OF = {"llama2-7b": RESULTS, "llama3-8b": ROOT / "bench" / "results" / "scale_llama3_8b.json"}
-CONVERT = ("-T", "8", "--calib-windows", "4", "--calib-seqlen", "512", "--dtype", "bfloat16", "--no-progress")
+CONVERT = ("-T", "8", "--calib-windows", "4", "--calib-seqlen", "512", "--no-progress")
+"""convert's options, and --dtype (bench option, default bfloat16)"""
 
 
 def _random(shape, generator, std=0.02, mean=0.0) -> torch.Tensor:
@@ -115,18 +121,26 @@ def spikecompile_of(code: Path) -> tuple[list[str], dict]:
     return [sys.executable, "-P", "-m", "spikecompile"], environment
 
 
-def run(folder: Path, workdir: Path, code: Path | None = None) -> dict:
+def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfloat16") -> dict:
     """The CLI's convert of `folder` in its own process (with the spikecompile of checkout `code` when given): its
     --json report and wall time."""
     tag = "-baseline" if code else ""
     output, report = workdir / f"{folder.name}{tag}.pt", workdir / f"{folder.name}{tag}.json"
     prefix, environment = spikecompile_of(code or ROOT)
-    command = [*prefix, "convert", str(folder), "-o", str(output), "--json", str(report), *CONVERT]
+    command = [*prefix, "convert", str(folder), "-o", str(output), "--json", str(report), *CONVERT, "--dtype", dtype]
     start = time.perf_counter()
     subprocess.run(command, check=True, env=environment)
     figures = json.loads(report.read_text())
     figures["wall_s"] = time.perf_counter() - start
     return figures
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def main() -> None:
@@ -136,25 +150,39 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written models")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to convert with, side by side")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="convert's --dtype")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the depths R times; keep each's fastest")
     arguments = parser.parse_args()
     workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="scale-"))
-    runs = {}
+    folders, written_s = {}, {}
     for depth in arguments.depths:
-        folder = workdir / f"{arguments.shape}-shape-{depth}layers"
+        folders[depth] = workdir / f"{arguments.shape}-shape-{depth}layers"
         started = time.perf_counter()
-        write_model(folder, depth, shape=arguments.shape)
-        written_s = time.perf_counter() - started
-        figures = run(folder, workdir)
-        runs[depth] = {"layers": depth, "write_model_s": written_s, "wall_s": figures["wall_s"],
-                       "peak_rss_mb": figures["peak_rss_mb"], "timings_s": figures["timings_s"],
-                       "layer_s": figures["layer_s"], "prefix_layer_s": figures.get("prefix_layer_s", []),
-                       "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"]),
-                       "layer_loop_s": sum(figures["layer_s"]) + sum(figures.get("prefix_layer_s", []))}
-        print(f"{depth} layers: wall {figures['wall_s']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB, "
-              f"per calibrated layer {runs[depth]['mean_layer_s']:.1f} s, stages "
-              + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in figures["timings_s"].items()), flush=True)
+        write_model(folders[depth], depth, shape=arguments.shape)
+        written_s[depth] = time.perf_counter() - started
+    runs = {}
+    for repeat in range(arguments.repeats):
+        for depth in arguments.depths:
+            figures = run(folders[depth], workdir, dtype=arguments.dtype)
+            walls = [*runs.get(depth, {}).get("walls_s", []), figures["wall_s"]]
+            print(f"{depth} layers (run {repeat + 1}): wall {figures['wall_s']:.1f} s, peak RSS "
+                  f"{figures['peak_rss_mb']:.0f} MB, per calibrated layer "
+                  f"{sum(figures['layer_s']) / len(figures['layer_s']):.1f} s, stages "
+                  + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in figures["timings_s"].items()),
+                  flush=True)
+            if depth in runs and runs[depth]["wall_s"] <= figures["wall_s"]:
+                runs[depth]["walls_s"] = walls
+                continue
+            runs[depth] = {"layers": depth, "write_model_s": written_s[depth], "wall_s": figures["wall_s"],
+                           "walls_s": walls,
+                           "peak_rss_mb": figures["peak_rss_mb"], "timings_s": figures["timings_s"],
+                           "layer_s": figures["layer_s"], "prefix_layer_s": figures.get("prefix_layer_s", []),
+                           "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"]),
+                           "layer_loop_s": sum(figures["layer_s"]) + sum(figures.get("prefix_layer_s", []))}
+    for depth in arguments.depths:
+        folder = folders[depth]
         if arguments.baseline:
-            before = run(folder, workdir, arguments.baseline)
+            before = run(folder, workdir, arguments.baseline, arguments.dtype)
             runs[depth]["baseline"] = {"wall_s": before["wall_s"], "timings_s": before["timings_s"],
                                        "peak_rss_mb": before["peak_rss_mb"]}
             print(f"{depth} layers, baseline {arguments.baseline}: wall {before['wall_s']:.1f} s, stages "
@@ -165,7 +193,10 @@ def main() -> None:
     low, high = (runs[depth] for depth in arguments.depths)
     per_layer = (high["wall_s"] - low["wall_s"]) / (high["layers"] - low["layers"])
     fixed = low["wall_s"] - per_layer * low["layers"]
-    summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape], "convert": " ".join(CONVERT), "device": "cpu", "torch_threads": torch.get_num_threads(),
+    summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape],
+               "convert": " ".join([*CONVERT, "--dtype", arguments.dtype]), "device": "cpu",
+               "cpu": _cpu_model(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "torch_threads": torch.get_num_threads(), "repeats": arguments.repeats,
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
                "layer_loop_ratio": high["layer_loop_s"] / low["layer_loop_s"],
                "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
@@ -183,6 +214,8 @@ def main() -> None:
           f"{per_layer:.1f} s per layer, 32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
           f"peak RSS ≤ {summary['peak_rss_mb_max']:.0f} MB")
     results = RESULTS_OF[arguments.shape]
+    if arguments.dtype != "bfloat16":
+        results = results.with_name(f"{results.stem}_{arguments.dtype}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=2) + "\n")
 
