@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .backends import BY_TARGET, TARGETS, Option
-from .devices import DEVICES, DTYPES, part_memory_bytes, peak_memory_mb, resolve_placement
+from .devices import DEVICES, DTYPES, part_memory_bytes, peak_memory_mb, resolve_placement, slow_dtype_note
 from .errors import Interrupted, SpikecompileError
 from .files import atomic_folder, atomic_write, check_not_interrupted, check_output_folder, check_writable, interrupt
 from .parallel import launched_ranks
@@ -112,6 +112,15 @@ def _placement_options(command):
                         help="Where the float forward runs: cpu, cuda, or auto (CUDA when present).")(command)
 
 
+def _placement(device: str, dtype: str):
+    """devices.resolve_placement, with a note on stderr when the CPU would emulate the dtype's matrix products."""
+    placement = resolve_placement(device, dtype)
+    note = slow_dtype_note(placement)
+    if note and os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        click.echo(f"note: {note}", err=True)
+    return placement
+
+
 def _part_memory_option(command):
     return click.option("--part-memory", default=None, metavar="SIZE",
                         help="Most of one part (a decoder layer, the embedding, lm_head) held on the device, e.g. "
@@ -177,7 +186,7 @@ def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_m
 
     if json_path:
         check_writable(json_path)
-    placement = resolve_placement(device, dtype)
+    placement = _placement(device, dtype)
     part_bytes = part_memory_bytes(part_memory)
     options = ConvertOptions(timesteps=timesteps, grains=grains, coding=coding, rotate=rotate, prefix=prefix, calib=calib,
                              calib_windows=calib_windows, calib_seqlen=calib_seqlen,
@@ -247,7 +256,7 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
 
     if json_path:
         check_writable(json_path)
-    placement = resolve_placement(device, dtype)
+    placement = _placement(device, dtype)
     part_bytes = part_memory_bytes(part_memory)
     _check_model_file(model_file, "eval")
     if seqlen < 2:
@@ -698,7 +707,7 @@ def zeroshot(model_file, task_specs, mode, limit, batch_size, source, json_path,
     as lm-eval computes them, per task."""
     from .files import file_sha256
 
-    placement = resolve_placement(device, dtype)
+    placement = _placement(device, dtype)
     _check_model_file(model_file, "zeroshot")
     if json_path:
         check_writable(json_path)

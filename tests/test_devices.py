@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from conftest import FAST_CONVERT, convert_tiny
 from spikecompile.cli import cli
-from spikecompile.devices import DTYPES, Placement, dtype_problem, peak_memory_mb, resolve_placement
+from spikecompile.devices import (DTYPES, Placement, dtype_problem, peak_memory_mb, resolve_placement,
+                                  slow_dtype_note)
 from spikecompile.errors import SpikecompileError
 
 cuda = pytest.mark.cuda
@@ -94,6 +95,33 @@ def test_bfloat16_convert_and_eval_on_the_cpu(tmp_path):
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["placement"] == {"device": "cpu", "dtype": "bfloat16"} and evaluation["peak_rss_mb"] > 0
     assert 0.8 < evaluation["ppl_ratio"] < 1.25
+
+
+@pytest.mark.parametrize("dtype, flags, noted", [
+    ("bfloat16", {"avx2"}, True),  # an AVX2-only x86 CPU (this project's AMD EPYC machines)
+    ("bfloat16", {"avx2", "avx512f", "avx512_bf16"}, False),
+    ("bfloat16", {"avx2", "amx_bf16"}, False),
+    ("float16", {"avx2", "avx512_bf16"}, True),
+    ("float16", {"avx2", "avx512_fp16"}, False),
+    ("float32", {"avx2"}, False),
+    ("bfloat16", set(), False),  # no /proc/cpuinfo flags (another OS or architecture): nothing is claimed
+])
+def test_an_emulated_dtype_on_the_cpu_gets_a_one_line_note(dtype, flags, noted):
+    note = slow_dtype_note(Placement("cpu", dtype), flags)
+    assert (note is not None) == noted
+    if noted:
+        assert note.startswith(f"--dtype {dtype}: this CPU has no ") and "--dtype float32" in note and "\n" not in note
+    assert slow_dtype_note(Placement("cuda", dtype), flags) is None
+
+
+def test_the_cli_prints_the_note_where_this_cpu_emulates_bfloat16(tmp_path):
+    """On this machine's CPU, as its flags say: the note is on stderr exactly when slow_dtype_note gives one."""
+    expected = slow_dtype_note(Placement("cpu", "bfloat16"))
+    convert_tiny(tmp_path, "bf16", "--dtype", "bfloat16")
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "bf16.pt"), "--ppl", str(tmp_path / "calib.txt"),
+                                      "--seqlen", "64", "--max-windows", "1", "--no-progress", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert (f"note: {expected}" in result.stderr) if expected else ("note:" not in result.stderr)
 
 
 def test_eval_json_reports_peak_memory_in_float32(tmp_path):

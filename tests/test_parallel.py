@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
+from conftest import requires_smollm2
 from stream_cases import convert_arguments, save_case
 
 from spikecompile.cli import cli
@@ -61,7 +62,7 @@ def _one_process(arguments: list[str], monkeypatch) -> None:
 
 @pytest.mark.parametrize("case, processes, windows", [
     ("llama_tied", 2, 3),  # the prefix scan too; shares of 2 and 1 windows
-    ("qwen2_bf16", 3, 4),  # q/k/v biases, bfloat16 weights; shares of 2, 1 and 1
+    ("qwen2_bf16", 4, 5),  # q/k/v biases, bfloat16 weights; windows 2, 1, 1, 1; the three scans 1, 1, 1, 0
 ])
 def test_processes_write_the_one_process_model_pt(case, processes, windows, tmp_path, monkeypatch):
     folder, text = save_case(case, tmp_path)
@@ -126,3 +127,16 @@ def test_two_gpus_write_the_one_gpu_model_pt(tmp_path, monkeypatch):
     result = _torchrun(2, [*convert_arguments("llama_tied", folder, text, tmp_path / "two.pt"), *cuda])
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "two.pt").read_bytes() == (tmp_path / "one.pt").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@requires_smollm2
+def test_smollm2_in_two_processes_is_the_one_process_model(smollm2_t8_path, tmp_path):
+    """The real model: its prefix scan (five scans over two ranks) and calibration (two windows, one each)."""
+    from test_stream import _differences
+
+    output = tmp_path / "model.pt"
+    result = _torchrun(2, ["convert", "-o", str(output), "-T", "8", "--calib-windows", "2", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _differences(torch.load(output, weights_only=True), torch.load(smollm2_t8_path, weights_only=True)) == []

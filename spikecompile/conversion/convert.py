@@ -429,6 +429,8 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
     del embedding
     peaks = {id(sequence): [] for sequences in scans.values() for sequence in sequences}
     for index in tqdm(range(stream.layers), desc="prefix scan", unit="layer", disable=not shown(progress)):
+        if not scans:  # more ranks than scans: this one has none (its rotation record is never read)
+            continue
         began = time.perf_counter()
         layer, _ = converted_layer(stream, index, rotation, options.weight_bits)
         running = []
@@ -444,9 +446,10 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
         del layer
         if layer_s is not None:
             layer_s.append(time.perf_counter() - began)
-    head = stream.lm_head()  # built last: a tied one is a copy of the embedding before its rotation
-    norm = _final_norm(stream, rotation, head)
     results = {}
+    if scans:
+        head = stream.lm_head()  # built last: a tied one is a copy of the embedding before its rotation
+        norm = _final_norm(stream, rotation, head)
     with torch.inference_mode():
         for anchor, sequences in scans.items():
             masks, nll = [], 0.0
