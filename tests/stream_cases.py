@@ -1,8 +1,19 @@
 """Tiny random models of each family, saved as sharded safetensors (an index and several shards), and the convert
 options each is converted with: the cases whose model.pt the streamed conversion must reproduce bit for bit.
 
-tests/data/stream_reference/<case>.pt were written by the in-memory conversion this streamed one replaced
-(spikecompile before the layer-sequential pipeline; `python tests/stream_cases.py` wrote them then)."""
+tests/data/stream_reference/<host>/<case>.pt were written by the in-memory conversion this streamed one replaced
+(spikecompile before the layer-sequential pipeline, c4db4dd^; `python tests/stream_cases.py` wrote them then).
+
+The bits depend on the host's float kernels: torch's own follow its CPU capability, and MKL's GEMMs follow the CPU
+(on an AMD EPYC they round otherwise than on the host that wrote the first set, though both run torch 2.13.0). So
+each set lies in a folder named for the host kind that wrote it (reference_folder): `avx512`, the first set (its
+host ran torch's AVX512 kernels, as CI's capability runs show, which skipped avx512 as the native one; the vendor was
+not recorded), and `AuthenticAMD-avx2`, an AVX2-only AMD EPYC. To write a
+set for another kind of host, run this file with the in-memory code on it:
+
+    git worktree add /tmp/inmem c4db4dd^
+    PYTHONPATH=/tmp/inmem python -P tests/stream_cases.py   # writes into reference_folder(host_kinds()[0])
+"""
 
 from pathlib import Path
 
@@ -10,6 +21,24 @@ import torch
 from conftest import FAST_CONVERT, build_tiny_llama, build_tiny_tokenizer, random_norms_and_biases, synthetic_text
 
 REFERENCES = Path(__file__).parent / "data" / "stream_reference"
+
+
+def host_kinds() -> list[str]:
+    """This host's kind as a reference folder may name it, the most specific first: "<CPU vendor>-<torch's CPU
+    capability>", then the capability alone."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    vendor = "unknown"
+    try:
+        vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return [f"{vendor}-{capability}", capability]
+
+
+def reference_folder(kinds: list[str] | None = None) -> Path | None:
+    """The folder of references written on a host of this kind (None when there is none)."""
+    return next((REFERENCES / kind for kind in kinds or host_kinds() if (REFERENCES / kind).is_dir()), None)
 SHARD_SIZE = "40KB"
 """Small enough that a tiny model's layers spread over several shards (and a layer over two)."""
 
@@ -71,10 +100,11 @@ if __name__ == "__main__":  # write the references (with the conversion of the t
     from spikecompile.cli import cli
 
     os.environ["SOURCE_DATE_EPOCH"] = "0"
-    REFERENCES.mkdir(parents=True, exist_ok=True)
+    folder = REFERENCES / host_kinds()[0]
+    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for case in CASES:
-            folder, text = save_case(case, Path(scratch))
-            shards = sorted(path.name for path in folder.glob("*.safetensors"))
-            result = CliRunner().invoke(cli, convert_arguments(case, folder, text, REFERENCES / f"{case}.pt"))
+            model, text = save_case(case, Path(scratch))
+            shards = sorted(path.name for path in model.glob("*.safetensors"))
+            result = CliRunner().invoke(cli, convert_arguments(case, model, text, folder / f"{case}.pt"))
             print(case, result.exit_code, len(shards), "shards", result.output.strip()[-200:], file=sys.stderr)
