@@ -44,6 +44,8 @@ def _identity(path: str) -> tuple | None:
     return status.st_ino, status.st_mtime_ns
 
 
+NOTES = "spikecompile.notes"
+"""ctx.meta key: notes a command prints on stderr once it has succeeded"""
 PARALLEL_COMMANDS = ("convert",)
 """the commands that run data-parallel under torchrun (spikecompile.parallel)"""
 
@@ -64,6 +66,8 @@ class _Command(click.Command):
         try:
             value = super().invoke(ctx)
             check_not_interrupted()  # a signal whose exception Python swallowed (files.interrupt)
+            for note in ctx.meta.get(NOTES, []):
+                click.echo(f"note: {note}", err=True)
             return value
         except KeyboardInterrupt as interruption:
             _interrupted(interruption, untouched())
@@ -113,11 +117,12 @@ def _placement_options(command):
 
 
 def _placement(device: str, dtype: str):
-    """devices.resolve_placement, with a note on stderr when the CPU would emulate the dtype's matrix products."""
+    """devices.resolve_placement; where the CPU emulates the dtype's matrix products, a note for the end of the
+    command (_Command.invoke prints it after a success: an error stays one line)."""
     placement = resolve_placement(device, dtype)
     note = slow_dtype_note(placement)
     if note and os.environ.get("RANK", "0") == "0":  # under torchrun: once
-        click.echo(f"note: {note}", err=True)
+        click.get_current_context().meta.setdefault(NOTES, []).append(note)
     return placement
 
 

@@ -8,7 +8,8 @@ The bits depend on the host's float kernels: torch's own follow its CPU capabili
 (on an AMD EPYC they round otherwise than on the host that wrote the first set, though both run torch 2.13.0). So
 each set lies in a folder named for the host kind that wrote it (reference_folder): `avx512`, the first set (its
 host ran torch's AVX512 kernels, as CI's capability runs show, which skipped avx512 as the native one; the vendor was
-not recorded), and `AuthenticAMD-avx2`, an AVX2-only AMD EPYC. To write a
+not recorded; there a weight's alignment did not change the bits), and `AuthenticAMD-avx2`, an AVX2-only AMD EPYC,
+written with the weights 64-byte aligned as the streamed conversion holds them (the __main__ below). To write a
 set for another kind of host, run this file with the in-memory code on it:
 
     git worktree add /tmp/inmem c4db4dd^
@@ -99,6 +100,22 @@ if __name__ == "__main__":  # write the references (with the conversion of the t
 
     from spikecompile.cli import cli
 
+    from transformers import AutoModelForCausalLM
+
+    # The streamed conversion aligns every weight it reads (loading.aligned); from_pretrained leaves them in the
+    # file's buffer, wherever the safetensors header ends. Where a kernel rounds by alignment (AMD EPYC's one-token
+    # linears) that alone changes the bits, so the references are written with aligned weights too.
+    from_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def aligned_from_pretrained(cls, *args, **kwargs):
+        model = from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.data_ptr() % 64:
+                    parameter.data = parameter.data.clone()
+        return model
+
+    AutoModelForCausalLM.from_pretrained = classmethod(aligned_from_pretrained)
     os.environ["SOURCE_DATE_EPOCH"] = "0"
     folder = REFERENCES / host_kinds()[0]
     folder.mkdir(parents=True, exist_ok=True)
