@@ -317,6 +317,11 @@ def _load_pretrained(source: ModelSource, folder: Path, extra: dict, dtype, prog
             raise SpikecompileError(f"{source.path}: could not load the model ({_describe(error)})") from None
     if type(model).__name__ not in SUPPORTED_MODEL_TYPES.values():
         raise SpikecompileError(f"{source.path}: loaded {type(model).__name__}, which is not a LLaMA-family model")
+    import torch
+
+    with torch.no_grad():  # as SourceWeights.read holds them (aligned): the same bits, layer by layer or whole
+        for parameter in model.parameters():  # tied ones once: one Parameter
+            parameter.data = aligned(parameter.data)
     return model.eval(), tokenizer
 
 
