@@ -86,6 +86,27 @@ def save_case(name: str, root: Path) -> tuple[Path, Path]:
     return folder, text
 
 
+def convert_stopped_after_layer_0(folder: Path, text: Path, output: Path) -> None:
+    """A case's conversion with convert_arguments' options, interrupted (as by SIGTERM) once layer 0 is
+    checkpointed: OUTPUT.checkpoint is left for --resume."""
+    import signal
+
+    from spikecompile.conversion.convert import ConvertOptions, convert
+    from spikecompile.errors import Interrupted
+
+    def stop(index):
+        if index == 0:
+            raise Interrupted(signal.SIGTERM)
+
+    options = ConvertOptions(timesteps=6, grains=2, calib=str(text), calib_windows=2, calib_seqlen=64,
+                             samples_per_site=512)
+    try:
+        convert(str(folder), str(output), options, progress=False, on_layer=stop)
+    except Interrupted:
+        return
+    raise AssertionError("the conversion ran to its end: it was to stop after layer 0")
+
+
 def convert_arguments(name: str, folder: Path, text: Path, output: Path) -> list[str]:
     return ["convert", str(folder), "-o", str(output), "-T", "6", "-n", "2", "--calib", str(text), *FAST_CONVERT,
             *CASES[name][1]]

@@ -3,7 +3,6 @@ several CPU processes joined by gloo writes the one process's model.pt, byte for
 checkpoint; what it cannot run is one line."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,12 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 from conftest import requires_smollm2
-from stream_cases import convert_arguments, save_case
+from stream_cases import convert_arguments, convert_stopped_after_layer_0, save_case
 
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import ConvertOptions, convert
 from spikecompile.conversion.sites import SampleRecorder
-from spikecompile.errors import Interrupted, SpikecompileError
+from spikecompile.errors import SpikecompileError
 from spikecompile.parallel import Ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,15 +81,7 @@ def test_a_conversion_stopped_in_one_process_resumes_in_two(tmp_path, monkeypatc
     whole, output = tmp_path / "whole" / "model.pt", tmp_path / "model.pt"
     whole.parent.mkdir()
     _one_process(convert_arguments("llama_tied", folder, text, whole), monkeypatch)
-
-    def stop(index):
-        if index == 0:
-            raise Interrupted(signal.SIGTERM)
-
-    options = ConvertOptions(timesteps=6, grains=2, calib=str(text), calib_windows=2, calib_seqlen=64,
-                             samples_per_site=512)
-    with pytest.raises(Interrupted):
-        convert(str(folder), str(output), options, progress=False, on_layer=stop)
+    convert_stopped_after_layer_0(folder, text, output)
     result = _torchrun(2, [*convert_arguments("llama_tied", folder, text, output), "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert output.read_bytes() == whole.read_bytes()

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from stream_cases import CASES, convert_arguments, host_kinds, reference_folder, save_case
+from stream_cases import (CASES, convert_arguments, convert_stopped_after_layer_0, host_kinds, reference_folder,
+                          save_case)
 
 from spikecompile.cli import cli
 from spikecompile.conversion.convert import ConvertOptions, convert
@@ -96,15 +97,7 @@ def test_resume_after_an_interruption_after_layer_0_gives_the_identical_model_pt
     resume with it (after an out-of-memory stop, the point of the option), to the same bytes."""
     folder, text, whole = three_layers
     output = tmp_path / "model.pt"
-
-    def stop(index):
-        if index == 0:
-            raise Interrupted(signal.SIGTERM)
-
-    options = ConvertOptions(timesteps=6, grains=2, calib=str(text), calib_windows=2, calib_seqlen=64,
-                             samples_per_site=512)
-    with pytest.raises(Interrupted):
-        convert(str(folder), str(output), options, progress=False, on_layer=stop)
+    convert_stopped_after_layer_0(folder, text, output)
     state = torch.load(Path(f"{output}.checkpoint") / "state.pt", weights_only=True)
     assert state["after_layer"] == 0 and len(state["names"]) == 9 and not output.exists()
     result = _convert([*convert_arguments("llama_tied", folder, text, output), "--resume", *resume_options],
