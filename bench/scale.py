@@ -135,15 +135,9 @@ def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfl
     return figures
 
 
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
 def main() -> None:
+    from spikecompile.devices import cpu_info
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs=2, default=[2, 4], help="two depths (default 2 4; the issue: 4 8)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the models are written (default: a temp dir)")
@@ -195,7 +189,7 @@ def main() -> None:
     fixed = low["wall_s"] - per_layer * low["layers"]
     summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape],
                "convert": " ".join([*CONVERT, "--dtype", arguments.dtype]), "device": "cpu",
-               "cpu": _cpu_model(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "cpu": cpu_info("model name") or "unknown", "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "torch_threads": torch.get_num_threads(), "repeats": arguments.repeats,
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
                "layer_loop_ratio": high["layer_loop_s"] / low["layer_loop_s"],

@@ -21,7 +21,7 @@ from .backends import BY_TARGET, TARGETS, Option
 from .devices import DEVICES, DTYPES, part_memory_bytes, peak_memory_mb, resolve_placement, slow_dtype_note
 from .errors import Interrupted, SpikecompileError
 from .files import atomic_folder, atomic_write, check_not_interrupted, check_output_folder, check_writable, interrupt
-from .parallel import launched_ranks
+from .parallel import launched_rank, launched_ranks, launched_world_size
 
 OUTPUT_PARAMS = ("output", "json_path", "draw_path")
 """The parameters that name what a command writes (a message after an interruption names those left untouched)."""
@@ -54,8 +54,8 @@ class _Command(click.Command):
     """A command that ends an interruption with one line naming the outputs it left as they were."""
 
     def invoke(self, ctx):
-        if ctx.command.name not in PARALLEL_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise SpikecompileError(f"{ctx.command_path}: runs in one process (WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+        if ctx.command.name not in PARALLEL_COMMANDS and launched_world_size() > 1:
+            raise SpikecompileError(f"{ctx.command_path}: runs in one process (WORLD_SIZE={launched_world_size()}: "
                                     f"started by torchrun?); only convert runs data-parallel; start it without torchrun")
         outputs = [ctx.params[name] for name in OUTPUT_PARAMS if ctx.params.get(name)]
         before = {path: _identity(path) for path in outputs}
@@ -121,7 +121,7 @@ def _placement(device: str, dtype: str):
     command (_Command.invoke prints it after a success: an error stays one line)."""
     placement = resolve_placement(device, dtype)
     note = slow_dtype_note(placement)
-    if note and os.environ.get("RANK", "0") == "0":  # under torchrun: once
+    if note and launched_rank() == 0:  # under torchrun: once
         click.get_current_context().meta.setdefault(NOTES, []).append(note)
     return placement
 

@@ -86,7 +86,7 @@ def slow_dtype_note(placement: Placement, cpu_flags: set[str] | None = None) -> 
     native = NATIVE_CPU_FLAGS.get(placement.dtype)
     if placement.device != "cpu" or native is None:
         return None
-    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    flags = cpu_flags if cpu_flags is not None else set(cpu_info("flags").split())
     if not flags or "avx2" not in flags or any(flag in flags for flag in native):
         return None
     return (f"--dtype {placement.dtype}: this CPU has no {' or '.join(native)}, so its {placement.dtype} matrix "
@@ -94,15 +94,18 @@ def slow_dtype_note(placement: Placement, cpu_flags: set[str] | None = None) -> 
             f"one layer's weights in float32: twice the memory)")
 
 
-def _cpu_flags() -> set[str]:
+def cpu_info(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("flags", "vendor_id", "model name"); "" where there is none (another
+    OS, or an architecture that names its fields otherwise)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return ""
 
 
 def dtype_problem(device: str, dtype) -> str | None:

@@ -50,11 +50,21 @@ class Ranks:
             dist.barrier()
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started (its WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank among them (torchrun's RANK; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_ranks(device: str) -> Ranks:
     """The Ranks torchrun's environment gives (one process when WORLD_SIZE is absent or 1), with the process group
     joined: NCCL on CUDA, where this process takes GPU LOCAL_RANK, else gloo. SpikecompileError (one line) when the
     environment is incomplete or the node has fewer GPUs than processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world == 1:
         return Ranks()
     missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -64,7 +74,7 @@ def launched_ranks(device: str) -> Ranks:
     import torch
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank, local_rank = launched_rank(), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise SpikecompileError(f"torchrun process {local_rank} on this node: only {torch.cuda.device_count()} "

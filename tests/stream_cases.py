@@ -27,14 +27,10 @@ REFERENCES = Path(__file__).parent / "data" / "stream_reference"
 def host_kinds() -> list[str]:
     """This host's kind as a reference folder may name it, the most specific first: "<CPU vendor>-<torch's CPU
     capability>", then the capability alone."""
+    from spikecompile.devices import cpu_info
+
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    vendor = "unknown"
-    try:
-        vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("vendor_id")), vendor)
-    except OSError:
-        pass
-    return [f"{vendor}-{capability}", capability]
+    return [f"{cpu_info('vendor_id') or 'unknown'}-{capability}", capability]
 
 
 def reference_folder(kinds: list[str] | None = None) -> Path | None:
