@@ -343,3 +343,42 @@ def test_late_spike_masking_bitwise_equal_to_the_reference(signed, dtype, budget
 def test_mask_steps_below_one_is_refused():
     with pytest.raises(ValueError, match="mask_steps must be at least 1"):
         kernel.fire(torch.ones(3), params_for(4), mask_steps=0)
+
+
+LANE_WIDTHS = {16: ["-march=x86-64"], 32: ["-march=x86-64", "-mavx2"], 64: ["-march=x86-64", "-mavx512f"]}
+"""Vector bytes (kernel.cpp's VECTOR_BYTES) and the x86 flags that select them; -march=native picks one of these."""
+
+
+@pytest.mark.parametrize("vector_bytes", sorted(LANE_WIDTHS))
+def test_every_lane_width_is_the_reference(vector_bytes, monkeypatch, tmp_path):
+    """The kernel built for 16-, 32- and 64-byte vectors (as the CPU it runs on picks: SSE2, AVX2, AVX-512) gives the
+    reference's bits: the lane count changes no result, only the speed. Each width runs where this CPU can run it."""
+    import ctypes
+    import platform
+    import shutil
+
+    from spikecompile.devices import cpu_info
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the lane widths are chosen by x86 flags; this is not an x86-64 CPU")
+    needed = {32: "avx2", 64: "avx512f"}.get(vector_bytes)
+    if needed and needed not in cpu_info("flags").split():
+        pytest.skip(f"this CPU has no {needed}: a {vector_bytes}-byte build cannot run here")
+    compiler = shutil.which("g++") or shutil.which("c++")
+    path = tmp_path / "neuron.so"
+    error = kernel._build(compiler, kernel._FLAGS + LANE_WIDTHS[vector_bytes], path)
+    assert error is None, error
+    library = ctypes.CDLL(str(path))
+    for name in ("spikecompile_fire_f32", "spikecompile_fire_f64"):
+        getattr(library, name).restype = ctypes.c_int
+    monkeypatch.setitem(kernel._state, "library", library)
+    for dtype in (torch.float32, torch.float64):
+        for seed, (T, budget) in enumerate(((8, 0), (11, 3))):
+            params = params_for(T, n=2, v0=0.02, budget=budget, dtype=dtype, seed=seed)
+            x = values_around(params, dtype, seed=seed)
+            assert_matches_reference(x, params)
+            assert_matches_reference(x[: 37 * 13].reshape(37, 13), params)
+            signed = dataclasses.replace(params, signed_digits=True)
+            assert_bitwise(kernel.fire(x, signed, out=True).out, signed_reference(x, signed)[0])
+            masked = kernel.fire(x, params, spikes=True, mask_steps=2).spikes
+            assert torch.equal(masked, mask_late_spikes(reference(x, params)[1], 2))

@@ -30,6 +30,7 @@ holds). λ = 0 runs exactly the MSE fit.
 """
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,6 +53,8 @@ _FIELDS = tuple(f.name for f in fields(PhaseNeuronParams) if f.name != "signed_d
 # than one big batch). fit_sites runs them on one torch thread: a thread pool would only add a barrier
 # per op, which costs 10-100x when another process keeps the cores busy.
 CHUNK_ELEMENTS = 1 << 16
+_chunk_pool = threading.local()
+"""pool: the thread pool that runs _chunked's chunks in the thread that set it (fit_sites' own stages), else unset"""
 
 
 @contextmanager
@@ -184,8 +187,24 @@ def fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None = None,
     Runs on one torch thread (restored after): see CHUNK_ELEMENTS; Algorithm 1 on as many Python threads as the
     caller had torch threads, each fitting its own sites (_algorithm1_in_parallel).
     """
-    with _one_thread() as threads:
+    with _one_thread() as threads, _chunks_in_parallel(threads):
         return _fit_sites(samples, cfg, genotypes, progress, names, threads)
+
+
+@contextmanager
+def _chunks_in_parallel(workers: int):
+    """Inside the block, _chunked (called from this thread) runs its chunks on `workers` Python threads, each on one
+    torch thread: the chunks are independent and joined in order, so the result is the serial one bit for bit.
+    Algorithm 1's own threads (_algorithm1_in_parallel) see no pool and run their chunks in turn."""
+    if workers <= 1 or getattr(_chunk_pool, "pool", None) is not None:
+        yield
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        _chunk_pool.pool = pool
+        try:
+            yield
+        finally:
+            _chunk_pool.pool = None
 
 
 def _fit_sites(samples: Tensor, cfg: FitConfig, genotypes: Tensor | None, progress, names, workers: int) -> SiteFit:
@@ -527,8 +546,20 @@ def _take(value, index: tuple[Tensor, ...]):
 
 
 def _chunked(fn, batch_shape: tuple[int, ...], row_elements: int, *args) -> Tensor:
-    """fn applied to row chunks of args (tensors or neurons with leading batch_shape), reassembled."""
-    out = torch.cat([fn(*(_take(arg, index) for arg in args)) for index in _row_chunks(batch_shape, row_elements)])
+    """fn applied to row chunks of args (tensors or neurons with leading batch_shape), reassembled; on the threads of
+    _chunks_in_parallel where the caller set them."""
+    def run(index):
+        return fn(*(_take(arg, index) for arg in args))
+
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run_as_caller(index):  # grad and inference modes are per thread: a worker takes the caller's
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return run(index)
+
+    chunks, pool = _row_chunks(batch_shape, row_elements), getattr(_chunk_pool, "pool", None)
+    out = torch.cat(list(pool.map(run_as_caller, chunks)) if pool is not None and len(chunks) > 1
+                    else [run(index) for index in chunks])
     return out.reshape(*batch_shape, *out.shape[1:])
 
 

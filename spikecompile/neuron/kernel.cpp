@@ -248,8 +248,20 @@ template <typename F, typename I, int L, int U> static void fire(const Args<F> a
         return 0;                                                                                                    \
     }
 
-ENTRY(spikecompile_fire_f32, float, int32_t, 16, 4)
-ENTRY(spikecompile_fire_f64, double, int64_t, 8, 4)
+// Lanes per vector: the widest registers the target has. A wider vector type than the ISA's is lowered piecewise, and
+// GCC lowers the selects and compares of such a type badly (16 float lanes on an AVX2-only CPU ran 10x slower).
+// The lane count changes no result: every operation is elementwise, and the counts are integers.
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define VECTOR_BYTES 32
+#else
+#define VECTOR_BYTES 16
+#endif
+
+// Two int64 lanes are no fewer than four: GCC 12 stops with an internal error on their selects without SSE4.2.
+ENTRY(spikecompile_fire_f32, float, int32_t, VECTOR_BYTES / 4, 4)
+ENTRY(spikecompile_fire_f64, double, int64_t, VECTOR_BYTES >= 32 ? VECTOR_BYTES / 8 : 4, 4)
 
 // ---- the integer neuron of the Loihi 2 fixed-point run (passes/fixed_point.py) --------------------------------------
 // Per element, in one pass: u = rint(x·g) (g per position in the last dim, or one g), saturated to ±limit (counted);
