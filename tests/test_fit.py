@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from spikecompile.conversion import fit as fit_module
 from spikecompile.conversion.fit import FitConfig, fit_sites, lloyd_max_mse, quantizer_mse
 from spikecompile.neuron import base2_params, even_genotype
 
@@ -79,11 +80,13 @@ def test_fit_is_deterministic():
 
 
 @pytest.mark.parametrize("penalty", [0.0, 0.05])
-def test_fitting_on_several_threads_is_fitting_on_one(penalty):
-    """fit_sites runs Algorithm 1 on one Python thread per torch thread the caller has, each on its own sites: the
-    result is bit for bit the one-thread fit (with and without the spike penalty), and torch's thread count is the
-    caller's again afterwards."""
+def test_fitting_on_several_threads_is_fitting_on_one(penalty, monkeypatch):
+    """fit_sites runs Algorithm 1 on one Python thread per torch thread the caller has, each on its own sites, and its
+    other stages' row chunks on as many threads: the result is bit for bit the one-thread fit (with and without the
+    spike penalty), and torch's thread count is the caller's again afterwards."""
     samples = realistic_sites(seed=5)
+    monkeypatch.setattr(fit_module, "CHUNK_ELEMENTS", 2 * N)  # two sites a chunk: chunks for every thread
+    assert len(fit_module._row_chunks((len(samples),), samples.shape[-1])) == 5
     cfg = FitConfig(T=6, n_grains=2, rounds=2, hw_steps=4, base_steps=4, spike_penalty=penalty)
     threads = torch.get_num_threads()
     try:
@@ -96,7 +99,7 @@ def test_fitting_on_several_threads_is_fitting_on_one(penalty):
         torch.set_num_threads(threads)
     for name in ("tau", "genotype", "d", "h", "theta"):
         assert torch.equal(getattr(fits[1].params, name), getattr(fits[3].params, name))
-    assert torch.equal(fits[1].mse, fits[3].mse)
+    assert torch.equal(fits[1].mse, fits[3].mse) and torch.equal(fits[1].base2_mse, fits[3].base2_mse)
 
 
 def test_genotypes_are_respected():
