@@ -249,14 +249,17 @@ template <typename F, typename I, int L, int U> static void fire(const Args<F> a
     }
 
 // Lanes per vector: the widest registers the target has. A wider vector type than the ISA's is lowered piecewise, and
-// GCC lowers the selects and compares of such a type badly (16 float lanes on an AVX2-only CPU ran 10x slower).
+// GCC lowers the selects and compares of such a type badly (16 float lanes on an AVX2-only CPU ran 55x slower).
 // The lane count changes no result: every operation is elementwise, and the counts are integers.
+// -DVECTOR_BYTES=N sets it (the tests and bench/neuron_kernel.py build every width).
+#ifndef VECTOR_BYTES
 #if defined(__AVX512F__)
 #define VECTOR_BYTES 64
 #elif defined(__AVX__)
 #define VECTOR_BYTES 32
 #else
 #define VECTOR_BYTES 16
+#endif
 #endif
 
 // Two int64 lanes are no fewer than four: GCC 12 stops with an internal error on their selects without SSE4.2.

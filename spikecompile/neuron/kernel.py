@@ -27,7 +27,7 @@ Late-spike masking (mask_steps = m, the paper's D.7) keeps only the spikes at st
 spike (reference.mask_late_spikes): the potential runs as without it (and a budget K counts the spikes it encoded),
 but every output — x̂, planes, events, code and counts — sees only the kept spikes.
 
-The kernel is plain C++ (GCC vector extensions, OpenMP) built with the system compiler ($CXX or g++) into
+The kernel is plain C++ (GCC vector extensions as wide as the CPU's registers, OpenMP) built with the system compiler ($CXX or g++) into
 $SPIKECOMPILE_KERNEL_CACHE (default ~/.cache/spikecompile/kernels), keyed by source, flags, compiler and CPU;
 built once (about a second), then loaded. Without a compiler, or with SPIKECOMPILE_NO_KERNEL=1, fire() runs the
 eager reference (one warning); the reference also runs wherever the kernel does not apply: autograd, non-CPU
