@@ -169,7 +169,7 @@ def _write_json(path: str, payload: dict) -> None:
               help="sdllm: membrane clipping, the share of calibration values sent to a zero count (0: off).")
 @click.option("--sdllm-scales", default="static", show_default=True,
               help="sdllm: static (one fitted τ per site) or per-token (each token's min-max scale at run time, as "
-                   "SDLLM/QuaRot; eval/zeroshot only: no IR lowering).")
+                   "SDLLM/QuaRot; builds for sim, NIR and ONNX; Lava and the Loihi 2 mapping refuse it).")
 @click.option("--seed", default=0, show_default=True, help="Seed of rotation, sampling and fitting.")
 @click.option("--json", "json_path", default=None, help="Also write the conversion report as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
