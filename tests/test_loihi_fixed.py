@@ -289,11 +289,15 @@ def test_smollm2_lava_fixed_pt_equals_the_fixed_point_simulator(smollm2_t8_path,
 @pytest.mark.parametrize("code_peak, weight_bits, dtype", [(100, 8, torch.int32), (3000, 8, torch.int32),
                                                            (40000, 8, torch.float64), (3000, 12, torch.int32),
                                                            (2 ** 22, 12, torch.float64)])
-def test_integer_synapse_sums_are_exact(code_peak, weight_bits, dtype, monkeypatch):
-    """synapse_sums (int8 digit GEMMs through torch._int_mm, recombined in int32 when a bound allows, else float64)
-    equals 2m @ c in int64: one to three code digits, 8- and 12-bit mantissas, a bound past int32 (float64), no
-    rows, and with torch._int_mm refusing (the float64 GEMM of the same digits)."""
+@pytest.mark.parametrize("int8_gemm", [True, False])
+def test_integer_synapse_sums_are_exact(code_peak, weight_bits, dtype, int8_gemm, monkeypatch):
+    """synapse_sums (int8 digit GEMMs through torch._int_mm where it is the faster here, else float32 GEMMs of the same
+    digits; recombined in int32 when a bound allows, else float64) equals 2m @ c in int64: one to three code digits,
+    8- and 12-bit mantissas, a bound past int32 (float64), no rows, either GEMM, and with torch._int_mm refusing."""
+    from spikecompile.passes import fixed_point
     from spikecompile.passes.fixed_point import IntegerWeights, digit_count, signed_digits, synapse_sums
+
+    monkeypatch.setattr(fixed_point, "int8_gemm_is_fast", lambda: int8_gemm)
 
     generator = torch.Generator().manual_seed(code_peak)
     limit = 2 ** (weight_bits - 1)
@@ -315,3 +319,19 @@ def test_integer_synapse_sums_are_exact(code_peak, weight_bits, dtype, monkeypat
         raise RuntimeError("no int8 GEMM here")
     monkeypatch.setattr(torch, "_int_mm", refuse)
     assert torch.equal(synapse_sums(planes, peaks, weights).long(), expected)
+
+
+def test_int8_products_past_float32_are_float64():
+    """_int_mm's float fallback: float32 only while every partial sum is below 2^24 (then exact), float64 past it,
+    the same integers as int64 arithmetic either way."""
+    from spikecompile.passes.fixed_point import _int_mm, int8_gemm_is_fast
+
+    a = torch.full((3, 1100), 127, dtype=torch.int8)  # 1100·127·127 > 2^24: float32 would round the sum
+    b = torch.full((1100, 2), 127, dtype=torch.int8)
+    b[0, 1] = -128
+    expected = a.long() @ b.long()
+    assert torch.equal(_int_mm(a, b, peak=1100 * 127 * 128).long(), expected)
+    if not int8_gemm_is_fast():
+        assert _int_mm(a, b, peak=1100 * 127 * 128).dtype == torch.float64
+        assert _int_mm(a[:, :8], b[:8], peak=8 * 127 * 128).dtype == torch.float32
+    assert int8_gemm_is_fast() in (True, False) and int8_gemm_is_fast() is int8_gemm_is_fast()  # timed once
