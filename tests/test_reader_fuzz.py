@@ -409,6 +409,14 @@ def test_nir_manifest_with_a_field_of_the_wrong_type_is_refused(samples, tmp_pat
     refused(nir_read, folder, r"manifest\.json: steps\.2\.segment\.inputs: Input should be a valid (list|array)")
 
 
+@pytest.mark.parametrize("variant", [[], {"a": 1}, "other"])
+def test_nir_manifest_with_an_unknown_variant_is_refused(samples, tmp_path, variant):
+    """The long fuzz's finding: a list (unhashable) as the manifest's variant was a TypeError traceback."""
+    folder = copy_of(samples, "nir", tmp_path)
+    edit_json(folder / "manifest.json", lambda manifest: manifest.update(variant=variant))
+    refused(nir_read, folder, r"manifest\.json: variant .*; this spikecompile reads variants .*: export again$")
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:len(data) // 2], r"OSError: Unable to synchronously open file \(truncated file"),
     (lambda data: data.replace(b"HEAP", b"HEAQ", 1), r"(KeyError|RuntimeError): .*bad local heap signature"),

@@ -67,7 +67,7 @@ def open_export(folder: str | Path) -> Export:
         raise SpikecompileError(f"{folder}: no {MANIFEST_FILE}, so not a spikecompile NIR export (spikecompile "
                                 f"reads back only its own exports; a NIR file from another tool loads with nir.read)")
     manifest = read_document(folder / MANIFEST_FILE, "NIR manifest", FORMAT, FORMAT_VERSION, "export again")
-    if manifest.get("variant") not in VARIANTS:
+    if not isinstance(manifest.get("variant"), str) or manifest["variant"] not in VARIANTS:  # a list is unhashable
         raise SpikecompileError(f"{folder / MANIFEST_FILE}: variant {manifest.get('variant')!r}; this spikecompile "
                                 f"reads variants {', '.join(VARIANTS)}: export again")
     check_manifest((folder / MANIFEST_FILE).read_bytes(), folder / MANIFEST_FILE)
