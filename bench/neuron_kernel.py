@@ -15,9 +15,7 @@ import argparse
 import ctypes
 import dataclasses
 import json
-import os
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,15 +30,10 @@ WIDTHS = (16, 32, 64)
 
 
 def build(folder: Path, extra: list[str]) -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    path = folder / f"neuron{len(list(folder.iterdir()))}.so"
-    error = kernel._build(compiler, [*kernel._FLAGS, *kernel._TUNE, *kernel._OPENMP, *extra], path)
-    if error:
-        raise SystemExit(f"error: building the kernel failed: {error}")
-    library = ctypes.CDLL(str(path))
-    for name in ("spikecompile_fire_f32", "spikecompile_fire_f64"):
-        getattr(library, name).restype = ctypes.c_int
-    return library
+    try:
+        return kernel.build_variant(folder / f"neuron{len(list(folder.iterdir()))}.so", extra)
+    except RuntimeError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def timed(library, x: torch.Tensor, neuron, calls: int) -> tuple[float, torch.Tensor]:

@@ -7,7 +7,7 @@ prefix "."), then measures the perplexity on the first W windows × 512 tokens o
   * every site spiking (the frontier's row),
   * only the sites of one kind spiking, every other site off (the float value passes),
   * only the linear layers' inputs (attn_norm, o_proj_in, mlp_norm, down_proj_in, final_norm: what a W16A4
-    QuaRot model quantizes), and only the attention's sites (q, k, v, attn_probs), and only silu,
+    QuaRot model quantizes), and only the attention's sites (q, k, v, attn_probs),
 each as a ratio to the float model with the same prefix (the conversion's own cost) and to the ANN.
 Writes bench/results/sdllm_sites.json and .md.
 
@@ -64,9 +64,7 @@ def ablation(model: Path, windows: int) -> dict:
     with spiking.sites.all_off():
         prefixed = ppl(spiking.logits)
     result = {"ann_ppl": ppl(spiking.ann_logits), "prefixed_float_ppl": prefixed, "spiking": {}}
-    kinds = SITE_KINDS
-    for label, chosen in [("every site", kinds), *((kind, (kind,)) for kind in kinds),
-                          *GROUPS.items()]:
+    for label, chosen in [("every site", SITE_KINDS), *((kind, (kind,)) for kind in SITE_KINDS), *GROUPS.items()]:
         for name, site in spiking.sites.items():
             site.mode = "decoded" if name.split(".")[-1] in chosen else "off"
         value = ppl(spiking.logits)

@@ -4,7 +4,6 @@ thresholds, float32 and float64 (and promotion), odd shapes and layouts; and it 
 
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
@@ -352,16 +351,7 @@ def test_every_lane_width_is_the_reference(vector_bytes, monkeypatch, tmp_path):
     """The kernel built with 16-, 32- and 64-byte vectors (what -march=native picks on SSE2, AVX and AVX-512 CPUs;
     here forced with -DVECTOR_BYTES, so every width runs on this CPU) gives the reference's bits: the lane count
     changes no result, only the speed."""
-    import ctypes
-    import shutil
-
-    path = tmp_path / "neuron.so"
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    error = kernel._build(compiler, [*kernel._FLAGS, *kernel._TUNE, f"-DVECTOR_BYTES={vector_bytes}"], path)
-    assert error is None, error
-    library = ctypes.CDLL(str(path))
-    for name in ("spikecompile_fire_f32", "spikecompile_fire_f64"):
-        getattr(library, name).restype = ctypes.c_int
+    library = kernel.build_variant(tmp_path / "neuron.so", [f"-DVECTOR_BYTES={vector_bytes}"])
     monkeypatch.setitem(kernel._state, "library", library)
     for dtype in (torch.float32, torch.float64):
         for seed, (T, budget) in enumerate(((8, 0), (11, 3))):

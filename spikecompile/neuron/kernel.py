@@ -370,10 +370,38 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _load():
+ENTRY_POINTS = ("spikecompile_fire_f32", "spikecompile_fire_f64", "spikecompile_fire_fixed", "spikecompile_fire_fixed_i32")
+"""The library's functions; each returns an int status."""
+
+
+def _compiler() -> str:
+    """The C++ compiler ($CXX, else g++ or c++); RuntimeError when there is none."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler or not shutil.which(compiler):
         raise RuntimeError("no C++ compiler (set CXX or install g++)")
+    return compiler
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """The built library at `path`, loaded, its entry points declared to return int (OSError when it cannot load)."""
+    library = ctypes.CDLL(str(path))
+    for name in ENTRY_POINTS:
+        getattr(library, name).restype = ctypes.c_int
+    return library
+
+
+def build_variant(path: Path, extra_flags: list[str]) -> ctypes.CDLL:
+    """The kernel built as the package first tries to (-march=native, OpenMP) plus `extra_flags` (e.g.
+    -DVECTOR_BYTES=16), into `path`, and loaded: for the tests and benchmarks that compare builds (put it in
+    _state["library"] to run it). RuntimeError when it does not build."""
+    error = _build(_compiler(), [*_FLAGS, *_TUNE, *_OPENMP, *extra_flags], path)
+    if error:
+        raise RuntimeError(f"building the kernel failed: {error}")
+    return _open(path)
+
+
+def _load():
+    compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     attempts = [_FLAGS + _TUNE + _OPENMP, _FLAGS + _OPENMP, _FLAGS]
     failures = []
@@ -383,7 +411,7 @@ def _load():
         library = None
         if path.is_file():
             try:
-                library = ctypes.CDLL(str(path))
+                library = _open(path)
             except OSError:  # a damaged cache entry: build it again
                 path.unlink(missing_ok=True)
         if library is None:
@@ -393,10 +421,7 @@ def _load():
                 failures.append(error)
                 continue
             _state["compile_seconds"] = _state.get("compile_seconds", 0.0) + time.perf_counter() - start
-            library = ctypes.CDLL(str(path))
-        for name in ("spikecompile_fire_f32", "spikecompile_fire_f64", "spikecompile_fire_fixed",
-                     "spikecompile_fire_fixed_i32"):
-            getattr(library, name).restype = ctypes.c_int
+            library = _open(path)
         _state["path"] = path
         return library
     raise RuntimeError("building the kernel failed: " + " | ".join(failures)[-2000:])
