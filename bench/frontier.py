@@ -14,7 +14,11 @@ Each stage writes into out/frontier/ (model-<convert options>/: model.pt, eval.j
 skipped when its output is there, so an interrupted run continues where it stopped (delete a folder to measure
 it again).
 
-    PYTHONPATH=. python bench/frontier.py [--points "phase T=8" ...] [--windows 64] [--zeroshot "phase T=8"]
+    PYTHONPATH=. python bench/frontier.py [--points "phase T=8" ...] [--windows 64] [--zeroshot "phase T=8"] [--keep]
+
+--keep: the points already in bench/results/frontier/ that this run does not measure stay in it as they were
+measured (frontier.json's values, runs.json's settings), so a few new points join the set without the two hours
+of measuring the others again. Only points measured on the same windows and sequence length are kept.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ POINTS = {
     "phase T=8, mask 4": (["-T", "8"], ["--mask-steps", "4"]),
     "phase-sd T=8, λ=1": (["-T", "8", "--coding", "phase-sd", "--spike-penalty", "1"], []),
     "phase-sd λ=1, 1.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.5"], []),
+    "phase-sd λ=1, 2.2 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.2"], []),
+    "phase-sd λ=1, 2.45 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.45"], []),
     "sdllm T=8, per-token": (["-T", "8", "--coding", "sdllm", "--sdllm-scales", "per-token"], []),
     "sdllm T=8, static": (["-T", "8", "--coding", "sdllm"], []),
 }
@@ -105,6 +111,23 @@ def evaluate(files: dict, windows: int, seqlen: int) -> Path:
     return files["eval"]
 
 
+def kept_points(measuring: list[str], windows: int, seqlen: int) -> tuple[list, dict]:
+    """The measured points of bench/results/frontier/ that are not in `measuring`, and their runs.json entries;
+    none when those were measured on other windows or another sequence length."""
+    from dataclasses import fields
+
+    from spikecompile.backends.sim.frontier import FrontierPoint
+
+    document, runs = (json.loads((RESULTS / name).read_text()) for name in ("frontier.json", "runs.json"))
+    if (runs["windows"], runs["seqlen"]) != (windows, seqlen):
+        sys.exit(f"error: --keep: {RESULTS} was measured on {runs['windows']} x {runs['seqlen']} tokens, this run "
+                 f"on {windows} x {seqlen}; measure every point again without --keep")
+    names = {field.name for field in fields(FrontierPoint)}
+    points = [FrontierPoint(**{key: value for key, value in point.items() if key in names})
+              for point in document["points"] if point["source"] == "measured" and point["label"] not in measuring]
+    return points, {point.label: runs["points"][point.label] for point in points}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS), metavar="LABEL")
@@ -114,6 +137,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="an eval --json of a conversion of the same source with the same prefix (default: "
                              "evaluate the first point's model)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the points of bench/results/frontier/ that this run does not measure")
     args = parser.parse_args()
     for path in (CALIB, TEST, *TASKS.values()):
         if not path.is_file():
@@ -125,7 +150,8 @@ def main() -> None:
     from spikecompile.hardware.energy import load_target
 
     target = load_target("cmos45nm")
-    measured, extra, baseline = [], {}, args.baseline
+    measured, extra = kept_points(args.points, args.windows, args.seqlen) if args.keep else ([], {})
+    baseline = args.baseline
     for label in args.points:
         files = measure(label, args.windows, args.seqlen, label in args.zeroshot)
         try:  # the baselines depend on the source model and the prefix only: one eval serves them all

@@ -13,13 +13,19 @@ that version, right after this one on the same files, and the two times are comp
 Writes bench/results/scale.json.
 
     python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep] [--baseline DIR]
-                          [--dtype bfloat16|float32] [--repeats R]
+                          [--dtype bfloat16|float32] [--repeats R] [--device cpu|cuda] [--results FILE]
 
 --shape llama3-8b writes bench/results/scale_llama3_8b.json instead. --dtype float32 (convert's --dtype: the
 weights on disk stay bf16) appends _float32 to the file name: for a CPU whose bf16 matrix products are emulated
 (AVX2 without AVX512-BF16/AMX, where they run several times slower than float32). --repeats R converts the two depths
 alternately R times (4, 8, 4, 8, ...) and keeps each depth's fastest run: this machine's speed drifts by tens of
 percent over minutes, and alternating puts both depths through the same drift.
+
+--device cuda runs convert with --device cuda and appends _cuda to the file name. The report then also holds each
+run's peak GPU memory (convert's --json: torch's peak allocation) and the issue's GPU targets: the deepest run
+within 180 s (the issue's full 32 layers: `--depths 8 32`), and a peak GPU memory within one decoder layer's weights
+plus the activations plus 4 GiB (`gpu_memory_budget_mb`, how it is counted: gpu_memory_budget). bench/device_check.sh
+runs it on a lent GPU machine. --results FILE writes the report there instead.
 """
 
 from __future__ import annotations
@@ -113,7 +119,9 @@ def spikecompile_of(code: Path) -> tuple[list[str], dict]:
     `python -m` puts the working directory first on sys.path, so run from this checkout it imports this checkout's
     package whatever PYTHONPATH says (the baselines of earlier runs were this version). Exits if the import does not
     come from `code`. SOURCE_DATE_EPOCH: model.pt's creation time, so that two versions can write the same bytes."""
-    environment = {**os.environ, "PYTHONPATH": str(code), "SOURCE_DATE_EPOCH": "0"}
+    # code first; the rest of PYTHONPATH stays (a GPU machine's carried wheels: bench/device_check.sh)
+    path = os.pathsep.join([str(code), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    environment = {**os.environ, "PYTHONPATH": path, "SOURCE_DATE_EPOCH": "0"}
     found = subprocess.run([sys.executable, "-P", "-c", "import spikecompile; print(spikecompile.__file__)"],
                            env=environment, capture_output=True, text=True, check=True).stdout.strip()
     if not Path(found).resolve().is_relative_to(Path(code).resolve()):
@@ -121,13 +129,33 @@ def spikecompile_of(code: Path) -> tuple[list[str], dict]:
     return [sys.executable, "-P", "-m", "spikecompile"], environment
 
 
-def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfloat16") -> dict:
+GIB_MB = 1024
+WINDOWS, SEQLEN = 4, 512  # CONVERT's calibration windows and their length
+
+
+def gpu_memory_budget(shape: dict, dtype: str) -> dict:
+    """The issue's bound on a GPU conversion's peak memory, in MB: one decoder layer's weights (in the convert
+    dtype), the activations (the calibration windows' hidden states, which stay on the device, and one window's
+    widest transient: its MLP's gate, up and product rows), and 4 GiB for the rest (the CUDA context, the fitting's
+    site samples, the allocator's slack)."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    width = torch.finfo(getattr(torch, dtype)).bits // 8
+    layer = (2 * hidden * hidden + 2 * kv * hidden + 3 * inter * hidden + 2 * hidden) * width
+    activations = (WINDOWS * SEQLEN * hidden + 3 * SEQLEN * inter) * width
+    mb = 1 << 20
+    return {"layer_mb": layer / mb, "activations_mb": activations / mb, "headroom_mb": 4 * GIB_MB,
+            "gpu_memory_budget_mb": (layer + activations) / mb + 4 * GIB_MB}
+
+
+def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfloat16", device: str = "cpu") -> dict:
     """The CLI's convert of `folder` in its own process (with the spikecompile of checkout `code` when given): its
     --json report and wall time."""
     tag = "-baseline" if code else ""
     output, report = workdir / f"{folder.name}{tag}.pt", workdir / f"{folder.name}{tag}.json"
     prefix, environment = spikecompile_of(code or ROOT)
-    command = [*prefix, "convert", str(folder), "-o", str(output), "--json", str(report), *CONVERT, "--dtype", dtype]
+    command = [*prefix, "convert", str(folder), "-o", str(output), "--json", str(report), *CONVERT, "--dtype", dtype,
+               "--device", device]
     start = time.perf_counter()
     subprocess.run(command, check=True, env=environment)
     figures = json.loads(report.read_text())
@@ -146,7 +174,11 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier checkout to convert with, side by side")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="convert's --dtype")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the depths R times; keep each's fastest")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="convert's --device")
+    parser.add_argument("--results", type=Path, default=None, help="where the report goes (default: bench/results/)")
     arguments = parser.parse_args()
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: torch sees no CUDA device here")
     workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="scale-"))
     folders, written_s = {}, {}
     for depth in arguments.depths:
@@ -157,10 +189,12 @@ def main() -> None:
     runs = {}
     for repeat in range(arguments.repeats):
         for depth in arguments.depths:
-            figures = run(folders[depth], workdir, dtype=arguments.dtype)
+            figures = run(folders[depth], workdir, dtype=arguments.dtype, device=arguments.device)
             walls = [*runs.get(depth, {}).get("walls_s", []), figures["wall_s"]]
             print(f"{depth} layers (run {repeat + 1}): wall {figures['wall_s']:.1f} s, peak RSS "
-                  f"{figures['peak_rss_mb']:.0f} MB, per calibrated layer "
+                  f"{figures['peak_rss_mb']:.0f} MB, "
+                  + (f"peak GPU {figures['peak_gpu_mb']:.0f} MB, " if figures.get("peak_gpu_mb") is not None else "")
+                  + "per calibrated layer "
                   f"{sum(figures['layer_s']) / len(figures['layer_s']):.1f} s, stages "
                   + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in figures["timings_s"].items()),
                   flush=True)
@@ -169,14 +203,15 @@ def main() -> None:
                 continue
             runs[depth] = {"layers": depth, "write_model_s": written_s[depth], "wall_s": figures["wall_s"],
                            "walls_s": walls,
-                           "peak_rss_mb": figures["peak_rss_mb"], "timings_s": figures["timings_s"],
+                           "peak_rss_mb": figures["peak_rss_mb"], "peak_gpu_mb": figures.get("peak_gpu_mb"),
+                           "timings_s": figures["timings_s"],
                            "layer_s": figures["layer_s"], "prefix_layer_s": figures.get("prefix_layer_s", []),
                            "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"]),
                            "layer_loop_s": sum(figures["layer_s"]) + sum(figures.get("prefix_layer_s", []))}
     for depth in arguments.depths:
         folder = folders[depth]
         if arguments.baseline:
-            before = run(folder, workdir, arguments.baseline, arguments.dtype)
+            before = run(folder, workdir, arguments.baseline, arguments.dtype, arguments.device)
             runs[depth]["baseline"] = {"wall_s": before["wall_s"], "timings_s": before["timings_s"],
                                        "peak_rss_mb": before["peak_rss_mb"]}
             print(f"{depth} layers, baseline {arguments.baseline}: wall {before['wall_s']:.1f} s, stages "
@@ -188,13 +223,24 @@ def main() -> None:
     per_layer = (high["wall_s"] - low["wall_s"]) / (high["layers"] - low["layers"])
     fixed = low["wall_s"] - per_layer * low["layers"]
     summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape],
-               "convert": " ".join([*CONVERT, "--dtype", arguments.dtype]), "device": "cpu",
+               "convert": " ".join([*CONVERT, "--dtype", arguments.dtype, "--device", arguments.device]),
+               "device": arguments.device,
                "cpu": cpu_info("model name") or "unknown", "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "torch_threads": torch.get_num_threads(), "repeats": arguments.repeats,
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
                "layer_loop_ratio": high["layer_loop_s"] / low["layer_loop_s"],
                "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
                "peak_rss_mb_max": max(run["peak_rss_mb"] for run in runs.values()), "peak_rss_target_mb": 6144}
+    if arguments.device == "cuda":
+        budget = gpu_memory_budget(SHAPES[arguments.shape], arguments.dtype)
+        peak_gpu = max(run["peak_gpu_mb"] or 0.0 for run in runs.values())
+        summary.update({"gpu": torch.cuda.get_device_name(), **budget, "peak_gpu_mb_max": peak_gpu,
+                        "gpu_memory_within_budget": peak_gpu <= budget["gpu_memory_budget_mb"],
+                        "deepest_wall_s": high["wall_s"], "deepest_layers": high["layers"],
+                        "wall_target_s": 180.0, "within_wall_target": high["wall_s"] <= 180.0})
+        print(f"GPU {summary['gpu']}: {high['layers']} layers in {high['wall_s']:.1f} s (target 180 s), peak GPU "
+              f"memory {peak_gpu:.0f} MB (budget {budget['gpu_memory_budget_mb']:.0f} MB: one layer "
+              f"{budget['layer_mb']:.0f} + activations {budget['activations_mb']:.0f} + 4096)", flush=True)
     if arguments.baseline:
         walls = [runs[depth]["baseline"]["wall_s"] for depth in arguments.depths]
         summary["baseline"] = {"checkout": str(arguments.baseline), "depth_ratio": walls[1] / walls[0],
@@ -210,6 +256,9 @@ def main() -> None:
     results = RESULTS_OF[arguments.shape]
     if arguments.dtype != "bfloat16":
         results = results.with_name(f"{results.stem}_{arguments.dtype}.json")
+    if arguments.device != "cpu":
+        results = results.with_name(f"{results.stem}_{arguments.device}.json")
+    results = arguments.results or results
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import convert_tiny, synthetic_text
+from conftest import convert_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RATES = [f"--rate={kind}=0.1" for kind in

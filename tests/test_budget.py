@@ -1,7 +1,6 @@
 """Spike penalty in the fit and per-site timestep budgets (issue 16, items 1 and 3), on tiny random models."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from click.testing import CliRunner
 from conftest import FAST_CONVERT, convert_tiny, save_tiny_llama, synthetic_text
 from spikecompile import modelfile
 from spikecompile.cli import cli
-from spikecompile.conversion.budget import TIMESTEP_CHOICES, LinearCost, SiteCurves, allocate, site_curves
+from spikecompile.conversion.budget import TIMESTEP_CHOICES, LinearCost, allocate, site_curves
 from spikecompile.conversion.fit import FitConfig, fit_sites, spikes_per_activation
 
 BUDGET = 2.5  # ACs per ANN MAC: between T = 4 everywhere (about 1.6 on the tiny model) and T = 16

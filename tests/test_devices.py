@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import FAST_CONVERT, convert_tiny
+from conftest import convert_tiny
 from spikecompile.cli import cli
 from spikecompile.devices import (DTYPES, Placement, dtype_problem, peak_memory_mb, resolve_placement,
                                   slow_dtype_note)

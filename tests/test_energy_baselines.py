@@ -2,7 +2,6 @@
 tiny model's counts by hand, and shown by `build --target sim` and `report`."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -19,7 +19,7 @@ from spikecompile.conversion.fit import FitConfig, fit_sites, quantizer_mse
 from spikecompile.conversion.sites import install_sites
 from spikecompile.errors import SpikecompileError
 from spikecompile.frontend import trace
-from spikecompile.ir import Graph, PhaseNeuron, interpret, validate
+from spikecompile.ir import PhaseNeuron, interpret, validate
 from spikecompile.neuron import PhaseNeuronParams, base2_params, phase_quantize
 from spikecompile.passes import CompileInputs, PassContext, PassManager
 from spikecompile.passes.grains import AssignGrains

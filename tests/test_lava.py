@@ -18,7 +18,7 @@ from conftest import convert_tiny, requires_smollm2
 from test_budget_lowering import zoo_graph
 from test_loihi_fixed import EXACT, disagreements, exact_part
 from spikecompile.backends.lava import build_lava
-from spikecompile.backends.lava.emit import LOWERINGS, quantized_store, select_part
+from spikecompile.backends.lava.emit import LOWERINGS, select_part
 from spikecompile.backends.lava.runtime import compat
 
 from spikecompile.backends.sim.simulate import run

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spikecompile.data import BUILTIN, TextSource, load_text, token_windows
+from spikecompile.data import TextSource, token_windows
 from spikecompile.errors import SpikecompileError
 from spikecompile.evaluation import perplexity
 from spikecompile.files import atomic_write
