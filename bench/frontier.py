@@ -50,6 +50,7 @@ POINTS = {
     "phase-sd T=8, λ=1": (["-T", "8", "--coding", "phase-sd", "--spike-penalty", "1"], []),
     "phase-sd λ=1, 1.5 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "1.5"], []),
     "phase-sd λ=1, 2.2 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.2"], []),
+    "phase-sd λ=1, 2.3 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.3"], []),
     "phase-sd λ=1, 2.45 ACs/MAC": (["--coding", "phase-sd", "--spike-penalty", "1", "--spikes-per-mac", "2.45"], []),
     "sdllm T=8, per-token": (["-T", "8", "--coding", "sdllm", "--sdllm-scales", "per-token"], []),
     "sdllm T=8, static": (["-T", "8", "--coding", "sdllm"], []),
