@@ -154,3 +154,22 @@ def _with(**changes):
 def test_invalid_params_raise(changes, message):
     with pytest.raises(ValueError, match=message):
         PhaseNeuronParams(**_with(**changes))
+
+
+def test_derived_is_the_checked_neuron_with_its_changes():
+    params = random_params(batch=(5,), seed=3)
+    rows = torch.tensor([1, 3])
+    bases = {name: 1 + torch.exp(torch.full((5, 2), 0.1 * k)) for k, name in enumerate(("d", "h", "theta"))}
+    derived = params.derived(**bases)
+    checked = PhaseNeuronParams(tau=params.tau, genotype=params.genotype, v0=params.v0, max_spikes=params.max_spikes,
+                                **bases)
+    for name in ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes"):
+        assert torch.equal(getattr(derived, name), getattr(checked, name))
+    x = torch.randn(5, 64)
+    assert torch.equal(phase_quantize(x, derived), phase_quantize(x, checked))
+    sliced = params.derived(**{name: getattr(params, name)[rows]
+                               for name in ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")})
+    assert sliced.batch_shape == (2,) and torch.equal(sliced.theta, params.theta[rows])
+    assert params.derived().tau is params.tau  # nothing changed: the same tensors
+    with pytest.raises(TypeError, match="no fields"):
+        params.derived(bases=bases["d"])

@@ -418,7 +418,7 @@ def _algorithm1(magnitude: Tensor, start: PhaseNeuronParams, cfg: FitConfig,
     penalty = cfg.spike_penalty if reference is not None else 0.0
 
     def neuron(rows=slice(None), trained=()):
-        return replace(_take(start, rows), **{
+        return _take(start, rows).derived(**{
             name: 1 + torch.exp(raw[name][rows] if name in trained else raw[name][rows].detach()) for name in BASES})
 
     def objective(mse, spikes):
@@ -540,8 +540,7 @@ def _row_chunks(batch_shape: tuple[int, ...], row_elements: int) -> list[tuple[T
 def _take(value, index: tuple[Tensor, ...]):
     """value[index] of a tensor, or of every field of a neuron."""
     if isinstance(value, PhaseNeuronParams):
-        return PhaseNeuronParams(**{name: getattr(value, name)[index] for name in _FIELDS},
-                                 signed_digits=value.signed_digits)
+        return value.derived(**{name: getattr(value, name)[index] for name in _FIELDS})
     return value[index]
 
 
