@@ -207,9 +207,10 @@ def markdown(points: list[FrontierPoint], published: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-RATIO_CAP = 3.0
+RATIO_CAP = 1.3
 """Ratios above this are drawn at it, as ▲ with their value in the label: a coding that loses the model (a ratio
-of 1000) would otherwise squeeze every usable point into one line. The table and frontier.json keep the values."""
+of 1000), or one at twice the ANN's perplexity, would otherwise squeeze the points worth choosing (1.0 to about 1.2,
+where the published ones lie too) into one line. The table and frontier.json keep the values."""
 
 
 def frontier_figure(points: list[FrontierPoint], published: bool = True) -> Figure:
