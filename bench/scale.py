@@ -56,7 +56,8 @@ SHAPES = {
 """LLaMA-2-7B's and LLaMA-3.1-8B's shapes (GQA with 8 KV heads, a 128256 vocabulary, llama3 RoPE scaling); the depth of
 both is 32."""
 RESULTS_OF = {"llama2-7b": RESULTS, "llama3-8b": ROOT / "bench" / "results" / "scale_llama3_8b.json"}
-CONVERT = ("-T", "8", "--calib-windows", "4", "--calib-seqlen", "512", "--no-progress")
+WINDOWS, SEQLEN = 4, 512  # the calibration windows and their length
+CONVERT = ("-T", "8", "--calib-windows", str(WINDOWS), "--calib-seqlen", str(SEQLEN), "--no-progress")
 """convert's options, and --dtype (bench option, default bfloat16)"""
 
 
@@ -130,7 +131,7 @@ def spikecompile_of(code: Path) -> tuple[list[str], dict]:
 
 
 GIB_MB = 1024
-WINDOWS, SEQLEN = 4, 512  # CONVERT's calibration windows and their length
+GPU_WALL_TARGET_S = 180.0  # the issue's: a 7B-shaped model, all 32 layers, converted on one GPU
 
 
 def gpu_memory_budget(shape: dict, dtype: str) -> dict:
@@ -237,10 +238,11 @@ def main() -> None:
         summary.update({"gpu": torch.cuda.get_device_name(), **budget, "peak_gpu_mb_max": peak_gpu,
                         "gpu_memory_within_budget": peak_gpu <= budget["gpu_memory_budget_mb"],
                         "deepest_wall_s": high["wall_s"], "deepest_layers": high["layers"],
-                        "wall_target_s": 180.0, "within_wall_target": high["wall_s"] <= 180.0})
-        print(f"GPU {summary['gpu']}: {high['layers']} layers in {high['wall_s']:.1f} s (target 180 s), peak GPU "
-              f"memory {peak_gpu:.0f} MB (budget {budget['gpu_memory_budget_mb']:.0f} MB: one layer "
-              f"{budget['layer_mb']:.0f} + activations {budget['activations_mb']:.0f} + 4096)", flush=True)
+                        "wall_target_s": GPU_WALL_TARGET_S, "within_wall_target": high["wall_s"] <= GPU_WALL_TARGET_S})
+        print(f"GPU {summary['gpu']}: {high['layers']} layers in {high['wall_s']:.1f} s "
+              f"(target {GPU_WALL_TARGET_S:.0f} s), peak GPU memory {peak_gpu:.0f} MB "
+              f"(budget {budget['gpu_memory_budget_mb']:.0f} MB: one layer {budget['layer_mb']:.0f} "
+              f"+ activations {budget['activations_mb']:.0f} + 4096)", flush=True)
     if arguments.baseline:
         walls = [runs[depth]["baseline"]["wall_s"] for depth in arguments.depths]
         summary["baseline"] = {"checkout": str(arguments.baseline), "depth_ratio": walls[1] / walls[0],

@@ -163,12 +163,12 @@ def test_derived_is_the_checked_neuron_with_its_changes():
     derived = params.derived(**bases)
     checked = PhaseNeuronParams(tau=params.tau, genotype=params.genotype, v0=params.v0, max_spikes=params.max_spikes,
                                 **bases)
-    for name in ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes"):
+    tensors = ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")
+    for name in tensors:
         assert torch.equal(getattr(derived, name), getattr(checked, name))
     x = torch.randn(5, 64)
     assert torch.equal(phase_quantize(x, derived), phase_quantize(x, checked))
-    sliced = params.derived(**{name: getattr(params, name)[rows]
-                               for name in ("tau", "genotype", "d", "h", "theta", "v0", "max_spikes")})
+    sliced = params.derived(**{name: getattr(params, name)[rows] for name in tensors})
     assert sliced.batch_shape == (2,) and torch.equal(sliced.theta, params.theta[rows])
     assert params.derived().tau is params.tau  # nothing changed: the same tensors
     with pytest.raises(TypeError, match="no fields"):
