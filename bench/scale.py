@@ -122,7 +122,8 @@ def spikecompile_of(code: Path) -> tuple[list[str], dict]:
     come from `code`. SOURCE_DATE_EPOCH: model.pt's creation time, so that two versions can write the same bytes."""
     # code first; the rest of PYTHONPATH stays (a GPU machine's carried wheels: bench/device_check.sh)
     path = os.pathsep.join([str(code), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    environment = {**os.environ, "PYTHONPATH": path, "SOURCE_DATE_EPOCH": "0"}
+    # no cache: --repeats converts the same files again, and each run must scan for its prefix as a first one does
+    environment = {**os.environ, "PYTHONPATH": path, "SOURCE_DATE_EPOCH": "0", "SPIKECOMPILE_CACHE": "off"}
     found = subprocess.run([sys.executable, "-P", "-c", "import spikecompile; print(spikecompile.__file__)"],
                            env=environment, capture_output=True, text=True, check=True).stdout.strip()
     if not Path(found).resolve().is_relative_to(Path(code).resolve()):

@@ -203,7 +203,8 @@ def convert(model, output, timesteps, spike_penalty, energy_budget, spikes_per_m
                          cost_model=LedgerCost, part_memory=part_bytes, ranks=ranks)
     if report is None:  # a data-parallel rank other than 0: rank 0 reports
         return
-    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report.timings_s.items())
+    stages = ", ".join(f"{stage}{' (cached)' if stage == 'prefix' and report.prefix_cached else ''} {seconds:.1f} s"
+                       for stage, seconds in report.timings_s.items())
     steps = "per site (budget)" if options.budget else timesteps
     click.echo(f"wrote {report.output}: {report.sites} spike sites, T={steps}, coding={coding}, "
                f"rotate={rotate} ({stages}; peak RSS {report.peak_rss_mb:.0f} MB)")

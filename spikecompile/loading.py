@@ -331,14 +331,21 @@ CACHE_WEIGHTS = "model.safetensors"
 
 
 def cache_root() -> Path | None:
-    """The folder of dequantized GGUF copies: $SPIKECOMPILE_CACHE ("off": no cache), else
-    $XDG_CACHE_HOME/spikecompile/models (~/.cache/spikecompile/models)."""
+    """The folder of the conversion caches: $SPIKECOMPILE_CACHE ("off": no cache), else
+    $XDG_CACHE_HOME/spikecompile/models (~/.cache/spikecompile/models). It holds one dequantized copy per GGUF,
+    named by its sha256, and the prefix selections (prefix_cache_folder)."""
     chosen = os.environ.get(CACHE_ENV)
     if chosen == "off":
         return None
     if chosen:
         return Path(chosen).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spikecompile" / "models"
+
+
+def prefix_cache_folder() -> Path | None:
+    """Where conversions cache their prefix selections (conversion.prefix.SelectionCache), or None (no cache)."""
+    root = cache_root()
+    return None if root is None else root / "prefix-selections"
 
 
 def cache_entry(source: ModelSource) -> Path | None:

@@ -76,9 +76,10 @@ def test_default_model_pt_has_no_placement_record(tmp_path):
     assert "placement" not in record["conversion"]
 
 
-def test_bfloat16_convert_and_eval_on_the_cpu(tmp_path):
+def test_bfloat16_convert_and_eval_on_the_cpu(tmp_path, monkeypatch):
     """The float forward in bf16: the fit, the samples and model.pt stay fp32; eval reports placement and peak
     memory; the SNN/ANN ratio stays near 1 as in fp32."""
+    monkeypatch.setenv("SPIKECOMPILE_CACHE", "off")  # the prefix pass scans (a cached selection skips it)
     model_pt = convert_tiny(tmp_path, "bf16", "--dtype", "bfloat16", "--json", tmp_path / "convert.json")
     record = torch.load(model_pt, weights_only=True)
     assert record["conversion"]["placement"] == {"device": "cpu", "dtype": "bfloat16"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -18,7 +20,7 @@ from ..data import load_text, token_windows
 from ..devices import Placement, peak_memory_mb
 from ..errors import SpikecompileError
 from ..files import check_writable
-from ..loading import ModelSource, load_model, open_layered, resolve_source, verify_source
+from ..loading import ModelSource, load_model, open_layered, prefix_cache_folder, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
 from ..parallel import Ranks
@@ -27,7 +29,8 @@ from .budget import BUDGET_KINDS, TIMESTEP_CHOICES, allocate, next_token_loss, s
 from .checkpoint import Checkpoint
 from .codings import CODINGS, SDLLM_COUNT_BITS, SDLLM_SCALES, SIGNED_CODINGS, sdllm_steps, sdllm_unit
 from .fit import FITTED, FitConfig, SiteFit, fit_sites, lloyd_max_mse, spikes_per_activation
-from .prefix import OUTLIER_ETA, PrefixCache, anchor_candidates, outlier_mask, prefix_record, probe_windows
+from .prefix import (OUTLIER_ETA, PrefixCache, SelectionCache, anchor_candidates, outlier_mask, prefix_record,
+                     probe_windows)
 from .rotation import ResidualRotation, rotate_llama
 from .sites import SampleRecorder, SiteTable, SpikeSite, install_layer_sites, install_sites, site_name
 from .stream import LayerStream
@@ -151,6 +154,8 @@ class ConversionReport:
     """seconds per calibrated decoder layer (build, rotate, run every window, checkpoint), in this run"""
     prefix_layer_s: list = field(default_factory=list)
     """seconds per decoder layer of the prefix selection's scan (build, rotate, run every probe), in this run"""
+    prefix_cached: bool = False
+    """the prefix selection was read from the cache (prefix.SelectionCache), not scanned"""
 
 
 @dataclass
@@ -275,7 +280,8 @@ def convert(model_spec: str | None, output: str, options: ConvertOptions, progre
     return ConversionReport(output=str(output), sites=len(calibrated.names), timings_s=timings,
                             peak_rss_mb=peaks["peak_rss_mb"], peak_gpu_mb=peaks.get("peak_gpu_mb"),
                             placement=asdict(placement), layers=layers, layer_s=calibrated.layer_s,
-                            prefix_layer_s=timings.pop("prefix_layers", []))
+                            prefix_layer_s=timings.pop("prefix_layers", []),
+                            prefix_cached=timings.pop("prefix_cached", False))
 
 
 def _fit(calibrated: Calibrated, options: ConvertOptions, cost_model, progress: bool):
@@ -322,8 +328,14 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
         if not resumed.prefix_known:
             timings["prefix_layers"] = []
             if options.prefix == "auto":
-                prefix, embedded = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
-                                                          timings["prefix_layers"], ranks)
+                cache = _selection_cache(source, layered.tokenizer, windows, options, placement, ranks)
+                prefix = cache.read() if cache is not None else None
+                timings["prefix_cached"] = prefix is not None
+                if prefix is None:
+                    prefix, embedded = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
+                                                              timings["prefix_layers"], ranks)
+                    if cache is not None and ranks.is_main:
+                        cache.write(prefix)
             else:
                 prefix = None
             checkpoint.save_prefix(prefix)
@@ -341,6 +353,56 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
                                                 progress)
             timings["sensitivity"] = time.perf_counter() - start
     return calibrated, prefix, windows, stream.layers
+
+
+def _selection_cache(source: ModelSource, tokenizer, windows: list[torch.Tensor], options: ConvertOptions,
+                     placement: Placement, ranks: Ranks) -> SelectionCache | None:
+    """The prefix-selection cache entry of this conversion, or None: no cache ($SPIKECOMPILE_CACHE=off), or
+    several processes (they must all scan or all read, and another conversion may write the entry between)."""
+    folder = prefix_cache_folder()
+    if folder is None or ranks.world > 1:
+        return None
+    probe = hashlib.sha256()
+    for ids in probe_windows(windows):
+        probe.update(ids.cpu().numpy().tobytes())
+    fingerprint = {
+        "format": 1, "spikecompile_sources": _package_sources_sha256(), "torch": str(torch.__version__),
+        "transformers": _transformers_version(), "kernels": _kernels(placement.device),
+        "threads": torch.get_num_threads(), "placement": asdict(placement), "source_sha256": source.sha256,
+        "tokenizer_sha256": _tokenizer_sha256(tokenizer), "probe_sha256": probe.hexdigest(),
+        "rotate": options.rotate, "seed": options.seed, "weight_bits": options.weight_bits,
+    }
+    return SelectionCache(folder, fingerprint)
+
+
+@functools.cache
+def _package_sources_sha256() -> str:
+    """sha256 of this package's Python sources: a cached selection made by other code is never read."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, subfolders, names in sorted(os.walk(package, followlinks=True)):
+        subfolders.sort()
+        for name in sorted(names):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, package).encode())
+                with open(path, "rb") as source:
+                    digest.update(source.read())
+    return digest.hexdigest()
+
+
+def _kernels(device: str) -> str:
+    """The kernels the float forward runs on: the CPU capability ATen dispatches to, or the GPU and CUDA."""
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    """sha256 of the tokenizer's class, vocabulary and special tokens (an HF folder's sha256 covers only its
+    config and weights)."""
+    document = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens]
+    return hashlib.sha256(json.dumps(document).encode()).hexdigest()
 
 
 EMBEDDING_ALIAS = {"model.embed_tokens.weight": "lm_head.weight"}

@@ -11,16 +11,26 @@ Selection, on (the first two) calibration windows of the float model:
 The prefix is [anchor, frequent outlier tokens...] up to `max_tokens`. Its KV cache is computed once with
 every site off; the K and V sites still see it (it is part of the keys and values they code), as in the
 reference placement.
+
+The selection depends only on the float model and the probe windows, not on the coding, T or budget, so a
+conversion that differs from an earlier one only there reads the record the earlier one cached (SelectionCache)
+instead of scanning again: on SmolLM2 the scan is a third of the conversion.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from ..errors import SpikecompileError
+from ..files import atomic_write
+from ..modelschema import Prefix, fault
 
 OUTLIER_ETA = 64.0
 
@@ -111,3 +121,38 @@ class PrefixCache:
     def forward(self, model, ids: torch.Tensor) -> torch.Tensor:
         # Each call gets its own copy: the model appends the window's keys and values to the cache it is given.
         return model(ids, cache=copy.deepcopy(self.cache), use_cache=True).logits
+
+
+class SelectionCache:
+    """Prefix records cached by what the selection depends on: `fingerprint`, a JSON-able dict of everything that
+    can change its numbers (the source's and tokenizer's sha256, the probe windows' ids, the rotation, weight bits,
+    device, dtype, kernels, library versions and the code itself; convert._prefix_fingerprint). The file is
+    <folder>/<sha256 of the fingerprint>.json and holds the fingerprint beside the record: a file whose
+    fingerprint differs, that is not JSON or whose record is not a valid prefix is a miss, never an error, and is
+    written again; so is one that cannot be written (one line on the log)."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        key = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()
+        self.path = Path(folder) / f"{key}.json"
+
+    def read(self) -> dict | None:
+        """The cached record (the same values select_prefix_streamed returned), or None."""
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(document, dict) or document.get("fingerprint") != self.fingerprint:
+            return None
+        record = document.get("prefix")
+        if not isinstance(record, dict) or fault(Prefix, record) is not None:
+            return None
+        return record
+
+    def write(self, record: dict) -> None:
+        text = json.dumps({"fingerprint": self.fingerprint, "prefix": record}, indent=1) + "\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        except (OSError, SpikecompileError) as error:  # an optimisation only: the next conversion scans again
+            logging.getLogger("spikecompile").warning("prefix selection not cached: %s", error)

@@ -1,0 +1,95 @@
+"""SmolLM2 conversion time (issue 15's target: ≤ 45 s on this CPU), with the prefix selection scanned and read
+from its cache.
+
+`make demo`'s conversion (the embedded SmolLM2-135M-Instruct, -T 8) runs R times in each of two states, alternately
+(scan, cached, scan, cached, ...) so that both go through the same drift of a noisy machine, each in its own
+process:
+- scan: the prefix-selection cache is emptied first, so the conversion scans the probe windows (a first
+  conversion of this model with these options);
+- cached: the selection the previous run cached is read (a later conversion at another T, coding or budget).
+Both use one bench-owned cache folder whose dequantized-GGUF copy is made by a first, untimed conversion. A last
+conversion with the cache off (SPIKECOMPILE_CACHE=off: it dequantizes the GGUF again) checks that every model.pt
+is the same, byte for byte (SOURCE_DATE_EPOCH=0). Prints the table and writes
+bench/results/smollm2_convert_time.json.
+
+    python bench/smollm2_convert_time.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "smollm2_convert_time.json"
+TARGET_S = 45.0
+
+
+def convert(output: Path, cache: str) -> dict:
+    """One `convert -T 8` of the embedded model in its own process: wall seconds, its --json report."""
+    report = output.with_suffix(".json")
+    environment = {**os.environ, "SPIKECOMPILE_CACHE": cache, "SOURCE_DATE_EPOCH": "0"}
+    command = [sys.executable, "-m", "spikecompile", "convert", "-o", str(output), "-T", "8", "--no-progress",
+               "--json", str(report)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    figures = json.loads(report.read_text())
+    return {"wall_s": wall, "timings_s": figures["timings_s"], "peak_rss_mb": figures["peak_rss_mb"],
+            "prefix_cached": figures["prefix_cached"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each state (default 3)")
+    args = parser.parse_args()
+    runs: dict[str, list] = {"scan": [], "cached": []}
+    with tempfile.TemporaryDirectory(prefix="smollm2-time-") as scratch:
+        work, cache = Path(scratch), Path(scratch) / "cache"
+        first = convert(work / "first.pt", str(cache))  # makes the dequantized-GGUF copy (untimed)
+        outputs = [work / "first.pt"]
+        for repeat in range(args.repeats):
+            for state in ("scan", "cached"):
+                if state == "scan":
+                    shutil.rmtree(cache / "prefix-selections", ignore_errors=True)
+                output = work / f"{state}-{repeat}.pt"
+                run = convert(output, str(cache))
+                assert run["prefix_cached"] == (state == "cached"), run
+                runs[state].append(run)
+                outputs.append(output)
+                print(f"{state:<7} wall {run['wall_s']:6.1f} s  " +
+                      ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in run["timings_s"].items()) +
+                      f"  peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+        uncached = convert(work / "uncached.pt", "off")
+        outputs.append(work / "uncached.pt")
+        identical = all(filecmp.cmp(outputs[0], other, shallow=False) for other in outputs[1:])
+
+    summary = {state: {"fastest_wall_s": min(run["wall_s"] for run in chosen),
+                       "median_wall_s": statistics.median(run["wall_s"] for run in chosen),
+                       "median_peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in chosen)}
+               for state, chosen in runs.items()}
+    result = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, from its dequantized copy)",
+              "convert": "-T 8 (make demo's)", "cpu": platform.processor() or platform.machine(),
+              "target_s": TARGET_S, "repeats": args.repeats, "first_run": first, "runs": runs,
+              "uncached_run": uncached, "summary": summary, "model_pt_identical": identical}
+    print(f"\n{'state':<8}{'fastest s':>11}{'median s':>10}{'peak RSS MB':>13}")
+    for state, figures in summary.items():
+        print(f"{state:<8}{figures['fastest_wall_s']:>11.1f}{figures['median_wall_s']:>10.1f}"
+              f"{figures['median_peak_rss_mb']:>13.0f}")
+    print(f"every model.pt identical (scan, cached, cache off): {identical}; target ≤ {TARGET_S:.0f} s")
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
