@@ -13,13 +13,17 @@ that version, right after this one on the same files, and the two times are comp
 Writes bench/results/scale.json.
 
     python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep] [--baseline DIR]
-                          [--dtype bfloat16|float32] [--repeats R] [--device cpu|cuda] [--results FILE]
+                          [--dtype bfloat16|float32] [--repeats R] [--device cpu|cuda] [--results FILE] [--later]
 
 --shape llama3-8b writes bench/results/scale_llama3_8b.json instead. --dtype float32 (convert's --dtype: the
 weights on disk stay bf16) appends _float32 to the file name: for a CPU whose bf16 matrix products are emulated
 (AVX2 without AVX512-BF16/AMX, where they run several times slower than float32). --repeats R converts the two depths
 alternately R times (4, 8, 4, 8, ...) and keeps each depth's fastest run: this machine's speed drifts by tens of
 percent over minutes, and alternating puts both depths through the same drift.
+
+Every run scans for its prefix (SPIKECOMPILE_CACHE=off), as a first conversion of a model does. --later converts
+each depth once more after a run that cached its prefix selection, as a later conversion of the same model at
+another T, coding or budget does, and reports its time beside the first's (`later` in each run and in the summary).
 
 --device cuda runs convert with --device cuda and appends _cuda to the file name. The report then also holds each
 run's peak GPU memory (convert's --json: torch's peak allocation) and the issue's GPU targets: the deepest run
@@ -150,12 +154,15 @@ def gpu_memory_budget(shape: dict, dtype: str) -> dict:
             "gpu_memory_budget_mb": (layer + activations) / mb + 4 * GIB_MB}
 
 
-def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfloat16", device: str = "cpu") -> dict:
+def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfloat16", device: str = "cpu",
+        cache: Path | None = None) -> dict:
     """The CLI's convert of `folder` in its own process (with the spikecompile of checkout `code` when given): its
-    --json report and wall time."""
+    --json report and wall time. cache: the SPIKECOMPILE_CACHE folder (default: off)."""
     tag = "-baseline" if code else ""
     output, report = workdir / f"{folder.name}{tag}.pt", workdir / f"{folder.name}{tag}.json"
     prefix, environment = spikecompile_of(code or ROOT)
+    if cache is not None:
+        environment["SPIKECOMPILE_CACHE"] = str(cache)
     command = [*prefix, "convert", str(folder), "-o", str(output), "--json", str(report), *CONVERT, "--dtype", dtype,
                "--device", device]
     start = time.perf_counter()
@@ -178,6 +185,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate the depths R times; keep each's fastest")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="convert's --device")
     parser.add_argument("--results", type=Path, default=None, help="where the report goes (default: bench/results/)")
+    parser.add_argument("--later", action="store_true",
+                        help="convert each depth once more, reading the prefix selection its first run cached")
     arguments = parser.parse_args()
     if arguments.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda: torch sees no CUDA device here")
@@ -189,9 +198,12 @@ def main() -> None:
         write_model(folders[depth], depth, shape=arguments.shape)
         written_s[depth] = time.perf_counter() - started
     runs = {}
+    cache = workdir / "cache" if arguments.later else None
     for repeat in range(arguments.repeats):
         for depth in arguments.depths:
-            figures = run(folders[depth], workdir, dtype=arguments.dtype, device=arguments.device)
+            if cache is not None:  # every timed run scans, as a first conversion does, and caches its selection
+                subprocess.run(["rm", "-rf", str(cache)], check=True)
+            figures = run(folders[depth], workdir, dtype=arguments.dtype, device=arguments.device, cache=cache)
             walls = [*runs.get(depth, {}).get("walls_s", []), figures["wall_s"]]
             print(f"{depth} layers (run {repeat + 1}): wall {figures['wall_s']:.1f} s, peak RSS "
                   f"{figures['peak_rss_mb']:.0f} MB, "
@@ -212,6 +224,18 @@ def main() -> None:
                            "layer_loop_s": sum(figures["layer_s"]) + sum(figures.get("prefix_layer_s", []))}
     for depth in arguments.depths:
         folder = folders[depth]
+        if cache is not None:
+            subprocess.run(["rm", "-rf", str(cache)], check=True)
+            run(folder, workdir, dtype=arguments.dtype, device=arguments.device, cache=cache)  # caches, untimed
+            later = run(folder, workdir, dtype=arguments.dtype, device=arguments.device, cache=cache)
+            assert later["prefix_cached"], "the later conversion scanned: its prefix selection was not cached"
+            runs[depth]["later"] = {"wall_s": later["wall_s"], "timings_s": later["timings_s"],
+                                    "peak_rss_mb": later["peak_rss_mb"],
+                                    "speedup": runs[depth]["wall_s"] / later["wall_s"]}
+            print(f"{depth} layers, later conversion (prefix selection cached): wall {later['wall_s']:.1f} s, "
+                  f"peak RSS {later['peak_rss_mb']:.0f} MB, stages "
+                  + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in later["timings_s"].items()),
+                  flush=True)
         if arguments.baseline:
             before = run(folder, workdir, arguments.baseline, arguments.dtype, arguments.device)
             runs[depth]["baseline"] = {"wall_s": before["wall_s"], "timings_s": before["timings_s"],
@@ -244,6 +268,13 @@ def main() -> None:
               f"(target {GPU_WALL_TARGET_S:.0f} s), peak GPU memory {peak_gpu:.0f} MB "
               f"(budget {budget['gpu_memory_budget_mb']:.0f} MB: one layer {budget['layer_mb']:.0f} "
               f"+ activations {budget['activations_mb']:.0f} + 4096)", flush=True)
+    if cache is not None:
+        later_per_layer = (high["later"]["wall_s"] - low["later"]["wall_s"]) / (high["layers"] - low["layers"])
+        later_fixed = low["later"]["wall_s"] - later_per_layer * low["layers"]
+        summary["later"] = {"wall_s_per_layer": later_per_layer, "fixed_s": later_fixed,
+                            "extrapolated_32_layers_s": later_fixed + 32 * later_per_layer}
+        print(f"later conversions (prefix cached): {later_per_layer:.1f} s per layer, 32 layers ≈ "
+              f"{summary['later']['extrapolated_32_layers_s'] / 60:.1f} min", flush=True)
     if arguments.baseline:
         walls = [runs[depth]["baseline"]["wall_s"] for depth in arguments.depths]
         summary["baseline"] = {"checkout": str(arguments.baseline), "depth_ratio": walls[1] / walls[0],
