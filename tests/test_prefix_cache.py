@@ -40,6 +40,17 @@ def _entries(cache):
     return sorted((cache / "prefix-selections").glob("*.json"))
 
 
+@pytest.fixture
+def rotations(monkeypatch):
+    """Per embedding rotation, whether it was computed (True) or only recorded from kept rows (False)."""
+    from spikecompile.conversion.rotation import ResidualRotation
+
+    done, original = [], ResidualRotation.rotate_embedding
+    monkeypatch.setattr(ResidualRotation, "rotate_embedding",
+                        lambda self, embed, name: done.append(embed is not None) or original(self, embed, name))
+    return done
+
+
 def test_a_second_conversion_reads_the_selection_and_writes_the_same_model_pt(cache, tmp_path, monkeypatch):
     first, report = _convert(tmp_path, "first")
     assert not report["prefix_cached"] and len(report["prefix_layer_s"]) == 3
@@ -50,6 +61,23 @@ def test_a_second_conversion_reads_the_selection_and_writes_the_same_model_pt(ca
     monkeypatch.setenv("SPIKECOMPILE_CACHE", "off")  # and both equal the conversion without any cache
     uncached, report = _convert(tmp_path, "uncached")
     assert not report["prefix_cached"] and uncached == first
+
+
+def test_the_embedding_rows_come_from_the_cache_too(cache, tmp_path, rotations):
+    first, _ = _convert(tmp_path, "first")
+    assert rotations == [True, False]  # the scan rotated it; the calibration used its rows
+    assert len(list((cache / "prefix-selections").glob("*.rows.safetensors"))) == 1
+    rotations.clear()
+    second, report = _convert(tmp_path, "second")
+    assert report["prefix_cached"] and rotations == [False] and second == first  # rows read back: no rotation
+    [rows] = (cache / "prefix-selections").glob("*.rows.safetensors")
+    rows.write_bytes(rows.read_bytes()[:-8] + bytes(8))  # damaged: the record is still read, the rows are not
+    rotations.clear()
+    third, report = _convert(tmp_path, "third")
+    assert report["prefix_cached"] and rotations == [True] and third == first
+    rotations.clear()
+    _, report = _convert(tmp_path, "more", "--calib-windows", "4")  # the kept rows do not cover the new windows
+    assert report["prefix_cached"] and rotations == [True]
 
 
 def test_another_coding_and_t_reuse_the_selection(cache, tmp_path):
@@ -112,6 +140,11 @@ def test_the_entry_name_is_the_fingerprint_s_hash(tmp_path):
     assert a.path == b.path != c.path
     record = {"token_ids": [5], "tokens": ["."], "eta": 64.0, "outlier_counts": {},
               "anchor_scores": {".": {"outlier_tokens": 0, "nll": 2.5}}}
-    assert a.read() is None
-    a.write(record)
-    assert b.read() == record and c.read() is None
+    rows = {"token_ids": torch.tensor([2, 5, 9]), "rows": torch.randn(3, 8, dtype=torch.bfloat16)}
+    assert a.read() == (None, None)
+    a.write(record, rows)
+    read, kept = b.read(8, torch.bfloat16)
+    assert read == record and kept.keys() == rows.keys()
+    assert all(torch.equal(kept[name], rows[name]) and kept[name].dtype == rows[name].dtype for name in rows)
+    assert b.read(16, torch.bfloat16) == (record, None) and b.read(8, torch.float32) == (record, None)
+    assert c.read() == (None, None)

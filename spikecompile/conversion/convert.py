@@ -329,13 +329,15 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
             timings["prefix_layers"] = []
             if options.prefix == "auto":
                 cache = _selection_cache(source, layered.tokenizer, windows, options, placement, ranks)
-                prefix = cache.read() if cache is not None else None
+                prefix, rows = cache.read(stream.config.hidden_size, placement.torch_dtype) if cache else (None, None)
                 timings["prefix_cached"] = prefix is not None
+                if rows is not None:
+                    embedded = EmbeddedRows.of(rows["token_ids"].to(placement.device), rows["rows"].to(placement.device))
                 if prefix is None:
                     prefix, embedded = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
                                                               timings["prefix_layers"], ranks)
-                    if cache is not None and ranks.is_main:
-                        cache.write(prefix)
+                    if cache is not None:
+                        cache.write(prefix, {"token_ids": embedded.token_ids, "rows": embedded.rows})
             else:
                 prefix = None
             checkpoint.save_prefix(prefix)
@@ -456,6 +458,13 @@ class EmbeddedRows:
         self.token_ids = torch.unique(token_ids.flatten())  # sorted
         with torch.inference_mode():
             self.rows = embedding(self.token_ids)
+
+    @classmethod
+    def of(cls, token_ids: torch.Tensor, rows: torch.Tensor) -> EmbeddedRows:
+        """Rows kept before (prefix.SelectionCache): token_ids sorted and unique, rows[i] the row of token_ids[i]."""
+        kept = cls.__new__(cls)
+        kept.token_ids, kept.rows = token_ids, rows
+        return kept
 
     def covers(self, ids: torch.Tensor) -> bool:
         return bool(torch.isin(ids.to(self.token_ids.device), self.token_ids).all())

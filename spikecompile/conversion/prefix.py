@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SpikecompileError
-from ..files import atomic_write
+from ..files import atomic_write, file_sha256
 from ..modelschema import Prefix, fault
 
 OUTLIER_ETA = 64.0
@@ -126,33 +126,67 @@ class PrefixCache:
 class SelectionCache:
     """Prefix records cached by what the selection depends on: `fingerprint`, a JSON-able dict of everything that
     can change its numbers (the source's and tokenizer's sha256, the probe windows' ids, the rotation, weight bits,
-    device, dtype, kernels, library versions and the code itself; convert._prefix_fingerprint). The file is
-    <folder>/<sha256 of the fingerprint>.json and holds the fingerprint beside the record: a file whose
-    fingerprint differs, that is not JSON or whose record is not a valid prefix is a miss, never an error, and is
-    written again; so is one that cannot be written (one line on the log)."""
+    device, dtype, kernels, library versions and the code itself; convert._selection_cache). The entry is
+    <folder>/<sha256 of the fingerprint>.json, holding the fingerprint beside the record, and optionally a
+    <same>.rows.safetensors of the rotated embedding's rows that the scan built ({token_ids, rows}: the calibration
+    then need not build and rotate the whole embedding again), named with its sha256 in the JSON. A JSON file
+    whose fingerprint differs, that is not JSON or whose record is not a valid prefix is a miss, never an error, and
+    is written again; rows that fail their sha256 or shape are not used. One that cannot be written is one line on
+    the log."""
+
+    ROWS_LIMIT_BYTES = 256 << 20
+    """Rows are cached up to this size (2048 tokens of a 8192-wide model in float32 are 64 MiB)."""
 
     def __init__(self, folder: Path, fingerprint: dict):
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         key = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()
         self.path = Path(folder) / f"{key}.json"
+        self.rows_path = Path(folder) / f"{key}.rows.safetensors"
 
-    def read(self) -> dict | None:
-        """The cached record (the same values select_prefix_streamed returned), or None."""
+    def read(self, width: int | None = None, dtype: torch.dtype | None = None) -> tuple[dict | None, dict | None]:
+        """(the cached record or None, its embedding rows {token_ids, rows} or None). width, dtype: what the rows
+        must be (the model's hidden size and the placement's dtype)."""
         try:
             document = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
+            return None, None
         if not isinstance(document, dict) or document.get("fingerprint") != self.fingerprint:
-            return None
+            return None, None
         record = document.get("prefix")
         if not isinstance(record, dict) or fault(Prefix, record) is not None:
-            return None
-        return record
+            return None, None
+        return record, self._rows(document.get("rows_sha256"), width, dtype)
 
-    def write(self, record: dict) -> None:
-        text = json.dumps({"fingerprint": self.fingerprint, "prefix": record}, indent=1) + "\n"
+    def _rows(self, sha256, width: int | None, dtype: torch.dtype | None) -> dict | None:
+        if not isinstance(sha256, str):
+            return None
+        try:
+            if file_sha256(self.rows_path) != sha256:
+                return None
+            from safetensors.torch import load_file
+
+            tensors = load_file(self.rows_path)
+        except (OSError, ValueError, RuntimeError):
+            return None
+        token_ids, rows = tensors.get("token_ids"), tensors.get("rows")
+        if (token_ids is None or rows is None or token_ids.dtype != torch.int64 or token_ids.dim() != 1
+                or rows.dim() != 2 or rows.shape[0] != token_ids.numel() or (width and rows.shape[1] != width)
+                or (dtype and rows.dtype != dtype) or not bool((token_ids[1:] > token_ids[:-1]).all())):
+            return None
+        return {"token_ids": token_ids, "rows": rows}
+
+    def write(self, record: dict, rows: dict | None = None) -> None:
+        """Cache the record, and the embedding rows {token_ids (sorted), rows} when given and not too large."""
+        document = {"fingerprint": self.fingerprint, "prefix": record}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if rows is not None and rows["rows"].numel() * rows["rows"].element_size() <= self.ROWS_LIMIT_BYTES:
+                from safetensors.torch import save_file
+
+                tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in rows.items()}
+                atomic_write(self.rows_path, lambda temp: save_file(tensors, temp))
+                document["rows_sha256"] = file_sha256(self.rows_path)
+            text = json.dumps(document, indent=1) + "\n"
             atomic_write(self.path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
         except (OSError, SpikecompileError) as error:  # an optimisation only: the next conversion scans again
             logging.getLogger("spikecompile").warning("prefix selection not cached: %s", error)
