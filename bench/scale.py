@@ -21,9 +21,10 @@ weights on disk stay bf16) appends _float32 to the file name: for a CPU whose bf
 alternately R times (4, 8, 4, 8, ...) and keeps each depth's fastest run: this machine's speed drifts by tens of
 percent over minutes, and alternating puts both depths through the same drift.
 
-Every run scans for its prefix (SPIKECOMPILE_CACHE=off), as a first conversion of a model does. --later converts
-each depth once more after a run that cached its prefix selection, as a later conversion of the same model at
-another T, coding or budget does, and reports its time beside the first's (`later` in each run and in the summary).
+Every run scans for its prefix (SPIKECOMPILE_CACHE=off), as a first conversion of a model does. With --later the
+runs cache their prefix selection (a fresh cache folder for each run), and each depth is converted once more
+reading it, as a later conversion of the same model at another T, coding or budget does; its time is reported
+beside the first's (`later` in each run and in the summary).
 
 --device cuda runs convert with --device cuda and appends _cuda to the file name. The report then also holds each
 run's peak GPU memory (convert's --json: torch's peak allocation) and the issue's GPU targets: the deepest run
@@ -201,9 +202,10 @@ def main() -> None:
     cache = workdir / "cache" if arguments.later else None
     for repeat in range(arguments.repeats):
         for depth in arguments.depths:
-            if cache is not None:  # every timed run scans, as a first conversion does, and caches its selection
-                subprocess.run(["rm", "-rf", str(cache)], check=True)
-            figures = run(folders[depth], workdir, dtype=arguments.dtype, device=arguments.device, cache=cache)
+            depth_cache = cache / str(depth) if cache is not None else None
+            if depth_cache is not None:  # every timed run scans, as a first conversion does, and caches its selection
+                subprocess.run(["rm", "-rf", str(depth_cache)], check=True)
+            figures = run(folders[depth], workdir, dtype=arguments.dtype, device=arguments.device, cache=depth_cache)
             walls = [*runs.get(depth, {}).get("walls_s", []), figures["wall_s"]]
             print(f"{depth} layers (run {repeat + 1}): wall {figures['wall_s']:.1f} s, peak RSS "
                   f"{figures['peak_rss_mb']:.0f} MB, "
@@ -224,10 +226,8 @@ def main() -> None:
                            "layer_loop_s": sum(figures["layer_s"]) + sum(figures.get("prefix_layer_s", []))}
     for depth in arguments.depths:
         folder = folders[depth]
-        if cache is not None:
-            subprocess.run(["rm", "-rf", str(cache)], check=True)
-            run(folder, workdir, dtype=arguments.dtype, device=arguments.device, cache=cache)  # caches, untimed
-            later = run(folder, workdir, dtype=arguments.dtype, device=arguments.device, cache=cache)
+        if cache is not None:  # the selection the last timed run of this depth cached
+            later = run(folder, workdir, dtype=arguments.dtype, device=arguments.device, cache=cache / str(depth))
             assert later["prefix_cached"], "the later conversion scanned: its prefix selection was not cached"
             runs[depth]["later"] = {"wall_s": later["wall_s"], "timings_s": later["timings_s"],
                                     "peak_rss_mb": later["peak_rss_mb"],
