@@ -368,8 +368,8 @@ def _selection_cache(source: ModelSource, tokenizer, windows: list[torch.Tensor]
     for ids in probe_windows(windows):
         probe.update(ids.cpu().numpy().tobytes())
     fingerprint = {
-        "format": 1, "spikecompile_sources": _package_sources_sha256(), "torch": str(torch.__version__),
-        "transformers": _transformers_version(), "kernels": _kernels(placement.device),
+        "format": 1, "spikecompile_sources": _package_sources_sha256(), "libraries": _forward_libraries(),
+        "kernels": _kernels(placement.device),
         "threads": torch.get_num_threads(), "placement": asdict(placement), "source_sha256": source.sha256,
         "tokenizer_sha256": _tokenizer_sha256(tokenizer), "probe_sha256": probe.hexdigest(),
         "rotate": options.rotate, "seed": options.seed, "weight_bits": options.weight_bits,
@@ -391,6 +391,21 @@ def _package_sources_sha256() -> str:
                 with open(path, "rb") as source:
                     digest.update(source.read())
     return digest.hexdigest()
+
+
+def _forward_libraries() -> dict:
+    """The versions of the libraries whose code runs in (or feeds) the float forward: None where not installed
+    (fast-hadamard-transform replaces the online Hadamard on CUDA; gguf dequantizes a GGUF source)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    names = ("torch", "transformers", "accelerate", "kernels", "safetensors", "gguf", "fast-hadamard-transform")
+    return {name: installed(name) for name in names}
 
 
 def _kernels(device: str) -> str:
