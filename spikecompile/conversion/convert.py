@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, modelfile
 from ..data import load_text, token_windows
-from ..devices import Placement, peak_memory_mb
+from ..devices import Placement, cpu_info, peak_memory_mb
 from ..errors import SpikecompileError
 from ..files import check_writable
 from ..loading import ModelSource, load_model, open_layered, prefix_cache_folder, resolve_source, verify_source
@@ -369,8 +369,7 @@ def _selection_cache(source: ModelSource, tokenizer, windows: list[torch.Tensor]
         probe.update(ids.cpu().numpy().tobytes())
     fingerprint = {
         "format": 1, "spikecompile_sources": _package_sources_sha256(), "libraries": _forward_libraries(),
-        "kernels": _kernels(placement.device),
-        "threads": torch.get_num_threads(), "placement": asdict(placement), "source_sha256": source.sha256,
+        "processor": _processor(placement.device), "threads": torch.get_num_threads(), "placement": asdict(placement), "source_sha256": source.sha256,
         "tokenizer_sha256": _tokenizer_sha256(tokenizer), "probe_sha256": probe.hexdigest(),
         "rotate": options.rotate, "seed": options.seed, "weight_bits": options.weight_bits,
     }
@@ -408,11 +407,12 @@ def _forward_libraries() -> dict:
     return {name: installed(name) for name in names}
 
 
-def _kernels(device: str) -> str:
-    """The kernels the float forward runs on: the CPU capability ATen dispatches to, or the GPU and CUDA."""
+def _processor(device: str) -> str:
+    """What the float forward's kernels round by: the GPU and CUDA version, or the CPU (MKL's GEMMs round otherwise
+    on an AMD EPYC than on an Intel CPU of the same capability) and the capability ATen dispatches to."""
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
-    return torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_info('model name') or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _tokenizer_sha256(tokenizer) -> str:
