@@ -1,7 +1,7 @@
 """The prefix-selection cache (conversion.prefix.SelectionCache): a conversion that differs from an earlier one only
 in what the selection does not depend on (coding, T, budget) reads the earlier one's prefix record and embedding
-rows instead of scanning and rotating, and writes the same model.pt; anything the selection depends on, a damaged or foreign entry, and an
-unwritable cache folder make it scan as before."""
+rows instead of scanning and rotating, and writes the same model.pt; anything the selection depends on, a damaged
+or foreign entry, and an unwritable cache folder make it scan as before."""
 
 import json
 import logging

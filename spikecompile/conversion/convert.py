@@ -332,7 +332,7 @@ def _stream(source, calib_text, options: ConvertOptions, placement: Placement, p
                 prefix, rows = cache.read(stream.config.hidden_size, placement.torch_dtype) if cache else (None, None)
                 timings["prefix_cached"] = prefix is not None
                 if rows is not None:
-                    embedded = EmbeddedRows.of(rows["token_ids"].to(placement.device), rows["rows"].to(placement.device))
+                    embedded = EmbeddedRows.of(**{name: tensor.to(placement.device) for name, tensor in rows.items()})
                 if prefix is None:
                     prefix, embedded = select_prefix_streamed(stream, layered.tokenizer, windows, options, progress,
                                                               timings["prefix_layers"], ranks)
@@ -369,8 +369,9 @@ def _selection_cache(source: ModelSource, tokenizer, windows: list[torch.Tensor]
         probe.update(ids.cpu().numpy().tobytes())
     fingerprint = {
         "format": 1, "spikecompile_sources": _package_sources_sha256(), "libraries": _forward_libraries(),
-        "processor": _processor(placement.device), "threads": torch.get_num_threads(), "placement": asdict(placement), "source_sha256": source.sha256,
-        "tokenizer_sha256": _tokenizer_sha256(tokenizer), "probe_sha256": probe.hexdigest(),
+        "processor": _processor(placement.device), "threads": torch.get_num_threads(), "placement": asdict(placement),
+        "source_sha256": source.sha256, "tokenizer_sha256": _tokenizer_sha256(tokenizer),
+        "probe_sha256": probe.hexdigest(),
         "rotate": options.rotate, "seed": options.seed, "weight_bits": options.weight_bits,
     }
     return SelectionCache(folder, fingerprint)

@@ -126,7 +126,7 @@ class PrefixCache:
 class SelectionCache:
     """Prefix records cached by what the selection depends on: `fingerprint`, a JSON-able dict of everything that
     can change its numbers (the source's and tokenizer's sha256, the probe windows' ids, the rotation, weight bits,
-    device, dtype, kernels, library versions and the code itself; convert._selection_cache). The entry is
+    device, dtype, processor, library versions and the code itself; convert._selection_cache). The entry is
     <folder>/<sha256 of the fingerprint>.json, holding the fingerprint beside the record, and optionally a
     <same>.rows.safetensors of the rotated embedding's rows that the scan built ({token_ids, rows}: the calibration
     then need not build and rotate the whole embedding again), named with its sha256 in the JSON. A JSON file
