@@ -14,12 +14,18 @@ Writes bench/results/scale.json.
 
     python bench/scale.py [--depths 4 8] [--shape llama2-7b|llama3-8b] [--workdir DIR] [--keep] [--baseline DIR]
                           [--dtype bfloat16|float32] [--repeats R] [--device cpu|cuda] [--results FILE] [--later]
+                          [--eval]
 
 --shape llama3-8b writes bench/results/scale_llama3_8b.json instead. --dtype float32 (convert's --dtype: the
 weights on disk stay bf16) appends _float32 to the file name: for a CPU whose bf16 matrix products are emulated
 (AVX2 without AVX512-BF16/AMX, where they run several times slower than float32). --repeats R converts the two depths
 alternately R times (4, 8, 4, 8, ...) and keeps each depth's fastest run: this machine's speed drifts by tens of
 percent over minutes, and alternating puts both depths through the same drift.
+
+--eval also runs `eval` on each depth's model.pt after its timed conversions (`--max-windows 4 --seqlen 512` of the
+builtin text, the conversion's --dtype and --device: the ANN, the float model with the prefix and the SNN, one
+decoder layer at a time) and reports its wall time, peak RSS and depth ratio beside the conversion's (`eval` in
+each run and in the summary). The weights are random, so its perplexities only show that the run is finite.
 
 Every run scans for its prefix (SPIKECOMPILE_CACHE=off), as a first conversion of a model does. With --later the
 runs cache their prefix selection (a fresh cache folder for each run), and each depth is converted once more
@@ -173,6 +179,22 @@ def run(folder: Path, workdir: Path, code: Path | None = None, dtype: str = "bfl
     return figures
 
 
+def evaluate(model_file: Path, dtype: str = "bfloat16", device: str = "cpu") -> dict:
+    """The CLI's eval of model_file on WINDOWS x SEQLEN builtin tokens in its own process: wall time, peak RSS (and
+    GPU memory), the three perplexities."""
+    prefix, environment = spikecompile_of(ROOT)
+    report = model_file.with_name(f"{model_file.stem}-eval.json")
+    command = [*prefix, "eval", str(model_file), "--ppl", "builtin", "--seqlen", str(SEQLEN), "--max-windows",
+               str(WINDOWS), "--json", str(report), "--no-progress", "--dtype", dtype, "--device", device]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    figures = json.loads(report.read_text())
+    return {"wall_s": wall, "peak_rss_mb": figures["peak_rss_mb"], "peak_gpu_mb": figures.get("peak_gpu_mb"),
+            "windows": figures["windows"], "seqlen": figures["seqlen"], "ann_ppl": figures["ann_ppl"],
+            "prefixed_float_ppl": figures["prefixed_float_ppl"], "snn_ppl": figures["snn_ppl"]}
+
+
 def main() -> None:
     from spikecompile.devices import cpu_info
 
@@ -188,6 +210,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="where the report goes (default: bench/results/)")
     parser.add_argument("--later", action="store_true",
                         help="convert each depth once more, reading the prefix selection its first run cached")
+    parser.add_argument("--eval", action="store_true", help="also run eval on each depth's model.pt (4 x 512 tokens)")
     arguments = parser.parse_args()
     if arguments.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda: torch sees no CUDA device here")
@@ -236,6 +259,13 @@ def main() -> None:
                   f"peak RSS {later['peak_rss_mb']:.0f} MB, stages "
                   + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in later["timings_s"].items()),
                   flush=True)
+        if arguments.eval:  # the model.pt of this depth's last conversion (every run writes the same one)
+            evaluated = evaluate(workdir / f"{folder.name}.pt", arguments.dtype, arguments.device)
+            runs[depth]["eval"] = evaluated
+            print(f"{depth} layers, eval ({evaluated['windows']} x {evaluated['seqlen']} tokens): wall "
+                  f"{evaluated['wall_s']:.1f} s, peak RSS {evaluated['peak_rss_mb']:.0f} MB, "
+                  + (f"peak GPU {evaluated['peak_gpu_mb']:.0f} MB, " if evaluated["peak_gpu_mb"] is not None else "")
+                  + f"ANN {evaluated['ann_ppl']:.4g}, SNN {evaluated['snn_ppl']:.4g}", flush=True)
         if arguments.baseline:
             before = run(folder, workdir, arguments.baseline, arguments.dtype, arguments.device)
             runs[depth]["baseline"] = {"wall_s": before["wall_s"], "timings_s": before["timings_s"],
@@ -275,6 +305,16 @@ def main() -> None:
                             "extrapolated_32_layers_s": later_fixed + 32 * later_per_layer}
         print(f"later conversions (prefix cached): {later_per_layer:.1f} s per layer, 32 layers ≈ "
               f"{summary['later']['extrapolated_32_layers_s'] / 60:.1f} min", flush=True)
+    if arguments.eval:
+        walls = [runs[depth]["eval"]["wall_s"] for depth in arguments.depths]
+        eval_per_layer = (walls[1] - walls[0]) / (high["layers"] - low["layers"])
+        eval_fixed = walls[0] - eval_per_layer * low["layers"]
+        summary["eval"] = {"depth_ratio": walls[1] / walls[0], "wall_s_per_layer": eval_per_layer, "fixed_s": eval_fixed,
+                           "extrapolated_32_layers_s": eval_fixed + 32 * eval_per_layer,
+                           "peak_rss_mb_max": max(runs[depth]["eval"]["peak_rss_mb"] for depth in arguments.depths)}
+        print(f"eval: depth ratio {summary['eval']['depth_ratio']:.2f}, {eval_per_layer:.1f} s per layer, 32 layers ≈ "
+              f"{summary['eval']['extrapolated_32_layers_s'] / 60:.1f} min, peak RSS ≤ "
+              f"{summary['eval']['peak_rss_mb_max']:.0f} MB", flush=True)
     if arguments.baseline:
         walls = [runs[depth]["baseline"]["wall_s"] for depth in arguments.depths]
         summary["baseline"] = {"checkout": str(arguments.baseline), "depth_ratio": walls[1] / walls[0],
