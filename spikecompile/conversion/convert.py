@@ -20,6 +20,7 @@ from ..data import load_text, token_windows
 from ..devices import Placement, cpu_info, peak_memory_mb
 from ..errors import SpikecompileError
 from ..files import check_writable
+from ..heap import release_freed_memory
 from ..loading import ModelSource, load_model, open_layered, prefix_cache_folder, resolve_source, verify_source
 from ..modelschema import TIMESTEP_RANGE, WEIGHT_BITS, check_prefix_vocabulary
 from ..neuron import PhaseNeuronParams
@@ -531,6 +532,7 @@ def select_prefix_streamed(stream: LayerStream, tokenizer, windows: list[torch.T
                 running[:] = [peaks[id(sequence)]]
                 stream.run(layer, sequence)
         del layer
+        release_freed_memory()
         if layer_s is not None:
             layer_s.append(time.perf_counter() - began)
     results = {}
@@ -616,6 +618,7 @@ def calibrate_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix:
                                 ranks, mine.start))
         names += list(sites)
         del layer, sites
+        release_freed_memory()
         checkpoint.save_state({
             "after_layer": index, "names": names, "samples": torch.cat(chunks), "rotation": rotation and rotation.record,
             "prefix": prefix_sequence.hidden.cpu() if prefix_sequence else None,
@@ -679,6 +682,7 @@ def fisher_streamed(stream: LayerStream, windows: list[torch.Tensor], prefix: di
                                     [sequence.hidden for sequence in sequences], totals, names.index(next(iter(sites))),
                                     upstream)
         del layer, sites, sequences
+        release_freed_memory()
     return totals
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..devices import Placement
 from ..errors import SpikecompileError
+from ..heap import release_freed_memory
 from ..ir import StoreView
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
@@ -127,8 +128,12 @@ class LayeredStore(StoreView):
 
     def _keep(self, part: int | str, tensors: dict[str, Tensor]) -> None:
         # the least recently used parts are freed first, so that the new one fits beside those kept
+        evicted = False
         while self._parts and sum(map(_nbytes, self._parts.values())) + self._part_bytes > self.memory_bytes:
             self._parts.popitem(last=False)
+            evicted = True
+        if evicted:
+            release_freed_memory()
         self._parts[part] = tensors
         self._part_bytes = max(self._part_bytes, _nbytes(tensors))
 

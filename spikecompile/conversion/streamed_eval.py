@@ -22,6 +22,7 @@ from ..data import token_windows
 from ..devices import Placement
 from ..errors import SpikecompileError
 from ..evaluation import perplexity_of, window_nll
+from ..heap import release_freed_memory
 from ..loading import open_layered
 from ..modelschema import check_prefix_vocabulary
 from ..progress import shown
@@ -109,6 +110,7 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
         for sequence in passes.snn:
             stream.run(layer, sequence)
         del layer, sites
+        release_freed_memory()
     head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as the whole model's
     norm, final = _final_norm_site(stream, rotation, head)
     weights = record.get("weights")
