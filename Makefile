@@ -56,7 +56,8 @@ test-slow: install
 
 # Benchmarks on SmolLM2 with ../shared/data (each writes bench/results/<name>.json); long: run on a quiet machine.
 BENCHES := convert_smollm2 ir_smollm2 sim_smollm2 nir_smollm2 lava_loihi onnx_smollm2 loihi_fixed loihi_fixed_speed \
-	spike_penalty signed_digits offset_sites frontier sdllm_sites neuron_kernel qwen_coder scale build_scale sim_windows
+	spike_penalty signed_digits offset_sites frontier sdllm_sites neuron_kernel qwen_coder scale build_scale sim_windows \
+	smollm2_convert_time
 
 bench: install
 	for name in $(BENCHES); do $(BIN)/python bench/$$name.py || exit 1; done
