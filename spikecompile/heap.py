@@ -23,6 +23,8 @@ import functools
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
 _KEEP_FREED_BYTES = 1 << 30
+_kept_free_bytes = 0
+"""the free heap memory this process chose to keep (keep_large_allocations' trim threshold, once switched)"""
 
 
 @functools.cache
@@ -60,13 +62,14 @@ above 512 MiB the scan trims a few times, and the resident set stays within that
 def release_freed_memory(keep_bytes: int = RELEASE_ABOVE_BYTES) -> bool:
     """Give the heap's free pages back to the system (glibc's malloc_trim(0)) when it holds more than keep_bytes
     free (always, where it cannot say how much): after a streamed pass frees a part, so that the resident set does
-    not grow with what it freed. True when memory was returned; False where the C library has no malloc_trim (not
-    glibc), which changes nothing but the resident set. Never changes a computed value."""
+    not grow with what it freed. After keep_large_allocations, it keeps at least the 1 GiB that chose to keep.
+    True when memory was returned; False where the C library has no malloc_trim (not glibc), which changes nothing
+    but the resident set. Never changes a computed value."""
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return False
     free = heap_free_bytes()
-    return bool(trim(0)) if free is None or free > keep_bytes else False
+    return bool(trim(0)) if free is None or free > max(keep_bytes, _kept_free_bytes) else False
 
 
 @functools.cache
@@ -76,4 +79,8 @@ def keep_large_allocations() -> bool:
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+    global _kept_free_bytes
+    switched = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+    if switched:
+        _kept_free_bytes = _KEEP_FREED_BYTES
+    return switched

@@ -7,6 +7,7 @@ import platform
 import pytest
 import torch
 
+from spikecompile import heap
 from spikecompile.heap import heap_free_bytes, release_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -26,7 +27,8 @@ def _holes() -> list[torch.Tensor]:
     return tensors[1::2]
 
 
-def test_freed_memory_is_returned_above_the_threshold():
+def test_freed_memory_is_returned_above_the_threshold(monkeypatch):
+    monkeypatch.setattr(heap, "_kept_free_bytes", 0)  # as if no test before had switched keep_large_allocations on
     kept = _holes()
     assert heap_free_bytes() >= HOLES * HOLE_ELEMENTS * 4 * 0.9  # the holes stay in the heap, free
     resident = _anon_mb()
@@ -35,9 +37,20 @@ def test_freed_memory_is_returned_above_the_threshold():
     assert all(float(tensor.sum()) == HOLE_ELEMENTS for tensor in kept)  # the live tensors are untouched
 
 
-def test_free_memory_within_the_threshold_is_kept():
+def test_free_memory_within_the_threshold_is_kept(monkeypatch):
+    monkeypatch.setattr(heap, "_kept_free_bytes", 0)
     kept = _holes()
     free = heap_free_bytes()
     assert not release_freed_memory(keep_bytes=free + 1)
     assert heap_free_bytes() >= free - HOLE_ELEMENTS * 4  # nothing was trimmed (another thread may allocate a little)
+    del kept
+
+
+def test_a_process_that_keeps_freed_memory_keeps_its_gibibyte(monkeypatch):
+    """After keep_large_allocations (the simulator's: freed memory kept for its next large tensor), the streamed
+    passes trim only beyond the 1 GiB it chose to keep."""
+    monkeypatch.setattr(heap, "_kept_free_bytes", heap._KEEP_FREED_BYTES)
+    kept = _holes()
+    assert heap_free_bytes() < heap._KEEP_FREED_BYTES
+    assert not release_freed_memory(keep_bytes=0)
     del kept
