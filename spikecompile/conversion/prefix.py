@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SpikecompileError
-from ..files import atomic_write, file_sha256
+from ..files import atomic_write
 from ..modelschema import Prefix, fault
 
 OUTLIER_ETA = 64.0
@@ -161,11 +161,12 @@ class SelectionCache:
         if not isinstance(sha256, str):
             return None
         try:
-            if file_sha256(self.rows_path) != sha256:
+            data = self.rows_path.read_bytes()  # read once: hashed, then parsed
+            if hashlib.sha256(data).hexdigest() != sha256:
                 return None
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            tensors = load_file(self.rows_path)
+            tensors = load(data)
         except (OSError, ValueError, RuntimeError):
             return None
         token_ids, rows = tensors.get("token_ids"), tensors.get("rows")
@@ -181,11 +182,11 @@ class SelectionCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if rows is not None and rows["rows"].numel() * rows["rows"].element_size() <= self.ROWS_LIMIT_BYTES:
-                from safetensors.torch import save_file
+                from safetensors.torch import save
 
-                tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in rows.items()}
-                atomic_write(self.rows_path, lambda temp: save_file(tensors, temp))
-                document["rows_sha256"] = file_sha256(self.rows_path)
+                data = save({name: tensor.detach().cpu().contiguous() for name, tensor in rows.items()})
+                atomic_write(self.rows_path, lambda temp: Path(temp).write_bytes(data))
+                document["rows_sha256"] = hashlib.sha256(data).hexdigest()
             text = json.dumps(document, indent=1) + "\n"
             atomic_write(self.path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
         except (OSError, SpikecompileError) as error:  # an optimisation only: the next conversion scans again
