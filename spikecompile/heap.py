@@ -12,7 +12,8 @@ by what fragmentation strands (bench/sim_smollm2.py reports it).
 The streamed passes (prefix scan, calibration, sensitivity, eval) free a decoder layer and its activations after
 each layer, but glibc keeps most of that freed memory in its heap: the resident set of the prefix scan grew by
 28 MB per layer on SmolLM2 and about 220 MB per layer at LLaMA-3-8B width, a leak in all but name that makes the
-peak grow with depth. release_freed_memory (malloc_trim) after each layer gives it back.
+peak grow with depth. release_freed_memory (malloc_trim) after each layer gives it back once more than 512 MiB
+is free (RELEASE_ABOVE_BYTES).
 """
 
 from __future__ import annotations

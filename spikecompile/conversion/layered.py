@@ -128,12 +128,9 @@ class LayeredStore(StoreView):
 
     def _keep(self, part: int | str, tensors: dict[str, Tensor]) -> None:
         # the least recently used parts are freed first, so that the new one fits beside those kept
-        evicted = False
         while self._parts and sum(map(_nbytes, self._parts.values())) + self._part_bytes > self.memory_bytes:
             self._parts.popitem(last=False)
-            evicted = True
-        if evicted:
-            release_freed_memory()
+        release_freed_memory()  # a no-op unless the heap holds more than its threshold free
         self._parts[part] = tensors
         self._part_bytes = max(self._part_bytes, _nbytes(tensors))
 
