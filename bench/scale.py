@@ -195,6 +195,13 @@ def evaluate(model_file: Path, dtype: str = "bfloat16", device: str = "cpu") -> 
             "prefixed_float_ppl": figures["prefixed_float_ppl"], "snn_ppl": figures["snn_ppl"]}
 
 
+def depth_line(layers: tuple[int, int], walls: tuple[float, float]) -> dict:
+    """The line through two depths' wall times: seconds per layer, the fixed part, and the time at 32 layers."""
+    per_layer = (walls[1] - walls[0]) / (layers[1] - layers[0])
+    fixed = walls[0] - per_layer * layers[0]
+    return {"wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer}
+
+
 def main() -> None:
     from spikecompile.devices import cpu_info
 
@@ -276,8 +283,8 @@ def main() -> None:
         if not arguments.keep:
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     low, high = (runs[depth] for depth in arguments.depths)
-    per_layer = (high["wall_s"] - low["wall_s"]) / (high["layers"] - low["layers"])
-    fixed = low["wall_s"] - per_layer * low["layers"]
+    depths = (low["layers"], high["layers"])
+    line = depth_line(depths, (low["wall_s"], high["wall_s"]))
     summary = {"shape_name": arguments.shape, "shape": SHAPES[arguments.shape],
                "convert": " ".join([*CONVERT, "--dtype", arguments.dtype, "--device", arguments.device]),
                "device": arguments.device,
@@ -285,7 +292,7 @@ def main() -> None:
                "torch_threads": torch.get_num_threads(), "repeats": arguments.repeats,
                "runs": list(runs.values()), "depth_ratio": high["wall_s"] / low["wall_s"],
                "layer_loop_ratio": high["layer_loop_s"] / low["layer_loop_s"],
-               "wall_s_per_layer": per_layer, "fixed_s": fixed, "extrapolated_32_layers_s": fixed + 32 * per_layer,
+               **line,
                "peak_rss_mb_max": max(run["peak_rss_mb"] for run in runs.values()), "peak_rss_target_mb": 6144}
     if arguments.device == "cuda":
         budget = gpu_memory_budget(SHAPES[arguments.shape], arguments.dtype)
@@ -299,20 +306,15 @@ def main() -> None:
               f"(budget {budget['gpu_memory_budget_mb']:.0f} MB: one layer {budget['layer_mb']:.0f} "
               f"+ activations {budget['activations_mb']:.0f} + 4096)", flush=True)
     if cache is not None:
-        later_per_layer = (high["later"]["wall_s"] - low["later"]["wall_s"]) / (high["layers"] - low["layers"])
-        later_fixed = low["later"]["wall_s"] - later_per_layer * low["layers"]
-        summary["later"] = {"wall_s_per_layer": later_per_layer, "fixed_s": later_fixed,
-                            "extrapolated_32_layers_s": later_fixed + 32 * later_per_layer}
-        print(f"later conversions (prefix cached): {later_per_layer:.1f} s per layer, 32 layers ≈ "
-              f"{summary['later']['extrapolated_32_layers_s'] / 60:.1f} min", flush=True)
+        summary["later"] = depth_line(depths, (low["later"]["wall_s"], high["later"]["wall_s"]))
+        print(f"later conversions (prefix cached): {summary['later']['wall_s_per_layer']:.1f} s per layer, "
+              f"32 layers ≈ {summary['later']['extrapolated_32_layers_s'] / 60:.1f} min", flush=True)
     if arguments.eval:
-        walls = [runs[depth]["eval"]["wall_s"] for depth in arguments.depths]
-        eval_per_layer = (walls[1] - walls[0]) / (high["layers"] - low["layers"])
-        eval_fixed = walls[0] - eval_per_layer * low["layers"]
-        summary["eval"] = {"depth_ratio": walls[1] / walls[0], "wall_s_per_layer": eval_per_layer, "fixed_s": eval_fixed,
-                           "extrapolated_32_layers_s": eval_fixed + 32 * eval_per_layer,
-                           "peak_rss_mb_max": max(runs[depth]["eval"]["peak_rss_mb"] for depth in arguments.depths)}
-        print(f"eval: depth ratio {summary['eval']['depth_ratio']:.2f}, {eval_per_layer:.1f} s per layer, 32 layers ≈ "
+        walls = (low["eval"]["wall_s"], high["eval"]["wall_s"])
+        summary["eval"] = {"depth_ratio": walls[1] / walls[0], **depth_line(depths, walls),
+                           "peak_rss_mb_max": max(low["eval"]["peak_rss_mb"], high["eval"]["peak_rss_mb"])}
+        print(f"eval: depth ratio {summary['eval']['depth_ratio']:.2f}, {summary['eval']['wall_s_per_layer']:.1f} s "
+              f"per layer, 32 layers ≈ "
               f"{summary['eval']['extrapolated_32_layers_s'] / 60:.1f} min, peak RSS ≤ "
               f"{summary['eval']['peak_rss_mb_max']:.0f} MB", flush=True)
     if arguments.baseline:
@@ -325,7 +327,8 @@ def main() -> None:
                           for depth, speed in summary["baseline"]["speedup"].items()))
     print(f"depth ratio {summary['depth_ratio']:.2f} ({high['layers']}/{low['layers']} layers; the layer loops "
           f"alone {summary['layer_loop_ratio']:.2f}), "
-          f"{per_layer:.1f} s per layer, 32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
+          f"{line['wall_s_per_layer']:.1f} s per layer, "
+          f"32 layers ≈ {summary['extrapolated_32_layers_s'] / 60:.1f} min, "
           f"peak RSS ≤ {summary['peak_rss_mb_max']:.0f} MB")
     results = RESULTS_OF[arguments.shape]
     if arguments.dtype != "bfloat16":
