@@ -70,6 +70,8 @@ def test_eval_cli_reports_the_streamed_perplexities_and_its_peak_memory(tmp_path
     whole = _whole_model_perplexities(model_pt, load_text(str(text_path), split="eval"), resolve_placement())
     assert (figures["ann_ppl"], figures["prefixed_float_ppl"], figures["snn_ppl"]) == whole
     assert figures["windows"] == WINDOWS and figures["peak_rss_mb"] > 0
+    assert set(figures["timings_s"]) == {"start", "layers", "head"}  # the bench's depth line needs "layers"
+    assert all(seconds > 0 for seconds in figures["timings_s"].values())
     assert f"ANN {whole[0]:.4f}   SNN {whole[2]:.4f}" in result.output
 
 

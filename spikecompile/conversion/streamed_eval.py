@@ -13,7 +13,8 @@ layer, the embedding or lm_head while they run, and the hidden states of the win
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -36,12 +37,15 @@ from .weights import rtn_record
 
 @dataclass
 class Perplexities:
-    """eval's three perplexities over `windows` token windows (prefixed_float is ann without a prefix)."""
+    """eval's three perplexities over `windows` token windows (prefixed_float is ann without a prefix), and the
+    seconds of each stage: start (opening and checking the source, the windows' embeddings), layers (the decoder
+    layers' loop: the part that grows with depth), head (the final norm and lm_head's logits of the three passes)."""
 
     ann: float
     prefixed_float: float
     snn: float
     windows: int
+    timings_s: dict = field(default_factory=dict)
 
 
 def streamed_perplexities(path, record: dict, text, seqlen: int, max_windows: int | None,
@@ -51,6 +55,7 @@ def streamed_perplexities(path, record: dict, text, seqlen: int, max_windows: in
     windows of `text` (data.load_text), computed layer by layer; every check of model.pt against its source
     (sha256, tensor names, site table, prefix vocabulary) comes before any weight is read. part_memory: bytes of
     one part the device may hold (LayerStream.dispatched)."""
+    start = time.perf_counter()
     source = recorded_source(record, path, source_path)
     with open_layered(source, progress) as layered:
         stream = LayerStream(layered, placement, part_memory)
@@ -60,7 +65,7 @@ def streamed_perplexities(path, record: dict, text, seqlen: int, max_windows: in
                                 source.path)
         windows = token_windows(layered.tokenizer, text, seqlen, max_windows, "evaluation")
         windows = [ids.to(placement.device) for ids in windows]
-        return _run(stream, record, path, windows, progress)
+        return _run(stream, record, path, windows, progress, start)
 
 
 def _check_sites(record: dict, stream: LayerStream, path) -> None:
@@ -94,13 +99,16 @@ class _Passes:
         return [*self.ann, *([self.prefix] if self.prefix else []), *(self.prefixed_float or [])]
 
 
-def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], progress: bool) -> Perplexities:
+def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], progress: bool,
+         start: float) -> Perplexities:
     rotation = None
     if record["rotation"] is not None:
         head_dim = stream.skeleton.model.layers[0].self_attn.head_dim
         rotation = ResidualRotation(stream.config.hidden_size, head_dim, record["rotation"]["seed"],
                                     untied=stream.tied)
     passes = _Passes(stream, windows, (record["prefix"] or {}).get("token_ids"), rotation)
+    timings = {"start": time.perf_counter() - start}
+    start = time.perf_counter()
     for index in tqdm(range(stream.layers), desc="eval (ANN, SNN)", unit="layer", disable=not shown(progress)):
         layer, sites = converted_layer(stream, index, rotation, (record.get("weights") or {}).get("bits"))
         fill_sites(sites, record, path, stream.placement.device)
@@ -111,6 +119,8 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
             stream.run(layer, sequence)
         del layer, sites
         release_freed_memory()
+    timings["layers"] = time.perf_counter() - start
+    start = time.perf_counter()
     head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as the whole model's
     norm, final = _final_norm_site(stream, rotation, head)
     weights = record.get("weights")
@@ -126,4 +136,6 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
     ann = perplexity(passes.ann)
     prefixed = perplexity(passes.prefixed_float) if passes.prefixed_float else ann
     final.set_mode("decoded")
-    return Perplexities(ann, prefixed, perplexity(passes.snn), len(windows))
+    snn = perplexity(passes.snn)
+    timings["head"] = time.perf_counter() - start
+    return Perplexities(ann, prefixed, snn, len(windows), timings)
