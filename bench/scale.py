@@ -196,7 +196,8 @@ def evaluate(model_file: Path, dtype: str = "bfloat16", device: str = "cpu") -> 
     return {"wall_s": wall, "peak_rss_mb": figures["peak_rss_mb"], "peak_gpu_mb": figures.get("peak_gpu_mb"),
             "windows": figures["windows"], "seqlen": figures["seqlen"], "ann_ppl": figures["ann_ppl"],
             "prefixed_float_ppl": figures["prefixed_float_ppl"], "snn_ppl": figures["snn_ppl"],
-            "timings_s": figures["timings_s"]}
+            "timings_s": figures["timings_s"], "layer_s": figures["layer_s"],
+            "mean_layer_s": sum(figures["layer_s"]) / len(figures["layer_s"])}
 
 
 def depth_line(layers: tuple[int, int], walls: tuple[float, float]) -> dict:
@@ -316,14 +317,16 @@ def main() -> None:
     if arguments.eval:
         walls = (low["eval"]["wall_s"], high["eval"]["wall_s"])
         loops = (low["eval"]["timings_s"]["layers"], high["eval"]["timings_s"]["layers"])
-        heads = (low["eval"]["timings_s"]["head"], high["eval"]["timings_s"]["head"])
-        loop_per_layer = (loops[1] - loops[0]) / (depths[1] - depths[0])
+        head = high["eval"]["timings_s"]["head"]  # in layers of the same run: the machine drifts between runs
         summary["eval"] = {"depth_ratio": walls[1] / walls[0], "layer_loop_ratio": loops[1] / loops[0],
-                           **depth_line(depths, walls), "head_s": min(heads),
-                           "head_in_layers": min(heads) / loop_per_layer,
+                           **depth_line(depths, walls), "head_s": head,
+                           "head_in_layers": head / high["eval"]["mean_layer_s"],
+                           "mean_layer_s": [low["eval"]["mean_layer_s"], high["eval"]["mean_layer_s"]],
                            "peak_rss_mb_max": max(low["eval"]["peak_rss_mb"], high["eval"]["peak_rss_mb"])}
         print(f"eval: depth ratio {summary['eval']['depth_ratio']:.2f} (the layer loop alone "
-              f"{summary['eval']['layer_loop_ratio']:.2f}; the lm_head's logits of the three passes "
+              f"{summary['eval']['layer_loop_ratio']:.2f}, mean seconds per layer "
+              + " and ".join(f"{seconds:.1f}" for seconds in summary["eval"]["mean_layer_s"])
+              + f"; the lm_head's logits of the three passes "
               f"{summary['eval']['head_s']:.1f} s, as long as {summary['eval']['head_in_layers']:.1f} layers), "
               f"{summary['eval']['wall_s_per_layer']:.1f} s per layer, 32 layers ≈ "
               f"{summary['eval']['extrapolated_32_layers_s'] / 60:.1f} min, peak RSS ≤ "

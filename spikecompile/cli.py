@@ -289,7 +289,8 @@ def evaluate(model_file, ppl_text, seqlen, max_windows, source, json_path, progr
             "seqlen": seqlen, "windows": figures.windows,
             "coding": coding, "ann_ppl": ann, "prefixed_float_ppl": prefixed, "snn_ppl": snn,
             "ppl_ratio": snn / ann, "ppl_ratio_prefixed": snn / prefixed, "sites": rows,
-            "placement": asdict(placement), "timings_s": figures.timings_s, **peak_memory_mb(),
+            "placement": asdict(placement), "timings_s": figures.timings_s,
+            "layer_s": figures.layer_s, **peak_memory_mb(),
         })
 
 

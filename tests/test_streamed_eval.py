@@ -71,7 +71,8 @@ def test_eval_cli_reports_the_streamed_perplexities_and_its_peak_memory(tmp_path
     assert (figures["ann_ppl"], figures["prefixed_float_ppl"], figures["snn_ppl"]) == whole
     assert figures["windows"] == WINDOWS and figures["peak_rss_mb"] > 0
     assert set(figures["timings_s"]) == {"start", "layers", "head"}  # the bench's depth line needs "layers"
-    assert all(seconds > 0 for seconds in figures["timings_s"].values())
+    assert all(seconds > 0 for seconds in [*figures["timings_s"].values(), *figures["layer_s"]])
+    assert len(figures["layer_s"]) == 3 and sum(figures["layer_s"]) <= figures["timings_s"]["layers"]
     assert f"ANN {whole[0]:.4f}   SNN {whole[2]:.4f}" in result.output
 
 

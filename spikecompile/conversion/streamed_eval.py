@@ -39,13 +39,14 @@ from .weights import rtn_record
 class Perplexities:
     """eval's three perplexities over `windows` token windows (prefixed_float is ann without a prefix), and the
     seconds of each stage: start (opening and checking the source, the windows' embeddings), layers (the decoder
-    layers' loop: the part that grows with depth), head (the final norm and lm_head's logits of the three passes)."""
+    layers' loop: the part that grows with depth), head (the final norm and lm_head's logits of the three passes). layer_s: each decoder layer's seconds."""
 
     ann: float
     prefixed_float: float
     snn: float
     windows: int
     timings_s: dict = field(default_factory=dict)
+    layer_s: list = field(default_factory=list)
 
 
 def streamed_perplexities(path, record: dict, text, seqlen: int, max_windows: int | None,
@@ -108,8 +109,9 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
                                     untied=stream.tied)
     passes = _Passes(stream, windows, (record["prefix"] or {}).get("token_ids"), rotation)
     timings = {"start": time.perf_counter() - start}
-    start = time.perf_counter()
+    start, layer_s = time.perf_counter(), []
     for index in tqdm(range(stream.layers), desc="eval (ANN, SNN)", unit="layer", disable=not shown(progress)):
+        began = time.perf_counter()
         layer, sites = converted_layer(stream, index, rotation, (record.get("weights") or {}).get("bits"))
         fill_sites(sites, record, path, stream.placement.device)
         for sequence in passes.float_runs():
@@ -119,6 +121,7 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
             stream.run(layer, sequence)
         del layer, sites
         release_freed_memory()
+        layer_s.append(time.perf_counter() - began)
     timings["layers"] = time.perf_counter() - start
     start = time.perf_counter()
     head = stream.lm_head()  # a tied one: a copy of the embedding before its rotation, as the whole model's
@@ -138,4 +141,4 @@ def _run(stream: LayerStream, record: dict, path, windows: list[torch.Tensor], p
     final.set_mode("decoded")
     snn = perplexity(passes.snn)
     timings["head"] = time.perf_counter() - start
-    return Perplexities(ann, prefixed, snn, len(windows), timings)
+    return Perplexities(ann, prefixed, snn, len(windows), timings, layer_s)
