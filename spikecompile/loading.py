@@ -24,6 +24,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +33,7 @@ from pydantic import Field, model_validator
 
 from .devices import Placement
 from .errors import SpikecompileError
-from .files import atomic_folder, file_sha256
+from .files import atomic_folder, atomic_write, file_sha256
 from .modelschema import FieldError, Record, fault
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -54,8 +55,17 @@ class ModelSource:
 
 
 def _sha256(paths: list[Path]) -> str:
+    """The source's sha256: of each file's name and bytes, in name order. Reading every byte takes seconds per
+    GB (a 70B model's 140 GB: minutes, for every command that checks its source), so a digest is remembered in
+    the cache folder (digest_memo_folder) under the files' identities, and read back while no file has changed."""
+    paths = sorted(paths)
+    identity = [_file_identity(path) for path in paths]
+    memo = _memo_file(identity)
+    remembered = _read_memo(memo, identity) if memo is not None else None
+    if remembered is not None:
+        return remembered
     digest = hashlib.sha256()
-    for path in sorted(paths):
+    for path in paths:
         digest.update(path.name.encode())
         try:
             with open(path, "rb") as stream:
@@ -63,7 +73,66 @@ def _sha256(paths: list[Path]) -> str:
                     digest.update(chunk)
         except OSError as error:
             raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
+    if memo is not None and not _recently_changed(identity):
+        _write_memo(memo, identity, digest.hexdigest())
     return digest.hexdigest()
+
+
+DIGEST_MEMO_MARGIN_NS = 2_000_000_000
+"""A digest is remembered only for files unchanged for this long (2 s): a file written again within one tick of
+a coarse file-system clock could keep its size and times ("racy git")."""
+
+
+def _file_identity(path: Path) -> list:
+    """What changes whenever a file's bytes may have: its place (device, inode), size, and modification and
+    status-change times. ctime cannot be set back (touch and os.utime set it to now), so rewriting a file and
+    restoring its mtime still changes its identity."""
+    try:
+        status = path.stat()
+    except OSError as error:
+        raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
+    return [str(path.resolve()), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+
+
+def _recently_changed(identity: list) -> bool:
+    now = time.time_ns()
+    return any(now - max(mtime, ctime) < DIGEST_MEMO_MARGIN_NS for *_, mtime, ctime in identity)
+
+
+def digest_memo_folder() -> Path | None:
+    """Where source digests are remembered: <cache_root>/source-digests, or None (no cache)."""
+    root = cache_root()
+    return None if root is None else root / "source-digests"
+
+
+def _memo_file(identity: list) -> Path | None:
+    folder = digest_memo_folder()
+    if folder is None:
+        return None
+    return folder / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()}.json"
+
+
+def _read_memo(memo: Path, identity: list) -> str | None:
+    """The remembered digest, or None: no memo, or one that is damaged or of other files (never an error: the
+    bytes are then read)."""
+    try:
+        document = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("identity") != identity:
+        return None
+    digest = document.get("sha256")
+    valid = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    return digest if valid else None
+
+
+def _write_memo(memo: Path, identity: list, digest: str) -> None:
+    """Remember a digest; a cache folder that cannot be written only means reading the bytes again next time."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, lambda temp: Path(temp).write_text(json.dumps({"identity": identity, "sha256": digest})))
+    except (OSError, SpikecompileError):
+        pass
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -333,7 +402,7 @@ CACHE_WEIGHTS = "model.safetensors"
 def cache_root() -> Path | None:
     """The folder of the conversion caches: $SPIKECOMPILE_CACHE ("off": no cache), else
     $XDG_CACHE_HOME/spikecompile/models (~/.cache/spikecompile/models). It holds one dequantized copy per GGUF,
-    named by its sha256, and the prefix selections (prefix_cache_folder)."""
+    named by its sha256, the prefix selections (prefix_cache_folder) and the source digests (digest_memo_folder)."""
     chosen = os.environ.get(CACHE_ENV)
     if chosen == "off":
         return None
