@@ -59,23 +59,34 @@ def _sha256(paths: list[Path]) -> str:
     GB (a 70B model's 140 GB: minutes, for every command that checks its source), so a digest is remembered in
     the cache folder (digest_memo_folder) under the files' identities, and read back while no file has changed."""
     paths = sorted(paths)
-    identity = [_file_identity(path) for path in paths]
+
+    def read() -> str:
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(path.name.encode())
+            try:
+                with open(path, "rb") as stream:
+                    for chunk in iter(lambda: stream.read(1 << 20), b""):
+                        digest.update(chunk)
+            except OSError as error:
+                raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
+        return digest.hexdigest()
+
+    return remembered_digest("source", paths, read)
+
+
+def remembered_digest(kind: str, paths: list[Path], read) -> str:
+    """read() (a sha256 of `paths`, of the given kind: "source", "file"), or the digest remembered for the same
+    kind and file identities (_file_identity)."""
+    identity = [kind, *(_file_identity(path) for path in paths)]
     memo = _memo_file(identity)
     remembered = _read_memo(memo, identity) if memo is not None else None
     if remembered is not None:
         return remembered
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        try:
-            with open(path, "rb") as stream:
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    digest.update(chunk)
-        except OSError as error:
-            raise SpikecompileError(f"{path}: cannot read ({error.strerror})") from None
-    if memo is not None and not _recently_changed(identity):
-        _write_memo(memo, identity, digest.hexdigest())
-    return digest.hexdigest()
+    digest = read()
+    if memo is not None and not _recently_changed(identity[1:]):
+        _write_memo(memo, identity, digest)
+    return digest
 
 
 DIGEST_MEMO_MARGIN_NS = 2_000_000_000
@@ -441,10 +452,11 @@ def cached_copy_is_whole(entry: Path, source: ModelSource) -> bool:
             return False
         for name, expected in files.items():
             path = entry / name
-            if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["bytes"] or \
+                    remembered_digest("file", [path], lambda: file_sha256(path)) != expected["sha256"]:
                 return False
         return CACHE_WEIGHTS in files
-    except (OSError, ValueError, KeyError, TypeError):  # no entry, or a manifest that is not ours: rebuild
+    except (OSError, SpikecompileError, ValueError, KeyError, TypeError):  # no entry, or not ours: rebuild
         return False
 
 

@@ -27,13 +27,6 @@ def _files(folder, contents: dict) -> list:
     return paths
 
 
-def _age(paths, seconds=60):
-    """Set the files' mtime back (their ctime stays now: the memo still waits for it, so the margin is lowered)."""
-    for path in paths:
-        stat = path.stat()
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - seconds * 1_000_000_000))
-
-
 def _plain_digest(paths) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
@@ -106,3 +99,21 @@ def test_resolve_source_gives_the_same_digest_from_the_memo(tiny_llama_dir, cach
     assert loading.resolve_source(str(tiny_llama_dir)) == first
     monkeypatch.setenv("SPIKECOMPILE_CACHE", "off")
     assert loading.resolve_source(str(tiny_llama_dir)).sha256 == first.sha256
+
+
+def test_a_cached_copy_file_rewritten_in_place_fails_its_manifest(tmp_path, cache, monkeypatch):
+    """The dequantized-GGUF copy's files are checked against their manifest through the same memo: remembered
+    while unchanged, read again (and refused) once rewritten, even with the same size and mtime."""
+    monkeypatch.setattr(loading, "DIGEST_MEMO_MARGIN_NS", 0)
+    source = loading.ModelSource("gguf", str(tmp_path / "m.gguf"), "ab" * 32)
+    entry = tmp_path / "entry"
+    [weights] = _files(entry, {loading.CACHE_WEIGHTS: b"w" * 2048})
+    manifest = {"source_sha256": source.sha256, "source": source.path, "versions": loading._cache_versions(),
+                "files": {weights.name: {"bytes": 2048, "sha256": hashlib.sha256(b"w" * 2048).hexdigest()}}}
+    (entry / loading.CACHE_MANIFEST).write_text(json.dumps(manifest))
+    assert loading.cached_copy_is_whole(entry, source)
+    assert len(_memos(cache)) == 1 and loading.cached_copy_is_whole(entry, source)
+    mtime = weights.stat().st_mtime_ns
+    weights.write_bytes(b"v" * 2048)
+    os.utime(weights, ns=(mtime, mtime))
+    assert not loading.cached_copy_is_whole(entry, source)
