@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
-import os
 import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from scale import spikecompile_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "smollm2_convert_time.json"
@@ -41,18 +41,13 @@ TARGET_S = 45.0
 
 
 def convert(output: Path, cache: str, code: Path = ROOT) -> dict:
-    """One `convert -T 8` of the embedded model in its own process, by the spikecompile of checkout `code`: wall
-    seconds, its --json report. `python -P` with `code` first on PYTHONPATH: the import comes from `code` whatever
-    the working directory (checked)."""
+    """One `convert -T 8` of the embedded model in its own process, by the spikecompile of checkout `code`
+    (scale.spikecompile_of: the import is checked to come from `code`; SOURCE_DATE_EPOCH=0): wall seconds, its
+    --json report."""
     report = output.with_suffix(".json")
-    path = os.pathsep.join([str(code), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    environment = {**os.environ, "PYTHONPATH": path, "SPIKECOMPILE_CACHE": cache, "SOURCE_DATE_EPOCH": "0"}
-    found = subprocess.run([sys.executable, "-P", "-c", "import spikecompile; print(spikecompile.__file__)"],
-                           env=environment, capture_output=True, text=True, check=True).stdout.strip()
-    if not Path(found).resolve().is_relative_to(code.resolve()):
-        sys.exit(f"error: PYTHONPATH={code} imports spikecompile from {found}")
-    command = [sys.executable, "-P", "-m", "spikecompile", "convert", "-o", str(output), "-T", "8", "--no-progress",
-               "--json", str(report)]
+    prefix, environment = spikecompile_of(code)
+    environment["SPIKECOMPILE_CACHE"] = cache
+    command = [*prefix, "convert", "-o", str(output), "-T", "8", "--no-progress", "--json", str(report)]
     start = time.perf_counter()
     subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start

@@ -39,7 +39,8 @@ from .weights import rtn_record
 class Perplexities:
     """eval's three perplexities over `windows` token windows (prefixed_float is ann without a prefix), and the
     seconds of each stage: start (opening and checking the source, the windows' embeddings), layers (the decoder
-    layers' loop: the part that grows with depth), head (the final norm and lm_head's logits of the three passes). layer_s: each decoder layer's seconds."""
+    layers' loop: the part that grows with depth), head (the final norm and lm_head's logits of the three passes);
+    layer_s: each decoder layer's seconds."""
 
     ann: float
     prefixed_float: float
